@@ -1,0 +1,3 @@
+from lsaq_mlx.cli import main
+
+main()

@@ -1,0 +1,189 @@
+"""The ``lsaq-mlx`` command line.
+
+Every command that produces data takes ``--json`` (one JSON document on stdout;
+progress and logs on stderr). Exit status: 0 success, 1 user error (one line on
+stderr), 2 usage error. Set LSAQ_MLX_DEBUG=1 to see full tracebacks.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lsaq_mlx import __version__
+from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.scores import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DEFAULT_TOP_K
+
+app = typer.Typer(
+    name="lsaq-mlx",
+    help="Make language models fit your Mac: score layer importance, give important layers more bits, "
+    "write models stock mlx_lm opens, and hot-swap precision as memory changes.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | Hugging Face id",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def emit_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def err(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lsaq-mlx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def doctor(json_out: JsonOption = False) -> None:
+    """Show the MLX backend, the BLAS in use, the compute mode, and a GEMM speed check."""
+    from lsaq_mlx.doctor import diagnose
+
+    report = diagnose()
+    if json_out:
+        return emit_json(report)
+    width = max(map(len, report))
+    for key, value in report.items():
+        print(f"{key:<{width}}  {value}")
+
+
+@app.command()
+def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
+    """Architecture, parameters per module kind, precision of every module, size, bits per weight."""
+    from lsaq_mlx.inspection import describe_model
+    from lsaq_mlx.inspection_view import print_description
+    from lsaq_mlx.sources import resolve_model
+
+    info = describe_model(resolve_model(model))
+    if json_out:
+        return emit_json(info)
+    print_description(info)
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or the user message with --chat).")],
+    model: ModelOption = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
+    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """One-shot generation, with tokens/s and peak memory: a smoke test of a model."""
+    from lsaq_mlx.compute import compute_mode
+    from lsaq_mlx.generation import build_prompt, generate_text
+    from lsaq_mlx.sources import load_model, resolve_model
+
+    source = resolve_model(model)
+    start = time.perf_counter()
+    net, tokenizer, _ = load_model(source)
+    load_s = time.perf_counter() - start
+    text_in = build_prompt(tokenizer, prompt, chat)
+    stream = None if json_out else (lambda piece: print(piece, end="", flush=True))
+    text, stats = generate_text(net, tokenizer, text_in, max_tokens=max_tokens, temp=temp, on_text=stream)
+    if json_out:
+        return emit_json(
+            {"model": source.spec or "default", "prompt": prompt, "text": text, "load_seconds": load_s,
+             "compute_mode": compute_mode(), **stats.to_dict()}
+        )
+    print()
+    err(f"{stats.line()} · load {load_s:.1f} s · compute {compute_mode()}")
+
+
+@app.command()
+def score(
+    model: ModelOption = None,
+    metric: Annotated[str, typer.Option(help="jaccard (LSAQ) | cosine (Block Influence/LIM) | zscore (ZD) | random | sensitivity")] = "jaccard",
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a file, a folder of .txt files, a HF dataset name[:config[:split]], or default.")] = None,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_TOKENS,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = DEFAULT_SEQ_LEN,
+    top_k: Annotated[int, typer.Option(help="jaccard: size of each top-k token set.")] = DEFAULT_TOP_K,
+    stride: Annotated[int, typer.Option(help="Lens every stride-th position only.")] = 1,
+    sets: Annotated[str, typer.Option(help="jaccard: 'position' (a set per position) or 'sequence' (the union over a sequence).")] = "position",
+    seed: Annotated[int, typer.Option(help="random: the seed.")] = 0,
+    bits: Annotated[int, typer.Option(help="sensitivity: the bit width a layer is quantized to.")] = 3,
+    skip_tokens: Annotated[int, typer.Option(help="Start this many tokens into the calibration text.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the LayerScores JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the scores by layer.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even when cached.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Score every decoder layer's importance (higher = more important); cached by content fingerprint.
+
+    jaccard is LSAQ: 1 - mean Jaccard similarity of the logit-lens top-k token sets of the
+    hidden state entering and leaving the layer.
+    """
+    from lsaq_mlx.scores_view import plot_scores, print_bar_chart
+    from lsaq_mlx.scoring import ScoreOptions, score as compute_scores
+    from lsaq_mlx.sources import resolve_model
+
+    opts = ScoreOptions(metric, calib, tokens, seq_len, top_k, stride, sets, seed, bits, skip_tokens)
+    opts.check()
+    result = compute_scores(resolve_model(model), opts, use_cache=not no_cache)
+    if out:
+        result.save(out)
+    if plot:
+        plot_scores([result], plot)
+    if json_out:
+        return emit_json(result.to_dict())
+    print_bar_chart(result)
+
+
+@app.command("plot-scores")
+def plot_scores_command(
+    files: Annotated[list[Path], typer.Argument(help="LayerScores JSON files (from score --out).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("scores.png"),
+    normalize: Annotated[bool, typer.Option(help="Rescale each metric to [0, 1].")] = True,
+) -> None:
+    """Plot several score files (e.g. one per metric) as lines by layer in one PNG."""
+    from lsaq_mlx.scores import LayerScores
+    from lsaq_mlx.scores_view import plot_scores
+
+    all_scores = [LayerScores.load(f) for f in files]
+    plot_scores(all_scores, out, normalize)
+    err(f"wrote {out}")
+
+
+def main() -> None:
+    reexec_with_fast_blas()
+    try:
+        app()
+    except UserError as e:
+        if os.environ.get("LSAQ_MLX_DEBUG"):
+            raise
+        err(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err("interrupted")
+        sys.exit(130)

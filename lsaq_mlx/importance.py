@@ -1,0 +1,155 @@
+"""Layer importance metrics: LSAQ Jaccard, cosine (Block Influence), ZD, random, sensitivity.
+
+All return one score per decoder layer, higher = more important.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.compute import dequantize_layers
+from lsaq_mlx.divergence import token_kl
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.lens import find_lens, inner_model, layer_hooks
+
+
+def jaccard_per_position(a: mx.array, b: mx.array) -> mx.array:
+    """Jaccard similarity of the id sets in each row of ``a`` and ``b`` (positions, k)."""
+    k = a.shape[-1]
+    inter = (a[:, :, None] == b[:, None, :]).sum(axis=(1, 2)).astype(mx.float32)
+    return inter / (2 * k - inter)
+
+
+def jaccard_of_union(a: mx.array, b: mx.array, vocab: int) -> mx.array:
+    """Jaccard similarity of the union of all rows' ids of ``a`` and of ``b``."""
+    sa = mx.zeros((vocab,), mx.int32).at[a.reshape(-1)].add(1) > 0
+    sb = mx.zeros((vocab,), mx.int32).at[b.reshape(-1)].add(1) > 0
+    return (sa & sb).sum() / (sa | sb).sum()
+
+
+def cosine_per_position(x: mx.array, y: mx.array) -> mx.array:
+    dot = (x * y).sum(axis=-1)
+    return dot / (mx.linalg.norm(x, axis=-1) * mx.linalg.norm(y, axis=-1) + 1e-12)
+
+
+def lens_statistics(model, sequences, k=10, stride=1, sets="position", with_jaccard=True, progress=None):
+    """Mean Jaccard similarity of the logit-lens top-k sets entering and leaving each
+    layer, and mean cosine similarity of the hidden states, over ``sequences``.
+
+    Layer i's output is layer i+1's input, so each position is projected L+1 times;
+    nothing but the previous layer's top-k ids is kept between layers.
+    Returns ``(jaccard, cosine, positions)``: per-layer means (jaccard is None
+    without ``with_jaccard``, which skips the vocabulary projections).
+    """
+    lens = find_lens(model)
+    if not 1 <= k <= lens.vocab_size:
+        raise UserError(f"top-k must be between 1 and the vocabulary size {lens.vocab_size}, got {k}")
+    n_layers = len(inner_model(model)["layers"])
+    jac_sum, cos_sum = np.zeros(n_layers), np.zeros(n_layers)
+    counts = {"positions": 0, "sequences": 0}
+    previous = {}
+
+    def on_layer(i, x_in, x_out):
+        h_in = x_in[0, ::stride].astype(mx.float32)
+        h_out = x_out[0, ::stride].astype(mx.float32)
+        cos = cosine_per_position(h_in, h_out).sum()
+        mx.eval(cos, x_out)
+        cos_sum[i] += cos.item()
+        if not with_jaccard:
+            return
+        ids_in = previous.pop("ids") if i > 0 else lens.top_k(h_in, k)
+        ids_out = lens.top_k(h_out, k)
+        if sets == "position":
+            jac = jaccard_per_position(ids_in, ids_out).sum()
+        else:
+            jac = jaccard_of_union(ids_in, ids_out, lens.vocab_size)
+        mx.eval(jac, ids_out)
+        jac_sum[i] += jac.item()
+        previous["ids"] = ids_out
+
+    inner = inner_model(model)
+    with layer_hooks(model, on_layer):
+        for seq in sequences:
+            inner(mx.array(seq)[None])
+            n = len(range(0, len(seq), stride))
+            counts["positions"] += n
+            counts["sequences"] += 1
+            if progress:
+                progress(len(seq))
+    per_layer_units = counts["positions"] if sets == "position" else counts["sequences"]
+    jaccard = (jac_sum / per_layer_units).tolist() if with_jaccard else None
+    cosine = (cos_sum / counts["positions"]).tolist()
+    return jaccard, cosine, counts["positions"]
+
+
+def linear_weights(layer: nn.Module):
+    """Float weights of a decoder layer's linear sublayers (dequantized when quantized)."""
+    for _, m in tree_flatten(layer.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
+        if isinstance(m, nn.QuantizedLinear):
+            yield mx.dequantize(m.weight, m.scales.astype(mx.float32), m.get("biases"), m.group_size, m.bits, mode=m.mode)
+        elif isinstance(m, nn.Linear):
+            yield m.weight.astype(mx.float32)
+
+
+def zscore_scores(model) -> list[float]:
+    """ZD: the share of a layer's weights with |z| > 1 (z within each linear sublayer);
+    a lower share means a more important layer, so the score is 1 - share."""
+    scores = []
+    for layer in inner_model(model)["layers"]:
+        outside = total = 0
+        for w in linear_weights(layer):
+            z = (w - w.mean()) / (mx.sqrt(w.var()) + 1e-12)
+            outside += (mx.abs(z) > 1).sum().item()
+            total += w.size
+        scores.append(1.0 - outside / total)
+    return scores
+
+
+def random_scores(n_layers: int, seed: int = 0) -> list[float]:
+    return np.random.default_rng(seed).random(n_layers).tolist()
+
+
+def sensitivity_scores(model, sequences, bits: int = 3, group_size: int = 32, progress=None) -> list[float]:
+    """Mean KL(reference || model) per token when only layer i is quantized to ``bits``.
+
+    The reference logits of each sequence are computed once; each layer's linear
+    weights are swapped for their quantize-dequantize round trip, then restored.
+    """
+    dequantize_layers(model)
+    layers = inner_model(model)["layers"]
+    kl_sum, count = np.zeros(len(layers)), 0
+    for seq in sequences:
+        tokens = mx.array(seq)[None]
+        ref = model(tokens)[0]
+        mx.eval(ref)
+        for i, layer in enumerate(layers):
+            with _quantized_layer(layer, bits, group_size):
+                kl = token_kl(ref, model(tokens)[0]).sum()
+                mx.eval(kl)
+            kl_sum[i] += kl.item()
+        count += len(seq)
+        if progress:
+            progress(len(seq))
+    return (kl_sum / count).tolist()
+
+
+class _quantized_layer:
+    """Temporarily replace a layer's linear weights by their quantized round trip."""
+
+    def __init__(self, layer, bits, group_size):
+        self.linears = [
+            m for _, m in tree_flatten(layer.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module))
+            if isinstance(m, nn.Linear)
+        ]
+        self.bits, self.group_size = bits, group_size
+
+    def __enter__(self):
+        self.saved = [m.weight for m in self.linears]
+        for m in self.linears:
+            group = self.group_size if m.weight.shape[-1] % self.group_size == 0 else 32
+            m.weight = mx.dequantize(*mx.quantize(m.weight, group, self.bits), group, self.bits)
+
+    def __exit__(self, *exc):
+        for m, w in zip(self.linears, self.saved):
+            m.weight = w

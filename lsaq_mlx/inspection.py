@@ -1,0 +1,107 @@
+"""What ``lsaq-mlx inspect`` reports about a model: structure, precision, size."""
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import compute_bits_per_weight
+
+from lsaq_mlx.sources import ModelSource, load_model
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def module_kind(path: str) -> str:
+    """A module's kind: the last part of its path ("q_proj", "embed_tokens", ...)."""
+    return path.rsplit(".", 1)[-1]
+
+
+def module_precision(module: nn.Module) -> dict:
+    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
+    return {"dtype": str(module.weight.dtype).split(".")[-1]}
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Logical weights (a quantized weight counts its unpacked elements), as mlx-lm counts."""
+    total = 0
+    for name, p in tree_flatten(module.parameters()):
+        if name in ("scales", "biases") and isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        bits = getattr(module, "bits", None) if name == "weight" else None
+        total += p.size * 32 // bits if bits else p.size
+    return total
+
+
+def weight_modules(model: nn.Module):
+    """``(path, module)`` for every leaf module that holds parameters."""
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=lambda m: isinstance(m, nn.Module))
+    return [(path, m) for path, m in leaves if m.parameters()]
+
+
+def describe_model(source: ModelSource) -> dict:
+    model, tokenizer, config = load_model(source, compute=False, lazy=True)
+    modules, by_kind = [], defaultdict(lambda: {"count": 0, "parameters": 0, "bytes": 0})
+    for path, module in weight_modules(model):
+        n_bytes = sum(p.nbytes for _, p in tree_flatten(module.parameters()))
+        n_params = parameter_count(module)
+        layer = _LAYER.search(path)
+        modules.append(
+            {
+                "path": path,
+                "kind": module_kind(path),
+                "layer": int(layer.group(1)) if layer else None,
+                "shape": list(getattr(module, "weight").shape) if "weight" in module else None,
+                "parameters": n_params,
+                "bytes": n_bytes,
+                **module_precision(module),
+            }
+        )
+        kind = by_kind[module_kind(path)]
+        kind["count"] += 1
+        kind["parameters"] += n_params
+        kind["bytes"] += n_bytes
+    total_params = sum(m["parameters"] for m in modules)
+    total_bytes = sum(m["bytes"] for m in modules)
+    files = sorted(Path(source.path).glob("*.safetensors"))
+    tokenizer_config = _read_json(Path(source.path) / "tokenizer_config.json")
+    return {
+        "model": source.spec or "default",
+        "source": {"kind": source.kind, "origin": source.origin, "path": str(source.path), "fingerprint": source.fingerprint},
+        "model_type": config.get("model_type"),
+        "layers": len(model.layers),
+        "hidden_size": config.get("hidden_size"),
+        "vocab_size": config.get("vocab_size"),
+        "tied_embeddings": config.get("tie_word_embeddings", "lm_head" not in dict(model.named_modules())),
+        "quantization": config.get("quantization"),
+        "parameters": total_params,
+        "weight_bytes": total_bytes,
+        "bits_per_weight": compute_bits_per_weight(model),
+        "size_on_disk": sum(f.stat().st_size for f in files),
+        "files": [f.name for f in files],
+        "tokenizer": _has_tokenizer(Path(source.path)),
+        "chat_template": bool(tokenizer.chat_template or tokenizer_config.get("chat_template")),
+        "by_kind": dict(by_kind),
+        "modules": modules,
+    }
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tiktoken.model"))
+
+
+def precision_label(module_info: dict) -> str:
+    if "bits" in module_info:
+        mode = "" if module_info["mode"] == "affine" else f" {module_info['mode']}"
+        return f"{module_info['bits']}b/g{module_info['group_size']}{mode}"
+    return module_info["dtype"]

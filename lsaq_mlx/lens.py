@@ -1,0 +1,97 @@
+"""The logit lens and layer hooks: read what a hidden state "says" in vocabulary space.
+
+Works for every mlx-lm model that exposes ``layers``, a final norm (``model.norm``
+of its inner model) and an LM head or tied embeddings. Hooks are duck-typed: each
+decoder layer's class is swapped for a subclass whose ``__call__`` reports the
+layer's input and output, so model code and attributes stay untouched.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from lsaq_mlx.errors import UserError
+
+LOGITS_CHUNK_BYTES = 64 << 20  # bound on one chunk of vocabulary logits
+
+
+@dataclass
+class Lens:
+    """Final norm + LM head of a model, applied to any hidden state."""
+
+    norm: nn.Module
+    head: Callable[[mx.array], mx.array]
+    vocab_size: int
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self.head(self.norm(h))
+
+    def chunk_positions(self) -> int:
+        return max(1, LOGITS_CHUNK_BYTES // (4 * self.vocab_size))
+
+    def top_k(self, h: mx.array, k: int, ordered: bool = False) -> mx.array:
+        """Ids of the k most likely tokens at each position of ``h`` (positions, hidden),
+        most likely first when ``ordered``; computed in chunks of positions so memory
+        stays bounded."""
+        step = self.chunk_positions()
+        parts = []
+        for start in range(0, h.shape[0], step):
+            logits = self.logits(h[start : start + step]).astype(mx.float32)
+            ids = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+            if ordered:
+                ids = mx.take_along_axis(ids, mx.argsort(-mx.take_along_axis(logits, ids, axis=-1), axis=-1), axis=-1)
+            parts.append(ids)
+            mx.eval(parts[-1])
+        return mx.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The module holding embeddings, layers and the final norm (``model.model`` in mlx-lm)."""
+    for path in ("model", "language_model.model"):
+        inner = model
+        for part in path.split("."):
+            inner = inner.get(part) if isinstance(inner, dict) else None
+            if inner is None:
+                break
+        if inner is not None and "layers" in inner and "norm" in inner:
+            return inner
+    raise UserError(f"{type(model).__module__} models are not supported: no inner model with layers and a final norm")
+
+
+def find_lens(model: nn.Module) -> Lens:
+    inner = inner_model(model)
+    holder = model.get("language_model", model)
+    if "lm_head" in holder:
+        head = holder["lm_head"]
+    elif "embed_tokens" in inner:
+        head = inner["embed_tokens"].as_linear
+    else:
+        raise UserError("model has neither an LM head nor token embeddings to read the lens through")
+    vocab = inner["embed_tokens"].weight.shape[0] if "embed_tokens" in inner else head.weight.shape[0]
+    return Lens(inner["norm"], head, vocab)
+
+
+@contextmanager
+def layer_hooks(model: nn.Module, on_layer: Callable[[int, mx.array, mx.array], None]):
+    """Call ``on_layer(index, hidden_in, hidden_out)`` after every decoder layer runs."""
+    layers = inner_model(model)["layers"]
+    originals = [type(layer) for layer in layers]
+    for index, layer in enumerate(layers):
+        layer.__class__ = _hooked_class(type(layer), index, on_layer)
+    try:
+        yield layers
+    finally:
+        for layer, cls in zip(layers, originals):
+            layer.__class__ = cls
+
+
+def _hooked_class(cls, index: int, on_layer):
+    def __call__(self, x, *args, **kwargs):
+        out = cls.__call__(self, x, *args, **kwargs)
+        on_layer(index, x, out)
+        return out
+
+    return type(f"Hooked{cls.__name__}", (cls,), {"__call__": __call__})

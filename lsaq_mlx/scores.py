@@ -1,0 +1,82 @@
+"""``LayerScores``: one importance score per decoder layer (higher = more important)."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
+from lsaq_mlx.errors import UserError
+
+SCORES_VERSION = 1
+METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
+# Defaults of the calibration-based metrics, chosen by scripts/stability_study.py (see README).
+DEFAULT_TOP_K = 10
+DEFAULT_TOKENS = 8192
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class LayerScores:
+    model_fingerprint: str
+    metric: str
+    params: dict  # metric parameters, calibration fingerprint included
+    scores: list[float]  # one per decoder layer, higher = more important
+    wall_seconds: float = 0.0
+    backend: dict = field(default_factory=dict)
+    model: str = ""  # what --model named, for display
+    version: int = SCORES_VERSION
+
+    @property
+    def key(self) -> str:
+        """Cache key: model content, metric and every parameter that changes the result."""
+        return scores_key(self.model_fingerprint, self.metric, self.params)
+
+    def ranking(self) -> list[int]:
+        """Layer indices, most important first."""
+        return sorted(range(len(self.scores)), key=lambda i: -self.scores[i])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> "LayerScores":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"scores file not found: {path}") from None
+        except ValueError as e:
+            raise UserError(f"{path} is not a LayerScores JSON file: {e}") from None
+        if not isinstance(data, dict) or data.get("version") != SCORES_VERSION or "scores" not in data:
+            raise UserError(f"{path} is not a LayerScores file of version {SCORES_VERSION}")
+        return cls(**data)
+
+
+def scores_key(model_fingerprint: str, metric: str, params: dict) -> str:
+    return fingerprint_bytes(model_fingerprint, metric, json.dumps(params, sort_keys=True))
+
+
+def cached_scores_path(key: str) -> Path:
+    return cache_dir() / "scores" / f"{key}.json"
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    import numpy as np
+
+    def ranks(x):
+        x = np.asarray(x, dtype=np.float64)
+        order = x.argsort(kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # average the ranks of ties
+            tied = x == value
+            r[tied] = r[tied].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom else 0.0

@@ -1,0 +1,102 @@
+"""``lsaq-mlx score``: compute (or read from the cache) a model's ``LayerScores``."""
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from lsaq_mlx import importance
+from lsaq_mlx.calibration import load_calibration, token_sequences
+from lsaq_mlx.compute import describe
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.lens import inner_model
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.scores import (
+    DEFAULT_SEQ_LEN,
+    DEFAULT_TOKENS,
+    DEFAULT_TOP_K,
+    METRICS,
+    LayerScores,
+    cached_scores_path,
+    scores_key,
+)
+from lsaq_mlx.sources import ModelSource, load_model
+
+@dataclass
+class ScoreOptions:
+    metric: str = "jaccard"
+    calib: str | None = None
+    tokens: int = DEFAULT_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    top_k: int = DEFAULT_TOP_K
+    stride: int = 1
+    sets: str = "position"  # or "sequence": one (union) set per sequence
+    seed: int = 0
+    bits: int = 3  # sensitivity: the low bit width a layer is quantized to
+    skip_tokens: int = 0  # start this far into the calibration text
+
+    def check(self) -> None:
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric '{self.metric}' (one of {', '.join(METRICS)})")
+        if self.tokens < 1:
+            raise UserError("--tokens must be at least 1")
+        if self.seq_len < 2 or self.stride < 1:
+            raise UserError("--seq-len must be at least 2 and --stride at least 1")
+        if self.top_k < 1:
+            raise UserError("--top-k must be at least 1")
+        if self.sets not in ("position", "sequence"):
+            raise UserError("--sets must be 'position' or 'sequence'")
+        if self.bits not in (2, 3, 4, 5, 6, 8):
+            raise UserError("--bits must be one of 2, 3, 4, 5, 6, 8")
+
+    def params(self, calib_fingerprint: str | None) -> dict:
+        """The parameters that change this metric's result (the cache key uses them)."""
+        if self.metric == "random":
+            return {"seed": self.seed}
+        if self.metric == "zscore":
+            return {}
+        common = {"calibration": self.calib or "default", "calibration_fingerprint": calib_fingerprint,
+                  "tokens": self.tokens, "seq_len": self.seq_len, "skip_tokens": self.skip_tokens}
+        if self.metric == "sensitivity":
+            return common | {"bits": self.bits, "group_size": 32}
+        lens = {"stride": self.stride} | ({"top_k": self.top_k, "sets": self.sets} if self.metric == "jaccard" else {})
+        return common | lens
+
+
+def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model=None) -> LayerScores:
+    """The scores of ``source`` under ``opts``; cached by content fingerprint."""
+    opts.check()
+    calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
+    params = opts.params(calib.fingerprint if calib else None)
+    path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
+    if use_cache and path.is_file():
+        return LayerScores.load(path)
+    if model is None:
+        model, tokenizer, _ = load_model(source)
+    else:
+        model, tokenizer = model
+    start = time.perf_counter()
+    scores = _compute(model, tokenizer, opts, calib)
+    result = LayerScores(source.fingerprint, opts.metric, params, scores, time.perf_counter() - start,
+                         describe(), source.spec or "default")
+    if use_cache:
+        result.save(path)
+    return result
+
+
+def _compute(model, tokenizer, opts: ScoreOptions, calib) -> list[float]:
+    n_layers = len(inner_model(model)["layers"])
+    if opts.metric == "random":
+        return importance.random_scores(n_layers, opts.seed)
+    if opts.metric == "zscore":
+        return importance.zscore_scores(model)
+    sequences = token_sequences(tokenizer, calib, opts.tokens, opts.seq_len, opts.skip_tokens)
+    with progress_bar(f"{opts.metric} scores", opts.tokens) as advance:
+        if opts.metric == "sensitivity":
+            return importance.sensitivity_scores(model, sequences, opts.bits, progress=advance)
+        jaccard, cosine, _ = importance.lens_statistics(
+            model, sequences, opts.top_k, opts.stride, opts.sets, opts.metric == "jaccard", advance
+        )
+    similarity = jaccard if opts.metric == "jaccard" else cosine
+    mx.clear_cache()
+    return [1.0 - s for s in similarity]

