@@ -37,11 +37,12 @@ def find_fast_blas() -> str | None:
     return found if found and Path(found).is_absolute() else None
 
 
-def reexec_with_fast_blas() -> None:
+def reexec_with_fast_blas(before_exec=None) -> None:
     """On Linux, restart this same command with an optimized BLAS preloaded.
 
     A no-op on macOS (MLX uses Accelerate), when already done, when the user set
-    LSAQ_MLX_BLAS=reference, or when no such library is installed.
+    LSAQ_MLX_BLAS=reference, or when no such library is installed. ``before_exec``
+    runs just before the restart (pytest uses it to give back stdout and stderr).
     """
     if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
         return
@@ -51,6 +52,8 @@ def reexec_with_fast_blas() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD")) if p)
     env[_REEXEC_MARK] = lib
+    if before_exec is not None:
+        before_exec()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

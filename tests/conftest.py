@@ -4,8 +4,11 @@ import pytest
 
 from lsaq_mlx.blas import reexec_with_fast_blas
 
-# Tests run models on the CPU backend too: give MLX the optimized BLAS, like the CLI does.
-reexec_with_fast_blas()
+
+def pytest_configure(config):
+    """Tests run models on the CPU backend too: give MLX the optimized BLAS, like the
+    CLI does. pytest already captures the output descriptors, so release them first."""
+    reexec_with_fast_blas(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 

@@ -134,3 +134,34 @@ def _write_hparams(writer: GGUFWriter, arch: str, args: dict) -> None:
         put("attention.value_length", args["head_dim"])
     if arch == "gemma3":
         put("attention.sliding_window", args["sliding_window"])
+
+
+# A SentencePiece-style vocabulary: unknown/control tokens, byte fallback, pieces whose
+# scores decide the merge order ("xyz": "yz" wins; "pqr": "pq" wins), a user-defined token.
+SPM_PIECES = [("▁", -1.0), ("t", -2.0), ("h", -2.0), ("e", -2.0), ("c", -2.0), ("a", -2.0),
+              ("x", -3.0), ("y", -3.0), ("z", -3.0), ("p", -3.0), ("q", -3.0), ("r", -3.0),
+              ("▁t", -4.0), ("he", -5.0), ("▁the", -6.0), ("at", -7.0), ("▁c", -8.0), ("▁cat", -9.0),
+              ("xy", -20.0), ("yz", -10.0), ("pq", -10.0), ("qr", -20.0), ("▁x", -30.0), ("▁p", -30.0)]
+
+
+def write_spm_vocab_gguf(path: Path, add_space_prefix: bool = True) -> None:
+    """A vocabulary-only llama GGUF with a SentencePiece tokenizer (``llama`` model)."""
+    writer = GGUFWriter(str(path), "llama")
+    _write_hparams(writer, "llama", ARGS["llama"])
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    tokens += [p for p, _ in SPM_PIECES] + ["<|user|>"]
+    types += [1] * len(SPM_PIECES) + [4]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * 259 + [s for _, s in SPM_PIECES] + [0.0])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_space_prefix(add_space_prefix)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
