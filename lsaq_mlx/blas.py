@@ -60,11 +60,18 @@ def reexec_with_fast_blas(before_exec=None) -> None:
 
 
 def active_blas() -> str:
-    """Which BLAS serves MLX's CPU matmuls in this process."""
+    """Which BLAS serves MLX's CPU matmuls in this process (numpy's own bundled
+    OpenBLAS may be mapped too, so only a preloaded library counts)."""
     if sys.platform == "darwin":
         return "Accelerate"
     maps = Path("/proc/self/maps")
-    loaded = [p for p in (maps.read_text().split() if maps.exists() else []) if "openblas" in p.lower()]
-    if loaded:
-        return f"OpenBLAS ({loaded[0]})"
+    mapped = set(maps.read_text().split()) if maps.exists() else set()
+    for lib in os.environ.get("LD_PRELOAD", "").split(":"):
+        if lib and os.path.realpath(lib) in mapped:
+            return f"{_blas_name(lib)} ({lib})"
     return "reference BLAS bundled with mlx (slow: install OpenBLAS, e.g. apt-get install libopenblas0-pthread)"
+
+
+def _blas_name(lib: str) -> str:
+    name = Path(lib).name.lower()
+    return "OpenBLAS" if "openblas" in name else "BLIS" if "blis" in name else "MKL" if "mkl" in name else Path(lib).name

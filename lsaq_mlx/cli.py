@@ -117,7 +117,7 @@ def generate(
             {"model": source.spec or "default", "prompt": prompt, "text": text, "load_seconds": load_s,
              "compute_mode": compute_mode(), **stats.to_dict()}
         )
-    print()
+    print(flush=True)
     err(f"{stats.line()} · load {load_s:.1f} s · compute {compute_mode()}")
 
 

@@ -2,6 +2,7 @@
 
 from collections import defaultdict
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -37,16 +38,41 @@ def print_description(info: dict, console: Console | None = None) -> None:
     console.print(_layer_table(info["modules"]))
 
 
+_SHORT_KINDS = {"embed_tokens": "embed", "_proj": ""}
+_SHORT_DTYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _short_kind(kind: str) -> str:
+    for long, short in _SHORT_KINDS.items():
+        kind = kind.replace(long, short)
+    return kind
+
+
 def _layer_table(modules: list[dict]) -> Table:
-    """One row per decoder layer (plus one for modules outside the layers), one column
-    per module kind, each cell the module's dtype or bits/group size."""
+    """One column per module kind, each cell the module's dtype or bits/group size; runs
+    of decoder layers with identical precision share a row (``0-29``)."""
     rows, kinds = defaultdict(dict), []
+    norms = sorted({_SHORT_DTYPES.get(precision_label(m), precision_label(m)) for m in modules if "norm" in m["kind"]})
     for m in modules:
+        if "norm" in m["kind"]:
+            continue
         row = "other" if m["layer"] is None else m["layer"]
-        rows[row][m["kind"]] = precision_label(m)
+        label = precision_label(m)
+        rows[row][m["kind"]] = _SHORT_DTYPES.get(label, label)
         if m["kind"] not in kinds:
             kinds.append(m["kind"])
-    table = Table("layer", *kinds, title="Precision of every module", title_justify="left")
-    for row, cells in sorted(rows.items(), key=lambda kv: (kv[0] == "other", kv[0] if kv[0] != "other" else 0)):
-        table.add_row(str(row), *(cells.get(k, "") for k in kinds))
+    caption = f"norms: {', '.join(norms)}" if norms else None
+    table = Table(title="Precision of every module", caption=caption, caption_justify="left", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
+    for header in ["layers", *map(_short_kind, kinds)]:
+        table.add_column(header, no_wrap=True)
+    layers = sorted(r for r in rows if r != "other")
+    start = 0
+    for i, layer in enumerate(layers):
+        if i + 1 == len(layers) or rows[layers[i + 1]] != rows[layer]:
+            span = str(layers[start]) if start == i else f"{layers[start]}-{layer}"
+            table.add_row(span, *(rows[layer].get(k, "") for k in kinds))
+            start = i + 1
+    if "other" in rows:
+        table.add_row("rest", *(rows["other"].get(k, "") for k in kinds))
     return table

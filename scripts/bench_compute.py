@@ -100,7 +100,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(
-            f"| {name}: {r['blas'].split(' (')[0]} | {r['gemm_gflops_1024']:.1f} | {r['quantized_kernel_s']:.3f} | "
+            f"| {name}: {r['blas'].split(' (')[0].split(' bundled')[0]} | {r['gemm_gflops_1024']:.1f} | {r['quantized_kernel_s']:.3f} | "
             f"{r['float32_dequantized_s']:.3f} | {r['quantized_kernel_s'] / r['float32_dequantized_s']:.1f}x | "
             f"{r['max_rel_logit_diff']:.1e} |"
         )
