@@ -175,6 +175,119 @@ def plot_scores_command(
     err(f"wrote {out}")
 
 
+BudgetOption = Annotated[list[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included); repeat for several plans.")]
+MemoryOption = Annotated[Optional[str], typer.Option("--memory-budget", help="Total memory for the model, e.g. 1.2GB: weights get what a --context KV cache (float16) and a 10 % runtime reserve leave.")]
+RecipeOption = Annotated[Optional[str], typer.Option(help="Instead of a method: mlx-lm's mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6.")]
+ScoresOption = Annotated[Optional[Path], typer.Option(help="LayerScores JSON to use (from score --out); default: computed and cached.")]
+CalibOption = Annotated[Optional[str], typer.Option(help="Calibration text for the scores and the cost model (default: packaged).")]
+HighBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the important layers.")]
+LowBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the other layers, embeddings and LM head.")]
+GroupSizeOption = Annotated[Optional[int], typer.Option(help="Tiers/uniform/recipe: group size (default 64).")]
+UniformBitsOption = Annotated[Optional[int], typer.Option(help="Uniform: this bit width (no budget needed).")]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP] or REGEX=keep (repeatable).")]
+ContextOption = Annotated[int, typer.Option(help="Tokens of KV cache a --memory-budget reserves.")]
+MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on importance x quantization error) | lsaq-tiers | tiers-cosine | tiers-zscore | tiers-random | uniform")]
+
+
+def _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits, group_size,
+                  bits, override):
+    from lsaq_mlx.planning import PlanRequest
+
+    return PlanRequest(method, list(bits_budget or []), memory_budget, context, recipe, scores, calib, high_bits,
+                       low_bits, group_size, bits, list(override or []))
+
+
+@app.command()
+def plan(
+    model: ModelOption = None,
+    bits_budget: BudgetOption = None,
+    memory_budget: MemoryOption = None,
+    method: MethodOption = "lsaq",
+    recipe: RecipeOption = None,
+    scores: ScoresOption = None,
+    calib: CalibOption = None,
+    high_bits: HighBitsOption = 8,
+    low_bits: LowBitsOption = 4,
+    group_size: GroupSizeOption = None,
+    bits: UniformBitsOption = None,
+    override: OverrideOption = None,
+    context: ContextOption = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets)."""
+    from lsaq_mlx.plan import PlanSet
+    from lsaq_mlx.plan_view import print_plan
+    from lsaq_mlx.planning import headroom, make_plans
+    from lsaq_mlx.sources import resolve_model
+
+    request = _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits,
+                            group_size, bits, override)
+    request.check()
+    plans, _, _ = make_plans(resolve_model(model), request)
+    result = plans[0] if len(plans) == 1 else PlanSet(plans)
+    if out:
+        result.save(out)
+    if json_out:
+        data = result.to_dict() if len(plans) == 1 else {"type": "PlanSet", "plans": [p.to_dict() for p in plans]}
+        return emit_json(data)
+    for p in plans:
+        print_plan(p, headroom(p.predicted_bytes))
+
+
+@app.command()
+def convert(
+    model: ModelOption = None,
+    bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included).")] = None,
+    memory_budget: MemoryOption = None,
+    method: MethodOption = "lsaq",
+    recipe: RecipeOption = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Write this QuantPlan JSON (from plan --out) instead of planning.")] = None,
+    scores: ScoresOption = None,
+    calib: CalibOption = None,
+    high_bits: HighBitsOption = 8,
+    low_bits: LowBitsOption = 4,
+    group_size: GroupSizeOption = None,
+    bits: UniformBitsOption = None,
+    override: OverrideOption = None,
+    context: ContextOption = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write (default: <model>-lsaq-<budget>).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json)."""
+    from lsaq_mlx.convert import convert as write_model
+    from lsaq_mlx.plan import QuantPlan
+    from lsaq_mlx.plan_view import print_plan
+    from lsaq_mlx.planning import headroom, make_plans
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(model)
+    if plan_file:
+        chosen = QuantPlan.load(plan_file)
+        if chosen.model_fingerprint != source.fingerprint:
+            raise UserError(f"{plan_file} is a plan for another model (fingerprint {chosen.model_fingerprint})")
+    else:
+        request = _plan_request(method, [bits_budget] if bits_budget else [], memory_budget, context, recipe, scores,
+                                calib, high_bits, low_bits, group_size, bits, override)
+        request.check()
+        chosen = make_plans(source, request)[0][0]
+    if dry_run:
+        if json_out:
+            return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
+        return print_plan(chosen, headroom(chosen.predicted_bytes))
+    target = out or Path(f"{Path(source.origin).stem if source.kind != 'default' else 'smollm2-135m'}-"
+                         f"{recipe or chosen.method}-{chosen.predicted_bits_per_weight:.2f}bpw")
+    report = write_model(source, chosen, target, force=force)
+    if json_out:
+        return emit_json(report.to_dict())
+    print_plan(chosen)
+    err(f"wrote {target}: {report.bits_per_weight:.3f} bits per weight, {report.written_bytes / 1e6:.1f} MB, "
+        f"{report.wall_seconds:.1f} s, peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
+    err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
+
+
 def main() -> None:
     reexec_with_fast_blas()
     try:

@@ -7,13 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lsaq_mlx.inspection import precision_label
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
+from lsaq_mlx.sizes import format_size
 
 
 def print_description(info: dict, console: Console | None = None) -> None:
@@ -24,8 +18,8 @@ def print_description(info: dict, console: Console | None = None) -> None:
         f" · {'tied' if info['tied_embeddings'] else 'separate'} embeddings"
     )
     console.print(
-        f"{info['parameters'] / 1e6:.1f} M parameters · weights {_size(info['weight_bytes'])} · "
-        f"{info['bits_per_weight']:.3f} bits per weight · {_size(info['size_on_disk'])} on disk "
+        f"{info['parameters'] / 1e6:.1f} M parameters · weights {format_size(info['weight_bytes'])} · "
+        f"{info['bits_per_weight']:.3f} bits per weight · {format_size(info['size_on_disk'])} on disk "
         f"in {len(info['files'])} file(s)"
     )
     console.print(
@@ -33,7 +27,7 @@ def print_description(info: dict, console: Console | None = None) -> None:
     )
     kinds = Table("module kind", "count", "parameters", "bytes", title="By module kind", title_justify="left")
     for kind, k in info["by_kind"].items():
-        kinds.add_row(kind, str(k["count"]), f"{k['parameters']:,}", _size(k["bytes"]))
+        kinds.add_row(kind, str(k["count"]), f"{k['parameters']:,}", format_size(k["bytes"]))
     console.print(kinds)
     console.print(_layer_table(info["modules"]))
 

@@ -26,7 +26,7 @@ from lsaq_mlx.scores import spearman
 from lsaq_mlx.sources import load_model, resolve_model
 
 KS = (1, 5, 10, 20, 50)
-BUDGETS = (512, 1024, 2048, 4096, 8192, 16384)
+BUDGETS = (512, 1024, 2048, 4096)
 SHARED_CALIB = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "calib", "sotu-1900-1960.txt")
 
 

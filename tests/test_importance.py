@@ -5,7 +5,7 @@ import pytest
 from lsaq_mlx import importance
 from lsaq_mlx.calibration import CalibrationText, load_calibration, token_sequences
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.lens import find_lens, inner_model, layer_hooks
+from lsaq_mlx.lens import find_lens, inner_model, layer_hooks, top_k_ids
 from tiny_models import ARGS, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -28,6 +28,17 @@ def test_lens_of_last_layer_is_the_logits(arch):
         logits = model(mx.array(TOKENS))
     np.testing.assert_allclose(np.array(lens.logits(outputs[last])), np.array(logits), atol=1e-5, rtol=1e-5)
     assert type(inner_model(model)["layers"][0]).__name__ != "HookedTransformerBlock"  # hooks removed
+
+
+@pytest.mark.parametrize("vocab", [300, 320, 1000, 49152])
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_blockwise_top_k_is_exact(vocab, k):
+    logits = mx.random.normal((37, vocab), key=mx.random.key(vocab + k))
+    logits[3, : vocab // 2] = 7.0  # many ties at the top of one row
+    got = np.sort(np.array(top_k_ids(logits, k)), axis=-1)
+    values = np.take_along_axis(np.array(logits), got, axis=-1)
+    kth = -np.sort(-np.array(logits), axis=-1)[:, k - 1 : k]
+    assert (values >= kth).all() and all(len(set(row)) == k for row in got.tolist())
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,0 +1,132 @@
+"""Write a ``QuantPlan`` as a model folder that stock mlx-lm opens.
+
+The folder holds ``config.json`` whose ``quantization`` (and ``quantization_config``)
+entry names every quantizable module (its bits and group size, or ``false``), the
+weights as ``model*.safetensors``, the source's tokenizer files (chat template
+included), ``lsaq_plan.json`` and ``lsaq_report.json``. Weights are quantized from the
+source's float32 copy with float16 scales and biases; other float tensors become
+float16. The source is read lazily and each shard is computed as it is saved, so peak
+memory stays near one copy of the source. The folder is built beside the target and
+renamed into place only when complete.
+"""
+
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from lsaq_mlx import __version__
+from lsaq_mlx.cache import atomic_dir
+from lsaq_mlx.compute import dequantize_layers, describe, prepare_for_compute
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.plan import QuantPlan
+from lsaq_mlx.sources import ModelSource, load_model
+
+SMOKE_PROMPT = "The capital of France is"
+_NOT_COPIED = {"model.safetensors.index.json", "config.json", "lsaq_plan.json", "lsaq_report.json"}
+REPORT_VERSION = 1
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    source_fingerprint: str
+    out: str
+    method: str
+    predicted_bytes: int
+    written_bytes: int
+    bits_per_weight: float  # mlx-lm's compute_bits_per_weight of the written model
+    budget: dict
+    wall_seconds: float
+    peak_memory_bytes: int  # MLX's peak allocation during the conversion
+    max_rss_bytes: int
+    smoke_prompt: str
+    smoke_text: str
+    backend: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    version: int = REPORT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8) -> ConvertReport:
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    start = time.perf_counter()
+    mx.reset_peak_memory()
+    model, _, config = load_model(source, compute=False, lazy=True)
+    dequantize_layers(model)
+    model.set_dtype(mx.float32)
+    _check_plan_matches(plan, model)
+    nn.quantize(model, class_predicate=lambda path, m: plan.modules.get(path, False))
+    model.set_dtype(mx.float16)
+    try:
+        with atomic_dir(out, force=force) as tmp:
+            _write_folder(model, config, plan, source, tmp)
+            del model
+            smoke_text, bpw, written = _check_written(tmp, smoke_tokens)
+            report = ConvertReport(
+                source.spec or "default", source.fingerprint, str(out), plan.method, plan.predicted_bytes, written, bpw,
+                plan.budget, time.perf_counter() - start, mx.get_peak_memory(), _max_rss(), SMOKE_PROMPT, smoke_text,
+                describe(), _versions(),
+            )
+            (tmp / "lsaq_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    except FileExistsError:
+        raise UserError(f"{out} already exists (use --force to replace it)") from None
+    return report
+
+
+def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
+    modules = dict(model.named_modules())
+    missing = [p for p in plan.modules if p not in modules]
+    if missing:
+        raise UserError(f"the plan does not fit this model: it names {len(missing)} unknown modules, e.g. {missing[0]}")
+
+
+def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: ModelSource, folder: Path) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(folder, model, donate_model=True)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["quantization"] = plan.quantization_config()
+    config["torch_dtype"] = "float16"
+    save_config(config, folder / "config.json")
+    for f in source.path.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
+            shutil.copy2(f, folder / f.name)
+    plan.save(folder / "lsaq_plan.json")
+
+
+def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:
+    """Open the folder with mlx-lm exactly as a user would, measure it, generate a little."""
+    from mlx_lm import generate
+    from mlx_lm.utils import compute_bits_per_weight, load
+
+    model, tokenizer = load(str(folder))
+    bpw = compute_bits_per_weight(model)
+    written = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    prepare_for_compute(model)
+    text = generate(model, tokenizer, SMOKE_PROMPT, max_tokens=smoke_tokens, verbose=False)
+    return text, bpw, written
+
+
+def _max_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _versions() -> dict:
+    import mlx_lm
+
+    return {"lsaq-mlx": __version__, "mlx": mx.__version__, "mlx-lm": mlx_lm.__version__}

@@ -1,0 +1,147 @@
+"""``QuantPlan`` and ``PlanSet``: which precision every quantizable module gets, and its bytes.
+
+A module's choice is what mlx-lm records in ``config.json``: ``{"bits", "group_size",
+"mode"}`` to quantize it (MLX affine), or ``False`` to keep it in float (float16 in the
+written model). Everything that is not quantizable (norms, biases) stays float16.
+Byte counts follow MLX's storage exactly: ``bits/8`` bytes per weight, one float16
+scale and one float16 bias per group, so bits per weight is mlx-lm's own figure.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.cache import write_json_atomic
+from lsaq_mlx.errors import UserError
+
+PLAN_VERSION = 1
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+FLOAT_BYTES = 2  # float16: kept modules, norms, biases, and the scales and biases of groups
+
+
+@dataclass(frozen=True)
+class QuantModule:
+    """A module the planner may quantize: a linear layer or the token embedding."""
+
+    path: str
+    layer: int | None  # decoder layer index; None for embeddings and the LM head
+    rows: int
+    cols: int  # the input dimension, along which groups run
+    extra_params: int  # e.g. the bias of a linear layer, stored in float
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols + self.extra_params
+
+    def choices(self) -> list[dict | bool]:
+        """Every (bits, group size) whose groups divide the input dimension, and keep."""
+        quantized = [
+            {"bits": b, "group_size": g, "mode": "affine"} for b in BITS for g in GROUP_SIZES if self.cols % g == 0
+        ]
+        return quantized + [False]
+
+    def bytes_for(self, choice: dict | bool) -> int:
+        if choice is False:
+            return self.params * FLOAT_BYTES
+        weights = self.rows * self.cols
+        return weights * choice["bits"] // 8 + 2 * FLOAT_BYTES * weights // choice["group_size"] + (
+            self.extra_params * FLOAT_BYTES
+        )
+
+
+def quantizable_modules(model: nn.Module) -> list[QuantModule]:
+    """The modules of an mlx-lm model that MLX can quantize, in model order."""
+    modules = []
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
+        if not hasattr(m, "to_quantized") or "weight" not in m:
+            continue
+        if "scales" in m:
+            raise ValueError("plan on float weights: dequantize the model first")
+        rows, cols = m.weight.shape
+        extra = m.bias.size if "bias" in m else 0
+        modules.append(QuantModule(path, _layer_index(path), int(rows), int(cols), int(extra)))
+    return modules
+
+
+def _layer_index(path: str) -> int | None:
+    parts = path.split(".")
+    if "layers" in parts and parts.index("layers") + 1 < len(parts):
+        index = parts[parts.index("layers") + 1]
+        return int(index) if index.isdigit() else None
+    return None
+
+
+def fixed_params(model: nn.Module, modules: list[QuantModule]) -> int:
+    """Parameters outside the quantizable modules (norms...), stored in float16."""
+    return sum(v.size for _, v in tree_flatten(model.parameters())) - sum(q.params for q in modules)
+
+
+@dataclass
+class QuantPlan:
+    model_fingerprint: str
+    method: str
+    budget: dict  # {"bits_per_weight": x} or {"bytes": n, ...}; {} for a recipe
+    modules: dict  # module path -> {"bits", "group_size", "mode"} or False
+    predicted_bytes: int
+    predicted_bits_per_weight: float
+    parameters: int
+    scores: dict = field(default_factory=dict)  # metric, key and values of the scores used
+    details: dict = field(default_factory=dict)  # method-specific: cost, bound, tiers...
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(Path(path), {"type": "QuantPlan", **self.to_dict()})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantPlan":
+        data = {k: v for k, v in data.items() if k != "type"}
+        if data.get("version") != PLAN_VERSION:
+            raise UserError(f"unsupported plan version {data.get('version')} (this lsaq-mlx reads {PLAN_VERSION})")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: Path) -> "QuantPlan":
+        return cls.from_dict(_read_plan_json(path))
+
+    def quantization_config(self) -> dict:
+        """The ``quantization`` entry of config.json: defaults plus every module."""
+        chosen = [c for c in self.modules.values() if c]
+        common = max(chosen, key=lambda c: sum(c == d for d in chosen)) if chosen else {"bits": 4, "group_size": 64}
+        return {"group_size": common["group_size"], "bits": common["bits"], "mode": "affine", **self.modules}
+
+
+@dataclass
+class PlanSet:
+    """Plans for several budgets from the same scores, smallest first."""
+
+    plans: list[QuantPlan]
+    version: int = PLAN_VERSION
+
+    def __post_init__(self):
+        self.plans.sort(key=lambda p: p.predicted_bytes)
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(Path(path), {"type": "PlanSet", "version": self.version, "plans": [p.to_dict() for p in self.plans]})
+
+    @classmethod
+    def load(cls, path: Path) -> "PlanSet":
+        data = _read_plan_json(path)
+        if data.get("type") != "PlanSet":
+            raise UserError(f"{path} is not a PlanSet")
+        return cls([QuantPlan.from_dict(p) for p in data["plans"]])
+
+
+def _read_plan_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"plan file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a plan JSON file: {e}") from None

@@ -1,0 +1,48 @@
+"""Human-readable plans: the per-layer table of ``plan`` and ``convert --dry-run``."""
+
+from collections import Counter, defaultdict
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from lsaq_mlx.plan import QuantPlan
+
+
+def choice_label(choice) -> str:
+    return "f16" if choice is False else f"{choice['bits']}/{choice['group_size']}"
+
+
+def _kind(path: str) -> str:
+    return path.rsplit(".", 1)[-1].removesuffix("_proj").replace("embed_tokens", "embed")
+
+
+def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console | None = None) -> None:
+    console = console or Console()
+    rows, kinds = defaultdict(dict), []
+    for path, choice in plan.modules.items():
+        parts = path.split(".")
+        row = parts[parts.index("layers") + 1] if "layers" in parts else "rest"
+        rows[row][_kind(path)] = choice_label(choice)
+        if _kind(path) not in kinds:
+            kinds.append(_kind(path))
+    table = Table(title=f"{plan.method}: bits/group size of every module (f16 = kept in float)", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for header in ["layer", *kinds, "MB"]:
+        table.add_column(header, no_wrap=True, justify="right" if header == "MB" else "left")
+    layer_bytes = plan.details.get("module_bytes_by_layer", {})
+    for row in sorted(rows, key=lambda r: (r == "rest", int(r) if r != "rest" else 0)):
+        table.add_row(row, *(rows[row].get(k, "") for k in kinds), f"{layer_bytes.get(row, 0) / 1e6:.2f}")
+    console.print(table)
+    mix = Counter(choice_label(c) for c in plan.modules.values())
+    console.print("modules: " + ", ".join(f"{n} x {label}" for label, n in mix.most_common()))
+    budget = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.budget.items())
+    console.print(
+        f"total {plan.predicted_bytes / 1e6:.1f} MB · {plan.predicted_bits_per_weight:.3f} bits per weight "
+        f"(mlx-lm's definition) · budget: {budget or 'none (recipe)'}"
+    )
+    if headroom:
+        console.print(
+            f"this machine: {headroom['available_bytes'] / 1e9:.2f} GB available now; "
+            f"{headroom['headroom_bytes'] / 1e9:.2f} GB left after loading these weights"
+        )

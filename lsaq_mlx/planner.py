@@ -1,0 +1,205 @@
+"""From layer scores to a ``QuantPlan`` under a budget.
+
+Methods:
+- ``lsaq`` (default): per-module (bits, group size) or float, chosen by the
+  multiple-choice knapsack on the cost model of ``lsaq_mlx.cost`` (importance-weighted,
+  activation-weighted quantization error);
+- ``lsaq-tiers``: the LSAQ paper's two tiers: the n layers with the highest jaccard
+  importance at ``high`` bits, the rest (and the embeddings / LM head) at ``low`` bits,
+  n as large as the budget allows; ``tiers-cosine``, ``tiers-zscore``, ``tiers-random``
+  order the layers by those metrics instead;
+- ``uniform``: one (bits, group size) everywhere, the largest that fits;
+- mlx-lm's mixed recipes (``mixed_3_6``...) through mlx-lm's own predicate.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+import mlx.nn as nn
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.knapsack import solve_mckp
+from lsaq_mlx.sizes import format_size
+from lsaq_mlx.plan import BITS, FLOAT_BYTES, GROUP_SIZES, QuantModule, QuantPlan, fixed_params, quantizable_modules
+
+TIER_METRICS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
+METHODS = ("lsaq", *TIER_METRICS, "uniform")
+RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+DEFAULT_GROUP_SIZE = 64
+
+
+@dataclass
+class Budget:
+    """A budget in bits per weight (mlx-lm's definition) or in bytes of weights."""
+
+    bits_per_weight: float | None = None
+    bytes: int | None = None
+    assumptions: dict = field(default_factory=dict)  # how a memory budget became bytes
+
+    def describe(self) -> dict:
+        if self.bits_per_weight is not None:
+            return {"bits_per_weight": self.bits_per_weight}
+        return {"bytes": self.bytes, **self.assumptions}
+
+
+@dataclass
+class Override:
+    pattern: str
+    choice: dict | bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Override":
+        """``REGEX=BITS[:GROUP]`` or ``REGEX=keep``."""
+        pattern, sep, value = text.rpartition("=")
+        try:
+            re.compile(pattern)
+            if not sep or not pattern:
+                raise ValueError
+            if value in ("keep", "float", "16"):
+                return cls(pattern, False)
+            bits, _, group = value.partition(":")
+            choice = {"bits": int(bits), "group_size": int(group or DEFAULT_GROUP_SIZE), "mode": "affine"}
+        except (re.error, ValueError):
+            raise UserError(f"bad --override '{text}': expected REGEX=BITS[:GROUP] or REGEX=keep") from None
+        if choice["bits"] not in BITS or choice["group_size"] not in GROUP_SIZES:
+            raise UserError(f"bad --override '{text}': bits one of {BITS}, group size one of {GROUP_SIZES}")
+        return cls(pattern, choice)
+
+
+class PlanningContext:
+    """A float model's quantizable modules and parameter counts, for planning."""
+
+    def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = ()):
+        self.modules = quantizable_modules(model)
+        self.fixed_params = fixed_params(model, self.modules)
+        self.parameters = self.fixed_params + sum(q.params for q in self.modules)
+        self.fingerprint = fingerprint
+        self.n_layers = 1 + max(q.layer for q in self.modules if q.layer is not None)
+        self.pinned = {}
+        for o in overrides:
+            matched = [q for q in self.modules if re.search(o.pattern, q.path)]
+            if not matched:
+                raise UserError(f"--override '{o.pattern}' matches no quantizable module")
+            for q in matched:
+                if o.choice and q.cols % o.choice["group_size"]:
+                    raise UserError(f"--override: group size {o.choice['group_size']} does not divide {q.path}'s input size {q.cols}")
+                self.pinned[q.path] = o.choice
+
+    def options(self, q: QuantModule) -> list:
+        return [self.pinned[q.path]] if q.path in self.pinned else q.choices()
+
+    def total_bytes(self, choices: dict) -> int:
+        return self.fixed_params * FLOAT_BYTES + sum(q.bytes_for(choices[q.path]) for q in self.modules)
+
+    def module_budget(self, budget: Budget) -> int:
+        """Bytes the quantizable modules may take."""
+        total = budget.bytes if budget.bytes is not None else int(budget.bits_per_weight * self.parameters / 8)
+        return total - self.fixed_params * FLOAT_BYTES
+
+    def plan(self, method: str, budget: Budget, choices: dict, scores=None, details=None) -> QuantPlan:
+        choices = {q.path: self.pinned.get(q.path, choices[q.path]) for q in self.modules}
+        size = self.total_bytes(choices)
+        by_layer = {}
+        for q in self.modules:
+            name = "rest" if q.layer is None else str(q.layer)
+            by_layer[name] = by_layer.get(name, 0) + q.bytes_for(choices[q.path])
+        details = (details or {}) | {"module_bytes_by_layer": by_layer, "float_bytes": self.fixed_params * FLOAT_BYTES}
+        return QuantPlan(
+            self.fingerprint, method, budget.describe(), choices, size, size * 8 / self.parameters, self.parameters,
+            _scores_summary(scores), details,
+        )
+
+    def infeasible(self, budget: Budget, method: str, low: dict, high: dict) -> UserError:
+        lo, hi = self.total_bytes(low), self.total_bytes(high)
+        asked = (f"{budget.bits_per_weight:g} bits per weight" if budget.bits_per_weight is not None
+                 else f"{format_size(budget.bytes)} of weights")
+        return UserError(
+            f"budget {asked} is outside what {method} can do for this model: "
+            f"{lo * 8 / self.parameters:.3f} to {hi * 8 / self.parameters:.3f} bits per weight "
+            f"({format_size(lo)} to {format_size(hi)} of weights)"
+        )
+
+
+def _scores_summary(scores) -> dict:
+    if scores is None:
+        return {}
+    return {"metric": scores.metric, "key": scores.key, "params": scores.params, "scores": scores.scores}
+
+
+def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict, scores=None) -> QuantPlan:
+    """The multiple-choice knapsack over every module's options on the cost model."""
+    items = []
+    for q in ctx.modules:
+        choices = ctx.options(q)
+        all_errs = dict(zip(map(_key, q.choices()), errors[q.path]))
+        items.append([(q.bytes_for(c), weights[q.path] * all_errs[_key(c)]) for c in choices])
+    solution = solve_mckp(items, ctx.module_budget(budget))
+    if solution is None:
+        smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
+        largest = {q.path: max(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
+        raise ctx.infeasible(budget, "lsaq", smallest, largest)
+    picks = {q.path: ctx.options(q)[j] for q, j in zip(ctx.modules, solution.picks)}
+    details = {"cost": solution.cost, "dp_unit_bytes": solution.unit,
+               "optimality": f"cost <= exact optimum for a budget {solution.unit * len(items)} bytes smaller"}
+    return ctx.plan("lsaq", budget, picks, scores, details)
+
+
+def _key(choice) -> str:
+    return "keep" if choice is False else f"{choice['bits']}/{choice['group_size']}"
+
+
+def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: int = 8, low: int = 4,
+               group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
+    """Top-n layers by ``scores`` at ``high`` bits, the rest at ``low``; n as large as fits."""
+    if len(scores.scores) != ctx.n_layers:
+        raise UserError(f"the scores have {len(scores.scores)} layers, the model {ctx.n_layers}")
+    if high <= low:
+        raise UserError(f"--high-bits ({high}) must be above --low-bits ({low})")
+    ranking = sorted(range(ctx.n_layers), key=lambda i: -scores.scores[i])
+
+    def choices_for(n):
+        top = set(ranking[:n])
+        return {q.path: _uniform_choice(q, high if q.layer in top else low, group_size) for q in ctx.modules}
+
+    limit = ctx.module_budget(budget) + ctx.fixed_params * FLOAT_BYTES
+    fitting = [n for n in range(ctx.n_layers + 1) if ctx.total_bytes(ctx.plan(method, budget, choices_for(n)).modules) <= limit]
+    if not fitting:
+        raise ctx.infeasible(budget, method, choices_for(0), choices_for(ctx.n_layers))
+    n = max(fitting)
+    details = {"high_bits": high, "low_bits": low, "group_size": group_size, "high_layers": sorted(ranking[:n])}
+    return ctx.plan(method, budget, choices_for(n), scores, details)
+
+
+def _uniform_choice(q: QuantModule, bits: int, group_size: int) -> dict | bool:
+    group = group_size if q.cols % group_size == 0 else next((g for g in GROUP_SIZES if q.cols % g == 0), None)
+    return False if group is None else {"bits": bits, "group_size": group, "mode": "affine"}
+
+
+def plan_uniform(ctx: PlanningContext, budget: Budget | None, bits: int | None = None, group_size: int | None = None) -> QuantPlan:
+    """One setting for every module: the given one, or the largest that fits the budget."""
+    settings = [(b, g) for b in BITS for g in GROUP_SIZES if (bits in (None, b) and group_size in (None, g))]
+    plans = [ctx.plan("uniform", budget or Budget(), {q.path: _uniform_choice(q, b, g) for q in ctx.modules},
+                      details={"bits": b, "group_size": g}) for b, g in settings]
+    if budget is None or budget.bits_per_weight is None and budget.bytes is None:
+        return plans[0]
+    limit = ctx.module_budget(budget) + ctx.fixed_params * FLOAT_BYTES
+    fitting = [p for p in plans if p.predicted_bytes <= limit]
+    if not fitting:
+        smallest, largest = min(plans, key=lambda p: p.predicted_bytes), max(plans, key=lambda p: p.predicted_bytes)
+        raise ctx.infeasible(budget, "uniform", smallest.modules, largest.modules)
+    return max(fitting, key=lambda p: (p.predicted_bytes, p.details["bits"]))
+
+
+def plan_recipe(ctx: PlanningContext, model: nn.Module, recipe: str, group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
+    """mlx-lm's mixed recipe, through mlx-lm's own predicate (and its group-size rule)."""
+    from mlx_lm.convert import mixed_quant_predicate_builder
+
+    if recipe not in RECIPES:
+        raise UserError(f"unknown recipe '{recipe}' (one of {', '.join(RECIPES)})")
+    predicate = mixed_quant_predicate_builder(recipe, model, group_size)
+    modules = dict(model.named_modules())
+    choices = {}
+    for q in ctx.modules:
+        choice = predicate(q.path, modules[q.path]) if q.cols % group_size == 0 else False
+        choices[q.path] = {"bits": choice["bits"], "group_size": choice["group_size"], "mode": "affine"} if choice else False
+    return ctx.plan(recipe, Budget(), choices, details={"recipe": recipe, "group_size": group_size})

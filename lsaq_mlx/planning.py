@@ -1,0 +1,141 @@
+"""``lsaq-mlx plan`` / ``convert``: from a model source and budgets to ``QuantPlan``s.
+
+Gathers what each method needs (the float model, layer scores, the cost model's error
+table, cached by content fingerprint) and calls the planner.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
+from lsaq_mlx.calibration import load_calibration, token_sequences
+from lsaq_mlx.compute import dequantize_layers
+from lsaq_mlx.cost import input_energy, layer_weights, quantization_errors
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planner import (
+    METHODS,
+    RECIPES,
+    TIER_METRICS,
+    Budget,
+    Override,
+    PlanningContext,
+    plan_lsaq,
+    plan_recipe,
+    plan_tiers,
+    plan_uniform,
+)
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.scores import LayerScores
+from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.sizes import parse_size
+from lsaq_mlx.sources import ModelSource, load_model
+
+COST_VERSION = 1
+ENERGY_TOKENS = 1024  # calibration tokens for the per-channel input energy of the cost model
+KV_BYTES = 2  # float16 KV cache
+
+
+@dataclass
+class PlanRequest:
+    method: str = "lsaq"
+    bits_budgets: list[float] = field(default_factory=list)
+    memory_budget: str | None = None
+    context: int = 4096  # tokens of KV cache a memory budget reserves
+    recipe: str | None = None
+    scores_file: Path | None = None
+    calib: str | None = None
+    high_bits: int = 8
+    low_bits: int = 4
+    group_size: int | None = None
+    bits: int | None = None  # uniform: a fixed bit width
+    overrides: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        if self.recipe is None and self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}' (one of {', '.join(METHODS)}; or --recipe {'|'.join(RECIPES)})")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise UserError(f"unknown recipe '{self.recipe}' (one of {', '.join(RECIPES)})")
+        budgets = bool(self.bits_budgets) + bool(self.memory_budget)
+        if self.recipe is None and budgets != 1 and not (self.method == "uniform" and self.bits and not budgets):
+            raise UserError("give a budget: --bits-budget B (repeatable) or --memory-budget SIZE")
+        for b in self.bits_budgets:
+            if not 1.0 <= b <= 32.0:
+                raise UserError(f"--bits-budget {b:g} is not a number of bits per weight between 1 and 32")
+
+
+def memory_budget(text: str, config: dict, context: int) -> Budget:
+    """Weights bytes for a total memory budget, after a KV cache of ``context`` tokens
+    (float16) and a runtime reserve of 10 % (activations, MLX's buffers)."""
+    size = parse_size(text)
+    layers = config["num_hidden_layers"]
+    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv = 2 * layers * kv_heads * head_dim * KV_BYTES * context
+    reserve = size // 10
+    weights = size - kv - reserve
+    assumptions = {"memory_budget": size, "kv_cache_bytes": kv, "kv_cache_context": context,
+                   "runtime_reserve_bytes": reserve}
+    if weights <= 0:
+        raise UserError(f"{text} leaves no room for weights after a {context}-token KV cache "
+                        f"({kv / 1e9:.2f} GB) and a 10 % runtime reserve")
+    return Budget(bytes=weights, assumptions=assumptions)
+
+
+def make_plans(source: ModelSource, request: PlanRequest):
+    """``(plans, model, config)``: one plan per budget (or the recipe's), smallest first."""
+    request.check()
+    overrides = [Override.parse(o) for o in request.overrides]
+    model, tokenizer, config = load_model(source, compute=False)
+    dequantize_layers(model)
+    ctx = PlanningContext(model, source.fingerprint, overrides)
+    if request.recipe:
+        return [plan_recipe(ctx, model, request.recipe, request.group_size or 64)], model, config
+    budgets = [Budget(bits_per_weight=b) for b in request.bits_budgets]
+    if request.memory_budget:
+        budgets = [memory_budget(request.memory_budget, config, request.context)]
+    if request.method == "uniform":
+        if not budgets:
+            return [plan_uniform(ctx, None, request.bits, request.group_size or 64)], model, config
+        return [plan_uniform(ctx, b, request.bits, request.group_size) for b in budgets], model, config
+    metric = TIER_METRICS.get(request.method, "jaccard")
+    scores = _scores(source, request, metric, (model, tokenizer))
+    if request.method in TIER_METRICS:
+        return [plan_tiers(ctx, b, scores, request.method, request.high_bits, request.low_bits,
+                           request.group_size or 64) for b in budgets], model, config
+    errors = _error_table(source, model, tokenizer, ctx, request.calib)
+    weights = layer_weights(scores.scores, ctx.modules)
+    return [plan_lsaq(ctx, b, errors, weights, scores) for b in budgets], model, config
+
+
+def _scores(source, request: PlanRequest, metric: str, loaded) -> LayerScores:
+    if request.scores_file:
+        scores = LayerScores.load(request.scores_file)
+        if scores.model_fingerprint != source.fingerprint:
+            raise UserError(f"{request.scores_file} holds scores of another model (fingerprint {scores.model_fingerprint})")
+        return scores
+    return score(source, ScoreOptions(metric, request.calib), model=loaded)
+
+
+def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> dict:
+    """The cost model's errors of every module and choice, cached by model and calibration."""
+    calib = load_calibration(calib_spec)
+    key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(ENERGY_TOKENS), str(COST_VERSION))
+    path = cache_dir() / "errors" / f"{key}.json"
+    if path.is_file():
+        import json
+
+        return json.loads(path.read_text())
+    sequences = token_sequences(tokenizer, calib, ENERGY_TOKENS, 512)
+    energy = input_energy(model, ctx.modules, sequences)
+    with progress_bar("quantization errors", len(ctx.modules)) as advance:
+        table = quantization_errors(model, ctx.modules, energy, advance)
+    write_json_atomic(path, table)
+    return table
+
+
+def headroom(predicted_bytes: int) -> dict:
+    """Memory now available on this machine, and what is left once the weights are loaded."""
+    available = psutil.virtual_memory().available
+    return {"available_bytes": available, "headroom_bytes": available - predicted_bytes}

@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cli_run import assert_one_line_error, run_cli
+from lsaq_mlx.convert import convert
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning import PlanRequest, make_plans, memory_budget
+from lsaq_mlx.sizes import parse_size
+from lsaq_mlx.sources import resolve_model
+from tiny_models import tiny_model, write_gguf
+
+
+@pytest.fixture
+def tiny_source(tmp_path, empty_cache):
+    write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "tiny.gguf")
+    return resolve_model(str(tmp_path / "tiny.gguf"))
+
+
+def test_convert_writes_a_model_stock_mlx_lm_opens(tiny_source, tmp_path):
+    plan = make_plans(tiny_source, PlanRequest("lsaq", [4.0]))[0][0]
+    out = tmp_path / "out"
+    report = convert(tiny_source, plan, out)
+    assert report.written_bytes == plan.predicted_bytes
+    assert report.bits_per_weight == pytest.approx(plan.predicted_bits_per_weight) and report.bits_per_weight <= 4.0
+    config = json.loads((out / "config.json").read_text())
+    assert set(plan.modules) <= set(config["quantization"]) and config["quantization_config"] == config["quantization"]
+    assert (out / "lsaq_plan.json").is_file() and (out / "lsaq_report.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    script = textwrap.dedent(
+        f"""
+        from mlx_lm import load, generate
+        from mlx_lm.utils import compute_bits_per_weight
+        model, tokenizer = load({str(out)!r})
+        print(compute_bits_per_weight(model))
+        print(repr(generate(model, tokenizer, "hello", max_tokens=4)))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.splitlines()[0]) == pytest.approx(report.bits_per_weight)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_needs_force(tiny_source, tmp_path):
+    plan = make_plans(tiny_source, PlanRequest("uniform", bits=4))[0][0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="already exists"):
+        convert(tiny_source, plan, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    convert(tiny_source, plan, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_interrupted_convert_leaves_no_folder(tiny_source, tmp_path, monkeypatch):
+    import mlx_lm.utils
+
+    plan = make_plans(tiny_source, PlanRequest("uniform", bits=3))[0][0]
+
+    def interrupted(path, *args, **kwargs):
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_lm.utils, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_source, plan, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tiny.gguf"]
+
+
+def test_memory_budget_reserves_kv_cache_and_runtime():
+    assert parse_size("1.2GB") == 1_200_000_000 and parse_size("1GiB") == 1 << 30 and parse_size("512") == 512
+    with pytest.raises(UserError, match="cannot read the size"):
+        parse_size("lots")
+    config = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    budget = memory_budget("10MB", config, context=1000)
+    kv = 2 * 2 * 2 * 16 * 2 * 1000
+    assert budget.bytes == 10_000_000 - kv - 1_000_000 and budget.assumptions["kv_cache_bytes"] == kv
+    with pytest.raises(UserError, match="leaves no room"):
+        memory_budget("100KB", config, context=100_000)
+
+
+def test_cli_plan_convert_and_errors(tiny_source, tmp_path):
+    env = dict(os.environ)
+    gguf = str(tmp_path / "tiny.gguf")
+    plan = json.loads(run_cli("plan", "-m", gguf, "-b", "4", "-b", "6", "--method", "lsaq-tiers", "--low-bits", "3",
+                              "--json", env=env).stdout)
+    assert plan["type"] == "PlanSet" and len(plan["plans"]) == 2
+    dry = run_cli("convert", "-m", gguf, "-b", "4", "--dry-run", env=env)
+    assert dry.returncode == 0 and "bits per weight" in dry.stdout and "layer" in dry.stdout
+    assert not any(p.name.startswith("tiny-") for p in tmp_path.iterdir())
+    assert_one_line_error(run_cli("convert", "-m", gguf, "-b", "1.2", "--dry-run", env=env), "to 16.000 bits per weight")
+    assert_one_line_error(run_cli("convert", "-m", gguf, "--dry-run", env=env), "give a budget")
+    assert_one_line_error(run_cli("plan", "-m", gguf, "-b", "4", "--override", "zzz=4", env=env), "matches no")
+    out = tmp_path / "m"
+    report = json.loads(run_cli("convert", "-m", gguf, "--recipe", "mixed_3_6", "-o", str(out), "--json", env=env).stdout)
+    assert report["method"] == "mixed_3_6" and (out / "config.json").is_file()
+    assert_one_line_error(run_cli("convert", "-m", gguf, "--recipe", "mixed_3_6", "-o", str(out), env=env), "--force")
