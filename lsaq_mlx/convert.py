@@ -65,12 +65,7 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
         raise UserError(f"{out} exists and is not a folder")
     start = time.perf_counter()
     mx.reset_peak_memory()
-    model, _, config = load_model(source, compute=False, lazy=True)
-    dequantize_layers(model)
-    model.set_dtype(mx.float32)
-    _check_plan_matches(plan, model)
-    nn.quantize(model, class_predicate=lambda path, m: plan.modules.get(path, False))
-    model.set_dtype(mx.float16)
+    model, config = quantized_model(source, plan)
     try:
         with atomic_dir(out, force=force) as tmp:
             _write_folder(model, config, plan, source, tmp)
@@ -85,6 +80,18 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
     except FileExistsError:
         raise UserError(f"{out} already exists (use --force to replace it)") from None
     return report
+
+
+def quantized_model(source: ModelSource, plan: QuantPlan):
+    """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
+    computed until the weights are used or saved); float16 outside quantized weights."""
+    model, _, config = load_model(source, compute=False, lazy=True)
+    dequantize_layers(model)
+    model.set_dtype(mx.float32)
+    _check_plan_matches(plan, model)
+    nn.quantize(model, class_predicate=lambda path, m: plan.modules.get(path, False))
+    model.set_dtype(mx.float16)
+    return model, config
 
 
 def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:

@@ -1,6 +1,12 @@
 """Per-token divergences between two models' next-token distributions."""
 
+import math
+from dataclasses import asdict, dataclass
+
 import mlx.core as mx
+import numpy as np
+
+from lsaq_mlx.perplexity import PerplexityResult, windows
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -12,3 +18,56 @@ def token_kl(ref_logits: mx.array, logits: mx.array) -> mx.array:
     """KL(reference || model) in nats at every position."""
     ref_lp, lp = log_softmax(ref_logits), log_softmax(logits)
     return (mx.exp(ref_lp) * (ref_lp - lp)).sum(axis=-1)
+
+
+@dataclass
+class ReferenceDistributions:
+    """A reference model's next-token log-probabilities on fixed token windows, kept in
+    float16 (vocab x tokens x 2 bytes), so candidates are compared without rerunning it."""
+
+    windows: list[list[int]]
+    logprobs: list[mx.array]
+
+    @classmethod
+    def compute(cls, model, tokens: list[int], seq_len: int) -> "ReferenceDistributions":
+        chunks = list(windows(tokens, seq_len))
+        logprobs = []
+        for w in chunks:
+            lp = log_softmax(model(mx.array(w)[None, :-1])[0]).astype(mx.float16)
+            mx.eval(lp)
+            logprobs.append(lp)
+        return cls(chunks, logprobs)
+
+
+@dataclass
+class DivergenceResult:
+    tokens: int
+    kl: float  # mean KL(reference || model), nats per token
+    kl_stderr: float
+    top1_agreement: float  # share of positions where both models' most likely token agree
+    perplexity: PerplexityResult  # of the model, on the same tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare_to_reference(model, reference: ReferenceDistributions) -> DivergenceResult:
+    """KL, top-1 agreement and perplexity of ``model`` on the reference's windows."""
+    kls, nlls, agree = [], [], 0
+    for window, ref_lp in zip(reference.windows, reference.logprobs):
+        lp = log_softmax(model(mx.array(window)[None, :-1])[0])
+        ref = ref_lp.astype(mx.float32)
+        kl = (mx.exp(ref) * (ref - lp)).sum(axis=-1)
+        nll = -mx.take_along_axis(lp, mx.array(window[1:])[:, None], axis=-1)[:, 0]
+        same = (mx.argmax(lp, axis=-1) == mx.argmax(ref, axis=-1)).sum()
+        mx.eval(kl, nll, same)
+        kls.append(np.array(kl))
+        nlls.append(np.array(nll))
+        agree += same.item()
+    kl, nll = np.concatenate(kls), np.concatenate(nlls)
+    ppl = PerplexityResult(
+        int(nll.size), len(reference.windows), len(reference.windows[0]), float(nll.mean()),
+        math.exp(float(nll.mean())), float(nll.std(ddof=1) / math.sqrt(nll.size)) if nll.size > 1 else 0.0,
+    )
+    stderr = float(kl.std(ddof=1) / math.sqrt(kl.size)) if kl.size > 1 else 0.0
+    return DivergenceResult(int(kl.size), float(kl.mean()), stderr, agree / kl.size, ppl)

@@ -1,0 +1,67 @@
+"""Convert time and peak memory: lsaq-mlx convert vs mlx_lm.convert -q, in one run.
+
+    python scripts/bench_convert.py [--model default]
+
+Each conversion runs as its own process, one after the other, on the same source
+folder (the imported model, float32); wall time and peak resident memory (the child's
+own ``ru_maxrss`` from ``wait4``) are measured from outside. Rows:
+
+- mlx_lm.convert -q (4 bits, group 64): the baseline;
+- lsaq-mlx convert --method uniform --bits 4 (the same output, our writer);
+- lsaq-mlx convert -b 4.0 (lsaq plan: scores and cost-model errors from the cache,
+  computed first, outside the timing, by a --dry-run).
+Both write the same kind of folder; ours also opens it with mlx-lm and generates 8
+tokens as a smoke test, included in its time.
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.sources import resolve_model
+
+
+def measured(cmd: list[str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
+    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
+    return wall, rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    args = parser.parse_args()
+    reexec_with_fast_blas()
+    source = resolve_model(args.model)
+    lsaq = [sys.executable, "-m", "lsaq_mlx", "convert", "-m", args.model]
+    subprocess.run(lsaq + ["-b", "4.0", "--dry-run"], check=True, stdout=subprocess.DEVNULL)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {
+            "mlx_lm.convert -q --q-bits 4 --q-group-size 64": measured(
+                [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source.path), "-q", "--q-bits", "4",
+                 "--q-group-size", "64", "--mlx-path", f"{tmp}/mlx"]),
+            "lsaq-mlx convert --method uniform --bits 4": measured(lsaq + ["--method", "uniform", "--bits", "4", "-o", f"{tmp}/u"]),
+            "lsaq-mlx convert -b 4.0 (lsaq)": measured(lsaq + ["-b", "4.0", "-o", f"{tmp}/l"]),
+        }
+    base_wall, base_rss = next(iter(rows.values()))
+    size = sum(f.stat().st_size for f in source.path.glob("*.safetensors"))
+    print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; model {args.model} "
+          f"(source {size / 1e6:.0f} MB of float32 safetensors)\n")
+    print("| conversion | wall s | vs mlx_lm | peak RSS MB | vs mlx_lm |")
+    print("|---|---|---|---|---|")
+    for name, (wall, rss) in rows.items():
+        print(f"| {name} | {wall:.1f} | {wall / base_wall:.2f}x | {rss / 1e6:.0f} | {rss / base_rss:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

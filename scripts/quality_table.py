@@ -1,0 +1,165 @@
+"""Quality of every planning method at every budget, on the same WikiText-2 tokens.
+
+    python scripts/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
+                                    [--out results.json]
+
+For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
+jaccard (``lsaq-tiers``), cosine, zscore and random scores, ``uniform`` (the largest
+uniform setting that fits, if any), and mlx-lm's ``dynamic_quant`` (its own gradient
+sensitivities, its own threshold rule, at the same budget). Plus mlx-lm's four mixed
+recipes. Every model is quantized in memory exactly as ``convert`` writes it and
+compared with the source model (KL divergence of the next-token distributions, top-1
+agreement, perplexity) on the first --tokens tokens of wiki.test.raw in windows of
+--seq-len. Tiers and dynamic_quant use low = the largest bit width whose uniform
+group-64 model fits the budget; tiers high = low + 2 (at most 8), dynamic_quant
+high = the next bit width (its default pairing is 4/5).
+
+It also checks the cost model: the Spearman correlation between each plan's predicted
+cost and its measured KL over the plans the lsaq allocator did not make (held out).
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import mlx.core as mx
+
+from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.calibration import load_calibration, token_sequences
+from lsaq_mlx.compute import dequantize_layers, prepare_for_compute
+from lsaq_mlx.convert import quantized_model
+from lsaq_mlx.cost import layer_weights
+from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.plan import BITS
+from lsaq_mlx.planner import RECIPES, Budget, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
+from lsaq_mlx.planning import _error_table
+from lsaq_mlx.scores import spearman
+from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.sources import load_model, resolve_model
+
+WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
+TIERS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
+
+
+def low_bits_for(ctx, budget: float) -> int | None:
+    fitting = [b for b in BITS if plan_uniform(ctx, None, b, 64).predicted_bits_per_weight <= budget]
+    return max(fitting) if fitting else None
+
+
+def dynamic_quant_plan(ctx, budget: float, sensitivities: dict, low: int, high: int):
+    """mlx-lm's dynamic_quant rule: modules above a sensitivity threshold get ``high``
+    bits, the rest ``low`` (group 64); the threshold is the lowest that fits."""
+    choices = {q.path: {"bits": low, "group_size": 64, "mode": "affine"} for q in ctx.modules}
+    limit = int(budget * ctx.parameters / 8)
+    for path in sorted(sensitivities, key=lambda p: -sensitivities[p]):
+        trial = choices | {path: {"bits": high, "group_size": 64, "mode": "affine"}}
+        if ctx.total_bytes(trial) > limit:
+            break
+        choices = trial
+    return ctx.plan("dynamic_quant", Budget(budget), choices, details={"low_bits": low, "high_bits": high})
+
+
+def dq_sensitivities(source, tokenizer, low: int, high: int, tokens: int) -> dict:
+    from mlx_lm.quant.dynamic_quant import estimate_sensitivities
+
+    model, _, _ = load_model(source, compute=False)
+    dequantize_layers(model)
+    model.set_dtype(mx.float32)
+    data = mx.array(token_sequences(tokenizer, load_calibration(None), tokens, 512))
+    return dict(estimate_sensitivities(model, data, low, 64, high, 64))
+
+
+def plan_cost(plan, ctx, errors, weights) -> float:
+    total = 0.0
+    for q in ctx.modules:
+        keys = ["keep" if c is False else f"{c['bits']}/{c['group_size']}" for c in q.choices()]
+        c = plan.modules[q.path]
+        total += weights[q.path] * errors[q.path][keys.index("keep" if c is False else f"{c['bits']}/{c['group_size']}")]
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
+    parser.add_argument("--dq-tokens", type=int, default=2048, help="calibration tokens of dynamic_quant's sensitivities")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    reexec_with_fast_blas()
+    start = time.perf_counter()
+
+    source = resolve_model(args.model)
+    model, tokenizer, _ = load_model(source)
+    with open(WIKITEXT, encoding="utf-8") as f:
+        tokens = tokenizer.encode(f.read(400_000))[: args.tokens]
+    reference = ReferenceDistributions.compute(model, tokens, args.seq_len)
+    source_result = compare_to_reference(model, reference)
+    ctx = PlanningContext(model, source.fingerprint)
+    scores = {m: score(source, ScoreOptions(m), model=(model, tokenizer)) for m in set(TIERS.values())}
+    errors = _error_table(source, model, tokenizer, ctx, None)
+    weights = layer_weights(scores["jaccard"].scores, ctx.modules)
+    del model
+
+    plans = []
+    sensitivities = {}
+    for budget in args.budgets:
+        plans.append(plan_lsaq(ctx, Budget(budget), errors, weights, scores["jaccard"]))
+        low = low_bits_for(ctx, budget)
+        if low is None:
+            continue
+        high = min(8, low + 2)
+        for method, metric in TIERS.items():
+            plans.append(plan_tiers(ctx, Budget(budget), scores[metric], method, high, low, 64))
+        plans.append(plan_uniform(ctx, Budget(budget)))
+        dq_high = BITS[BITS.index(low) + 1] if low < 8 else None
+        if dq_high:
+            if (low, dq_high) not in sensitivities:
+                sensitivities[low, dq_high] = dq_sensitivities(source, tokenizer, low, dq_high, args.dq_tokens)
+            plans.append(dynamic_quant_plan(ctx, budget, sensitivities[low, dq_high], low, dq_high))
+    loaded, _, _ = load_model(source, compute=False)
+    for recipe in RECIPES:
+        plans.append(plan_recipe(ctx, loaded, recipe))
+    del loaded
+
+    rows = []
+    for plan in plans:
+        quantized, _ = quantized_model(source, plan)
+        prepare_for_compute(quantized)
+        result = compare_to_reference(quantized, reference)
+        del quantized
+        budget = plan.budget.get("bits_per_weight")
+        rows.append({"budget": budget, "method": plan.method, "bits_per_weight": plan.predicted_bits_per_weight,
+                     "kl": result.kl, "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
+                     "perplexity": result.perplexity.perplexity, "predicted_cost": plan_cost(plan, ctx, errors, weights),
+                     "details": {k: v for k, v in plan.details.items() if k != "module_bytes_by_layer"}})
+        print(f"  {plan.method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
+              f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
+
+    print(f"\nmachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX {mx.__version__} "
+          f"{mx.default_device()}; model {args.model}; WikiText-2 test, first {len(tokens)} tokens, windows of "
+          f"{args.seq_len}; source perplexity {source_result.perplexity.perplexity:.3f}; "
+          f"{time.perf_counter() - start:.0f} s in all\n")
+    print("| budget | method | bits/weight | KL (nats/token) | top-1 agree | perplexity |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        best = r["budget"] is not None and r["kl"] == min(x["kl"] for x in rows if x["budget"] == r["budget"])
+        kl = f"**{r['kl']:.4f}**" if best else f"{r['kl']:.4f}"
+        print(f"| {r['budget'] if r['budget'] is not None else '-'} | {r['method']} | {r['bits_per_weight']:.3f} | "
+              f"{kl} ± {r['kl_stderr']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} |")
+    held_out = [r for r in rows if r["method"] != "lsaq"]
+    rho = spearman([r["predicted_cost"] for r in held_out], [r["kl"] for r in held_out])
+    rho_all = spearman([r["predicted_cost"] for r in rows], [r["kl"] for r in rows])
+    print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
+          f"(not made by lsaq), {rho_all:.3f} over all {len(rows)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"source_perplexity": source_result.perplexity.perplexity, "rows": rows,
+                       "cost_model_spearman_held_out": rho}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
