@@ -288,6 +288,43 @@ def convert(
     err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
 
 
+@app.command()
+def chat(
+    model: ModelOption = None,
+    bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="Follow this machine's memory: swap between plans of --budgets.")] = False,
+    memory_trace: Annotated[Optional[Path], typer.Option(help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")] = None,
+    budgets: Annotated[str, typer.Option(help="Automatic mode: the plans' bits per weight.")] = "3,3.5,4,4.5,5,6",
+    method: MethodOption = "lsaq",
+    reserve: Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")] = "512MB",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")] = 512,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+) -> None:
+    """Chat with a model that adapts its precision to memory; /help lists the commands.
+
+    With standard input not a terminal, reads one message or /command per line (scripted)."""
+    from lsaq_mlx.chat import run_chat
+    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.runtime import Engine, ScriptedSampler, SystemSampler
+    from lsaq_mlx.sizes import parse_size
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(model)
+    try:
+        auto_budgets = [float(b) for b in budgets.split(",")] if (auto or memory_trace) else []
+    except ValueError:
+        raise UserError(f"--budgets must be numbers separated by commas, got '{budgets}'") from None
+    sampler = ScriptedSampler(memory_trace) if memory_trace else SystemSampler()
+    planner = lambda bs: make_plans(source, PlanRequest(method, list(bs)))[0]
+    engine = Engine(source, planner, bits_budget, auto_budgets, sampler, {"reserve": parse_size(reserve)}).start()
+    try:
+        if system:
+            engine.send("system", system)
+        run_chat(engine, max_tokens)
+    finally:
+        engine.shutdown()
+
+
 def main() -> None:
     reexec_with_fast_blas()
     try:

@@ -12,7 +12,8 @@ import psutil
 from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
 from lsaq_mlx.calibration import load_calibration, token_sequences
 from lsaq_mlx.compute import dequantize_layers
-from lsaq_mlx.cost import input_energy, layer_weights, quantization_errors
+from lsaq_mlx import cost
+from lsaq_mlx.cost import fisher_diagonal, layer_weights, quantization_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planner import (
     METHODS,
@@ -32,8 +33,9 @@ from lsaq_mlx.scoring import ScoreOptions, score
 from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import ModelSource, load_model
 
-COST_VERSION = 1
-ENERGY_TOKENS = 1024  # calibration tokens for the per-channel input energy of the cost model
+COST_VERSION = 2
+FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
+FISHER_SEQ_LEN = 256
 KV_BYTES = 2  # float16 KV cache
 
 
@@ -99,13 +101,13 @@ def make_plans(source: ModelSource, request: PlanRequest):
         if not budgets:
             return [plan_uniform(ctx, None, request.bits, request.group_size or 64)], model, config
         return [plan_uniform(ctx, b, request.bits, request.group_size) for b in budgets], model, config
-    metric = TIER_METRICS.get(request.method, "jaccard")
-    scores = _scores(source, request, metric, (model, tokenizer))
     if request.method in TIER_METRICS:
+        scores = _scores(source, request, TIER_METRICS[request.method], (model, tokenizer))
         return [plan_tiers(ctx, b, scores, request.method, request.high_bits, request.low_bits,
                            request.group_size or 64) for b in budgets], model, config
     errors = _error_table(source, model, tokenizer, ctx, request.calib)
-    weights = layer_weights(scores.scores, ctx.modules)
+    scores = _scores(source, request, "jaccard", (model, tokenizer)) if cost.IMPORTANCE_POWER else None
+    weights = layer_weights(scores.scores if scores else None, ctx.modules)
     return [plan_lsaq(ctx, b, errors, weights, scores) for b in budgets], model, config
 
 
@@ -121,16 +123,18 @@ def _scores(source, request: PlanRequest, metric: str, loaded) -> LayerScores:
 def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> dict:
     """The cost model's errors of every module and choice, cached by model and calibration."""
     calib = load_calibration(calib_spec)
-    key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(ENERGY_TOKENS), str(COST_VERSION))
+    key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
     path = cache_dir() / "errors" / f"{key}.json"
     if path.is_file():
         import json
 
         return json.loads(path.read_text())
-    sequences = token_sequences(tokenizer, calib, ENERGY_TOKENS, 512)
-    energy = input_energy(model, ctx.modules, sequences)
+    sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
+    with progress_bar("Fisher information", FISHER_TOKENS) as advance:
+        fisher = fisher_diagonal(model, ctx.modules, sequences, advance)
     with progress_bar("quantization errors", len(ctx.modules)) as advance:
-        table = quantization_errors(model, ctx.modules, energy, advance)
+        table = quantization_errors(model, ctx.modules, fisher, advance)
+    del fisher
     write_json_atomic(path, table)
     return table
 

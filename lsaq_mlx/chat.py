@@ -1,0 +1,155 @@
+"""``lsaq-mlx chat``: a terminal chat on the runtime engine.
+
+On a terminal: readline editing and history, streamed replies, Ctrl-C stops a reply
+(a second Ctrl-C, or one at the prompt, exits). With standard input not a terminal it is
+scripted: one message or command per line, replies and statistics on stdout.
+"""
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+from lsaq_mlx.cache import cache_dir
+from lsaq_mlx.runtime import Engine, Event
+
+HELP = """commands:
+  /plan B        switch to a plan of B bits per weight (hot swap, the conversation goes on)
+  /auto on|off   follow the machine's memory (needs --auto or --memory-trace)
+  /stats         plan, memory, last reply's speed
+  /layers        bits/group size of every layer
+  /system TEXT   set the system prompt
+  /reset         forget the conversation
+  /save FILE     write the conversation as JSON
+  /help          this text
+  /quit          leave"""
+
+
+class ChatSession:
+    def __init__(self, engine: Engine, max_tokens: int, out=sys.stdout):
+        self.engine, self.max_tokens, self.out = engine, max_tokens, out
+        self.generating = False
+
+    def print(self, text: str = "", end: str = "\n") -> None:
+        print(text, end=end, file=self.out, flush=True)
+
+    def wait(self, kinds: set[str]) -> Event:
+        """Print events until one of ``kinds`` arrives; return it."""
+        while True:
+            event = self.engine.events.get()
+            if event.kind == "token":
+                self.print(event.data["text"], end="")
+            elif event.kind == "swapped":
+                failed = event.data["failed"]
+                self.print(f"\n[swapped {event.data['changed']} modules in {event.data['seconds']:.2f} s -> "
+                           f"{_bpw(event.data)}" + (f"; {len(failed)} failed, kept their old weights: "
+                                                   f"{next(iter(failed.values()))}" if failed else "") + "]")
+            elif event.kind == "error":
+                self.print(f"[error: {event.data['message']}]")
+            if event.kind in kinds or event.kind == "error":
+                return event
+
+    def handle(self, line: str) -> bool:
+        """Run one input line; False means leave."""
+        line = line.strip()
+        if not line:
+            return True
+        if not line.startswith("/"):
+            self.generating = True
+            self.engine.send("chat", line, self.max_tokens)
+            event = self.wait({"done"})
+            self.generating = False
+            if event.kind == "done":
+                d = event.data
+                self.print(f"\n[{d['generation_tokens']} tokens · {d['generation_tps']:.1f} tok/s · prompt "
+                           f"{d['prompt_tokens']} at {d['prompt_tps']:.1f} tok/s · peak memory "
+                           f"{d['peak_memory_gb']:.2f} GB · {_bpw(d)}{' · stopped' if d['stopped'] else ''}]")
+            return True
+        command, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        if command in ("quit", "exit"):
+            return False
+        if command == "help":
+            self.print(HELP)
+        elif command == "plan":
+            try:
+                budget = float(arg)
+            except ValueError:
+                self.print("[usage: /plan BITS_PER_WEIGHT, e.g. /plan 3.5]")
+                return True
+            self.engine.send("apply_budget", budget)
+            self.wait({"swapped"})
+        elif command == "auto" and arg in ("on", "off"):
+            self.engine.send("auto", arg == "on")
+            self.print(f"[auto: {self.wait({'stats'}).data.get('auto')}]")
+        elif command in ("stats", "layers"):
+            self.engine.send("stats")
+            stats = self.wait({"stats"}).data
+            self.print(_layers(stats) if command == "layers" else json.dumps(stats, indent=2, default=str))
+        elif command == "system" and arg:
+            self.engine.send("system", arg)
+            self.wait({"stats"})
+            self.print("[system prompt set]")
+        elif command == "reset":
+            self.engine.send("reset")
+            self.wait({"stats"})
+            self.print("[conversation reset]")
+        elif command == "save" and arg:
+            Path(arg).write_text(json.dumps(self.engine.messages, indent=2, ensure_ascii=False) + "\n")
+            self.print(f"[saved {len(self.engine.messages)} messages to {arg}]")
+        else:
+            self.print(f"[unknown command '{line}'; /help lists them]")
+        return True
+
+
+def _bpw(data: dict) -> str:
+    bpw = data.get("bits_per_weight")
+    return f"{bpw:.2f} bits/weight" if bpw else "source precision"
+
+
+def _layers(stats: dict) -> str:
+    layers = stats.get("layers") or {}
+    if not layers:
+        return "[all layers at source precision]"
+    keys = sorted(layers, key=lambda k: (k == "rest", int(k) if k != "rest" else 0))
+    return "\n".join(f"{k:>5}: {', '.join(layers[k])}" for k in keys)
+
+
+def run_chat(engine: Engine, max_tokens: int, stdin=sys.stdin) -> None:
+    session = ChatSession(engine, max_tokens)
+    if not stdin.isatty():
+        for line in stdin:
+            if not session.handle(line):
+                break
+        return
+    import readline
+
+    history = cache_dir() / "chat_history"
+    history.parent.mkdir(parents=True, exist_ok=True)
+    if history.exists():
+        readline.read_history_file(str(history))
+    interrupts = {"count": 0}
+
+    def on_interrupt(signum, frame):
+        if session.generating and interrupts["count"] == 0:
+            interrupts["count"] += 1
+            engine.stop()
+        else:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    session.print("lsaq-mlx chat: /help lists commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    try:
+        while True:
+            interrupts["count"] = 0
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not session.handle(line):
+                break
+    except KeyboardInterrupt:
+        session.print()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        readline.write_history_file(str(history))

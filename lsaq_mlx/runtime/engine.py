@@ -1,0 +1,261 @@
+"""The engine: one long-lived thread owns the model and does all MLX work.
+
+Callers send commands (``chat``, ``stop``, ``apply_plan``, ``apply_budget``, ``auto``,
+``stats``, ``reset``, ``evaluate``) and receive ``Event``s (``token``, ``done``,
+``swapped``, ``stats``, ``error``) through ``events`` or a callback. A conversation keeps
+its KV cache across turns (only the new part of the prompt is processed), across a
+stopped reply, and across swaps. Swaps requested while a reply streams are applied
+between tokens, one decoder layer per token.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from lsaq_mlx.compute import compute_mode, prepare_for_compute
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.plan import PlanSet, QuantPlan
+from lsaq_mlx.runtime.policy import Policy
+from lsaq_mlx.runtime.swap import SourceWeights, SwapReport, layer_groups, swap_modules
+from lsaq_mlx.sources import ModelSource, load_model
+
+
+@dataclass
+class Event:
+    kind: str  # token | done | swapped | stats | error | ready
+    data: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, source: ModelSource, planner=None, budget: float | None = None, auto_budgets=(),
+                 sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0):
+        """``planner(budgets) -> [QuantPlan]`` makes plans (in the engine thread); ``budget``
+        picks the starting plan; ``auto_budgets`` builds the PlanSet that automatic mode
+        moves through as ``sampler``'s memory samples dictate."""
+        self.source, self.planner, self.budget, self.auto_budgets = source, planner, budget, list(auto_budgets)
+        self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
+        self.policy = None
+        self.events = queue.Queue()
+        self.on_event = on_event or self.events.put
+        self.messages: list[dict] = []
+        self.auto = bool(self.auto_budgets)
+        self._commands = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lsaq-engine", daemon=True)
+        self._ready = threading.Event()
+        self._error = None
+
+    # ---- called from any thread ----
+    def start(self) -> "Engine":
+        self._thread.start()
+        self._ready.wait()
+        if self._error:
+            raise self._error
+        return self
+
+    def send(self, command: str, *args) -> None:
+        self._commands.put((command, args))
+
+    def stop(self) -> None:
+        """Stop the reply being generated (the conversation keeps what was said)."""
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self.send("shutdown")
+        self._thread.join()
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # reported to start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.on_event(Event("ready", self._stats()))
+        while True:
+            try:
+                command, args = self._commands.get(timeout=self.sample_every)
+            except queue.Empty:
+                self._maybe_follow_memory()
+                continue
+            if command == "shutdown":
+                return
+            try:
+                getattr(self, f"_cmd_{command}")(*args)
+            except UserError as e:
+                self.on_event(Event("error", {"message": str(e)}))
+            except Exception as e:
+                self.on_event(Event("error", {"message": f"{command} failed: {type(e).__name__}: {e}"}))
+
+    def _load(self) -> None:
+        plan = self.planner([self.budget])[0] if self.budget is not None else None
+        if self.auto_budgets:
+            self.policy = Policy(PlanSet(self.planner(self.auto_budgets)), **self.policy_options)
+            if plan is None:
+                self.policy.current = len(self.policy.plans.plans) - 1
+                self.policy.decide(self.sampler.sample())
+                plan = self.policy.plans.plans[self.policy.current]
+            else:
+                self.policy.current = min(range(len(self.policy.plans.plans)), key=lambda i: abs(
+                    self.policy.plans.plans[i].predicted_bytes - plan.predicted_bytes))
+        if plan is not None:
+            from lsaq_mlx.convert import quantized_model
+
+            self.model, _ = quantized_model(self.source, plan)
+            _, self.tokenizer, _ = load_model(self.source, compute=False, lazy=True)
+            prepare_for_compute(self.model)
+            self.choices = dict(plan.modules)
+        else:
+            self.model, self.tokenizer, _ = load_model(self.source)
+            self.choices = {}
+        self.plan = plan
+        self.weights = SourceWeights(self.source.path)
+        self.float32 = compute_mode() == "float32"
+        self.cache, self.cache_tokens = None, []
+        self.pending: list[dict] = []
+        self.last_stats = {}
+
+    def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
+        self.messages.append({"role": "user", "content": text})
+        reply, stats = self._generate(max_tokens, temp)
+        self.messages.append({"role": "assistant", "content": reply})
+        self.last_stats = stats
+        self.on_event(Event("done", {"text": reply, **stats}))
+
+    def _generate(self, max_tokens: int, temp: float) -> tuple[str, dict]:
+        tokens = self._prompt_tokens()
+        prefix = self._reuse_cache(tokens)
+        feed, generated, pieces, last = tokens[prefix:], [], [], None
+        self._stop.clear()
+        stopped, checked = False, time.monotonic()
+        for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
+                                    sampler=make_sampler(temp=temp), prompt_cache=self.cache):
+            generated.append(last.token)
+            pieces.append(last.text)
+            self.on_event(Event("token", {"text": last.text}))
+            if self._stop.is_set():
+                stopped = True
+                break
+            if self.pending:
+                self._swap_step()
+            elif self.auto and time.monotonic() - checked >= self.sample_every:
+                checked = time.monotonic()
+                self._maybe_follow_memory(during_generation=True)
+        offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
+        self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
+        while self.pending and not stopped:
+            self._swap_step()
+        stats = {
+            "prompt_tokens": len(feed), "prompt_tps": last.prompt_tps if last else 0.0,
+            "generation_tokens": last.generation_tokens if last else 0,
+            "generation_tps": last.generation_tps if last else 0.0,
+            "peak_memory_gb": mx.get_peak_memory() / 1e9, "stopped": stopped,
+            "bits_per_weight": self.plan.predicted_bits_per_weight if self.plan else None,
+        }
+        return "".join(pieces), stats
+
+    def _prompt_tokens(self) -> list[int]:
+        if self.tokenizer.chat_template:
+            return list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
+        return self.tokenizer.encode("\n".join(m["content"] for m in self.messages))
+
+    def _reuse_cache(self, tokens: list[int]) -> int:
+        """Keep the KV cache of the longest common prefix; return its length."""
+        prefix = 0
+        for a, b in zip(self.cache_tokens, tokens):
+            if a != b:
+                break
+            prefix += 1
+        prefix = min(prefix, len(tokens) - 1)  # at least one token must be fed
+        if self.cache is not None and prefix > 0 and can_trim_prompt_cache(self.cache):
+            trim_prompt_cache(self.cache, len(self.cache_tokens) - prefix)
+            return prefix
+        self.cache = make_prompt_cache(self.model)
+        return 0
+
+    # ---- precision changes ----
+    def _cmd_apply_plan(self, plan: QuantPlan) -> None:
+        changes = {p: c for p, c in plan.modules.items() if self.choices.get(p, False) != c or p not in self.choices}
+        self.plan = plan
+        self.pending = layer_groups(changes)
+        self._swap_report = SwapReport()
+        self._swap_start = time.perf_counter()
+        if not self.pending:
+            self.on_event(Event("swapped", {"changed": 0, "failed": {}, "seconds": 0.0, **self._plan_info()}))
+
+    def _cmd_apply_budget(self, bits_per_weight: float) -> None:
+        if self.planner is None:
+            raise UserError("this session has no planner")
+        self._cmd_apply_plan(self.planner([bits_per_weight])[0])
+        while self.pending:
+            self._swap_step()
+
+    def _swap_step(self) -> None:
+        group = self.pending.pop(0)
+        report = swap_modules(self.model, group, self.weights, self.float32)
+        for path in report.changed:
+            self.choices[path] = group[path]
+        self._swap_report.merge(report)
+        if not self.pending:
+            r = self._swap_report
+            self.on_event(Event("swapped", {"changed": len(r.changed), "failed": r.failed,
+                                            "seconds": time.perf_counter() - self._swap_start, **self._plan_info()}))
+
+    def _plan_info(self) -> dict:
+        return {"method": self.plan.method if self.plan else "source",
+                "bits_per_weight": self.plan.predicted_bits_per_weight if self.plan else None}
+
+    def _maybe_follow_memory(self, during_generation: bool = False) -> None:
+        if not (self.auto and self.sampler and self.policy):
+            return
+        choice = self.policy.decide(self.sampler.sample())
+        if choice is not None:
+            self._cmd_apply_plan(self.policy.plans.plans[choice])
+            if not during_generation:
+                while self.pending:
+                    self._swap_step()
+
+    # ---- everything else ----
+    def _cmd_auto(self, on: bool) -> None:
+        if on and not (self.sampler and self.policy):
+            raise UserError("automatic mode needs a plan set (start with --auto or --memory-trace)")
+        self.auto = on
+        self.on_event(Event("stats", self._stats()))
+
+    def _cmd_stats(self) -> None:
+        self.on_event(Event("stats", self._stats()))
+
+    def _cmd_reset(self) -> None:
+        system = [m for m in self.messages if m["role"] == "system"]
+        self.messages, self.cache, self.cache_tokens = system, None, []
+        self.on_event(Event("stats", self._stats()))
+
+    def _cmd_system(self, text: str) -> None:
+        self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
+        self.on_event(Event("stats", self._stats()))
+
+    def _cmd_evaluate(self, tokens: list[int], seq_len: int = 512) -> None:
+        from lsaq_mlx.perplexity import perplexity
+
+        self.on_event(Event("stats", {"perplexity": perplexity(self.model, tokens, seq_len).to_dict()}))
+
+    def _stats(self) -> dict:
+        sample = self.sampler.sample().to_dict() if self.sampler else {}
+        layers = {}
+        for path, choice in self.choices.items():
+            parts = path.split(".")
+            key = parts[parts.index("layers") + 1] if "layers" in parts else "rest"
+            layers.setdefault(key, set()).add("f16" if choice is False else f"{choice['bits']}/{choice['group_size']}")
+        return {**self._plan_info(), "auto": self.auto, "messages": len(self.messages),
+                "cached_tokens": len(self.cache_tokens), "mlx_active_bytes": mx.get_active_memory(),
+                "mlx_peak_bytes": mx.get_peak_memory(), "memory": sample,
+                "layers": {k: sorted(v) for k, v in layers.items()}, "last_reply": self.last_stats}

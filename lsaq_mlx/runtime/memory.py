@@ -1,0 +1,90 @@
+"""Memory samplers: what the machine has free, how pressed it is, and what MLX holds.
+
+``SystemSampler`` reads the platform's own signals (Linux: /proc/meminfo's MemAvailable
+and /proc/pressure/memory; macOS: psutil's available memory and the kernel's memory
+pressure level), plus MLX's active, peak and cache memory of this process.
+``ScriptedSampler`` replays a trace file, for tests and demos: one sample per line,
+``available`` in bytes or with a unit (``1.5GB``), optionally ``available,pressure``.
+"""
+
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import psutil
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.sizes import parse_size
+
+
+@dataclass
+class MemorySample:
+    available_bytes: int
+    total_bytes: int
+    pressure: str  # "normal" | "warn" | "critical" | "unknown"
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    mlx_cache_bytes: int
+    time: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlx_memory() -> tuple[int, int, int]:
+    return mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory()
+
+
+class SystemSampler:
+    def sample(self) -> MemorySample:
+        vm = psutil.virtual_memory()
+        return MemorySample(vm.available, vm.total, self.pressure(), *_mlx_memory(), time.monotonic())
+
+    @staticmethod
+    def pressure() -> str:
+        if sys.platform == "darwin":
+            try:
+                out = subprocess.run(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"],
+                                     capture_output=True, text=True, timeout=2).stdout.strip()
+                return {"1": "normal", "2": "warn", "4": "critical"}.get(out, "unknown")
+            except (OSError, subprocess.SubprocessError):
+                return "unknown"
+        psi = Path("/proc/pressure/memory")
+        try:
+            some = psi.read_text().splitlines()[0].split()
+            avg10 = float(some[1].split("=")[1])
+        except (OSError, IndexError, ValueError):
+            return "unknown"
+        return "critical" if avg10 >= 10 else "warn" if avg10 >= 1 else "normal"
+
+
+class ScriptedSampler:
+    """Replays a memory trace; after its last line the last sample repeats."""
+
+    def __init__(self, path: Path, total_bytes: int | None = None, step: float = 1.0):
+        self.samples, self.step = [], step  # each sample is ``step`` seconds after the last
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise UserError(f"cannot read the memory trace {path}: {e.strerror}") from None
+        for number, line in enumerate(lines, 1):
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            available, _, pressure = line.partition(",")
+            try:
+                self.samples.append((parse_size(available), pressure.strip() or "normal"))
+            except UserError:
+                raise UserError(f"{path}:{number}: expected 'available[,pressure]', got '{line}'") from None
+        if not self.samples:
+            raise UserError(f"the memory trace {path} has no samples")
+        self.total = total_bytes or psutil.virtual_memory().total
+        self.position = 0
+
+    def sample(self) -> MemorySample:
+        available, pressure = self.samples[min(self.position, len(self.samples) - 1)]
+        self.position += 1
+        return MemorySample(available, self.total, pressure, *_mlx_memory(), self.position * self.step)

@@ -1,0 +1,109 @@
+"""Hot swap: change the precision of some modules of a loaded model, in place.
+
+Each new module is computed from the highest-precision copy on disk (the source model's
+safetensors, read lazily one tensor at a time, never from the current low-bit copy),
+evaluated before it replaces the old one, and the old one's memory is released at once.
+A module that fails keeps its old weights; the failure is reported, the rest goes on.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+
+from lsaq_mlx.compute import dequantize_layers
+
+
+class SourceWeights:
+    """Tensors of a model folder by name, each read from disk only when asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = json.loads(index.read_text())["weight_map"]
+        else:
+            self.files = {name: "model.safetensors" for name in mx.load(str(self.folder / "model.safetensors"))}
+
+    def get(self, name: str) -> mx.array | None:
+        if name not in self.files:
+            return None
+        # mx.load is lazy: only the tensor used is read; the dict is dropped at once
+        return mx.load(str(self.folder / self.files[name]))[name]
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else m[part]
+    return m
+
+
+def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool) -> nn.Module:
+    """The module at ``path`` with precision ``choice``, from the source weights."""
+    w = weights.get(f"{path}.weight")
+    if w is None:
+        raise FileNotFoundError(f"{path}.weight is not in {weights.folder}")
+    bias = weights.get(f"{path}.bias")
+    if isinstance(old, (nn.Embedding, nn.QuantizedEmbedding)):
+        new = nn.Embedding(1, 1)
+    else:
+        new = nn.Linear(1, 1, bias=bias is not None)
+    new.weight = w.astype(mx.float32)
+    if bias is not None:
+        new.bias = bias
+    if choice:
+        new = new.to_quantized(group_size=choice["group_size"], bits=choice["bits"])
+    new.set_dtype(mx.float16)
+    if float32_compute:
+        holder = nn.Module()
+        holder.m = new
+        dequantize_layers(holder)
+        new = holder.m
+        new.set_dtype(mx.float32)
+    mx.eval(new.parameters())
+    return new
+
+
+@dataclass
+class SwapReport:
+    changed: list[str] = field(default_factory=list)
+    failed: dict = field(default_factory=dict)  # path -> message
+    seconds: float = 0.0
+
+    def merge(self, other: "SwapReport") -> None:
+        self.changed += other.changed
+        self.failed |= other.failed
+        self.seconds += other.seconds
+
+
+def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool) -> SwapReport:
+    """Replace every module of ``changes`` (path -> choice) by its new precision."""
+    report, start = SwapReport(), time.perf_counter()
+    for path, choice in changes.items():
+        try:
+            new = build_module(_module(model, path), path, choice, weights, float32_compute)
+        except Exception as e:  # keep the old weights, report, go on
+            report.failed[path] = f"{type(e).__name__}: {e}"
+            continue
+        model.update_modules(tree_unflatten([(path, new)]))
+        del new
+        mx.clear_cache()
+        report.changed.append(path)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def layer_groups(changes: dict) -> list[dict]:
+    """``changes`` split by decoder layer (modules outside layers last), for swapping
+    one layer between two generated tokens."""
+    groups = {}
+    for path, choice in changes.items():
+        parts = path.split(".")
+        key = int(parts[parts.index("layers") + 1]) if "layers" in parts else 1 << 30
+        groups.setdefault(key, {})[path] = choice
+    return [groups[k] for k in sorted(groups)]

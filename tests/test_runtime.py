@@ -1,0 +1,171 @@
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.convert import quantized_model
+from lsaq_mlx.plan import PlanSet
+from lsaq_mlx.planner import Budget, PlanningContext, plan_uniform
+from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
+from lsaq_mlx.runtime.memory import MemorySample
+from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
+from lsaq_mlx.sources import load_model, resolve_model
+from tiny_models import tiny_model, write_gguf
+
+MB = 1 << 20
+
+
+def sample(available: int, t: float, pressure: str = "normal") -> MemorySample:
+    return MemorySample(available, 16 << 30, pressure, 0, 0, 0, t)
+
+
+def plan_set(sizes):
+    """A PlanSet whose plans weigh ``sizes`` bytes (only sizes matter to the policy)."""
+    from lsaq_mlx.plan import QuantPlan
+
+    return PlanSet([QuantPlan("fp", "test", {}, {}, s, 0.0, 1) for s in sizes])
+
+
+def test_policy_downgrades_at_once_and_upgrades_after_the_window():
+    policy = Policy(plan_set([100 * MB, 200 * MB, 300 * MB]), reserve=50 * MB, hysteresis=20 * MB, window=3,
+                    min_interval=0, current=2)
+    assert policy.decide(sample(100 * MB, 0)) is None  # 100 + 300 held - 50 reserve = 350 >= 300
+    assert policy.decide(sample(20 * MB, 1)) == 1  # 20 + 300 - 50 = 270: only 200 fits
+    assert policy.decide(sample(5 * MB, 2)) == 0
+    ups = [policy.decide(sample(400 * MB, t)) for t in range(3, 6)]
+    assert ups == [None, None, 2]  # three samples with room to spare, then the largest plan
+    assert policy.decide(sample(1 << 30, 6, "critical")) == 1  # critical pressure: one step down
+
+
+def test_policy_does_not_oscillate_on_a_noisy_trace():
+    noisy = [int(rng * MB) for rng in np.random.default_rng(0).normal(75, 60, 300)]
+
+    def changes(**options):
+        policy = Policy(plan_set([100 * MB, 200 * MB]), reserve=0, current=1, **options)
+        return sum(policy.decide(sample(a, t)) is not None for t, a in enumerate(noisy))
+
+    assert changes(hysteresis=0, window=1, min_interval=0) > 30  # a naive policy flips back and forth
+    assert 1 <= changes(hysteresis=50 * MB, window=3, min_interval=10) <= 6
+
+
+def test_scripted_sampler_reads_traces(tmp_path):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("# available,pressure\n2GB\n1.5GB,warn\n\n800MB,critical\n")
+    sampler = ScriptedSampler(trace, total_bytes=8 << 30)
+    got = [(s.available_bytes, s.pressure) for s in (sampler.sample() for _ in range(4))]
+    assert got == [(2_000_000_000, "normal"), (1_500_000_000, "warn"), (800_000_000, "critical")] * 1 + [(800_000_000, "critical")]
+    (tmp_path / "bad.txt").write_text("lots\n")
+    from lsaq_mlx.errors import UserError
+
+    with pytest.raises(UserError, match="bad.txt:1"):
+        ScriptedSampler(tmp_path / "bad.txt")
+
+
+@pytest.fixture
+def tiny(tmp_path, empty_cache):
+    write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
+    source = resolve_model(str(tmp_path / "tiny.gguf"))
+    model, _, _ = load_model(source, compute=False)
+    ctx = PlanningContext(model, source.fingerprint)
+    plans = {b: plan_uniform(ctx, None, b, 32) for b in (3, 4, 8)}
+    return source, plans
+
+
+def outputs(model):
+    return np.array(model(mx.array([[1, 5, 9, 200, 42, 7]])))
+
+
+def test_swapped_model_equals_a_model_quantized_directly(tiny):
+    source, plans = tiny
+    model, _ = quantized_model(source, plans[3])
+    prepare_for_compute(model)
+    report = swap_modules(model, plans[8].modules, SourceWeights(source.path), float32_compute=True)
+    assert not report.failed and len(report.changed) == len(plans[8].modules)
+    direct, _ = quantized_model(source, plans[8])
+    prepare_for_compute(direct)
+    np.testing.assert_allclose(outputs(model), outputs(direct), atol=1e-5)
+
+
+def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
+    source, plans = tiny
+    model, _ = quantized_model(source, plans[4])
+    prepare_for_compute(model)
+    before = outputs(model)
+    weights = SourceWeights(source.path)
+    for f in source.path.glob("*.safetensors"):
+        f.rename(f.with_suffix(".moved"))
+    report = swap_modules(model, plans[8].modules, weights, float32_compute=True)
+    assert not report.changed and len(report.failed) == len(plans[8].modules)
+    np.testing.assert_array_equal(outputs(model), before)
+
+
+def engine_for(source, plans, **kwargs):
+    planner = lambda budgets: [plans[int(b)] for b in budgets]
+    return Engine(source, planner, **kwargs).start()
+
+
+def events_until(engine, kind):
+    seen = []
+    while True:
+        event = engine.events.get(timeout=120)
+        seen.append(event)
+        if event.kind in (kind, "error"):
+            return seen
+
+
+def test_engine_chats_swaps_and_keeps_the_conversation(tiny):
+    source, plans = tiny
+    engine = engine_for(source, plans, budget=4)
+    try:
+        assert events_until(engine, "ready")[-1].data["bits_per_weight"] == pytest.approx(plans[4].predicted_bits_per_weight)
+        engine.send("chat", "hello", 6)
+        first = events_until(engine, "done")[-1]
+        assert first.kind == "done" and first.data["generation_tokens"] >= 1
+        engine.send("apply_budget", 8)
+        swapped = events_until(engine, "swapped")[-1]
+        assert swapped.kind == "swapped" and swapped.data["changed"] == len(plans[8].modules)
+        engine.send("chat", "again", 6)
+        second = events_until(engine, "done")[-1]
+        assert second.data["prompt_tokens"] < len(engine.cache_tokens)  # only the new turn was processed
+        assert [m["role"] for m in engine.messages] == ["user", "assistant", "user", "assistant"]
+    finally:
+        engine.shutdown()
+
+
+def test_stop_ends_a_reply_and_the_chat_goes_on(tiny):
+    source, plans = tiny
+    engine = engine_for(source, plans, budget=4)
+    try:
+        events_until(engine, "ready")
+        engine.send("chat", "tell me everything", 400)
+        assert engine.events.get(timeout=120).kind == "token"
+        engine.stop()
+        done = events_until(engine, "done")[-1]
+        assert done.data["stopped"] and done.data["generation_tokens"] < 400
+        engine.send("chat", "and now?", 3)
+        assert events_until(engine, "done")[-1].kind == "done"
+    finally:
+        engine.shutdown()
+
+
+def test_engine_follows_a_memory_trace(tiny, tmp_path):
+    source, plans = tiny
+    sizes = {b: plans[b].predicted_bytes for b in (3, 4, 8)}
+    trace = tmp_path / "trace.txt"
+    reserve = sizes[8] - sizes[3]  # with nothing free, only the smallest plan fits
+    plenty, tight = 10 * sizes[8] + reserve, 0
+    trace.write_text("\n".join([str(plenty)] * 2 + [str(tight)] * 3 + [str(plenty)] * 10) + "\n")
+    sampler = ScriptedSampler(trace, step=1.0)
+    engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=sampler, sample_every=0.05,
+                        policy_options={"reserve": reserve, "hysteresis": 0, "window": 2, "min_interval": 0})
+    try:
+        kinds = []
+        while len([k for k in kinds if k == "swapped"]) < 2:
+            event = engine.events.get(timeout=120)
+            kinds.append(event.kind)
+            if event.kind == "swapped":
+                kinds.append(round(event.data["bits_per_weight"], 3))
+        swaps = [k for k in kinds if isinstance(k, float)]
+        assert swaps == [round(plans[3].predicted_bits_per_weight, 3), round(plans[8].predicted_bits_per_weight, 3)]
+    finally:
+        engine.shutdown()
