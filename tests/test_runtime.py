@@ -169,3 +169,25 @@ def test_engine_follows_a_memory_trace(tiny, tmp_path):
         assert swaps == [round(plans[3].predicted_bits_per_weight, 3), round(plans[8].predicted_bits_per_weight, 3)]
     finally:
         engine.shutdown()
+
+
+def test_scripted_chat_cli(tmp_path, empty_cache):
+    import os
+
+    from cli_run import assert_one_line_error, run_cli
+
+    write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "t.gguf")
+    script = "hello there\n/plan 6\n/layers\nmore please\n/plan nonsense\n/save {}\n/stats\n/quit\nnever sent\n"
+    saved = tmp_path / "conversation.json"
+    out = run_cli("chat", "-m", str(tmp_path / "t.gguf"), "-b", "4", "-n", "5", input=script.format(saved), env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" tok/s · prompt ") == 2
+    import re
+
+    assert re.search(r"\[swapped \d+ modules in [\d.]+ s -> [\d.]+ bits/weight\]", out.stdout)
+    assert "    0: " in out.stdout and "[usage: /plan" in out.stdout
+    import json
+
+    assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant", "user", "assistant"]
+    assert_one_line_error(run_cli("chat", "-m", str(tmp_path / "t.gguf"), "--memory-trace", str(tmp_path / "none.txt"),
+                                  input="", env=dict(os.environ)), "cannot read the memory trace")

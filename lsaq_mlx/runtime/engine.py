@@ -74,6 +74,15 @@ class Engine:
     # ---- the engine thread ----
     def _run(self) -> None:
         try:
+            self._serve()
+        finally:
+            # streams made by this thread (mlx-lm's generation stream) must die with it,
+            # or the process aborts at exit
+            mx.synchronize()
+            mx.clear_streams()
+
+    def _serve(self) -> None:
+        try:
             self._load()
         except Exception as e:  # reported to start()
             self._error = e
@@ -118,7 +127,7 @@ class Engine:
             self.model, self.tokenizer, _ = load_model(self.source)
             self.choices = {}
         self.plan = plan
-        self.weights = SourceWeights(self.source.path)
+        self.weights = None if "quantization" in self._source_config() else SourceWeights(self.source.path)
         self.float32 = compute_mode() == "float32"
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []
@@ -145,6 +154,7 @@ class Engine:
             if self._stop.is_set():
                 stopped = True
                 break
+            self._poll_commands()
             if self.pending:
                 self._swap_step()
             elif self.auto and time.monotonic() - checked >= self.sample_every:
@@ -162,6 +172,27 @@ class Engine:
             "bits_per_weight": self.plan.predicted_bits_per_weight if self.plan else None,
         }
         return "".join(pieces), stats
+
+    def _poll_commands(self) -> None:
+        """While a reply streams: start requested swaps and answer stats at once; keep
+        other commands for after the reply."""
+        later = []
+        while True:
+            try:
+                command, args = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if command in ("apply_plan", "stats", "auto"):
+                    getattr(self, f"_cmd_{command}")(*args)
+                elif command == "apply_budget" and self.planner is not None:
+                    self._cmd_apply_plan(self.planner([args[0]])[0])
+                else:
+                    later.append((command, args))
+            except UserError as e:
+                self.on_event(Event("error", {"message": str(e)}))
+        for item in later:
+            self._commands.put(item)
 
     def _prompt_tokens(self) -> list[int]:
         if self.tokenizer.chat_template:
@@ -183,7 +214,15 @@ class Engine:
         return 0
 
     # ---- precision changes ----
+    def _source_config(self) -> dict:
+        import json
+
+        return json.loads((self.source.path / "config.json").read_text())
+
     def _cmd_apply_plan(self, plan: QuantPlan) -> None:
+        if self.weights is None:
+            raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
+                            "chat with the float source (e.g. --model default -b 4.5) to change plans")
         changes = {p: c for p, c in plan.modules.items() if self.choices.get(p, False) != c or p not in self.choices}
         self.plan = plan
         self.pending = layer_groups(changes)
