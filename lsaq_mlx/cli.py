@@ -288,6 +288,45 @@ def convert(
     err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
 
 
+@app.command("eval")
+def eval_command(
+    model: ModelOption = None,
+    ppl: Annotated[str, typer.Option(help="Perplexity text: wikitext2 (the local WikiText-2 test set), a text file, or none.")] = "wikitext2",
+    tasks: Annotated[str, typer.Option(help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
+    reference: Annotated[Optional[str], typer.Option(help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Perplexity/KL: the first N tokens of the text.")] = 4096,
+    seq_len: Annotated[int, typer.Option(help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
+    limit: Annotated[Optional[int], typer.Option(help="Tasks: at most N items each.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the task files (default: ../shared/data/tasks).")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy."""
+    from lsaq_mlx.evaluation import evaluate
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.tasks import TASKS
+
+    names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    if max_tokens < 2 or seq_len < 2:
+        raise UserError("--max-tokens and --seq-len must be at least 2")
+    result = evaluate(resolve_model(model), None if ppl == "none" else ppl, names,
+                      resolve_model(reference) if reference else None, max_tokens, seq_len, limit, data_dir)
+    if json_out:
+        return emit_json(result.to_dict())
+    if result.perplexity:
+        p = result.perplexity
+        print(f"perplexity {p['perplexity']:.3f} (mean NLL {p['mean_nll']:.4f} ± {p['stderr_nll']:.4f}) on {p['tokens']} "
+              f"tokens of {p['data']}, windows of {p['seq_len']}")
+    if result.divergence:
+        d = result.divergence
+        print(f"KL to {d['reference']}: {d['kl']:.4f} ± {d['kl_stderr']:.4f} nats/token · top-1 agreement {d['top1_agreement']:.3f}")
+    for t in result.tasks:
+        extra = f" · acc_norm {t['acc_norm']:.3f} ± {t['acc_norm_stderr']:.3f}" if t["acc_norm"] is not None else ""
+        extra += f" · perplexity {t['perplexity']:.2f}" if t["perplexity"] is not None else ""
+        skipped = f" ({t['skipped']} malformed rows skipped)" if t["skipped"] else ""
+        print(f"{t['task']}: acc {t['acc']:.3f} ± {t['acc_stderr']:.3f}{extra} on {t['items']} items{skipped}")
+    err(f"{result.wall_seconds:.1f} s")
+
+
 @app.command()
 def chat(
     model: ModelOption = None,

@@ -85,7 +85,7 @@ def peak_memory(model_spec: str, tokens: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--peak-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     reexec_with_fast_blas()

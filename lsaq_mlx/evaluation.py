@@ -1,0 +1,100 @@
+"""``lsaq-mlx eval``: perplexity, KL to a reference, zero-shot tasks -> an ``EvalResult``.
+
+Perplexity uses non-overlapping windows of ``seq_len`` tokens over the first
+``max_tokens`` tokens of the text (each window predicts its tokens 2..n from the ones
+before, within the window). KL divergence and top-1 agreement compare the model's
+next-token distributions with a reference model's on exactly those windows.
+"""
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lsaq_mlx.compute import describe
+from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.perplexity import perplexity
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.tasks import TASKS, load_task
+from lsaq_mlx.zeroshot import evaluate_task
+
+EVAL_VERSION = 1
+DATA_ENV = "LSAQ_MLX_DATA"  # a folder laid out like ../shared/data
+
+
+@dataclass
+class EvalResult:
+    model: str
+    model_fingerprint: str
+    perplexity: dict | None = None
+    divergence: dict | None = None  # vs --reference
+    tasks: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    backend: dict = field(default_factory=dict)
+    version: int = EVAL_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def data_dir() -> Path | None:
+    """``$LSAQ_MLX_DATA``, else ``../shared/data`` from here or from the checkout."""
+    candidates = [os.environ.get(DATA_ENV), "../shared/data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
+
+
+def read_ppl_text(spec: str) -> tuple[str, str]:
+    """``(name, text)`` for ``--ppl``: ``wikitext2`` (the local copy) or a text file."""
+    if spec == "wikitext2":
+        root = data_dir()
+        path = root / "wikitext-2-raw" / "wiki.test.raw" if root else None
+        if path is None or not path.is_file():
+            raise UserError(f"WikiText-2 not found: set {DATA_ENV} to a folder with wikitext-2-raw/wiki.test.raw, "
+                            "or pass --ppl FILE")
+    else:
+        path = Path(spec)
+    try:
+        return str(path), path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--ppl file not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise UserError(f"--ppl {path} is not a UTF-8 text file") from None
+
+
+def evaluate(source: ModelSource, ppl: str | None = "wikitext2", tasks: list[str] = (), reference: ModelSource | None = None,
+             max_tokens: int = 4096, seq_len: int = 512, limit: int | None = None, task_dir: Path | None = None,
+             model=None) -> EvalResult:
+    """Evaluate ``source`` (or an in-memory ``(model, tokenizer)`` made from it)."""
+    start = time.perf_counter()
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise UserError(f"unknown task '{unknown[0]}' (one of {', '.join(TASKS)})")
+    task_root = Path(task_dir) if task_dir else (data_dir() / "tasks" if data_dir() else None)
+    if tasks and (task_root is None or not task_root.is_dir()):
+        raise UserError(f"task folder not found: pass --data-dir (a folder like ../shared/data/tasks) or set {DATA_ENV}")
+    task_data = [load_task(t, task_root, limit) for t in tasks]
+    net, tokenizer = model if model is not None else load_model(source)[:2]
+    result = EvalResult(source.spec or "default", source.fingerprint, backend=describe())
+    if ppl:
+        name, text = read_ppl_text(ppl)
+        tokens = tokenizer.encode(text)[:max_tokens]
+        if len(tokens) < 2:
+            raise UserError(f"{name} has fewer than two tokens")
+        if reference is not None:
+            ref_model, _, _ = load_model(reference)
+            distributions = ReferenceDistributions.compute(ref_model, tokens, seq_len)
+            del ref_model
+            compared = compare_to_reference(net, distributions)
+            result.perplexity = {"data": name, **compared.perplexity.to_dict()}
+            result.divergence = {"reference": reference.spec or "default", "kl": compared.kl,
+                                 "kl_stderr": compared.kl_stderr, "top1_agreement": compared.top1_agreement,
+                                 "tokens": compared.tokens}
+        else:
+            result.perplexity = {"data": name, **perplexity(net, tokens, seq_len).to_dict()}
+    for data in task_data:
+        with progress_bar(data.name, len(data.items)) as advance:
+            result.tasks.append({**evaluate_task(net, tokenizer, data, advance).to_dict(), "files": data.source})
+    result.wall_seconds = time.perf_counter() - start
+    return result
