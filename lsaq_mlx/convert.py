@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir
-from lsaq_mlx.compute import dequantize_layers, describe, prepare_for_compute
+from lsaq_mlx.compute import compute_mode, dequantize_layers, describe
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.plan import QuantPlan
 from lsaq_mlx.sources import ModelSource, load_model
@@ -123,7 +123,10 @@ def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:
     model, tokenizer = load(str(folder))
     bpw = compute_bits_per_weight(model)
     written = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    prepare_for_compute(model)
+    # a few tokens with the quantized kernels (no float copy, so peak memory stays low); on
+    # the CPU with float32 scales, as MLX's float16 quantized CPU kernel is far slower
+    if compute_mode() == "float32":
+        model.set_dtype(mx.float32)
     text = generate(model, tokenizer, SMOKE_PROMPT, max_tokens=smoke_tokens, verbose=False)
     return text, bpw, written
 

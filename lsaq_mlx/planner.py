@@ -171,7 +171,9 @@ def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: 
 
 
 def _uniform_choice(q: QuantModule, bits: int, group_size: int) -> dict | bool:
-    group = group_size if q.cols % group_size == 0 else next((g for g in GROUP_SIZES if q.cols % g == 0), None)
+    """``bits`` at ``group_size``, or the nearest group size that divides the module."""
+    dividing = [g for g in GROUP_SIZES if q.cols % g == 0]
+    group = min(dividing, key=lambda g: (abs(g - group_size), -g), default=None)
     return False if group is None else {"bits": bits, "group_size": group, "mode": "affine"}
 
 

@@ -96,7 +96,7 @@ def main() -> None:
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX CPU backend")
     print(f"model: embedded default (SmolLM2-135M), MLX 4-bit g32, one forward pass of {args.tokens} tokens\n")
-    print(f"| BLAS | float32 GEMM GFLOP/s | quantized kernel s | float32 dequantized s | speed-up | max rel. logit diff |")
+    print("| BLAS | float32 GEMM GFLOP/s | quantized kernel s | float32 dequantized s | speed-up | max rel. logit diff |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(

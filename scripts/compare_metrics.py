@@ -52,7 +52,7 @@ def main() -> None:
         rho = "1 (reference)" if metric == "sensitivity" else f"{spearman(result.scores, reference):.3f}"
         print(f"| {metric} | {rho} | {result.wall_seconds:.1f} s |")
     if args.plot:
-        plot_scores(list(results.values()), args.plot)
+        plot_scores(list(results.values()), args.plot, normalize=True)
         print(f"\nwrote {args.plot}")
 
 

@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
     parser.add_argument("--dq-tokens", type=int, default=2048, help="calibration tokens of dynamic_quant's sensitivities")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     reexec_with_fast_blas()
@@ -116,7 +117,7 @@ def main() -> None:
             plans.append(plan_tiers(ctx, Budget(budget), scores[metric], method, high, low, 64))
         plans.append(plan_uniform(ctx, Budget(budget)))
         dq_high = BITS[BITS.index(low) + 1] if low < 8 else None
-        if dq_high:
+        if dq_high and (not args.methods or "dynamic_quant" in args.methods):
             if (low, dq_high) not in sensitivities:
                 sensitivities[low, dq_high] = dq_sensitivities(source, tokenizer, low, dq_high, args.dq_tokens)
             plans.append(dynamic_quant_plan(ctx, budget, sensitivities[low, dq_high], low, dq_high))
@@ -124,6 +125,8 @@ def main() -> None:
     for recipe in RECIPES:
         plans.append(plan_recipe(ctx, loaded, recipe))
     del loaded
+    if args.methods:
+        plans = [p for p in plans if p.method in args.methods]
 
     rows = []
     for plan in plans:

@@ -6,7 +6,6 @@ import textwrap
 
 import mlx.core as mx
 import mlx.nn as nn
-import pytest
 
 from conftest import shared_file
 from lsaq_mlx.compute import dequantize_layers

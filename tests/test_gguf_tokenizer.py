@@ -8,7 +8,6 @@ on the same files; ``scripts/check_gguf_tokenizers.py`` runs llama.cpp's own tes
 import json
 
 import pytest
-from gguf import GGUFWriter
 from mlx_lm.utils import load_tokenizer
 
 from lsaq_mlx.errors import UserError

@@ -9,7 +9,7 @@ import pytest
 from lsaq_mlx.cost import layer_weights, quantization_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.knapsack import solve_mckp
-from lsaq_mlx.plan import PlanSet, QuantModule, QuantPlan, quantizable_modules
+from lsaq_mlx.plan import PlanSet, QuantModule, QuantPlan
 from lsaq_mlx.planner import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
 from lsaq_mlx.scores import LayerScores
 from tiny_models import tiny_model

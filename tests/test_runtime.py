@@ -5,7 +5,7 @@ import pytest
 from lsaq_mlx.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.plan import PlanSet
-from lsaq_mlx.planner import Budget, PlanningContext, plan_uniform
+from lsaq_mlx.planner import PlanningContext, plan_uniform
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules

@@ -2,9 +2,7 @@ import json
 import shutil
 
 import mlx.core as mx
-import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources import load_model, resolve_model
