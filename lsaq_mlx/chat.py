@@ -104,7 +104,7 @@ class ChatSession:
 
 def _bpw(data: dict) -> str:
     bpw = data.get("bits_per_weight")
-    return f"{bpw:.2f} bits/weight" if bpw else "source precision"
+    return f"{bpw:.2f} bits/weight" if bpw else "bits/weight unknown"
 
 
 def _layers(stats: dict) -> str:

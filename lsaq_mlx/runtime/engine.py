@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from lsaq_mlx.compute import compute_mode, prepare_for_compute
 from lsaq_mlx.errors import UserError
@@ -24,6 +24,9 @@ from lsaq_mlx.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.swap import SourceWeights, SwapReport, layer_groups, swap_modules
 from lsaq_mlx.sources import ModelSource, load_model
+
+
+REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
 
 
 @dataclass
@@ -124,7 +127,11 @@ class Engine:
             prepare_for_compute(self.model)
             self.choices = dict(plan.modules)
         else:
-            self.model, self.tokenizer, _ = load_model(self.source)
+            from mlx_lm.utils import compute_bits_per_weight
+
+            self.model, self.tokenizer, _ = load_model(self.source, compute=False)
+            self.source_bits = compute_bits_per_weight(self.model)
+            prepare_for_compute(self.model)
             self.choices = {}
         self.plan = plan
         self.weights = None if "quantization" in self._source_config() else SourceWeights(self.source.path)
@@ -147,7 +154,8 @@ class Engine:
         self._stop.clear()
         stopped, checked = False, time.monotonic()
         for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
-                                    sampler=make_sampler(temp=temp), prompt_cache=self.cache):
+                                    sampler=make_sampler(temp=temp), prompt_cache=self.cache,
+                                    logits_processors=make_logits_processors(repetition_penalty=REPETITION_PENALTY)):
             generated.append(last.token)
             pieces.append(last.text)
             self.on_event(Event("token", {"text": last.text}))
@@ -169,7 +177,7 @@ class Engine:
             "generation_tokens": last.generation_tokens if last else 0,
             "generation_tps": last.generation_tps if last else 0.0,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "stopped": stopped,
-            "bits_per_weight": self.plan.predicted_bits_per_weight if self.plan else None,
+            "bits_per_weight": self._plan_info()["bits_per_weight"],
         }
         return "".join(pieces), stats
 
@@ -250,8 +258,9 @@ class Engine:
                                             "seconds": time.perf_counter() - self._swap_start, **self._plan_info()}))
 
     def _plan_info(self) -> dict:
-        return {"method": self.plan.method if self.plan else "source",
-                "bits_per_weight": self.plan.predicted_bits_per_weight if self.plan else None}
+        if self.plan:
+            return {"method": self.plan.method, "bits_per_weight": self.plan.predicted_bits_per_weight}
+        return {"method": "as loaded", "bits_per_weight": self.source_bits}
 
     def _maybe_follow_memory(self, during_generation: bool = False) -> None:
         if not (self.auto and self.sampler and self.policy):
