@@ -4,6 +4,7 @@ Gathers what each method needs (the float model, layer scores, the cost model's 
 table, cached by content fingerprint) and calls the planner.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,8 +127,6 @@ def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> 
     key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
     path = cache_dir() / "errors" / f"{key}.json"
     if path.is_file():
-        import json
-
         return json.loads(path.read_text())
     sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
     with progress_bar("Fisher information", FISHER_TOKENS) as advance:
