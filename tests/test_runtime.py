@@ -191,3 +191,44 @@ def test_scripted_chat_cli(tmp_path, empty_cache):
     assert [m["role"] for m in json.loads(saved.read_text())] == ["user", "assistant", "user", "assistant"]
     assert_one_line_error(run_cli("chat", "-m", str(tmp_path / "t.gguf"), "--memory-trace", str(tmp_path / "none.txt"),
                                   input="", env=dict(os.environ)), "cannot read the memory trace")
+
+
+def test_ctrl_c_stops_a_reply_in_the_terminal_chat(tmp_path, empty_cache):
+    """On a terminal: Ctrl-C stops the reply being generated, the chat goes on; /quit leaves."""
+    import os
+    import pty
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "t.gguf")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lsaq_mlx", "chat", "-m", str(tmp_path / "t.gguf"), "-n", "100000"],
+                            stdin=follower, stdout=follower, stderr=follower, env=dict(os.environ))
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 120) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while marker not in seen and time.monotonic() < end:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:
+                    break
+        assert marker in seen, seen[-500:]
+
+    try:
+        read_until(b"> ")
+        os.write(leader, b"tell me a very long story\n")
+        time.sleep(3)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (the pty is not its controlling terminal)
+        read_until(b"stopped]")
+        os.write(leader, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
