@@ -223,7 +223,6 @@ def plan(
 
     request = _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits,
                             group_size, bits, override)
-    request.check()
     plans, _, _ = make_plans(resolve_model(model), request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
     if out:
@@ -271,7 +270,6 @@ def convert(
     else:
         request = _plan_request(method, [bits_budget] if bits_budget else [], memory_budget, context, recipe, scores,
                                 calib, high_bits, low_bits, group_size, bits, override)
-        request.check()
         chosen = make_plans(source, request)[0][0]
     if dry_run:
         if json_out:
