@@ -326,6 +326,40 @@ def eval_command(
 
 
 @app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="A TOML file: [eval] settings and [[grid]] tables of models, methods, budgets (see the README).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which are already done; evaluate nothing.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes."""
+    from lsaq_mlx.sweep import Sweep, SweepSpec, read_results
+
+    runner = Sweep(SweepSpec.load(spec, out))
+    if dry_run:
+        done, _ = read_results(runner.spec.out / "results.jsonl")
+        cells = [{"cell": c.label, "done": done.get(runner.key(c), {}).get("status") == "ok"} for c in runner.spec.cells]
+        if json_out:
+            return emit_json({"out": str(runner.spec.out), "cells": cells})
+        for c in cells:
+            print(f"{'done ' if c['done'] else 'to do'}  {c['cell']}")
+        return
+    summary = runner.run()
+    if runner.ranks.rank != 0:
+        return
+    if json_out:
+        emit_json(summary.to_dict())
+    else:
+        from lsaq_mlx.sweep_report import markdown_table
+
+        print(markdown_table(summary.rows), end="")
+        err(f"{summary.cells} cells ({summary.evaluated} evaluated, {summary.reused} from earlier runs) on "
+            f"{summary.ranks} rank(s) in {summary.wall_seconds:.0f} s; results in {summary.out}")
+    if summary.failed:
+        raise UserError(f"{summary.failed} of {summary.cells} cells failed (see {summary.out / 'results.md'})")
+
+
+@app.command()
 def chat(
     model: ModelOption = None,
     bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")] = None,

@@ -63,32 +63,47 @@ def read_ppl_text(spec: str) -> tuple[str, str]:
         raise UserError(f"--ppl {path} is not a UTF-8 text file") from None
 
 
-def evaluate(source: ModelSource, ppl: str | None = "wikitext2", tasks: list[str] = (), reference: ModelSource | None = None,
-             max_tokens: int = 4096, seq_len: int = 512, limit: int | None = None, task_dir: Path | None = None,
-             model=None) -> EvalResult:
-    """Evaluate ``source`` (or an in-memory ``(model, tokenizer)`` made from it)."""
-    start = time.perf_counter()
+def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: int) -> ReferenceDistributions:
+    ref_model, _, _ = load_model(reference)
+    return ReferenceDistributions.compute(ref_model, tokens, seq_len)
+
+
+def ppl_tokens(tokenizer, ppl: str, max_tokens: int) -> tuple[str, list[int]]:
+    name, text = read_ppl_text(ppl)
+    tokens = tokenizer.encode(text)[:max_tokens]
+    if len(tokens) < 2:
+        raise UserError(f"{name} has fewer than two tokens")
+    return name, tokens
+
+
+def load_tasks(tasks: list[str], limit: int | None, task_dir: Path | None = None) -> list:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise UserError(f"unknown task '{unknown[0]}' (one of {', '.join(TASKS)})")
     task_root = Path(task_dir) if task_dir else (data_dir() / "tasks" if data_dir() else None)
     if tasks and (task_root is None or not task_root.is_dir()):
         raise UserError(f"task folder not found: pass --data-dir (a folder like ../shared/data/tasks) or set {DATA_ENV}")
-    task_data = [load_task(t, task_root, limit) for t in tasks]
+    return [load_task(t, task_root, limit) for t in tasks]
+
+
+def evaluate(source: ModelSource, ppl: str | None = "wikitext2", tasks: list[str] = (), reference: ModelSource | None = None,
+             max_tokens: int = 4096, seq_len: int = 512, limit: int | None = None, task_dir: Path | None = None,
+             model=None, distributions: ReferenceDistributions | None = None) -> EvalResult:
+    """Evaluate ``source`` (or an in-memory ``(model, tokenizer)`` made from it). KL is
+    measured against ``reference``, or against ``distributions`` computed beforehand on
+    the same tokens and windows (what a sweep does once per model)."""
+    start = time.perf_counter()
+    task_data = load_tasks(tasks, limit, task_dir)
     net, tokenizer = model if model is not None else load_model(source)[:2]
     result = EvalResult(source.spec or "default", source.fingerprint, backend=describe())
     if ppl:
-        name, text = read_ppl_text(ppl)
-        tokens = tokenizer.encode(text)[:max_tokens]
-        if len(tokens) < 2:
-            raise UserError(f"{name} has fewer than two tokens")
-        if reference is not None:
-            ref_model, _, _ = load_model(reference)
-            distributions = ReferenceDistributions.compute(ref_model, tokens, seq_len)
-            del ref_model
+        name, tokens = ppl_tokens(tokenizer, ppl, max_tokens)
+        if reference is not None and distributions is None:
+            distributions = reference_distributions(reference, tokens, seq_len)
+        if distributions is not None:
             compared = compare_to_reference(net, distributions)
             result.perplexity = {"data": name, **compared.perplexity.to_dict()}
-            result.divergence = {"reference": reference.spec or "default", "kl": compared.kl,
+            result.divergence = {"reference": (reference.spec or "default") if reference else "given", "kl": compared.kl,
                                  "kl_stderr": compared.kl_stderr, "top1_agreement": compared.top1_agreement,
                                  "tokens": compared.tokens}
         else:

@@ -149,8 +149,9 @@ def _key(choice) -> str:
 
 
 def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: int = 8, low: int = 4,
-               group_size: int = DEFAULT_GROUP_SIZE) -> QuantPlan:
-    """Top-n layers by ``scores`` at ``high`` bits, the rest at ``low``; n as large as fits."""
+               group_size: int = DEFAULT_GROUP_SIZE, low_fraction: float | None = None) -> QuantPlan:
+    """Top-n layers by ``scores`` at ``high`` bits, the rest at ``low``; n as large as fits,
+    or, with ``low_fraction`` (the LSAQ paper's setting), that share of the layers at ``low``."""
     if len(scores.scores) != ctx.n_layers:
         raise UserError(f"the scores have {len(scores.scores)} layers, the model {ctx.n_layers}")
     if high <= low:
@@ -161,11 +162,17 @@ def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: 
         top = set(ranking[:n])
         return {q.path: _uniform_choice(q, high if q.layer in top else low, group_size) for q in ctx.modules}
 
-    limit = ctx.module_budget(budget) + ctx.fixed_params * FLOAT_BYTES
-    fitting = [n for n in range(ctx.n_layers + 1) if ctx.total_bytes(ctx.plan(method, budget, choices_for(n)).modules) <= limit]
-    if not fitting:
-        raise ctx.infeasible(budget, method, choices_for(0), choices_for(ctx.n_layers))
-    n = max(fitting)
+    if low_fraction is not None:
+        if not 0.0 <= low_fraction <= 1.0:
+            raise UserError(f"the share of layers at low bits must be between 0 and 1, not {low_fraction:g}")
+        n = ctx.n_layers - round(low_fraction * ctx.n_layers)
+    else:
+        limit = ctx.module_budget(budget) + ctx.fixed_params * FLOAT_BYTES
+        fitting = [n for n in range(ctx.n_layers + 1)
+                   if ctx.total_bytes(ctx.plan(method, budget, choices_for(n)).modules) <= limit]
+        if not fitting:
+            raise ctx.infeasible(budget, method, choices_for(0), choices_for(ctx.n_layers))
+        n = max(fitting)
     details = {"high_bits": high, "low_bits": low, "group_size": group_size, "high_layers": sorted(ranking[:n])}
     return ctx.plan(method, budget, choices_for(n), scores, details)
 

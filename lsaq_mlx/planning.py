@@ -54,6 +54,7 @@ class PlanRequest:
     group_size: int | None = None
     bits: int | None = None  # uniform: a fixed bit width
     overrides: list[str] = field(default_factory=list)
+    low_fraction: float | None = None  # tiers: this share of the layers at low bits, instead of a budget
 
     def check(self) -> None:
         if self.recipe is None and self.method not in METHODS:
@@ -61,7 +62,10 @@ class PlanRequest:
         if self.recipe is not None and self.recipe not in RECIPES:
             raise UserError(f"unknown recipe '{self.recipe}' (one of {', '.join(RECIPES)})")
         budgets = bool(self.bits_budgets) + bool(self.memory_budget)
-        if self.recipe is None and budgets != 1 and not (self.method == "uniform" and self.bits and not budgets):
+        if self.low_fraction is not None and (self.method not in TIER_METRICS or budgets):
+            raise UserError("a share of layers at low bits goes with a tiers method and no budget")
+        fixed = self.method == "uniform" and self.bits or self.low_fraction is not None
+        if self.recipe is None and budgets != 1 and not (fixed and not budgets):
             raise UserError("give a budget: --bits-budget B (repeatable) or --memory-budget SIZE")
         for b in self.bits_budgets:
             if not 1.0 <= b <= 32.0:
@@ -105,7 +109,7 @@ def make_plans(source: ModelSource, request: PlanRequest):
     if request.method in TIER_METRICS:
         scores = _scores(source, request, TIER_METRICS[request.method], (model, tokenizer))
         return [plan_tiers(ctx, b, scores, request.method, request.high_bits, request.low_bits,
-                           request.group_size or 64) for b in budgets], model, config
+                           request.group_size or 64, request.low_fraction) for b in budgets or [Budget()]], model, config
     errors = _error_table(source, model, tokenizer, ctx, request.calib)
     scores = _scores(source, request, "jaccard", (model, tokenizer)) if cost.IMPORTANCE_POWER else None
     weights = layer_weights(scores.scores if scores else None, ctx.modules)
