@@ -32,22 +32,33 @@ class TaskResult:
         return asdict(self)
 
 
-def continuation_logprobs(model, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
-    """Sum of log-probabilities of the continuation's tokens, and whether each was the
-    model's greedy choice."""
+def _tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """The tokens of context + continuation and where the continuation starts."""
     whole = tokenizer.encode(context + continuation, add_special_tokens=False)
-    n_context = len(tokenizer.encode(context, add_special_tokens=False))
-    n_context = min(n_context, len(whole) - 1)
+    n_context = min(len(tokenizer.encode(context, add_special_tokens=False)), len(whole) - 1)
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None and n_context == 0 else []
-    tokens = bos + whole
-    start = n_context + len(bos)
-    logits = model(mx.array(tokens[:-1])[None])[0, start - 1 :].astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    targets = mx.array(tokens[start:])
-    picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
-    greedy = (mx.argmax(logprobs, axis=-1) == targets).all()
-    mx.eval(picked, greedy)
-    return picked.sum().item(), bool(greedy.item())
+    return bos + whole, n_context + len(bos)
+
+
+def choice_logprobs(model, tokenizer, contexts: list[str], continuations: list[str]) -> list[tuple[float, bool]]:
+    """For each (context, continuation): the sum of the continuation's token log-probabilities
+    and whether each of its tokens was the greedy choice. All choices of an item go through
+    the model as one batch, right-padded: under the causal mask padding after a sequence
+    cannot change its logits."""
+    encoded = [_tokens(tokenizer, c, x) for c, x in zip(contexts, continuations)]
+    longest = max(len(t) for t, _ in encoded)
+    batch = mx.array([t[:-1] + [0] * (longest - len(t)) for t, _ in encoded])
+    logits = model(batch)
+    results = []
+    for row, (tokens, start) in enumerate(encoded):
+        scores = logits[row, start - 1 : len(tokens) - 1].astype(mx.float32)
+        logprobs = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+        targets = mx.array(tokens[start:])
+        picked = mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+        greedy = (mx.argmax(logprobs, axis=-1) == targets).all()
+        mx.eval(picked, greedy)
+        results.append((picked.sum().item(), bool(greedy.item())))
+    return results
 
 
 def _stderr(values: list[float]) -> float:
@@ -57,7 +68,7 @@ def _stderr(values: list[float]) -> float:
 def evaluate_task(model, tokenizer, task: TaskData, progress=None) -> TaskResult:
     acc, acc_norm, nll = [], [], []
     for item in task.items:
-        scored = [continuation_logprobs(model, tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
+        scored = choice_logprobs(model, tokenizer, item.contexts, item.continuations)
         if task.name == "lambada":
             logprob, greedy = scored[0]
             acc.append(float(greedy))

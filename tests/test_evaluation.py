@@ -10,7 +10,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation import evaluate
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.tasks import load_task
-from lsaq_mlx.zeroshot import continuation_logprobs, evaluate_task
+from lsaq_mlx.zeroshot import choice_logprobs, evaluate_task
 from tiny_models import tiny_model, write_gguf
 
 
@@ -52,7 +52,8 @@ def test_items_are_scored_like_the_harness(tiny, tmp_path):
     expected_acc, expected_norm = [], []
     for item in piqa.items:
         sums = [by_hand(model, tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
-        assert continuation_logprobs(model, tokenizer, item.contexts[0], item.continuations[0])[0] == pytest.approx(sums[0], rel=1e-4)
+        batched = [s for s, _ in choice_logprobs(model, tokenizer, item.contexts, item.continuations)]
+        assert batched == pytest.approx(sums, rel=1e-4)  # choices of different lengths, padded in one batch
         expected_acc.append(max(range(2), key=lambda i: sums[i]) == item.gold)
         norms = [s / len(x.encode()) for s, x in zip(sums, item.continuations)]
         expected_norm.append(max(range(2), key=lambda i: norms[i]) == item.gold)
@@ -81,6 +82,25 @@ def test_eval_perplexity_matches_mlx_lm_and_self_kl_is_zero(tiny, tmp_path):
         total -= sum(lp[i, w[i + 1]].item() for i in range(len(w) - 1))
         count += len(w) - 1
     assert result.perplexity["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)
+
+
+def test_eval_of_a_converted_model_matches_mlx_lm_perplexity(tiny, tmp_path):
+    from mlx_lm import load
+    from mlx_lm.perplexity import eval_ppl
+
+    from lsaq_mlx.convert import convert
+    from lsaq_mlx.planner import PlanningContext, plan_uniform
+
+    model, _, _ = load_model(tiny, compute=False)
+    convert(tiny, plan_uniform(PlanningContext(model, tiny.fingerprint), None, 4, 32), tmp_path / "q4")
+    text = tmp_path / "text.txt"
+    text.write_text("A bird in the hand is worth two in the bush, said the fox to the hen. " * 40)
+    ours = evaluate(resolve_model(str(tmp_path / "q4")), str(text), max_tokens=512, seq_len=128)
+    quantized, tokenizer = load(str(tmp_path / "q4"))  # mlx-lm's own model: quantized kernels, float16 scales
+    data = mx.array(tokenizer.encode(text.read_text())[:512]).reshape(-1, 128)
+    theirs, _ = eval_ppl(quantized, data, batch_size=2)
+    assert ours.perplexity["tokens"] == 4 * 127
+    assert ours.perplexity["perplexity"] == pytest.approx(theirs, rel=1e-3)
 
 
 def test_eval_errors(tiny, tmp_path):
