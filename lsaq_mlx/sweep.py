@@ -207,7 +207,9 @@ class Sweep:
         if ranks.rank == 0:
             from lsaq_mlx.sweep_report import write_report
 
-            write_rows(spec.out / "results.jsonl", ordered + [r for k, r in rows.items() if k not in set(keys)])
+            known = set(keys)
+            others = [r for k, r in rows.items() if k not in known]  # cells of earlier specs stay cached
+            write_rows(spec.out / "results.jsonl", ordered + others)
             write_report(ordered, spec.out)
         failed = sum(r["status"] != "ok" for r in ordered)
         return SweepSummary(spec.out, len(spec.cells), len(pending), len(spec.cells) - len(pending), failed,

@@ -4,15 +4,17 @@
 
 1. A full swap between the --low and --high lsaq plans, and its time per layer;
 2. MLX active memory after a swap vs a fresh load of the target plan (target: within 5 %);
-3. --swaps alternating swaps while generating (one layer between tokens): active memory
-   at the end vs the start (target: no growth);
+3. --swaps alternating full swaps while generating (a whole plan between two tokens):
+   active memory at the end vs a fresh load of the same plan (target: no growth);
 4. greedy output after swapping to a plan vs a model converted straight to that plan
    (target: identical);
 5. generation tokens/s through the engine vs mlx_lm.stream_generate on the same model
    (target: >= 0.95x).
-Memory is measured with MLX's quantized kernels (LSAQ_MLX_COMPUTE=quantized, the
-weights stay quantized as on Apple silicon); the speed comparison uses this machine's
-compute mode for both sides.
+(Output during a swap: scripts/swap_coherence.py.)
+1, 2 and 4 are measured with MLX's quantized kernels (LSAQ_MLX_COMPUTE=quantized, the
+weights stay quantized as on Apple silicon); 3 and 5 in this machine's compute mode
+(on the CPU backend: dequantized float32, where MLX's quantized kernel would take seconds
+per token), the same mode on both sides of every comparison.
 """
 
 import argparse
@@ -85,31 +87,40 @@ def main() -> None:
     rows.append(("greedy output after swapping vs converted directly", "identical" if swapped_out == direct_out
                  else f"differs: {swapped_out[:60]!r} vs {direct_out[:60]!r}", "identical"))
 
-    model = fresh(low)
+    # 3-6 in this machine's compute mode
+    os.environ.pop(compute.COMPUTE_ENV)
+    float32 = compute.compute_mode() == "float32"
+
+    def fresh_compute(plan):
+        return compute.prepare_for_compute(fresh(plan))
+
+    model = fresh_compute(low)
     mx.clear_cache()
     start_active, plans, current = mx.get_active_memory(), [high, low], dict(low.modules)
+    swap_seconds = []
     for i, _ in enumerate(stream_generate(model, tokenizer, mx.array(prompt), max_tokens=args.swaps + 1,
                                           sampler=make_sampler(temp=0.0))):
         if i == args.swaps:
             break
         target = plans[i % 2]  # a whole plan between two tokens
-        swap_modules(model, {p: c for p, c in target.modules.items() if current[p] != c}, weights, False)
+        swap_seconds.append(swap_modules(model, {p: c for p, c in target.modules.items() if current[p] != c},
+                                         weights, float32).seconds)
         current = dict(target.modules)
     mx.clear_cache()
     end_active = mx.get_active_memory()
     final = plans[(args.swaps - 1) % 2]
     del model
     mx.clear_cache()
-    reference = fresh(final)
+    reference = fresh_compute(final)
     ref_active = mx.get_active_memory()
     del reference
-    rows.append((f"{args.swaps} alternating full swaps between generated tokens",
+    mx.clear_cache()
+    rows.append((f"{args.swaps} alternating full swaps between generated tokens ({compute.compute_mode()} compute, "
+                 f"{sum(swap_seconds):.0f} s of swaps)",
                  f"{end_active / 1e6:.1f} MB at the end vs {ref_active / 1e6:.1f} MB for a fresh load of the same plan "
                  f"({end_active / ref_active:.3f}); {start_active / 1e6:.1f} MB at the start ({args.low} bpw)", "no growth"))
 
-    # 5: speed, in this machine's compute mode
-    os.environ.pop(compute.COMPUTE_ENV)
-    mx.clear_cache()
+    # 5: speed
     plain = fresh(high)
     compute.prepare_for_compute(plain)
     tps = []
@@ -117,17 +128,11 @@ def main() -> None:
         tps.append(r.generation_tps)
     del plain
     mx.clear_cache()
-    engine = Engine(source, lambda bs: [high], budget=args.high).start()
-    try:
-        engine.events.get()
-        engine.send("chat", "Tell me about the history of Paris.", args.tokens)
-        while (event := engine.events.get()).kind != "done":
-            pass
-        ours = event.data["generation_tps"]
-    finally:
-        engine.shutdown()
+    by_budget = {args.low: low, args.high: high}
+    ours, _ = engine_reply(Engine, source, by_budget, args.high, args.tokens)
     rows.append((f"generation tok/s, {args.tokens} tokens, {compute.compute_mode()} compute",
-                 f"engine {ours:.1f} vs mlx_lm.stream_generate {tps[-1]:.1f} = {ours / tps[-1]:.2f}x", ">= 0.95x"))
+                 f"engine {ours['generation_tps']:.1f} vs mlx_lm.stream_generate {tps[-1]:.1f} = "
+                 f"{ours['generation_tps'] / tps[-1]:.2f}x", ">= 0.95x"))
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX {mx.__version__} "
           f"{mx.default_device()}; model {args.model}; plans lsaq {args.low} / {args.high} bpw\n")
@@ -135,6 +140,32 @@ def main() -> None:
     print("|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def engine_reply(Engine, source, plans: dict, budget: float, tokens: int, swap_to: float | None = None,
+                 prompt: str = "Tell me about the history of Paris."):
+    """A greedy reply from an engine that starts at ``budget``; with ``swap_to``, that plan is
+    requested after the first token, so the engine swaps one layer per token while replying."""
+    engine = Engine(source, lambda bs: [plans[b] for b in bs], budget=budget).start()
+    swapped, requested = None, swap_to is not None
+    try:
+        engine.events.get()
+        engine.send("chat", prompt, tokens)
+        while (event := engine.events.get()).kind != "done":
+            if event.kind == "token" and swap_to is not None:
+                engine.send("apply_budget", swap_to)
+                swap_to = None
+            elif event.kind == "swapped":
+                swapped = event.data
+            elif event.kind == "error":
+                raise RuntimeError(event.data["message"])
+        done = event
+        while requested and swapped is None:  # swaps left at the end of the reply finish after it
+            if (event := engine.events.get()).kind == "swapped":
+                swapped = event.data
+    finally:
+        engine.shutdown()
+    return done.data, swapped
 
 
 def greedy(model, tokenizer, prompt, n, stream_generate, make_sampler) -> str:
