@@ -1,4 +1,4 @@
-"""The cache folder, content fingerprints and atomic writes of folders."""
+"""The cache folder, content fingerprints and atomic writes of files and folders."""
 
 import hashlib
 import json
@@ -85,3 +85,22 @@ def atomic_dir(target: Path, force: bool = False):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: Path):
+    """Yield a temporary path beside ``target``; on success it replaces ``target``.
+
+    On any exception the temporary file is removed, so a half-written file never
+    appears under the target name.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -17,7 +17,12 @@ import typer
 from lsaq_mlx import __version__
 from lsaq_mlx.blas import reexec_with_fast_blas
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scores import DEFAULT_SEQ_LEN, DEFAULT_TOKENS, DEFAULT_TOP_K
+from lsaq_mlx.scores import (
+    DEFAULT_SEQ_LEN,
+    DEFAULT_STRIDE,
+    DEFAULT_TOKENS,
+    DEFAULT_TOP_K,
+)
 
 app = typer.Typer(
     name="lsaq-mlx",
@@ -34,7 +39,7 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | Hugging Face id",
+        help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | model.lsaqpack | Hugging Face id",
         show_default=False,
     ),
 ]
@@ -129,7 +134,7 @@ def score(
     tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_TOKENS,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = DEFAULT_SEQ_LEN,
     top_k: Annotated[int, typer.Option(help="jaccard: size of each top-k token set.")] = DEFAULT_TOP_K,
-    stride: Annotated[int, typer.Option(help="Lens every stride-th position only.")] = 1,
+    stride: Annotated[Optional[int], typer.Option(help=f"Use every stride-th position only (default: {DEFAULT_STRIDE} for jaccard, chosen by scripts/stability_study.py; 1 for cosine).")] = None,
     sets: Annotated[str, typer.Option(help="jaccard: 'position' (a set per position) or 'sequence' (the union over a sequence).")] = "position",
     seed: Annotated[int, typer.Option(help="random: the seed.")] = 0,
     bits: Annotated[int, typer.Option(help="sensitivity: the bit width a layer is quantized to.")] = 3,
@@ -184,17 +189,19 @@ HighBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the important 
 LowBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the other layers, embeddings and LM head.")]
 GroupSizeOption = Annotated[Optional[int], typer.Option(help="Tiers/uniform/recipe: group size (default 64).")]
 UniformBitsOption = Annotated[Optional[int], typer.Option(help="Uniform: this bit width (no budget needed).")]
-OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP] or REGEX=keep (repeatable).")]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
+CodecsOption = Annotated[str, typer.Option(help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
 ContextOption = Annotated[int, typer.Option(help="Tokens of KV cache a --memory-budget reserves.")]
 MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on importance x quantization error) | lsaq-tiers | tiers-cosine | tiers-zscore | tiers-random | uniform")]
 
 
 def _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits, group_size,
-                  bits, override):
+                  bits, override, codecs="affine"):
     from lsaq_mlx.planning import PlanRequest
 
     return PlanRequest(method, list(bits_budget or []), memory_budget, context, recipe, scores, calib, high_bits,
-                       low_bits, group_size, bits, list(override or []))
+                       low_bits, group_size, bits, list(override or []),
+                       codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()))
 
 
 @app.command()
@@ -211,6 +218,7 @@ def plan(
     group_size: GroupSizeOption = None,
     bits: UniformBitsOption = None,
     override: OverrideOption = None,
+    codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
     json_out: JsonOption = False,
@@ -222,7 +230,7 @@ def plan(
     from lsaq_mlx.sources import resolve_model
 
     request = _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits,
-                            group_size, bits, override)
+                            group_size, bits, override, codecs)
     plans, _, _ = make_plans(resolve_model(model), request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
     if out:
@@ -249,13 +257,14 @@ def convert(
     group_size: GroupSizeOption = None,
     bits: UniformBitsOption = None,
     override: OverrideOption = None,
+    codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write (default: <model>-lsaq-<budget>).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json)."""
+    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads."""
     from lsaq_mlx.convert import convert as write_model
     from lsaq_mlx.plan import QuantPlan
     from lsaq_mlx.plan_view import print_plan
@@ -267,9 +276,12 @@ def convert(
         chosen = QuantPlan.load(plan_file)
         if chosen.model_fingerprint != source.fingerprint:
             raise UserError(f"{plan_file} is a plan for another model (fingerprint {chosen.model_fingerprint})")
+        if chosen.swsc_modules() and "swsc" not in codecs:
+            raise UserError(f"{plan_file} gives {len(chosen.swsc_modules())} modules to SWSC, which stock mlx-lm "
+                            "cannot open: add --codecs affine,swsc")
     else:
         request = _plan_request(method, [bits_budget] if bits_budget else [], memory_budget, context, recipe, scores,
-                                calib, high_bits, low_bits, group_size, bits, override)
+                                calib, high_bits, low_bits, group_size, bits, override, codecs)
         chosen = make_plans(source, request)[0][0]
     if dry_run:
         if json_out:
@@ -284,6 +296,44 @@ def convert(
     err(f"wrote {target}: {report.bits_per_weight:.3f} bits per weight, {report.written_bytes / 1e6:.1f} MB, "
         f"{report.wall_seconds:.1f} s, peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
     err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
+
+
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+
+
+@app.command()
+def pack(
+    folder: Annotated[Path, typer.Argument(help="A model folder (e.g. written by convert).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Pack file to write (default: <folder>.lsaqpack).")] = None,
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Compress a model folder into one file, exactly lossless; --model accepts the file as it is."""
+    from lsaq_mlx.storage.model_pack import pack_model
+
+    target = out or folder.with_name(folder.name + ".lsaqpack")
+    report = pack_model(folder, target, force=force)
+    if json_out:
+        return emit_json(report)
+    err(f"wrote {target}: {report['raw_bytes'] / 1e6:.1f} MB -> {report['packed_bytes'] / 1e6:.1f} MB "
+        f"({report['ratio']:.3f}x), {report['files']} files, {report['seconds']:.1f} s")
+
+
+@app.command()
+def unpack(
+    pack_file: Annotated[Path, typer.Argument(help="A file written by pack.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write (default: the file's name without .lsaqpack).")] = None,
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Restore the model folder a pack holds, byte for byte (every file's SHA-256 is checked)."""
+    from lsaq_mlx.storage.model_pack import unpack_model
+
+    target = out or pack_file.with_name(pack_file.stem if pack_file.suffix == ".lsaqpack" else pack_file.name + ".unpacked")
+    report = unpack_model(pack_file, target, force=force)
+    if json_out:
+        return emit_json(report)
+    err(f"wrote {target}: {report['files']} files, {report['raw_bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s")
 
 
 @app.command("eval")
@@ -359,41 +409,100 @@ def sweep(
         raise UserError(f"{summary.failed} of {summary.cells} cells failed (see {summary.out / 'results.md'})")
 
 
-@app.command()
-def chat(
-    model: ModelOption = None,
-    bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")] = None,
-    auto: Annotated[bool, typer.Option("--auto", help="Follow this machine's memory: swap between plans of --budgets.")] = False,
-    memory_trace: Annotated[Optional[Path], typer.Option(help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")] = None,
-    budgets: Annotated[str, typer.Option(help="Automatic mode: the plans' bits per weight.")] = "3,3.5,4,4.5,5,6",
-    method: MethodOption = "lsaq",
-    reserve: Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")] = "512MB",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")] = 512,
-    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-) -> None:
-    """Chat with a model that adapts its precision to memory; /help lists the commands.
+StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")]
+AutoOption = Annotated[bool, typer.Option("--auto", help="Follow this machine's memory: swap between plans of --budgets.")]
+TraceOption = Annotated[Optional[Path], typer.Option(help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")]
+BudgetsOption = Annotated[str, typer.Option(help="Automatic mode: the plans' bits per weight.")]
+ReserveOption = Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")]
+SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.")]
 
-    With standard input not a terminal, reads one message or /command per line (scripted)."""
-    from lsaq_mlx.chat import run_chat
+
+def _runtime_engine(source, bits_budget, auto, memory_trace, budgets, method, reserve, **options):
+    """An engine (not started) for chat and tui: a planner for ``method``, the PlanSet of
+    ``budgets`` in automatic mode, the system's memory or a replayed trace."""
     from lsaq_mlx.planning import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine, ScriptedSampler, SystemSampler
     from lsaq_mlx.sizes import parse_size
-    from lsaq_mlx.sources import resolve_model
 
-    source = resolve_model(model)
     try:
         auto_budgets = [float(b) for b in budgets.split(",")] if (auto or memory_trace) else []
     except ValueError:
         raise UserError(f"--budgets must be numbers separated by commas, got '{budgets}'") from None
     sampler = ScriptedSampler(memory_trace) if memory_trace else SystemSampler()
     planner = lambda bs: make_plans(source, PlanRequest(method, list(bs)))[0]
-    engine = Engine(source, planner, bits_budget, auto_budgets, sampler, {"reserve": parse_size(reserve)}).start()
+    return Engine(source, planner, bits_budget, auto_budgets, sampler, {"reserve": parse_size(reserve)}, **options)
+
+
+@app.command()
+def chat(
+    model: ModelOption = None,
+    bits_budget: StartBudgetOption = None,
+    auto: AutoOption = False,
+    memory_trace: TraceOption = None,
+    budgets: BudgetsOption = "3,3.5,4,4.5,5,6",
+    method: MethodOption = "lsaq",
+    reserve: ReserveOption = "512MB",
+    max_tokens: MaxTokensOption = 512,
+    system: SystemOption = None,
+    layer_store: Annotated[bool, typer.Option("--layer-store", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
+) -> None:
+    """Chat with a model that adapts its precision to memory; /help lists the commands.
+
+    With standard input not a terminal, reads one message or /command per line (scripted)."""
+    from lsaq_mlx.chat import run_chat
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(model)
+    engine = _runtime_engine(source, bits_budget, auto, memory_trace, budgets, method, reserve,
+                             layer_store=layer_store).start()
     try:
         if system:
             engine.send("system", system)
         run_chat(engine, max_tokens)
     finally:
         engine.shutdown()
+
+
+@app.command()
+def tui(
+    model: ModelOption = None,
+    bits_budget: StartBudgetOption = None,
+    auto: AutoOption = False,
+    memory_trace: TraceOption = None,
+    budgets: BudgetsOption = "3,3.5,4,4.5,5,6",
+    method: MethodOption = "lsaq",
+    reserve: ReserveOption = "512MB",
+    max_tokens: MaxTokensOption = 512,
+    system: SystemOption = None,
+    importance: Annotated[str, typer.Option(help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
+) -> None:
+    """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands)."""
+    from lsaq_mlx.scoring import ScoreOptions, score
+    from lsaq_mlx.sources import resolve_model
+
+    if importance not in ("jaccard", "cosine", "zscore", "none"):
+        raise UserError(f"--importance must be jaccard, cosine, zscore or none, got '{importance}'")
+    source = resolve_model(model)
+
+    def layer_importance() -> dict:
+        scores = score(source, ScoreOptions(importance))
+        return {"metric": scores.metric, "scores": scores.scores}
+
+    engine = _runtime_engine(source, bits_budget, auto, memory_trace, budgets, method, reserve, memory_events=True,
+                             importance=None if importance == "none" else layer_importance)
+    from tui.app import LsaqApp
+
+    name = "SmolLM2-135M-Instruct (default)" if source.kind == "default" else Path(source.origin).name
+    ui = LsaqApp(engine.start(), name, max_tokens)
+    try:
+        if system:
+            engine.send("system", system)
+        ui.run()
+    finally:
+        engine.shutdown()
+    if ui.error:
+        raise UserError(ui.error)
 
 
 def main() -> None:

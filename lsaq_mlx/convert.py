@@ -8,6 +8,10 @@ source's float32 copy with float16 scales and biases; other float tensors become
 float16. The source is read lazily and each shard is computed as it is saved, so peak
 memory stays near one copy of the source. The folder is built beside the target and
 renamed into place only when complete.
+
+A plan that gives modules to the SWSC codec (``--codecs affine,swsc``) compresses them
+here (k-means and SVD, one module at a time) and writes them to ``swsc.safetensors``
+(``lsaq_mlx.swsc.format``): such a folder opens with lsaq-mlx, not with stock mlx-lm.
 """
 
 import json
@@ -27,7 +31,10 @@ from lsaq_mlx.cache import atomic_dir
 from lsaq_mlx.compute import compute_mode, dequantize_layers, describe
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.plan import QuantPlan
+from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.swsc.format import is_swsc_folder, load_swsc_folder, take_swsc_layers, write_swsc
+from lsaq_mlx.swsc.layer import model_bits_per_weight, swsc_layers
 
 SMOKE_PROMPT = "The capital of France is"
 _NOT_COPIED = {"model.safetensors.index.json", "config.json", "lsaq_plan.json", "lsaq_report.json"}
@@ -42,7 +49,7 @@ class ConvertReport:
     method: str
     predicted_bytes: int
     written_bytes: int
-    bits_per_weight: float  # mlx-lm's compute_bits_per_weight of the written model
+    bits_per_weight: float  # mlx-lm's compute_bits_per_weight of the written model (SWSC layers counted as their matrix)
     budget: dict
     wall_seconds: float
     peak_memory_bytes: int  # MLX's peak allocation during the conversion
@@ -84,12 +91,17 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
 
 def quantized_model(source: ModelSource, plan: QuantPlan):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
-    computed until the weights are used or saved); float16 outside quantized weights."""
+    computed until the weights are used or saved; SWSC modules are compressed now);
+    float16 outside quantized weights."""
     model, _, config = load_model(source, compute=False, lazy=True)
     dequantize_layers(model)
     model.set_dtype(mx.float32)
     _check_plan_matches(plan, model)
-    nn.quantize(model, class_predicate=lambda path, m: plan.modules.get(path, False))
+    swsc = plan.swsc_modules()
+    nn.quantize(model, class_predicate=lambda path, m: path not in swsc and plan.modules.get(path, False))
+    if swsc:
+        with progress_bar("SWSC compression", len(swsc)) as advance:
+            swsc_layers(model, swsc, advance)
     model.set_dtype(mx.float16)
     return model, config
 
@@ -104,10 +116,13 @@ def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
 def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: ModelSource, folder: Path) -> None:
     from mlx_lm.utils import save_config, save_model
 
+    swsc_tensors, swsc_modules = take_swsc_layers(model)
     save_model(folder, model, donate_model=True)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["quantization"] = plan.quantization_config()
     config["torch_dtype"] = "float16"
+    if swsc_modules:
+        config = write_swsc(folder, swsc_tensors, swsc_modules, config)
     save_config(config, folder / "config.json")
     for f in source.path.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
@@ -116,12 +131,13 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
 
 
 def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:
-    """Open the folder with mlx-lm exactly as a user would, measure it, generate a little."""
+    """Open the folder with mlx-lm exactly as a user would (with lsaq-mlx when it holds
+    SWSC layers), measure it, generate a little."""
     from mlx_lm import generate
-    from mlx_lm.utils import compute_bits_per_weight, load
+    from mlx_lm.utils import load
 
-    model, tokenizer = load(str(folder))
-    bpw = compute_bits_per_weight(model)
+    model, tokenizer = load_swsc_folder(folder)[:2] if is_swsc_folder(folder) else load(str(folder))
+    bpw = model_bits_per_weight(model)
     written = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     # a few tokens with the quantized kernels (no float copy, so peak memory stays low); on
     # the CPU with float32 scales, as MLX's float16 quantized CPU kernel is far slower

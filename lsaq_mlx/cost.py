@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from lsaq_mlx.plan import QuantModule
+from lsaq_mlx.swsc.codec import SWSCSettings, compress
 
 # Weighting layers by their jaccard importance on top of the Fisher made plans worse on
 # SmolLM2 (KL at 4.0 bits per weight: 0.69 with power 0, 1.00 with 1, 1.21 with 2; see
@@ -48,6 +49,23 @@ def quantization_errors(model: nn.Module, modules: list[QuantModule], fisher: di
             errs.append((f * diff * diff).sum())
         mx.eval(errs)
         table[q.path] = [e.item() for e in errs]
+        if progress:
+            progress(1)
+    return table
+
+
+def swsc_errors(model: nn.Module, options: dict, fisher: dict | None = None, progress=None) -> dict:
+    """``{path: [err of each SWSC choice of options[path]]}``: the same Fisher-weighted
+    squared error, of the matrix each SWSC setting reconstructs (k-means and SVD run)."""
+    table = {}
+    for path, choices in options.items():
+        w = _module(model, path).weight.astype(mx.float32)
+        f = fisher[path] if fisher else mx.ones_like(w)
+        errs = []
+        for choice in choices:
+            diff = w - compress(w, SWSCSettings.from_choice(choice)).dense()
+            errs.append((f * diff * diff).sum().item())
+        table[path] = errs
         if progress:
             progress(1)
     return table

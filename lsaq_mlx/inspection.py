@@ -7,9 +7,9 @@ from pathlib import Path
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import compute_bits_per_weight
 
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.swsc.layer import SWSCLinear, model_bits_per_weight
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -20,6 +20,9 @@ def module_kind(path: str) -> str:
 
 
 def module_precision(module: nn.Module) -> dict:
+    if isinstance(module, SWSCLinear):
+        s = module.settings
+        return {"codec": "swsc", "k": s.k, "rank": s.rank, "axis": s.axis, "centroid_bits": s.centroid_bits}
     if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
         return {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
     return {"dtype": str(module.weight.dtype).split(".")[-1]}
@@ -27,6 +30,8 @@ def module_precision(module: nn.Module) -> dict:
 
 def parameter_count(module: nn.Module) -> int:
     """Logical weights (a quantized weight counts its unpacked elements), as mlx-lm counts."""
+    if isinstance(module, SWSCLinear):
+        return module.weight_count
     total = 0
     for name, p in tree_flatten(module.parameters()):
         if name in ("scales", "biases") and isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -66,7 +71,7 @@ def describe_model(source: ModelSource) -> dict:
         kind["bytes"] += n_bytes
     total_params = sum(m["parameters"] for m in modules)
     total_bytes = sum(m["bytes"] for m in modules)
-    files = sorted(Path(source.path).glob("*.safetensors"))
+    files = [Path(source.origin)] if source.kind == "pack" else sorted(Path(source.path).glob("*.safetensors"))
     tokenizer_config = _read_json(Path(source.path) / "tokenizer_config.json")
     return {
         "model": source.spec or "default",
@@ -79,7 +84,7 @@ def describe_model(source: ModelSource) -> dict:
         "quantization": config.get("quantization"),
         "parameters": total_params,
         "weight_bytes": total_bytes,
-        "bits_per_weight": compute_bits_per_weight(model),
+        "bits_per_weight": model_bits_per_weight(model),
         "size_on_disk": sum(f.stat().st_size for f in files),
         "files": [f.name for f in files],
         "tokenizer": _has_tokenizer(Path(source.path)),
@@ -101,6 +106,8 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def precision_label(module_info: dict) -> str:
+    if module_info.get("codec") == "swsc":
+        return f"swsc k{module_info['k']} r{module_info['rank']}"
     if "bits" in module_info:
         mode = "" if module_info["mode"] == "affine" else f" {module_info['mode']}"
         return f"{module_info['bits']}b/g{module_info['group_size']}{mode}"

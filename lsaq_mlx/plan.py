@@ -2,7 +2,10 @@
 
 A module's choice is what mlx-lm records in ``config.json``: ``{"bits", "group_size",
 "mode"}`` to quantize it (MLX affine), or ``False`` to keep it in float (float16 in the
-written model). Everything that is not quantizable (norms, biases) stays float16.
+written model); or ``{"codec": "swsc", ...}`` for the SWSC codec (``lsaq_mlx.swsc``),
+which stock mlx-lm cannot open. A choice without ``codec`` is affine, so plans written
+before SWSC existed read unchanged. Everything that is not quantizable (norms, biases)
+stays float16.
 Byte counts follow MLX's storage exactly: ``bits/8`` bytes per weight, one float16
 scale and one float16 bias per group, so bits per weight is mlx-lm's own figure.
 """
@@ -16,6 +19,7 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.cache import write_json_atomic
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.swsc.codec import SWSCSettings, is_swsc
 
 PLAN_VERSION = 1
 BITS = (2, 3, 4, 5, 6, 8)
@@ -47,6 +51,8 @@ class QuantModule:
     def bytes_for(self, choice: dict | bool) -> int:
         if choice is False:
             return self.params * FLOAT_BYTES
+        if is_swsc(choice):
+            return SWSCSettings.from_choice(choice).nbytes(self.rows, self.cols) + self.extra_params * FLOAT_BYTES
         weights = self.rows * self.cols
         return weights * choice["bits"] // 8 + 2 * FLOAT_BYTES * weights // choice["group_size"] + (
             self.extra_params * FLOAT_BYTES
@@ -99,6 +105,10 @@ class QuantPlan:
     def save(self, path: Path) -> None:
         write_json_atomic(Path(path), {"type": "QuantPlan", **self.to_dict()})
 
+    def swsc_modules(self) -> dict:
+        """``{path: SWSCSettings}`` of the modules the plan gives to the SWSC codec."""
+        return {p: SWSCSettings.from_choice(c) for p, c in self.modules.items() if is_swsc(c)}
+
     @classmethod
     def from_dict(cls, data: dict) -> "QuantPlan":
         data = {k: v for k, v in data.items() if k != "type"}
@@ -111,8 +121,9 @@ class QuantPlan:
         return cls.from_dict(_read_plan_json(path))
 
     def quantization_config(self) -> dict:
-        """The ``quantization`` entry of config.json: defaults plus every module."""
-        chosen = [c for c in self.modules.values() if c]
+        """The ``quantization`` entry of config.json: defaults plus every module (SWSC
+        modules as chosen here; ``lsaq_mlx.swsc.format`` rewrites their entries)."""
+        chosen = [c for c in self.modules.values() if c and not is_swsc(c)]
         common = max(chosen, key=lambda c: sum(c == d for d in chosen)) if chosen else {"bits": 4, "group_size": 64}
         return {"group_size": common["group_size"], "bits": common["bits"], "mode": "affine", **self.modules}
 

@@ -7,9 +7,13 @@ from rich.console import Console
 from rich.table import Table
 
 from lsaq_mlx.plan import QuantPlan
+from lsaq_mlx.swsc.codec import is_swsc
 
 
 def choice_label(choice) -> str:
+    """``4/64`` (affine bits/group), ``f16`` (kept), ``s3:490+8`` (SWSC: centroid bits, k, rank)."""
+    if is_swsc(choice):
+        return f"s{choice['centroid_bits']}:{choice['k']}+{choice['rank']}"
     return "f16" if choice is False else f"{choice['bits']}/{choice['group_size']}"
 
 
@@ -26,7 +30,8 @@ def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console |
         rows[row][_kind(path)] = choice_label(choice)
         if _kind(path) not in kinds:
             kinds.append(_kind(path))
-    table = Table(title=f"{plan.method}: bits/group size of every module (f16 = kept in float)", title_justify="left",
+    legend = "f16 = kept in float" + ("; sB:K+R = SWSC, B-bit centroids, K clusters, rank R" if plan.swsc_modules() else "")
+    table = Table(title=f"{plan.method}: bits/group size of every module ({legend})", title_justify="left",
                   box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for header in ["layer", *kinds, "MB"]:
         table.add_column(header, no_wrap=True, justify="right" if header == "MB" else "left")

@@ -3,7 +3,8 @@
 Methods:
 - ``lsaq`` (default): per-module (bits, group size) or float, chosen by the
   multiple-choice knapsack on the cost model of ``lsaq_mlx.cost`` (importance-weighted,
-  activation-weighted quantization error);
+  activation-weighted quantization error); with the ``swsc`` codec also the SWSC
+  settings of ``lsaq_mlx.swsc.candidates`` for every decoder-layer linear module;
 - ``lsaq-tiers``: the LSAQ paper's two tiers: the n layers with the highest jaccard
   importance at ``high`` bits, the rest (and the embeddings / LM head) at ``low`` bits,
   n as large as the budget allows; ``tiers-cosine``, ``tiers-zscore``, ``tiers-random``
@@ -21,11 +22,14 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.plan import BITS, FLOAT_BYTES, GROUP_SIZES, QuantModule, QuantPlan, fixed_params, quantizable_modules
+from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
+from lsaq_mlx.swsc.codec import SWSCSettings, is_swsc
 
 TIER_METRICS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
 METHODS = ("lsaq", *TIER_METRICS, "uniform")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DEFAULT_GROUP_SIZE = 64
+CODECS = ("affine", "swsc")
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Override:
 
     @classmethod
     def parse(cls, text: str) -> "Override":
-        """``REGEX=BITS[:GROUP]`` or ``REGEX=keep``."""
+        """``REGEX=BITS[:GROUP]``, ``REGEX=keep`` or ``REGEX=swsc:K:R`` (k clusters, rank r)."""
         pattern, sep, value = text.rpartition("=")
         try:
             re.compile(pattern)
@@ -57,20 +61,34 @@ class Override:
                 raise ValueError
             if value in ("keep", "float", "16"):
                 return cls(pattern, False)
+            if value.startswith("swsc:"):
+                k, r = value.removeprefix("swsc:").split(":")
+                return cls(pattern, SWSCSettings(int(k), int(r)).to_choice())
             bits, _, group = value.partition(":")
             choice = {"bits": int(bits), "group_size": int(group or DEFAULT_GROUP_SIZE), "mode": "affine"}
         except (re.error, ValueError):
-            raise UserError(f"bad --override '{text}': expected REGEX=BITS[:GROUP] or REGEX=keep") from None
+            raise UserError(f"bad --override '{text}': expected REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R") from None
         if choice["bits"] not in BITS or choice["group_size"] not in GROUP_SIZES:
             raise UserError(f"bad --override '{text}': bits one of {BITS}, group size one of {GROUP_SIZES}")
         return cls(pattern, choice)
 
 
-class PlanningContext:
-    """A float model's quantizable modules and parameter counts, for planning."""
+def check_codecs(codecs) -> None:
+    if any(c not in CODECS for c in codecs) or "affine" not in codecs:
+        raise UserError(f"--codecs must be affine or affine,swsc (embeddings and the LM head stay affine), "
+                        f"not '{','.join(codecs)}'")
 
-    def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = ()):
+
+class PlanningContext:
+    """A float model's quantizable modules and parameter counts, for planning; with the
+    ``swsc`` codec, every decoder-layer linear module's SWSC candidates too."""
+
+    def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = (), codecs=("affine",)):
+        check_codecs(codecs)
         self.modules = quantizable_modules(model)
+        self.codecs = tuple(codecs)
+        self.swsc_options = {q.path: [s.to_choice() for s in swsc_candidates(q.rows, q.cols)]
+                             for q in self.modules if "swsc" in codecs and q.layer is not None}
         self.fixed_params = fixed_params(model, self.modules)
         self.parameters = self.fixed_params + sum(q.params for q in self.modules)
         self.fingerprint = fingerprint
@@ -81,12 +99,28 @@ class PlanningContext:
             if not matched:
                 raise UserError(f"--override '{o.pattern}' matches no quantizable module")
             for q in matched:
-                if o.choice and q.cols % o.choice["group_size"]:
+                if is_swsc(o.choice):
+                    self._check_swsc_override(o, q)
+                elif o.choice and q.cols % o.choice["group_size"]:
                     raise UserError(f"--override: group size {o.choice['group_size']} does not divide {q.path}'s input size {q.cols}")
                 self.pinned[q.path] = o.choice
 
+    def _check_swsc_override(self, o: Override, q: QuantModule) -> None:
+        if "swsc" not in self.codecs:
+            raise UserError(f"--override '{o.pattern}=swsc:...' needs --codecs affine,swsc (the output is then not for stock mlx-lm)")
+        if q.layer is None:
+            raise UserError(f"--override '{o.pattern}': SWSC is for the linear layers of decoder layers, not {q.path}")
+        try:
+            SWSCSettings.from_choice(o.choice).check(q.rows, q.cols)
+        except UserError as e:
+            raise UserError(f"--override '{o.pattern}' on {q.path}: {e}") from None
+
+    def candidates(self, q: QuantModule) -> list:
+        """Every choice the cost model prices for ``q``: affine, keep, then SWSC."""
+        return q.choices() + self.swsc_options.get(q.path, [])
+
     def options(self, q: QuantModule) -> list:
-        return [self.pinned[q.path]] if q.path in self.pinned else q.choices()
+        return [self.pinned[q.path]] if q.path in self.pinned else self.candidates(q)
 
     def total_bytes(self, choices: dict) -> int:
         return self.fixed_params * FLOAT_BYTES + sum(q.bytes_for(choices[q.path]) for q in self.modules)
@@ -127,12 +161,15 @@ def _scores_summary(scores) -> dict:
 
 
 def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict, scores=None) -> QuantPlan:
-    """The multiple-choice knapsack over every module's options on the cost model."""
+    """The multiple-choice knapsack over every module's options on the cost model;
+    ``errors[path]`` lists the error of each of ``ctx.candidates``."""
     items = []
     for q in ctx.modules:
         choices = ctx.options(q)
-        all_errs = dict(zip(map(_key, q.choices()), errors[q.path]))
-        items.append([(q.bytes_for(c), weights[q.path] * all_errs[_key(c)]) for c in choices])
+        all_errs = dict(zip(map(_key, ctx.candidates(q)), errors[q.path]))
+        # a pinned SWSC setting outside the candidates has no priced error; as the
+        # module's only option its cost cannot change the plan
+        items.append([(q.bytes_for(c), weights[q.path] * all_errs.get(_key(c), 0.0)) for c in choices])
     solution = solve_mckp(items, ctx.module_budget(budget))
     if solution is None:
         smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
@@ -145,6 +182,9 @@ def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict,
 
 
 def _key(choice) -> str:
+    if is_swsc(choice):
+        s = SWSCSettings.from_choice(choice)
+        return f"swsc/{s.axis}/{s.k}/{s.rank}/{s.centroid_bits}/{s.centroid_group_size}"
     return "keep" if choice is False else f"{choice['bits']}/{choice['group_size']}"
 
 

@@ -14,7 +14,7 @@ from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
 from lsaq_mlx.calibration import load_calibration, token_sequences
 from lsaq_mlx.compute import dequantize_layers
 from lsaq_mlx import cost
-from lsaq_mlx.cost import fisher_diagonal, layer_weights, quantization_errors
+from lsaq_mlx.cost import fisher_diagonal, layer_weights, quantization_errors, swsc_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planner import (
     METHODS,
@@ -23,6 +23,7 @@ from lsaq_mlx.planner import (
     Budget,
     Override,
     PlanningContext,
+    check_codecs,
     plan_lsaq,
     plan_recipe,
     plan_tiers,
@@ -33,8 +34,10 @@ from lsaq_mlx.scores import LayerScores
 from lsaq_mlx.scoring import ScoreOptions, score
 from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.swsc.layer import SWSCLinear
 
 COST_VERSION = 2
+SWSC_COST_VERSION = 1
 FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
 FISHER_SEQ_LEN = 256
 KV_BYTES = 2  # float16 KV cache
@@ -55,6 +58,7 @@ class PlanRequest:
     bits: int | None = None  # uniform: a fixed bit width
     overrides: list[str] = field(default_factory=list)
     low_fraction: float | None = None  # tiers: this share of the layers at low bits, instead of a budget
+    codecs: tuple[str, ...] = ("affine",)  # ("affine", "swsc"): lsaq may also choose SWSC (not for stock mlx-lm)
 
     def check(self) -> None:
         if self.recipe is None and self.method not in METHODS:
@@ -70,6 +74,7 @@ class PlanRequest:
         for b in self.bits_budgets:
             if not 1.0 <= b <= 32.0:
                 raise UserError(f"--bits-budget {b:g} is not a number of bits per weight between 1 and 32")
+        check_codecs(self.codecs)
 
 
 def memory_budget(text: str, config: dict, context: int) -> Budget:
@@ -95,8 +100,10 @@ def make_plans(source: ModelSource, request: PlanRequest):
     request.check()
     overrides = [Override.parse(o) for o in request.overrides]
     model, tokenizer, config = load_model(source, compute=False)
+    if any(isinstance(m, SWSCLinear) for _, m in model.named_modules()):
+        raise UserError(f"{source.spec} holds SWSC layers: plan from the model it was converted from")
     dequantize_layers(model)
-    ctx = PlanningContext(model, source.fingerprint, overrides)
+    ctx = PlanningContext(model, source.fingerprint, overrides, request.codecs)
     if request.recipe:
         return [plan_recipe(ctx, model, request.recipe, request.group_size or 64)], model, config
     budgets = [Budget(bits_per_weight=b) for b in request.bits_budgets]
@@ -126,20 +133,30 @@ def _scores(source, request: PlanRequest, metric: str, loaded) -> LayerScores:
 
 
 def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> dict:
-    """The cost model's errors of every module and choice, cached by model and calibration."""
+    """The cost model's errors of every module and candidate (``ctx.candidates``), cached
+    by model and calibration; the SWSC ones in their own file, computed only when the
+    context has SWSC candidates."""
     calib = load_calibration(calib_spec)
     key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
     path = cache_dir() / "errors" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
-    with progress_bar("Fisher information", FISHER_TOKENS) as advance:
-        fisher = fisher_diagonal(model, ctx.modules, sequences, advance)
-    with progress_bar("quantization errors", len(ctx.modules)) as advance:
-        table = quantization_errors(model, ctx.modules, fisher, advance)
-    del fisher
-    write_json_atomic(path, table)
-    return table
+    swsc_key = fingerprint_bytes(key, json.dumps(ctx.swsc_options, sort_keys=True), str(SWSC_COST_VERSION))
+    swsc_path = cache_dir() / "errors" / f"swsc-{swsc_key}.json"
+    table = json.loads(path.read_text()) if path.is_file() else None
+    swsc = {} if not ctx.swsc_options else json.loads(swsc_path.read_text()) if swsc_path.is_file() else None
+    if table is None or swsc is None:
+        sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
+        with progress_bar("Fisher information", FISHER_TOKENS) as advance:
+            fisher = fisher_diagonal(model, ctx.modules, sequences, advance)
+        if table is None:
+            with progress_bar("quantization errors", len(ctx.modules)) as advance:
+                table = quantization_errors(model, ctx.modules, fisher, advance)
+            write_json_atomic(path, table)
+        if swsc is None:
+            with progress_bar("SWSC errors (k-means, SVD)", len(ctx.swsc_options)) as advance:
+                swsc = swsc_errors(model, ctx.swsc_options, fisher, advance)
+            write_json_atomic(swsc_path, swsc)
+        del fisher
+    return {p: errs + swsc.get(p, []) for p, errs in table.items()}
 
 
 def headroom(predicted_bytes: int) -> dict:

@@ -13,6 +13,7 @@ METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
 DEFAULT_TOP_K = 50
 DEFAULT_TOKENS = 512
 DEFAULT_SEQ_LEN = 512
+DEFAULT_STRIDE = 8  # jaccard lenses positions 0, 8, 16...; the other metrics use every position
 
 
 @dataclass

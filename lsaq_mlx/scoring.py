@@ -13,6 +13,7 @@ from lsaq_mlx.lens import inner_model
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scores import (
     DEFAULT_SEQ_LEN,
+    DEFAULT_STRIDE,
     DEFAULT_TOKENS,
     DEFAULT_TOP_K,
     METRICS,
@@ -29,11 +30,15 @@ class ScoreOptions:
     tokens: int = DEFAULT_TOKENS
     seq_len: int = DEFAULT_SEQ_LEN
     top_k: int = DEFAULT_TOP_K
-    stride: int = 1
+    stride: int | None = None  # None: DEFAULT_STRIDE for jaccard, every position for cosine
     sets: str = "position"  # or "sequence": one (union) set per sequence
     seed: int = 0
     bits: int = 3  # sensitivity: the low bit width a layer is quantized to
     skip_tokens: int = 0  # start this far into the calibration text
+
+    def __post_init__(self) -> None:
+        if self.stride is None:
+            self.stride = DEFAULT_STRIDE if self.metric == "jaccard" else 1
 
     def check(self) -> None:
         if self.metric not in METRICS:

@@ -241,10 +241,10 @@ class Sweep:
         source, e = self.source(cell.model), self.spec.eval
         plan, info = None, {}
         if cell.method == SOURCE:
-            from mlx_lm.utils import compute_bits_per_weight
+            from lsaq_mlx.swsc.layer import model_bits_per_weight
 
             net, tokenizer, _ = load_model(source, compute=False)
-            info["bits_per_weight"] = compute_bits_per_weight(net)
+            info["bits_per_weight"] = model_bits_per_weight(net)
             prepare_for_compute(net)
         else:
             plan, layer_params = self._plan(cell, source)

@@ -5,7 +5,7 @@ import pytest
 from lsaq_mlx import importance
 from lsaq_mlx.calibration import CalibrationText, load_calibration, token_sequences
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.lens import find_lens, inner_model, layer_hooks, top_k_ids
+from lsaq_mlx.lens import Lens, find_lens, inner_model, layer_hooks, top_k_ids
 from tiny_models import ARGS, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -63,10 +63,23 @@ def test_jaccard_of_sets():
     assert importance.jaccard_of_union(a, b, 10).item() == pytest.approx(2 / 9)
 
 
-def test_stride_lenses_fewer_positions():
-    model = tiny_model("qwen2")
-    _, _, positions = importance.lens_statistics(model, TOKENS, k=3, stride=4)
-    assert positions == 3
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_stride_lenses_every_stride_th_position(stride, monkeypatch):
+    model = tiny_model("llama")
+    sequences = [TOKENS[0], TOKENS[0][:7]]
+    lensed, original = [], Lens.top_k
+
+    def counted_top_k(self, h, k, ordered=False):
+        lensed.append(h.shape[0])
+        return original(self, h, k, ordered)
+
+    monkeypatch.setattr(Lens, "top_k", counted_top_k)
+    _, _, positions = importance.lens_statistics(model, sequences, k=3, stride=stride)
+    per_sequence = [-(-len(seq) // stride) for seq in sequences]
+    assert positions == sum(per_sequence)
+    # every layer projects its output; the first layer also its input
+    layers = ARGS["llama"]["num_hidden_layers"]
+    assert lensed == [n for n in per_sequence for _ in range(layers + 1)]
 
 
 def test_zscore_prefers_fewer_outliers():

@@ -232,3 +232,38 @@ def test_ctrl_c_stops_a_reply_in_the_terminal_chat(tmp_path, empty_cache):
     finally:
         proc.kill()
         os.close(leader)
+
+
+def test_engine_reports_what_displays_need(tiny, tmp_path):
+    """Per-layer bits, importance, the policy's thresholds, memory events, why and how a
+    swap happened, and taking back a stopped turn (what the TUI shows and does)."""
+    source, plans = tiny
+    trace = tmp_path / "trace.txt"
+    trace.write_text("64GB\n")
+    engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=ScriptedSampler(trace), sample_every=0.05,
+                        memory_events=True, importance=lambda: {"metric": "test", "scores": [0.5, 1.0]})
+    try:
+        ready = events_until(engine, "ready")[-1].data
+        assert ready["plan_index"] == 2 and ready["weight_bytes"] == plans[8].predicted_bytes
+        assert ready["layer_bits"]["layers"] == pytest.approx([8 + 32 / 32] * len(ready["layer_bits"]["layers"]))
+        assert ready["importance"]["scores"] == [0.5, 1.0]
+        policy = ready["policy"]
+        assert [p["bytes"] for p in policy["plans"]] == [plans[b].predicted_bytes for b in (3, 4, 8)]
+        assert policy["plans"][2]["min_available"] == policy["reserve"]  # the current plan's line
+        memory = events_until(engine, "memory")[-1].data
+        assert memory["available_bytes"] == 64_000_000_000 and memory["rss_bytes"] > 0 and memory["policy"]
+        engine.send("auto", False)
+        engine.send("apply_plan", 0, "by hand")
+        swapped = events_until(engine, "swapped")[-1].data
+        assert swapped["reason"] == "by hand" and swapped["plan_index"] == 0
+        assert swapped["from_bits_per_weight"] == pytest.approx(plans[8].predicted_bits_per_weight)
+        assert swapped["memory_before"]["rss_bytes"] > 0 and swapped["memory_after"]["mlx_active_bytes"] > 0
+        assert swapped["layer_bits"]["layers"] == pytest.approx([3 + 32 / 32] * len(swapped["layer_bits"]["layers"]))
+        assert swapped["policy"]["current"] == 0
+        engine.send("chat", "hello", 3)
+        assert events_until(engine, "done")[-1].data["first_token_seconds"] > 0
+        engine.send("retract")
+        events_until(engine, "stats")
+        assert engine.messages == []
+    finally:
+        engine.shutdown()

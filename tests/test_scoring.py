@@ -5,7 +5,7 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scores import LayerScores, spearman
+from lsaq_mlx.scores import DEFAULT_STRIDE, LayerScores, spearman
 from lsaq_mlx.scoring import ScoreOptions, score
 from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
@@ -29,6 +29,15 @@ def test_scores_are_cached_and_round_trip(tiny_source, tmp_path, empty_cache):
     assert LayerScores.load(tmp_path / "s.json") == first
     other = score(tiny_source, ScoreOptions(tokens=200, seq_len=64, top_k=6))
     assert other.key != first.key
+
+
+def test_stride_is_part_of_the_cache_key(tiny_source, empty_cache):
+    default = score(tiny_source, ScoreOptions(tokens=100, seq_len=50, top_k=5))
+    assert default.params["stride"] == DEFAULT_STRIDE
+    every = score(tiny_source, ScoreOptions(tokens=100, seq_len=50, top_k=5, stride=1))
+    assert every.params["stride"] == 1 and every.key != default.key
+    assert len(list((empty_cache / "scores").glob("*.json"))) == 2
+    assert ScoreOptions("cosine").stride == 1
 
 
 @pytest.mark.parametrize("metric", ["cosine", "zscore", "random", "sensitivity"])

@@ -1,8 +1,9 @@
 """The engine: one long-lived thread owns the model and does all MLX work.
 
 Callers send commands (``chat``, ``stop``, ``apply_plan``, ``apply_budget``, ``auto``,
-``stats``, ``reset``, ``evaluate``) and receive ``Event``s (``token``, ``done``,
-``swapped``, ``stats``, ``error``) through ``events`` or a callback. A conversation keeps
+``stats``, ``reset``, ``retract``, ``system``, ``evaluate``) and receive ``Event``s
+(``ready``, ``token``, ``done``, ``swapped``, ``stats``, ``memory``, ``error``) through
+``events`` or a callback. A conversation keeps
 its KV cache across turns (only the new part of the prompt is processed), across a
 stopped reply, and across swaps. Swaps requested while a reply streams are applied
 between tokens, one decoder layer per token.
@@ -14,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
+import psutil
+from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -21,8 +24,9 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from lsaq_mlx.compute import compute_mode, prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.plan import PlanSet, QuantPlan
+from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
-from lsaq_mlx.runtime.swap import SourceWeights, SwapReport, layer_groups, swap_modules
+from lsaq_mlx.runtime.swap import SwapReport, layer_groups, source_weights, swap_modules
 from lsaq_mlx.sources import ModelSource, load_model
 
 
@@ -31,18 +35,26 @@ REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
 
 @dataclass
 class Event:
-    kind: str  # token | done | swapped | stats | error | ready
+    kind: str  # token | done | swapped | stats | memory | error | ready
     data: dict = field(default_factory=dict)
 
 
 class Engine:
     def __init__(self, source: ModelSource, planner=None, budget: float | None = None, auto_budgets=(),
-                 sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0):
+                 sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0,
+                 importance=None, memory_events: bool = False, layer_store: bool = False):
         """``planner(budgets) -> [QuantPlan]`` makes plans (in the engine thread); ``budget``
         picks the starting plan; ``auto_budgets`` builds the PlanSet that automatic mode
-        moves through as ``sampler``'s memory samples dictate."""
+        moves through as ``sampler``'s memory samples dictate. ``importance() -> {"metric",
+        "scores"}`` (one score per decoder layer) is called once while loading, for
+        displays; ``memory_events`` sends a ``memory`` event every ``sample_every`` seconds;
+        ``layer_store`` keeps every module at every setting of the plans on disk, ready
+        (``storage.layer_store``), so swaps read them instead of re-quantizing."""
         self.source, self.planner, self.budget, self.auto_budgets = source, planner, budget, list(auto_budgets)
         self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
+        self.importance_of, self.memory_events = importance, memory_events
+        self.use_layer_store, self.store = layer_store, None
+        self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
         self.policy = None
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
@@ -78,6 +90,8 @@ class Engine:
     def _run(self) -> None:
         try:
             self._serve()
+        except Exception as e:  # the loop itself failed: tell the caller, which cannot go on
+            self.on_event(Event("error", {"message": f"the engine stopped: {type(e).__name__}: {e}", "fatal": True}))
         finally:
             # streams made by this thread (mlx-lm's generation stream) must die with it,
             # or the process aborts at exit
@@ -92,21 +106,23 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
-        self.on_event(Event("ready", self._stats()))
+        self.on_event(Event("ready", {**self._stats(), "at": time.time()}))
         while True:
             try:
                 command, args = self._commands.get(timeout=self.sample_every)
             except queue.Empty:
-                self._maybe_follow_memory()
+                self._follow_memory()
                 continue
             if command == "shutdown":
                 return
             try:
                 getattr(self, f"_cmd_{command}")(*args)
+                while self.pending:  # a swap asked for between replies: every layer now
+                    self._swap_step()
             except UserError as e:
-                self.on_event(Event("error", {"message": str(e)}))
+                self.on_event(Event("error", {"message": str(e), "command": command}))
             except Exception as e:
-                self.on_event(Event("error", {"message": f"{command} failed: {type(e).__name__}: {e}"}))
+                self.on_event(Event("error", {"message": f"{command} failed: {type(e).__name__}: {e}", "command": command}))
 
     def _load(self) -> None:
         plan = self.planner([self.budget])[0] if self.budget is not None else None
@@ -124,21 +140,31 @@ class Engine:
 
             self.model, _ = quantized_model(self.source, plan)
             _, self.tokenizer, _ = load_model(self.source, compute=False, lazy=True)
+            self.precision = module_precision(self.model)
             prepare_for_compute(self.model)
             self.choices = dict(plan.modules)
         else:
-            from mlx_lm.utils import compute_bits_per_weight
+            from lsaq_mlx.swsc.layer import model_bits_per_weight
 
             self.model, self.tokenizer, _ = load_model(self.source, compute=False)
-            self.source_bits = compute_bits_per_weight(self.model)
+            self.source_bits = model_bits_per_weight(self.model)
+            self.source_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+            self.precision = module_precision(self.model)
             prepare_for_compute(self.model)
             self.choices = {}
         self.plan = plan
-        self.weights = None if "quantization" in self._source_config() else SourceWeights(self.source.path)
+        self.weights = None if "quantization" in self._source_config() else source_weights(self.source)
+        if self.use_layer_store and self.weights is not None:
+            from lsaq_mlx.storage.layer_store import LayerStore
+
+            self.store = LayerStore.for_model(self.source.fingerprint)
+            self.store.build(self.policy.plans.plans if self.policy else [plan] if plan else [], self.model, self.weights)
         self.float32 = compute_mode() == "float32"
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []
         self.last_stats = {}
+        if self.importance_of is not None:
+            self.importance = self.importance_of()
 
     def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
         self.messages.append({"role": "user", "content": text})
@@ -153,11 +179,13 @@ class Engine:
         feed, generated, pieces, last = tokens[prefix:], [], [], None
         self._stop.clear()
         stopped, checked = False, time.monotonic()
+        started, first_token = time.perf_counter(), None
         for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
                                     sampler=make_sampler(temp=temp), prompt_cache=self.cache,
                                     logits_processors=make_logits_processors(repetition_penalty=REPETITION_PENALTY)):
             generated.append(last.token)
             pieces.append(last.text)
+            first_token = first_token or time.perf_counter() - started
             self.on_event(Event("token", {"text": last.text}))
             if self._stop.is_set():
                 stopped = True
@@ -165,9 +193,9 @@ class Engine:
             self._poll_commands()
             if self.pending:
                 self._swap_step()
-            elif self.auto and time.monotonic() - checked >= self.sample_every:
+            elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
                 checked = time.monotonic()
-                self._maybe_follow_memory(during_generation=True)
+                self._follow_memory(during_generation=True)
         offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
         while self.pending and not stopped:
@@ -177,6 +205,7 @@ class Engine:
             "generation_tokens": last.generation_tokens if last else 0,
             "generation_tps": last.generation_tps if last else 0.0,
             "peak_memory_gb": mx.get_peak_memory() / 1e9, "stopped": stopped,
+            "first_token_seconds": first_token or 0.0,
             "bits_per_weight": self._plan_info()["bits_per_weight"],
         }
         return "".join(pieces), stats
@@ -194,11 +223,11 @@ class Engine:
                 if command in ("apply_plan", "stats", "auto"):
                     getattr(self, f"_cmd_{command}")(*args)
                 elif command == "apply_budget" and self.planner is not None:
-                    self._cmd_apply_plan(self.planner([args[0]])[0])
+                    self._cmd_apply_plan(self.planner([args[0]])[0], f"budget {args[0]:g} bits/weight")
                 else:
                     later.append((command, args))
             except UserError as e:
-                self.on_event(Event("error", {"message": str(e)}))
+                self.on_event(Event("error", {"message": str(e), "command": command}))
         for item in later:
             self._commands.put(item)
 
@@ -227,47 +256,91 @@ class Engine:
 
         return json.loads((self.source.path / "config.json").read_text())
 
-    def _cmd_apply_plan(self, plan: QuantPlan) -> None:
+    def _cmd_apply_plan(self, plan: QuantPlan | int, reason: str = "requested") -> None:
+        """Swap to ``plan``, or to the plan of that index in the PlanSet (smallest first)."""
+        if isinstance(plan, int):
+            plans = self.policy.plans.plans if self.policy else []
+            if not 0 <= plan < len(plans):
+                raise UserError(f"there is no plan {plan} (this session has {len(plans)})")
+            plan = plans[plan]
         if self.weights is None:
             raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
                             "chat with the float source (e.g. --model default -b 4.5) to change plans")
         changes = {p: c for p, c in plan.modules.items() if self.choices.get(p, False) != c or p not in self.choices}
+        self._swap_from = {"from_bits_per_weight": self._plan_info()["bits_per_weight"], "reason": reason,
+                           "at": time.time(), "memory_before": self._process_memory()}
         self.plan = plan
+        if self.policy and any(p is plan for p in self.policy.plans.plans):
+            self.policy.current = next(i for i, p in enumerate(self.policy.plans.plans) if p is plan)
         self.pending = layer_groups(changes)
         self._swap_report = SwapReport()
         self._swap_start = time.perf_counter()
         if not self.pending:
-            self.on_event(Event("swapped", {"changed": 0, "failed": {}, "seconds": 0.0, **self._plan_info()}))
+            self.on_event(Event("swapped", self._swapped(0, {}, 0.0)))
 
     def _cmd_apply_budget(self, bits_per_weight: float) -> None:
         if self.planner is None:
             raise UserError("this session has no planner")
-        self._cmd_apply_plan(self.planner([bits_per_weight])[0])
+        self._cmd_apply_plan(self.planner([bits_per_weight])[0], f"budget {bits_per_weight:g} bits/weight")
         while self.pending:
             self._swap_step()
 
     def _swap_step(self) -> None:
         group = self.pending.pop(0)
-        report = swap_modules(self.model, group, self.weights, self.float32)
+        report = swap_modules(self.model, group, self.weights, self.float32, self.store)
         for path in report.changed:
             self.choices[path] = group[path]
         self._swap_report.merge(report)
         if not self.pending:
             r = self._swap_report
-            self.on_event(Event("swapped", {"changed": len(r.changed), "failed": r.failed,
-                                            "seconds": time.perf_counter() - self._swap_start, **self._plan_info()}))
+            self.on_event(Event("swapped", self._swapped(len(r.changed), r.failed,
+                                                         time.perf_counter() - self._swap_start)))
+
+    def _swapped(self, changed: int, failed: dict, seconds: float) -> dict:
+        return {"changed": changed, "failed": failed, "seconds": seconds, **self._plan_info(), **self._swap_from,
+                "memory_after": self._process_memory(), "layer_bits": self._layer_bits(),
+                "policy": self.policy.describe() if self.policy else None}
 
     def _plan_info(self) -> dict:
         if self.plan:
-            return {"method": self.plan.method, "bits_per_weight": self.plan.predicted_bits_per_weight}
-        return {"method": "as loaded", "bits_per_weight": self.source_bits}
+            index = next((i for i, p in enumerate(self.policy.plans.plans) if p is self.plan), None) if self.policy else None
+            return {"method": self.plan.method, "bits_per_weight": self.plan.predicted_bits_per_weight,
+                    "weight_bytes": self.plan.predicted_bytes, "plan_index": index}
+        return {"method": "as loaded", "bits_per_weight": self.source_bits, "weight_bytes": self.source_bytes,
+                "plan_index": None}
 
-    def _maybe_follow_memory(self, during_generation: bool = False) -> None:
-        if not (self.auto and self.sampler and self.policy):
+    def _layer_bits(self) -> dict:
+        return layer_bits(self.precision, self.choices)
+
+    @staticmethod
+    def _process_memory() -> dict:
+        return {"mlx_active_bytes": mx.get_active_memory(), "rss_bytes": psutil.Process().memory_info().rss}
+
+    def _sample(self, max_age: float = 0.0):
+        """A memory sample; one taken less than ``max_age`` seconds ago is reused (a
+        sampler that replays a trace moves on with every sample)."""
+        if self.last_sample is None or time.monotonic() - self._sampled_at >= max_age:
+            self.last_sample, self._sampled_at = self.sampler.sample(), time.monotonic()
+        return self.last_sample
+
+    def _follow_memory(self, during_generation: bool = False) -> None:
+        """Sample the memory: report it (``memory_events``) and, in automatic mode, let
+        the policy pick the plan."""
+        following = self.auto and self.sampler and self.policy
+        if not self.sampler or not (following or self.memory_events):
             return
-        choice = self.policy.decide(self.sampler.sample())
+        sample = self._sample()
+        if self.memory_events:
+            self.on_event(Event("memory", {**sample.to_dict(), "policy": self.policy.describe() if self.policy else None}))
+        if not following:
+            return
+        before = self.policy.current
+        choice = self.policy.decide(sample)
         if choice is not None:
-            self._cmd_apply_plan(self.policy.plans.plans[choice])
+            direction = "down" if choice < before else "up"
+            reason = (f"auto {direction}: {sample.available_bytes / 1e9:.2f} GB available, "
+                      f"{sample.pressure} pressure")
+            self._cmd_apply_plan(self.policy.plans.plans[choice], reason)
             if not during_generation:
                 while self.pending:
                     self._swap_step()
@@ -280,6 +353,14 @@ class Engine:
         self.on_event(Event("stats", self._stats()))
 
     def _cmd_stats(self) -> None:
+        self.on_event(Event("stats", self._stats()))
+
+    def _cmd_retract(self) -> None:
+        """Forget the last user message and what followed it (a reply stopped to edit the
+        prompt); the KV cache of the rest is reused."""
+        last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+        if last is not None:
+            self.messages = self.messages[:last]
         self.on_event(Event("stats", self._stats()))
 
     def _cmd_reset(self) -> None:
@@ -297,7 +378,7 @@ class Engine:
         self.on_event(Event("stats", {"perplexity": perplexity(self.model, tokens, seq_len).to_dict()}))
 
     def _stats(self) -> dict:
-        sample = self.sampler.sample().to_dict() if self.sampler else {}
+        sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
         layers = {}
         for path, choice in self.choices.items():
             parts = path.split(".")
@@ -306,4 +387,6 @@ class Engine:
         return {**self._plan_info(), "auto": self.auto, "messages": len(self.messages),
                 "cached_tokens": len(self.cache_tokens), "mlx_active_bytes": mx.get_active_memory(),
                 "mlx_peak_bytes": mx.get_peak_memory(), "memory": sample,
-                "layers": {k: sorted(v) for k, v in layers.items()}, "last_reply": self.last_stats}
+                "layers": {k: sorted(v) for k, v in layers.items()}, "last_reply": self.last_stats,
+                "layer_bits": self._layer_bits(), "importance": self.importance,
+                "policy": self.policy.describe() if self.policy else None}

@@ -2,9 +2,10 @@
 
 ``SystemSampler`` reads the platform's own signals (Linux: /proc/meminfo's MemAvailable
 and /proc/pressure/memory; macOS: psutil's available memory and the kernel's memory
-pressure level), plus MLX's active, peak and cache memory of this process.
-``ScriptedSampler`` replays a trace file, for tests and demos: one sample per line,
-``available`` in bytes or with a unit (``1.5GB``), optionally ``available,pressure``.
+pressure level), plus swap, this process's resident memory and MLX's active, peak and
+cache memory. ``ScriptedSampler`` replays a trace file, for tests and demos: one sample
+per line, ``available`` in bytes or with a unit (``1.5GB``), optionally
+``available,pressure``; swap and the process's own memory stay real.
 """
 
 import subprocess
@@ -29,6 +30,10 @@ class MemorySample:
     mlx_peak_bytes: int
     mlx_cache_bytes: int
     time: float
+    rss_bytes: int = 0  # this process's resident memory
+    swap_used_bytes: int = 0
+    swap_total_bytes: int = 0
+    psi_some_avg10: float | None = None  # Linux: % of the last 10 s some task stalled on memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,13 +43,30 @@ def _mlx_memory() -> tuple[int, int, int]:
     return mx.get_active_memory(), mx.get_peak_memory(), mx.get_cache_memory()
 
 
+def _process_memory() -> dict:
+    swap = psutil.swap_memory()
+    return {"rss_bytes": psutil.Process().memory_info().rss, "swap_used_bytes": swap.used,
+            "swap_total_bytes": swap.total}
+
+
 class SystemSampler:
     def sample(self) -> MemorySample:
         vm = psutil.virtual_memory()
-        return MemorySample(vm.available, vm.total, self.pressure(), *_mlx_memory(), time.monotonic())
+        avg10 = self.psi_avg10()
+        return MemorySample(vm.available, vm.total, self.pressure(avg10), *_mlx_memory(), time.monotonic(),
+                            psi_some_avg10=avg10, **_process_memory())
 
     @staticmethod
-    def pressure() -> str:
+    def psi_avg10() -> float | None:
+        """Linux pressure stall information: the 'some' share of the last 10 seconds."""
+        try:
+            some = Path("/proc/pressure/memory").read_text().splitlines()[0].split()
+            return float(some[1].split("=")[1])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @classmethod
+    def pressure(cls, avg10: float | None = None) -> str:
         if sys.platform == "darwin":
             try:
                 out = subprocess.run(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"],
@@ -52,11 +74,8 @@ class SystemSampler:
                 return {"1": "normal", "2": "warn", "4": "critical"}.get(out, "unknown")
             except (OSError, subprocess.SubprocessError):
                 return "unknown"
-        psi = Path("/proc/pressure/memory")
-        try:
-            some = psi.read_text().splitlines()[0].split()
-            avg10 = float(some[1].split("=")[1])
-        except (OSError, IndexError, ValueError):
+        avg10 = cls.psi_avg10() if avg10 is None else avg10
+        if avg10 is None:
             return "unknown"
         return "critical" if avg10 >= 10 else "warn" if avg10 >= 1 else "normal"
 
@@ -87,4 +106,5 @@ class ScriptedSampler:
     def sample(self) -> MemorySample:
         available, pressure = self.samples[min(self.position, len(self.samples) - 1)]
         self.position += 1
-        return MemorySample(available, self.total, pressure, *_mlx_memory(), self.position * self.step)
+        return MemorySample(available, self.total, pressure, *_mlx_memory(), self.position * self.step,
+                            **_process_memory())

@@ -46,6 +46,14 @@ class Policy:
             self._upgrade_streak = 0
         return None
 
+    def describe(self) -> dict:
+        """The plans, the current one, and for each plan the available memory below which
+        it no longer fits (from the current plan: the lines a memory display draws)."""
+        held = self.plans.plans[self.current].predicted_bytes
+        return {"current": self.current, "reserve": self.reserve, "hysteresis": self.hysteresis,
+                "plans": [{"bits_per_weight": p.predicted_bits_per_weight, "bytes": p.predicted_bytes,
+                           "min_available": p.predicted_bytes + self.reserve - held} for p in self.plans.plans]}
+
     def _change(self, index: int, sample: MemorySample) -> int:
         self.current, self.last_change = index, sample.time
         return index

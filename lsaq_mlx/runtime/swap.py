@@ -1,7 +1,8 @@
 """Hot swap: change the precision of some modules of a loaded model, in place.
 
 Each new module is computed from the highest-precision copy on disk (the source model's
-safetensors, read lazily one tensor at a time, never from the current low-bit copy),
+safetensors or pack, read lazily one tensor at a time, never from the current low-bit
+copy), or read ready-made from a layer store (``lsaq_mlx.storage.layer_store``),
 evaluated before it replaces the old one, and the old one's memory is released at once.
 A module that fails keeps its old weights; the failure is reported, the rest goes on.
 """
@@ -36,6 +37,15 @@ class SourceWeights:
         return mx.load(str(self.folder / self.files[name]))[name]
 
 
+def source_weights(source) -> "SourceWeights":
+    """The lazily read tensors of a resolved model: its folder, or its pack."""
+    if source.kind == "pack":
+        from lsaq_mlx.storage.model_pack import PackedWeights
+
+        return PackedWeights(source.origin)
+    return SourceWeights(source.path)
+
+
 def _module(model: nn.Module, path: str) -> nn.Module:
     m = model
     for part in path.split("."):
@@ -43,8 +53,9 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     return m
 
 
-def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool) -> nn.Module:
-    """The module at ``path`` with precision ``choice``, from the source weights."""
+def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) -> nn.Module:
+    """The module at ``path`` with precision ``choice`` from the source weights, as it is
+    stored (float16 scales, biases and kept weights)."""
     w = weights.get(f"{path}.weight")
     if w is None:
         raise FileNotFoundError(f"{path}.weight is not in {weights.folder}")
@@ -59,6 +70,16 @@ def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, floa
     if choice:
         new = new.to_quantized(group_size=choice["group_size"], bits=choice["bits"])
     new.set_dtype(mx.float16)
+    return new
+
+
+def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool,
+                 store=None) -> nn.Module:
+    """The module at ``path`` with precision ``choice``: read ready from ``store`` (a
+    ``storage.layer_store.LayerStore``) when it holds it, else quantized from the source."""
+    new = store.module(path, choice) if store is not None else None
+    if new is None:
+        new = quantized_module(old, path, choice, weights)
     if float32_compute:
         holder = nn.Module()
         holder.m = new
@@ -81,12 +102,13 @@ class SwapReport:
         self.seconds += other.seconds
 
 
-def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool) -> SwapReport:
+def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool,
+                 store=None) -> SwapReport:
     """Replace every module of ``changes`` (path -> choice) by its new precision."""
     report, start = SwapReport(), time.perf_counter()
     for path, choice in changes.items():
         try:
-            new = build_module(_module(model, path), path, choice, weights, float32_compute)
+            new = build_module(_module(model, path), path, choice, weights, float32_compute, store)
         except Exception as e:  # keep the old weights, report, go on
             report.failed[path] = f"{type(e).__name__}: {e}"
             continue

@@ -1,4 +1,4 @@
-"""``--model`` resolution: embedded default | .gguf file | HF/MLX folder | hub id -> MLX folder."""
+"""``--model`` resolution: embedded default | .gguf file | HF/MLX folder | model pack | hub id -> MLX folder."""
 
 import importlib.util
 import logging
@@ -8,6 +8,7 @@ from pathlib import Path
 from lsaq_mlx.cache import atomic_dir, cache_dir, file_sha256, fingerprint_bytes
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources import folder, hub
+from lsaq_mlx.sources.pack import PACK_SUFFIX, is_pack, pack_source
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ class ModelSource:
     """A model resolved to a folder that ``mlx_lm.load`` opens."""
 
     spec: str  # what the user passed
-    kind: str  # "default" | "gguf" | "folder" | "hub"
-    path: Path  # the MLX model folder
+    kind: str  # "default" | "gguf" | "folder" | "pack" | "hub"
+    path: Path  # the MLX model folder (for a pack: its files but the weights, see sources/pack.py)
     origin: str  # the file, folder or hub id it came from
     fingerprint: str  # content fingerprint, the key of every cache built on it
 
@@ -48,11 +49,13 @@ def resolve_model(spec: str | None = None) -> ModelSource:
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         return _from_gguf(spec, path, "gguf")
+    if path.suffix.lower() == PACK_SUFFIX or (path.is_file() and is_pack(path)):
+        return pack_source(spec, path)
     if path.is_dir():
         folder.check_model_folder(path)
         return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder.folder_fingerprint(path))
     if path.exists():
-        raise UserError(f"{path} is neither a .gguf file nor a model folder")
+        raise UserError(f"{path} is neither a .gguf file, a model pack nor a model folder")
     if hub.looks_like_hub_id(spec):
         local = hub.download(spec)
         folder.check_model_folder(local)

@@ -1,0 +1,74 @@
+"""Models in a pack (``lsaq-mlx pack``): resolved without unpacking the weights.
+
+The small files (config, tokenizer, plan) are extracted once into the cache under the
+pack's content fingerprint, which is the packed folder's own, so that folder stands in
+as ``ModelSource.path`` for everything but the weights. The weights are decoded from
+the pack straight into memory when the model loads.
+"""
+
+from pathlib import Path
+
+from lsaq_mlx.cache import atomic_dir, cache_dir
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.storage.container import MAGIC
+
+PACK_SUFFIX = ".lsaqpack"
+
+
+def is_pack(path: Path) -> bool:
+    """Whether ``path`` is a file that starts as a container does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def pack_source(spec: str, path: Path):
+    from lsaq_mlx.sources.resolve import ModelSource
+    from lsaq_mlx.storage.model_pack import PackedModel
+
+    packed = PackedModel(path)
+    try:
+        target = cache_dir() / "packs" / packed.fingerprint
+        if not (target / "config.json").is_file():
+            small = [n for n in packed.files if not n.endswith(".safetensors")]
+            with atomic_dir(target, force=True) as tmp:
+                packed.write_files(tmp, small)
+    finally:
+        packed.close()
+    return ModelSource(spec, "pack", target, str(Path(path).resolve()), packed.fingerprint)
+
+
+def load_packed(source, lazy: bool = False):
+    """``(model, tokenizer, config)`` as ``mlx_lm.load`` builds them, with the weights
+    read from the pack ``source.origin``."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import infer_quant_config, load_model, load_tokenizer
+
+    from lsaq_mlx.storage.model_pack import PackedModel
+
+    packed = PackedModel(Path(source.origin))
+    try:
+        weights = packed.weights()
+    finally:
+        packed.close()
+    # mlx-lm builds the model from config.json (quantizing the modules it names); the
+    # folder holds no weights, so the rest follows here, as mlx-lm does with its own
+    model, config = load_model(source.path, lazy=True, strict=False)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    if config.get("quantization"):
+        q = config["quantization"]
+        nn.quantize(model, group_size=q["group_size"], bits=q["bits"], mode=q.get("mode", "affine"),
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and f"{p}.scales" in weights
+                    and infer_quant_config(p, m, weights))
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise UserError(f"the weights in {source.origin} do not fit its config: {e}") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    tokenizer = load_tokenizer(source.path, eos_token_ids=config.get("eos_token_id", None))
+    return model, tokenizer, config

@@ -1,0 +1,184 @@
+"""The layer store: every module of a model at every setting a PlanSet uses, quantized
+once and kept compressed on disk, so a hot swap reads the ready module instead of
+re-quantizing it from the float source.
+
+Under ``<cache>/layers/<source fingerprint>-mlx<MLX version>-v<store version>/``: one
+container per decoder layer (``layer-0007.lsaqstore``) and one for the modules outside
+the layers (``other.lsaqstore``). A record holds one parameter of one module at one
+setting, ``<module path>@<setting>/<parameter>`` (setting ``4b64``: 4 bits in groups of
+64; ``f16``: kept in float16); the container's meta names each module's class and
+parameters. The tensors are what ``runtime.swap.quantized_module`` computes (the store
+is built with it), so a module read from the store equals a re-quantized one bit for
+bit; MLX's version is in the key because its quantizer may change. A damaged file is
+reported and the swap falls back to re-quantizing.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.cache import atomic_file, cache_dir
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.storage import transforms
+from lsaq_mlx.storage.container import ContainerReader, ContainerWriter, chunks_of
+from lsaq_mlx.storage.model_pack import DTYPES, encoding_for, to_array
+
+log = logging.getLogger(__name__)
+
+STORE_VERSION = 1
+SUFFIX = ".lsaqstore"
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def setting_key(choice) -> str:
+    if not choice:
+        return "f16"
+    mode = choice.get("mode", "affine")
+    return f"{choice['bits']}b{choice['group_size']}" + ("" if mode == "affine" else mode)
+
+
+def file_name(path: str) -> str:
+    parts = path.split(".")
+    if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
+        return f"layer-{int(parts[parts.index('layers') + 1]):04d}{SUFFIX}"
+    return f"other{SUFFIX}"
+
+
+class LayerStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.bytes_read = 0  # stored (compressed) bytes read by swaps
+        self._readers: dict[str, ContainerReader | None] = {}
+
+    @classmethod
+    def for_model(cls, fingerprint: str) -> "LayerStore":
+        return cls(cache_dir() / "layers" / f"{fingerprint}-mlx{mx.__version__}-v{STORE_VERSION}")
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
+        self._readers.clear()
+
+    def _reader(self, name: str) -> ContainerReader | None:
+        if name not in self._readers:
+            path = self.root / name
+            try:
+                self._readers[name] = ContainerReader(path, "layer store file") if path.is_file() else None
+            except UserError as e:
+                log.warning("layer store: %s; rebuilding or re-quantizing instead", e)
+                self._readers[name] = None
+        return self._readers[name]
+
+    def _modules_in(self, name: str) -> dict:
+        reader = self._reader(name)
+        return reader.meta.get("modules", {}) if reader else {}
+
+    def build(self, plans, model: nn.Module, weights) -> dict:
+        """Store every (module, setting) of ``plans`` that is not stored yet, quantized
+        from ``weights`` (the source) as a swap would; ``model`` tells embeddings from
+        linear layers. Returns what was done."""
+        from lsaq_mlx.runtime.swap import quantized_module
+
+        start = time.perf_counter()
+        wanted: dict[str, dict] = {}
+        for plan in plans:
+            for path, choice in plan.modules.items():
+                wanted.setdefault(file_name(path), {})[f"{path}@{setting_key(choice)}"] = (path, choice)
+        missing = {name: {k: v for k, v in entries.items() if k not in self._modules_in(name)}
+                   for name, entries in wanted.items()}
+        missing = {name: entries for name, entries in missing.items() if entries}
+        modules = dict(model.named_modules())
+        self.root.mkdir(parents=True, exist_ok=True)
+        with progress_bar("building the layer store", sum(map(len, missing.values()))) as advance:
+            for name, entries in missing.items():
+                self._rewrite(name, entries, lambda path, choice: quantized_module(modules[path], path, choice, weights),
+                              advance)
+        return {"root": str(self.root), "modules": sum(map(len, wanted.values())),
+                "written": sum(map(len, missing.values())), "files": len(wanted),
+                "bytes": sum(f.stat().st_size for f in self.root.glob(f"*{SUFFIX}")),
+                "seconds": time.perf_counter() - start}
+
+    def _rewrite(self, name: str, entries: dict, make, advance) -> None:
+        """Write file ``name`` again with what it held plus ``entries``."""
+        old, modules = self._reader(name), dict(self._modules_in(name))
+        with atomic_file(self.root / name) as tmp, open(tmp, "wb") as f:
+            writer = ContainerWriter(f)
+            for key, info in modules.items():
+                for record in info["records"]:
+                    r = old.record(record)
+                    writer.add(record, chunks_of(old.read(record), transforms.unit_bytes(r["transform"])),
+                               r["transform"], r["codec"], r["meta"])
+            for key, (path, choice) in entries.items():
+                module = make(path, choice)
+                mx.eval(module.parameters())
+                modules[key] = _add_module(writer, key, module, choice)
+                del module
+                advance()
+            writer.finish({"kind": "lsaq-mlx layer store", "version": STORE_VERSION, "modules": modules})
+        if old is not None:
+            old.close()
+        self._readers.pop(name, None)
+
+    def module(self, path: str, choice) -> nn.Module | None:
+        """The module at ``path`` with ``choice`` as stored (float16), or None when the
+        store does not hold it or its file is damaged."""
+        name = file_name(path)
+        info = self._modules_in(name).get(f"{path}@{setting_key(choice)}")
+        if info is None:
+            return None
+        reader = self._reader(name)
+        before = reader.bytes_read
+        try:
+            arrays = {}
+            for record in info["records"]:
+                meta = reader.record(record)["meta"]
+                arrays[meta["tensor"]] = to_array(reader.read(record), meta)
+            return _shell(info, arrays)
+        except UserError as e:
+            log.warning("layer store: %s; re-quantizing %s instead", e, path)
+            return None
+        finally:
+            self.bytes_read += reader.bytes_read - before
+
+
+def _add_module(writer: ContainerWriter, key: str, module: nn.Module, choice) -> dict:
+    records = []
+    for param, array in tree_flatten(module.parameters()):
+        dtype = _DTYPE_NAMES[array.dtype]
+        transform, codec_name = encoding_for(dtype, choice["bits"] if choice and param == "weight" else None)
+        raw = np.array(array).tobytes()
+        record = f"{key}/{param}"
+        writer.add(record, chunks_of(raw, transforms.unit_bytes(transform)), transform, codec_name,
+                   {"tensor": param, "dtype": dtype, "shape": list(array.shape)})
+        records.append(record)
+    info = {"class": type(module).__name__, "records": records}
+    if choice:
+        info |= {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
+    return info
+
+
+def _shell(info: dict, arrays: dict) -> nn.Module:
+    """A module of the stored class holding ``arrays``."""
+    kind, bias = info["class"], "bias" in arrays
+    if kind == "Linear":
+        module = nn.Linear(1, 1, bias=bias)
+    elif kind == "Embedding":
+        module = nn.Embedding(1, 1)
+    elif kind == "QuantizedLinear":
+        module = nn.QuantizedLinear.from_linear(nn.Linear(info["group_size"], 1, bias=bias), info["group_size"],
+                                                info["bits"], info["mode"])
+    elif kind == "QuantizedEmbedding":
+        module = nn.QuantizedEmbedding.from_embedding(nn.Embedding(1, info["group_size"]), info["group_size"],
+                                                      info["bits"], info["mode"])
+    else:
+        raise UserError(f"the layer store holds a module of unknown class {kind}")
+    for param, array in arrays.items():
+        setattr(module, param, array)
+    return module

@@ -1,0 +1,287 @@
+"""A model folder as one compressed container (``lsaq-mlx pack`` / ``unpack``).
+
+Every file of the folder is kept byte for byte. A ``*.safetensors`` file becomes its
+header record (the 8-byte length and the JSON, verbatim) and one record per tensor in
+the order of the data (any bytes between tensors become records too), each encoded by
+what it holds (``encoding_for``, measured by ``scripts/bench_storage.py``): quantized
+codes regrouped so no code straddles a byte, float tensors byte-shuffled, all zstd. Other
+files (config, tokenizer) are one record each.
+
+The container's meta::
+
+    {"kind": "lsaq-mlx model", "version": 1, "fingerprint": str,
+     "files": [{"path": "model.safetensors", "size": int, "sha256": str,
+                "records": [record names, in file order]}, ...]}
+
+``fingerprint`` is the folder's content fingerprint (``sources.folder.folder_fingerprint``),
+so every cache keyed by the folder serves its pack. Unpacking writes into a temporary
+folder beside the target, checks every file's SHA-256, then renames it into place.
+"""
+
+import hashlib
+import struct
+import time
+from pathlib import Path, PurePosixPath
+
+import mlx.core as mx
+import numpy as np
+
+from lsaq_mlx.cache import atomic_dir, atomic_file, fingerprint_bytes
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.sources.folder import check_model_folder, safetensors_header
+from lsaq_mlx.storage import transforms
+from lsaq_mlx.storage.container import (
+    ContainerReader,
+    ContainerWriter,
+    file_chunks,
+)
+
+PACK_KIND = "lsaq-mlx model"
+PACK_VERSION = 1
+# zstd-1 everywhere: on code bytes higher levels find spurious matches and lose ratio; on
+# shuffled floats they gain nothing (scripts/bench_storage.py)
+CODES_CODEC = "zstd-1"
+FLOAT_CODEC = "zstd-1"
+BLOB_CODEC = "zstd-9"  # headers, JSON and tokenizer files: small, compress well
+
+DTYPES = {
+    "F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32, "F64": mx.float64,
+    "U8": mx.uint8, "U16": mx.uint16, "U32": mx.uint32, "U64": mx.uint64,
+    "I8": mx.int8, "I16": mx.int16, "I32": mx.int32, "I64": mx.int64, "BOOL": mx.bool_,
+}
+
+
+def encoding_for(dtype: str, bits: int | None) -> tuple[str, str]:
+    """``(transform, codec)`` for a tensor of safetensors ``dtype``; ``bits`` when it holds
+    quantized codes."""
+    if bits is not None and dtype == "U32":
+        return f"codes:{bits}", CODES_CODEC
+    if dtype in ("F16", "BF16"):
+        return "shuffle:2", FLOAT_CODEC
+    if dtype == "F32":
+        return "shuffle:4", FLOAT_CODEC
+    return "none", FLOAT_CODEC
+
+
+def code_bits(config: dict, header: dict) -> dict[str, int]:
+    """Tensor name -> bits of its codes, for the quantized weights of a safetensors file."""
+    quantization = config.get("quantization") or {}
+    bits = {}
+    for name in header:
+        path, _, param = name.rpartition(".")
+        if param != "weight" or f"{path}.scales" not in header:
+            continue
+        choice = quantization.get(path, quantization)
+        if isinstance(choice, dict) and isinstance(choice.get("bits"), int) and 1 <= choice["bits"] <= 8:
+            bits[name] = choice["bits"]
+    return bits
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """Every regular file under ``folder`` (links followed), in a stable order."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+
+
+def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
+    """Write the model folder ``folder`` as a container at ``out``; return a report."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise UserError(f"model folder not found: {folder}")
+    config = check_model_folder(folder)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; pack writes a file")
+    files = folder_files(folder)
+    raw_bytes = sum(f.stat().st_size for f in files)
+    start = time.perf_counter()
+    entries = []
+    with atomic_file(out) as tmp, open(tmp, "wb") as f, progress_bar(f"packing {folder.name} (MB)", raw_bytes / 1e6) as advance:
+        writer = ContainerWriter(f)
+        for path in files:
+            name = path.relative_to(folder).as_posix()
+            sha = hashlib.sha256()
+            if path.suffix == ".safetensors":
+                records = _add_safetensors(writer, path, name, config, sha, advance)
+            else:
+                with open(path, "rb") as src:
+                    writer.add(name, _hashed(file_chunks(src, 0, path.stat().st_size), sha, advance), "none", BLOB_CODEC)
+                records = [name]
+            entries.append({"path": name, "size": path.stat().st_size, "sha256": sha.hexdigest(), "records": records})
+        meta = {"kind": PACK_KIND, "version": PACK_VERSION,
+                "fingerprint": pack_fingerprint((folder / "config.json").read_bytes(), entries), "files": entries}
+        size = writer.finish(meta)
+    return {"folder": str(folder), "out": str(out), "files": len(entries), "raw_bytes": raw_bytes,
+            "packed_bytes": size, "ratio": raw_bytes / size, "seconds": time.perf_counter() - start,
+            "fingerprint": meta["fingerprint"]}
+
+
+def _hashed(pieces, sha, advance):
+    for piece in pieces:
+        sha.update(piece)
+        advance(len(piece) / 1e6)
+        yield piece
+
+
+def _add_safetensors(writer: ContainerWriter, path: Path, name: str, config: dict, sha, advance) -> list[str]:
+    header = safetensors_header(path)
+    size = path.stat().st_size
+    bits = code_bits(config, header)
+    spans = sorted((t["data_offsets"][0], t["data_offsets"][1], k, t) for k, t in header.items() if k != "__metadata__")
+    records = []
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        base = 8 + n
+
+        def add(record, offset, length, transform="none", codec_name=BLOB_CODEC, meta=None):
+            pieces = file_chunks(f, offset, length, transforms.unit_bytes(transform))
+            writer.add(record, _hashed(pieces, sha, advance), transform, codec_name, meta)
+            records.append(record)
+
+        add(f"{name}#header", 0, base)
+        at = 0
+        for begin, end, tensor, info in spans:
+            if begin < at:
+                raise UserError(f"{path} has overlapping tensors ({tensor}): pack cannot keep it exactly")
+            if begin > at:
+                add(f"{name}#gap@{at}", base + at, begin - at)
+            transform, codec_name = encoding_for(info["dtype"], bits.get(tensor))
+            if (end - begin) % transforms.unit_bytes(transform):
+                transform = "none"
+            add(f"{name}#{tensor}", base + begin, end - begin, transform, codec_name,
+                {"tensor": tensor, "dtype": info["dtype"], "shape": info["shape"]})
+            at = end
+        if base + at < size:
+            add(f"{name}#tail@{at}", base + at, size - base - at)
+    return records
+
+
+def pack_fingerprint(config: bytes, entries: list[dict]) -> str:
+    """As ``sources.folder.folder_fingerprint``: config.json and each top-level weight
+    file's name and SHA-256."""
+    parts = [config]
+    for e in sorted(entries, key=lambda e: e["path"]):
+        if e["path"].endswith(".safetensors") and "/" not in e["path"]:
+            parts += [e["path"], e["sha256"]]
+    return fingerprint_bytes(*parts)
+
+
+class PackedModel:
+    """A model pack opened for reading: its files, its fingerprint, its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.reader = ContainerReader(self.path, "model pack")
+        meta = self.reader.meta
+        if meta.get("kind") != PACK_KIND:
+            raise UserError(f"{self.path} is an lsaq-mlx container but not a model pack")
+        if meta.get("version", 0) > PACK_VERSION:
+            raise UserError(f"{self.path} is a version {meta['version']} model pack; this lsaq-mlx reads "
+                            f"version {PACK_VERSION}: upgrade it")
+        try:
+            self.files = {e["path"]: e for e in meta["files"]}
+            for e in self.files.values():
+                _check_relative(e["path"])
+                for r in e["records"]:
+                    self.reader.record(r)
+            self.fingerprint = str(meta["fingerprint"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{self.path} is corrupt: its file list is unreadable ({e})") from None
+        if "config.json" not in self.files:
+            raise UserError(f"{self.path} holds no config.json: not a model")
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def write_files(self, target: Path, names=None, advance=lambda n: None) -> None:
+        """Write the files ``names`` (default: all) under ``target``, each checked."""
+        for name in names if names is not None else self.files:
+            entry = self.files[name]
+            dest = target / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            sha = hashlib.sha256()
+            with open(dest, "wb") as out:
+                for record in entry["records"]:
+                    for piece in self.reader.iter_raw(record):
+                        sha.update(piece)
+                        out.write(piece)
+                        advance(len(piece) / 1e6)
+            if sha.hexdigest() != entry["sha256"] or dest.stat().st_size != entry["size"]:
+                raise UserError(f"{self.path} is corrupt: {name} fails its SHA-256 check")
+
+    def weight_files(self) -> list[str]:
+        """The files mlx-lm loads weights from (``model*.safetensors`` at the top)."""
+        return sorted(n for n in self.files if "/" not in n and n.startswith("model") and n.endswith(".safetensors"))
+
+    def tensor_records(self) -> dict[str, dict]:
+        """Tensor name -> record, over the weight files."""
+        records = {}
+        for name in self.weight_files():
+            for r in self.files[name]["records"]:
+                record = self.reader.record(r)
+                if "tensor" in record["meta"]:
+                    records[record["meta"]["tensor"]] = record
+        return records
+
+    def weights(self) -> dict[str, mx.array]:
+        """Every tensor of the weight files, decoded and checked."""
+        records = self.tensor_records()
+        by_record = {r["name"]: t for t, r in records.items()}
+        out = {}
+        for record_name, raw in self.reader.read_many(list(by_record)):
+            tensor = by_record[record_name]
+            out[tensor] = to_array(raw, records[tensor]["meta"])
+        return out
+
+
+def to_array(raw: bytes, meta: dict) -> mx.array:
+    dtype = DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise UserError(f"tensor {meta['tensor']} has dtype {meta['dtype']}, which MLX cannot hold")
+    return mx.array(np.frombuffer(raw, np.uint8)).view(dtype).reshape(meta["shape"])
+
+
+class PackedWeights:
+    """Tensors of a pack by name, each decoded only when asked for (the runtime's hot
+    swap reads its source this way)."""
+
+    def __init__(self, path: Path):
+        self.packed = PackedModel(path)
+        self.folder = self.packed.path
+        self.records = self.packed.tensor_records()
+
+    def get(self, name: str) -> mx.array | None:
+        record = self.records.get(name)
+        if record is None:
+            return None
+        return to_array(self.packed.reader.read(record["name"]), record["meta"])
+
+
+def _check_relative(name: str) -> None:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise ValueError(f"unsafe file name {name!r}")
+
+
+def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
+    """Write the folder a pack holds at ``out``, byte for byte; return a report."""
+    pack, out = Path(pack), Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    start = time.perf_counter()
+    packed = PackedModel(pack)
+    total = sum(e["size"] for e in packed.files.values())
+    try:
+        with atomic_dir(out, force=force) as tmp, progress_bar(f"unpacking {pack.name} (MB)", total / 1e6) as advance:
+            packed.write_files(tmp, advance=advance)
+    except FileExistsError:
+        raise UserError(f"{out} already exists (use --force to replace it)") from None
+    finally:
+        packed.close()
+    return {"pack": str(pack), "out": str(out), "files": len(packed.files), "raw_bytes": total,
+            "packed_bytes": pack.stat().st_size, "seconds": time.perf_counter() - start,
+            "fingerprint": packed.fingerprint}

@@ -1,0 +1,1 @@
+"""The app's widgets and modal screens, one to a file."""
