@@ -308,10 +308,12 @@ def pack(
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Compress a model folder into one file, exactly lossless; --model accepts the file as it is."""
+    """Compress a model folder into one file, exactly lossless (every file's SHA-256 is kept and checked).
+
+    --model accepts the file as it is (the weights are decoded straight into memory); unpack restores the folder."""
     from lsaq_mlx.storage.model_pack import pack_model
 
-    target = out or folder.with_name(folder.name + ".lsaqpack")
+    target = out or folder.resolve().with_name(folder.resolve().name + ".lsaqpack")
     report = pack_model(folder, target, force=force)
     if json_out:
         return emit_json(report)

@@ -1,8 +1,11 @@
 """Runtime benchmark: hot-swap latency and memory, and generation speed, in one run.
 
-    python scripts/bench_runtime.py [--model default] [--low 3.0] [--high 5.0] [--swaps 200]
+    python scripts/bench_runtime.py [--model default] [--low 3.0] [--high 5.0] [--swaps 200] [--layer-store]
 
-1. A full swap between the --low and --high lsaq plans, and its time per layer;
+1. A full swap between the --low and --high lsaq plans, its time per layer and the bytes
+   it reads; with --layer-store, the same swap read from a layer store (built first, in a
+   temporary folder) instead of re-quantized, and a check that both give the same weights
+   (warm page cache; cold: scripts/bench_storage.py);
 2. MLX active memory after a swap vs a fresh load of the target plan (target: within 5 %);
 3. --swaps alternating full swaps while generating (a whole plan between two tokens):
    active memory at the end vs a fresh load of the same plan (target: no growth);
@@ -20,7 +23,7 @@ per token), the same mode on both sides of every comparison.
 import argparse
 import os
 import platform
-import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--high", type=float, default=5.0)
     parser.add_argument("--swaps", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--layer-store", action="store_true", help="Also swap from a layer store (see 1).")
     args = parser.parse_args()
     reexec_with_fast_blas()
     from mlx_lm.generate import stream_generate
@@ -65,12 +69,12 @@ def main() -> None:
     model = fresh(low)
     mx.clear_cache()
     changes = {p: c for p, c in high.modules.items() if low.modules[p] != c}
-    start = time.perf_counter()
-    swap_modules(model, changes, weights, float32_compute=False)
-    full = time.perf_counter() - start
+    report = swap_modules(model, changes, weights, float32_compute=False)
+    full, requantized = report.seconds, params_digest(model)
     n_layers = len(layer_groups(changes))
-    rows.append((f"swap {args.low} -> {args.high} bpw ({len(changes)} modules, {n_layers} layer groups)",
-                 f"{full:.2f} s, {full / n_layers * 1000:.0f} ms per layer", ""))
+    rows.append((f"swap {args.low} -> {args.high} bpw ({len(changes)} modules, {n_layers} layer groups), re-quantizing",
+                 f"{full:.2f} s, {full / n_layers * 1000:.0f} ms per layer, {report.source_bytes / 1e6:.1f} MB read "
+                 "from the source", ""))
     mx.clear_cache()
     swapped_active = mx.get_active_memory()
     swapped_out = greedy(model, tokenizer, prompt, args.tokens, stream_generate, make_sampler)
@@ -86,6 +90,8 @@ def main() -> None:
                  "within 5 %"))
     rows.append(("greedy output after swapping vs converted directly", "identical" if swapped_out == direct_out
                  else f"differs: {swapped_out[:60]!r} vs {direct_out[:60]!r}", "identical"))
+    if args.layer_store:
+        rows += store_swap(fresh, low, high, changes, weights, full, requantized)
 
     # 3-6 in this machine's compute mode
     os.environ.pop(compute.COMPUTE_ENV)
@@ -166,6 +172,44 @@ def engine_reply(Engine, source, plans: dict, budget: float, tokens: int, swap_t
     finally:
         engine.shutdown()
     return done.data, swapped
+
+
+def store_swap(fresh, low, high, changes: dict, weights, requantize_s: float, requantized: str) -> list[tuple]:
+    """The swap of 1 read from a layer store: rows for its time and bytes, and identity."""
+    import tempfile
+
+    from lsaq_mlx.runtime.swap import layer_groups, swap_modules
+    from lsaq_mlx.storage.layer_store import LayerStore
+
+    with tempfile.TemporaryDirectory(prefix="layer-store-") as root:
+        store = LayerStore(Path(root))
+        model = fresh(low)
+        built = store.build([low, high], model, weights)
+        store.close()  # swap from files opened afresh
+        report = swap_modules(model, changes, weights, float32_compute=False, store=store)
+        same = params_digest(model) == requantized and not report.failed
+        store.close()
+    del model
+    mx.clear_cache()
+    n_layers = len(layer_groups(changes))
+    return [(f"the same swap read from a layer store ({built['bytes'] / 1e6:.1f} MB on disk for both plans, "
+             f"built in {built['seconds']:.1f} s)",
+             f"{report.seconds:.2f} s, {report.seconds / n_layers * 1000:.0f} ms per layer, "
+             f"{report.store_bytes / 1e6:.1f} MB read (source: {report.source_bytes / 1e6:.1f} MB); "
+             f"{requantize_s / report.seconds:.1f}x faster than re-quantizing", ""),
+            ("weights after the swap: layer store vs re-quantizing", "identical" if same else "DIFFER", "identical")]
+
+
+def params_digest(model) -> str:
+    import hashlib
+
+    from mlx.utils import tree_flatten
+
+    digest = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        digest.update(name.encode())
+        digest.update(bytes(memoryview(value)))
+    return digest.hexdigest()
 
 
 def greedy(model, tokenizer, prompt, n, stream_generate, make_sampler) -> str:

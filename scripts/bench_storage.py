@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import struct
 import subprocess
@@ -339,19 +340,6 @@ def read_bytes() -> int:
     return 0
 
 
-class CountingWeights:
-    """Source weights that count the bytes of the tensors they hand out."""
-
-    def __init__(self, weights):
-        self.inner, self.folder, self.bytes = weights, weights.folder, 0
-
-    def get(self, name):
-        array = self.inner.get(name)
-        if array is not None:
-            self.bytes += array.nbytes
-        return array
-
-
 def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repeats: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -377,8 +365,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
             prepare_for_compute(model, "float32")
         mx.eval(model.parameters())
         store.close()  # reopen its files, as a swap in a new session would
-        store.bytes_read = 0
-        weights = CountingWeights(source_weights(source))
+        weights = source_weights(source)
         if cache == "cold":
             drop_caches()
         else:
@@ -394,7 +381,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
         del model
         mx.clear_cache()
         return {"seconds": seconds, "device_read_mb": (read_bytes() - before) / 1e6,
-                "logical_read_mb": (store.bytes_read if label == "layer store" else weights.bytes) / 1e6}
+                "logical_read_mb": (report.store_bytes + report.source_bytes) / 1e6}
 
     for float32 in (True, False):
         for start_plan, target in ((low, high), (high, low)):
@@ -408,6 +395,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
                                  "layers": len(layer_groups(changes)),
                                  **{k: statistics.median(r[k] for r in runs) for k in runs[0]}})
     store.close()
+    shutil.rmtree(store_root)
     return {"store": built, "rows": rows, "identical": all(len(d) == 1 for d in outcome.values())}
 
 
@@ -480,7 +468,8 @@ def print_swap(s: dict) -> None:
     b = s["store"]
     print(f"\n## Hot swap: re-quantizing from the source vs the layer store\n\nLayer store for 2 plans: {b['modules']} "
           f"(module, setting) entries, {b['bytes'] / 1e6:.1f} MB on disk, built in {b['seconds']:.1f} s.\n")
-    print("| compute | swap (bpw) | page cache | path | seconds | ms per layer | read (logical) MB | read (device) MB |")
+    print("| compute | swap (bpw) | page cache | path | seconds | ms per layer | MB read (source: tensors; store: compressed) "
+          "| MB read from the device |")
     print("|---|---|---|---|---|---|---|---|")
     for x in s["rows"]:
         print(f"| {x['compute']} | {x['swap']} | {x['cache']} | {x['path']} | {x['seconds']:.2f} | "

@@ -204,7 +204,7 @@ def swapped(source, start, target, weights, store=None):
     prepare_for_compute(model)
     report = swap_modules(model, target.modules, weights, float32_compute=True, store=store)
     assert not report.failed, report.failed
-    return dict(tree_flatten(model.parameters()))
+    return dict(tree_flatten(model.parameters())), report
 
 
 def test_layer_store_swaps_equal_requantizing(workdir, plans, tmp_path):
@@ -215,8 +215,10 @@ def test_layer_store_swaps_equal_requantizing(workdir, plans, tmp_path):
     assert built["written"] == built["modules"] > 0
     assert store.build([plans[8]], model, SourceWeights(source.path))["written"] == 0  # already there
     for target in (plans[8], plans["mixed"]):
-        direct = swapped(source, plans[3], target, SourceWeights(source.path))
-        from_store = swapped(source, plans[3], target, NoSource(), store)
+        direct, requantizing = swapped(source, plans[3], target, SourceWeights(source.path))
+        from_store, reading = swapped(source, plans[3], target, NoSource(), store)
+        assert requantizing.source_bytes > 0 and requantizing.store_bytes == 0
+        assert reading.store_bytes > 0 and reading.source_bytes == 0
         assert direct.keys() == from_store.keys()
         for name in direct:
             assert mx.array_equal(direct[name], from_store[name]).item() and direct[name].dtype == from_store[name].dtype, name
@@ -234,8 +236,9 @@ def test_a_damaged_layer_store_falls_back_to_the_source(workdir, plans, tmp_path
     for f in (tmp_path / "store").iterdir():
         f.write_bytes(f.read_bytes()[:-100])
     damaged = LayerStore(tmp_path / "store")
-    direct = swapped(source, plans[3], plans[8], SourceWeights(source.path))
-    fallback = swapped(source, plans[3], plans[8], SourceWeights(source.path), damaged)
+    direct, _ = swapped(source, plans[3], plans[8], SourceWeights(source.path))
+    fallback, report = swapped(source, plans[3], plans[8], SourceWeights(source.path), damaged)
+    assert report.store_bytes == 0 and report.source_bytes > 0
     assert all(mx.array_equal(direct[k], fallback[k]).item() for k in direct)
     assert damaged.bytes_read == 0
 
@@ -251,6 +254,6 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
         while (event := engine.events.get(timeout=120)).kind not in ("swapped", "error"):
             pass
         assert event.kind == "swapped" and event.data["changed"] == len(plans[8].modules) and not event.data["failed"]
-        assert engine.store.bytes_read > 0
+        assert event.data["store_bytes_read"] == engine.store.bytes_read > 0 and event.data["source_bytes_read"] == 0
     finally:
         engine.shutdown()

@@ -297,7 +297,8 @@ class Engine:
                                                          time.perf_counter() - self._swap_start)))
 
     def _swapped(self, changed: int, failed: dict, seconds: float) -> dict:
-        return {"changed": changed, "failed": failed, "seconds": seconds, **self._plan_info(), **self._swap_from,
+        read = {"source_bytes_read": self._swap_report.source_bytes, "store_bytes_read": self._swap_report.store_bytes}
+        return {"changed": changed, "failed": failed, "seconds": seconds, **read, **self._plan_info(), **self._swap_from,
                 "memory_after": self._process_memory(), "layer_bits": self._layer_bits(),
                 "policy": self.policy.describe() if self.policy else None}
 

@@ -24,6 +24,7 @@ class SourceWeights:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self.bytes_read = 0  # bytes of the tensors handed out (safetensors stores them as they are)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             self.files = json.loads(index.read_text())["weight_map"]
@@ -34,7 +35,9 @@ class SourceWeights:
         if name not in self.files:
             return None
         # mx.load is lazy: only the tensor used is read; the dict is dropped at once
-        return mx.load(str(self.folder / self.files[name]))[name]
+        array = mx.load(str(self.folder / self.files[name]))[name]
+        self.bytes_read += array.nbytes
+        return array
 
 
 def source_weights(source) -> "SourceWeights":
@@ -95,17 +98,22 @@ class SwapReport:
     changed: list[str] = field(default_factory=list)
     failed: dict = field(default_factory=dict)  # path -> message
     seconds: float = 0.0
+    source_bytes: int = 0  # read from the source to re-quantize
+    store_bytes: int = 0  # read from the layer store (compressed)
 
     def merge(self, other: "SwapReport") -> None:
         self.changed += other.changed
         self.failed |= other.failed
         self.seconds += other.seconds
+        self.source_bytes += other.source_bytes
+        self.store_bytes += other.store_bytes
 
 
 def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool,
                  store=None) -> SwapReport:
     """Replace every module of ``changes`` (path -> choice) by its new precision."""
     report, start = SwapReport(), time.perf_counter()
+    source_before, store_before = _bytes_read(weights), _bytes_read(store)
     for path, choice in changes.items():
         try:
             new = build_module(_module(model, path), path, choice, weights, float32_compute, store)
@@ -117,7 +125,13 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
         mx.clear_cache()
         report.changed.append(path)
     report.seconds = time.perf_counter() - start
+    report.source_bytes = _bytes_read(weights) - source_before
+    report.store_bytes = _bytes_read(store) - store_before
     return report
+
+
+def _bytes_read(reader) -> int:
+    return getattr(reader, "bytes_read", 0) if reader is not None else 0
 
 
 def layer_groups(changes: dict) -> list[dict]:

@@ -167,11 +167,7 @@ class ContainerReader:
             data = json.loads(index)
             records = {r["name"]: r for r in data["records"]}
             for r in records.values():
-                for chunk_offset, stored, _ in r["chunks"]:
-                    if chunk_offset < HEADER.size or chunk_offset + stored > offset:
-                        raise ValueError(f"a chunk of {r['name']} lies outside the payload")
-                transforms.parse(r["transform"])
-                codec(r["codec"])
+                _check_record(r, offset)
         except (ValueError, KeyError, TypeError) as e:
             raise self._fail(f"corrupt: its index is unreadable ({e})") from None
         return data.get("meta", {}), records
@@ -233,3 +229,17 @@ class ContainerReader:
     def _check(self, record: dict, sha, size: int) -> None:
         if size != record["size"] or sha.hexdigest() != record["sha256"]:
             raise self._fail(f"corrupt: record {record['name']!r} fails its SHA-256 check")
+
+
+def _check_record(r: dict, payload_end: int) -> None:
+    """Raise ValueError unless index entry ``r`` is well formed and its chunks lie in
+    the payload (the index hash guards against damage, this against other writers)."""
+    if not isinstance(r["size"], int) or not isinstance(r["sha256"], str) or not isinstance(r["meta"], dict):
+        raise ValueError(f"record {r['name']!r} is malformed")
+    for chunk_offset, stored, moved in r["chunks"]:
+        if not all(isinstance(v, int) and v >= 0 for v in (chunk_offset, stored, moved)):
+            raise ValueError(f"a chunk of {r['name']} is malformed")
+        if chunk_offset < HEADER.size or chunk_offset + stored > payload_end:
+            raise ValueError(f"a chunk of {r['name']} lies outside the payload")
+    transforms.parse(r["transform"])
+    codec(r["codec"])

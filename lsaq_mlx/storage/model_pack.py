@@ -1,11 +1,11 @@
 """A model folder as one compressed container (``lsaq-mlx pack`` / ``unpack``).
 
-Every file of the folder is kept byte for byte. A ``*.safetensors`` file becomes its
-header record (the 8-byte length and the JSON, verbatim) and one record per tensor in
-the order of the data (any bytes between tensors become records too), each encoded by
-what it holds (``encoding_for``, measured by ``scripts/bench_storage.py``): quantized
-codes regrouped so no code straddles a byte, float tensors byte-shuffled, all zstd. Other
-files (config, tokenizer) are one record each.
+Every file of the folder but hidden ones is kept byte for byte. A ``*.safetensors`` file
+becomes its header record (the 8-byte length and the JSON, verbatim) and one record per
+tensor in the order of the data (any bytes between tensors become records too), each
+encoded by what it holds (``encoding_for``, measured by ``scripts/bench_storage.py``):
+quantized codes regrouped so no code straddles a byte, float tensors byte-shuffled, all
+zstd. Other files (config, tokenizer) are one record each.
 
 The container's meta::
 
@@ -87,8 +87,10 @@ def folder_files(folder: Path) -> list[Path]:
 def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
     """Write the model folder ``folder`` as a container at ``out``; return a report."""
     folder, out = Path(folder), Path(out)
-    if not folder.is_dir():
+    if not folder.exists():
         raise UserError(f"model folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: pack takes a model folder (e.g. one written by convert)")
     config = check_model_folder(folder)
     if out.exists() and not force:
         raise UserError(f"{out} already exists (use --force to replace it)")
@@ -251,6 +253,11 @@ class PackedWeights:
         self.packed = PackedModel(path)
         self.folder = self.packed.path
         self.records = self.packed.tensor_records()
+
+    @property
+    def bytes_read(self) -> int:
+        """Stored (compressed) bytes read so far."""
+        return self.packed.reader.bytes_read
 
     def get(self, name: str) -> mx.array | None:
         record = self.records.get(name)
