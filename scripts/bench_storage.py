@@ -342,7 +342,7 @@ def read_bytes() -> int:
 
 def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repeats: int) -> dict:
     import mlx.core as mx
-    from mlx.utils import tree_flatten
+    from bench_runtime import params_digest
 
     from lsaq_mlx.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
@@ -374,10 +374,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
         report = swap_modules(model, changes, weights, float32, store if label == "layer store" else None)
         seconds = time.perf_counter() - start
         assert not report.failed, report.failed
-        digest = hashlib.sha256()
-        for _, v in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-            digest.update(bytes(memoryview(v)))
-        outcome.setdefault((float32, start_plan.predicted_bits_per_weight), set()).add(digest.hexdigest())
+        outcome.setdefault((float32, start_plan.predicted_bits_per_weight), set()).add(params_digest(model))
         del model
         mx.clear_cache()
         return {"seconds": seconds, "device_read_mb": (read_bytes() - before) / 1e6,

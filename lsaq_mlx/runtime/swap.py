@@ -113,7 +113,7 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
                  store=None) -> SwapReport:
     """Replace every module of ``changes`` (path -> choice) by its new precision."""
     report, start = SwapReport(), time.perf_counter()
-    source_before, store_before = _bytes_read(weights), _bytes_read(store)
+    source_before, store_before = getattr(weights, "bytes_read", 0), getattr(store, "bytes_read", 0)
     for path, choice in changes.items():
         try:
             new = build_module(_module(model, path), path, choice, weights, float32_compute, store)
@@ -125,13 +125,9 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
         mx.clear_cache()
         report.changed.append(path)
     report.seconds = time.perf_counter() - start
-    report.source_bytes = _bytes_read(weights) - source_before
-    report.store_bytes = _bytes_read(store) - store_before
+    report.source_bytes = getattr(weights, "bytes_read", 0) - source_before
+    report.store_bytes = getattr(store, "bytes_read", 0) - store_before
     return report
-
-
-def _bytes_read(reader) -> int:
-    return getattr(reader, "bytes_read", 0) if reader is not None else 0
 
 
 def layer_groups(changes: dict) -> list[dict]:
