@@ -7,6 +7,7 @@ This module imports no MLX so that the re-exec happens before any heavy import.
 """
 
 import ctypes.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,6 +58,45 @@ def reexec_with_fast_blas(before_exec=None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def share_cores_with_local_ranks() -> int | None:
+    """Give this process's OpenBLAS its share of the cores when several ranks run here
+    (each would otherwise start a thread per core). Returns the thread count it set."""
+    ranks_here = local_rank_count()
+    library = preloaded_openblas()
+    if ranks_here < 2 or library is None or "OPENBLAS_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, (os.cpu_count() or 1) // ranks_here)
+    library.openblas_set_num_threads(threads)
+    return threads
+
+
+def preloaded_openblas():
+    """The OpenBLAS this process preloaded (see ``reexec_with_fast_blas``), as a ctypes library."""
+    for lib in os.environ.get("LD_PRELOAD", "").split(":"):
+        if "openblas" in Path(lib).name.lower():
+            try:
+                library = ctypes.CDLL(lib)
+                return library if hasattr(library, "openblas_set_num_threads") else None
+            except OSError:
+                return None
+    return None
+
+
+def local_rank_count() -> int:
+    """How many ranks of an ``mlx.launch`` (ring hostfile) or MPI run share this machine; 1 outside one."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    hostfile, rank = os.environ.get("MLX_HOSTFILE"), os.environ.get("MLX_RANK", "")
+    if not hostfile or not rank.isdigit():
+        return 1
+    try:  # one list of "ip:port" per rank
+        hosts = [entry[0].rsplit(":", 1)[0] for entry in json.loads(Path(hostfile).read_text())]
+        return hosts.count(hosts[int(rank)])
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return 1
 
 
 def active_blas() -> str:

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -6,6 +7,7 @@ import sys
 import pytest
 
 from cli_run import assert_one_line_error, run_cli
+from lsaq_mlx.blas import find_fast_blas, local_rank_count
 from lsaq_mlx.sweep import Cell, SweepSpec, read_results
 from lsaq_mlx.sweep_report import markdown_table
 from tiny_models import tiny_model, write_gguf
@@ -101,6 +103,52 @@ def test_two_ranks_under_mlx_launch_match_one_process(spec, tmp_path):
         (*same_two, ppl_two, kl_two), = values([two_rows[key]])
         assert same == same_two and (ppl, kl) == pytest.approx((ppl_two, kl_two), rel=1e-5)
     assert (tmp_path / "one" / "results.md").read_text() == (tmp_path / "two" / "results.md").read_text()
+
+
+RANK_REPORT = """
+from lsaq_mlx.blas import reexec_with_fast_blas
+reexec_with_fast_blas()
+import fcntl, json, os, struct, termios
+from lsaq_mlx.blas import preloaded_openblas
+from lsaq_mlx.ranks import Ranks
+ranks = Ranks()
+blas = preloaded_openblas()
+unread = struct.unpack("i", fcntl.ioctl(0, termios.FIONREAD, b"0000"))[0]
+print(json.dumps({"rank": ranks.rank, "size": ranks.size, "blas_threads": blas and blas.openblas_get_num_threads(),
+                  "launcher_nice": os.getpriority(os.PRIO_PROCESS, os.getppid()), "stdin_unread": unread}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the stdin pipe the Linux way")
+def test_ranks_quiet_the_launcher_and_share_the_cores(tmp_path):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    (tmp_path / "report.py").write_text(RANK_REPORT)
+    done = subprocess.run([launcher, "-n", "2", sys.executable, str(tmp_path / "report.py")], capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
+                     key=lambda r: r["rank"])
+    assert [(r["rank"], r["size"]) for r in reports] == [(0, 2), (1, 2)]
+    for r in reports:
+        assert r["launcher_nice"] == 19
+        assert r["stdin_unread"] >= 4096  # the relay's select no longer sees a writable pipe
+        if find_fast_blas():
+            assert r["blas_threads"] == max(1, os.cpu_count() // 2)
+
+
+def test_local_rank_count_reads_the_ring_hostfile(tmp_path, monkeypatch):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.1:5001"], ["10.0.0.2:5000"]]))
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    for rank, expected in ((0, 2), (1, 2), (2, 1)):
+        monkeypatch.setenv("MLX_RANK", str(rank))
+        assert local_rank_count() == expected
+    hosts.write_text("not json")
+    assert local_rank_count() == 1
+    monkeypatch.delenv("MLX_HOSTFILE")
+    assert local_rank_count() == 1
 
 
 def test_bad_specs_give_one_line_errors(spec, tmp_path):
