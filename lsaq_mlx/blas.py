@@ -60,16 +60,13 @@ def reexec_with_fast_blas(before_exec=None) -> None:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
-def share_cores_with_local_ranks() -> int | None:
+def share_cores_with_local_ranks() -> None:
     """Give this process's OpenBLAS its share of the cores when several ranks run here
-    (each would otherwise start a thread per core). Returns the thread count it set."""
+    (each would otherwise start a thread per core)."""
     ranks_here = local_rank_count()
     library = preloaded_openblas()
-    if ranks_here < 2 or library is None or "OPENBLAS_NUM_THREADS" in os.environ:
-        return None
-    threads = max(1, (os.cpu_count() or 1) // ranks_here)
-    library.openblas_set_num_threads(threads)
-    return threads
+    if ranks_here > 1 and library is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
+        library.openblas_set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 def preloaded_openblas():

@@ -101,7 +101,9 @@ def test_two_ranks_under_mlx_launch_match_one_process(spec, tmp_path):
     for key, row in one_rows.items():
         (*same, ppl, kl), = values([row])
         (*same_two, ppl_two, kl_two), = values([two_rows[key]])
-        assert same == same_two and (ppl, kl) == pytest.approx((ppl_two, kl_two), rel=1e-5)
+        # ranks split the cores, so BLAS sums in another order: equal up to rounding (the source's
+        # KL to itself is ~3e-6, all rounding, hence the absolute tolerance)
+        assert same == same_two and (ppl, kl) == pytest.approx((ppl_two, kl_two), rel=1e-5, abs=1e-7)
     assert (tmp_path / "one" / "results.md").read_text() == (tmp_path / "two" / "results.md").read_text()
 
 
