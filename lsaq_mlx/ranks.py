@@ -47,12 +47,10 @@ def quiet_launcher() -> None:
     """Stop a local ``mlx.launch`` from taking CPU time away from its ranks.
 
     Its relay thread per rank loops on ``select`` over the rank's stdin pipe, which is
-    always writable, so it never blocks (1.4 of our 2 cores measured while the ranks
-    slept); its main loop spins the same way when its own stdin is at end of file.
-    Filling this rank's stdin pipe (ranks never read it) makes the relay block, and
-    nice 19 leaves the launcher only the time the ranks leave idle. With both, two
-    ranks ran a forward pass in 8 s each, as two independent processes do, instead of
-    13-20 s.
+    always writable, so it never blocks; its main loop spins the same way when its own
+    stdin is at end of file. Filling this rank's stdin pipe (ranks never read it) makes
+    the relay block, and nice 19 leaves the launcher only the time the ranks leave idle
+    (measured by ``scripts/bench_launcher.py``).
     """
     parent = os.getppid()
     if not any(name in _command_line(parent) for name in _LAUNCHERS):
