@@ -10,6 +10,7 @@ import ctypes.util
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 BLAS_ENV = "LSAQ_MLX_BLAS"  # a library path, or "reference" to keep MLX's own
@@ -79,6 +80,30 @@ def preloaded_openblas():
             except OSError:
                 return None
     return None
+
+
+def cores_for_this_process() -> int:
+    """Cores this process may keep busy: its OpenBLAS thread count when one is
+    preloaded (set by OPENBLAS_NUM_THREADS or shared with local ranks), else its
+    share of the machine's cores."""
+    library = preloaded_openblas()
+    if library is not None:
+        return max(1, library.openblas_get_num_threads())
+    return max(1, (os.cpu_count() or 1) // local_rank_count())
+
+
+@contextmanager
+def single_threaded_blas():
+    """Within the block, a preloaded OpenBLAS runs each GEMM on the calling thread only."""
+    library = preloaded_openblas()
+    threads = library.openblas_get_num_threads() if library is not None else None
+    if library is not None:
+        library.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        if library is not None:
+            library.openblas_set_num_threads(threads)
 
 
 def local_rank_count() -> int:

@@ -3,12 +3,16 @@
 All return one score per decoder layer, higher = more important.
 """
 
+import threading
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from lsaq_mlx.attention import causal_attention_in_blocks
 from lsaq_mlx.compute import dequantize_layers
+from lsaq_mlx.cores import map_on_cores
 from lsaq_mlx.divergence import token_kl
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.lens import find_lens, inner_model, layer_hooks
@@ -33,54 +37,57 @@ def cosine_per_position(x: mx.array, y: mx.array) -> mx.array:
     return dot / (mx.linalg.norm(x, axis=-1) * mx.linalg.norm(y, axis=-1) + 1e-12)
 
 
-def lens_statistics(model, sequences, k=10, stride=1, sets="position", with_jaccard=True, progress=None):
+def lens_statistics(model, sequences, k=10, stride=1, sets="position", with_jaccard=True, progress=None,
+                    workers=None):
     """Mean Jaccard similarity of the logit-lens top-k sets entering and leaving each
     layer, and mean cosine similarity of the hidden states, over ``sequences``.
 
     Layer i's output is layer i+1's input, so each position is projected L+1 times;
-    nothing but the previous layer's top-k ids is kept between layers.
+    nothing but the previous layer's top-k ids is kept between layers. Sequences run
+    on ``workers`` threads (default: one per CPU core, see ``lsaq_mlx.cores``).
     Returns ``(jaccard, cosine, positions)``: per-layer means (jaccard is None
     without ``with_jaccard``, which skips the vocabulary projections).
     """
     lens = find_lens(model)
     if not 1 <= k <= lens.vocab_size:
         raise UserError(f"top-k must be between 1 and the vocabulary size {lens.vocab_size}, got {k}")
-    n_layers = len(inner_model(model)["layers"])
-    jac_sum, cos_sum = np.zeros(n_layers), np.zeros(n_layers)
-    counts = {"positions": 0, "sequences": 0}
-    previous = {}
+    inner = inner_model(model)
+    n_layers = len(inner["layers"])
+    current = threading.local()  # each worker's sequence: its sums and the previous layer's ids
 
     def on_layer(i, x_in, x_out):
         h_in = x_in[0, ::stride].astype(mx.float32)
         h_out = x_out[0, ::stride].astype(mx.float32)
         cos = cosine_per_position(h_in, h_out).sum()
         mx.eval(cos, x_out)
-        cos_sum[i] += cos.item()
+        current.cos[i] = cos.item()
         if not with_jaccard:
             return
-        ids_in = previous.pop("ids") if i > 0 else lens.top_k(h_in, k)
+        ids_in = current.ids if i > 0 else lens.top_k(h_in, k)
         ids_out = lens.top_k(h_out, k)
         if sets == "position":
             jac = jaccard_per_position(ids_in, ids_out).sum()
         else:
             jac = jaccard_of_union(ids_in, ids_out, lens.vocab_size)
         mx.eval(jac, ids_out)
-        jac_sum[i] += jac.item()
-        previous["ids"] = ids_out
+        current.jac[i] = jac.item()
+        current.ids = ids_out
 
-    inner = inner_model(model)
-    with layer_hooks(model, on_layer):
-        for seq in sequences:
-            inner(mx.array(seq)[None])
-            n = len(range(0, len(seq), stride))
-            counts["positions"] += n
-            counts["sequences"] += 1
-            if progress:
-                progress(len(seq))
-    per_layer_units = counts["positions"] if sets == "position" else counts["sequences"]
-    jaccard = (jac_sum / per_layer_units).tolist() if with_jaccard else None
-    cosine = (cos_sum / counts["positions"]).tolist()
-    return jaccard, cosine, counts["positions"]
+    def one_sequence(seq):
+        current.jac, current.cos = np.zeros(n_layers), np.zeros(n_layers)
+        inner(mx.array(seq)[None])
+        current.ids = None
+        return current.jac, current.cos
+
+    advance = (lambda seq: progress(len(seq))) if progress else None
+    mx.eval(model.parameters())  # workers can only read arrays that exist
+    with layer_hooks(model, on_layer), causal_attention_in_blocks():
+        per_sequence = map_on_cores(one_sequence, sequences, advance, workers)
+    positions = sum(len(range(0, len(seq), stride)) for seq in sequences)
+    per_layer_units = positions if sets == "position" else len(sequences)
+    jaccard = (sum(jac for jac, _ in per_sequence) / per_layer_units).tolist() if with_jaccard else None
+    cosine = (sum(cos for _, cos in per_sequence) / positions).tolist()
+    return jaccard, cosine, positions
 
 
 def linear_weights(layer: nn.Module):

@@ -77,9 +77,20 @@ def test_stride_lenses_every_stride_th_position(stride, monkeypatch):
     _, _, positions = importance.lens_statistics(model, sequences, k=3, stride=stride)
     per_sequence = [-(-len(seq) // stride) for seq in sequences]
     assert positions == sum(per_sequence)
-    # every layer projects its output; the first layer also its input
+    # every layer projects its output; the first layer also its input (sequences may run concurrently)
     layers = ARGS["llama"]["num_hidden_layers"]
-    assert lensed == [n for n in per_sequence for _ in range(layers + 1)]
+    assert sorted(lensed) == sorted(n for n in per_sequence for _ in range(layers + 1))
+
+
+def test_sequences_on_several_workers_give_the_same_scores():
+    model = tiny_model("qwen2")
+    sequences = [[(7 * i + 13 * j) % 300 for j in range(90 + 10 * i)] for i in range(5)]
+    done = []
+    serial = importance.lens_statistics(model, sequences, k=5, stride=2, workers=1)
+    parallel = importance.lens_statistics(model, sequences, k=5, stride=2, workers=3, progress=done.append)
+    assert parallel[0] == serial[0] and parallel[2] == serial[2]
+    np.testing.assert_allclose(parallel[1], serial[1], atol=1e-6)
+    assert sorted(done) == sorted(map(len, sequences))
 
 
 def test_zscore_prefers_fewer_outliers():
