@@ -1,10 +1,10 @@
 """Causal attention in query blocks, for long prompts on MLX's CPU backend.
 
 There ``mx.fast.scaled_dot_product_attention`` computes all L x L scores and masks
-the upper triangle, and its softmax exponentials (single-threaded, 10-20 ns each
-on our x86 machines) are a third of a forward pass over 512 tokens. Queries split into blocks, each
-attending only to keys up to its own end, skip most masked scores; the masked ones
-only ever added exact zeros, so the outputs are the same numbers.
+the upper triangle, and its softmax exponentials (single-threaded, 10-20 ns each on
+our x86 machines) are a third of a forward pass over 512 tokens. Queries split into
+blocks, each attending only to keys up to its own end, skip most masked scores; the
+masked ones only ever added exact zeros, so the outputs are the same numbers.
 """
 
 from contextlib import contextmanager
