@@ -64,10 +64,9 @@ def reexec_with_fast_blas(before_exec=None) -> None:
 def share_cores_with_local_ranks() -> None:
     """Give this process's OpenBLAS its share of the cores when several ranks run here
     (each would otherwise start a thread per core)."""
-    ranks_here = local_rank_count()
     library = preloaded_openblas()
-    if ranks_here > 1 and library is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
-        library.openblas_set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+    if local_rank_count() > 1 and library is not None and "OPENBLAS_NUM_THREADS" not in os.environ:
+        library.openblas_set_num_threads(_cores_per_local_rank())
 
 
 def preloaded_openblas():
@@ -89,6 +88,10 @@ def cores_for_this_process() -> int:
     library = preloaded_openblas()
     if library is not None:
         return max(1, library.openblas_get_num_threads())
+    return _cores_per_local_rank()
+
+
+def _cores_per_local_rank() -> int:
     return max(1, (os.cpu_count() or 1) // local_rank_count())
 
 
@@ -96,14 +99,15 @@ def cores_for_this_process() -> int:
 def single_threaded_blas():
     """Within the block, a preloaded OpenBLAS runs each GEMM on the calling thread only."""
     library = preloaded_openblas()
-    threads = library.openblas_get_num_threads() if library is not None else None
-    if library is not None:
-        library.openblas_set_num_threads(1)
+    if library is None:
+        yield
+        return
+    threads = library.openblas_get_num_threads()
+    library.openblas_set_num_threads(1)
     try:
         yield
     finally:
-        if library is not None:
-            library.openblas_set_num_threads(threads)
+        library.openblas_set_num_threads(threads)
 
 
 def local_rank_count() -> int:

@@ -4,9 +4,10 @@
 
 1. tokens/s of jaccard scoring at the default stride (and at stride 1, and without
    the lens: the floor of any stride; and on one thread instead of one worker per
-   core), and the FLOP/s its vocabulary projections achieve (time inside the lens,
-   measured in the one-thread run) as a ratio to this machine's float32 GEMM rate on
-   the same shapes (target >= 0.6);
+   core; and without blocked causal attention, on one thread and on the workers),
+   and the FLOP/s its vocabulary projections achieve (time inside the lens, measured
+   in the one-thread run) as a ratio to this machine's float32 GEMM rate on the same
+   shapes (target >= 0.6);
 2. wall time against mlx_lm.dynamic_quant's sensitivity estimation on the same
    calibration tokens (target: jaccard >= 5x faster);
    each time is the fastest of --repeats rounds, each round running every timed
@@ -16,6 +17,7 @@
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +29,7 @@ import mlx.core as mx
 from lsaq_mlx.blas import reexec_with_fast_blas
 from lsaq_mlx.calibration import load_calibration, token_sequences
 from lsaq_mlx.cores import worker_count
+from lsaq_mlx import importance
 from lsaq_mlx.importance import lens_statistics
 from lsaq_mlx.lens import Lens, find_lens, inner_model
 from lsaq_mlx.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOP_K
@@ -69,6 +72,16 @@ def timed_lens_statistics(model, sequences, k, stride):
         return time.perf_counter() - start, spent
     finally:
         Lens.top_k = original
+
+
+def unblocked_seconds(model, sequences, k, stride, workers=None) -> float:
+    """lens_statistics with causal attention computed whole, as MLX does it."""
+    blocked = importance.causal_attention_in_blocks
+    importance.causal_attention_in_blocks = contextlib.nullcontext
+    try:
+        return seconds(lambda: lens_statistics(model, sequences, k, stride, workers=workers))
+    finally:
+        importance.causal_attention_in_blocks = blocked
 
 
 def dynamic_quant_seconds(model, sequences) -> float:
@@ -120,11 +133,14 @@ def main() -> None:
         rounds.append({
             "wall": seconds(lambda: lens_statistics(model, sequences, DEFAULT_TOP_K, args.stride)),
             "serial": timed_lens_statistics(model, sequences, DEFAULT_TOP_K, args.stride),
+            "unblocked": unblocked_seconds(model, sequences, DEFAULT_TOP_K, args.stride),
+            "plain": unblocked_seconds(model, sequences, DEFAULT_TOP_K, args.stride, workers=1),
             "every": seconds(lambda: lens_statistics(model, sequences, DEFAULT_TOP_K, 1)),
             "unlensed": seconds(lambda: lens_statistics(model, sequences, DEFAULT_TOP_K, 1, with_jaccard=False)),
             "dq": dynamic_quant_seconds(load_model(source)[0], sequences),
             "gemm": gemm_rate(rows_per_projection, hidden, lens.vocab_size)})
-    wall, wall_every, wall_unlensed, dq = (min(r[key] for r in rounds) for key in ("wall", "every", "unlensed", "dq"))
+    wall, wall_every, wall_unlensed, wall_unblocked, wall_plain, dq = (
+        min(r[key] for r in rounds) for key in ("wall", "every", "unlensed", "unblocked", "plain", "dq"))
     wall_serial, spent = min((r["serial"] for r in rounds), key=lambda run: run[0])
     gemm = max(r["gemm"] for r in rounds)
     lens_flops = 2 * spent["positions"] * hidden * lens.vocab_size
@@ -141,6 +157,8 @@ def main() -> None:
           f"{args.tokens / wall:.0f} tok/s ({worker_count(len(sequences))} workers) | |")
     print(f"| same on one thread (lens measured here) / at stride 1 / without the lens (forward + hooks + cosine) "
           f"| {wall_serial:.1f} s / {wall_every:.1f} s / {wall_unlensed:.1f} s | |")
+    print(f"| same without blocked causal attention, on one thread / on the workers | {wall_plain:.1f} s / "
+          f"{wall_unblocked:.1f} s | |")
     print(f"| lensed positions; projections per lensed position | {spent['lensed']} of {args.tokens}; "
           f"{spent['positions'] / spent['lensed']:.0f} (= L+1 = {layers + 1}) | L+1 |")
     print(f"| lens projections on one thread: time / share of wall | {spent['s']:.1f} s / {spent['s'] / wall_serial:.0%} | |")
