@@ -1,20 +1,52 @@
-"""The cache folder, content fingerprints and atomic writes of files and folders."""
+"""The cache folder, content fingerprints, and writes that are atomic and clean up after
+themselves.
 
+Everything is first written to a temporary beside its target, named
+``.<target>.lsaq-tmp-<host>-<pid>-<random>``, and renamed into place when complete. On any
+error (Ctrl-C and SIGTERM included) the temporary is removed; one left by a killed
+process is swept by the next write in that folder, or at the start of a command for the
+cache, once its process is gone (or a newer process holds its PID). Folders we write
+carry a marker file, and an existing folder is only ever replaced when it carries it:
+nothing is deleted that lsaq-mlx did not create.
+"""
+
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from lsaq_mlx.errors import UserError
+
 CACHE_ENV = "LSAQ_MLX_CACHE"
+MARKER = ".lsaq-mlx"  # in every folder lsaq-mlx writes; hidden, so pack leaves it out
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\..+\.lsaq-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]*$")
+_KEY = re.compile(r"^[0-9a-f]{16,64}$")
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
     """Root of all caches: $LSAQ_MLX_CACHE, else ~/.cache/lsaq-mlx."""
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lsaq-mlx"
     return Path(root).expanduser()
+
+
+def cache_entry(kind: str, key: str, suffix: str = "") -> Path:
+    """``<cache>/<kind>/<key><suffix>``; ``key`` must be a fingerprint we computed (hex),
+    so no name read from a file can point a cache entry elsewhere."""
+    if not _KEY.match(key):
+        raise ValueError(f"cache key {key!r} is not a fingerprint")
+    return cache_dir() / kind / f"{key}{suffix}"
 
 
 def fingerprint_bytes(*parts: bytes | str) -> str:
@@ -25,66 +57,183 @@ def fingerprint_bytes(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's content, remembered by (path, size, mtime) so large
-    files are hashed once."""
+def stat_memo(path: Path, kind: str, compute) -> str:
+    """``compute(path)`` (a hex digest of the file's content), remembered by (kind, path,
+    size, mtime) so a large file is read once."""
     path = Path(path).resolve()
     st = path.stat()
     index = cache_dir() / "hashes.json"
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{kind}|{path}|{st.st_size}|{st.st_mtime_ns}"
     known = _read_json(index)
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    known[key] = h.hexdigest()
-    write_json_atomic(index, known)
+    value = known.get(key)
+    if isinstance(value, str) and _KEY.match(value):
+        return value
+    known[key] = compute(path)
+    try:
+        write_json_atomic(index, known)
+    except OSError as e:  # a read-only cache only costs the next run a re-read
+        log.warning("warning: cannot remember the hash of %s in %s: %s", path, index, e.strerror)
     return known[key]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, remembered by (path, size, mtime)."""
+
+    def digest(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+
+    return stat_memo(path, "sha256", digest)
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_cache_json(path: Path, what: str, parse=lambda data: data):
+    """``parse(data)`` of the JSON cache entry at ``path``, or None when there is none.
+    A damaged entry (unreadable, not JSON, or refused by ``parse`` with ValueError,
+    TypeError, KeyError or UserError) is reported in one line and treated as missing, so
+    the caller recomputes it."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UserError) as e:
+        log.warning("warning: the cached %s %s is damaged (%s); recomputing it", what, path, _reason(e))
+        return None
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def write_json_atomic(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+def temp_prefix(name: str) -> str:
+    return f".{name}.lsaq-tmp-{_HOST}-{os.getpid()}-"
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove the temporaries in ``folder`` that lsaq-mlx processes of this machine left
+    when they were killed; return what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if not m or m["host"] != _HOST:
+            continue
+        try:
+            if not _process_gone(int(m["pid"]), entry.stat(follow_symlinks=False).st_mtime):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue
+    if removed:
+        log.info("removed %d stale temporaries in %s", len(removed), folder)
+    return removed
+
+
+def _process_gone(pid: int, made_at: float) -> bool:
+    """Whether process ``pid``, which made a file at ``made_at``, no longer runs."""
+    import psutil
+
+    if pid == os.getpid():
+        return False
+    try:
+        return psutil.Process(pid).create_time() > made_at + 1.0  # the PID was reused
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def sweep_cache() -> None:
+    """Sweep stale temporaries in every folder of the cache."""
+    root = cache_dir()
+    for folder in [root, *(p for p in _subfolders(root))]:
+        sweep_stale(folder)
+
+
+def _subfolders(root: Path):
+    try:
+        return [Path(e.path) for e in os.scandir(root) if e.is_dir(follow_symlinks=False) and not _TEMP.match(e.name)]
+    except OSError:
+        return []
+
+
+def is_ours(folder: Path) -> bool:
+    """Whether ``folder`` is a real folder that lsaq-mlx wrote (it has the marker, or is
+    an entry of the cache: ``<cache>/<kind>/<fingerprint>``), or is empty."""
+    folder = Path(folder)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    in_cache = folder.parent.parent.resolve() == cache_dir().resolve() and _KEY.match(folder.name)
+    return bool(in_cache) or (folder / MARKER).is_file() or not any(folder.iterdir())
 
 
 @contextmanager
 def atomic_dir(target: Path, force: bool = False):
     """Yield a temporary folder beside ``target``; on success it becomes ``target``.
 
-    On any exception (Ctrl-C included) the temporary folder is removed, so a
-    half-written result never appears under the target name.
+    An existing ``target`` is replaced only with ``force`` and only when lsaq-mlx wrote
+    it (``is_ours``); otherwise ``FileExistsError`` or a ``UserError``. On any exception
+    the temporary folder is removed, so a half-written result never appears under the
+    target name. Failed writes become ``OSError``s naming ``target`` and the cause.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        if target.exists():
-            if not force:
-                raise FileExistsError(target)
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with _write_errors_name(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(target.parent)
+        check_replaceable(target, force)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
+        try:
+            yield tmp
+            (tmp / MARKER).write_text('{"written_by": "lsaq-mlx"}\n')
+            with _signals_held():
+                check_replaceable(target, force)
+                if target.exists() or target.is_symlink():
+                    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
+                    os.rename(target, old / "old")
+                    os.rename(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(target: Path, force: bool) -> None:
+    """Raise unless ``target`` is absent, or ``force`` is given and lsaq-mlx wrote it:
+    ``FileExistsError`` without ``force``, a ``UserError`` for a folder not ours."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise FileExistsError(errno.EEXIST, "exists", str(target))
+    if not is_ours(target):
+        raise UserError(f"{target} exists and was not written by lsaq-mlx: not replacing it "
+                        "(remove it yourself or choose another output)")
 
 
 @contextmanager
@@ -92,15 +241,67 @@ def atomic_file(target: Path):
     """Yield a temporary path beside ``target``; on success it replaces ``target``.
 
     On any exception the temporary file is removed, so a half-written file never
-    appears under the target name.
+    appears under the target name; failed writes name ``target`` and the cause.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-    os.close(fd)
+    with _write_errors_name(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(target.parent)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextmanager
+def _write_errors_name(target: Path):
+    """OSErrors without a file name, and MLX's write failures (RuntimeErrors that name
+    neither the file nor the cause), become OSErrors naming ``target`` and the cause."""
     try:
-        yield Path(tmp)
-        os.replace(tmp, target)
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(target)) from None
+        raise
+    except RuntimeError as e:
+        if not str(e).startswith(("[write]", "[save", "[open]")):
+            raise
+        code = _disk_errno(target)
+        raise OSError(code, os.strerror(code) if code else str(e), str(target)) from None
+
+
+def _disk_errno(target: Path) -> int:
+    """Why writing under ``target`` fails: a read-only or full file system, or permission."""
+    folder = Path(target)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return errno.EIO
+    if st.f_flag & os.ST_RDONLY:
+        return errno.EROFS
+    if st.f_bavail * st.f_frsize < 1 << 20:
+        return errno.ENOSPC
+    if not os.access(folder if folder.is_dir() else folder.parent, os.W_OK):
+        return errno.EACCES
+    return errno.EIO
+
+
+@contextmanager
+def _signals_held():
+    """Within the block (a rename pair), SIGINT and SIGTERM wait: a target is never left
+    half replaced. Only the main thread can hold them."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from lsaq_mlx.cache import cache_dir
+from lsaq_mlx.errors import UserError, os_error_line
 from lsaq_mlx.runtime import Engine, Event
 
 HELP = """commands:
@@ -23,6 +24,10 @@ HELP = """commands:
   /save FILE     write the conversation as JSON
   /help          this text
   /quit          leave"""
+
+
+class EngineStopped(UserError):
+    """The engine thread stopped: the chat cannot go on."""
 
 
 class ChatSession:
@@ -45,12 +50,26 @@ class ChatSession:
                            f"{_bpw(event.data)}" + (f"; {len(failed)} failed, kept their old weights: "
                                                    f"{next(iter(failed.values()))}" if failed else "") + "]")
             elif event.kind == "error":
+                if event.data.get("fatal"):
+                    raise EngineStopped(event.data["message"])
                 self.print(f"[error: {event.data['message']}]")
             if event.kind in kinds or event.kind == "error":
                 return event
 
     def handle(self, line: str) -> bool:
-        """Run one input line; False means leave."""
+        """Run one input line; False means leave. A command that fails is reported and
+        the chat goes on (only the engine stopping ends it)."""
+        try:
+            return self._handle(line)
+        except OSError as e:
+            self.print(f"[error: {os_error_line(e)}]")
+        except EngineStopped:
+            raise
+        except UserError as e:
+            self.print(f"[error: {e}]")
+        return True
+
+    def _handle(self, line: str) -> bool:
         line = line.strip()
         if not line:
             return True
@@ -125,9 +144,12 @@ def run_chat(engine: Engine, max_tokens: int, stdin=sys.stdin) -> None:
     import readline
 
     history = cache_dir() / "chat_history"
-    history.parent.mkdir(parents=True, exist_ok=True)
-    if history.exists():
-        readline.read_history_file(str(history))
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        if history.exists():
+            readline.read_history_file(str(history))
+    except OSError:  # an unreadable history costs only the history
+        pass
     interrupts = {"count": 0}
 
     def on_interrupt(signum, frame):
@@ -152,4 +174,7 @@ def run_chat(engine: Engine, max_tokens: int, stdin=sys.stdin) -> None:
         session.print()
     finally:
         signal.signal(signal.SIGINT, previous)
-        readline.write_history_file(str(history))
+        try:
+            readline.write_history_file(str(history))
+        except OSError:
+            pass

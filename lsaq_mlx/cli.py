@@ -7,6 +7,7 @@ stderr), 2 usage error. Set LSAQ_MLX_DEBUG=1 to see full tracebacks.
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,8 @@ import typer
 
 from lsaq_mlx import __version__
 from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.errors import UserError
+from lsaq_mlx.cache import sweep_cache
+from lsaq_mlx.errors import Terminated, UserError, os_error_line
 from lsaq_mlx.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,
@@ -507,15 +509,33 @@ def tui(
         raise UserError(ui.error)
 
 
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main() -> None:
     reexec_with_fast_blas()
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _terminate)
+    debug = bool(os.environ.get("LSAQ_MLX_DEBUG"))
     try:
+        sweep_cache()
         app()
     except UserError as e:
-        if os.environ.get("LSAQ_MLX_DEBUG"):
+        if debug:
             raise
-        err(f"error: {e}")
-        sys.exit(1)
+        _exit(1, f"error: {e}")
+    except OSError as e:
+        if debug:
+            raise
+        _exit(1, f"error: {os_error_line(e)}")
     except KeyboardInterrupt:
-        err("interrupted")
-        sys.exit(130)
+        _exit(130, "interrupted")
+    except Terminated as e:
+        _exit(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}")
+
+
+def _exit(status: int, line: str) -> None:
+    err(" ".join(line.split()))  # one line, whatever the message held
+    sys.exit(status)

@@ -15,6 +15,7 @@ here (k-means and SVD, one module at a time) and writes them to ``swsc.safetenso
 """
 
 import json
+import logging
 import resource
 import shutil
 import sys
@@ -27,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from lsaq_mlx import __version__
-from lsaq_mlx.cache import atomic_dir
+from lsaq_mlx.cache import atomic_dir, check_replaceable
 from lsaq_mlx.compute import compute_mode, dequantize_layers, describe
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.plan import QuantPlan
@@ -35,6 +36,8 @@ from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.format import is_swsc_folder, load_swsc_folder, take_swsc_layers, write_swsc
 from lsaq_mlx.swsc.layer import model_bits_per_weight, swsc_layers
+
+log = logging.getLogger(__name__)
 
 SMOKE_PROMPT = "The capital of France is"
 _NOT_COPIED = {"model.safetensors.index.json", "config.json", "lsaq_plan.json", "lsaq_report.json"}
@@ -66,10 +69,12 @@ class ConvertReport:
 
 def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8) -> ConvertReport:
     out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
+    try:
+        check_replaceable(out, force)  # before the work, not only when it is done
+    except FileExistsError:
+        raise UserError(f"{out} already exists (use --force to replace it)") from None
     start = time.perf_counter()
     mx.reset_peak_memory()
     model, config = quantized_model(source, plan)
@@ -124,10 +129,24 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
     if swsc_modules:
         config = write_swsc(folder, swsc_tensors, swsc_modules, config)
     save_config(config, folder / "config.json")
-    for f in source.path.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in _NOT_COPIED:
-            shutil.copy2(f, folder / f.name)
+    for f in _tokenizer_files(source):
+        shutil.copy2(f, folder / f.name)
     plan.save(folder / "lsaq_plan.json")
+
+
+def _tokenizer_files(source: ModelSource) -> list[Path]:
+    """The source's files to copy (tokenizer, chat template...): not weights, not hidden,
+    and never a link out of the model (a hub snapshot links into its repository's blobs)."""
+    trusted = source.path.resolve().parents[1] if source.kind == "hub" else source.path.resolve()
+    files = []
+    for f in sorted(source.path.iterdir()):
+        if f.name.startswith(".") or f.suffix == ".safetensors" or f.name in _NOT_COPIED or not f.is_file():
+            continue
+        if not f.resolve().is_relative_to(trusted):
+            log.warning("warning: not copying %s: it links outside the model folder", f)
+            continue
+        files.append(f)
+    return files
 
 
 def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:

@@ -6,3 +6,20 @@ class UserError(Exception):
 
     The CLI prints ``error: <message>`` and exits with status 1.
     """
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived: unwinds like Ctrl-C, so temporaries are removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def os_error_line(e: OSError) -> str:
+    """``PATH: cause`` for an OSError (read-only or full disk, permission, name too long)."""
+    cause = e.strerror or type(e).__name__
+    if e.filename is None:
+        return cause
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    return f"{where}: {cause}"

@@ -126,7 +126,7 @@ def convert_models(source, work: Path) -> dict:
 
 def safetensors_tensors(folder: Path):
     """(name, dtype, raw bytes, bits of its codes or None) of every tensor of a folder."""
-    from lsaq_mlx.sources.folder import safetensors_header
+    from lsaq_mlx.formats import safetensors_header
     from lsaq_mlx.storage.model_pack import code_bits
 
     config = json.loads((Path(folder) / "config.json").read_text())

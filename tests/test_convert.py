@@ -55,8 +55,14 @@ def test_existing_output_needs_force(tiny_source, tmp_path):
     with pytest.raises(UserError, match="already exists"):
         convert(tiny_source, plan, out)
     assert (out / "keep.txt").read_text() == "mine"
-    convert(tiny_source, plan, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(UserError, match="not written by lsaq-mlx"):  # --force replaces only our own folders
+        convert(tiny_source, plan, out, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    written = tmp_path / "written"
+    convert(tiny_source, plan, written)
+    (written / "stale.txt").write_text("old")
+    convert(tiny_source, plan, written, force=True)
+    assert not (written / "stale.txt").exists() and (written / "config.json").is_file()
 
 
 def test_interrupted_convert_leaves_no_folder(tiny_source, tmp_path, monkeypatch):

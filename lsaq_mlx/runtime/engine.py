@@ -71,6 +71,9 @@ class Engine:
         self._thread.start()
         self._ready.wait()
         if self._error:
+            # the thread must be gone before the error ends the process: one still inside
+            # MLX while the interpreter finalizes aborts it ("terminate called ...")
+            self._thread.join()
             raise self._error
         return self
 

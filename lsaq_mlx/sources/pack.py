@@ -1,18 +1,25 @@
 """Models in a pack (``lsaq-mlx pack``): resolved without unpacking the weights.
 
 The small files (config, tokenizer, plan) are extracted once into the cache under the
-pack's content fingerprint, which is the packed folder's own, so that folder stands in
-as ``ModelSource.path`` for everything but the weights. The weights are decoded from
-the pack straight into memory when the model loads.
+pack's content fingerprint, which is the packed folder's own (recomputed from the
+decoded bytes, never read from the pack), so that folder stands in as
+``ModelSource.path`` for everything but the weights. The weights are decoded from the
+pack straight into memory when the model loads.
 """
 
+import json
+import logging
 from pathlib import Path
 
-from lsaq_mlx.cache import atomic_dir, cache_dir
+from lsaq_mlx.cache import atomic_dir, cache_entry
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.formats import read_config
 from lsaq_mlx.storage.container import MAGIC
 
 PACK_SUFFIX = ".lsaqpack"
+_MANIFEST = ".lsaq-pack-files.json"  # the small files extracted, with their SHA-256
+
+log = logging.getLogger(__name__)
 
 
 def is_pack(path: Path) -> bool:
@@ -30,14 +37,37 @@ def pack_source(spec: str, path: Path):
 
     packed = PackedModel(path)
     try:
-        target = cache_dir() / "packs" / packed.fingerprint
-        if not (target / "config.json").is_file():
-            small = [n for n in packed.files if not n.endswith(".safetensors")]
+        fingerprint = packed.content_fingerprint()
+        target = cache_entry("packs", fingerprint)
+        small = sorted(n for n in packed.files if not n.endswith(".safetensors"))
+        expected = {n: packed.files[n]["sha256"] for n in small}
+        if not _extracted(target, expected):
             with atomic_dir(target, force=True) as tmp:
                 packed.write_files(tmp, small)
+                (tmp / _MANIFEST).write_text(json.dumps(expected, indent=2) + "\n")
     finally:
         packed.close()
-    return ModelSource(spec, "pack", target, str(Path(path).resolve()), packed.fingerprint)
+    return ModelSource(spec, "pack", target, str(Path(path).resolve()), fingerprint)
+
+
+def _extracted(target: Path, expected: dict) -> bool:
+    """Whether ``target`` holds exactly the small files ``expected`` (name -> SHA-256):
+    a damaged or stale entry is reported and extracted again."""
+    if not target.exists():
+        return False
+    from lsaq_mlx.cache import file_sha256
+
+    try:
+        manifest = json.loads((target / _MANIFEST).read_text())
+        ok = manifest == expected and all(file_sha256(target / n) == sha for n, sha in expected.items())
+        if ok:
+            read_config(target)
+            return True
+        problem = "its files differ from the pack's"
+    except (OSError, ValueError, UserError) as e:
+        problem = str(e) or type(e).__name__
+    log.warning("warning: the cached files of this pack in %s are damaged (%s); extracting them again", target, problem)
+    return False
 
 
 def load_packed(source, lazy: bool = False):

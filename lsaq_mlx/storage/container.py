@@ -17,9 +17,13 @@ The index::
                   "chunks": [[offset, stored bytes, transformed bytes], ...], "meta": {...}}]}
 
 Writing is streaming (one chunk in memory at a time) and the index goes last, so a
-truncated file has no trailer. Reading checks the trailer, the index's hash and every
-chunk's extent before anything is decoded, and each record's hash after: a damaged
-file raises a one-line ``UserError``, never returns wrong bytes.
+truncated file has no trailer. Reading checks the trailer, the index's hash and the
+whole index before anything is decoded: every field's type, names unique and bounded,
+codecs from the allow-list, each chunk inside the payload and no larger than
+``MAX_CHUNK_BYTES`` decoded, and the chunks' decoded sizes adding up to the record's.
+So decoding never holds more than one declared chunk and each record's declared size;
+each record's hash is checked after. A damaged or hostile file raises a one-line
+``UserError``, never returns wrong bytes.
 """
 
 import hashlib
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.storage import transforms
-from lsaq_mlx.storage.codecs import CorruptData, codec
+from lsaq_mlx.storage.codecs import CorruptData, codec, is_container_codec
 
 MAGIC = b"LSAQPACK"
 END = b"LSAQEND!"
@@ -42,6 +46,8 @@ HEADER = struct.Struct("<8sI")
 TRAILER = struct.Struct("<QQ32s8s")
 CHUNK_BYTES = 1 << 22  # raw bytes per chunk: bounds memory, lets chunks decode in parallel
 MAX_INDEX_BYTES = 1 << 30
+MAX_CHUNK_BYTES = 4 * CHUNK_BYTES  # a transformed chunk (``codes`` spreads codes up to 8/5x)
+MAX_RECORD_NAME = 2048
 
 
 def chunks_of(data: bytes, unit: int = 1, size: int = CHUNK_BYTES) -> Iterator[bytes]:
@@ -80,6 +86,8 @@ class ContainerWriter:
         must be a multiple of the transform's unit (``chunks_of`` cuts them so)."""
         if name in self.names:
             raise ValueError(f"duplicate record name {name!r}")
+        if not is_container_codec(codec_name):
+            raise ValueError(f"codec {codec_name!r} is not one a container may use")
         coder, sha, size, chunks = codec(codec_name), hashlib.sha256(), 0, []
         unit = transforms.unit_bytes(transform)
         for piece in pieces:
@@ -90,6 +98,8 @@ class ContainerWriter:
             if len(piece) % unit:
                 raise ValueError(f"record {name!r}: {len(piece)} bytes do not fit transform {transform}")
             moved = transforms.forward(transform, piece)
+            if len(moved) > MAX_CHUNK_BYTES:
+                raise ValueError(f"record {name!r}: a piece of {len(piece)} bytes is larger than a chunk")
             stored = coder.compress(moved)
             chunks.append([self.f.tell(), len(stored), len(moved)])
             self.f.write(stored)
@@ -165,12 +175,20 @@ class ContainerReader:
             raise self._fail("corrupt: its index fails its SHA-256 check")
         try:
             data = json.loads(index)
-            records = {r["name"]: r for r in data["records"]}
-            for r in records.values():
+            if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+                raise ValueError("no record list")
+            meta = data.get("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError("its meta is not an object")
+            records = {}
+            for r in data["records"]:
                 _check_record(r, offset)
+                if r["name"] in records:
+                    raise ValueError(f"two records named {r['name']!r}")
+                records[r["name"]] = r
         except (ValueError, KeyError, TypeError) as e:
             raise self._fail(f"corrupt: its index is unreadable ({e})") from None
-        return data.get("meta", {}), records
+        return meta, records
 
     def record(self, name: str) -> dict:
         if name not in self.records:
@@ -231,15 +249,35 @@ class ContainerReader:
             raise self._fail(f"corrupt: record {record['name']!r} fails its SHA-256 check")
 
 
-def _check_record(r: dict, payload_end: int) -> None:
-    """Raise ValueError unless index entry ``r`` is well formed and its chunks lie in
-    the payload (the index hash guards against damage, this against other writers)."""
-    if not isinstance(r["size"], int) or not isinstance(r["sha256"], str) or not isinstance(r["meta"], dict):
-        raise ValueError(f"record {r['name']!r} is malformed")
-    for chunk_offset, stored, moved in r["chunks"]:
-        if not all(isinstance(v, int) and v >= 0 for v in (chunk_offset, stored, moved)):
-            raise ValueError(f"a chunk of {r['name']} is malformed")
-        if chunk_offset < HEADER.size or chunk_offset + stored > payload_end:
-            raise ValueError(f"a chunk of {r['name']} lies outside the payload")
+def _check_record(r, payload_end: int) -> None:
+    """Raise ValueError unless index entry ``r`` is well formed, its codec allowed, its
+    chunks inside the payload and bounded, and their decoded sizes add up to its size
+    (the index hash guards against damage, this against hostile writers)."""
+    if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not 0 < len(r["name"]) <= MAX_RECORD_NAME:
+        raise ValueError("a record without a usable name")
+    name = r["name"]
+    if not _is_int(r.get("size")) or not isinstance(r.get("sha256"), str) or len(r["sha256"]) != 64:
+        raise ValueError(f"record {name!r} is malformed")
+    if not isinstance(r.get("meta"), dict) or not isinstance(r.get("chunks"), list):
+        raise ValueError(f"record {name!r} is malformed")
+    if not isinstance(r.get("transform"), str) or not isinstance(r.get("codec"), str):
+        raise ValueError(f"record {name!r} is malformed")
     transforms.parse(r["transform"])
-    codec(r["codec"])
+    if not is_container_codec(r["codec"]):
+        raise ValueError(f"record {name!r} names codec {r['codec'][:40]!r}, which containers do not use")
+    total = 0
+    for chunk in r["chunks"]:
+        if not isinstance(chunk, list) or len(chunk) != 3 or not all(_is_int(v) for v in chunk):
+            raise ValueError(f"a chunk of {name!r} is malformed")
+        chunk_offset, stored, moved = chunk
+        if chunk_offset < HEADER.size or chunk_offset + stored > payload_end:
+            raise ValueError(f"a chunk of {name!r} lies outside the payload")
+        if moved > MAX_CHUNK_BYTES:
+            raise ValueError(f"a chunk of {name!r} declares {moved} bytes, more than a chunk holds")
+        total += transforms.raw_size(r["transform"], moved)
+    if total != r["size"]:
+        raise ValueError(f"the chunks of {name!r} decode to {total} bytes, the record says {r['size']}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

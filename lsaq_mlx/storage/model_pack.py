@@ -13,29 +13,31 @@ The container's meta::
      "files": [{"path": "model.safetensors", "size": int, "sha256": str,
                 "records": [record names, in file order]}, ...]}
 
-``fingerprint`` is the folder's content fingerprint (``sources.folder.folder_fingerprint``),
-so every cache keyed by the folder serves its pack. Unpacking writes into a temporary
-folder beside the target, checks every file's SHA-256, then renames it into place.
+``fingerprint`` is what the writer computed as the folder's ``folder_fingerprint``; readers
+never use it: ``PackedModel.content_fingerprint`` recomputes it from the decoded bytes,
+so every cache keyed by the folder serves its pack and no pack can claim another
+model's caches. Unpacking writes into a temporary folder beside the target, checks every
+file's SHA-256, then renames it into place.
 """
 
 import hashlib
+import math
+import os
 import struct
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.cache import atomic_dir, atomic_file, fingerprint_bytes
+from lsaq_mlx.cache import atomic_dir, atomic_file, check_replaceable, stat_memo
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.names import unique_member_paths
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.sources.folder import check_model_folder, safetensors_header
+from lsaq_mlx.formats import safetensors_header
+from lsaq_mlx.sources.folder import check_model_folder, weights_fingerprint
 from lsaq_mlx.storage import transforms
-from lsaq_mlx.storage.container import (
-    ContainerReader,
-    ContainerWriter,
-    file_chunks,
-)
+from lsaq_mlx.storage.container import MAGIC, ContainerReader, ContainerWriter, file_chunks
 
 PACK_KIND = "lsaq-mlx model"
 PACK_VERSION = 1
@@ -79,9 +81,22 @@ def code_bits(config: dict, header: dict) -> dict[str, int]:
 
 
 def folder_files(folder: Path) -> list[Path]:
-    """Every regular file under ``folder`` (links followed), in a stable order."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    """Every file under ``folder`` but hidden ones, in a stable order. A link to a file
+    inside the folder is packed as that file's content; any other link is refused, so
+    nothing outside the folder is ever read."""
+    root, files = Path(folder).resolve(), []
+    for here, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in [*dirs, *names]:
+            path = Path(here) / name
+            if name.startswith(".") or not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not target.is_relative_to(root) or not target.is_file():
+                raise UserError(f"{path} is a link to {target}, outside the folder or not a file: pack a copy "
+                                "without such links (cp -rL)")
+        files += [Path(here) / n for n in names if not n.startswith(".")]
+    return sorted(p for p in files if p.is_file())
 
 
 def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
@@ -96,6 +111,8 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"{out} already exists (use --force to replace it)")
     if out.is_dir():
         raise UserError(f"{out} is a folder; pack writes a file")
+    if out.exists() and out.stat().st_size and not _is_container(out):
+        raise UserError(f"{out} exists and is not a pack lsaq-mlx wrote: not replacing it")
     files = folder_files(folder)
     raw_bytes = sum(f.stat().st_size for f in files)
     start = time.perf_counter()
@@ -103,7 +120,7 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
     with atomic_file(out) as tmp, open(tmp, "wb") as f, progress_bar(f"packing {folder.name} (MB)", raw_bytes / 1e6) as advance:
         writer = ContainerWriter(f)
         for path in files:
-            name = path.relative_to(folder).as_posix()
+            name = path.relative_to(folder.resolve()).as_posix()
             sha = hashlib.sha256()
             if path.suffix == ".safetensors":
                 records = _add_safetensors(writer, path, name, config, sha, advance)
@@ -118,6 +135,11 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
     return {"folder": str(folder), "out": str(out), "files": len(entries), "raw_bytes": raw_bytes,
             "packed_bytes": size, "ratio": raw_bytes / size, "seconds": time.perf_counter() - start,
             "fingerprint": meta["fingerprint"]}
+
+
+def _is_container(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def _hashed(pieces, sha, advance):
@@ -161,70 +183,112 @@ def _add_safetensors(writer: ContainerWriter, path: Path, name: str, config: dic
 
 
 def pack_fingerprint(config: bytes, entries: list[dict]) -> str:
-    """As ``sources.folder.folder_fingerprint``: config.json and each top-level weight
-    file's name and SHA-256."""
-    parts = [config]
-    for e in sorted(entries, key=lambda e: e["path"]):
-        if e["path"].endswith(".safetensors") and "/" not in e["path"]:
-            parts += [e["path"], e["sha256"]]
-    return fingerprint_bytes(*parts)
+    """The packed folder's ``folder_fingerprint``, from the hashes the writer computed."""
+    return weights_fingerprint(config, {e["path"]: e["sha256"] for e in entries
+                                        if "/" not in e["path"] and e["path"].endswith(".safetensors")})
 
 
 class PackedModel:
-    """A model pack opened for reading: its files, its fingerprint, its tensors."""
+    """A model pack opened for reading: its files, its tensors, and the fingerprint of the
+    folder it holds, computed from the decoded bytes (the pack's own claim is not used).
+
+    Opening checks the file list as a whole: names normalised and unique
+    (``names.unique_member_paths``), each file's records present and used once, sizes
+    adding up, tensor dtypes and shapes matching their records' sizes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.reader = ContainerReader(self.path, "model pack")
-        meta = self.reader.meta
+        try:
+            self._check_meta(self.reader.meta)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def _check_meta(self, meta: dict) -> None:
         if meta.get("kind") != PACK_KIND:
             raise UserError(f"{self.path} is an lsaq-mlx container but not a model pack")
-        if meta.get("version", 0) > PACK_VERSION:
-            raise UserError(f"{self.path} is a version {meta['version']} model pack; this lsaq-mlx reads "
+        version = meta.get("version", 0)
+        if not isinstance(version, int) or version > PACK_VERSION:
+            raise UserError(f"{self.path} is a version {version} model pack; this lsaq-mlx reads "
                             f"version {PACK_VERSION}: upgrade it")
-        try:
-            self.files = {e["path"]: e for e in meta["files"]}
-            for e in self.files.values():
-                _check_relative(e["path"])
-                for r in e["records"]:
-                    self.reader.record(r)
-            self.fingerprint = str(meta["fingerprint"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{self.path} is corrupt: its file list is unreadable ({e})") from None
+        entries = meta.get("files")
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise UserError(f"{self.path} is corrupt: its file list is unreadable")
+        names = unique_member_paths([e.get("path") for e in entries], str(self.path))
+        self.files, used = {}, set()
+        for name, e in zip(names, entries):
+            records = e.get("records")
+            if (not isinstance(records, list) or not isinstance(e.get("size"), int) or not isinstance(e.get("sha256"), str)
+                    or not all(isinstance(r, str) and r in self.reader.records and r not in used for r in records)
+                    or len(set(records)) != len(records)):
+                raise UserError(f"{self.path} is corrupt: the entry of {name!r} is unreadable")
+            used.update(records)
+            if sum(self.reader.records[r]["size"] for r in records) != e["size"]:
+                raise UserError(f"{self.path} is corrupt: the records of {name!r} do not add up to its size")
+            self.files[name] = {"path": name, "size": e["size"], "sha256": e["sha256"], "records": records}
         if "config.json" not in self.files:
             raise UserError(f"{self.path} holds no config.json: not a model")
 
     def close(self) -> None:
         self.reader.close()
 
+    def file_sha256(self, name: str) -> str:
+        """SHA-256 of file ``name`` as decoded (checked against its entry)."""
+        sha = hashlib.sha256()
+        for piece in self._file_pieces(name):
+            sha.update(piece)
+        return sha.hexdigest()
+
+    def _file_pieces(self, name: str):
+        """The bytes of file ``name`` piece by piece; raises at the end unless they are
+        exactly what its entry records."""
+        entry, sha, size = self.files[name], hashlib.sha256(), 0
+        for record in entry["records"]:
+            for piece in self.reader.iter_raw(record):
+                sha.update(piece)
+                size += len(piece)
+                yield piece
+        if sha.hexdigest() != entry["sha256"] or size != entry["size"]:
+            raise UserError(f"{self.path} is corrupt: {name} fails its SHA-256 check")
+
+    def content_fingerprint(self) -> str:
+        """``folder_fingerprint`` of the packed folder, from its decoded config and weight
+        files; remembered by the pack's path, size and modification time."""
+
+        def compute(_path) -> str:
+            config = b"".join(self._file_pieces("config.json"))
+            weights = {n: self.file_sha256(n) for n in self.files if "/" not in n and n.endswith(".safetensors")}
+            return weights_fingerprint(config, weights)
+
+        return stat_memo(self.path, f"pack-fingerprint-v{PACK_VERSION}", compute)
+
     def write_files(self, target: Path, names=None, advance=lambda n: None) -> None:
         """Write the files ``names`` (default: all) under ``target``, each checked."""
         for name in names if names is not None else self.files:
-            entry = self.files[name]
-            dest = target / name
+            dest = target / name  # names are checked relative paths (``__init__``)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            sha = hashlib.sha256()
-            with open(dest, "wb") as out:
-                for record in entry["records"]:
-                    for piece in self.reader.iter_raw(record):
-                        sha.update(piece)
-                        out.write(piece)
-                        advance(len(piece) / 1e6)
-            if sha.hexdigest() != entry["sha256"] or dest.stat().st_size != entry["size"]:
-                raise UserError(f"{self.path} is corrupt: {name} fails its SHA-256 check")
+            with open(dest, "xb") as out:
+                for piece in self._file_pieces(name):
+                    out.write(piece)
+                    advance(len(piece) / 1e6)
 
     def weight_files(self) -> list[str]:
         """The files mlx-lm loads weights from (``model*.safetensors`` at the top)."""
         return sorted(n for n in self.files if "/" not in n and n.startswith("model") and n.endswith(".safetensors"))
 
     def tensor_records(self) -> dict[str, dict]:
-        """Tensor name -> record, over the weight files."""
+        """Tensor name -> record, over the weight files; each tensor's dtype and shape
+        must account for its record's size exactly."""
         records = {}
         for name in self.weight_files():
             for r in self.files[name]["records"]:
                 record = self.reader.record(r)
                 if "tensor" in record["meta"]:
-                    records[record["meta"]["tensor"]] = record
+                    tensor = _check_tensor_meta(record, self.path)
+                    if tensor in records:
+                        raise UserError(f"{self.path} is corrupt: it holds tensor {tensor!r} twice")
+                    records[tensor] = record
         return records
 
     def weights(self) -> dict[str, mx.array]:
@@ -236,6 +300,17 @@ class PackedModel:
             tensor = by_record[record_name]
             out[tensor] = to_array(raw, records[tensor]["meta"])
         return out
+
+
+def _check_tensor_meta(record: dict, where: Path) -> str:
+    meta = record["meta"]
+    tensor, dtype, shape = meta.get("tensor"), meta.get("dtype"), meta.get("shape")
+    if (not isinstance(tensor, str) or dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise UserError(f"{where} is corrupt: record {record['name']!r} describes its tensor wrongly")
+    if math.prod(shape) * DTYPES[dtype].size != record["size"]:
+        raise UserError(f"{where} is corrupt: tensor {tensor!r} of shape {shape} does not fill its {record['size']} bytes")
+    return tensor
 
 
 def to_array(raw: bytes, meta: dict) -> mx.array:
@@ -266,19 +341,15 @@ class PackedWeights:
         return to_array(self.packed.reader.read(record["name"]), record["meta"])
 
 
-def _check_relative(name: str) -> None:
-    path = PurePosixPath(name)
-    if path.is_absolute() or ".." in path.parts or not path.parts:
-        raise ValueError(f"unsafe file name {name!r}")
-
-
 def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
     """Write the folder a pack holds at ``out``, byte for byte; return a report."""
     pack, out = Path(pack), Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
+    try:
+        check_replaceable(out, force)
+    except FileExistsError:
+        raise UserError(f"{out} already exists (use --force to replace it)") from None
     start = time.perf_counter()
     packed = PackedModel(pack)
     total = sum(e["size"] for e in packed.files.values())
@@ -289,6 +360,8 @@ def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"{out} already exists (use --force to replace it)") from None
     finally:
         packed.close()
+    # every entry's hash was checked as its file was written
+    fingerprint = pack_fingerprint((out / "config.json").read_bytes(), list(packed.files.values()))
     return {"pack": str(pack), "out": str(out), "files": len(packed.files), "raw_bytes": total,
             "packed_bytes": pack.stat().st_size, "seconds": time.perf_counter() - start,
-            "fingerprint": packed.fingerprint}
+            "fingerprint": fingerprint}

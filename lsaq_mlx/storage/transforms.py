@@ -44,6 +44,14 @@ def unit_bytes(name: str) -> int:
     return n  # shuffle/delta: one element; codes/bitplanes: b bytes hold 8 codes
 
 
+def raw_size(name: str, transformed: int) -> int:
+    """Bytes that ``inverse`` makes of ``transformed`` bytes (only ``codes`` changes it)."""
+    kind, n = parse(name)
+    if kind == "codes" and transformed % _inverse_unit(kind, n):
+        raise ValueError(f"transform '{name}' cannot have produced {transformed} bytes")
+    return transformed * n * (8 // n) // 8 if kind == "codes" else transformed
+
+
 def _inverse_unit(kind: str, n: int) -> int:
     if kind == "codes" and 8 % n:
         return 8 // (8 // n)  # 8 codes in 8 // codes-per-byte bytes

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.sources.folder import read_config, safetensors_header
+from lsaq_mlx.formats import read_config, safetensors_header
 from lsaq_mlx.swsc.codec import SWSCSettings
 from lsaq_mlx.swsc.layer import SWSCLinear
 

@@ -1,0 +1,136 @@
+"""The file formats lsaq-mlx reads from model folders, each validated in one place before
+any of it is used: ``config.json`` and safetensors headers.
+
+Every check ends in a one-line ``UserError`` naming the file: a hostile or damaged file
+never reaches code that would raise something else or allocate what it declares.
+"""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from lsaq_mlx.errors import UserError
+
+MAX_HEADER_BYTES = 100 << 20
+MAX_CONFIG_BYTES = 16 << 20
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
+# Hyperparameters mlx-lm builds models from, with the largest value any real model has
+# (with room): a config beyond them describes no model, and building it could take all
+# memory or time before the weights are even looked at.
+CONFIG_LIMITS = {
+    "hidden_size": 1 << 17, "num_hidden_layers": 1024, "intermediate_size": 1 << 20,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 4096,
+    "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+}
+
+
+def read_config(folder: Path) -> dict:
+    """``config.json`` of a model folder: a JSON object whose hyperparameters are
+    positive integers within ``CONFIG_LIMITS`` and whose quantization entry is well formed."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not a model folder: config.json is missing")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path} is too large to be a model config")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON: {e}") from None
+    check_config(config, path)
+    return config
+
+
+def check_config(config, where) -> None:
+    if not isinstance(config, dict):
+        raise UserError(f"{where} is not a JSON object")
+    for section in [config, config.get("text_config")]:
+        if not isinstance(section, dict):
+            continue
+        for key, limit in CONFIG_LIMITS.items():
+            value = section.get(key)
+            if value is not None and (not _is_int(value) or not 0 < value <= limit):
+                raise UserError(f"{where}: {key} is {value!r}, not a whole number between 1 and {limit}")
+        theta = section.get("rope_theta")
+        if theta is not None and (not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0):
+            raise UserError(f"{where}: rope_theta is {theta!r}, not a positive number")
+    if config.get("quantization") is not None:
+        _check_quantization(config["quantization"], f"{where} (quantization)")
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and "quant_method" not in q:  # mlx-lm's copy; others are Hugging Face's own
+        _check_quantization(q, f"{where} (quantization_config)")
+
+
+def _check_quantization(q, where: str) -> None:
+    if not isinstance(q, dict):
+        raise UserError(f"{where} is not an object")
+    for key in ("bits", "group_size"):
+        if key in q and not (_is_int(q[key]) and 1 <= q[key] <= 1024):
+            raise UserError(f"{where}: {key} is {q[key]!r}")
+    for path, entry in q.items():
+        if isinstance(entry, dict) and not all(_is_int(entry.get(k)) and 1 <= entry[k] <= 1024
+                                               for k in ("bits", "group_size") if k in entry):
+            raise UserError(f"{where}: the entry of {path} is malformed")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked as a whole against the format and the
+    file's size: an object of tensors, each with a known dtype, a shape of non-negative
+    integers and data offsets that hold exactly that many bytes, inside the file, without
+    overlaps; ``__metadata__`` maps strings to strings."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path} is truncated or not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise UserError(f"{path} is corrupt: its header length is impossible")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is corrupt: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path} is corrupt: its header is not a JSON object")
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and (not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values())):
+                raise UserError(f"{path} is corrupt: its __metadata__ is not a map of strings")
+            continue
+        spans.append((*_tensor_span(info, name, path), name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin < end:
+            raise UserError(f"{path} is corrupt: tensor {name!r} overlaps another")
+        end = stop
+    if 8 + n + end > size:
+        raise UserError(f"{path} is truncated: {size} bytes, its header needs {8 + n + end}")
+    return header
+
+
+def _tensor_span(info, name: str, path: Path) -> tuple[int, int]:
+    bad = f"{path} is corrupt: the header entry of {name[:80]!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise UserError(f"{bad} is not a tensor description")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise UserError(f"{bad} has an unknown dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
+        raise UserError(f"{bad} has an invalid shape")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{bad} has invalid data offsets")
+    if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+        raise UserError(f"{bad}: shape {shape} of {dtype} does not fill its {offsets[1] - offsets[0]} bytes")
+    return offsets[0], offsets[1]
