@@ -72,7 +72,7 @@ def stat_memo(path: Path, kind: str, compute) -> str:
     try:
         write_json_atomic(index, known)
     except OSError as e:  # a read-only cache only costs the next run a re-read
-        log.warning("warning: cannot remember the hash of %s in %s: %s", path, index, e.strerror)
+        log.info("cannot remember the hash of %s in %s: %s", path, index, e.strerror)
     return known[key]
 
 

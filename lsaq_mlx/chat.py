@@ -49,6 +49,8 @@ class ChatSession:
                 self.print(f"\n[swapped {event.data['changed']} modules in {event.data['seconds']:.2f} s -> "
                            f"{_bpw(event.data)}" + (f"; {len(failed)} failed, kept their old weights: "
                                                    f"{next(iter(failed.values()))}" if failed else "") + "]")
+            elif event.kind == "note":
+                self.print(f"[note: {event.data['message']}]")
             elif event.kind == "error":
                 if event.data.get("fatal"):
                     raise EngineStopped(event.data["message"])

@@ -114,11 +114,12 @@ def generate(
 
     source = resolve_model(model)
     start = time.perf_counter()
-    net, tokenizer, _ = load_model(source)
+    net, tokenizer, config = load_model(source)
     load_s = time.perf_counter() - start
     text_in = build_prompt(tokenizer, prompt, chat)
     stream = None if json_out else (lambda piece: print(piece, end="", flush=True))
-    text, stats = generate_text(net, tokenizer, text_in, max_tokens=max_tokens, temp=temp, on_text=stream)
+    text, stats = generate_text(net, tokenizer, text_in, max_tokens=max_tokens, temp=temp, on_text=stream,
+                                context=config.get("max_position_embeddings"))
     if json_out:
         return emit_json(
             {"model": source.spec or "default", "prompt": prompt, "text": text, "load_seconds": load_s,

@@ -124,7 +124,7 @@ def _tensor_span(info, name: str, path: Path) -> tuple[int, int]:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise UserError(f"{bad} is not a tensor description")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         raise UserError(f"{bad} has an unknown dtype {str(dtype)[:20]!r}")
     if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) and d >= 0 for d in shape):
         raise UserError(f"{bad} has an invalid shape")

@@ -38,8 +38,15 @@ def build_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) 
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, temp: float = 0.0, on_text=None):
-    """Generate from ``prompt``; stream pieces to ``on_text``; return ``(text, stats)``."""
+def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, temp: float = 0.0, on_text=None,
+                  context: int | None = None):
+    """Generate from ``prompt``; stream pieces to ``on_text``; return ``(text, stats)``.
+    A prompt longer than ``context`` tokens (the model's) is refused."""
+    n_prompt = len(tokenizer.encode(prompt))
+    if context and n_prompt >= context:
+        raise UserError(f"the prompt is {n_prompt} tokens; the model's context holds {context}")
+    if context:
+        max_tokens = min(max_tokens, context - n_prompt)
     pieces, last = [], None
     sampler = make_sampler(temp=temp)
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):

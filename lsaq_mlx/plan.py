@@ -11,7 +11,7 @@ scale and one float16 bias per group, so bits per weight is mlx-lm's own figure.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import mlx.nn as nn
@@ -110,15 +110,30 @@ class QuantPlan:
         return {p: SWSCSettings.from_choice(c) for p, c in self.modules.items() if is_swsc(c)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "QuantPlan":
+    def from_dict(cls, data, where: str = "the plan") -> "QuantPlan":
+        """A QuantPlan from its JSON form, every field checked."""
+        if not isinstance(data, dict):
+            raise UserError(f"{where} is not a QuantPlan")
         data = {k: v for k, v in data.items() if k != "type"}
         if data.get("version") != PLAN_VERSION:
-            raise UserError(f"unsupported plan version {data.get('version')} (this lsaq-mlx reads {PLAN_VERSION})")
+            raise UserError(f"unsupported plan version {data.get('version')!r} in {where} (this lsaq-mlx reads {PLAN_VERSION})")
+        fields = cls.__dataclass_fields__
+        required = {k for k, f in fields.items() if f.default is MISSING and f.default_factory is MISSING}
+        if set(data) - set(fields) or not required <= set(data):
+            raise UserError(f"{where} has the wrong fields for a QuantPlan")
+        types = {"model_fingerprint": str, "method": str, "budget": dict, "modules": dict, "predicted_bytes": int,
+                 "predicted_bits_per_weight": (int, float), "parameters": int, "scores": dict, "details": dict}
+        for key, kind in types.items():
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise UserError(f"{where}: {key} has the wrong type")
+        for path, choice in data["modules"].items():
+            if not _valid_choice(choice):
+                raise UserError(f"{where}: the choice for {str(path)[:80]} is not bits/group_size, false or swsc")
         return cls(**data)
 
     @classmethod
     def load(cls, path: Path) -> "QuantPlan":
-        return cls.from_dict(_read_plan_json(path))
+        return cls.from_dict(_read_plan_json(path), str(path))
 
     def quantization_config(self) -> dict:
         """The ``quantization`` entry of config.json: defaults plus every module (SWSC
@@ -144,9 +159,23 @@ class PlanSet:
     @classmethod
     def load(cls, path: Path) -> "PlanSet":
         data = _read_plan_json(path)
-        if data.get("type") != "PlanSet":
+        if not isinstance(data, dict) or data.get("type") != "PlanSet" or not isinstance(data.get("plans"), list):
             raise UserError(f"{path} is not a PlanSet")
-        return cls([QuantPlan.from_dict(p) for p in data["plans"]])
+        return cls([QuantPlan.from_dict(p, str(path)) for p in data["plans"]])
+
+
+def _valid_choice(choice) -> bool:
+    if choice is False:
+        return True
+    if not isinstance(choice, dict):
+        return False
+    if is_swsc(choice):
+        try:
+            SWSCSettings.from_choice(choice)
+        except UserError:
+            return False
+        return True
+    return choice.get("bits") in BITS and choice.get("group_size") in GROUP_SIZES and choice.get("mode", "affine") == "affine"
 
 
 def _read_plan_json(path: Path) -> dict:

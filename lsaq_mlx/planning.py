@@ -5,12 +5,13 @@ table, cached by content fingerprint) and calls the planner.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
+from lsaq_mlx.cache import cache_dir, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.calibration import load_calibration, token_sequences
 from lsaq_mlx.compute import dequantize_layers
 from lsaq_mlx import cost
@@ -141,8 +142,11 @@ def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> 
     path = cache_dir() / "errors" / f"{key}.json"
     swsc_key = fingerprint_bytes(key, json.dumps(ctx.swsc_options, sort_keys=True), str(SWSC_COST_VERSION))
     swsc_path = cache_dir() / "errors" / f"swsc-{swsc_key}.json"
-    table = json.loads(path.read_text()) if path.is_file() else None
-    swsc = {} if not ctx.swsc_options else json.loads(swsc_path.read_text()) if swsc_path.is_file() else None
+    lengths = {q.path: len(q.choices()) for q in ctx.modules}
+    table = read_cache_json(path, "cost table", lambda d: _check_table(d, lengths))
+    swsc_lengths = {p: len(c) for p, c in ctx.swsc_options.items()}
+    swsc = {} if not ctx.swsc_options else read_cache_json(swsc_path, "SWSC cost table",
+                                                           lambda d: _check_table(d, swsc_lengths))
     if table is None or swsc is None:
         sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
         with progress_bar("Fisher information", FISHER_TOKENS) as advance:
@@ -157,6 +161,17 @@ def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> 
             write_json_atomic(swsc_path, swsc)
         del fisher
     return {p: errs + swsc.get(p, []) for p, errs in table.items()}
+
+
+def _check_table(data, lengths: dict) -> dict:
+    """``data`` if it holds one list of finite errors per module, as long as its choices."""
+    if not isinstance(data, dict) or set(data) != set(lengths):
+        raise ValueError("its modules are not this model's")
+    for path, errs in data.items():
+        if (not isinstance(errs, list) or len(errs) != lengths[path]
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in errs)):
+            raise ValueError(f"the errors of {path} are malformed")
+    return data
 
 
 def headroom(predicted_bytes: int) -> dict:

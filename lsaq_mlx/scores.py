@@ -1,6 +1,7 @@
 """``LayerScores``: one importance score per decoder layer (higher = more important)."""
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,16 +44,31 @@ class LayerScores:
         write_json_atomic(path, self.to_dict())
 
     @classmethod
+    def from_dict(cls, data, where: str = "the scores") -> "LayerScores":
+        """A LayerScores from its JSON form, every field checked."""
+        if not isinstance(data, dict) or data.get("version") != SCORES_VERSION or "scores" not in data:
+            raise UserError(f"{where} is not a LayerScores file of version {SCORES_VERSION}")
+        fields = set(cls.__dataclass_fields__)
+        if set(data) - fields or not {"model_fingerprint", "metric", "params", "scores"} <= set(data):
+            raise UserError(f"{where} has the wrong fields for LayerScores")
+        scores = data["scores"]
+        if (not isinstance(scores, list) or not scores
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores)):
+            raise UserError(f"{where}: scores must be a list of finite numbers, one per layer")
+        if not isinstance(data["metric"], str) or not isinstance(data["model_fingerprint"], str) or not isinstance(
+                data["params"], dict):
+            raise UserError(f"{where} has a malformed metric, fingerprint or params")
+        return cls(**{**data, "scores": [float(x) for x in scores]})
+
+    @classmethod
     def load(cls, path: Path) -> "LayerScores":
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"scores file not found: {path}") from None
-        except ValueError as e:
+        except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{path} is not a LayerScores JSON file: {e}") from None
-        if not isinstance(data, dict) or data.get("version") != SCORES_VERSION or "scores" not in data:
-            raise UserError(f"{path} is not a LayerScores file of version {SCORES_VERSION}")
-        return cls(**data)
+        return cls.from_dict(data, str(path))
 
 
 def scores_key(model_fingerprint: str, metric: str, params: dict) -> str:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lsaq_mlx.cache import atomic_file
 from lsaq_mlx.scores import LayerScores
 
 BAR_WIDTH = 40
@@ -48,5 +49,6 @@ def plot_scores(all_scores: list[LayerScores], path: Path, normalize: bool = Fal
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)

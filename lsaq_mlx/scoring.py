@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from lsaq_mlx import importance
+from lsaq_mlx.cache import read_cache_json
 from lsaq_mlx.calibration import load_calibration, token_sequences
 from lsaq_mlx.compute import describe
 from lsaq_mlx.errors import UserError
@@ -74,8 +75,9 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
     params = opts.params(calib.fingerprint if calib else None)
     path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
-    if use_cache and path.is_file():
-        return LayerScores.load(path)
+    cached = read_cache_json(path, "scores", lambda d: _cached_scores(d, path, source.fingerprint, opts.metric, params))
+    if use_cache and cached is not None:
+        return cached
     if model is None:
         model, tokenizer, _ = load_model(source)
     else:
@@ -87,6 +89,13 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     if use_cache:
         result.save(path)
     return result
+
+
+def _cached_scores(data, path, fingerprint: str, metric: str, params: dict) -> LayerScores:
+    scores = LayerScores.from_dict(data, str(path))
+    if (scores.model_fingerprint, scores.metric, scores.params) != (fingerprint, metric, params):
+        raise ValueError("it holds the scores of another model or setting")
+    return scores
 
 
 def _compute(model, tokenizer, opts: ScoreOptions, calib) -> list[float]:

@@ -37,7 +37,7 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lsaq_mlx.cache import fingerprint_bytes
+from lsaq_mlx.cache import atomic_file, fingerprint_bytes
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation import EVAL_VERSION
 from lsaq_mlx.planner import METHODS, RECIPES, TIER_METRICS
@@ -49,6 +49,10 @@ SOURCE = "source"  # the model as loaded, unquantized: the table's reference row
 EVAL_DEFAULTS = {"ppl": "wikitext2", "max_tokens": 2048, "seq_len": 512, "kl": True, "tasks": [], "limit": None,
                  "data_dir": None}
 GRID_KEYS = {"models", "methods", "budgets", "low_fractions", "high_bits", "low_bits", "group_size"}
+GRID_TYPES = {"models": [str], "methods": [str], "budgets": [(int, float)], "low_fractions": [(int, float)],
+              "high_bits": int, "low_bits": int, "group_size": int}
+EVAL_TYPES = {"ppl": str, "max_tokens": int, "seq_len": int, "kl": bool, "tasks": [str], "limit": int,
+              "data_dir": str}
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,12 @@ class SweepSpec:
         unknown = set(data) - {"out", "convert", "eval", "grid"}
         if unknown:
             raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (out, convert, eval, grid)")
+        _check_types(data, {"out": str, "convert": bool, "eval": dict, "grid": list}, str(path))
         evals = data.get("eval", {})
+        _check_types(evals, EVAL_TYPES, f"{path} [eval]")
+        for key in ("max_tokens", "seq_len"):
+            if key in evals and evals[key] < 2:
+                raise UserError(f"{path} [eval]: {key} must be at least 2")
         if set(evals) - set(EVAL_DEFAULTS):
             raise UserError(f"{path}: unknown [eval] key '{sorted(set(evals) - set(EVAL_DEFAULTS))[0]}' "
                             f"({', '.join(EVAL_DEFAULTS)})")
@@ -104,8 +113,26 @@ class SweepSpec:
         return cls(path, target, cells, EVAL_DEFAULTS | evals, bool(data.get("convert", False)))
 
 
+def _check_types(table: dict, types: dict, where: str) -> None:
+    """Each known key of ``table`` must hold its type (lists: of that element type)."""
+    for key, kind in types.items():
+        if key not in table:
+            continue
+        value, element = table[key], None
+        if isinstance(kind, list):
+            kind, element = list, kind[0]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float, (int, float)))
+        if ok and element is not None:
+            ok = all(isinstance(v, element) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise UserError(f"{where}: {key} has the wrong type ({type(value).__name__})")
+
+
 def _grid_cells(path: Path, index: int, grid: dict) -> list[Cell]:
     where = f"{path} grid {index}"
+    if not isinstance(grid, dict):
+        raise UserError(f"{where} is not a table")
+    _check_types(grid, GRID_TYPES, where)
     if set(grid) - GRID_KEYS:
         raise UserError(f"{where}: unknown key '{sorted(set(grid) - GRID_KEYS)[0]}' ({', '.join(sorted(GRID_KEYS))})")
     known = (SOURCE, *METHODS, *RECIPES)
@@ -344,6 +371,5 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -3,6 +3,8 @@ per method, and the per-layer bits of every plan."""
 
 from pathlib import Path
 
+from lsaq_mlx.cache import atomic_file
+
 
 def task_names(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(t["task"] for r in rows if r["status"] == "ok" for t in r["eval"]["tasks"]))
@@ -50,7 +52,8 @@ def _accuracy(task: dict | None) -> str:
 def write_report(rows: list[dict], out: Path) -> list[Path]:
     """``results.md`` and the plots; returns the files written."""
     out = Path(out)
-    (out / "results.md").write_text(markdown_table(rows), encoding="utf-8")
+    with atomic_file(out / "results.md") as tmp:
+        tmp.write_text(markdown_table(rows), encoding="utf-8")
     written = [out / "results.md"]
     ok = [r for r in rows if r["status"] == "ok"]
     if any(r["eval"].get("perplexity") for r in ok):
@@ -91,7 +94,8 @@ def plot_quality(rows: list[dict], path: Path) -> Path:
         axes[0][1].set(xlabel="bits per weight", ylabel="KL to the source (nats/token)", title="KL divergence",
                        yscale="log")
     axes[0][0].legend(fontsize=7)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -111,6 +115,7 @@ def plot_layer_bits(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("decoder layer")
     ax.set_title("Bits per weight of each layer, by plan")
     fig.colorbar(image, ax=ax, label="bits per weight")
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path

@@ -58,3 +58,14 @@ def shared_file(*parts) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is not present (see ../shared/data/README.md)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(session_cache, tmp_path_factory):
+    """A tiny random llama written as llama.cpp would and imported once for the session."""
+    from lsaq_mlx.sources import resolve_model
+    from tiny_models import tiny_model, write_gguf
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
+    write_gguf(tiny_model("llama"), "llama", path)
+    return resolve_model(str(path))

@@ -72,15 +72,17 @@ def byte_vocab() -> list[str]:
     return tokens
 
 
-def write_gguf(model, arch: str, path: Path, qtype=GGMLQuantizationType.Q8_0) -> dict:
-    """Write ``model`` as llama.cpp would, 2-D weights in ``qtype``.
+def write_gguf(model, arch: str, path: Path, qtype=GGMLQuantizationType.Q8_0, hparams: dict | None = None) -> dict:
+    """Write ``model`` as llama.cpp would, 2-D weights in ``qtype``; ``hparams`` replaces
+    metadata values (``{"attention.head_count": 0}``: ints as uint32, floats as float32,
+    strings as strings), for tests of hostile files.
 
     Returns the weights the GGUF really holds (after quantization), under HF names,
     so a test can compare the import with a model carrying exactly those weights.
     """
     args = ARGS[arch]
     writer = GGUFWriter(str(path), arch)
-    _write_hparams(writer, arch, args)
+    _write_hparams(writer, arch, args, hparams or {})
     tokens = byte_vocab()
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -119,8 +121,14 @@ def _unpermute(w, n_head):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_hparams(writer: GGUFWriter, arch: str, args: dict) -> None:
-    put = lambda key, value: (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(f"{arch}.{key}", value)
+def _write_hparams(writer: GGUFWriter, arch: str, args: dict, overrides: dict | None = None) -> None:
+    overrides = overrides or {}
+
+    def put(key, value):
+        value = overrides.get(key, value)
+        add = writer.add_string if isinstance(value, str) else writer.add_float32 if isinstance(value, float) else writer.add_uint32
+        add(f"{arch}.{key}", value)
+
     put("block_count", args["num_hidden_layers"])
     put("context_length", args.get("max_position_embeddings", 2048))
     put("embedding_length", args["hidden_size"])

@@ -96,6 +96,9 @@ class LsaqApp(App):
             received = time.monotonic()
             self.set_timer(STALL_SETTLE, lambda: self.stalls.append(
                 (data, self.meter.longest(since=received - data["seconds"] - self.meter.interval))))
+        elif kind == "note":
+            self.query_one(ChatPanel).note(data["message"], style="yellow")
+            self.notify(data["message"], severity="warning", timeout=8)
         elif kind == "error":
             await self._engine_error(data)
 

@@ -31,11 +31,12 @@ from lsaq_mlx.sources import ModelSource, load_model
 
 
 REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
+DEFAULT_CONTEXT = 4096  # tokens, for configs that do not say
 
 
 @dataclass
 class Event:
-    kind: str  # token | done | swapped | stats | memory | error | ready
+    kind: str  # token | done | swapped | stats | memory | note | error | ready
     data: dict = field(default_factory=dict)
 
 
@@ -156,6 +157,7 @@ class Engine:
             prepare_for_compute(self.model)
             self.choices = {}
         self.plan = plan
+        self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.weights = None if "quantization" in self._source_config() else source_weights(self.source)
         if self.use_layer_store and self.weights is not None:
             from lsaq_mlx.storage.layer_store import LayerStore
@@ -171,13 +173,35 @@ class Engine:
 
     def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
         self.messages.append({"role": "user", "content": text})
-        reply, stats = self._generate(max_tokens, temp)
+        try:
+            tokens = self._tokens_within_context()
+        except UserError:
+            self.messages.pop()
+            raise
+        reply, stats = self._generate(tokens, min(max_tokens, self.context - len(tokens)), temp)
         self.messages.append({"role": "assistant", "content": reply})
         self.last_stats = stats
         self.on_event(Event("done", {"text": reply, **stats}))
 
-    def _generate(self, max_tokens: int, temp: float) -> tuple[str, dict]:
-        tokens = self._prompt_tokens()
+    def _tokens_within_context(self) -> list[int]:
+        """The prompt of the conversation; when it does not fit the model's context, the
+        oldest exchanges are dropped (system prompt and the new message stay) and a
+        ``note`` event says so; a message that alone does not fit is refused."""
+        tokens, dropped = self._prompt_tokens(), 0
+        while len(tokens) >= self.context:
+            older = [i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"]
+            if not older:
+                raise UserError(f"the message is {len(tokens)} tokens with the system prompt; the model's context "
+                                f"holds {self.context}")
+            del self.messages[older[0]]
+            dropped += 1
+            tokens = self._prompt_tokens()
+        if dropped:
+            self.on_event(Event("note", {"message": f"the conversation outgrew the model's context of {self.context} "
+                                                    f"tokens: the {dropped} oldest messages were dropped"}))
+        return tokens
+
+    def _generate(self, tokens: list[int], max_tokens: int, temp: float) -> tuple[str, dict]:
         prefix = self._reuse_cache(tokens)
         feed, generated, pieces, last = tokens[prefix:], [], [], None
         self._stop.clear()

@@ -37,7 +37,10 @@ def gguf_metadata(reader) -> dict:
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        meta[key] = field.contents()
+        try:
+            meta[key] = field.contents()
+        except Exception as e:  # a field whose declared type does not fit its bytes
+            raise UserError(f"the GGUF field {key[:80]} is unreadable ({type(e).__name__})") from None
     return meta
 
 
@@ -48,8 +51,11 @@ def dequantized_tensor(tensor) -> np.ndarray:
     from gguf.quants import dequantize
 
     shape = tuple(int(d) for d in reversed(tensor.shape))
-    if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        data = np.asarray(tensor.data)
-    else:
-        data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
-    return data.astype(np.float32, copy=False).reshape(shape)
+    try:
+        if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            data = np.asarray(tensor.data)
+        else:
+            data = dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        return data.astype(np.float32, copy=False).reshape(shape)
+    except (NotImplementedError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"GGUF tensor {tensor.name} cannot be read ({type(e).__name__}: {str(e)[:120]})") from None

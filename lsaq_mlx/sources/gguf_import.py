@@ -15,12 +15,14 @@ Float GGUFs keep their own float type.
 
 import json
 import math
+import re
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.formats import check_config
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources.gguf_file import dequantized_tensor, gguf_metadata, open_gguf
 from lsaq_mlx.sources.gguf_tokenizer import write_tokenizer
@@ -28,6 +30,7 @@ from lsaq_mlx.sources.gguf_tokenizer import write_tokenizer
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 FLOAT32_LIMIT = 3_000_000_000
 SHARD_BYTES = 2 << 30
+_BLOCK = re.compile(r"^blk\.(\d{1,5})\.(\w+)$")
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -58,10 +61,13 @@ _GLOBAL_NAMES = {
 def hf_name(gguf_name: str, arch: str) -> str | None:
     """The Hugging Face name of a GGUF tensor, or None for tensors MLX does not use."""
     stem, _, kind = gguf_name.rpartition(".")
-    if stem.startswith("blk."):
-        _, index, part = stem.split(".", 2)
+    if kind not in ("weight", "bias"):
+        return None
+    layer = _BLOCK.match(stem)
+    if layer:
         names = _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LAYER_NAMES
-        return f"model.layers.{index}.{names[part]}.{kind}" if part in names else None
+        part = names.get(layer.group(2))
+        return f"model.layers.{int(layer.group(1))}.{part}.{kind}" if part else None
     return f"{_GLOBAL_NAMES[stem]}.{kind}" if stem in _GLOBAL_NAMES else None
 
 
@@ -76,6 +82,18 @@ def model_config(meta: dict, arch: str, vocab_size: int, tied: bool) -> dict:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
+    for key in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length"):
+        if get(key) is None:
+            raise UserError(f"GGUF metadata lacks the {arch} hyperparameters (block_count, embedding_length, ...)")
+    for key in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length",
+                "attention.head_count_kv", "attention.key_length", "context_length", "attention.sliding_window"):
+        value = get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise UserError(f"GGUF metadata {arch}.{key} is {str(value)[:40]!r}, not a positive whole number")
+    for key in ("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor"):
+        value = get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise UserError(f"GGUF metadata {arch}.{key} is {str(value)[:40]!r}, not a positive number")
     hidden, heads = get("embedding_length"), get("attention.head_count")
     config = {
         "hidden_size": hidden,
@@ -90,8 +108,6 @@ def model_config(meta: dict, arch: str, vocab_size: int, tied: bool) -> dict:
         "vocab_size": vocab_size,
         "tie_word_embeddings": tied,
     }
-    if None in (hidden, heads, config["num_hidden_layers"], config["intermediate_size"]):
-        raise UserError(f"GGUF metadata lacks the {arch} hyperparameters (block_count, embedding_length, ...)")
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": get("rope.scaling.factor")}
     if arch == "llama":
@@ -174,11 +190,18 @@ def import_gguf(path: Path, out_dir: Path) -> dict:
         )
     if "blk.0.attn_q.bias" in tensors and arch == "llama":
         config["attention_bias"] = True
+    check_config(config, path)
+    _check_tensor_shapes(reader.tensors, arch, config, path)
     n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
     dtype = source_dtype(reader.tensors, n_params)
     with progress_bar(f"importing {Path(path).name}", len(reader.tensors)) as advance:
         weight_map = _write_weights(reader.tensors, arch, config, dtype, out_dir, advance)
-    config |= write_tokenizer(meta, out_dir)
+    try:
+        config |= write_tokenizer(meta, out_dir)
+    except (UserError, OSError):
+        raise
+    except Exception as e:  # the tokenizers library refuses what it cannot build
+        raise UserError(f"{path} holds a tokenizer that cannot be rebuilt: {type(e).__name__}: {str(e)[:200]}") from None
     config["torch_dtype"] = str(dtype).split(".")[-1]
     config["lsaq_source"] = {"format": "gguf", "file": Path(path).name, "dtype": config["torch_dtype"]}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -186,6 +209,34 @@ def import_gguf(path: Path, out_dir: Path) -> dict:
         json.dumps({"metadata": {"format": "mlx"}, "weight_map": weight_map}, indent=2) + "\n"
     )
     return config
+
+
+def _check_tensor_shapes(tensors, arch: str, config: dict, path: Path) -> None:
+    """Every tensor the import writes must have the shape mlx-lm's model of ``config``
+    gives it, and every weight of that model must be there (the model is built lazily:
+    no memory is used)."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_class, args_class = _get_classes(config)
+    try:
+        expected = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:
+        raise UserError(f"{path} describes no valid {arch} model ({type(e).__name__}: {e})") from None
+    found = set()
+    for t in tensors:
+        name = hf_name(t.name, arch)
+        if name is None:
+            continue
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if name not in expected or tuple(expected[name].shape) != shape or name in found:
+            want = tuple(expected[name].shape) if name in expected else "none"
+            raise UserError(f"{path}: tensor {t.name} has shape {shape}; a {arch} model of its hyperparameters "
+                            f"needs {want}")
+        found.add(name)
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise UserError(f"{path} lacks {len(missing)} tensors of a {arch} model, e.g. {missing[0]}")
 
 
 def _convert_tensor(tensor, name: str, arch: str, config: dict, dtype) -> mx.array:

@@ -305,7 +305,8 @@ class PackedModel:
 def _check_tensor_meta(record: dict, where: Path) -> str:
     meta = record["meta"]
     tensor, dtype, shape = meta.get("tensor"), meta.get("dtype"), meta.get("shape")
-    if (not isinstance(tensor, str) or dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 8
+    if (not isinstance(tensor, str) or not isinstance(dtype, str) or dtype not in DTYPES or not isinstance(shape, list)
+            or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise UserError(f"{where} is corrupt: record {record['name']!r} describes its tensor wrongly")
     if math.prod(shape) * DTYPES[dtype].size != record["size"]:

@@ -52,9 +52,14 @@ class SWSCSettings:
     @classmethod
     def from_choice(cls, choice: dict) -> "SWSCSettings":
         try:
-            return cls(**{k: v for k, v in choice.items() if k != "codec"})
+            settings = cls(**{k: v for k, v in choice.items() if k != "codec"})
         except TypeError:
-            raise UserError(f"not a valid SWSC choice: {choice}") from None
+            raise UserError(f"not a valid SWSC choice: {str(choice)[:120]}") from None
+        ints = (settings.k, settings.rank, settings.centroid_bits, settings.centroid_group_size)
+        if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) or settings.axis not in AXES
+                or settings.centroid_bits not in CENTROID_BITS or settings.centroid_group_size not in CENTROID_GROUP_SIZES):
+            raise UserError(f"not a valid SWSC choice: {str(choice)[:120]}")
+        return settings
 
     def channels(self, rows: int, cols: int) -> int:
         return rows if self.axis == "output" else cols
