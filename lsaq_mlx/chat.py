@@ -31,8 +31,8 @@ class EngineStopped(UserError):
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, max_tokens: int, out=sys.stdout):
-        self.engine, self.max_tokens, self.out = engine, max_tokens, out
+    def __init__(self, engine: Engine, max_tokens: int, out=None):
+        self.engine, self.max_tokens, self.out = engine, max_tokens, out or sys.stdout
         self.generating = False
 
     def print(self, text: str = "", end: str = "\n") -> None:
@@ -136,7 +136,8 @@ def _layers(stats: dict) -> str:
     return "\n".join(f"{k:>5}: {', '.join(layers[k])}" for k in keys)
 
 
-def run_chat(engine: Engine, max_tokens: int, stdin=sys.stdin) -> None:
+def run_chat(engine: Engine, max_tokens: int, stdin=None) -> None:
+    stdin = stdin or sys.stdin
     session = ChatSession(engine, max_tokens)
     if not stdin.isatty():
         for line in stdin:
