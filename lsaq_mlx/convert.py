@@ -29,9 +29,9 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
-from lsaq_mlx.compute import compute_mode, dequantize_layers, describe
+from lsaq_mlx.backend.compute import compute_mode, dequantize_layers, describe
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.plan import QuantPlan
+from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.format import is_swsc_folder, load_swsc_folder, take_swsc_layers, write_swsc

@@ -10,7 +10,7 @@ WikiText-2 test (windows of 512). The README's numbers for IMPORTANCE_POWER come
 
 import argparse
 
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 
 def main() -> None:
@@ -21,13 +21,13 @@ def main() -> None:
     reexec_with_fast_blas()
     import quality_table as qt
 
-    from lsaq_mlx import cost
-    from lsaq_mlx.compute import prepare_for_compute
+    from lsaq_mlx.planning import cost
+    from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
-    from lsaq_mlx.planner import Budget, PlanningContext, plan_lsaq
-    from lsaq_mlx.planning import _error_table
-    from lsaq_mlx.scoring import ScoreOptions, score
+    from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+    from lsaq_mlx.planning.methods import Budget, PlanningContext, plan_lsaq
+    from lsaq_mlx.planning.planner import _error_table
+    from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import load_model, resolve_model
 
     source = resolve_model("default")

@@ -21,9 +21,9 @@ def child(n_tokens: int) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
-    from lsaq_mlx.blas import active_blas
-    from lsaq_mlx.compute import dequantize_layers
-    from lsaq_mlx.doctor import gemm_gflops
+    from lsaq_mlx.backend.blas import active_blas
+    from lsaq_mlx.backend.compute import dequantize_layers
+    from lsaq_mlx.backend.doctor import gemm_gflops
     from lsaq_mlx.sources import load_model, resolve_model
 
     model, tokenizer, _ = load_model(resolve_model("default"), compute=False)
@@ -76,13 +76,13 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        from lsaq_mlx.blas import reexec_with_fast_blas
+        from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
         reexec_with_fast_blas()
         print(json.dumps(child(args.tokens)))
         return
 
-    from lsaq_mlx.blas import find_fast_blas
+    from lsaq_mlx.backend.blas import find_fast_blas
 
     os.environ.pop("LSAQ_MLX_BLAS", None)
     fast = find_fast_blas()

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 from lsaq_mlx.sources import resolve_model
 
 

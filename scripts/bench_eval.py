@@ -5,7 +5,7 @@
 Converts the default model (lsaq plan at --bits-budget) into a temporary folder, then
 computes the perplexity of the first --tokens tokens of WikiText-2 test in non-overlapping
 windows of --seq-len both ways: mlx_lm's (``mlx_lm.load`` + ``mlx_lm.perplexity.eval_ppl``,
-batches of 8 windows, the weights as stored) and ours (``lsaq_mlx.evaluation.evaluate``,
+batches of 8 windows, the weights as stored) and ours (``lsaq_mlx.evaluation.run.evaluate``,
 which on the CPU backend dequantizes to float32 and uses the fast BLAS). Reports both
 tokens/s, their ratio (target: >= 1x) and the two perplexities (target: equal within
 1e-3 relative: the same numbers, computed differently).
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import active_blas, reexec_with_fast_blas
+from lsaq_mlx.backend.blas import active_blas, reexec_with_fast_blas
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -35,10 +35,10 @@ def main() -> None:
     from mlx_lm import load
     from mlx_lm.perplexity import eval_ppl
 
-    from lsaq_mlx.compute import compute_mode
+    from lsaq_mlx.backend.compute import compute_mode
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.evaluation import evaluate
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.evaluation.run import evaluate
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.sources import resolve_model
 
     source = resolve_model(None)

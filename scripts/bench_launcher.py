@@ -3,11 +3,11 @@
     python scripts/bench_launcher.py [--ranks 2] [--repeats 3]
 
 1. The launcher's own CPU use while its ranks sleep: ranks that leave it alone vs ranks
-   that quiet it (``lsaq_mlx.ranks.quiet_launcher``: its relay blocks, nice 19), Linux;
+   that quiet it (``lsaq_mlx.backend.ranks.quiet_launcher``: its relay blocks, nice 19), Linux;
 2. seconds per forward pass of the default model (511 tokens) in each rank: one process
    with all BLAS threads and with 1, --ranks independent processes with 1 thread each
    (the ideal), and --ranks ranks under ``mlx.launch`` with 1 BLAS thread each, without
-   and with the fixes (``lsaq_mlx.ranks.Ranks`` applies them).
+   and with the fixes (``lsaq_mlx.backend.ranks.Ranks`` applies them).
 
 The launcher's stdin is an open, silent pipe, as a terminal would be (and, once, /dev/null).
 """
@@ -26,7 +26,7 @@ SLEEP_S = 6.0
 
 def child(mode: str, repeats: int) -> None:
     if mode.startswith("sleep"):
-        from lsaq_mlx.ranks import quiet_launcher
+        from lsaq_mlx.backend.ranks import quiet_launcher
 
         if mode == "sleep-quiet":
             quiet_launcher()
@@ -36,7 +36,7 @@ def child(mode: str, repeats: int) -> None:
         return
     import mlx.core as mx
 
-    from lsaq_mlx.ranks import Ranks
+    from lsaq_mlx.backend.ranks import Ranks
     from lsaq_mlx.sources import load_model, resolve_model
 
     if mode == "ranks":
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from lsaq_mlx.blas import reexec_with_fast_blas
+    from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
     reexec_with_fast_blas()
     if args.child:
@@ -104,7 +104,7 @@ def main() -> None:
             (f"{args.ranks} independent processes, 1 BLAS thread each", [*me, "plain"], one_thread, args.ranks),
             (f"mlx.launch -n {args.ranks}, 1 BLAS thread each, launcher left alone", [*launch, *me, "plain"],
              one_thread, 1),
-            (f"mlx.launch -n {args.ranks} through lsaq_mlx.ranks.Ranks (launcher quieted, cores shared)",
+            (f"mlx.launch -n {args.ranks} through lsaq_mlx.backend.ranks.Ranks (launcher quieted, cores shared)",
              [*launch, *me, "ranks"], {}, 1))
     for label, command, env, processes in rows:
         print(f"| {label} | {' / '.join(f'{t:.2f}' for t in run(command, env, processes))} |")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 
 def main() -> None:
@@ -43,9 +43,9 @@ def main() -> None:
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from lsaq_mlx import compute
+    from lsaq_mlx.backend import compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine
     from lsaq_mlx.runtime.swap import SourceWeights, layer_groups, swap_modules
     from lsaq_mlx.sources import load_model, resolve_model

@@ -26,13 +26,13 @@ import time
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.calibration import load_calibration, token_sequences
-from lsaq_mlx.cores import worker_count
-from lsaq_mlx import importance
-from lsaq_mlx.importance import lens_statistics
-from lsaq_mlx.lens import Lens, find_lens, inner_model
-from lsaq_mlx.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOP_K
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.backend.cores import worker_count
+from lsaq_mlx.scoring import metrics as importance
+from lsaq_mlx.scoring.metrics import lens_statistics
+from lsaq_mlx.scoring.lens import Lens, find_lens, inner_model
+from lsaq_mlx.scoring.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOP_K
 from lsaq_mlx.sources import load_model, resolve_model
 
 

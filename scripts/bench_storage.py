@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--parts", default="compress,packs,load,swap", help="Which measurements to make.")
     parser.add_argument("--load-child", nargs=3, help=argparse.SUPPRESS)  # spec, cold|warm, result file
     args = parser.parse_args()
-    from lsaq_mlx.blas import reexec_with_fast_blas
+    from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
     reexec_with_fast_blas()
     if args.load_child:
@@ -87,7 +87,7 @@ def main() -> None:
 def machine() -> dict:
     import mlx.core as mx
 
-    from lsaq_mlx.compute import describe
+    from lsaq_mlx.backend.compute import describe
 
     return {"platform": f"{platform.system()} {platform.machine()}", "cpus": os.cpu_count(), "mlx": mx.__version__,
             "backend": describe()["backend"], "blas": describe()["blas"]}
@@ -109,7 +109,7 @@ def drop_caches() -> None:
 
 def convert_models(source, work: Path) -> dict:
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
 
     requests = {"uniform 3-bit": PlanRequest("uniform", bits=3, group_size=64),
                 "uniform 4-bit": PlanRequest("uniform", bits=4, group_size=64),
@@ -344,9 +344,9 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
     import mlx.core as mx
     from bench_runtime import params_digest
 
-    from lsaq_mlx.compute import prepare_for_compute
+    from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime.swap import layer_groups, source_weights, swap_modules
     from lsaq_mlx.storage.layer_store import LayerStore
 

@@ -16,10 +16,10 @@ import platform
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.scores import spearman
-from lsaq_mlx.scores_view import plot_scores
-from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from lsaq_mlx.scoring.scores import spearman
+from lsaq_mlx.cli.render.scores import plot_scores
+from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.sources import load_model, resolve_model
 
 CHEAP = ("jaccard", "cosine", "zscore", "random")

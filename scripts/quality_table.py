@@ -26,17 +26,17 @@ import time
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.calibration import load_calibration, token_sequences
-from lsaq_mlx.compute import dequantize_layers, prepare_for_compute
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.backend.compute import dequantize_layers, prepare_for_compute
 from lsaq_mlx.convert import quantized_model
-from lsaq_mlx.cost import layer_weights
-from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
-from lsaq_mlx.plan import BITS
-from lsaq_mlx.planner import RECIPES, Budget, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
-from lsaq_mlx.planning import _error_table
-from lsaq_mlx.scores import spearman
-from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.planning.cost import layer_weights
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.planning.plan import BITS
+from lsaq_mlx.planning.methods import RECIPES, Budget, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
+from lsaq_mlx.planning.planner import _error_table
+from lsaq_mlx.scoring.scores import spearman
+from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.sources import load_model, resolve_model
 
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")

@@ -24,7 +24,7 @@ ORDERS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zs
 
 def tier_bits_per_weight(fraction: float) -> float:
     """Bits per weight of the tiers plan with ``fraction`` of layers low (the same for every order)."""
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.sources import resolve_model
 
     plans, _, _ = make_plans(resolve_model(None), PlanRequest("tiers-random", low_fraction=fraction))

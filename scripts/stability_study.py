@@ -30,11 +30,11 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.calibration import load_calibration, token_sequences
-from lsaq_mlx.importance import jaccard_per_position, lens_statistics
-from lsaq_mlx.lens import find_lens, inner_model, layer_hooks
-from lsaq_mlx.scores import DEFAULT_TOP_K, spearman
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.scoring.metrics import jaccard_per_position, lens_statistics
+from lsaq_mlx.scoring.lens import find_lens, inner_model, layer_hooks
+from lsaq_mlx.scoring.scores import DEFAULT_TOP_K, spearman
 from lsaq_mlx.sources import load_model, resolve_model
 
 KS = (1, 5, 10, 20, 50)

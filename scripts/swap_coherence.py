@@ -18,7 +18,7 @@ import platform
 import mlx.core as mx
 
 from bench_runtime import engine_reply
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 PROMPTS = ("Tell me about the history of Paris.", "How do plants make their food?",
            "Write a short poem about the sea.")
@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
     reexec_with_fast_blas()
-    from lsaq_mlx.compute import compute_mode
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.backend.compute import compute_mode
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine
     from lsaq_mlx.sources import load_model, resolve_model
 

@@ -31,13 +31,13 @@ from collections import Counter, defaultdict
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import reexec_with_fast_blas
-from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
-from lsaq_mlx.cost import roundtrip
-from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
-from lsaq_mlx.planner import Budget, PlanningContext
-from lsaq_mlx.planning import PlanRequest, _error_table, make_plans
+from lsaq_mlx.planning.cost import roundtrip
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.planning.methods import Budget, PlanningContext
+from lsaq_mlx.planning.planner import PlanRequest, _error_table, make_plans
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.swsc.candidates import fitting_settings
 from lsaq_mlx.swsc.codec import SWSCSettings, compress

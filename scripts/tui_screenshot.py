@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 PROMPTS = ["What is the capital of France?", "Name three rivers in Europe."]
 
 
 async def drive(app, max_tokens: int, timeout: float, size: tuple[int, int], out: Path) -> None:
-    from tui.widgets.chat_panel import Reply
-    from tui.widgets.prompt_input import PromptInput
+    from lsaq_tui.widgets.chat_panel import Reply
+    from lsaq_tui.widgets.prompt_input import PromptInput
 
     async with app.run_test(size=size) as pilot:
         app.query_one(PromptInput).cursor_blink = False
@@ -63,11 +63,11 @@ def main() -> None:
     args = parser.parse_args()
     reexec_with_fast_blas()
 
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine, ScriptedSampler
-    from lsaq_mlx.scoring import ScoreOptions, score
+    from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import resolve_model
-    from tui.app import LsaqApp
+    from lsaq_tui.app import LsaqApp
 
     source = resolve_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 
 def pytest_configure(config):

@@ -9,7 +9,7 @@ import pytest
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.convert import convert
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planning import PlanRequest, make_plans, memory_budget
+from lsaq_mlx.planning.planner import PlanRequest, make_plans, memory_budget
 from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf

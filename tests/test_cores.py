@@ -8,10 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lsaq_mlx import attention
-from lsaq_mlx.attention import QUERY_BLOCK, blockwise_causal, causal_attention_in_blocks
-from lsaq_mlx.blas import preloaded_openblas, single_threaded_blas
-from lsaq_mlx.cores import map_on_cores
+from lsaq_mlx.backend import attention
+from lsaq_mlx.backend.attention import QUERY_BLOCK, blockwise_causal, causal_attention_in_blocks
+from lsaq_mlx.backend.blas import preloaded_openblas, single_threaded_blas
+from lsaq_mlx.backend.cores import map_on_cores
 from lsaq_mlx.errors import UserError
 from tiny_models import tiny_model
 
@@ -58,7 +58,7 @@ def test_a_process_that_scored_on_workers_exits_cleanly():
         import sys
         sys.path.insert(0, %r)
         from tiny_models import tiny_model
-        from lsaq_mlx.importance import lens_statistics
+        from lsaq_mlx.scoring.metrics import lens_statistics
         print(lens_statistics(tiny_model("llama"), [[1, 2, 3, 4, 5] * 30] * 3, k=5, workers=2)[2])
     """ % str(Path(__file__).parent))
     for _ in range(6):

@@ -8,8 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from conftest import shared_file
-from lsaq_mlx.compute import dequantize_layers
-from lsaq_mlx.perplexity import perplexity
+from lsaq_mlx.backend.compute import dequantize_layers
+from lsaq_mlx.evaluation.perplexity import perplexity
 from lsaq_mlx.sources import load_model
 
 
@@ -75,7 +75,7 @@ def test_dequantized_path_matches_quantized_kernel(default_source):
 
 
 def test_inspect_default(default_source):
-    from lsaq_mlx.inspection import describe_model
+    from lsaq_mlx.sources.inspection import describe_model
 
     info = describe_model(default_source)
     assert info["layers"] == 30 and info["model_type"] == "llama"

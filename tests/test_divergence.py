@@ -2,8 +2,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference, token_kl
-from lsaq_mlx.perplexity import perplexity
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference, token_kl
+from lsaq_mlx.evaluation.perplexity import perplexity
 from tiny_models import tiny_model
 
 TOKENS = [int(t) for t in np.random.default_rng(0).integers(0, 300, 70)]

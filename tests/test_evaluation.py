@@ -7,10 +7,10 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.evaluation import evaluate
+from lsaq_mlx.evaluation.run import evaluate
 from lsaq_mlx.sources import load_model, resolve_model
-from lsaq_mlx.tasks import load_task
-from lsaq_mlx.zeroshot import choice_logprobs, evaluate_task
+from lsaq_mlx.evaluation.tasks import load_task
+from lsaq_mlx.evaluation.zeroshot import choice_logprobs, evaluate_task
 from tiny_models import tiny_model, write_gguf
 
 
@@ -89,7 +89,7 @@ def test_eval_of_a_converted_model_matches_mlx_lm_perplexity(tiny, tmp_path):
     from mlx_lm.perplexity import eval_ppl
 
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.planner import PlanningContext, plan_uniform
+    from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
 
     model, _, _ = load_model(tiny, compute=False)
     convert(tiny, plan_uniform(PlanningContext(model, tiny.fingerprint), None, 4, 32), tmp_path / "q4")

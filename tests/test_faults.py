@@ -139,8 +139,8 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
 
 
 def test_damaged_cache_entries_are_recomputed(tmp_path, monkeypatch, caplog):
-    from lsaq_mlx.planning import PlanRequest, make_plans
-    from lsaq_mlx.scoring import ScoreOptions, score
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import load_model, resolve_model
 
     monkeypatch.setenv("LSAQ_MLX_CACHE", str(tmp_path / "cache"))
@@ -202,7 +202,7 @@ def test_a_chat_whose_engine_cannot_start_exits_cleanly(folder, tmp_path):
 
 def test_a_chat_survives_a_failing_command(tmp_path):
     from fake_engine import FakeEngine
-    from lsaq_mlx.chat import ChatSession
+    from lsaq_mlx.cli.chat_session import ChatSession
 
     class Out:
         text = ""

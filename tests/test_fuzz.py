@@ -30,8 +30,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from lsaq_mlx.cache import read_cache_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import safetensors_header
-from lsaq_mlx.plan import QuantPlan
-from lsaq_mlx.scores import LayerScores
+from lsaq_mlx.planning.plan import QuantPlan
+from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.storage.container import END, TRAILER
 from tiny_models import tiny_model, write_gguf
 
@@ -270,8 +270,8 @@ def serialised(value, kind: str, rng: random.Random) -> bytes:
 @FUZZ
 @given(kind=MUTATIONS, seed=SEEDS)
 def test_cache_json_readers(kind, seed):
-    from lsaq_mlx.planning import _check_table
-    from lsaq_mlx.sweep import read_results
+    from lsaq_mlx.planning.planner import _check_table
+    from lsaq_mlx.sweep.run import read_results
 
     rng = random.Random(seed)
     with contained() as work:

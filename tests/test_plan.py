@@ -6,12 +6,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from lsaq_mlx.cost import layer_weights, quantization_errors
+from lsaq_mlx.planning.cost import layer_weights, quantization_errors
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.knapsack import solve_mckp
-from lsaq_mlx.plan import PlanSet, QuantModule, QuantPlan
-from lsaq_mlx.planner import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
-from lsaq_mlx.scores import LayerScores
+from lsaq_mlx.planning.knapsack import solve_mckp
+from lsaq_mlx.planning.plan import PlanSet, QuantModule, QuantPlan
+from lsaq_mlx.planning.methods import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
+from lsaq_mlx.scoring.scores import LayerScores
 from tiny_models import tiny_model
 
 

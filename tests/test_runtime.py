@@ -2,10 +2,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
-from lsaq_mlx.plan import PlanSet
-from lsaq_mlx.planner import PlanningContext, plan_uniform
+from lsaq_mlx.planning.plan import PlanSet
+from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
@@ -21,7 +21,7 @@ def sample(available: int, t: float, pressure: str = "normal") -> MemorySample:
 
 def plan_set(sizes):
     """A PlanSet whose plans weigh ``sizes`` bytes (only sizes matter to the policy)."""
-    from lsaq_mlx.plan import QuantPlan
+    from lsaq_mlx.planning.plan import QuantPlan
 
     return PlanSet([QuantPlan("fp", "test", {}, {}, s, 0.0, 1) for s in sizes])
 
@@ -224,7 +224,11 @@ def test_ctrl_c_stops_a_reply_in_the_terminal_chat(tmp_path, empty_cache):
     try:
         read_until(b"> ")
         os.write(leader, b"tell me a very long story\n")
-        time.sleep(3)
+        streamed = len(seen)
+        while len(seen) < streamed + 200:  # the reply streams (it stops at the context's end, 2048 tokens)
+            read_until(seen[-1:])
+            if select.select([leader], [], [], 1.0)[0]:
+                seen += os.read(leader, 4096)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (the pty is not its controlling terminal)
         read_until(b"stopped]")
         os.write(leader, b"/quit\n")

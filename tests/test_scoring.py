@@ -5,8 +5,8 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scores import DEFAULT_STRIDE, LayerScores, spearman
-from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.scoring.scores import DEFAULT_STRIDE, LayerScores, spearman
+from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
 

@@ -8,11 +8,11 @@ import pytest
 from mlx.utils import tree_flatten
 
 from cli_run import assert_one_line_error, run_cli
-from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import convert, quantized_model
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planner import PlanningContext, plan_uniform
-from lsaq_mlx.planning import PlanRequest, make_plans
+from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
+from lsaq_mlx.planning.planner import PlanRequest, make_plans
 from lsaq_mlx.runtime import Engine
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
 from lsaq_mlx.sources import load_model, resolve_model

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from cli_run import assert_one_line_error, run_cli
-from lsaq_mlx.blas import find_fast_blas, local_rank_count
-from lsaq_mlx.sweep import Cell, SweepSpec, read_results
-from lsaq_mlx.sweep_report import markdown_table
+from lsaq_mlx.backend.blas import find_fast_blas, local_rank_count
+from lsaq_mlx.sweep.run import Cell, SweepSpec, read_results
+from lsaq_mlx.sweep.report import markdown_table
 from tiny_models import tiny_model, write_gguf
 
 TEXT = " ".join(f"the {w} sat on the mat and looked at the {v}." for w, v in
@@ -108,11 +108,11 @@ def test_two_ranks_under_mlx_launch_match_one_process(spec, tmp_path):
 
 
 RANK_REPORT = """
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 reexec_with_fast_blas()
 import fcntl, json, os, struct, termios
-from lsaq_mlx.blas import preloaded_openblas
-from lsaq_mlx.ranks import Ranks
+from lsaq_mlx.backend.blas import preloaded_openblas
+from lsaq_mlx.backend.ranks import Ranks
 ranks = Ranks()
 blas = preloaded_openblas()
 unread = struct.unpack("i", fcntl.ioctl(0, termios.FIONREAD, b"0000"))[0]

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from cli_run import assert_one_line_error, run_cli
-from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import convert, quantized_model
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planning import PlanRequest, make_plans
+from lsaq_mlx.planning.planner import PlanRequest, make_plans
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.swsc import lowrank
 from lsaq_mlx.swsc.candidates import candidates, fitting_settings

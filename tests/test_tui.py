@@ -8,14 +8,14 @@ import time
 import pytest
 from fake_engine import FakeEngine
 
-from tui.app import LsaqApp
-from tui.widgets.chat_panel import Reply
-from tui.widgets.layers_panel import LayersPanel
-from tui.widgets.memory_chart import Threshold, memory_chart, policy_thresholds
-from tui.widgets.memory_panel import MemoryPanel
-from tui.widgets.plan_picker import PlanPicker
-from tui.widgets.prompt_input import PromptInput
-from tui.widgets.swap_log import SwapLog
+from lsaq_tui.app import LsaqApp
+from lsaq_tui.widgets.chat_panel import Reply
+from lsaq_tui.widgets.layers_panel import LayersPanel
+from lsaq_tui.widgets.memory_chart import Threshold, memory_chart, policy_thresholds
+from lsaq_tui.widgets.memory_panel import MemoryPanel
+from lsaq_tui.widgets.plan_picker import PlanPicker
+from lsaq_tui.widgets.prompt_input import PromptInput
+from lsaq_tui.widgets.swap_log import SwapLog
 
 GB = 1_000_000_000
 # available memory, one sample a second: plenty, then a drop that forces a smaller plan
@@ -260,7 +260,7 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
     """The default model on the engine thread: a reply streams into the chat; a replayed
     memory drop makes the policy swap to the smaller plan; the layers panel shows its bits;
     the UI loop never stalls for long during the swap; Ctrl+Q stops the engine."""
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine, ScriptedSampler
 
     small, large = make_plans(default_source, PlanRequest("uniform", [4.0, 8.5]))[0]

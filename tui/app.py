@@ -13,15 +13,15 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Header
 
-from tui.commands import RuntimeCommands
-from tui.engine_link import EngineEvent, EngineLink
-from tui.stall import StallMeter
-from tui.widgets.chat_panel import ChatPanel
-from tui.widgets.layers_panel import LayersPanel
-from tui.widgets.memory_panel import MemoryPanel
-from tui.widgets.plan_picker import PlanPicker
-from tui.widgets.prompt_input import PromptInput
-from tui.widgets.swap_log import SwapLog
+from lsaq_tui.commands import RuntimeCommands
+from lsaq_tui.engine_link import EngineEvent, EngineLink
+from lsaq_tui.stall import StallMeter
+from lsaq_tui.widgets.chat_panel import ChatPanel
+from lsaq_tui.widgets.layers_panel import LayersPanel
+from lsaq_tui.widgets.memory_panel import MemoryPanel
+from lsaq_tui.widgets.plan_picker import PlanPicker
+from lsaq_tui.widgets.prompt_input import PromptInput
+from lsaq_tui.widgets.swap_log import SwapLog
 
 STALL_SETTLE = 0.3  # seconds after a swap before its longest stall is read
 

@@ -21,9 +21,9 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from lsaq_mlx.compute import compute_mode, prepare_for_compute
+from lsaq_mlx.backend.compute import compute_mode, prepare_for_compute
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.plan import PlanSet, QuantPlan
+from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.swap import SwapReport, layer_groups, source_weights, swap_modules
@@ -401,7 +401,7 @@ class Engine:
         self.on_event(Event("stats", self._stats()))
 
     def _cmd_evaluate(self, tokens: list[int], seq_len: int = 512) -> None:
-        from lsaq_mlx.perplexity import perplexity
+        from lsaq_mlx.evaluation.perplexity import perplexity
 
         self.on_event(Event("stats", {"perplexity": perplexity(self.model, tokens, seq_len).to_dict()}))
 

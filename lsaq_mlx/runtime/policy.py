@@ -9,7 +9,7 @@ bytes to spare, and never sooner than ``min_interval`` seconds after the last ch
 
 from dataclasses import dataclass
 
-from lsaq_mlx.plan import PlanSet
+from lsaq_mlx.planning.plan import PlanSet
 from lsaq_mlx.runtime.memory import MemorySample
 
 

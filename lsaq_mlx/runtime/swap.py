@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from lsaq_mlx.compute import dequantize_layers
+from lsaq_mlx.backend.compute import dequantize_layers
 
 
 class SourceWeights:

@@ -1,6 +1,6 @@
 """Loading a resolved model with mlx-lm, in this machine's compute mode."""
 
-from lsaq_mlx.compute import prepare_for_compute
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources.resolve import ModelSource
 

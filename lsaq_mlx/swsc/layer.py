@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from lsaq_mlx.compute import compute_mode
+from lsaq_mlx.backend.compute import compute_mode
 from lsaq_mlx.swsc.codec import SWSCSettings, SWSCWeights, centroid_matrix, compress, unpack_labels
 
 

@@ -6,7 +6,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
-from tui.widgets.prompt_input import PromptInput
+from lsaq_tui.widgets.prompt_input import PromptInput
 
 
 class Reply(Vertical):

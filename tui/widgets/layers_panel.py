@@ -8,8 +8,8 @@ import math
 from rich.text import Text
 from textual.widget import Widget
 
-from tui import units
-from tui.widgets.facts import fact_lines
+from lsaq_tui import units
+from lsaq_tui.widgets.facts import fact_lines
 
 # bits per weight (scales included) -> colour; float layers are white
 BIT_STYLES = ((2.75, "red"), (3.75, "dark_orange"), (4.75, "yellow"), (5.75, "green_yellow"),

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from rich.text import Text
 
-from tui import units
+from lsaq_tui import units
 
 EIGHTHS = " ▁▂▃▄▅▆▇█"
 LABEL_WIDTH = 8

@@ -6,9 +6,9 @@ from collections import deque
 from rich.text import Text
 from textual.widget import Widget
 
-from tui import units
-from tui.widgets.facts import fact_lines
-from tui.widgets.memory_chart import memory_chart, policy_thresholds
+from lsaq_tui import units
+from lsaq_tui.widgets.facts import fact_lines
+from lsaq_tui.widgets.memory_chart import memory_chart, policy_thresholds
 
 PRESSURE_STYLES = {"normal": "green", "warn": "yellow", "critical": "bold red"}
 HISTORY = 240  # samples kept: wider than any terminal

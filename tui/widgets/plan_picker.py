@@ -8,7 +8,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Input, Label, OptionList
 from textual.widgets.option_list import Option
 
-from tui import units
+from lsaq_tui import units
 
 
 class PlanPicker(ModalScreen):

@@ -5,7 +5,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from tui import units
+from lsaq_tui import units
 
 
 def swap_entry(data: dict, since: float) -> Text:

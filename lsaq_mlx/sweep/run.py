@@ -39,10 +39,10 @@ from pathlib import Path
 
 from lsaq_mlx.cache import atomic_file, fingerprint_bytes
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.evaluation import EVAL_VERSION
-from lsaq_mlx.planner import METHODS, RECIPES, TIER_METRICS
+from lsaq_mlx.evaluation.run import EVAL_VERSION
+from lsaq_mlx.planning.methods import METHODS, RECIPES, TIER_METRICS
 from lsaq_mlx.progress import progress_bar, stderr
-from lsaq_mlx.ranks import Ranks
+from lsaq_mlx.backend.ranks import Ranks
 
 SWEEP_VERSION = 1
 SOURCE = "source"  # the model as loaded, unquantized: the table's reference row
@@ -195,7 +195,7 @@ class Sweep:
 
     def check_inputs(self) -> None:
         """Missing data files end the sweep before any cell runs, in one line."""
-        from lsaq_mlx.evaluation import load_tasks, read_ppl_text
+        from lsaq_mlx.evaluation.run import load_tasks, read_ppl_text
 
         if self.spec.eval["ppl"] not in (None, "none"):
             read_ppl_text(self.spec.eval["ppl"])
@@ -232,7 +232,7 @@ class Sweep:
                     advance()
         ordered = [rows[k] for k in keys if k in rows]
         if ranks.rank == 0:
-            from lsaq_mlx.sweep_report import write_report
+            from lsaq_mlx.sweep.report import write_report
 
             known = set(keys)
             others = [r for k, r in rows.items() if k not in known]  # cells of earlier specs stay cached
@@ -260,9 +260,9 @@ class Sweep:
         return row
 
     def _evaluate_cell(self, cell: Cell, advance) -> dict:
-        from lsaq_mlx.compute import prepare_for_compute
+        from lsaq_mlx.backend.compute import prepare_for_compute
         from lsaq_mlx.convert import convert, quantized_model
-        from lsaq_mlx.evaluation import evaluate
+        from lsaq_mlx.evaluation.run import evaluate
         from lsaq_mlx.sources import load_model, resolve_model
 
         source, e = self.source(cell.model), self.spec.eval
@@ -295,8 +295,8 @@ class Sweep:
         return info | {"eval": result.to_dict()}
 
     def _plan(self, cell: Cell, source):
-        from lsaq_mlx.plan import quantizable_modules
-        from lsaq_mlx.planning import PlanRequest, make_plans
+        from lsaq_mlx.planning.plan import quantizable_modules
+        from lsaq_mlx.planning.planner import PlanRequest, make_plans
 
         recipe = cell.method if cell.method in RECIPES else None
         request = PlanRequest(cell.method if not recipe else "lsaq", [cell.budget] if cell.budget is not None else [],
@@ -316,7 +316,7 @@ class Sweep:
         return self.tokenizers[model]
 
     def _reference(self, model: str):
-        from lsaq_mlx.evaluation import ppl_tokens, reference_distributions
+        from lsaq_mlx.evaluation.run import ppl_tokens, reference_distributions
 
         if model not in self.references:
             _, tokens = ppl_tokens(self._tokenizer(model), self.spec.eval["ppl"], self.spec.eval["max_tokens"])

@@ -1,7 +1,7 @@
 """How models run here: the MLX backend, the BLAS behind it, and the compute mode.
 
 MLX's CPU backend has a naive quantized matmul (and on Linux a reference BLAS,
-see ``lsaq_mlx.blas``). There, models run in float32 with their quantized layers
+see ``lsaq_mlx.backend.blas``). There, models run in float32 with their quantized layers
 dequantized: the same weights the quantized kernel reconstructs, multiplied by a
 fast GEMM. On a GPU (Metal) MLX's quantized kernels are fast and used as they are.
 """
@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from lsaq_mlx.blas import active_blas
+from lsaq_mlx.backend.blas import active_blas
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import psutil
 
 from lsaq_mlx.cache import cache_dir, fingerprint_bytes, read_cache_json, write_json_atomic
-from lsaq_mlx.calibration import load_calibration, token_sequences
-from lsaq_mlx.compute import dequantize_layers
-from lsaq_mlx import cost
-from lsaq_mlx.cost import fisher_diagonal, layer_weights, quantization_errors, swsc_errors
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.backend.compute import dequantize_layers
+from lsaq_mlx.planning import cost
+from lsaq_mlx.planning.cost import fisher_diagonal, layer_weights, quantization_errors, swsc_errors
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planner import (
+from lsaq_mlx.planning.methods import (
     METHODS,
     RECIPES,
     TIER_METRICS,
@@ -31,8 +31,8 @@ from lsaq_mlx.planner import (
     plan_uniform,
 )
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.scores import LayerScores
-from lsaq_mlx.scoring import ScoreOptions, score
+from lsaq_mlx.scoring.scores import LayerScores
+from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.layer import SWSCLinear

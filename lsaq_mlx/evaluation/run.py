@@ -11,14 +11,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lsaq_mlx.compute import describe
-from lsaq_mlx.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.backend.compute import describe
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.perplexity import perplexity
+from lsaq_mlx.evaluation.perplexity import perplexity
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
-from lsaq_mlx.tasks import TASKS, load_task
-from lsaq_mlx.zeroshot import evaluate_task
+from lsaq_mlx.evaluation.tasks import TASKS, load_task
+from lsaq_mlx.evaluation.zeroshot import evaluate_task
 
 EVAL_VERSION = 1
 DATA_ENV = "LSAQ_MLX_DATA"  # a folder laid out like ../shared/data

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.tasks import TaskData
+from lsaq_mlx.evaluation.tasks import TaskData
 
 
 @dataclass

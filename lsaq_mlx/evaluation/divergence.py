@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.perplexity import PerplexityResult, windows
+from lsaq_mlx.evaluation.perplexity import PerplexityResult, windows
 
 
 def log_softmax(logits: mx.array) -> mx.array:

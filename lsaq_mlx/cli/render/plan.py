@@ -6,7 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lsaq_mlx.plan import QuantPlan
+from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.swsc.codec import is_swsc
 
 

@@ -10,12 +10,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from lsaq_mlx.attention import causal_attention_in_blocks
-from lsaq_mlx.compute import dequantize_layers
-from lsaq_mlx.cores import map_on_cores
-from lsaq_mlx.divergence import token_kl
+from lsaq_mlx.backend.attention import causal_attention_in_blocks
+from lsaq_mlx.backend.compute import dequantize_layers
+from lsaq_mlx.backend.cores import map_on_cores
+from lsaq_mlx.evaluation.divergence import token_kl
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.lens import find_lens, inner_model, layer_hooks
+from lsaq_mlx.scoring.lens import find_lens, inner_model, layer_hooks
 
 
 def jaccard_per_position(a: mx.array, b: mx.array) -> mx.array:
@@ -44,7 +44,7 @@ def lens_statistics(model, sequences, k=10, stride=1, sets="position", with_jacc
 
     Layer i's output is layer i+1's input, so each position is projected L+1 times;
     nothing but the previous layer's top-k ids is kept between layers. Sequences run
-    on ``workers`` threads (default: one per CPU core, see ``lsaq_mlx.cores``).
+    on ``workers`` threads (default: one per CPU core, see ``lsaq_mlx.backend.cores``).
     Returns ``(jaccard, cosine, positions)``: per-layer means (jaccard is None
     without ``with_jaccard``, which skips the vocabulary projections).
     """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import share_cores_with_local_ranks
+from lsaq_mlx.backend.blas import share_cores_with_local_ranks
 
 _LAUNCHERS = ("mlx.launch", "mlx._distributed_utils.launch")
 

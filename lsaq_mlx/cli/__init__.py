@@ -16,10 +16,10 @@ from typing import Annotated, Optional
 import typer
 
 from lsaq_mlx import __version__
-from lsaq_mlx.blas import reexec_with_fast_blas
+from lsaq_mlx.backend.blas import reexec_with_fast_blas
 from lsaq_mlx.cache import sweep_cache
 from lsaq_mlx.errors import Terminated, UserError, os_error_line
-from lsaq_mlx.scores import (
+from lsaq_mlx.scoring.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,
     DEFAULT_TOKENS,
@@ -75,7 +75,7 @@ def root(
 @app.command()
 def doctor(json_out: JsonOption = False) -> None:
     """Show the MLX backend, the BLAS in use, the compute mode, and a GEMM speed check."""
-    from lsaq_mlx.doctor import diagnose
+    from lsaq_mlx.backend.doctor import diagnose
 
     report = diagnose()
     if json_out:
@@ -88,8 +88,8 @@ def doctor(json_out: JsonOption = False) -> None:
 @app.command()
 def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
     """Architecture, parameters per module kind, precision of every module, size, bits per weight."""
-    from lsaq_mlx.inspection import describe_model
-    from lsaq_mlx.inspection_view import print_description
+    from lsaq_mlx.sources.inspection import describe_model
+    from lsaq_mlx.cli.render.inspection import print_description
     from lsaq_mlx.sources import resolve_model
 
     info = describe_model(resolve_model(model))
@@ -108,8 +108,8 @@ def generate(
     json_out: JsonOption = False,
 ) -> None:
     """One-shot generation, with tokens/s and peak memory: a smoke test of a model."""
-    from lsaq_mlx.compute import compute_mode
-    from lsaq_mlx.generation import build_prompt, generate_text
+    from lsaq_mlx.backend.compute import compute_mode
+    from lsaq_mlx.runtime.generation import build_prompt, generate_text
     from lsaq_mlx.sources import load_model, resolve_model
 
     source = resolve_model(model)
@@ -152,8 +152,8 @@ def score(
     jaccard is LSAQ: 1 - mean Jaccard similarity of the logit-lens top-k token sets of the
     hidden state entering and leaving the layer.
     """
-    from lsaq_mlx.scores_view import plot_scores, print_bar_chart
-    from lsaq_mlx.scoring import ScoreOptions, score as compute_scores
+    from lsaq_mlx.cli.render.scores import plot_scores, print_bar_chart
+    from lsaq_mlx.scoring.run import ScoreOptions, score as compute_scores
     from lsaq_mlx.sources import resolve_model
 
     opts = ScoreOptions(metric, calib, tokens, seq_len, top_k, stride, sets, seed, bits, skip_tokens)
@@ -175,8 +175,8 @@ def plot_scores_command(
     normalize: Annotated[bool, typer.Option(help="Rescale each metric to [0, 1].")] = True,
 ) -> None:
     """Plot several score files (e.g. one per metric) as lines by layer in one PNG."""
-    from lsaq_mlx.scores import LayerScores
-    from lsaq_mlx.scores_view import plot_scores
+    from lsaq_mlx.scoring.scores import LayerScores
+    from lsaq_mlx.cli.render.scores import plot_scores
 
     all_scores = [LayerScores.load(f) for f in files]
     plot_scores(all_scores, out, normalize)
@@ -200,7 +200,7 @@ MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on i
 
 def _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits, group_size,
                   bits, override, codecs="affine"):
-    from lsaq_mlx.planning import PlanRequest
+    from lsaq_mlx.planning.planner import PlanRequest
 
     return PlanRequest(method, list(bits_budget or []), memory_budget, context, recipe, scores, calib, high_bits,
                        low_bits, group_size, bits, list(override or []),
@@ -227,9 +227,9 @@ def plan(
     json_out: JsonOption = False,
 ) -> None:
     """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets)."""
-    from lsaq_mlx.plan import PlanSet
-    from lsaq_mlx.plan_view import print_plan
-    from lsaq_mlx.planning import headroom, make_plans
+    from lsaq_mlx.planning.plan import PlanSet
+    from lsaq_mlx.cli.render.plan import print_plan
+    from lsaq_mlx.planning.planner import headroom, make_plans
     from lsaq_mlx.sources import resolve_model
 
     request = _plan_request(method, bits_budget, memory_budget, context, recipe, scores, calib, high_bits, low_bits,
@@ -269,9 +269,9 @@ def convert(
 ) -> None:
     """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads."""
     from lsaq_mlx.convert import convert as write_model
-    from lsaq_mlx.plan import QuantPlan
-    from lsaq_mlx.plan_view import print_plan
-    from lsaq_mlx.planning import headroom, make_plans
+    from lsaq_mlx.planning.plan import QuantPlan
+    from lsaq_mlx.cli.render.plan import print_plan
+    from lsaq_mlx.planning.planner import headroom, make_plans
     from lsaq_mlx.sources import resolve_model
 
     source = resolve_model(model)
@@ -354,9 +354,9 @@ def eval_command(
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy."""
-    from lsaq_mlx.evaluation import evaluate
+    from lsaq_mlx.evaluation.run import evaluate
     from lsaq_mlx.sources import resolve_model
-    from lsaq_mlx.tasks import TASKS
+    from lsaq_mlx.evaluation.tasks import TASKS
 
     names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
     if max_tokens < 2 or seq_len < 2:
@@ -388,7 +388,7 @@ def sweep(
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes."""
-    from lsaq_mlx.sweep import Sweep, SweepSpec, read_results
+    from lsaq_mlx.sweep.run import Sweep, SweepSpec, read_results
 
     runner = Sweep(SweepSpec.load(spec, out))
     if dry_run:
@@ -405,7 +405,7 @@ def sweep(
     if json_out:
         emit_json(summary.to_dict())
     else:
-        from lsaq_mlx.sweep_report import markdown_table
+        from lsaq_mlx.sweep.report import markdown_table
 
         print(markdown_table(summary.rows), end="")
         err(f"{summary.cells} cells ({summary.evaluated} evaluated, {summary.reused} from earlier runs) on "
@@ -426,7 +426,7 @@ SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.")]
 def _runtime_engine(source, bits_budget, auto, memory_trace, budgets, method, reserve, **options):
     """An engine (not started) for chat and tui: a planner for ``method``, the PlanSet of
     ``budgets`` in automatic mode, the system's memory or a replayed trace."""
-    from lsaq_mlx.planning import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import PlanRequest, make_plans
     from lsaq_mlx.runtime import Engine, ScriptedSampler, SystemSampler
     from lsaq_mlx.sizes import parse_size
 
@@ -455,7 +455,7 @@ def chat(
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
     With standard input not a terminal, reads one message or /command per line (scripted)."""
-    from lsaq_mlx.chat import run_chat
+    from lsaq_mlx.cli.chat_session import run_chat
     from lsaq_mlx.sources import resolve_model
 
     source = resolve_model(model)
@@ -483,7 +483,7 @@ def tui(
     importance: Annotated[str, typer.Option(help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
 ) -> None:
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands)."""
-    from lsaq_mlx.scoring import ScoreOptions, score
+    from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import resolve_model
 
     if importance not in ("jaccard", "cosine", "zscore", "none"):
@@ -496,7 +496,7 @@ def tui(
 
     engine = _runtime_engine(source, bits_budget, auto, memory_trace, budgets, method, reserve, memory_events=True,
                              importance=None if importance == "none" else layer_importance)
-    from tui.app import LsaqApp
+    from lsaq_tui.app import LsaqApp
 
     name = "SmolLM2-135M-Instruct (default)" if source.kind == "default" else Path(source.origin).name
     ui = LsaqApp(engine.start(), name, max_tokens)

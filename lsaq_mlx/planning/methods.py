@@ -2,7 +2,7 @@
 
 Methods:
 - ``lsaq`` (default): per-module (bits, group size) or float, chosen by the
-  multiple-choice knapsack on the cost model of ``lsaq_mlx.cost`` (importance-weighted,
+  multiple-choice knapsack on the cost model of ``lsaq_mlx.planning.cost`` (importance-weighted,
   activation-weighted quantization error); with the ``swsc`` codec also the SWSC
   settings of ``lsaq_mlx.swsc.candidates`` for every decoder-layer linear module;
 - ``lsaq-tiers``: the LSAQ paper's two tiers: the n layers with the highest jaccard
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.knapsack import solve_mckp
+from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
-from lsaq_mlx.plan import BITS, FLOAT_BYTES, GROUP_SIZES, QuantModule, QuantPlan, fixed_params, quantizable_modules
+from lsaq_mlx.planning.plan import BITS, FLOAT_BYTES, GROUP_SIZES, QuantModule, QuantPlan, fixed_params, quantizable_modules
 from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
 from lsaq_mlx.swsc.codec import SWSCSettings, is_swsc
 

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from lsaq_mlx import importance
+from lsaq_mlx.scoring import metrics as importance
 from lsaq_mlx.cache import read_cache_json
-from lsaq_mlx.calibration import load_calibration, token_sequences
-from lsaq_mlx.compute import describe
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.backend.compute import describe
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.lens import inner_model
+from lsaq_mlx.scoring.lens import inner_model
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.scores import (
+from lsaq_mlx.scoring.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,
     DEFAULT_TOKENS,

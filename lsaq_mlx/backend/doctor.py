@@ -6,7 +6,7 @@ import time
 import mlx.core as mx
 
 from lsaq_mlx.cache import cache_dir
-from lsaq_mlx.compute import describe
+from lsaq_mlx.backend.compute import describe
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources.resolve import default_gguf
 

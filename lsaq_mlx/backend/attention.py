@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from lsaq_mlx.compute import backend
+from lsaq_mlx.backend.compute import backend
 
 QUERY_BLOCK = 64
 

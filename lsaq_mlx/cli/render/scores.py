@@ -5,7 +5,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lsaq_mlx.cache import atomic_file
-from lsaq_mlx.scores import LayerScores
+from lsaq_mlx.scoring.scores import LayerScores
 
 BAR_WIDTH = 40
 

@@ -17,8 +17,8 @@ from typing import Callable, Sequence, TypeVar
 
 import mlx.core as mx
 
-from lsaq_mlx.blas import cores_for_this_process, single_threaded_blas
-from lsaq_mlx.compute import backend
+from lsaq_mlx.backend.blas import cores_for_this_process, single_threaded_blas
+from lsaq_mlx.backend.compute import backend
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

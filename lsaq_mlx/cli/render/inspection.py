@@ -6,7 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lsaq_mlx.inspection import precision_label
+from lsaq_mlx.sources.inspection import precision_label
 from lsaq_mlx.sizes import format_size
 
 

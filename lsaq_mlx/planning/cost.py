@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lsaq_mlx.plan import QuantModule
+from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.swsc.codec import SWSCSettings, compress
 
 # Weighting layers by their jaccard importance on top of the Fisher made plans worse on

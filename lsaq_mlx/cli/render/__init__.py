@@ -1,0 +1,1 @@
+"""How the CLI shows results to a person (``--json`` prints the data itself)."""

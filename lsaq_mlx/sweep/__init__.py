@@ -1,0 +1,1 @@
+"""Grids of models x methods x budgets: the run (run.py) and its report (report.py)."""
