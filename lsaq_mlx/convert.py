@@ -103,7 +103,8 @@ def quantized_model(source: ModelSource, plan: QuantPlan):
     model.set_dtype(mx.float32)
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
-    nn.quantize(model, class_predicate=lambda path, m: path not in swsc and plan.modules.get(path, False))
+    nn.quantize(model, class_predicate=lambda path, m: path in plan.modules and path not in swsc
+                and plan.modules[path].config())
     if swsc:
         with progress_bar("SWSC compression", len(swsc)) as advance:
             swsc_layers(model, swsc, advance)

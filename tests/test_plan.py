@@ -9,6 +9,7 @@ import pytest
 from lsaq_mlx.planning.cost import layer_weights, quantization_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
+from lsaq_mlx.planning.choices import KEEP, Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantModule, QuantPlan
 from lsaq_mlx.planning.methods import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
 from lsaq_mlx.scoring.scores import LayerScores
@@ -54,12 +55,12 @@ def test_module_bytes_are_what_mlx_stores(bits, group_size):
     for module, extra in ((linear, 96), (embedding, 0)):
         rows, cols = module.weight.shape
         q = QuantModule("m", None, rows, cols, extra)
-        choice = {"bits": bits, "group_size": group_size, "mode": "affine"}
+        choice = Affine(bits, group_size)
         quantized = module.to_quantized(group_size=group_size, bits=bits)
         quantized.set_dtype(mx.float16)
         assert q.bytes_for(choice) == sum(v.nbytes for _, v in nn.utils.tree_flatten(quantized.parameters()))
         module.set_dtype(mx.float16)
-        assert q.bytes_for(False) == sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
+        assert q.bytes_for(KEEP) == sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
 
 
 @pytest.fixture(scope="module")
@@ -98,25 +99,25 @@ def test_tiers_give_the_important_layer_the_high_bits(planning):
     four = plan_uniform(ctx, None, 4, 64).predicted_bits_per_weight
     plan = plan_tiers(ctx, Budget(four + 1.5), scores, "lsaq-tiers", high=8, low=4)
     assert plan.details["high_layers"] == [1]
-    assert plan.modules["model.layers.1.self_attn.q_proj"]["bits"] == 8
-    assert plan.modules["model.layers.0.self_attn.q_proj"]["bits"] == 4
-    assert plan.modules["model.embed_tokens"]["bits"] == 4
+    assert plan.modules["model.layers.1.self_attn.q_proj"].bits == 8
+    assert plan.modules["model.layers.0.self_attn.q_proj"].bits == 4
+    assert plan.modules["model.embed_tokens"].bits == 4
 
 
 def test_uniform_and_recipe(planning):
     model, ctx, _, _ = planning
     plan = plan_uniform(ctx, Budget(4.6))
-    assert {(c["bits"], c["group_size"]) for c in plan.modules.values()} == {(4, 64)}
+    assert set(plan.modules.values()) == {Affine(4, 64)}
     recipe = plan_recipe(ctx, model, "mixed_3_6")
-    assert {c["bits"] for c in recipe.modules.values()} == {3, 6}
+    assert {c.bits for c in recipe.modules.values()} == {3, 6}
 
 
 def test_overrides_pin_modules(planning):
     model, _, errors, scores = planning
     ctx = PlanningContext(model, "fp", [Override.parse(r"down_proj$=8:32"), Override.parse("embed=keep")])
     plan = plan_lsaq(ctx, Budget(6.0), errors, layer_weights(scores.scores, ctx.modules))
-    assert plan.modules["model.layers.0.mlp.down_proj"] == {"bits": 8, "group_size": 32, "mode": "affine"}
-    assert plan.modules["model.embed_tokens"] is False
+    assert plan.modules["model.layers.0.mlp.down_proj"] == Affine(8, 32)
+    assert plan.modules["model.embed_tokens"] == KEEP
     for bad in ("nothing", "x=7", "(=4", "q_proj=4:48"):
         with pytest.raises(UserError, match="override"):
             Override.parse(bad)

@@ -288,7 +288,7 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
             swap, stall = app.stalls[0]
             assert swap["reason"].startswith("auto down") and swap["bits_per_weight"] == small.predicted_bits_per_weight
             assert swap["changed"] == len(small.modules) and not swap["failed"]
-            (choice,) = {(c["bits"], c["group_size"]) for c in small.modules.values()}  # uniform: one setting
+            (choice,) = {(c.bits, c.group_size) for c in small.modules.values()}  # uniform: one setting
             assert layers.bits == pytest.approx([choice[0] + 32 / choice[1]] * 30)  # scales and biases included
             assert app.query_one(SwapLog).entries[0]["from_bits_per_weight"] == large.predicted_bits_per_weight
             print(f"swap of {swap['changed']} modules in {swap['seconds']:.2f} s; longest UI-loop stall {stall * 1000:.0f} ms")

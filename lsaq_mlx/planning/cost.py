@@ -17,8 +17,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lsaq_mlx.modules import module_at
+from lsaq_mlx.planning.choices import KEEP, Affine
 from lsaq_mlx.planning.plan import QuantModule
-from lsaq_mlx.swsc.codec import SWSCSettings, compress
+from lsaq_mlx.swsc.codec import compress
 
 # Weighting layers by their jaccard importance on top of the Fisher made plans worse on
 # SmolLM2 (KL at 4.0 bits per weight: 0.69 with power 0, 1.00 with 1, 1.21 with 2; see
@@ -26,56 +28,51 @@ from lsaq_mlx.swsc.codec import SWSCSettings, compress
 IMPORTANCE_POWER = 0.0
 
 
-def roundtrip(w: mx.array, choice: dict) -> mx.array:
+def roundtrip(w: mx.array, choice: Affine) -> mx.array:
     """``w`` quantized with ``choice`` and dequantized, scales and biases in float16."""
-    q, scales, biases = mx.quantize(w, choice["group_size"], choice["bits"])
+    q, scales, biases = mx.quantize(w, choice.group_size, choice.bits)
     f16 = lambda a: a.astype(mx.float16).astype(mx.float32)
-    return mx.dequantize(q, f16(scales), f16(biases), choice["group_size"], choice["bits"])
+    return mx.dequantize(q, f16(scales), f16(biases), choice.group_size, choice.bits)
 
 
 def quantization_errors(model: nn.Module, modules: list[QuantModule], fisher: dict | None = None, progress=None) -> dict:
-    """``{path: [err of each choice of module.choices()]}`` (0 for keep): the Fisher-weighted
-    squared weight error ``sum F (W - Q(W))^2`` (plain squared error without ``fisher``)."""
+    """``{path: {choice.key: err}}`` for every choice of ``module.choices()`` (0 for keep):
+    the Fisher-weighted squared weight error ``sum F (W - Q(W))^2`` (plain squared error
+    without ``fisher``)."""
     table = {}
     for q in modules:
-        w = _module(model, q.path).weight.astype(mx.float32)
+        w = module_at(model, q.path).weight.astype(mx.float32)
         f = fisher[q.path] if fisher else mx.ones_like(w)
-        errs = []
+        errs = {}
         for choice in q.choices():
-            if choice is False:
-                errs.append(mx.array(0.0))
+            if choice == KEEP:
+                errs[choice.key] = mx.array(0.0)
                 continue
             diff = w - roundtrip(w, choice)
-            errs.append((f * diff * diff).sum())
-        mx.eval(errs)
-        table[q.path] = [e.item() for e in errs]
+            errs[choice.key] = (f * diff * diff).sum()
+        mx.eval(list(errs.values()))
+        table[q.path] = {k: e.item() for k, e in errs.items()}
         if progress:
             progress(1)
     return table
 
 
 def swsc_errors(model: nn.Module, options: dict, fisher: dict | None = None, progress=None) -> dict:
-    """``{path: [err of each SWSC choice of options[path]]}``: the same Fisher-weighted
-    squared error, of the matrix each SWSC setting reconstructs (k-means and SVD run)."""
+    """``{path: {choice.key: err}}`` for the SWSC choices ``options[path]``: the same
+    Fisher-weighted squared error, of the matrix each SWSC setting reconstructs (k-means
+    and SVD run)."""
     table = {}
     for path, choices in options.items():
-        w = _module(model, path).weight.astype(mx.float32)
+        w = module_at(model, path).weight.astype(mx.float32)
         f = fisher[path] if fisher else mx.ones_like(w)
-        errs = []
+        errs = {}
         for choice in choices:
-            diff = w - compress(w, SWSCSettings.from_choice(choice)).dense()
-            errs.append((f * diff * diff).sum().item())
+            diff = w - compress(w, choice.settings).dense()
+            errs[choice.key] = (f * diff * diff).sum().item()
         table[path] = errs
         if progress:
             progress(1)
     return table
-
-
-def _module(model: nn.Module, path: str) -> nn.Module:
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else m[part]
-    return m
 
 
 def layer_weights(importance: list[float] | None, modules: list[QuantModule]) -> dict:
@@ -97,7 +94,7 @@ def fisher_diagonal(model: nn.Module, modules: list[QuantModule], sequences, pro
 
     model.freeze()
     for q in modules:
-        _module(model, q.path).unfreeze(keys=["weight"])
+        module_at(model, q.path).unfreeze(keys=["weight"])
 
     def loss(tokens):
         logits = model(tokens[None, :-1]).astype(mx.float32)

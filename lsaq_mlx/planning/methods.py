@@ -21,9 +21,10 @@ import mlx.nn as nn
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
-from lsaq_mlx.planning.plan import BITS, FLOAT_BYTES, GROUP_SIZES, QuantModule, QuantPlan, fixed_params, quantizable_modules
+from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice
+from lsaq_mlx.planning.plan import QuantModule, QuantPlan, fixed_params, quantizable_modules
 from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
-from lsaq_mlx.swsc.codec import SWSCSettings, is_swsc
+from lsaq_mlx.swsc.codec import SWSCSettings
 
 TIER_METRICS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
 METHODS = ("lsaq", *TIER_METRICS, "uniform")
@@ -49,7 +50,7 @@ class Budget:
 @dataclass
 class Override:
     pattern: str
-    choice: dict | bool
+    choice: Choice
 
     @classmethod
     def parse(cls, text: str) -> "Override":
@@ -60,15 +61,15 @@ class Override:
             if not sep or not pattern:
                 raise ValueError
             if value in ("keep", "float", "16"):
-                return cls(pattern, False)
+                return cls(pattern, KEEP)
             if value.startswith("swsc:"):
                 k, r = value.removeprefix("swsc:").split(":")
-                return cls(pattern, SWSCSettings(int(k), int(r)).to_choice())
+                return cls(pattern, SWSC(SWSCSettings(int(k), int(r))))
             bits, _, group = value.partition(":")
-            choice = {"bits": int(bits), "group_size": int(group or DEFAULT_GROUP_SIZE), "mode": "affine"}
+            choice = Affine(int(bits), int(group or DEFAULT_GROUP_SIZE))
         except (re.error, ValueError):
             raise UserError(f"bad --override '{text}': expected REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R") from None
-        if choice["bits"] not in BITS or choice["group_size"] not in GROUP_SIZES:
+        if choice.bits not in BITS or choice.group_size not in GROUP_SIZES:
             raise UserError(f"bad --override '{text}': bits one of {BITS}, group size one of {GROUP_SIZES}")
         return cls(pattern, choice)
 
@@ -87,7 +88,7 @@ class PlanningContext:
         check_codecs(codecs)
         self.modules = quantizable_modules(model)
         self.codecs = tuple(codecs)
-        self.swsc_options = {q.path: [s.to_choice() for s in swsc_candidates(q.rows, q.cols)]
+        self.swsc_options = {q.path: [SWSC(s) for s in swsc_candidates(q.rows, q.cols)]
                              for q in self.modules if "swsc" in codecs and q.layer is not None}
         self.fixed_params = fixed_params(model, self.modules)
         self.parameters = self.fixed_params + sum(q.params for q in self.modules)
@@ -99,10 +100,10 @@ class PlanningContext:
             if not matched:
                 raise UserError(f"--override '{o.pattern}' matches no quantizable module")
             for q in matched:
-                if is_swsc(o.choice):
+                if isinstance(o.choice, SWSC):
                     self._check_swsc_override(o, q)
-                elif o.choice and q.cols % o.choice["group_size"]:
-                    raise UserError(f"--override: group size {o.choice['group_size']} does not divide {q.path}'s input size {q.cols}")
+                elif not o.choice.fits(q.cols):
+                    raise UserError(f"--override: group size {o.choice.group_size} does not divide {q.path}'s input size {q.cols}")
                 self.pinned[q.path] = o.choice
 
     def _check_swsc_override(self, o: Override, q: QuantModule) -> None:
@@ -111,15 +112,15 @@ class PlanningContext:
         if q.layer is None:
             raise UserError(f"--override '{o.pattern}': SWSC is for the linear layers of decoder layers, not {q.path}")
         try:
-            SWSCSettings.from_choice(o.choice).check(q.rows, q.cols)
+            o.choice.settings.check(q.rows, q.cols)
         except UserError as e:
             raise UserError(f"--override '{o.pattern}' on {q.path}: {e}") from None
 
-    def candidates(self, q: QuantModule) -> list:
+    def candidates(self, q: QuantModule) -> list[Choice]:
         """Every choice the cost model prices for ``q``: affine, keep, then SWSC."""
         return q.choices() + self.swsc_options.get(q.path, [])
 
-    def options(self, q: QuantModule) -> list:
+    def options(self, q: QuantModule) -> list[Choice]:
         return [self.pinned[q.path]] if q.path in self.pinned else self.candidates(q)
 
     def total_bytes(self, choices: dict) -> int:
@@ -162,14 +163,12 @@ def _scores_summary(scores) -> dict:
 
 def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict, scores=None) -> QuantPlan:
     """The multiple-choice knapsack over every module's options on the cost model;
-    ``errors[path]`` lists the error of each of ``ctx.candidates``."""
+    ``errors[path][choice.key]`` is the error of each of ``ctx.candidates``."""
     items = []
     for q in ctx.modules:
-        choices = ctx.options(q)
-        all_errs = dict(zip(map(_key, ctx.candidates(q)), errors[q.path]))
         # a pinned SWSC setting outside the candidates has no priced error; as the
         # module's only option its cost cannot change the plan
-        items.append([(q.bytes_for(c), weights[q.path] * all_errs.get(_key(c), 0.0)) for c in choices])
+        items.append([(q.bytes_for(c), weights[q.path] * errors[q.path].get(c.key, 0.0)) for c in ctx.options(q)])
     solution = solve_mckp(items, ctx.module_budget(budget))
     if solution is None:
         smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
@@ -179,13 +178,6 @@ def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict,
     details = {"cost": solution.cost, "dp_unit_bytes": solution.unit,
                "optimality": f"cost <= exact optimum for a budget {solution.unit * len(items)} bytes smaller"}
     return ctx.plan("lsaq", budget, picks, scores, details)
-
-
-def _key(choice) -> str:
-    if is_swsc(choice):
-        s = SWSCSettings.from_choice(choice)
-        return f"swsc/{s.axis}/{s.k}/{s.rank}/{s.centroid_bits}/{s.centroid_group_size}"
-    return "keep" if choice is False else f"{choice['bits']}/{choice['group_size']}"
 
 
 def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: int = 8, low: int = 4,
@@ -217,11 +209,11 @@ def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: 
     return ctx.plan(method, budget, choices_for(n), scores, details)
 
 
-def _uniform_choice(q: QuantModule, bits: int, group_size: int) -> dict | bool:
+def _uniform_choice(q: QuantModule, bits: int, group_size: int) -> Choice:
     """``bits`` at ``group_size``, or the nearest group size that divides the module."""
     dividing = [g for g in GROUP_SIZES if q.cols % g == 0]
     group = min(dividing, key=lambda g: (abs(g - group_size), -g), default=None)
-    return False if group is None else {"bits": bits, "group_size": group, "mode": "affine"}
+    return KEEP if group is None else Affine(bits, group)
 
 
 def plan_uniform(ctx: PlanningContext, budget: Budget | None, bits: int | None = None, group_size: int | None = None) -> QuantPlan:
@@ -250,5 +242,5 @@ def plan_recipe(ctx: PlanningContext, model: nn.Module, recipe: str, group_size:
     choices = {}
     for q in ctx.modules:
         choice = predicate(q.path, modules[q.path]) if q.cols % group_size == 0 else False
-        choices[q.path] = {"bits": choice["bits"], "group_size": choice["group_size"], "mode": "affine"} if choice else False
+        choices[q.path] = Affine(choice["bits"], choice["group_size"]) if choice else KEEP
     return ctx.plan(recipe, Budget(), choices, details={"recipe": recipe, "group_size": group_size})

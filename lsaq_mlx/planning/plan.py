@@ -1,17 +1,15 @@
 """``QuantPlan`` and ``PlanSet``: which precision every quantizable module gets, and its bytes.
 
-A module's choice is what mlx-lm records in ``config.json``: ``{"bits", "group_size",
-"mode"}`` to quantize it (MLX affine), or ``False`` to keep it in float (float16 in the
-written model); or ``{"codec": "swsc", ...}`` for the SWSC codec (``lsaq_mlx.swsc``),
-which stock mlx-lm cannot open. A choice without ``codec`` is affine, so plans written
-before SWSC existed read unchanged. Everything that is not quantizable (norms, biases)
-stays float16.
-Byte counts follow MLX's storage exactly: ``bits/8`` bytes per weight, one float16
-scale and one float16 bias per group, so bits per weight is mlx-lm's own figure.
+A module's choice is a ``planning.choices`` value (``Affine``, ``Keep``, ``SWSC``); in
+the plan's JSON it is what mlx-lm records in ``config.json``: ``{"bits", "group_size",
+"mode"}``, ``false`` (float16), or ``{"codec": "swsc", ...}``, so plans written before
+the types existed read unchanged. Everything that is not quantizable (norms, biases)
+stays float16. Byte counts follow MLX's storage exactly, so bits per weight is mlx-lm's
+own figure.
 """
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import mlx.nn as nn
@@ -19,12 +17,10 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.cache import write_json_atomic
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.swsc.codec import SWSCSettings, is_swsc
+from lsaq_mlx.modules import layer_index
+from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice, choice_from_config
 
 PLAN_VERSION = 1
-BITS = (2, 3, 4, 5, 6, 8)
-GROUP_SIZES = (32, 64, 128)
-FLOAT_BYTES = 2  # float16: kept modules, norms, biases, and the scales and biases of groups
 
 
 @dataclass(frozen=True)
@@ -41,26 +37,17 @@ class QuantModule:
     def params(self) -> int:
         return self.rows * self.cols + self.extra_params
 
-    def choices(self) -> list[dict | bool]:
+    def choices(self) -> list[Choice]:
         """Every (bits, group size) whose groups divide the input dimension, and keep."""
-        quantized = [
-            {"bits": b, "group_size": g, "mode": "affine"} for b in BITS for g in GROUP_SIZES if self.cols % g == 0
-        ]
-        return quantized + [False]
+        return [Affine(b, g) for b in BITS for g in GROUP_SIZES if self.cols % g == 0] + [KEEP]
 
-    def bytes_for(self, choice: dict | bool) -> int:
-        if choice is False:
-            return self.params * FLOAT_BYTES
-        if is_swsc(choice):
-            return SWSCSettings.from_choice(choice).nbytes(self.rows, self.cols) + self.extra_params * FLOAT_BYTES
-        weights = self.rows * self.cols
-        return weights * choice["bits"] // 8 + 2 * FLOAT_BYTES * weights // choice["group_size"] + (
-            self.extra_params * FLOAT_BYTES
-        )
+    def bytes_for(self, choice: Choice) -> int:
+        return choice.weight_bytes(self.rows, self.cols) + self.extra_params * FLOAT_BYTES
 
 
 def quantizable_modules(model: nn.Module) -> list[QuantModule]:
-    """The modules of an mlx-lm model that MLX can quantize, in model order."""
+    """The modules of an mlx-lm model that MLX can quantize, in model order (a model
+    built from its config alone will do: only shapes are read)."""
     modules = []
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
         if not hasattr(m, "to_quantized") or "weight" not in m:
@@ -69,16 +56,8 @@ def quantizable_modules(model: nn.Module) -> list[QuantModule]:
             raise ValueError("plan on float weights: dequantize the model first")
         rows, cols = m.weight.shape
         extra = m.bias.size if "bias" in m else 0
-        modules.append(QuantModule(path, _layer_index(path), int(rows), int(cols), int(extra)))
+        modules.append(QuantModule(path, layer_index(path), int(rows), int(cols), int(extra)))
     return modules
-
-
-def _layer_index(path: str) -> int | None:
-    parts = path.split(".")
-    if "layers" in parts and parts.index("layers") + 1 < len(parts):
-        index = parts[parts.index("layers") + 1]
-        return int(index) if index.isdigit() else None
-    return None
 
 
 def fixed_params(model: nn.Module, modules: list[QuantModule]) -> int:
@@ -91,7 +70,7 @@ class QuantPlan:
     model_fingerprint: str
     method: str
     budget: dict  # {"bits_per_weight": x} or {"bytes": n, ...}; {} for a recipe
-    modules: dict  # module path -> {"bits", "group_size", "mode"} or False
+    modules: dict[str, Choice]  # module path -> its choice
     predicted_bytes: int
     predicted_bits_per_weight: float
     parameters: int
@@ -100,14 +79,15 @@ class QuantPlan:
     version: int = PLAN_VERSION
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return json.loads(json.dumps(data | {"modules": {p: c.config() for p, c in self.modules.items()}}))
 
     def save(self, path: Path) -> None:
         write_json_atomic(Path(path), {"type": "QuantPlan", **self.to_dict()})
 
     def swsc_modules(self) -> dict:
         """``{path: SWSCSettings}`` of the modules the plan gives to the SWSC codec."""
-        return {p: SWSCSettings.from_choice(c) for p, c in self.modules.items() if is_swsc(c)}
+        return {p: c.settings for p, c in self.modules.items() if isinstance(c, SWSC)}
 
     @classmethod
     def from_dict(cls, data, where: str = "the plan") -> "QuantPlan":
@@ -126,10 +106,8 @@ class QuantPlan:
         for key, kind in types.items():
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise UserError(f"{where}: {key} has the wrong type")
-        for path, choice in data["modules"].items():
-            if not _valid_choice(choice):
-                raise UserError(f"{where}: the choice for {str(path)[:80]} is not bits/group_size, false or swsc")
-        return cls(**data)
+        modules = {path: choice_from_config(choice, f"{where}, {str(path)[:80]}") for path, choice in data["modules"].items()}
+        return cls(**data | {"modules": modules})
 
     @classmethod
     def load(cls, path: Path) -> "QuantPlan":
@@ -138,9 +116,10 @@ class QuantPlan:
     def quantization_config(self) -> dict:
         """The ``quantization`` entry of config.json: defaults plus every module (SWSC
         modules as chosen here; ``lsaq_mlx.swsc.format`` rewrites their entries)."""
-        chosen = [c for c in self.modules.values() if c and not is_swsc(c)]
-        common = max(chosen, key=lambda c: sum(c == d for d in chosen)) if chosen else {"bits": 4, "group_size": 64}
-        return {"group_size": common["group_size"], "bits": common["bits"], "mode": "affine", **self.modules}
+        chosen = [c for c in self.modules.values() if isinstance(c, Affine)]
+        common = max(chosen, key=lambda c: sum(c == d for d in chosen)) if chosen else Affine(4, 64)
+        entries = {p: c.config() for p, c in self.modules.items()}
+        return {"group_size": common.group_size, "bits": common.bits, "mode": "affine", **entries}
 
 
 @dataclass
@@ -162,20 +141,6 @@ class PlanSet:
         if not isinstance(data, dict) or data.get("type") != "PlanSet" or not isinstance(data.get("plans"), list):
             raise UserError(f"{path} is not a PlanSet")
         return cls([QuantPlan.from_dict(p, str(path)) for p in data["plans"]])
-
-
-def _valid_choice(choice) -> bool:
-    if choice is False:
-        return True
-    if not isinstance(choice, dict):
-        return False
-    if is_swsc(choice):
-        try:
-            SWSCSettings.from_choice(choice)
-        except UserError:
-            return False
-        return True
-    return choice.get("bits") in BITS and choice.get("group_size") in GROUP_SIZES and choice.get("mode", "affine") == "affine"
 
 
 def _read_plan_json(path: Path) -> dict:

@@ -37,8 +37,8 @@ from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.layer import SWSCLinear
 
-COST_VERSION = 2
-SWSC_COST_VERSION = 1
+COST_VERSION = 3  # 3: errors keyed by choice
+SWSC_COST_VERSION = 2
 FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
 FISHER_SEQ_LEN = 256
 KV_BYTES = 2  # float16 KV cache
@@ -140,13 +140,14 @@ def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> 
     calib = load_calibration(calib_spec)
     key = fingerprint_bytes(source.fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
     path = cache_dir() / "errors" / f"{key}.json"
-    swsc_key = fingerprint_bytes(key, json.dumps(ctx.swsc_options, sort_keys=True), str(SWSC_COST_VERSION))
+    options = {p: [c.key for c in choices] for p, choices in ctx.swsc_options.items()}
+    swsc_key = fingerprint_bytes(key, json.dumps(options, sort_keys=True), str(SWSC_COST_VERSION))
     swsc_path = cache_dir() / "errors" / f"swsc-{swsc_key}.json"
-    lengths = {q.path: len(q.choices()) for q in ctx.modules}
-    table = read_cache_json(path, "cost table", lambda d: _check_table(d, lengths))
-    swsc_lengths = {p: len(c) for p, c in ctx.swsc_options.items()}
+    keys = {q.path: {c.key for c in q.choices()} for q in ctx.modules}
+    table = read_cache_json(path, "cost table", lambda d: _check_table(d, keys))
+    swsc_keys = {p: {c.key for c in choices} for p, choices in ctx.swsc_options.items()}
     swsc = {} if not ctx.swsc_options else read_cache_json(swsc_path, "SWSC cost table",
-                                                           lambda d: _check_table(d, swsc_lengths))
+                                                           lambda d: _check_table(d, swsc_keys))
     if table is None or swsc is None:
         sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
         with progress_bar("Fisher information", FISHER_TOKENS) as advance:
@@ -160,16 +161,16 @@ def _error_table(source, model, tokenizer, ctx: PlanningContext, calib_spec) -> 
                 swsc = swsc_errors(model, ctx.swsc_options, fisher, advance)
             write_json_atomic(swsc_path, swsc)
         del fisher
-    return {p: errs + swsc.get(p, []) for p, errs in table.items()}
+    return {p: errs | swsc.get(p, {}) for p, errs in table.items()}
 
 
-def _check_table(data, lengths: dict) -> dict:
-    """``data`` if it holds one list of finite errors per module, as long as its choices."""
-    if not isinstance(data, dict) or set(data) != set(lengths):
+def _check_table(data, keys: dict) -> dict:
+    """``data`` if it holds, for every module, a finite error for each of its choices."""
+    if not isinstance(data, dict) or set(data) != set(keys):
         raise ValueError("its modules are not this model's")
     for path, errs in data.items():
-        if (not isinstance(errs, list) or len(errs) != lengths[path]
-                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in errs)):
+        if (not isinstance(errs, dict) or set(errs) != keys[path]
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in errs.values())):
             raise ValueError(f"the errors of {path} are malformed")
     return data
 

@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from lsaq_mlx.backend.compute import compute_mode, prepare_for_compute
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
@@ -293,7 +294,7 @@ class Engine:
         if self.weights is None:
             raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
                             "chat with the float source (e.g. --model default -b 4.5) to change plans")
-        changes = {p: c for p, c in plan.modules.items() if self.choices.get(p, False) != c or p not in self.choices}
+        changes = {p: c for p, c in plan.modules.items() if self.choices.get(p) != c}
         self._swap_from = {"from_bits_per_weight": self._plan_info()["bits_per_weight"], "reason": reason,
                            "at": time.time(), "memory_before": self._process_memory()}
         self.plan = plan
@@ -409,9 +410,7 @@ class Engine:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
         layers = {}
         for path, choice in self.choices.items():
-            parts = path.split(".")
-            key = parts[parts.index("layers") + 1] if "layers" in parts else "rest"
-            layers.setdefault(key, set()).add("f16" if choice is False else f"{choice['bits']}/{choice['group_size']}")
+            layers.setdefault(layer_label(path), set()).add(choice.label)
         return {**self._plan_info(), "auto": self.auto, "messages": len(self.messages),
                 "cached_tokens": len(self.cache_tokens), "mlx_active_bytes": mx.get_active_memory(),
                 "mlx_peak_bytes": mx.get_peak_memory(), "memory": sample,

@@ -8,15 +8,7 @@ compute; after a swap, a module's bits follow its new plan choice.
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-FLOAT16_BITS = 16  # what a plan's "keep" stores
-GROUP_PARAM_BITS = 32  # one float16 scale and one float16 bias per group
-
-
-def choice_bits(choice) -> float:
-    """Bits per weight of a plan choice: ``{"bits", "group_size"}`` or False (float16)."""
-    if not choice:
-        return FLOAT16_BITS
-    return choice["bits"] + GROUP_PARAM_BITS / choice["group_size"]
+from lsaq_mlx.modules import layer_index
 
 
 def module_precision(model: nn.Module) -> dict[str, tuple[float, int]]:
@@ -41,9 +33,9 @@ def layer_bits(precision: dict[str, tuple[float, int]], choices: dict) -> dict:
     totals: dict = {}
     for path, (bits, weights) in precision.items():
         if path in choices:
-            bits = choice_bits(choices[path])
-        parts = path.split(".")
-        key = int(parts[parts.index("layers") + 1]) if "layers" in parts else "other"
+            bits = choices[path].bits_per_weight() or bits
+        index = layer_index(path)
+        key = "other" if index is None else index
         bit_sum, weight_sum = totals.get(key, (0.0, 0))
         totals[key] = (bit_sum + bits * weights, weight_sum + weights)
     mean = {k: b / w for k, (b, w) in totals.items() if w}

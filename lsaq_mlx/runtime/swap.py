@@ -17,6 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from lsaq_mlx.backend.compute import dequantize_layers
+from lsaq_mlx.modules import by_layer, module_at
+from lsaq_mlx.planning.choices import Affine
 
 
 class SourceWeights:
@@ -49,13 +51,6 @@ def source_weights(source) -> "SourceWeights":
     return SourceWeights(source.path)
 
 
-def _module(model: nn.Module, path: str) -> nn.Module:
-    m = model
-    for part in path.split("."):
-        m = m[int(part)] if part.isdigit() else m[part]
-    return m
-
-
 def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) -> nn.Module:
     """The module at ``path`` with precision ``choice`` from the source weights, as it is
     stored (float16 scales, biases and kept weights)."""
@@ -70,8 +65,8 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) 
     new.weight = w.astype(mx.float32)
     if bias is not None:
         new.bias = bias
-    if choice:
-        new = new.to_quantized(group_size=choice["group_size"], bits=choice["bits"])
+    if isinstance(choice, Affine):
+        new = new.to_quantized(group_size=choice.group_size, bits=choice.bits)
     new.set_dtype(mx.float16)
     return new
 
@@ -116,7 +111,7 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
     source_before, store_before = getattr(weights, "bytes_read", 0), getattr(store, "bytes_read", 0)
     for path, choice in changes.items():
         try:
-            new = build_module(_module(model, path), path, choice, weights, float32_compute, store)
+            new = build_module(module_at(model, path), path, choice, weights, float32_compute, store)
         except Exception as e:  # keep the old weights, report, go on
             report.failed[path] = f"{type(e).__name__}: {e}"
             continue
@@ -133,9 +128,4 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
 def layer_groups(changes: dict) -> list[dict]:
     """``changes`` split by decoder layer (modules outside layers last), for swapping
     one layer between two generated tokens."""
-    groups = {}
-    for path, choice in changes.items():
-        parts = path.split(".")
-        key = int(parts[parts.index("layers") + 1]) if "layers" in parts else 1 << 30
-        groups.setdefault(key, {})[path] = choice
-    return [groups[k] for k in sorted(groups)]
+    return by_layer(changes)

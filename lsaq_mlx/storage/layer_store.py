@@ -24,6 +24,8 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.modules import layer_index
+from lsaq_mlx.planning.choices import Affine, Choice
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.storage import transforms
 from lsaq_mlx.storage.container import ContainerReader, ContainerWriter, chunks_of
@@ -36,18 +38,13 @@ SUFFIX = ".lsaqstore"
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def setting_key(choice) -> str:
-    if not choice:
-        return "f16"
-    mode = choice.get("mode", "affine")
-    return f"{choice['bits']}b{choice['group_size']}" + ("" if mode == "affine" else mode)
+def setting_key(choice: Choice) -> str:
+    return f"{choice.bits}b{choice.group_size}" if isinstance(choice, Affine) else "f16"
 
 
 def file_name(path: str) -> str:
-    parts = path.split(".")
-    if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
-        return f"layer-{int(parts[parts.index('layers') + 1]):04d}{SUFFIX}"
-    return f"other{SUFFIX}"
+    index = layer_index(path)
+    return f"other{SUFFIX}" if index is None else f"layer-{index:04d}{SUFFIX}"
 
 
 class LayerStore:
@@ -152,14 +149,14 @@ def _add_module(writer: ContainerWriter, key: str, module: nn.Module, choice) ->
     records = []
     for param, array in tree_flatten(module.parameters()):
         dtype = _DTYPE_NAMES[array.dtype]
-        transform, codec_name = encoding_for(dtype, choice["bits"] if choice and param == "weight" else None)
+        transform, codec_name = encoding_for(dtype, choice.bits if isinstance(choice, Affine) and param == "weight" else None)
         raw = np.array(array).tobytes()
         record = f"{key}/{param}"
         writer.add(record, chunks_of(raw, transforms.unit_bytes(transform)), transform, codec_name,
                    {"tensor": param, "dtype": dtype, "shape": list(array.shape)})
         records.append(record)
     info = {"class": type(module).__name__, "records": records}
-    if choice:
+    if isinstance(choice, Affine):
         info |= {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
     return info
 

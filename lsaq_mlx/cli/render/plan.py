@@ -6,15 +6,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import QuantPlan
-from lsaq_mlx.swsc.codec import is_swsc
-
-
-def choice_label(choice) -> str:
-    """``4/64`` (affine bits/group), ``f16`` (kept), ``s3:490+8`` (SWSC: centroid bits, k, rank)."""
-    if is_swsc(choice):
-        return f"s{choice['centroid_bits']}:{choice['k']}+{choice['rank']}"
-    return "f16" if choice is False else f"{choice['bits']}/{choice['group_size']}"
 
 
 def _kind(path: str) -> str:
@@ -25,9 +18,7 @@ def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console |
     console = console or Console()
     rows, kinds = defaultdict(dict), []
     for path, choice in plan.modules.items():
-        parts = path.split(".")
-        row = parts[parts.index("layers") + 1] if "layers" in parts else "rest"
-        rows[row][_kind(path)] = choice_label(choice)
+        rows[layer_label(path)][_kind(path)] = choice.label
         if _kind(path) not in kinds:
             kinds.append(_kind(path))
     legend = "f16 = kept in float" + ("; sB:K+R = SWSC, B-bit centroids, K clusters, rank R" if plan.swsc_modules() else "")
@@ -39,7 +30,7 @@ def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console |
     for row in sorted(rows, key=lambda r: (r == "rest", int(r) if r != "rest" else 0)):
         table.add_row(row, *(rows[row].get(k, "") for k in kinds), f"{layer_bytes.get(row, 0) / 1e6:.2f}")
     console.print(table)
-    mix = Counter(choice_label(c) for c in plan.modules.values())
+    mix = Counter(c.label for c in plan.modules.values())
     console.print("modules: " + ", ".join(f"{n} x {label}" for label, n in mix.most_common()))
     budget = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.budget.items())
     console.print(

@@ -1,0 +1,38 @@
+"""Module paths of mlx-lm models (``model.layers.3.mlp.up_proj``): which decoder layer a
+module belongs to, and the module a path names."""
+
+import re
+
+import mlx.nn as nn
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def layer_index(path: str) -> int | None:
+    """The decoder layer ``path`` lies in; None for embeddings, the final norm, the LM head."""
+    m = _LAYER.search(path)
+    return int(m.group(1)) if m else None
+
+
+def layer_label(path: str) -> str:
+    """``"3"`` for a module of decoder layer 3, ``"rest"`` for the others."""
+    index = layer_index(path)
+    return "rest" if index is None else str(index)
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The submodule of ``model`` at ``path``."""
+    m = model
+    for part in path.split("."):
+        m = m[int(part)] if part.isdigit() else m[part]
+    return m
+
+
+def by_layer(items: dict) -> list[dict]:
+    """``{path: value}`` split into one dict per decoder layer, in layer order, the
+    modules outside the layers last."""
+    groups: dict[int, dict] = {}
+    for path, value in items.items():
+        index = layer_index(path)
+        groups.setdefault(1 << 30 if index is None else index, {})[path] = value
+    return [groups[k] for k in sorted(groups)]
