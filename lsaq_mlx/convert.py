@@ -34,6 +34,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.swsc.format import is_swsc_folder, load_swsc_folder, take_swsc_layers, write_swsc
 from lsaq_mlx.swsc.layer import model_bits_per_weight, swsc_layers
 
@@ -67,17 +68,20 @@ class ConvertReport:
         return asdict(self)
 
 
-def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8) -> ConvertReport:
+def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8,
+            float_model=None) -> ConvertReport:
+    """Write ``plan`` of ``source`` at ``out``; ``float_model``: the source already in
+    memory (as the planner loaded it), so it is not loaded again."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
     try:
         check_replaceable(out, force)  # before the work, not only when it is done
     except FileExistsError:
-        raise UserError(f"{out} already exists (use --force to replace it)") from None
+        raise UserError(f"{out} already exists", setting="force") from None
     start = time.perf_counter()
     mx.reset_peak_memory()
-    model, config = quantized_model(source, plan)
+    model, config = quantized_model(source, plan, float_model)
     try:
         with atomic_dir(out, force=force) as tmp:
             _write_folder(model, config, plan, source, tmp)
@@ -90,16 +94,27 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
             )
             (tmp / "lsaq_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except FileExistsError:
-        raise UserError(f"{out} already exists (use --force to replace it)") from None
+        raise UserError(f"{out} already exists", setting="force") from None
     return report
 
 
-def quantized_model(source: ModelSource, plan: QuantPlan):
+def default_output(source: ModelSource, plan: QuantPlan) -> Path:
+    """``<model>-<method>-<bits>bpw`` in the working folder."""
+    stem = Path(source.origin).stem if source.kind != "default" else "smollm2-135m"
+    return Path(f"{stem}-{plan.method}-{plan.predicted_bits_per_weight:.2f}bpw")
+
+
+def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
     computed until the weights are used or saved; SWSC modules are compressed now);
-    float16 outside quantized weights."""
-    model, _, config = load_model(source, compute=False, lazy=True)
-    dequantize_layers(model)
+    float16 outside quantized weights. ``float_model``: the source's float weights
+    already in memory (any float dtype): shared, never changed, nothing loaded."""
+    if float_model is None:
+        model, _, config = load_model(source, compute=False, lazy=True)
+        dequantize_layers(model)
+    else:
+        model, config = skeleton_model(source)
+        model.update(float_model.parameters())
     model.set_dtype(mx.float32)
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()

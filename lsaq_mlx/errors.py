@@ -4,8 +4,14 @@
 class UserError(Exception):
     """A problem with the user's input (missing file, bad budget, unsupported model...).
 
-    The CLI prints ``error: <message>`` and exits with status 1.
+    The message speaks of the setting (``bits-per-weight budget 40``), not of how it was
+    given; ``setting`` names it (``"bits_budget"``) so the CLI can add its flag and a
+    sweep its spec key. The CLI prints ``error: <message>`` and exits with status 1.
     """
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
 
 
 class Terminated(BaseException):

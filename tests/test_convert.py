@@ -9,7 +9,8 @@ import pytest
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.convert import convert
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planning.planner import PlanRequest, make_plans, memory_budget
+from lsaq_mlx.planning.budgets import memory_budget
+from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sizes import parse_size
 from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
@@ -22,7 +23,7 @@ def tiny_source(tmp_path, empty_cache):
 
 
 def test_convert_writes_a_model_stock_mlx_lm_opens(tiny_source, tmp_path):
-    plan = make_plans(tiny_source, PlanRequest("lsaq", [4.0]))[0][0]
+    plan = Planner(tiny_source).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
     out = tmp_path / "out"
     report = convert(tiny_source, plan, out)
     assert report.written_bytes == plan.predicted_bytes
@@ -48,7 +49,7 @@ def test_convert_writes_a_model_stock_mlx_lm_opens(tiny_source, tmp_path):
 
 
 def test_existing_output_needs_force(tiny_source, tmp_path):
-    plan = make_plans(tiny_source, PlanRequest("uniform", bits=4))[0][0]
+    plan = Planner(tiny_source).plan(PlanRequest(method="uniform", bits=4))
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -68,7 +69,7 @@ def test_existing_output_needs_force(tiny_source, tmp_path):
 def test_interrupted_convert_leaves_no_folder(tiny_source, tmp_path, monkeypatch):
     import mlx_lm.utils
 
-    plan = make_plans(tiny_source, PlanRequest("uniform", bits=3))[0][0]
+    plan = Planner(tiny_source).plan(PlanRequest(method="uniform", bits=3))
 
     def interrupted(path, *args, **kwargs):
         (path / "model.safetensors").write_bytes(b"partial")
@@ -102,7 +103,7 @@ def test_cli_plan_convert_and_errors(tiny_source, tmp_path):
     assert dry.returncode == 0 and "bits per weight" in dry.stdout and "layer" in dry.stdout
     assert not any(p.name.startswith("tiny-") for p in tmp_path.iterdir())
     assert_one_line_error(run_cli("convert", "-m", gguf, "-b", "1.2", "--dry-run", env=env), "to 16.000 bits per weight")
-    assert_one_line_error(run_cli("convert", "-m", gguf, "--dry-run", env=env), "give a budget")
+    assert_one_line_error(run_cli("convert", "-m", gguf, "--dry-run", env=env), "needs one budget")
     assert_one_line_error(run_cli("plan", "-m", gguf, "-b", "4", "--override", "zzz=4", env=env), "matches no")
     out = tmp_path / "m"
     report = json.loads(run_cli("convert", "-m", gguf, "--recipe", "mixed_3_6", "-o", str(out), "--json", env=env).stdout)

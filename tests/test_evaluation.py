@@ -7,7 +7,7 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.evaluation.run import evaluate
+from lsaq_mlx.evaluation.run import EvalRequest, evaluate
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.evaluation.tasks import load_task
 from lsaq_mlx.evaluation.zeroshot import choice_logprobs, evaluate_task
@@ -70,7 +70,7 @@ def test_eval_perplexity_matches_mlx_lm_and_self_kl_is_zero(tiny, tmp_path):
 
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    result = evaluate(tiny, str(text), reference=tiny, max_tokens=600, seq_len=128)
+    result = evaluate(tiny, EvalRequest(ppl=str(text), max_tokens=600, seq_len=128), reference=tiny)
     assert result.divergence["kl"] == pytest.approx(0.0, abs=1e-4) and result.divergence["top1_agreement"] == 1.0
     model, tokenizer = load(str(tiny.path))
     tokens = tokenizer.encode(text.read_text())[:600]
@@ -95,7 +95,7 @@ def test_eval_of_a_converted_model_matches_mlx_lm_perplexity(tiny, tmp_path):
     convert(tiny, plan_uniform(PlanningContext(model, tiny.fingerprint), None, 4, 32), tmp_path / "q4")
     text = tmp_path / "text.txt"
     text.write_text("A bird in the hand is worth two in the bush, said the fox to the hen. " * 40)
-    ours = evaluate(resolve_model(str(tmp_path / "q4")), str(text), max_tokens=512, seq_len=128)
+    ours = evaluate(resolve_model(str(tmp_path / "q4")), EvalRequest(ppl=str(text), max_tokens=512, seq_len=128))
     quantized, tokenizer = load(str(tmp_path / "q4"))  # mlx-lm's own model: quantized kernels, float16 scales
     data = mx.array(tokenizer.encode(text.read_text())[:512]).reshape(-1, 128)
     theirs, _ = eval_ppl(quantized, data, batch_size=2)
@@ -105,9 +105,9 @@ def test_eval_of_a_converted_model_matches_mlx_lm_perplexity(tiny, tmp_path):
 
 def test_eval_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="unknown task"):
-        evaluate(tiny, None, ["mmlu"])
+        evaluate(tiny, EvalRequest(ppl=None, tasks=["mmlu"]))
     with pytest.raises(UserError, match="task file not found"):
-        evaluate(tiny, None, ["piqa"], task_dir=tmp_path)
+        evaluate(tiny, EvalRequest(ppl=None, tasks=["piqa"], task_dir=tmp_path))
     env = dict(os.environ)
     assert_one_line_error(run_cli("eval", "-m", str(tmp_path / "t.gguf"), "--ppl", str(tmp_path / "no.txt"), env=env),
                           "not found")

@@ -139,21 +139,21 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
 
 
 def test_damaged_cache_entries_are_recomputed(tmp_path, monkeypatch, caplog):
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import load_model, resolve_model
 
     monkeypatch.setenv("LSAQ_MLX_CACHE", str(tmp_path / "cache"))
     write_gguf(tiny_model("llama"), "llama", tmp_path / "m.gguf")
     source = resolve_model(str(tmp_path / "m.gguf"))
-    first = make_plans(source, PlanRequest("lsaq", [4.0]))[0][0]
+    first = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
     scores = score(source, ScoreOptions("cosine"))
     damage = {"cost table": next((tmp_path / "cache" / "errors").glob("*.json")),
               "scores": next((tmp_path / "cache" / "scores").glob("*.json"))}
     for path in damage.values():
         path.write_text(path.read_text()[:40])
     (tmp_path / "cache" / "hashes.json").write_text("[1, 2")
-    again = make_plans(source, PlanRequest("lsaq", [4.0]))[0][0]
+    again = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
     assert again.modules == first.modules and score(source, ScoreOptions("cosine")).scores == scores.scores
     messages = [r.getMessage() for r in caplog.records]
     for what in damage:

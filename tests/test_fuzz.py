@@ -259,7 +259,8 @@ PLAN = {"type": "QuantPlan", "model_fingerprint": "0123456789abcdef", "method": 
                     "lm_head": False},
         "predicted_bytes": 1000, "predicted_bits_per_weight": 4.0, "parameters": 2000, "scores": {}, "details": {},
         "version": 1}
-TABLE = {"model.layers.0.mlp.up_proj": [0.5, 0.25, 0.0], "lm_head": [1.0, 0.5, 0.0]}
+TABLE = {"model.layers.0.mlp.up_proj": {"4/64": 0.5, "8/64": 0.25, "keep": 0.0},
+         "lm_head": {"4/64": 1.0, "8/64": 0.5, "keep": 0.0}}
 
 
 def serialised(value, kind: str, rng: random.Random) -> bytes:
@@ -270,8 +271,8 @@ def serialised(value, kind: str, rng: random.Random) -> bytes:
 @FUZZ
 @given(kind=MUTATIONS, seed=SEEDS)
 def test_cache_json_readers(kind, seed):
-    from lsaq_mlx.planning.planner import _check_table
-    from lsaq_mlx.sweep.run import read_results
+    from lsaq_mlx.planning.cost_table import _check
+    from lsaq_mlx.sweep.results import read_results
 
     rng = random.Random(seed)
     with contained() as work:
@@ -285,8 +286,8 @@ def test_cache_json_readers(kind, seed):
         assert got is None or isinstance(got, LayerScores) and all(isinstance(x, float) for x in got.scores)
         loaded = expect_result_or_user_error(lambda: QuantPlan.load(plan))
         assert loaded is None or isinstance(loaded.modules, dict)
-        lengths = {p: len(v) for p, v in TABLE.items()}
-        got = read_cache_json(table, "cost table", lambda d: _check_table(d, lengths))
+        keys = {p: set(v) for p, v in TABLE.items()}
+        got = read_cache_json(table, "cost table", lambda d: _check(d, keys))
         assert got is None or set(got) == set(TABLE)
         rows, malformed = read_results(results)
         assert all(isinstance(r, dict) for r in rows.values()) and malformed >= 0

@@ -5,6 +5,7 @@ import pytest
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.planning.plan import PlanSet
+from planners import FixedPlanner
 from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
@@ -100,8 +101,7 @@ def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
 
 
 def engine_for(source, plans, **kwargs):
-    planner = lambda budgets: [plans[int(b)] for b in budgets]
-    return Engine(source, planner, **kwargs).start()
+    return Engine(source, FixedPlanner({float(b): p for b, p in plans.items()} | plans), **kwargs).start()
 
 
 def events_until(engine, kind):

@@ -49,7 +49,7 @@ def test_every_metric(tiny_source, metric):
 def test_bad_options(tiny_source):
     with pytest.raises(UserError, match="unknown metric"):
         score(tiny_source, ScoreOptions(metric="magic"))
-    with pytest.raises(UserError, match="--tokens"):
+    with pytest.raises(UserError, match="calibration tokens"):
         score(tiny_source, ScoreOptions(tokens=0))
     with pytest.raises(UserError, match="top-k"):
         score(tiny_source, ScoreOptions(top_k=301, tokens=50, seq_len=50), use_cache=False)

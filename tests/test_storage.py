@@ -12,7 +12,8 @@ from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import convert, quantized_model
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
-from lsaq_mlx.planning.planner import PlanRequest, make_plans
+from lsaq_mlx.planning.planner import Planner, PlanRequest
+from planners import FixedPlanner
 from lsaq_mlx.runtime import Engine
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
 from lsaq_mlx.sources import load_model, resolve_model
@@ -36,7 +37,7 @@ def workdir(tmp_path_factory):
     os.environ["LSAQ_MLX_CACHE"] = str(root / "cache")
     write_gguf(tiny_model("llama"), "llama", root / "tiny.gguf")
     source = resolve_model(str(root / "tiny.gguf"))
-    plan = make_plans(source, PlanRequest("uniform", bits=3, overrides=OVERRIDES))[0][0]
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, overrides=OVERRIDES))
     convert(source, plan, root / "mixed")
     yield root, source
     if old is None:
@@ -187,7 +188,7 @@ def plans(workdir):
     model, _, _ = load_model(source, compute=False)
     ctx = PlanningContext(model, source.fingerprint)
     return {b: plan_uniform(ctx, None, b, 32) for b in (3, 4, 8)} | {
-        "mixed": make_plans(source, PlanRequest("uniform", bits=3, overrides=OVERRIDES))[0][0]}
+        "mixed": Planner(source).plan(PlanRequest(method="uniform", bits=3, overrides=OVERRIDES))}
 
 
 class NoSource:
@@ -247,8 +248,7 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
     _, source = workdir
     pack_model(source.path, tmp_path / "source.lsaqpack")
     packed = resolve_model(str(tmp_path / "source.lsaqpack"))
-    planner = lambda budgets: [plans[int(b)] for b in budgets]
-    engine = Engine(packed, planner, budget=3, auto_budgets=[3, 8], layer_store=True).start()
+    engine = Engine(packed, FixedPlanner({3: plans[3], 8: plans[8]}), budget=3, auto_budgets=[3, 8], layer_store=True).start()
     try:
         engine.send("apply_budget", 8)
         while (event := engine.events.get(timeout=120)).kind not in ("swapped", "error"):

@@ -8,7 +8,8 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.backend.blas import find_fast_blas, local_rank_count
-from lsaq_mlx.sweep.run import Cell, SweepSpec, read_results
+from lsaq_mlx.sweep.results import read_results
+from lsaq_mlx.sweep.spec import Cell, SweepSpec
 from lsaq_mlx.sweep.report import markdown_table
 from tiny_models import tiny_model, write_gguf
 
@@ -161,7 +162,9 @@ def test_bad_specs_give_one_line_errors(spec, tmp_path):
                           "unknown method 'fancy'")
     missing = spec(GRID.format(model=model)).read_text().replace(str(tmp_path / "text.txt"), str(tmp_path / "gone.txt"))
     (tmp_path / "spec.toml").write_text(missing)
-    assert_one_line_error(run_cli("sweep", str(tmp_path / "spec.toml")), "--ppl file not found")
+    missing = run_cli("sweep", str(tmp_path / "spec.toml"))
+    assert_one_line_error(missing, "spec.toml [eval] ppl: perplexity text not found")
+    assert "--ppl" not in missing.stderr  # a spec's user never typed that flag
     assert_one_line_error(run_cli("sweep", str(spec(GRID.format(model=model), 'tasks = ["piqa"]\ndata_dir = "/nope"'))),
                           "task folder not found")
     (tmp_path / "spec.toml").write_text("[[grid]\n")

@@ -8,7 +8,7 @@ from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import convert, quantized_model
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planning.planner import PlanRequest, make_plans
+from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.swsc import lowrank
 from lsaq_mlx.swsc.candidates import candidates, fitting_settings
@@ -120,9 +120,9 @@ def tiny_source(tmp_path, empty_cache):
 
 
 def test_planner_weighs_swsc_and_convert_writes_a_folder_lsaq_mlx_loads(tiny_source, tmp_path):
-    affine_only = make_plans(tiny_source, PlanRequest("lsaq", [3.0]))[0][0]
+    affine_only = Planner(tiny_source).plan(PlanRequest(method="lsaq", bits_budgets=[3.0]))
     assert not affine_only.swsc_modules()
-    plan = make_plans(tiny_source, PlanRequest("lsaq", [3.0], codecs=SWSC_CODECS))[0][0]
+    plan = Planner(tiny_source).plan(PlanRequest(method="lsaq", bits_budgets=[3.0], codecs=SWSC_CODECS))
     assert "model.layers.0.mlp.up_proj" in plan.swsc_modules()
     assert plan.details["cost"] <= affine_only.details["cost"]
     assert plan.predicted_bits_per_weight <= 3.0
@@ -152,7 +152,7 @@ def test_planner_weighs_swsc_and_convert_writes_a_folder_lsaq_mlx_loads(tiny_sou
     with pytest.raises(ValueError, match="lsaq-mlx codec"):
         load(str(tmp_path / "out"))
     with pytest.raises(UserError, match="holds SWSC layers"):
-        make_plans(resolve_model(str(tmp_path / "out")), PlanRequest("uniform", bits=4))
+        Planner(resolve_model(str(tmp_path / "out"))).plans(PlanRequest(method="uniform", bits=4))
 
 
 def test_cli_swsc_plan_convert_and_bad_parameters(tiny_source, tmp_path):
@@ -163,10 +163,10 @@ def test_cli_swsc_plan_convert_and_bad_parameters(tiny_source, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["modules"]["model.layers.1.mlp.down_proj"] == SWSCSettings(16, 4).to_choice()
     assert_one_line_error(run_cli("convert", "--model", model, "--plan", str(plan_file), "-o", str(tmp_path / "x")),
-                          "add --codecs affine,swsc")
-    assert_one_line_error(run_cli("plan", "--model", model, "-b", "3.5", "--codecs", "swsc"), "--codecs must be")
+                          "allow the codecs affine,swsc (--codecs)")
+    assert_one_line_error(run_cli("plan", "--model", model, "-b", "3.5", "--codecs", "swsc"), "codecs must be affine or affine,swsc")
     assert_one_line_error(run_cli("plan", "--model", model, "-b", "3.5", "--override", "down_proj=swsc:16:4"),
-                          "needs --codecs affine,swsc")
+                          "needs the codecs affine,swsc")
     assert_one_line_error(run_cli("plan", "--model", model, "-b", "3.5", "--codecs", "affine,swsc",
                                   "--override", "down_proj=swsc:0:4"), "SWSC k must be at least 1")
     assert_one_line_error(run_cli("convert", "--model", model, "-b", "3.5", "--codecs", "affine,swsc",

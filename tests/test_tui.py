@@ -260,11 +260,12 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
     """The default model on the engine thread: a reply streams into the chat; a replayed
     memory drop makes the policy swap to the smaller plan; the layers panel shows its bits;
     the UI loop never stalls for long during the swap; Ctrl+Q stops the engine."""
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from planners import FixedPlanner
     from lsaq_mlx.runtime import Engine, ScriptedSampler
 
-    small, large = make_plans(default_source, PlanRequest("uniform", [4.0, 8.5]))[0]
-    planner = lambda budgets: [{4.0: small, 8.5: large}[b] for b in budgets]
+    small, large = Planner(default_source).plans(PlanRequest(method="uniform", bits_budgets=[4.0, 8.5]))
+    planner = FixedPlanner({4.0: small, 8.5: large})
     trace = tmp_path / "trace.txt"
     # 1 s of plenty, then nothing: the policy keeps only the smaller plan (reserve = the difference)
     trace.write_text("8GB\n" * 4 + "0\n")
@@ -308,7 +309,7 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
 def test_tui_command_line_errors(tmp_path):
     from cli_run import assert_one_line_error, run_cli
 
-    assert_one_line_error(run_cli("tui", "--importance", "loud", env=dict(os.environ)), "--importance must be")
+    assert_one_line_error(run_cli("tui", "--importance", "loud", env=dict(os.environ)), "layer importance must be")
 
 
 def test_ctrl_c_in_a_terminal_quits_and_restores_it(tmp_path, empty_cache):

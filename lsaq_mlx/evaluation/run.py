@@ -41,7 +41,7 @@ class EvalResult:
 
 def data_dir() -> Path | None:
     """``$LSAQ_MLX_DATA``, else ``../shared/data`` from here or from the checkout."""
-    candidates = [os.environ.get(DATA_ENV), "../shared/data", Path(__file__).resolve().parents[2] / "shared" / "data"]
+    candidates = [os.environ.get(DATA_ENV), "../shared/data", Path(__file__).resolve().parents[3] / "shared" / "data"]
     return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
 
 
@@ -58,9 +58,9 @@ def read_ppl_text(spec: str) -> tuple[str, str]:
     try:
         return str(path), path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"--ppl file not found: {path}") from None
+        raise UserError(f"perplexity text not found: {path}", setting="ppl") from None
     except (UnicodeDecodeError, IsADirectoryError):
-        raise UserError(f"--ppl {path} is not a UTF-8 text file") from None
+        raise UserError(f"perplexity text {path} is not a UTF-8 text file", setting="ppl") from None
 
 
 def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: int) -> ReferenceDistributions:
@@ -82,22 +82,48 @@ def load_tasks(tasks: list[str], limit: int | None, task_dir: Path | None = None
         raise UserError(f"unknown task '{unknown[0]}' (one of {', '.join(TASKS)})")
     task_root = Path(task_dir) if task_dir else (data_dir() / "tasks" if data_dir() else None)
     if tasks and (task_root is None or not task_root.is_dir()):
-        raise UserError(f"task folder not found: pass --data-dir (a folder like ../shared/data/tasks) or set {DATA_ENV}")
+        raise UserError(f"task folder not found: give the folder of the task files (like ../shared/data/tasks) or "
+                        f"set {DATA_ENV}", setting="data_dir")
     return [load_task(t, task_root, limit) for t in tasks]
 
 
-def evaluate(source: ModelSource, ppl: str | None = "wikitext2", tasks: list[str] = (), reference: ModelSource | None = None,
-             max_tokens: int = 4096, seq_len: int = 512, limit: int | None = None, task_dir: Path | None = None,
-             model=None, distributions: ReferenceDistributions | None = None) -> EvalResult:
+@dataclass(kw_only=True)
+class EvalRequest:
+    """What ``eval`` measures: perplexity (and KL, given a reference) on the first
+    ``max_tokens`` tokens of ``ppl`` in windows of ``seq_len``, and zero-shot ``tasks``."""
+
+    ppl: str | None = "wikitext2"  # wikitext2, a text file, or None
+    tasks: list[str] = field(default_factory=list)
+    max_tokens: int = 4096
+    seq_len: int = 512
+    limit: int | None = None  # items per task
+    task_dir: Path | None = None
+
+    @classmethod
+    def from_text(cls, ppl: str, tasks: str, **values) -> "EvalRequest":
+        """From the CLI's spelling: ``ppl`` ``none`` for no text, ``tasks`` comma-separated or ``all``."""
+        names = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+        return cls(ppl=None if ppl == "none" else ppl, tasks=names, **values)
+
+    def check(self) -> None:
+        if self.max_tokens < 2 or self.seq_len < 2:
+            raise UserError("the perplexity text's tokens and the window length must be at least 2",
+                            setting="max_tokens")
+
+
+def evaluate(source: ModelSource, request: EvalRequest, reference: ModelSource | None = None, model=None,
+             distributions: ReferenceDistributions | None = None) -> EvalResult:
     """Evaluate ``source`` (or an in-memory ``(model, tokenizer)`` made from it). KL is
     measured against ``reference``, or against ``distributions`` computed beforehand on
     the same tokens and windows (what a sweep does once per model)."""
+    request.check()
     start = time.perf_counter()
-    task_data = load_tasks(tasks, limit, task_dir)
+    task_data = load_tasks(request.tasks, request.limit, request.task_dir)
     net, tokenizer = model if model is not None else load_model(source)[:2]
     result = EvalResult(source.spec or "default", source.fingerprint, backend=describe())
+    ppl, seq_len = request.ppl, request.seq_len
     if ppl:
-        name, tokens = ppl_tokens(tokenizer, ppl, max_tokens)
+        name, tokens = ppl_tokens(tokenizer, ppl, request.max_tokens)
         if reference is not None and distributions is None:
             distributions = reference_distributions(reference, tokens, seq_len)
         if distributions is not None:

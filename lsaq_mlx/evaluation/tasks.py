@@ -47,7 +47,8 @@ def load_task(name: str, root: Path, limit: int | None = None) -> TaskData:
 
 def _need(path: Path) -> Path:
     if not path.is_file():
-        raise UserError(f"task file not found: {path} (pass --data-dir pointing at a folder like ../shared/data/tasks)")
+        raise UserError(f"task file not found: {path} (the task folder must be laid out like ../shared/data/tasks)",
+                        setting="data_dir")
     return path
 
 

@@ -7,8 +7,10 @@
 increase that quantizing ``W`` with choice ``c`` causes (a second-order Taylor
 expansion). ``Q`` is MLX's affine round trip with float16 scales and biases, exactly
 what the written model holds. ``weight`` is the layer's LSAQ (jaccard) importance over
-the mean importance, raised to ``IMPORTANCE_POWER`` (embeddings and the LM head get the
-largest layer weight); measured best at power 0, where it is 1 for every layer. Costs add over modules: the allocator minimizes their sum under the byte budget.
+the mean importance, raised to a power (embeddings and the LM head get the largest
+layer weight); measured best at power 0 (``PlanRequest.importance_power``), where it is
+1 for every layer. Costs add over modules: the allocator minimizes their sum under the
+byte budget.
 ``scripts/quality_table.py`` checks that the summed cost ranks held-out plans like their
 measured KL divergence.
 """
@@ -21,12 +23,6 @@ from lsaq_mlx.modules import module_at
 from lsaq_mlx.planning.choices import KEEP, Affine
 from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.swsc.codec import compress
-
-# Weighting layers by their jaccard importance on top of the Fisher made plans worse on
-# SmolLM2 (KL at 4.0 bits per weight: 0.69 with power 0, 1.00 with 1, 1.21 with 2; see
-# README), so by default the layer weight is 1 and the Fisher alone carries importance.
-IMPORTANCE_POWER = 0.0
-
 
 def roundtrip(w: mx.array, choice: Affine) -> mx.array:
     """``w`` quantized with ``choice`` and dequantized, scales and biases in float16."""
@@ -75,13 +71,16 @@ def swsc_errors(model: nn.Module, options: dict, fisher: dict | None = None, pro
     return table
 
 
-def layer_weights(importance: list[float] | None, modules: list[QuantModule]) -> dict:
+def layer_weights(importance: list[float] | None, modules: list[QuantModule], power: float = 0.0) -> dict:
     """``{path: weight}``: the importance of the module's layer over the mean importance,
-    to the power ``IMPORTANCE_POWER`` (1 for every module without importance)."""
-    if importance is None or IMPORTANCE_POWER == 0:
+    to ``power`` (1 for every module without importance). Weighting layers by their
+    jaccard importance on top of the Fisher made plans worse on SmolLM2 (KL at 4.0 bits
+    per weight: 0.69 with power 0, 1.00 with 1, 1.21 with 2; see README), so the default
+    is 0 and the Fisher alone carries importance."""
+    if importance is None or power == 0:
         return {q.path: 1.0 for q in modules}
     imp = np.maximum(np.asarray(importance, dtype=float), 1e-6)
-    rel = (imp / imp.mean()) ** IMPORTANCE_POWER
+    rel = (imp / imp.mean()) ** power
     return {q.path: float(rel[q.layer] if q.layer is not None else rel.max()) for q in modules}
 
 

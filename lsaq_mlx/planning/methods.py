@@ -68,16 +68,17 @@ class Override:
             bits, _, group = value.partition(":")
             choice = Affine(int(bits), int(group or DEFAULT_GROUP_SIZE))
         except (re.error, ValueError):
-            raise UserError(f"bad --override '{text}': expected REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R") from None
+            raise UserError(f"bad override '{text}': expected REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R",
+                            setting="override") from None
         if choice.bits not in BITS or choice.group_size not in GROUP_SIZES:
-            raise UserError(f"bad --override '{text}': bits one of {BITS}, group size one of {GROUP_SIZES}")
+            raise UserError(f"bad override '{text}': bits one of {BITS}, group size one of {GROUP_SIZES}", setting="override")
         return cls(pattern, choice)
 
 
 def check_codecs(codecs) -> None:
     if any(c not in CODECS for c in codecs) or "affine" not in codecs:
-        raise UserError(f"--codecs must be affine or affine,swsc (embeddings and the LM head stay affine), "
-                        f"not '{','.join(codecs)}'")
+        raise UserError(f"codecs must be affine or affine,swsc (embeddings and the LM head stay affine), "
+                        f"not '{','.join(codecs)}'", setting="codecs")
 
 
 class PlanningContext:
@@ -98,23 +99,26 @@ class PlanningContext:
         for o in overrides:
             matched = [q for q in self.modules if re.search(o.pattern, q.path)]
             if not matched:
-                raise UserError(f"--override '{o.pattern}' matches no quantizable module")
+                raise UserError(f"override '{o.pattern}' matches no quantizable module", setting="override")
             for q in matched:
                 if isinstance(o.choice, SWSC):
                     self._check_swsc_override(o, q)
                 elif not o.choice.fits(q.cols):
-                    raise UserError(f"--override: group size {o.choice.group_size} does not divide {q.path}'s input size {q.cols}")
+                    raise UserError(f"override '{o.pattern}': group size {o.choice.group_size} does not divide {q.path}'s "
+                                    f"input size {q.cols}", setting="override")
                 self.pinned[q.path] = o.choice
 
     def _check_swsc_override(self, o: Override, q: QuantModule) -> None:
         if "swsc" not in self.codecs:
-            raise UserError(f"--override '{o.pattern}=swsc:...' needs --codecs affine,swsc (the output is then not for stock mlx-lm)")
+            raise UserError(f"override '{o.pattern}=swsc:...' needs the codecs affine,swsc (the output is then not for "
+                            "stock mlx-lm)", setting="codecs")
         if q.layer is None:
-            raise UserError(f"--override '{o.pattern}': SWSC is for the linear layers of decoder layers, not {q.path}")
+            raise UserError(f"override '{o.pattern}': SWSC is for the linear layers of decoder layers, not {q.path}",
+                            setting="override")
         try:
             o.choice.settings.check(q.rows, q.cols)
         except UserError as e:
-            raise UserError(f"--override '{o.pattern}' on {q.path}: {e}") from None
+            raise UserError(f"override '{o.pattern}' on {q.path}: {e}", setting="override") from None
 
     def candidates(self, q: QuantModule) -> list[Choice]:
         """Every choice the cost model prices for ``q``: affine, keep, then SWSC."""
@@ -187,7 +191,7 @@ def plan_tiers(ctx: PlanningContext, budget: Budget, scores, method: str, high: 
     if len(scores.scores) != ctx.n_layers:
         raise UserError(f"the scores have {len(scores.scores)} layers, the model {ctx.n_layers}")
     if high <= low:
-        raise UserError(f"--high-bits ({high}) must be above --low-bits ({low})")
+        raise UserError(f"the high bits ({high}) must be above the low bits ({low})", setting="tier_bits")
     ranking = sorted(range(ctx.n_layers), key=lambda i: -scores.scores[i])
 
     def choices_for(n):

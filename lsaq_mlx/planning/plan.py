@@ -132,8 +132,11 @@ class PlanSet:
     def __post_init__(self):
         self.plans.sort(key=lambda p: p.predicted_bytes)
 
+    def to_dict(self) -> dict:
+        return {"type": "PlanSet", "version": self.version, "plans": [p.to_dict() for p in self.plans]}
+
     def save(self, path: Path) -> None:
-        write_json_atomic(Path(path), {"type": "PlanSet", "version": self.version, "plans": [p.to_dict() for p in self.plans]})
+        write_json_atomic(Path(path), self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> "PlanSet":

@@ -28,7 +28,9 @@ from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.swap import SwapReport, layer_groups, source_weights, swap_modules
+from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.sources.load import load_tokenizer
 
 
 REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
@@ -42,10 +44,10 @@ class Event:
 
 
 class Engine:
-    def __init__(self, source: ModelSource, planner=None, budget: float | None = None, auto_budgets=(),
+    def __init__(self, source: ModelSource, planner: Planner | None = None, budget: float | None = None, auto_budgets=(),
                  sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0,
-                 importance=None, memory_events: bool = False, layer_store: bool = False):
-        """``planner(budgets) -> [QuantPlan]`` makes plans (in the engine thread); ``budget``
+                 importance=None, memory_events: bool = False, layer_store: bool = False, method: str = "lsaq"):
+        """``planner`` makes plans of ``method`` (in the engine thread); ``budget``
         picks the starting plan; ``auto_budgets`` builds the PlanSet that automatic mode
         moves through as ``sampler``'s memory samples dictate. ``importance() -> {"metric",
         "scores"}`` (one score per decoder layer) is called once while loading, for
@@ -53,6 +55,7 @@ class Engine:
         ``layer_store`` keeps every module at every setting of the plans on disk, ready
         (``storage.layer_store``), so swaps read them instead of re-quantizing."""
         self.source, self.planner, self.budget, self.auto_budgets = source, planner, budget, list(auto_budgets)
+        self.method = method
         self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
         self.importance_of, self.memory_events = importance, memory_events
         self.use_layer_store, self.store = layer_store, None
@@ -129,10 +132,15 @@ class Engine:
             except Exception as e:
                 self.on_event(Event("error", {"message": f"{command} failed: {type(e).__name__}: {e}", "command": command}))
 
+    def _plans(self, budgets) -> list[QuantPlan]:
+        if self.planner is None:
+            raise UserError("this session has no planner")
+        return self.planner.plans(PlanRequest(method=self.method, bits_budgets=list(budgets)))
+
     def _load(self) -> None:
-        plan = self.planner([self.budget])[0] if self.budget is not None else None
+        plan = self._plans([self.budget])[0] if self.budget is not None else None
         if self.auto_budgets:
-            self.policy = Policy(PlanSet(self.planner(self.auto_budgets)), **self.policy_options)
+            self.policy = Policy(PlanSet(self._plans(self.auto_budgets)), **self.policy_options)
             if plan is None:
                 self.policy.current = len(self.policy.plans.plans) - 1
                 self.policy.decide(self.sampler.sample())
@@ -143,8 +151,9 @@ class Engine:
         if plan is not None:
             from lsaq_mlx.convert import quantized_model
 
-            self.model, _ = quantized_model(self.source, plan)
-            _, self.tokenizer, _ = load_model(self.source, compute=False, lazy=True)
+            self.model, _ = quantized_model(self.source, plan, self.planner.model_in_memory())
+            self.planner.release()  # planning again reads the cached cost table, not these weights
+            self.tokenizer = load_tokenizer(self.source)
             self.precision = module_precision(self.model)
             prepare_for_compute(self.model)
             self.choices = dict(plan.modules)
@@ -251,7 +260,7 @@ class Engine:
                 if command in ("apply_plan", "stats", "auto"):
                     getattr(self, f"_cmd_{command}")(*args)
                 elif command == "apply_budget" and self.planner is not None:
-                    self._cmd_apply_plan(self.planner([args[0]])[0], f"budget {args[0]:g} bits/weight")
+                    self._cmd_apply_plan(self._plans([args[0]])[0], f"budget {args[0]:g} bits/weight")
                 else:
                     later.append((command, args))
             except UserError as e:
@@ -307,9 +316,7 @@ class Engine:
             self.on_event(Event("swapped", self._swapped(0, {}, 0.0)))
 
     def _cmd_apply_budget(self, bits_per_weight: float) -> None:
-        if self.planner is None:
-            raise UserError("this session has no planner")
-        self._cmd_apply_plan(self.planner([bits_per_weight])[0], f"budget {bits_per_weight:g} bits/weight")
+        self._cmd_apply_plan(self._plans([bits_per_weight])[0], f"budget {bits_per_weight:g} bits/weight")
         while self.pending:
             self._swap_step()
 
@@ -377,7 +384,8 @@ class Engine:
     # ---- everything else ----
     def _cmd_auto(self, on: bool) -> None:
         if on and not (self.sampler and self.policy):
-            raise UserError("automatic mode needs a plan set (start with --auto or --memory-trace)")
+            raise UserError("automatic mode needs a plan set: start in automatic mode or with a memory trace",
+                            setting="auto")
         self.auto = on
         self.on_event(Event("stats", self._stats()))
 

@@ -33,7 +33,7 @@ def build_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) 
     if not chat:
         return prompt
     if not tokenizer.chat_template:
-        raise UserError("this model has no chat template: run without --chat")
+        raise UserError("this model has no chat template to wrap the prompt in", setting="chat")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -45,15 +45,15 @@ class ScoreOptions:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric '{self.metric}' (one of {', '.join(METRICS)})")
         if self.tokens < 1:
-            raise UserError("--tokens must be at least 1")
+            raise UserError("calibration tokens must be at least 1", setting="tokens")
         if self.seq_len < 2 or self.stride < 1:
-            raise UserError("--seq-len must be at least 2 and --stride at least 1")
+            raise UserError("the sequence length must be at least 2 and the stride at least 1", setting="seq_len")
         if self.top_k < 1:
-            raise UserError("--top-k must be at least 1")
+            raise UserError("top-k must be at least 1", setting="top_k")
         if self.sets not in ("position", "sequence"):
-            raise UserError("--sets must be 'position' or 'sequence'")
+            raise UserError("sets must be 'position' or 'sequence'", setting="sets")
         if self.bits not in (2, 3, 4, 5, 6, 8):
-            raise UserError("--bits must be one of 2, 3, 4, 5, 6, 8")
+            raise UserError("sensitivity bits must be one of 2, 3, 4, 5, 6, 8", setting="bits")
 
     def params(self, calib_fingerprint: str | None) -> dict:
         """The parameters that change this metric's result (the cache key uses them)."""
@@ -70,7 +70,9 @@ class ScoreOptions:
 
 
 def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model=None) -> LayerScores:
-    """The scores of ``source`` under ``opts``; cached by content fingerprint."""
+    """The scores of ``source`` under ``opts``; cached by content fingerprint. ``model``:
+    the source already loaded in the compute mode, ``(model, tokenizer)`` or a function
+    that returns them (called only when the scores are not cached)."""
     opts.check()
     calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
     params = opts.params(calib.fingerprint if calib else None)
@@ -81,7 +83,7 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     if model is None:
         model, tokenizer, _ = load_model(source)
     else:
-        model, tokenizer = model
+        model, tokenizer = model() if callable(model) else model
     start = time.perf_counter()
     scores = _compute(model, tokenizer, opts, calib)
     result = LayerScores(source.fingerprint, opts.metric, params, scores, time.perf_counter() - start,

@@ -112,3 +112,11 @@ def precision_label(module_info: dict) -> str:
         mode = "" if module_info["mode"] == "affine" else f" {module_info['mode']}"
         return f"{module_info['bits']}b/g{module_info['group_size']}{mode}"
     return module_info["dtype"]
+
+
+def stored_bits_per_weight(source: ModelSource) -> float:
+    """mlx-lm's bits per weight of ``source`` as it is stored (the model is built lazily:
+    sizes only, no weight is read)."""
+    from lsaq_mlx.swsc.layer import model_bits_per_weight
+
+    return model_bits_per_weight(load_model(source, compute=False, lazy=True)[0])

@@ -1,4 +1,7 @@
-"""Loading a resolved model with mlx-lm, in this machine's compute mode."""
+"""Loading a resolved model with mlx-lm, in this machine's compute mode; or only its
+structure, built from its config without reading any weights."""
+
+import json
 
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.errors import UserError
@@ -20,10 +23,36 @@ def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
             model, tokenizer, config = load_swsc_folder(source.path, lazy=lazy)
         else:
             model, tokenizer, config = load(str(source.path), lazy=lazy, return_config=True)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = source.origin if source.kind == "pack" else source.path
         raise UserError(f"cannot load the model in {where}: {first}") from None
     if compute:
         prepare_for_compute(model)
     return model, tokenizer, config
+
+
+def skeleton_model(source: ModelSource):
+    """``(model, config)``: the source's mlx-lm model built from its config alone, every
+    module in float at its full shape, no weight read (the parameters are MLX's lazy
+    initial values, never evaluated, so they take no memory): what planning needs."""
+    from mlx_lm.utils import _get_classes
+
+    from lsaq_mlx.swsc.format import is_swsc_folder
+
+    if is_swsc_folder(source.path):
+        raise UserError(f"{source.spec} holds SWSC layers: plan from the model it was converted from")
+    config = json.loads((source.path / "config.json").read_text())
+    model_class, args_class = _get_classes(config)
+    try:
+        return model_class(args_class.from_dict(config)), config
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"cannot build the model of {source.path}/config.json: {e}") from None
+
+
+def load_tokenizer(source: ModelSource):
+    """The tokenizer of ``source``, as ``mlx_lm.load`` makes it, without the model."""
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    config = json.loads((source.path / "config.json").read_text())
+    return mlx_load_tokenizer(source.path, eos_token_ids=config.get("eos_token_id", None))

@@ -108,7 +108,7 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"{folder} is not a folder: pack takes a model folder (e.g. one written by convert)")
     config = check_model_folder(folder)
     if out.exists() and not force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
+        raise UserError(f"{out} already exists", setting="force")
     if out.is_dir():
         raise UserError(f"{out} is a folder; pack writes a file")
     if out.exists() and out.stat().st_size and not _is_container(out):
@@ -135,6 +135,16 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
     return {"folder": str(folder), "out": str(out), "files": len(entries), "raw_bytes": raw_bytes,
             "packed_bytes": size, "ratio": raw_bytes / size, "seconds": time.perf_counter() - start,
             "fingerprint": meta["fingerprint"]}
+
+
+def default_pack_path(folder: Path) -> Path:
+    folder = Path(folder).resolve()
+    return folder.with_name(folder.name + ".lsaqpack")
+
+
+def default_unpack_path(pack: Path) -> Path:
+    pack = Path(pack)
+    return pack.with_name(pack.stem if pack.suffix == ".lsaqpack" else pack.name + ".unpacked")
 
 
 def _is_container(path: Path) -> bool:
@@ -350,7 +360,7 @@ def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
     try:
         check_replaceable(out, force)
     except FileExistsError:
-        raise UserError(f"{out} already exists (use --force to replace it)") from None
+        raise UserError(f"{out} already exists", setting="force") from None
     start = time.perf_counter()
     packed = PackedModel(pack)
     total = sum(e["size"] for e in packed.files.values())
@@ -358,7 +368,7 @@ def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
         with atomic_dir(out, force=force) as tmp, progress_bar(f"unpacking {pack.name} (MB)", total / 1e6) as advance:
             packed.write_files(tmp, advance=advance)
     except FileExistsError:
-        raise UserError(f"{out} already exists (use --force to replace it)") from None
+        raise UserError(f"{out} already exists", setting="force") from None
     finally:
         packed.close()
     # every entry's hash was checked as its file was written

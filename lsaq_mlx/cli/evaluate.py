@@ -1,0 +1,69 @@
+"""``eval`` and ``sweep``: one model's quality, or a grid of them."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lsaq_mlx.cli.app import app
+from lsaq_mlx.cli.options import JsonOption, ModelOption
+from lsaq_mlx.cli.output import emit_json, err
+from lsaq_mlx.errors import UserError
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelOption = None,
+    ppl: Annotated[str, typer.Option(help="Perplexity text: wikitext2 (the local WikiText-2 test set), a text file, or none.")] = "wikitext2",
+    tasks: Annotated[str, typer.Option(help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
+    reference: Annotated[Optional[str], typer.Option(help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Perplexity/KL: the first N tokens of the text.")] = 4096,
+    seq_len: Annotated[int, typer.Option(help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
+    limit: Annotated[Optional[int], typer.Option(help="Tasks: at most N items each.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the task files (default: ../shared/data/tasks).")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy."""
+    from lsaq_mlx.cli.render.evaluation import print_eval
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+    from lsaq_mlx.sources import resolve_model
+
+    request = EvalRequest.from_text(ppl=ppl, tasks=tasks, max_tokens=max_tokens, seq_len=seq_len, limit=limit,
+                                    task_dir=data_dir)
+    result = evaluate(resolve_model(model), request, resolve_model(reference) if reference else None)
+    if json_out:
+        return emit_json(result.to_dict())
+    print_eval(result)
+
+
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="A TOML file: [eval] settings and [[grid]] tables of models, methods, budgets (see the README).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which are already done; evaluate nothing.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes."""
+    from lsaq_mlx.sweep.report import markdown_table
+    from lsaq_mlx.sweep.run import Sweep
+    from lsaq_mlx.sweep.spec import SweepSpec
+
+    runner = Sweep(SweepSpec.load(spec, out))
+    if dry_run:
+        cells = runner.status()
+        if json_out:
+            return emit_json({"out": str(runner.spec.out), "cells": cells})
+        for c in cells:
+            print(f"{'done ' if c['done'] else 'to do'}  {c['cell']}")
+        return
+    summary = runner.run()
+    if runner.ranks.rank != 0:
+        return
+    if json_out:
+        emit_json(summary.to_dict())
+    else:
+        print(markdown_table(summary.rows), end="")
+        err(f"{summary.cells} cells ({summary.evaluated} evaluated, {summary.reused} from earlier runs) on "
+            f"{summary.ranks} rank(s) in {summary.wall_seconds:.0f} s; results in {summary.out}")
+    if summary.failed:
+        raise UserError(f"{summary.failed} of {summary.cells} cells failed (see {summary.out / 'results.md'})")

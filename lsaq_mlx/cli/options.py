@@ -1,0 +1,53 @@
+"""Options shared by several commands, and the flag that gives each library setting
+(a ``UserError``'s ``setting``) so an error can name it."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | model.lsaqpack | Hugging Face id",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output that lsaq-mlx wrote.")]
+
+# ---- planning ----
+BudgetsOption = Annotated[list[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included); repeat for several plans.")]
+BudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included).")]
+MemoryOption = Annotated[Optional[str], typer.Option("--memory-budget", help="Total memory for the model, e.g. 1.2GB: weights get what a --context KV cache (float16) and a 10 % runtime reserve leave.")]
+RecipeOption = Annotated[Optional[str], typer.Option(help="Instead of a method: mlx-lm's mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6.")]
+ScoresOption = Annotated[Optional[Path], typer.Option(help="LayerScores JSON to use (from score --out); default: computed and cached.")]
+CalibOption = Annotated[Optional[str], typer.Option(help="Calibration text for the scores and the cost model (default: packaged).")]
+HighBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the important layers.")]
+LowBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the other layers, embeddings and LM head.")]
+GroupSizeOption = Annotated[Optional[int], typer.Option(help="Tiers/uniform/recipe: group size (default 64).")]
+UniformBitsOption = Annotated[Optional[int], typer.Option(help="Uniform: this bit width (no budget needed).")]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
+CodecsOption = Annotated[str, typer.Option(help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
+ContextOption = Annotated[int, typer.Option(help="Tokens of KV cache a --memory-budget reserves.")]
+MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on importance x quantization error) | lsaq-tiers | tiers-cosine | tiers-zscore | tiers-random | uniform")]
+
+# ---- runtime ----
+StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")]
+AutoOption = Annotated[bool, typer.Option("--auto", help="Follow this machine's memory: swap between plans of --budgets.")]
+TraceOption = Annotated[Optional[Path], typer.Option(help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")]
+PlanBudgetsOption = Annotated[str, typer.Option("--budgets", help="Automatic mode: the plans' bits per weight.")]
+ReserveOption = Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")]
+SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.")]
+
+FLAGS = {
+    "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",
+    "method": "--method", "recipe": "--recipe", "override": "--override", "codecs": "--codecs",
+    "tier_bits": "--high-bits/--low-bits", "force": "--force", "ppl": "--ppl", "data_dir": "--data-dir",
+    "tokens": "--tokens", "seq_len": "--seq-len", "top_k": "--top-k", "sets": "--sets", "bits": "--bits",
+    "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
+    "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve",
+}

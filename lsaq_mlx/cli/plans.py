@@ -1,0 +1,129 @@
+"""``plan`` and ``convert``: plans under a budget, and the folders written from them."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lsaq_mlx.cli.app import app
+from lsaq_mlx.cli.options import (
+    BudgetOption,
+    BudgetsOption,
+    CalibOption,
+    CodecsOption,
+    ContextOption,
+    ForceOption,
+    GroupSizeOption,
+    HighBitsOption,
+    JsonOption,
+    LowBitsOption,
+    MemoryOption,
+    MethodOption,
+    ModelOption,
+    OverrideOption,
+    RecipeOption,
+    ScoresOption,
+    UniformBitsOption,
+)
+from lsaq_mlx.cli.output import emit_json, err
+
+
+def _request(**values):
+    from lsaq_mlx.planning.planner import PlanRequest
+
+    codecs = values.pop("codecs")
+    values["overrides"] = list(values.pop("override") or [])
+    values["scores_file"] = values.pop("scores")
+    return PlanRequest(**values, codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()))
+
+
+@app.command()
+def plan(
+    model: ModelOption = None,
+    bits_budget: BudgetsOption = None,
+    memory_budget: MemoryOption = None,
+    method: MethodOption = "lsaq",
+    recipe: RecipeOption = None,
+    scores: ScoresOption = None,
+    calib: CalibOption = None,
+    high_bits: HighBitsOption = 8,
+    low_bits: LowBitsOption = 4,
+    group_size: GroupSizeOption = None,
+    bits: UniformBitsOption = None,
+    override: OverrideOption = None,
+    codecs: CodecsOption = "affine",
+    context: ContextOption = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets)."""
+    from lsaq_mlx.cli.render.plan import print_plan
+    from lsaq_mlx.planning.budgets import headroom
+    from lsaq_mlx.planning.plan import PlanSet
+    from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.sources import resolve_model
+
+    request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
+                       context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
+                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
+    plans = Planner(resolve_model(model)).plans(request)
+    result = plans[0] if len(plans) == 1 else PlanSet(plans)
+    if out:
+        result.save(out)
+    if json_out:
+        return emit_json(result.to_dict())
+    for p in plans:
+        print_plan(p, headroom(p.predicted_bytes))
+
+
+@app.command()
+def convert(
+    model: ModelOption = None,
+    bits_budget: BudgetOption = None,
+    memory_budget: MemoryOption = None,
+    method: MethodOption = "lsaq",
+    recipe: RecipeOption = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Write this QuantPlan JSON (from plan --out) instead of planning.")] = None,
+    scores: ScoresOption = None,
+    calib: CalibOption = None,
+    high_bits: HighBitsOption = 8,
+    low_bits: LowBitsOption = 4,
+    group_size: GroupSizeOption = None,
+    bits: UniformBitsOption = None,
+    override: OverrideOption = None,
+    codecs: CodecsOption = "affine",
+    context: ContextOption = 4096,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
+    force: ForceOption = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads."""
+    from lsaq_mlx.cli.render.plan import print_plan
+    from lsaq_mlx.convert import convert as write_model, default_output
+    from lsaq_mlx.planning.budgets import headroom
+    from lsaq_mlx.planning.planner import Planner, plan_from_file
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(model)
+    planner = Planner(source)
+    codec_names = tuple(c.strip() for c in codecs.split(",") if c.strip())
+    if plan_file:
+        chosen = plan_from_file(plan_file, source, codec_names)
+    else:
+        chosen = planner.plan(_request(
+            method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
+            context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
+            group_size=group_size, bits=bits, override=override, codecs=codecs))
+    if dry_run:
+        if json_out:
+            return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
+        return print_plan(chosen, headroom(chosen.predicted_bytes))
+    target = out or default_output(source, chosen)
+    report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory())
+    if json_out:
+        return emit_json(report.to_dict())
+    print_plan(chosen)
+    err(f"wrote {target}: {report.bits_per_weight:.3f} bits per weight, {report.written_bytes / 1e6:.1f} MB, "
+        f"{report.wall_seconds:.1f} s, peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
+    err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")

@@ -1,0 +1,65 @@
+"""``score`` and ``plot-scores``: layer importance."""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lsaq_mlx.cli.app import app
+from lsaq_mlx.cli.options import JsonOption, ModelOption
+from lsaq_mlx.cli.output import emit_json, err
+from lsaq_mlx.scoring.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOKENS, DEFAULT_TOP_K
+
+
+@app.command()
+def score(
+    model: ModelOption = None,
+    metric: Annotated[str, typer.Option(help="jaccard (LSAQ) | cosine (Block Influence/LIM) | zscore (ZD) | random | sensitivity")] = "jaccard",
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text: a file, a folder of .txt files, a HF dataset name[:config[:split]], or default.")] = None,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.")] = DEFAULT_TOKENS,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = DEFAULT_SEQ_LEN,
+    top_k: Annotated[int, typer.Option(help="jaccard: size of each top-k token set.")] = DEFAULT_TOP_K,
+    stride: Annotated[Optional[int], typer.Option(help=f"Use every stride-th position only (default: {DEFAULT_STRIDE} for jaccard, chosen by benchmarks/stability_study.py; 1 for cosine).")] = None,
+    sets: Annotated[str, typer.Option(help="jaccard: 'position' (a set per position) or 'sequence' (the union over a sequence).")] = "position",
+    seed: Annotated[int, typer.Option(help="random: the seed.")] = 0,
+    bits: Annotated[int, typer.Option(help="sensitivity: the bit width a layer is quantized to.")] = 3,
+    skip_tokens: Annotated[int, typer.Option(help="Start this many tokens into the calibration text.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the LayerScores JSON here.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG plot of the scores by layer.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute even when cached.")] = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Score every decoder layer's importance (higher = more important); cached by content fingerprint.
+
+    jaccard is LSAQ: 1 - mean Jaccard similarity of the logit-lens top-k token sets of the
+    hidden state entering and leaving the layer.
+    """
+    from lsaq_mlx.cli.render.scores import plot_scores, print_bar_chart
+    from lsaq_mlx.scoring.run import ScoreOptions, score as compute_scores
+    from lsaq_mlx.sources import resolve_model
+
+    opts = ScoreOptions(metric=metric, calib=calib, tokens=tokens, seq_len=seq_len, top_k=top_k, stride=stride,
+                        sets=sets, seed=seed, bits=bits, skip_tokens=skip_tokens)
+    opts.check()
+    result = compute_scores(resolve_model(model), opts, use_cache=not no_cache)
+    if out:
+        result.save(out)
+    if plot:
+        plot_scores([result], plot)
+    if json_out:
+        return emit_json(result.to_dict())
+    print_bar_chart(result)
+
+
+@app.command("plot-scores")
+def plot_scores_command(
+    files: Annotated[list[Path], typer.Argument(help="LayerScores JSON files (from score --out).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("scores.png"),
+    normalize: Annotated[bool, typer.Option(help="Rescale each metric to [0, 1].")] = True,
+) -> None:
+    """Plot several score files (e.g. one per metric) as lines by layer in one PNG."""
+    from lsaq_mlx.cli.render.scores import plot_scores
+    from lsaq_mlx.scoring.scores import LayerScores
+
+    plot_scores([LayerScores.load(f) for f in files], out, normalize)
+    err(f"wrote {out}")

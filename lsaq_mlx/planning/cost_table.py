@@ -1,0 +1,88 @@
+"""The cost table: the cost model's error of every module at every candidate choice,
+computed once per model and calibration text and cached as JSON, keyed by choice
+(``{path: {choice.key: error}}``). Planning any budget is then a cheap step over it.
+
+SWSC candidates (k-means, SVD) are priced only when a plan may use them, in a table of
+their own.
+"""
+
+import json
+import math
+
+from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
+from lsaq_mlx.planning.cost import fisher_diagonal, quantization_errors, swsc_errors
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.scoring.calibration import CalibrationText, token_sequences
+
+COST_VERSION = 3  # part of every table's key: bump when the cost model changes (3: errors keyed by choice)
+SWSC_COST_VERSION = 2
+FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
+FISHER_SEQ_LEN = 256
+
+
+def table_key(fingerprint: str, calib: CalibrationText) -> str:
+    return fingerprint_bytes(fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
+
+
+def cached_table(fingerprint: str, calib: CalibrationText, ctx) -> dict | None:
+    """The cached errors of ``ctx``'s candidates, or None when any part is missing or damaged."""
+    table = read_cache_json(_path(fingerprint, calib), "cost table", lambda d: _check(d, _keys(ctx.modules)))
+    if table is None:
+        return None
+    if not ctx.swsc_options:
+        return table
+    swsc = read_cache_json(_swsc_path(fingerprint, calib, ctx), "SWSC cost table",
+                           lambda d: _check(d, {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}))
+    return None if swsc is None else _merge(table, swsc)
+
+
+def compute_table(fingerprint: str, calib: CalibrationText, ctx, model, tokenizer) -> dict:
+    """Compute (what is not cached of) the errors of ``ctx``'s candidates on ``model``,
+    the float source, and cache them."""
+    path, swsc_path = _path(fingerprint, calib), _swsc_path(fingerprint, calib, ctx)
+    table = read_cache_json(path, "cost table", lambda d: _check(d, _keys(ctx.modules)))
+    swsc_keys = {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}
+    swsc = {} if not ctx.swsc_options else read_cache_json(swsc_path, "SWSC cost table", lambda d: _check(d, swsc_keys))
+    if table is None or swsc is None:
+        sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
+        with progress_bar("Fisher information", FISHER_TOKENS) as advance:
+            fisher = fisher_diagonal(model, ctx.modules, sequences, advance)
+        if table is None:
+            with progress_bar("quantization errors", len(ctx.modules)) as advance:
+                table = quantization_errors(model, ctx.modules, fisher, advance)
+            write_json_atomic(path, table)
+        if swsc is None:
+            with progress_bar("SWSC errors (k-means, SVD)", len(ctx.swsc_options)) as advance:
+                swsc = swsc_errors(model, ctx.swsc_options, fisher, advance)
+            write_json_atomic(swsc_path, swsc)
+        del fisher
+    return _merge(table, swsc)
+
+
+def _merge(table: dict, swsc: dict) -> dict:
+    return {p: errs | swsc.get(p, {}) for p, errs in table.items()}
+
+
+def _keys(modules) -> dict:
+    return {q.path: {c.key for c in q.choices()} for q in modules}
+
+
+def _path(fingerprint: str, calib: CalibrationText):
+    return cache_entry("errors", table_key(fingerprint, calib), ".json")
+
+
+def _swsc_path(fingerprint: str, calib: CalibrationText, ctx):
+    options = {p: [c.key for c in choices] for p, choices in ctx.swsc_options.items()}
+    key = fingerprint_bytes(table_key(fingerprint, calib), json.dumps(options, sort_keys=True), str(SWSC_COST_VERSION))
+    return cache_entry("errors", key, ".json").with_name(f"swsc-{key}.json")
+
+
+def _check(data, keys: dict) -> dict:
+    """``data`` if it holds, for every module, a finite error for each of its choices."""
+    if not isinstance(data, dict) or set(data) != set(keys):
+        raise ValueError("its modules are not this model's")
+    for path, errs in data.items():
+        if (not isinstance(errs, dict) or set(errs) != keys[path]
+                or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in errs.values())):
+            raise ValueError(f"the errors of {path} are malformed")
+    return data

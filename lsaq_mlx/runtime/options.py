@@ -1,0 +1,63 @@
+"""What a chat or TUI session runs with, as one value, and the engine built from it."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.sources import ModelSource
+
+DEFAULT_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
+
+
+@dataclass(kw_only=True)
+class RuntimeOptions:
+    bits_budget: float | None = None  # the starting plan; None: the source as it is
+    auto: bool = False  # follow this machine's memory through the plans of ``budgets``
+    memory_trace: Path | None = None  # follow a replayed trace instead
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    method: str = "lsaq"
+    reserve_bytes: int = 512 << 20  # automatic mode: memory to keep free
+    layer_store: bool = False
+    memory_events: bool = False  # a memory sample every second, for displays
+    importance: str | None = None  # the metric displays show per layer (jaccard, cosine, zscore)
+
+    def check(self) -> None:
+        from lsaq_mlx.planning.budgets import check_bits_budget
+
+        for b in ([self.bits_budget] if self.bits_budget is not None else []) + list(self.budgets):
+            check_bits_budget(b)
+        if self.importance not in (None, "jaccard", "cosine", "zscore"):
+            raise UserError(f"layer importance must be jaccard, cosine, zscore or none, not '{self.importance}'",
+                            setting="importance")
+
+
+def build_engine(source: ModelSource, options: RuntimeOptions):
+    """An engine (not started) for ``source``: a planner for ``options.method``, the plan
+    set of ``options.budgets`` in automatic mode, the system's memory or a replayed trace."""
+    from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.runtime.engine import Engine
+    from lsaq_mlx.runtime.memory import ScriptedSampler, SystemSampler
+
+    options.check()
+    planner = Planner(source)
+    following = options.auto or options.memory_trace is not None
+    sampler = ScriptedSampler(options.memory_trace) if options.memory_trace else SystemSampler()
+    importance = None
+    if options.importance:
+        importance = lambda: _importance(planner, options.importance)  # noqa: E731 - run in the engine thread
+    return Engine(source, planner, options.bits_budget, list(options.budgets) if following else [], sampler,
+                  {"reserve": options.reserve_bytes}, method=options.method, layer_store=options.layer_store,
+                  memory_events=options.memory_events, importance=importance)
+
+
+def _importance(planner, metric: str) -> dict:
+    scores = planner.scores(metric)
+    return {"metric": scores.metric, "scores": scores.scores}
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in text.split(","))
+    except ValueError:
+        raise UserError(f"the plans' budgets must be numbers separated by commas, got '{text}'",
+                        setting="budgets") from None
