@@ -9,7 +9,6 @@ module twice.
 
 import ast
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     reexec_with_fast_blas()
 
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.runtime import Engine, ScriptedSampler
     from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import resolve_model
@@ -71,8 +71,8 @@ def main() -> None:
 
     source = resolve_model(args.model)
     budgets = [float(b) for b in args.budgets.split(",")]
-    planner = lambda bs: make_plans(source, PlanRequest("lsaq", list(bs)))[0]
-    plans = sorted(planner(budgets), key=lambda p: p.predicted_bytes)
+    planner = Planner(source)
+    plans = sorted(planner.plans(PlanRequest(method="lsaq", bits_budgets=budgets)), key=lambda p: p.predicted_bytes)
     reserve = 512 << 20
     mid, large = plans[-2].predicted_bytes, plans[-1].predicted_bytes
     # the largest plan fits; after 20 samples (10 s) only the one below it does (reserve + mid - large <= available
@@ -93,8 +93,8 @@ def main() -> None:
     swap, stall = app.stalls[0]
     print(f"machine: {platform.system()} {platform.machine()}, MLX CPU backend" if platform.system() == "Linux"
           else f"machine: {platform.system()} {platform.machine()}")
-    print(f"swap {swap['from_bits_per_weight']:.2f} -> {swap['bits_per_weight']:.2f} bits/weight ({swap['reason']}): "
-          f"{swap['changed']} modules in {swap['seconds']:.2f} s")
+    print(f"swap {swap.from_bits_per_weight:.2f} -> {swap.state.bits_per_weight:.2f} bits/weight ({swap.reason}): "
+          f"{swap.changed} modules in {swap.seconds:.2f} s")
     print(f"longest UI-loop stall during the swap: {stall * 1000:.0f} ms (a UI timer ticks every "
           f"{app.meter.interval * 1000:.0f} ms; a blocked UI would stall for the whole swap)")
     print(f"wrote {args.out}")

@@ -1,14 +1,24 @@
-"""An engine for fast TUI tests: the command and event interface of
-``lsaq_mlx.runtime.Engine`` (``start``, ``send``, ``stop``, ``shutdown``, ``events``) with
-deterministic data and no MLX: a canned reply streamed word by word, a PlanSet whose
-plans are swapped between instantly, memory samples that the test pushes."""
+"""An engine for fast TUI and chat tests: ``lsaq_mlx.runtime.events.EngineProtocol`` (the
+commands and events of ``lsaq_mlx.runtime.Engine``) with deterministic data and no MLX:
+a canned reply streamed word by word, a PlanSet whose plans are swapped between
+instantly, memory samples that the test pushes."""
 
 import math
 import queue
 import threading
 from dataclasses import dataclass
 
-from lsaq_mlx.runtime import Event
+from lsaq_mlx.runtime.events import (
+    EngineError,
+    EngineState,
+    MemoryUpdate,
+    Ready,
+    ReplyDone,
+    ReplyStats,
+    StateUpdate,
+    Swapped,
+    Token,
+)
 
 CLOCK = 1_700_000_000.0  # the fake engine's time.time() at ready
 PARAMS = 135_000_000
@@ -42,10 +52,34 @@ class FakeEngine:
     def start(self) -> "FakeEngine":
         self._thread.start()
         self.started = True
-        self.events.put(Event("ready", {**self._stats(), "at": CLOCK}))
+        self.events.put(Ready(self._state(), CLOCK))
         return self
 
-    def send(self, command: str, *args) -> None:
+    def chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
+        self._send("chat", text, max_tokens)
+
+    def apply_plan(self, index: int, reason: str = "requested") -> None:
+        self._send("apply_plan", index, reason)
+
+    def apply_budget(self, bits_per_weight: float) -> None:
+        self._send("apply_budget", bits_per_weight)
+
+    def set_auto(self, on: bool) -> None:
+        self._send("auto", on)
+
+    def request_state(self) -> None:
+        self._send("state")
+
+    def set_system(self, text: str) -> None:
+        self._send("system", text)
+
+    def reset(self) -> None:
+        self._send("reset")
+
+    def retract(self) -> None:
+        self._send("retract")
+
+    def _send(self, command: str, *args) -> None:
         self.received.append((command, *args))
         self._commands.put((command, args))
 
@@ -60,14 +94,14 @@ class FakeEngine:
 
     # ---- what a test makes happen ----
     def memory(self, available: int, pressure: str = "normal", second: int = 0) -> None:
-        self.events.put(Event("memory", {
+        self.events.put(MemoryUpdate({
             "available_bytes": available, "total_bytes": TOTAL, "pressure": pressure, "mlx_active_bytes": 84_100_000,
             "mlx_peak_bytes": 120_500_000, "mlx_cache_bytes": 4_200_000, "time": float(second),
             "rss_bytes": 812_300_000, "swap_used_bytes": 0, "swap_total_bytes": 2_000_000_000,
-            "psi_some_avg10": 0.0, "policy": self._policy()}))
+            "psi_some_avg10": 0.0}, self._policy()))
 
     def fail(self, message: str, fatal: bool = False) -> None:
-        self.events.put(Event("error", {"message": message, "fatal": fatal}))
+        self.events.put(EngineError(message, fatal=fatal))
 
     # ---- the fake engine thread ----
     def _run(self) -> None:
@@ -85,25 +119,20 @@ class FakeEngine:
         for i, word in enumerate(words[:max_tokens]):
             piece = word if i == 0 else " " + word
             sent.append(piece)
-            self.events.put(Event("token", {"text": piece}))
+            self.events.put(Token(piece))
             if self._stop.wait(self.token_delay) if self.token_delay else self._stop.is_set():
                 stopped = True
                 break
         self.messages.append({"role": "assistant", "content": "".join(sent)})
-        self.events.put(Event("done", {
-            "text": "".join(sent), "prompt_tokens": 12, "prompt_tps": 240.0, "generation_tokens": len(sent),
-            "generation_tps": 21.5, "peak_memory_gb": 0.12, "stopped": stopped, "first_token_seconds": 0.08,
-            "bits_per_weight": self.budgets[self.current]}))
+        self.events.put(ReplyDone("".join(sent), ReplyStats(12, 240.0, len(sent), 21.5, 0.12, stopped, 0.08,
+                                                            self.budgets[self.current])))
 
     def _cmd_apply_plan(self, index: int, reason: str = "requested") -> None:
         before = self.budgets[self.current]
         self.current, self.swaps = index, self.swaps + 1
-        self.events.put(Event("swapped", {
-            "changed": 210, "failed": {}, "seconds": 0.84, **self._plan_info(), "from_bits_per_weight": before,
-            "reason": reason, "at": CLOCK + 7 * self.swaps,
-            "memory_before": {"mlx_active_bytes": 84_100_000, "rss_bytes": 812_300_000},
-            "memory_after": {"mlx_active_bytes": 50_500_000, "rss_bytes": 790_100_000},
-            "layer_bits": self._layer_bits(), "policy": self._policy()}))
+        self.events.put(Swapped(210, {}, 0.84, 0, 0, before, reason, CLOCK + 7 * self.swaps,
+                                {"mlx_active_bytes": 84_100_000, "rss_bytes": 812_300_000},
+                                {"mlx_active_bytes": 50_500_000, "rss_bytes": 790_100_000}, self._state()))
 
     def _cmd_apply_budget(self, budget: float) -> None:
         nearest = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - budget))
@@ -111,19 +140,23 @@ class FakeEngine:
 
     def _cmd_auto(self, on: bool) -> None:
         self.auto = on
-        self.events.put(Event("stats", self._stats()))
+        self.events.put(StateUpdate(self._state()))
 
     def _cmd_retract(self) -> None:
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
         self.messages = self.messages[:last]
-        self.events.put(Event("stats", self._stats()))
+        self.events.put(StateUpdate(self._state()))
 
     def _cmd_reset(self) -> None:
         self.messages = []
-        self.events.put(Event("stats", self._stats()))
+        self.events.put(StateUpdate(self._state()))
 
-    def _cmd_stats(self) -> None:
-        self.events.put(Event("stats", self._stats()))
+    def _cmd_system(self, text: str) -> None:
+        self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
+        self.events.put(StateUpdate(self._state()))
+
+    def _cmd_state(self) -> None:
+        self.events.put(StateUpdate(self._state()))
 
     # ---- canned data ----
     def importance(self) -> list[float]:
@@ -146,7 +179,7 @@ class FakeEngine:
                 "plans": [{"bits_per_weight": b, "bytes": int(b * PARAMS / 8),
                            "min_available": int(b * PARAMS / 8) + RESERVE - held} for b in self.budgets]}
 
-    def _stats(self) -> dict:
-        return {**self._plan_info(), "auto": self.auto, "messages": len(self.messages), "cached_tokens": 0,
-                "layer_bits": self._layer_bits(), "importance": {"metric": "jaccard", "scores": self.importance()},
-                "policy": self._policy(), "memory": {}, "layers": {}, "last_reply": {}}
+    def _state(self) -> EngineState:
+        return EngineState(**self._plan_info(), auto=self.auto, messages=len(self.messages), cached_tokens=0,
+                           layer_bits=self._layer_bits(), importance={"metric": "jaccard", "scores": self.importance()},
+                           policy=self._policy())

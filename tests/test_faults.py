@@ -17,7 +17,6 @@ import pytest
 
 from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.cache import sweep_stale, temp_prefix
-from lsaq_mlx.errors import UserError
 from tiny_models import tiny_model, write_gguf
 
 
@@ -229,6 +228,7 @@ def test_a_chat_survives_a_failing_command(tmp_path):
 
 def test_prompts_longer_than_the_context(folder, tmp_path):
     from lsaq_mlx.runtime import Engine
+    from lsaq_mlx.runtime.events import EngineError, Note, ReplyDone
     from lsaq_mlx.sources import resolve_model
 
     short = tmp_path / "short"
@@ -238,17 +238,17 @@ def test_prompts_longer_than_the_context(folder, tmp_path):
     (short / "config.json").write_text(json.dumps(config))
     engine = Engine(resolve_model(str(short))).start()
     try:
-        engine.send("chat", "a " * 200, 4)
+        engine.chat("a " * 200, 4)
         events = [engine.events.get() for _ in range(2)]
-        error = next(e for e in events if e.kind == "error")
-        assert "the model's context holds 48" in error.data["message"] and engine.messages == []
-        kinds = []
+        error = next(e for e in events if isinstance(e, EngineError))
+        assert "the model's context holds 48" in error.message and engine.messages == []
+        seen = []
         for i in range(8):
-            engine.send("chat", f"message number {i} is here", 4)
-            while (event := engine.events.get()).kind != "done":
-                kinds.append(event.kind)
-                assert event.kind != "error", event.data
-        assert "note" in kinds and len(engine.messages) < 16
+            engine.chat(f"message number {i} is here", 4)
+            while not isinstance(event := engine.events.get(), ReplyDone):
+                assert not isinstance(event, EngineError), event
+                seen.append(event)
+        assert any(isinstance(e, Note) for e in seen) and len(engine.messages) < 16
     finally:
         engine.shutdown()
     result = run_cli("generate", "-m", str(short), "-p", "a " * 200, env=dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path)))

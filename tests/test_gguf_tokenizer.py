@@ -2,7 +2,7 @@
 
 Expected ids were produced by llama.cpp (llama-cpp-python 0.3.36:
 ``Llama(model_path, vocab_only=True).tokenize(text.encode(), add_bos=..., special=True)``)
-on the same files; ``scripts/check_gguf_tokenizers.py`` runs llama.cpp's own test vectors.
+on the same files; ``benchmarks/check_gguf_tokenizers.py`` runs llama.cpp's own test vectors.
 """
 
 import json

@@ -5,7 +5,8 @@ import pytest
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.planning.plan import PlanSet
-from planners import FixedPlanner
+from lsaq_mlx.runtime.events import EngineError, MemoryUpdate, Ready, ReplyDone, StateUpdate, Swapped, Token
+from lsaq_mlx.planning.planner import FixedPlans
 from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
@@ -101,15 +102,16 @@ def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
 
 
 def engine_for(source, plans, **kwargs):
-    return Engine(source, FixedPlanner({float(b): p for b, p in plans.items()} | plans), **kwargs).start()
+    return Engine(source, FixedPlans(plans), **kwargs).start()
 
 
 def events_until(engine, kind):
+    """Events up to the first of class ``kind`` (or an error)."""
     seen = []
     while True:
         event = engine.events.get(timeout=120)
         seen.append(event)
-        if event.kind in (kind, "error"):
+        if isinstance(event, (kind, EngineError)):
             return seen
 
 
@@ -117,16 +119,17 @@ def test_engine_chats_swaps_and_keeps_the_conversation(tiny):
     source, plans = tiny
     engine = engine_for(source, plans, budget=4)
     try:
-        assert events_until(engine, "ready")[-1].data["bits_per_weight"] == pytest.approx(plans[4].predicted_bits_per_weight)
-        engine.send("chat", "hello", 6)
-        first = events_until(engine, "done")[-1]
-        assert first.kind == "done" and first.data["generation_tokens"] >= 1
-        engine.send("apply_budget", 8)
-        swapped = events_until(engine, "swapped")[-1]
-        assert swapped.kind == "swapped" and swapped.data["changed"] == len(plans[8].modules)
-        engine.send("chat", "again", 6)
-        second = events_until(engine, "done")[-1]
-        assert second.data["prompt_tokens"] < len(engine.cache_tokens)  # only the new turn was processed
+        ready = events_until(engine, Ready)[-1]
+        assert ready.state.bits_per_weight == pytest.approx(plans[4].predicted_bits_per_weight)
+        engine.chat("hello", 6)
+        first = events_until(engine, ReplyDone)[-1]
+        assert isinstance(first, ReplyDone) and first.stats.generation_tokens >= 1
+        engine.apply_budget(8)
+        swapped = events_until(engine, Swapped)[-1]
+        assert isinstance(swapped, Swapped) and swapped.changed == len(plans[8].modules)
+        engine.chat("again", 6)
+        second = events_until(engine, ReplyDone)[-1]
+        assert second.stats.prompt_tokens < len(engine.cache_tokens)  # only the new turn was processed
         assert [m["role"] for m in engine.messages] == ["user", "assistant", "user", "assistant"]
     finally:
         engine.shutdown()
@@ -136,14 +139,14 @@ def test_stop_ends_a_reply_and_the_chat_goes_on(tiny):
     source, plans = tiny
     engine = engine_for(source, plans, budget=4)
     try:
-        events_until(engine, "ready")
-        engine.send("chat", "tell me everything", 400)
-        assert engine.events.get(timeout=120).kind == "token"
+        events_until(engine, Ready)
+        engine.chat("tell me everything", 400)
+        assert isinstance(engine.events.get(timeout=120), Token)
         engine.stop()
-        done = events_until(engine, "done")[-1]
-        assert done.data["stopped"] and done.data["generation_tokens"] < 400
-        engine.send("chat", "and now?", 3)
-        assert events_until(engine, "done")[-1].kind == "done"
+        done = events_until(engine, ReplyDone)[-1]
+        assert done.stats.stopped and done.stats.generation_tokens < 400
+        engine.chat("and now?", 3)
+        assert isinstance(events_until(engine, ReplyDone)[-1], ReplyDone)
     finally:
         engine.shutdown()
 
@@ -159,13 +162,12 @@ def test_engine_follows_a_memory_trace(tiny, tmp_path):
     engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=sampler, sample_every=0.05,
                         policy_options={"reserve": reserve, "hysteresis": 0, "window": 2, "min_interval": 0})
     try:
-        kinds = []
-        while len([k for k in kinds if k == "swapped"]) < 2:
+        swaps = []
+        while len(swaps) < 2:
             event = engine.events.get(timeout=120)
-            kinds.append(event.kind)
-            if event.kind == "swapped":
-                kinds.append(round(event.data["bits_per_weight"], 3))
-        swaps = [k for k in kinds if isinstance(k, float)]
+            assert not isinstance(event, EngineError), event
+            if isinstance(event, Swapped):
+                swaps.append(round(event.state.bits_per_weight, 3))
         assert swaps == [round(plans[3].predicted_bits_per_weight, 3), round(plans[8].predicted_bits_per_weight, 3)]
     finally:
         engine.shutdown()
@@ -247,27 +249,27 @@ def test_engine_reports_what_displays_need(tiny, tmp_path):
     engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=ScriptedSampler(trace), sample_every=0.05,
                         memory_events=True, importance=lambda: {"metric": "test", "scores": [0.5, 1.0]})
     try:
-        ready = events_until(engine, "ready")[-1].data
-        assert ready["plan_index"] == 2 and ready["weight_bytes"] == plans[8].predicted_bytes
-        assert ready["layer_bits"]["layers"] == pytest.approx([8 + 32 / 32] * len(ready["layer_bits"]["layers"]))
-        assert ready["importance"]["scores"] == [0.5, 1.0]
-        policy = ready["policy"]
+        ready = events_until(engine, Ready)[-1].state
+        assert ready.plan_index == 2 and ready.weight_bytes == plans[8].predicted_bytes
+        assert ready.layer_bits["layers"] == pytest.approx([8 + 32 / 32] * len(ready.layer_bits["layers"]))
+        assert ready.importance["scores"] == [0.5, 1.0]
+        policy = ready.policy
         assert [p["bytes"] for p in policy["plans"]] == [plans[b].predicted_bytes for b in (3, 4, 8)]
         assert policy["plans"][2]["min_available"] == policy["reserve"]  # the current plan's line
-        memory = events_until(engine, "memory")[-1].data
-        assert memory["available_bytes"] == 64_000_000_000 and memory["rss_bytes"] > 0 and memory["policy"]
-        engine.send("auto", False)
-        engine.send("apply_plan", 0, "by hand")
-        swapped = events_until(engine, "swapped")[-1].data
-        assert swapped["reason"] == "by hand" and swapped["plan_index"] == 0
-        assert swapped["from_bits_per_weight"] == pytest.approx(plans[8].predicted_bits_per_weight)
-        assert swapped["memory_before"]["rss_bytes"] > 0 and swapped["memory_after"]["mlx_active_bytes"] > 0
-        assert swapped["layer_bits"]["layers"] == pytest.approx([3 + 32 / 32] * len(swapped["layer_bits"]["layers"]))
-        assert swapped["policy"]["current"] == 0
-        engine.send("chat", "hello", 3)
-        assert events_until(engine, "done")[-1].data["first_token_seconds"] > 0
-        engine.send("retract")
-        events_until(engine, "stats")
+        memory = events_until(engine, MemoryUpdate)[-1]
+        assert memory.sample["available_bytes"] == 64_000_000_000 and memory.sample["rss_bytes"] > 0 and memory.policy
+        engine.set_auto(False)
+        engine.apply_plan(0, "by hand")
+        swapped = events_until(engine, Swapped)[-1]
+        assert swapped.reason == "by hand" and swapped.state.plan_index == 0
+        assert swapped.from_bits_per_weight == pytest.approx(plans[8].predicted_bits_per_weight)
+        assert swapped.memory_before["rss_bytes"] > 0 and swapped.memory_after["mlx_active_bytes"] > 0
+        assert swapped.state.layer_bits["layers"] == pytest.approx([3 + 32 / 32] * len(swapped.state.layer_bits["layers"]))
+        assert swapped.state.policy["current"] == 0
+        engine.chat("hello", 3)
+        assert events_until(engine, ReplyDone)[-1].stats.first_token_seconds > 0
+        engine.retract()
+        events_until(engine, StateUpdate)
         assert engine.messages == []
     finally:
         engine.shutdown()

@@ -13,7 +13,8 @@ from lsaq_mlx.convert import convert, quantized_model
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
 from lsaq_mlx.planning.planner import Planner, PlanRequest
-from planners import FixedPlanner
+from lsaq_mlx.runtime.events import EngineError, Swapped
+from lsaq_mlx.planning.planner import FixedPlans
 from lsaq_mlx.runtime import Engine
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
 from lsaq_mlx.sources import load_model, resolve_model
@@ -248,12 +249,12 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
     _, source = workdir
     pack_model(source.path, tmp_path / "source.lsaqpack")
     packed = resolve_model(str(tmp_path / "source.lsaqpack"))
-    engine = Engine(packed, FixedPlanner({3: plans[3], 8: plans[8]}), budget=3, auto_budgets=[3, 8], layer_store=True).start()
+    engine = Engine(packed, FixedPlans({3: plans[3], 8: plans[8]}), budget=3, auto_budgets=[3, 8], layer_store=True).start()
     try:
-        engine.send("apply_budget", 8)
-        while (event := engine.events.get(timeout=120)).kind not in ("swapped", "error"):
+        engine.apply_budget(8)
+        while not isinstance(event := engine.events.get(timeout=120), (Swapped, EngineError)):
             pass
-        assert event.kind == "swapped" and event.data["changed"] == len(plans[8].modules) and not event.data["failed"]
-        assert event.data["store_bytes_read"] == engine.store.bytes_read > 0 and event.data["source_bytes_read"] == 0
+        assert isinstance(event, Swapped) and event.changed == len(plans[8].modules) and not event.failed
+        assert event.store_bytes_read == engine.store.bytes_read > 0 and event.source_bytes_read == 0
     finally:
         engine.shutdown()

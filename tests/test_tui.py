@@ -138,8 +138,8 @@ def test_controls_send_auto_plan_and_budget_commands():
             await until(pilot, lambda: app.plan_index == 2)
             assert ("apply_budget", 5.9) in fake.received
             log = app.query_one(SwapLog)
-            assert [e["bits_per_weight"] for e in log.entries] == [4.5, 3.0, 6.0]
-            assert log.entries[-1]["reason"] == "budget 5.9 bits/weight"
+            assert [e.state.bits_per_weight for e in log.entries] == [4.5, 3.0, 6.0]
+            assert log.entries[-1].reason == "budget 5.9 bits/weight"
             await pilot.press("f5")
             await pilot.pause(0.1)
             assert app.plan_index == 2  # already the largest: nothing sent
@@ -223,7 +223,7 @@ def _conversation_with_a_swap(fake: FakeEngine):
         await type_prompt(pilot, "What is the capital of France?")
         await pilot.press("enter")
         await until(pilot, lambda: not app.generating and replies(app) and "tok/s" in str(replies(app)[0].stats.render()))
-        fake.send("apply_plan", 1, "auto down: 0.40 GB available, warn pressure")
+        fake.apply_plan(1, "auto down: 0.40 GB available, warn pressure")
         await until(pilot, lambda: app.query_one(SwapLog).entries and len(app.query_one(MemoryPanel).history) == len(MEMORY_DROP))
         await pilot.pause(0.2)
 
@@ -261,11 +261,11 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
     memory drop makes the policy swap to the smaller plan; the layers panel shows its bits;
     the UI loop never stalls for long during the swap; Ctrl+Q stops the engine."""
     from lsaq_mlx.planning.planner import Planner, PlanRequest
-    from planners import FixedPlanner
+    from lsaq_mlx.planning.planner import FixedPlans
     from lsaq_mlx.runtime import Engine, ScriptedSampler
 
     small, large = Planner(default_source).plans(PlanRequest(method="uniform", bits_budgets=[4.0, 8.5]))
-    planner = FixedPlanner({4.0: small, 8.5: large})
+    planner = FixedPlans({4.0: small, 8.5: large})
     trace = tmp_path / "trace.txt"
     # 1 s of plenty, then nothing: the policy keeps only the smaller plan (reserve = the difference)
     trace.write_text("8GB\n" * 4 + "0\n")
@@ -287,17 +287,17 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
             assert "tok/s" in str(replies(app)[0].stats.render()), [str(n.render()) for n in app.query(".note")]
             await until(pilot, lambda: app.stalls, timeout=120)  # the swap, measured once it settled
             swap, stall = app.stalls[0]
-            assert swap["reason"].startswith("auto down") and swap["bits_per_weight"] == small.predicted_bits_per_weight
-            assert swap["changed"] == len(small.modules) and not swap["failed"]
+            assert swap.reason.startswith("auto down") and swap.state.bits_per_weight == small.predicted_bits_per_weight
+            assert swap.changed == len(small.modules) and not swap.failed
             (choice,) = {(c.bits, c.group_size) for c in small.modules.values()}  # uniform: one setting
             assert layers.bits == pytest.approx([choice[0] + 32 / choice[1]] * 30)  # scales and biases included
-            assert app.query_one(SwapLog).entries[0]["from_bits_per_weight"] == large.predicted_bits_per_weight
-            print(f"swap of {swap['changed']} modules in {swap['seconds']:.2f} s; longest UI-loop stall {stall * 1000:.0f} ms")
-            assert stall < min(0.5, swap["seconds"] / 2)  # a frozen UI would stall for the whole swap
+            assert app.query_one(SwapLog).entries[0].from_bits_per_weight == large.predicted_bits_per_weight
+            print(f"swap of {swap.changed} modules in {swap.seconds:.2f} s; longest UI-loop stall {stall * 1000:.0f} ms")
+            assert stall < min(0.5, swap.seconds / 2)  # a frozen UI would stall for the whole swap
             await pilot.press("f5")  # force the larger plan back: automatic mode goes off
             await until(pilot, lambda: len(app.stalls) == 2, timeout=120)
-            assert not app.auto and app.plan_index == 1 and app.stalls[1][0]["reason"] == "chosen by hand"
-            assert layers.bits == app.stalls[1][0]["layer_bits"]["layers"]
+            assert not app.auto and app.plan_index == 1 and app.stalls[1][0].reason == "chosen by hand"
+            assert layers.bits == app.stalls[1][0].state.layer_bits["layers"]
             assert all(b > choice[0] + 32 / choice[1] for b in layers.bits)
             await pilot.press("ctrl+q")
             await until(pilot, lambda: not app.is_running)

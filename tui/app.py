@@ -1,20 +1,37 @@
 """The app: chat on the left; memory, layers and the swap log on the right.
 
-The engine (``lsaq_mlx.runtime.Engine``, or anything with its command/event interface)
-is started by the caller; the app sends it commands and shows its events. Every MLX
-operation runs on the engine's thread, so the interface keeps answering during a swap;
-``stalls`` records, for every swap, the longest time the UI loop could not run.
+The engine (``lsaq_mlx.runtime.Engine``, or anything that implements
+``runtime.events.EngineProtocol``) is started by the caller; the app calls its commands,
+and a thread worker turns its events into messages (``lsaq_tui.messages``) that the
+handlers below take with ``@on``. Every MLX operation runs on the engine's thread, so
+the interface keeps answering during a swap; ``stalls`` records, for every swap, the
+longest time the UI loop could not run.
 """
 
+import queue
 import time
 
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
 from textual.widgets import Footer, Header
+from textual.worker import get_current_worker
 
+from lsaq_mlx.runtime.events import EngineState
 from lsaq_tui.commands import RuntimeCommands
-from lsaq_tui.engine_link import EngineEvent, EngineLink
+from lsaq_tui.messages import (
+    EngineFailed,
+    EngineNoted,
+    EngineReady,
+    MemorySampled,
+    PlanSwapped,
+    ReplyFinished,
+    StateChanged,
+    TokenArrived,
+    message_for,
+)
 from lsaq_tui.stall import StallMeter
 from lsaq_tui.widgets.chat_panel import ChatPanel
 from lsaq_tui.widgets.layers_panel import LayersPanel
@@ -40,21 +57,24 @@ class LsaqApp(App):
         Binding("f5", "larger", "Larger"),
     ]
 
+    auto = reactive(False)
+    bits_per_weight: reactive[float | None] = reactive(None)
+    plan_index: reactive[int | None] = reactive(None)
+    generating = reactive(False)
+
     def __init__(self, engine, model_name: str = "", max_tokens: int = 512):
+        """``engine``, started, implements ``lsaq_mlx.runtime.events.EngineProtocol``."""
         super().__init__()
-        self.link = EngineLink(engine, self)
+        self.engine = engine
         self.model_name, self.max_tokens = model_name, max_tokens
-        self.auto = False
         self.plans: list[dict] = []  # the PlanSet, smallest first: bits_per_weight, bytes
-        self.plan_index: int | None = None
-        self.bits_per_weight: float | None = None
         self.since = time.time()  # the engine's clock at ready: swap times count from it
-        self.generating = False
         self.prompt_text = ""  # the prompt of the reply streaming now
         self.taking_back = False  # Esc: the stopped reply's prompt goes back to the input
         self.meter = StallMeter()
-        self.stalls: list[tuple[dict, float]] = []  # (swapped event, longest UI stall in seconds)
+        self.stalls: list[tuple] = []  # (Swapped event, longest UI stall in seconds)
         self.error: str | None = None  # why the engine stopped, when it did
+        self._engine_closed = False
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -70,75 +90,111 @@ class LsaqApp(App):
         self.sub_title = self.model_name
         self.set_interval(self.meter.interval, self.meter.tick)
         self.query_one(PromptInput).focus()
-        self.link.open()
+        self.forward_events()
 
     def on_unmount(self) -> None:
-        self.link.close()
+        self.close_engine()
 
-    # ---- engine events ----
-    async def on_engine_event(self, message: EngineEvent) -> None:
-        kind, data = message.kind, message.data
-        if kind in ("ready", "stats"):
-            if kind == "ready":
-                self.since = data.get("at", self.since)
-            self._show_state(data)
-        elif kind == "memory":
-            memory = self.query_one(MemoryPanel)
-            memory.set_policy(data.get("policy"))
-            memory.add_sample(data)
-        elif kind == "token":
-            await self.query_one(ChatPanel).append(data["text"])
-        elif kind == "done":
-            await self._reply_done(data)
-        elif kind == "swapped":
-            self._show_state(data)
-            self.query_one(SwapLog).add(data, self.since)
-            received = time.monotonic()
-            self.set_timer(STALL_SETTLE, lambda: self.stalls.append(
-                (data, self.meter.longest(since=received - data["seconds"] - self.meter.interval))))
-        elif kind == "note":
-            self.query_one(ChatPanel).note(data["message"], style="yellow")
-            self.notify(data["message"], severity="warning", timeout=8)
-        elif kind == "error":
-            await self._engine_error(data)
+    def close_engine(self) -> None:
+        """Stop the reply and shut the engine down."""
+        if self._engine_closed:
+            return
+        self._engine_closed = True
+        self.engine.stop()
+        self.engine.shutdown()
 
-    def _show_state(self, data: dict) -> None:
-        """Plan, layers, auto mode and policy from a ready, stats or swapped event."""
-        if "layer_bits" in data:
-            self.query_one(LayersPanel).update_plan(data)
-        if data.get("policy"):
-            self.plans = data["policy"]["plans"]
-            self.query_one(MemoryPanel).set_policy(data["policy"])
-        if data.get("memory") and data["memory"].get("available_bytes") is not None and not self.query_one(MemoryPanel).history:
-            self.query_one(MemoryPanel).add_sample(data["memory"])
-        self.auto = data.get("auto", self.auto)
-        self.plan_index = data.get("plan_index", self.plan_index)
-        self.bits_per_weight = data.get("bits_per_weight", self.bits_per_weight)
+    @work(thread=True, exclusive=True, group="engine")
+    def forward_events(self) -> None:
+        """Every engine event, as its message: MLX work stays on the engine's thread."""
+        worker = get_current_worker()
+        while not worker.is_cancelled:  # Textual cancels the worker when the app ends
+            try:
+                event = self.engine.events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            message = message_for(event)
+            if message is not None:
+                self.post_message(message)
+
+    # ---- state ----
+    def _subtitle(self) -> None:
         bpw = f" · {self.bits_per_weight:.2f} bits/weight" if self.bits_per_weight else ""
         self.sub_title = f"{self.model_name}{bpw} · auto {'on' if self.auto else 'off'}"
 
-    async def _reply_done(self, data: dict) -> None:
+    watch_auto = watch_bits_per_weight = _subtitle
+
+    def _show_state(self, state: EngineState) -> None:
+        """Plan, layers, auto mode and policy from the engine's state."""
+        self.query_one(LayersPanel).update_plan(state)
+        memory = self.query_one(MemoryPanel)
+        if state.policy:
+            self.plans = state.policy["plans"]
+            memory.set_policy(state.policy)
+        if state.memory.get("available_bytes") is not None and not memory.history:
+            memory.add_sample(state.memory)
+        self.plan_index = state.plan_index
+        self.auto, self.bits_per_weight = state.auto, state.bits_per_weight
+
+    # ---- engine events ----
+    @on(EngineReady)
+    def _engine_ready(self, message: EngineReady) -> None:
+        self.since = message.event.at
+        self._show_state(message.event.state)
+
+    @on(StateChanged)
+    def _engine_state(self, message: StateChanged) -> None:
+        self._show_state(message.event.state)
+
+    @on(MemorySampled)
+    def _engine_memory(self, message: MemorySampled) -> None:
+        memory = self.query_one(MemoryPanel)
+        memory.set_policy(message.event.policy)
+        memory.add_sample(message.event.sample)
+
+    @on(TokenArrived)
+    async def _engine_token(self, message: TokenArrived) -> None:
+        await self.query_one(ChatPanel).append(message.event.text)
+
+    @on(ReplyFinished)
+    async def _engine_reply_done(self, message: ReplyFinished) -> None:
         chat = self.query_one(ChatPanel)
-        if self.taking_back and data.get("stopped"):
-            self.link.send("retract")
+        if self.taking_back and message.event.stats.stopped:
+            self.engine.retract()
             await chat.take_back(self.prompt_text)
         else:
-            await chat.finish(data)
+            await chat.finish(message.event.stats)
         self.generating = self.taking_back = False
 
-    async def _engine_error(self, data: dict) -> None:
-        if data.get("fatal"):
-            self.error = data["message"]
+    @on(PlanSwapped)
+    def _engine_swapped(self, message: PlanSwapped) -> None:
+        swapped = message.event
+        self._show_state(swapped.state)
+        self.query_one(SwapLog).add(swapped, self.since)
+        received = time.monotonic()
+        self.set_timer(STALL_SETTLE, lambda: self.stalls.append(
+            (swapped, self.meter.longest(since=received - swapped.seconds - self.meter.interval))))
+
+    @on(EngineNoted)
+    def _engine_note(self, message: EngineNoted) -> None:
+        self.query_one(ChatPanel).note(message.event.message, style="yellow")
+        self.notify(message.event.message, severity="warning", timeout=8)
+
+    @on(EngineFailed)
+    async def _engine_failed(self, message: EngineFailed) -> None:
+        error = message.event
+        if error.fatal:
+            self.error = error.message
             self.exit(return_code=1)
             return
-        if data.get("command") == "chat" and self.generating:
+        if error.command == "chat" and self.generating:
             await self.query_one(ChatPanel).finish_failed()
             self.generating = False
-        self.query_one(ChatPanel).note(f"error: {data['message']}", style="red")
-        self.notify(data["message"], severity="error", timeout=8)
+        self.query_one(ChatPanel).note(f"error: {error.message}", style="red")
+        self.notify(error.message, severity="error", timeout=8)
 
     # ---- input ----
-    async def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
+    @on(PromptInput.Submitted)
+    async def _prompt_submitted(self, message: PromptInput.Submitted) -> None:
         text = message.text
         if self.generating:
             self.notify("a reply is streaming: Esc stops it", severity="warning")
@@ -148,19 +204,19 @@ class LsaqApp(App):
         prompt.clear()
         self.generating, self.prompt_text, self.taking_back = True, text, False
         await self.query_one(ChatPanel).ask(text)
-        self.link.send("chat", text, self.max_tokens)
+        self.engine.chat(text, self.max_tokens)
 
     # ---- actions ----
     def action_stop_reply(self) -> None:
         if self.generating:
             self.taking_back = True
-            self.link.stop_reply()
+            self.engine.stop()
 
     def action_toggle_auto(self) -> None:
         if not self.plans:
             self.notify("automatic mode needs a plan set: start with --auto or --memory-trace", severity="warning")
             return
-        self.link.send("auto", not self.auto)
+        self.engine.set_auto(not self.auto)
 
     def action_choose_plan(self) -> None:
         self.push_screen(PlanPicker(self.plans, self.plan_index), self._picked)
@@ -170,15 +226,15 @@ class LsaqApp(App):
             self.swap_to(choice)
         elif isinstance(choice, float):
             if self.auto:
-                self.link.send("auto", False)
-            self.link.send("apply_budget", choice)
+                self.engine.set_auto(False)
+            self.engine.apply_budget(choice)
             self.notify(f"planning {choice:g} bits per weight…")
 
     def swap_to(self, index: int) -> None:
         """Force plan ``index`` of the PlanSet (automatic mode would move away from it)."""
         if self.auto:
-            self.link.send("auto", False)
-        self.link.send("apply_plan", index, "chosen by hand")
+            self.engine.set_auto(False)
+        self.engine.apply_plan(index, "chosen by hand")
         self.notify(f"swapping to {self.plans[index]['bits_per_weight']:.2f} bits/weight…")
 
     def _step(self, step: int) -> None:
@@ -201,5 +257,5 @@ class LsaqApp(App):
         if self.generating:
             self.notify("a reply is streaming: Esc stops it", severity="warning")
             return
-        self.link.send("reset")
+        self.engine.reset()
         await self.query_one(ChatPanel).clear()

@@ -50,7 +50,7 @@ def quiet_launcher() -> None:
     always writable, so it never blocks; its main loop spins the same way when its own
     stdin is at end of file. Filling this rank's stdin pipe (ranks never read it) makes
     the relay block, and nice 19 leaves the launcher only the time the ranks leave idle
-    (measured by ``scripts/bench_launcher.py``).
+    (measured by ``benchmarks/bench_launcher.py``).
     """
     parent = os.getppid()
     if not any(name in _command_line(parent) for name in _LAUNCHERS):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lsaq_mlx.cache import cache_dir
 from lsaq_mlx.errors import UserError, os_error_line
-from lsaq_mlx.runtime import Engine, Event
+from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, ReplyDone, StateUpdate, Swapped, Token
 
 HELP = """commands:
   /plan B        switch to a plan of B bits per weight (hot swap, the conversation goes on)
@@ -31,31 +31,31 @@ class EngineStopped(UserError):
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, max_tokens: int, out=None):
+    def __init__(self, engine: EngineProtocol, max_tokens: int, out=None):
         self.engine, self.max_tokens, self.out = engine, max_tokens, out or sys.stdout
         self.generating = False
 
     def print(self, text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
 
-    def wait(self, kinds: set[str]) -> Event:
-        """Print events until one of ``kinds`` arrives; return it."""
+    def wait(self, *kinds: type):
+        """Print events until one of the classes ``kinds`` (or an error) arrives; return it."""
         while True:
             event = self.engine.events.get()
-            if event.kind == "token":
-                self.print(event.data["text"], end="")
-            elif event.kind == "swapped":
-                failed = event.data["failed"]
-                self.print(f"\n[swapped {event.data['changed']} modules in {event.data['seconds']:.2f} s -> "
-                           f"{_bpw(event.data)}" + (f"; {len(failed)} failed, kept their old weights: "
-                                                   f"{next(iter(failed.values()))}" if failed else "") + "]")
-            elif event.kind == "note":
-                self.print(f"[note: {event.data['message']}]")
-            elif event.kind == "error":
-                if event.data.get("fatal"):
-                    raise EngineStopped(event.data["message"])
-                self.print(f"[error: {event.data['message']}]")
-            if event.kind in kinds or event.kind == "error":
+            if isinstance(event, Token):
+                self.print(event.text, end="")
+            elif isinstance(event, Swapped):
+                failed = event.failed
+                self.print(f"\n[swapped {event.changed} modules in {event.seconds:.2f} s -> "
+                           f"{_bpw(event.state.bits_per_weight)}" + (f"; {len(failed)} failed, kept their old weights: "
+                                                                    f"{next(iter(failed.values()))}" if failed else "") + "]")
+            elif isinstance(event, Note):
+                self.print(f"[note: {event.message}]")
+            elif isinstance(event, EngineError):
+                if event.fatal:
+                    raise EngineStopped(event.message)
+                self.print(f"[error: {event.message}]")
+            if isinstance(event, (*kinds, EngineError)):
                 return event
 
     def handle(self, line: str) -> bool:
@@ -77,14 +77,14 @@ class ChatSession:
             return True
         if not line.startswith("/"):
             self.generating = True
-            self.engine.send("chat", line, self.max_tokens)
-            event = self.wait({"done"})
+            self.engine.chat(line, self.max_tokens)
+            event = self.wait(ReplyDone)
             self.generating = False
-            if event.kind == "done":
-                d = event.data
-                self.print(f"\n[{d['generation_tokens']} tokens · {d['generation_tps']:.1f} tok/s · prompt "
-                           f"{d['prompt_tokens']} at {d['prompt_tps']:.1f} tok/s · peak memory "
-                           f"{d['peak_memory_gb']:.2f} GB · {_bpw(d)}{' · stopped' if d['stopped'] else ''}]")
+            if isinstance(event, ReplyDone):
+                d = event.stats
+                self.print(f"\n[{d.generation_tokens} tokens · {d.generation_tps:.1f} tok/s · prompt "
+                           f"{d.prompt_tokens} at {d.prompt_tps:.1f} tok/s · peak memory "
+                           f"{d.peak_memory_gb:.2f} GB · {_bpw(d.bits_per_weight)}{' · stopped' if d.stopped else ''}]")
             return True
         command, _, arg = line[1:].partition(" ")
         arg = arg.strip()
@@ -98,22 +98,27 @@ class ChatSession:
             except ValueError:
                 self.print("[usage: /plan BITS_PER_WEIGHT, e.g. /plan 3.5]")
                 return True
-            self.engine.send("apply_budget", budget)
-            self.wait({"swapped"})
+            self.engine.apply_budget(budget)
+            self.wait(Swapped)
         elif command == "auto" and arg in ("on", "off"):
-            self.engine.send("auto", arg == "on")
-            self.print(f"[auto: {self.wait({'stats'}).data.get('auto')}]")
+            self.engine.set_auto(arg == "on")
+            event = self.wait(StateUpdate)
+            if isinstance(event, StateUpdate):
+                self.print(f"[auto: {'on' if event.state.auto else 'off'}]")
         elif command in ("stats", "layers"):
-            self.engine.send("stats")
-            stats = self.wait({"stats"}).data
-            self.print(_layers(stats) if command == "layers" else json.dumps(stats, indent=2, default=str))
+            self.engine.request_state()
+            event = self.wait(StateUpdate)
+            if isinstance(event, StateUpdate):
+                state = event.state
+                self.print(_layers(state.layers) if command == "layers" else json.dumps(state.to_dict(), indent=2,
+                                                                                        default=str))
         elif command == "system" and arg:
-            self.engine.send("system", arg)
-            self.wait({"stats"})
+            self.engine.set_system(arg)
+            self.wait(StateUpdate)
             self.print("[system prompt set]")
         elif command == "reset":
-            self.engine.send("reset")
-            self.wait({"stats"})
+            self.engine.reset()
+            self.wait(StateUpdate)
             self.print("[conversation reset]")
         elif command == "save" and arg:
             Path(arg).write_text(json.dumps(self.engine.messages, indent=2, ensure_ascii=False) + "\n")
@@ -123,20 +128,18 @@ class ChatSession:
         return True
 
 
-def _bpw(data: dict) -> str:
-    bpw = data.get("bits_per_weight")
-    return f"{bpw:.2f} bits/weight" if bpw else "bits/weight unknown"
+def _bpw(bits_per_weight: float | None) -> str:
+    return f"{bits_per_weight:.2f} bits/weight" if bits_per_weight else "bits/weight unknown"
 
 
-def _layers(stats: dict) -> str:
-    layers = stats.get("layers") or {}
+def _layers(layers: dict) -> str:
     if not layers:
         return "[all layers at source precision]"
     keys = sorted(layers, key=lambda k: (k == "rest", int(k) if k != "rest" else 0))
     return "\n".join(f"{k:>5}: {', '.join(layers[k])}" for k in keys)
 
 
-def run_chat(engine: Engine, max_tokens: int, stdin=None) -> None:
+def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None) -> None:
     stdin = stdin or sys.stdin
     session = ChatSession(engine, max_tokens)
     if not stdin.isatty():

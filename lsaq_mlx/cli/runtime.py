@@ -52,7 +52,7 @@ def chat(
     engine = build_engine(resolve_model(model), options).start()
     try:
         if system:
-            engine.send("system", system)
+            engine.set_system(system)
         run_chat(engine, max_tokens)
     finally:
         engine.shutdown()
@@ -85,7 +85,7 @@ def tui(
     ui = LsaqApp(engine.start(), name, max_tokens)
     try:
         if system:
-            engine.send("system", system)
+            engine.set_system(system)
         ui.run()
     finally:
         engine.shutdown()

@@ -11,7 +11,7 @@ the mean importance, raised to a power (embeddings and the LM head get the large
 layer weight); measured best at power 0 (``PlanRequest.importance_power``), where it is
 1 for every layer. Costs add over modules: the allocator minimizes their sum under the
 byte budget.
-``scripts/quality_table.py`` checks that the summed cost ranks held-out plans like their
+``benchmarks/quality_table.py`` checks that the summed cost ranks held-out plans like their
 measured KL divergence.
 """
 

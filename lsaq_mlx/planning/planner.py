@@ -168,3 +168,24 @@ def plan_from_file(path: Path, source: ModelSource, codecs=("affine",)) -> Quant
         raise UserError(f"{path} gives {len(plan.swsc_modules())} modules to SWSC, which stock mlx-lm cannot open: "
                         "allow the codecs affine,swsc", setting="codecs")
     return plan
+
+
+class FixedPlans:
+    """Plans made beforehand, handed out by budget (bits per weight): a planner for an
+    engine whose plans are already known (a PlanSet file, a benchmark, a test)."""
+
+    def __init__(self, by_budget: dict):
+        self.by_budget = {float(b): p for b, p in by_budget.items()}
+
+    def plans(self, request: PlanRequest) -> list[QuantPlan]:
+        missing = [b for b in request.bits_budgets if float(b) not in self.by_budget]
+        if missing:
+            known = ", ".join(f"{b:g}" for b in sorted(self.by_budget))
+            raise UserError(f"no plan of {missing[0]:g} bits per weight here (plans: {known})", setting="bits_budget")
+        return [self.by_budget[float(b)] for b in request.bits_budgets]
+
+    def model_in_memory(self):
+        return None
+
+    def release(self) -> None:
+        pass

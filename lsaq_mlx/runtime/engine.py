@@ -1,18 +1,17 @@
 """The engine: one long-lived thread owns the model and does all MLX work.
 
-Callers send commands (``chat``, ``stop``, ``apply_plan``, ``apply_budget``, ``auto``,
-``stats``, ``reset``, ``retract``, ``system``, ``evaluate``) and receive ``Event``s
-(``ready``, ``token``, ``done``, ``swapped``, ``stats``, ``memory``, ``error``) through
-``events`` or a callback. A conversation keeps
-its KV cache across turns (only the new part of the prompt is processed), across a
-stopped reply, and across swaps. Swaps requested while a reply streams are applied
-between tokens, one decoder layer per token.
+Callers call its commands (``runtime.events.EngineProtocol``: ``chat``, ``stop``,
+``apply_plan``, ``apply_budget``, ``set_auto``, ``request_state``, ``reset``,
+``retract``, ``set_system``), which return at once, and receive the events of
+``runtime.events`` through ``events`` or a callback. A conversation keeps its KV cache
+across turns (only the new part of the prompt is processed), across a stopped reply,
+and across swaps. Swaps requested while a reply streams are applied between tokens, one
+decoder layer per token.
 """
 
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 import psutil
@@ -25,6 +24,19 @@ from lsaq_mlx.backend.compute import compute_mode, prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
+from lsaq_mlx.runtime.events import (
+    EngineError,
+    EngineState,
+    MemoryUpdate,
+    Note,
+    PerplexityMeasured,
+    Ready,
+    ReplyDone,
+    ReplyStats,
+    StateUpdate,
+    Swapped,
+    Token,
+)
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.swap import SwapReport, layer_groups, source_weights, swap_modules
@@ -35,12 +47,6 @@ from lsaq_mlx.sources.load import load_tokenizer
 
 REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
 DEFAULT_CONTEXT = 4096  # tokens, for configs that do not say
-
-
-@dataclass
-class Event:
-    kind: str  # token | done | swapped | stats | memory | note | error | ready
-    data: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -82,24 +88,53 @@ class Engine:
             raise self._error
         return self
 
-    def send(self, command: str, *args) -> None:
-        self._commands.put((command, args))
-
     def stop(self) -> None:
         """Stop the reply being generated (the conversation keeps what was said)."""
         self._stop.set()
 
     def shutdown(self) -> None:
         self._stop.set()
-        self.send("shutdown")
+        self._send("shutdown")
         self._thread.join()
+
+    def chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
+        self._send("chat", text, max_tokens, temp)
+
+    def apply_plan(self, index: int, reason: str = "requested") -> None:
+        """Swap to plan ``index`` of the plan set (smallest first)."""
+        self._send("apply_plan", index, reason)
+
+    def apply_budget(self, bits_per_weight: float) -> None:
+        """Plan ``bits_per_weight`` and swap to it."""
+        self._send("apply_budget", bits_per_weight)
+
+    def set_auto(self, on: bool) -> None:
+        self._send("auto", on)
+
+    def request_state(self) -> None:
+        self._send("state")
+
+    def set_system(self, text: str) -> None:
+        self._send("system", text)
+
+    def reset(self) -> None:
+        self._send("reset")
+
+    def retract(self) -> None:
+        self._send("retract")
+
+    def measure_perplexity(self, tokens: list[int], seq_len: int = 512) -> None:
+        self._send("evaluate", tokens, seq_len)
+
+    def _send(self, command: str, *args) -> None:
+        self._commands.put((command, args))
 
     # ---- the engine thread ----
     def _run(self) -> None:
         try:
             self._serve()
         except Exception as e:  # the loop itself failed: tell the caller, which cannot go on
-            self.on_event(Event("error", {"message": f"the engine stopped: {type(e).__name__}: {e}", "fatal": True}))
+            self.on_event(EngineError(f"the engine stopped: {type(e).__name__}: {e}", fatal=True))
         finally:
             # streams made by this thread (mlx-lm's generation stream) must die with it,
             # or the process aborts at exit
@@ -114,7 +149,7 @@ class Engine:
             self._ready.set()
             return
         self._ready.set()
-        self.on_event(Event("ready", {**self._stats(), "at": time.time()}))
+        self.on_event(Ready(self._state(), time.time()))
         while True:
             try:
                 command, args = self._commands.get(timeout=self.sample_every)
@@ -128,9 +163,9 @@ class Engine:
                 while self.pending:  # a swap asked for between replies: every layer now
                     self._swap_step()
             except UserError as e:
-                self.on_event(Event("error", {"message": str(e), "command": command}))
+                self.on_event(EngineError(str(e), command))
             except Exception as e:
-                self.on_event(Event("error", {"message": f"{command} failed: {type(e).__name__}: {e}", "command": command}))
+                self.on_event(EngineError(f"{command} failed: {type(e).__name__}: {e}", command))
 
     def _plans(self, budgets) -> list[QuantPlan]:
         if self.planner is None:
@@ -177,7 +212,7 @@ class Engine:
         self.float32 = compute_mode() == "float32"
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []
-        self.last_stats = {}
+        self.last_reply: ReplyStats | None = None
         if self.importance_of is not None:
             self.importance = self.importance_of()
 
@@ -190,8 +225,8 @@ class Engine:
             raise
         reply, stats = self._generate(tokens, min(max_tokens, self.context - len(tokens)), temp)
         self.messages.append({"role": "assistant", "content": reply})
-        self.last_stats = stats
-        self.on_event(Event("done", {"text": reply, **stats}))
+        self.last_reply = stats
+        self.on_event(ReplyDone(reply, stats))
 
     def _tokens_within_context(self) -> list[int]:
         """The prompt of the conversation; when it does not fit the model's context, the
@@ -207,11 +242,11 @@ class Engine:
             dropped += 1
             tokens = self._prompt_tokens()
         if dropped:
-            self.on_event(Event("note", {"message": f"the conversation outgrew the model's context of {self.context} "
-                                                    f"tokens: the {dropped} oldest messages were dropped"}))
+            self.on_event(Note(f"the conversation outgrew the model's context of {self.context} tokens: the "
+                               f"{dropped} oldest messages were dropped"))
         return tokens
 
-    def _generate(self, tokens: list[int], max_tokens: int, temp: float) -> tuple[str, dict]:
+    def _generate(self, tokens: list[int], max_tokens: int, temp: float) -> tuple[str, ReplyStats]:
         prefix = self._reuse_cache(tokens)
         feed, generated, pieces, last = tokens[prefix:], [], [], None
         self._stop.clear()
@@ -223,7 +258,7 @@ class Engine:
             generated.append(last.token)
             pieces.append(last.text)
             first_token = first_token or time.perf_counter() - started
-            self.on_event(Event("token", {"text": last.text}))
+            self.on_event(Token(last.text))
             if self._stop.is_set():
                 stopped = True
                 break
@@ -237,14 +272,9 @@ class Engine:
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
         while self.pending and not stopped:
             self._swap_step()
-        stats = {
-            "prompt_tokens": len(feed), "prompt_tps": last.prompt_tps if last else 0.0,
-            "generation_tokens": last.generation_tokens if last else 0,
-            "generation_tps": last.generation_tps if last else 0.0,
-            "peak_memory_gb": mx.get_peak_memory() / 1e9, "stopped": stopped,
-            "first_token_seconds": first_token or 0.0,
-            "bits_per_weight": self._plan_info()["bits_per_weight"],
-        }
+        stats = ReplyStats(len(feed), last.prompt_tps if last else 0.0, last.generation_tokens if last else 0,
+                           last.generation_tps if last else 0.0, mx.get_peak_memory() / 1e9, stopped,
+                           first_token or 0.0, self._plan_info()["bits_per_weight"])
         return "".join(pieces), stats
 
     def _poll_commands(self) -> None:
@@ -257,14 +287,14 @@ class Engine:
             except queue.Empty:
                 break
             try:
-                if command in ("apply_plan", "stats", "auto"):
+                if command in ("apply_plan", "state", "auto"):
                     getattr(self, f"_cmd_{command}")(*args)
                 elif command == "apply_budget" and self.planner is not None:
                     self._cmd_apply_plan(self._plans([args[0]])[0], f"budget {args[0]:g} bits/weight")
                 else:
                     later.append((command, args))
             except UserError as e:
-                self.on_event(Event("error", {"message": str(e), "command": command}))
+                self.on_event(EngineError(str(e), command))
         for item in later:
             self._commands.put(item)
 
@@ -313,7 +343,7 @@ class Engine:
         self._swap_report = SwapReport()
         self._swap_start = time.perf_counter()
         if not self.pending:
-            self.on_event(Event("swapped", self._swapped(0, {}, 0.0)))
+            self.on_event(self._swapped(0, {}, 0.0))
 
     def _cmd_apply_budget(self, bits_per_weight: float) -> None:
         self._cmd_apply_plan(self._plans([bits_per_weight])[0], f"budget {bits_per_weight:g} bits/weight")
@@ -328,14 +358,13 @@ class Engine:
         self._swap_report.merge(report)
         if not self.pending:
             r = self._swap_report
-            self.on_event(Event("swapped", self._swapped(len(r.changed), r.failed,
-                                                         time.perf_counter() - self._swap_start)))
+            self.on_event(self._swapped(len(r.changed), r.failed, time.perf_counter() - self._swap_start))
 
-    def _swapped(self, changed: int, failed: dict, seconds: float) -> dict:
-        read = {"source_bytes_read": self._swap_report.source_bytes, "store_bytes_read": self._swap_report.store_bytes}
-        return {"changed": changed, "failed": failed, "seconds": seconds, **read, **self._plan_info(), **self._swap_from,
-                "memory_after": self._process_memory(), "layer_bits": self._layer_bits(),
-                "policy": self.policy.describe() if self.policy else None}
+    def _swapped(self, changed: int, failed: dict, seconds: float) -> Swapped:
+        report, came_from = self._swap_report, self._swap_from
+        return Swapped(changed, failed, seconds, report.source_bytes, report.store_bytes,
+                       came_from["from_bits_per_weight"], came_from["reason"], came_from["at"],
+                       came_from["memory_before"], self._process_memory(), self._state())
 
     def _plan_info(self) -> dict:
         if self.plan:
@@ -367,7 +396,7 @@ class Engine:
             return
         sample = self._sample()
         if self.memory_events:
-            self.on_event(Event("memory", {**sample.to_dict(), "policy": self.policy.describe() if self.policy else None}))
+            self.on_event(MemoryUpdate(sample.to_dict(), self.policy.describe() if self.policy else None))
         if not following:
             return
         before = self.policy.current
@@ -387,10 +416,10 @@ class Engine:
             raise UserError("automatic mode needs a plan set: start in automatic mode or with a memory trace",
                             setting="auto")
         self.auto = on
-        self.on_event(Event("stats", self._stats()))
+        self.on_event(StateUpdate(self._state()))
 
-    def _cmd_stats(self) -> None:
-        self.on_event(Event("stats", self._stats()))
+    def _cmd_state(self) -> None:
+        self.on_event(StateUpdate(self._state()))
 
     def _cmd_retract(self) -> None:
         """Forget the last user message and what followed it (a reply stopped to edit the
@@ -398,30 +427,31 @@ class Engine:
         last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
         if last is not None:
             self.messages = self.messages[:last]
-        self.on_event(Event("stats", self._stats()))
+        self.on_event(StateUpdate(self._state()))
 
     def _cmd_reset(self) -> None:
         system = [m for m in self.messages if m["role"] == "system"]
         self.messages, self.cache, self.cache_tokens = system, None, []
-        self.on_event(Event("stats", self._stats()))
+        self.on_event(StateUpdate(self._state()))
 
     def _cmd_system(self, text: str) -> None:
         self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
-        self.on_event(Event("stats", self._stats()))
+        self.on_event(StateUpdate(self._state()))
 
     def _cmd_evaluate(self, tokens: list[int], seq_len: int = 512) -> None:
         from lsaq_mlx.evaluation.perplexity import perplexity
 
-        self.on_event(Event("stats", {"perplexity": perplexity(self.model, tokens, seq_len).to_dict()}))
+        self.on_event(PerplexityMeasured(perplexity(self.model, tokens, seq_len).to_dict()))
 
-    def _stats(self) -> dict:
+    def _state(self) -> EngineState:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
         layers = {}
         for path, choice in self.choices.items():
             layers.setdefault(layer_label(path), set()).add(choice.label)
-        return {**self._plan_info(), "auto": self.auto, "messages": len(self.messages),
-                "cached_tokens": len(self.cache_tokens), "mlx_active_bytes": mx.get_active_memory(),
-                "mlx_peak_bytes": mx.get_peak_memory(), "memory": sample,
-                "layers": {k: sorted(v) for k, v in layers.items()}, "last_reply": self.last_stats,
-                "layer_bits": self._layer_bits(), "importance": self.importance,
-                "policy": self.policy.describe() if self.policy else None}
+        return EngineState(**self._plan_info(), auto=self.auto, messages=len(self.messages),
+                           cached_tokens=len(self.cache_tokens), mlx_active_bytes=mx.get_active_memory(),
+                           mlx_peak_bytes=mx.get_peak_memory(), memory=sample,
+                           layers={k: sorted(v) for k, v in layers.items()},
+                           last_reply=self.last_reply.to_dict() if self.last_reply else {},
+                           layer_bits=self._layer_bits(), importance=self.importance,
+                           policy=self.policy.describe() if self.policy else None)

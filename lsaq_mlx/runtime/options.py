@@ -1,6 +1,6 @@
 """What a chat or TUI session runs with, as one value, and the engine built from it."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError

@@ -10,7 +10,7 @@ from lsaq_mlx.errors import UserError
 
 SCORES_VERSION = 1
 METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
-# Defaults of the calibration-based metrics, chosen by scripts/stability_study.py (see README).
+# Defaults of the calibration-based metrics, chosen by benchmarks/stability_study.py (see README).
 DEFAULT_TOP_K = 50
 DEFAULT_TOKENS = 512
 DEFAULT_SEQ_LEN = 512

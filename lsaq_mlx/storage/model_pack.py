@@ -3,7 +3,7 @@
 Every file of the folder but hidden ones is kept byte for byte. A ``*.safetensors`` file
 becomes its header record (the 8-byte length and the JSON, verbatim) and one record per
 tensor in the order of the data (any bytes between tensors become records too), each
-encoded by what it holds (``encoding_for``, measured by ``scripts/bench_storage.py``):
+encoded by what it holds (``encoding_for``, measured by ``benchmarks/bench_storage.py``):
 quantized codes regrouped so no code straddles a byte, float tensors byte-shuffled, all
 zstd. Other files (config, tokenizer) are one record each.
 
@@ -42,7 +42,7 @@ from lsaq_mlx.storage.container import MAGIC, ContainerReader, ContainerWriter, 
 PACK_KIND = "lsaq-mlx model"
 PACK_VERSION = 1
 # zstd-1 everywhere: on code bytes higher levels find spurious matches and lose ratio; on
-# shuffled floats they gain nothing (scripts/bench_storage.py)
+# shuffled floats they gain nothing (benchmarks/bench_storage.py)
 CODES_CODEC = "zstd-1"
 FLOAT_CODEC = "zstd-1"
 BLOB_CODEC = "zstd-9"  # headers, JSON and tokenizer files: small, compress well

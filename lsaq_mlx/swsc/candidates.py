@@ -3,7 +3,7 @@
 Each candidate is (centroid bits, bits per weight to fill, share of the bytes spent on
 the low-rank correction): the rank takes its share, ``k`` is then the largest that fits.
 Output channels are shared: on SmolLM2-135M they cluster better than input channels
-at every size tried (``scripts/swsc_table.py``). The targets sit between MLX's affine
+at every size tried (``benchmarks/swsc_table.py``). The targets sit between MLX's affine
 sizes (b bits cost b + 0.5 bits per weight at group 64, b + 1 at group 32), where
 SWSC with b-bit centroids can undercut the next affine size down.
 """

@@ -6,6 +6,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
+from lsaq_mlx.runtime.events import ReplyStats
 from lsaq_tui.widgets.prompt_input import PromptInput
 
 
@@ -34,11 +35,11 @@ class Reply(Vertical):
             await self._stream.stop()
             self._stream = None
 
-    async def finish(self, data: dict) -> None:
+    async def finish(self, stats: ReplyStats) -> None:
         await self.close_stream()
-        stats = (f"{data['generation_tokens']} tokens · {data['generation_tps']:.1f} tok/s · first token "
-                 f"{data.get('first_token_seconds', 0.0):.2f} s · {data['bits_per_weight']:.2f} bpw")
-        self.stats.update(Text(stats + (" · stopped" if data.get("stopped") else ""), style="dim"))
+        line = (f"{stats.generation_tokens} tokens · {stats.generation_tps:.1f} tok/s · first token "
+                f"{stats.first_token_seconds:.2f} s · {stats.bits_per_weight or 0:.2f} bpw")
+        self.stats.update(Text(line + (" · stopped" if stats.stopped else ""), style="dim"))
 
 
 class ChatPanel(Vertical):
@@ -68,9 +69,9 @@ class ChatPanel(Vertical):
             await self.reply.append(fragment)
             self.messages.scroll_end(animate=False)
 
-    async def finish(self, data: dict) -> None:
+    async def finish(self, stats: ReplyStats) -> None:
         if self.reply is not None:
-            await self.reply.finish(data)
+            await self.reply.finish(stats)
             self.reply = None
             self.messages.scroll_end(animate=False)
 

@@ -8,6 +8,8 @@ import math
 from rich.text import Text
 from textual.widget import Widget
 
+from lsaq_mlx.runtime.events import EngineState
+
 from lsaq_tui import units
 from lsaq_tui.widgets.facts import fact_lines
 
@@ -35,17 +37,18 @@ class LayersPanel(Widget):
         self.changed: set[int] = set()  # layers whose bits the last swap changed
         self.border_title = "Layers"
 
-    def update_plan(self, data: dict) -> None:
-        """From a ready, stats or swapped event."""
-        layer_bits = data.get("layer_bits") or {}
+    def update_plan(self, state: EngineState) -> None:
+        """From the engine's state (at ready, after a swap, on request)."""
+        layer_bits = state.layer_bits or {}
         new = layer_bits.get("layers", self.bits)
         self.changed = {i for i, (a, b) in enumerate(zip(self.bits, new)) if abs(a - b) > 1e-9}
         self.bits, self.other_bits = list(new), layer_bits.get("other", self.other_bits)
-        if "importance" in data:
-            self.importance = data["importance"]
-        self.plan = {k: data[k] for k in ("bits_per_weight", "weight_bytes", "plan_index", "method") if k in data}
-        if data.get("policy"):
-            self.plan_count = len(data["policy"]["plans"])
+        if state.importance is not None:
+            self.importance = state.importance
+        self.plan = {"bits_per_weight": state.bits_per_weight, "weight_bytes": state.weight_bytes,
+                     "plan_index": state.plan_index, "method": state.method}
+        if state.policy:
+            self.plan_count = len(state.policy["plans"])
         self.refresh()
 
     def render(self) -> Text:

@@ -1,7 +1,7 @@
 """Storage benchmark: how far quantized weights compress, what a pack costs or saves at
 load time, and what the layer store saves on a hot swap, in one run.
 
-    python scripts/bench_storage.py [--model default] [--work DIR] [--sample-mb 8] [--repeats 3] [--json F]
+    python benchmarks/bench_storage.py [--model default] [--work DIR] [--sample-mb 8] [--repeats 3] [--json F]
                                     [--parts compress,packs,load,swap]
 
 1. The default model (its float32 import) converted at a few budgets (uniform 3 and 4
@@ -109,17 +109,18 @@ def drop_caches() -> None:
 
 def convert_models(source, work: Path) -> dict:
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
 
-    requests = {"uniform 3-bit": PlanRequest("uniform", bits=3, group_size=64),
-                "uniform 4-bit": PlanRequest("uniform", bits=4, group_size=64),
-                "lsaq 4.0 bpw": PlanRequest("lsaq", [4.0])}
+    planner = Planner(source)
+    requests = {"uniform 3-bit": PlanRequest(method="uniform", bits=3, group_size=64),
+                "uniform 4-bit": PlanRequest(method="uniform", bits=4, group_size=64),
+                "lsaq 4.0 bpw": PlanRequest(method="lsaq", bits_budgets=[4.0])}
     models = {}
     for name, request in requests.items():
         folder = work / name.replace(" ", "-")
         if not (folder / "lsaq_report.json").is_file():
             log(f"converting {name}")
-            convert(source, make_plans(source, request)[0][0], folder, force=True)
+            convert(source, planner.plan(request), folder, force=True, float_model=planner.model_in_memory())
         models[name] = folder
     return models
 
@@ -342,15 +343,15 @@ def read_bytes() -> int:
 
 def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repeats: int) -> dict:
     import mlx.core as mx
-    from bench_runtime import params_digest
+    from common import params_digest
 
     from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.runtime.swap import layer_groups, source_weights, swap_modules
     from lsaq_mlx.storage.layer_store import LayerStore
 
-    low, high = make_plans(source, PlanRequest("lsaq", [low_bits, high_bits]))[0]
+    low, high = Planner(source).plans(PlanRequest(method="lsaq", bits_budgets=[low_bits, high_bits]))
     store_root = Path(tempfile.mkdtemp(prefix="layer-store-"))
     store = LayerStore(store_root)
     model, _ = quantized_model(source, low)

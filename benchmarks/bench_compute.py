@@ -1,7 +1,7 @@
 """Benchmark: MLX's quantized kernel vs our float32-dequantized path, and the
 reference BLAS vs an optimized one, measured in one run on this machine.
 
-    python scripts/bench_compute.py [--tokens 32] [--json]
+    python benchmarks/bench_compute.py [--tokens 32] [--json]
 
 Each BLAS runs in its own child process (a BLAS can only be swapped at process
 start). In each child the embedded default model, quantized with MLX at 4 bits /

@@ -6,7 +6,7 @@ repository and in the ``llama-cpp-python`` sdist under ``vendor/llama.cpp``). Fo
 vocabulary this prints how many test strings our ``tokenizers`` rebuild encodes to
 exactly the same ids (no BOS/EOS, special tokens not parsed, as in llama.cpp's test).
 
-    python scripts/check_gguf_tokenizers.py /path/to/llama.cpp/models
+    python benchmarks/check_gguf_tokenizers.py /path/to/llama.cpp/models
 """
 
 import sys

@@ -1,6 +1,6 @@
 """What ``mlx.launch`` costs its ranks on one machine, with and without their fixes.
 
-    python scripts/bench_launcher.py [--ranks 2] [--repeats 3]
+    python benchmarks/bench_launcher.py [--ranks 2] [--repeats 3]
 
 1. The launcher's own CPU use while its ranks sleep: ranks that leave it alone vs ranks
    that quiet it (``lsaq_mlx.backend.ranks.quiet_launcher``: its relay blocks, nice 19), Linux;

@@ -1,6 +1,6 @@
 """A sweep in one process vs the same sweep under ``mlx.launch -n 2``, in one run.
 
-    python scripts/bench_sweep.py [--ranks 2] [--tokens 1024] [--budgets 3 3.5 4 4.5 5 5.5]
+    python benchmarks/bench_sweep.py [--ranks 2] [--tokens 1024] [--budgets 3 3.5 4 4.5 5 5.5]
 
 The default model, lsaq and uniform plans at each budget, perplexity and KL on the first
 --tokens tokens of WikiText-2. Each run starts from an empty results folder (the score

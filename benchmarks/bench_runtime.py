@@ -1,11 +1,11 @@
 """Runtime benchmark: hot-swap latency and memory, and generation speed, in one run.
 
-    python scripts/bench_runtime.py [--model default] [--low 3.0] [--high 5.0] [--swaps 200] [--layer-store]
+    python benchmarks/bench_runtime.py [--model default] [--low 3.0] [--high 5.0] [--swaps 200] [--layer-store]
 
 1. A full swap between the --low and --high lsaq plans, its time per layer and the bytes
    it reads; with --layer-store, the same swap read from a layer store (built first, in a
    temporary folder) instead of re-quantized, and a check that both give the same weights
-   (warm page cache; cold: scripts/bench_storage.py);
+   (warm page cache; cold: benchmarks/bench_storage.py);
 2. MLX active memory after a swap vs a fresh load of the target plan (target: within 5 %);
 3. --swaps alternating full swaps while generating (a whole plan between two tokens):
    active memory at the end vs a fresh load of the same plan (target: no growth);
@@ -13,7 +13,7 @@
    (target: identical);
 5. generation tokens/s through the engine vs mlx_lm.stream_generate on the same model
    (target: >= 0.95x).
-(Output during a swap: scripts/swap_coherence.py.)
+(Output during a swap: benchmarks/swap_coherence.py.)
 1, 2 and 4 are measured with MLX's quantized kernels (LSAQ_MLX_COMPUTE=quantized, the
 weights stay quantized as on Apple silicon); 3 and 5 in this machine's compute mode
 (on the CPU backend: dequantized float32, where MLX's quantized kernel would take seconds
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from common import engine_reply, params_digest, start
 
 
 def main() -> None:
@@ -39,20 +39,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--layer-store", action="store_true", help="Also swap from a layer store (see 1).")
     args = parser.parse_args()
-    reexec_with_fast_blas()
+    start()
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
     from lsaq_mlx.backend import compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
-    from lsaq_mlx.runtime import Engine
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.runtime.swap import SourceWeights, layer_groups, swap_modules
-    from lsaq_mlx.sources import load_model, resolve_model
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.load import load_tokenizer
 
     source = resolve_model(args.model)
-    low, high = make_plans(source, PlanRequest("lsaq", [args.low, args.high]))[0]
-    _, tokenizer, _ = load_model(source, compute=False, lazy=True)
+    low, high = Planner(source).plans(PlanRequest(method="lsaq", bits_budgets=[args.low, args.high]))
+    tokenizer = load_tokenizer(source)
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me about the history of Paris."}],
                                            add_generation_prompt=True)
     rows = []
@@ -135,10 +135,10 @@ def main() -> None:
     del plain
     mx.clear_cache()
     by_budget = {args.low: low, args.high: high}
-    ours, _ = engine_reply(Engine, source, by_budget, args.high, args.tokens)
+    ours, _ = engine_reply(source, by_budget, args.high, args.tokens)
     rows.append((f"generation tok/s, {args.tokens} tokens, {compute.compute_mode()} compute",
-                 f"engine {ours['generation_tps']:.1f} vs mlx_lm.stream_generate {tps[-1]:.1f} = "
-                 f"{ours['generation_tps'] / tps[-1]:.2f}x", ">= 0.95x"))
+                 f"engine {ours.stats.generation_tps:.1f} vs mlx_lm.stream_generate {tps[-1]:.1f} = "
+                 f"{ours.stats.generation_tps / tps[-1]:.2f}x", ">= 0.95x"))
 
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX {mx.__version__} "
           f"{mx.default_device()}; model {args.model}; plans lsaq {args.low} / {args.high} bpw\n")
@@ -146,32 +146,6 @@ def main() -> None:
     print("|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-
-
-def engine_reply(Engine, source, plans: dict, budget: float, tokens: int, swap_to: float | None = None,
-                 prompt: str = "Tell me about the history of Paris."):
-    """A greedy reply from an engine that starts at ``budget``; with ``swap_to``, that plan is
-    requested after the first token, so the engine swaps one layer per token while replying."""
-    engine = Engine(source, lambda bs: [plans[b] for b in bs], budget=budget).start()
-    swapped, requested = None, swap_to is not None
-    try:
-        engine.events.get()
-        engine.send("chat", prompt, tokens)
-        while (event := engine.events.get()).kind != "done":
-            if event.kind == "token" and swap_to is not None:
-                engine.send("apply_budget", swap_to)
-                swap_to = None
-            elif event.kind == "swapped":
-                swapped = event.data
-            elif event.kind == "error":
-                raise RuntimeError(event.data["message"])
-        done = event
-        while requested and swapped is None:  # swaps left at the end of the reply finish after it
-            if (event := engine.events.get()).kind == "swapped":
-                swapped = event.data
-    finally:
-        engine.shutdown()
-    return done.data, swapped
 
 
 def store_swap(fresh, low, high, changes: dict, weights, requantize_s: float, requantized: str) -> list[tuple]:
@@ -198,18 +172,6 @@ def store_swap(fresh, low, high, changes: dict, weights, requantize_s: float, re
              f"{report.store_bytes / 1e6:.1f} MB read (source: {report.source_bytes / 1e6:.1f} MB); "
              f"{requantize_s / report.seconds:.1f}x faster than re-quantizing", ""),
             ("weights after the swap: layer store vs re-quantizing", "identical" if same else "DIFFER", "identical")]
-
-
-def params_digest(model) -> str:
-    import hashlib
-
-    from mlx.utils import tree_flatten
-
-    digest = hashlib.sha256()
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        digest.update(name.encode())
-        digest.update(bytes(memoryview(value)))
-    return digest.hexdigest()
 
 
 def greedy(model, tokenizer, prompt, n, stream_generate, make_sampler) -> str:

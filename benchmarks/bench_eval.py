@@ -1,6 +1,6 @@
 """Evaluation throughput: ``lsaq-mlx eval`` vs ``mlx_lm.perplexity``'s approach, in one run.
 
-    python scripts/bench_eval.py [--bits-budget 4.5] [--tokens 1024] [--seq-len 256]
+    python benchmarks/bench_eval.py [--bits-budget 4.5] [--tokens 1024] [--seq-len 256]
 
 Converts the default model (lsaq plan at --bits-budget) into a temporary folder, then
 computes the perplexity of the first --tokens tokens of WikiText-2 test in non-overlapping
@@ -37,12 +37,12 @@ def main() -> None:
 
     from lsaq_mlx.backend.compute import compute_mode
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.evaluation.run import evaluate
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.sources import resolve_model
 
     source = resolve_model(None)
-    plan = make_plans(source, PlanRequest("lsaq", [args.bits_budget]))[0][0]
+    plan = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[args.bits_budget]))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         convert(source, plan, folder)
@@ -50,7 +50,8 @@ def main() -> None:
         text.write_text(WIKITEXT.read_text(encoding="utf-8")[:200_000], encoding="utf-8")
 
         start = time.perf_counter()
-        ours = evaluate(resolve_model(str(folder)), str(text), max_tokens=args.tokens, seq_len=args.seq_len)
+        ours = evaluate(resolve_model(str(folder)), EvalRequest(ppl=str(text), max_tokens=args.tokens,
+                                                                seq_len=args.seq_len))
         ours_seconds = time.perf_counter() - start
         mx.clear_cache()
 

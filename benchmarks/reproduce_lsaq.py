@@ -1,6 +1,6 @@
 """The LSAQ paper's experiment on the default model, through ``lsaq-mlx sweep``.
 
-    python scripts/reproduce_lsaq.py [--tokens 2048] [--tasks piqa,arc_easy] [--limit 100]
+    python benchmarks/reproduce_lsaq.py [--tokens 2048] [--tasks piqa,arc_easy] [--limit 100]
                                      [--ranks 1] [--out reproduce-lsaq]
 
 25 / 50 / 75 % of the decoder layers at 4 bits and the rest at 8 (group 64; embeddings
@@ -24,11 +24,11 @@ ORDERS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zs
 
 def tier_bits_per_weight(fraction: float) -> float:
     """Bits per weight of the tiers plan with ``fraction`` of layers low (the same for every order)."""
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.sources import resolve_model
 
-    plans, _, _ = make_plans(resolve_model(None), PlanRequest("tiers-random", low_fraction=fraction))
-    return plans[0].predicted_bits_per_weight
+    plan = Planner(resolve_model(None)).plan(PlanRequest(method="tiers-random", low_fraction=fraction))
+    return plan.predicted_bits_per_weight
 
 
 def write_spec(path: Path, args, budgets: list[float]) -> None:

@@ -1,6 +1,6 @@
 """SWSC against MLX affine quantization at equal bits per weight, on the default model.
 
-    python scripts/swsc_table.py [--model default] [--tokens 2048] [--layers 0 6 12 18 24 29]
+    python benchmarks/swsc_table.py [--model default] [--tokens 2048] [--layers 0 6 12 18 24 29]
                                  [--budgets 3.0 3.5 4.0] [--no-big] [--out results.json]
 
 1. Reconstruction: for each module kind (q, k, v, o, gate, up, down) and each affine
@@ -31,22 +31,22 @@ from collections import Counter, defaultdict
 
 import mlx.core as mx
 
-from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from common import start as start_benchmark, wikitext_tokens
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
-from lsaq_mlx.planning.methods import Budget, PlanningContext
-from lsaq_mlx.planning.planner import PlanRequest, _error_table, make_plans
-from lsaq_mlx.sources import load_model, resolve_model
+from lsaq_mlx.planning.budgets import Budget
+from lsaq_mlx.planning.choices import SWSC, Affine
+from lsaq_mlx.planning.planner import Planner, PlanRequest
+from lsaq_mlx.sources import resolve_model
 from lsaq_mlx.swsc.candidates import fitting_settings
 from lsaq_mlx.swsc.codec import SWSCSettings, compress
 
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AFFINE_POINTS = ((2, 64), (2, 32), (3, 64), (3, 32), (4, 64))  # bits, group: 2.5 3.0 3.5 4.0 4.5 bits per weight
 SWSC_GRID = [(c, share) for c in (2, 3, 4) for share in (0.0, 0.05)]
-EMBEDDING = {"bits": 6, "group_size": 64, "mode": "affine"}
+EMBEDDING = Affine(6, 64)
 
 
 def affine_bpw(bits: int, group: int) -> float:
@@ -64,7 +64,7 @@ def reconstruction(weights: dict, layers: list[int]) -> list[dict]:
         mats = [weights[i][kind] for i in layers]
         for bits, group in AFFINE_POINTS:
             bpw = affine_bpw(bits, group)
-            affine = relative_error([(w, roundtrip(w, {"bits": bits, "group_size": group})) for w in mats])
+            affine = relative_error([(w, roundtrip(w, Affine(bits, group))) for w in mats])
             tried = {}
             for axis, grid in (("output", SWSC_GRID), ("input", [(c, 0.0) for c in (2, 3, 4)])):
                 for c, share in grid:
@@ -91,10 +91,10 @@ def _number(x) -> str:
     return "-" if x is None else f"{x:.4f}"
 
 
-def evaluate(source, plan, reference) -> dict:
+def measure(source, plan, reference, float_model) -> dict:
     mx.reset_peak_memory()
     start = time.perf_counter()
-    model, _ = quantized_model(source, plan)
+    model, _ = quantized_model(source, plan, float_model)
     compress_s = time.perf_counter() - start
     peak = mx.get_peak_memory()
     prepare_for_compute(model)
@@ -106,7 +106,7 @@ def evaluate(source, plan, reference) -> dict:
             "swsc_modules": len(plan.swsc_modules())}
 
 
-def whole_model(source, ctx, reference, recon: list[dict], bpws: list[float]) -> list[dict]:
+def whole_model(source, ctx, reference, recon: list[dict], bpws: list[float], float_model) -> list[dict]:
     rows = []
     for bits, group in AFFINE_POINTS:
         bpw = affine_bpw(bits, group)
@@ -119,11 +119,12 @@ def whole_model(source, ctx, reference, recon: list[dict], bpws: list[float]) ->
                 affine[q.path] = swsc[q.path] = EMBEDDING
                 continue
             r = best[q.path.rsplit(".", 1)[-1]]
-            affine[q.path] = {"bits": bits, "group_size": group, "mode": "affine"}
-            swsc[q.path] = fitting_settings(q.rows, q.cols, r["swsc_centroid_bits"], bpw, r["swsc_rank_share"]).to_choice()
+            affine[q.path] = Affine(bits, group)
+            swsc[q.path] = SWSC(fitting_settings(q.rows, q.cols, r["swsc_centroid_bits"], bpw, r["swsc_rank_share"]))
         for name, choices in (("affine", affine), ("swsc", swsc)):
             plan = ctx.plan(f"all-{name}", Budget(bpw), choices)
-            row = {"point": f"{bits}/{group}", "linear_bits_per_weight": bpw, "codec": name, **evaluate(source, plan, reference)}
+            row = {"point": f"{bits}/{group}", "linear_bits_per_weight": bpw, "codec": name,
+                   **measure(source, plan, reference, float_model)}
             rows.append(row)
             print(f"  all-{name} at {bpw} bpw (linear): model {row['bits_per_weight']:.3f} bpw, KL {row['kl']:.4f}, "
                   f"ppl {row['perplexity']:.2f}, built in {row['build_seconds']:.1f} s, peak {row['build_peak_bytes'] / 1e9:.2f} GB",
@@ -131,16 +132,17 @@ def whole_model(source, ctx, reference, recon: list[dict], bpws: list[float]) ->
     return rows
 
 
-def planner_rows(source, reference, budgets: list[float]) -> tuple[list[dict], float]:
+def planner_rows(planner, reference, budgets: list[float]) -> tuple[list[dict], float]:
     rows = []
-    affine_plans = make_plans(source, PlanRequest("lsaq", budgets))[0]
+    float_model, _ = planner.loaded()
+    affine_plans = planner.plans(PlanRequest(method="lsaq", bits_budgets=budgets))
     start = time.perf_counter()
-    swsc_plans = make_plans(source, PlanRequest("lsaq", budgets, codecs=("affine", "swsc")))[0]
+    swsc_plans = planner.plans(PlanRequest(method="lsaq", bits_budgets=budgets, codecs=("affine", "swsc")))
     table_seconds = time.perf_counter() - start
     for codecs, plans in (("affine", affine_plans), ("affine,swsc", swsc_plans)):
         for plan in plans:
             row = {"budget": plan.budget["bits_per_weight"], "codecs": codecs, "cost": plan.details["cost"],
-                   **evaluate(source, plan, reference)}
+                   **measure(planner.source, plan, reference, float_model)}
             row["swsc_kinds"] = dict(Counter(p.rsplit(".", 1)[-1].removesuffix("_proj") for p in plan.swsc_modules()))
             rows.append(row)
             print(f"  lsaq --codecs {codecs} at {row['budget']}: KL {row['kl']:.4f}, ppl {row['perplexity']:.2f}, "
@@ -148,22 +150,20 @@ def planner_rows(source, reference, budgets: list[float]) -> tuple[list[dict], f
     return rows, table_seconds
 
 
-def fisher_costs(source, ctx) -> list[dict]:
+def fisher_costs(planner, ctx) -> list[dict]:
     """Summed over all layers, per kind: the cost model's error of affine b/32 and of the
     best SWSC candidate between b + 0.5 and b + 1 bits per weight (b + 1 = 3.0 and 4.0)."""
-    model, tokenizer, _ = load_model(source)
-    errors = _error_table(source, model, tokenizer, ctx, None)
-    del model
+    errors = planner.cost_table(ctx)
     sums = defaultdict(float)
     for q in ctx.modules:
         if q.layer is None:
             continue
-        cost = dict(zip(map(json.dumps, ctx.candidates(q)), errors[q.path]))
+        cost = errors[q.path]
         kind = q.path.rsplit(".", 1)[-1]
         for bits in (2, 3):
-            sums[kind, bits, "affine"] += cost[json.dumps({"bits": bits, "group_size": 32, "mode": "affine"})]
-            sums[kind, bits, "swsc"] += min(c for choice, c in cost.items() if "swsc" in choice and bits + 0.5 <= (
-                SWSCSettings.from_choice(json.loads(choice)).bits_per_weight(q.rows, q.cols)) <= bits + 1)
+            sums[kind, bits, "affine"] += cost[Affine(bits, 32).key]
+            sums[kind, bits, "swsc"] += min(cost[c.key] for c in ctx.candidates(q) if isinstance(c, SWSC) and bits + 0.5 <= (
+                c.settings.bits_per_weight(q.rows, q.cols)) <= bits + 1)
     return [{"kind": k, "bits_per_weight": b + 1, "affine": sums[k, b, "affine"], "swsc": sums[k, b, "swsc"]}
             for k in KINDS for b in (2, 3)]
 
@@ -193,27 +193,26 @@ def main() -> None:
     parser.add_argument("--no-big", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    reexec_with_fast_blas()
+    start_benchmark()
     start = time.perf_counter()
 
     source = resolve_model(args.model)
-    model, tokenizer, _ = load_model(source)
-    with open(WIKITEXT, encoding="utf-8") as f:
-        tokens = tokenizer.encode(f.read(400_000))[: args.tokens]
+    planner = Planner(source)
+    model, tokenizer = planner.loaded()
+    tokens = wikitext_tokens(tokenizer, args.tokens)
     reference = ReferenceDistributions.compute(model, tokens, args.seq_len)
     source_ppl = compare_to_reference(model, reference).perplexity.perplexity
-    ctx = PlanningContext(model, source.fingerprint, codecs=("affine", "swsc"))
+    ctx = planner.context(codecs=("affine", "swsc"))
     weights = {i: {k: dict(model.named_modules())[f"model.layers.{i}.{'mlp' if k in KINDS[4:] else 'self_attn'}.{k}"].weight
                    for k in KINDS} for i in args.layers}
-    del model
 
     print("1. reconstruction", flush=True)
     recon = reconstruction(weights, args.layers)
     print("2. whole model", flush=True)
-    whole = whole_model(source, ctx, reference, recon, args.whole_model)
+    whole = whole_model(source, ctx, reference, recon, args.whole_model, model)
     print("3. lsaq planner", flush=True)
-    planned, table_seconds = planner_rows(source, reference, args.budgets)
-    costs = fisher_costs(source, ctx)
+    planned, table_seconds = planner_rows(planner, reference, args.budgets)
+    costs = fisher_costs(planner, ctx)
     big = None if args.no_big else big_matrix()
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
 

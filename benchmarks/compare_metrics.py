@@ -1,6 +1,6 @@
 """How well does each cheap layer-importance metric order layers like the expensive one?
 
-    python scripts/compare_metrics.py [--model default] [--tokens 1024] [--plot scores.png]
+    python benchmarks/compare_metrics.py [--model default] [--tokens 1024] [--plot scores.png]
 
 Scores every layer with jaccard (LSAQ), cosine (Block Influence / LIM), zscore (ZD) and
 random, and with sensitivity (the increase of KL(reference || model) on calibration

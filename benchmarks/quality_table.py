@@ -1,6 +1,6 @@
 """Quality of every planning method at every budget, on the same WikiText-2 tokens.
 
-    python scripts/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
+    python benchmarks/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
                                     [--out results.json]
 
 For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
@@ -26,58 +26,22 @@ import time
 
 import mlx.core as mx
 
-from lsaq_mlx.backend.blas import reexec_with_fast_blas
-from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
-from lsaq_mlx.backend.compute import dequantize_layers, prepare_for_compute
+from common import dq_sensitivities, dynamic_quant_plan, low_bits_for, start as start_benchmark, wikitext_tokens
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
-from lsaq_mlx.planning.cost import layer_weights
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
-from lsaq_mlx.planning.plan import BITS
-from lsaq_mlx.planning.methods import RECIPES, Budget, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
-from lsaq_mlx.planning.planner import _error_table
+from lsaq_mlx.planning.choices import BITS
+from lsaq_mlx.planning.methods import RECIPES
+from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.scoring.scores import spearman
-from lsaq_mlx.scoring.run import ScoreOptions, score
-from lsaq_mlx.sources import load_model, resolve_model
+from lsaq_mlx.sources import resolve_model
 
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.test.raw")
-TIERS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
+TIERS = ("lsaq-tiers", "tiers-cosine", "tiers-zscore", "tiers-random")
 
 
-def low_bits_for(ctx, budget: float) -> int | None:
-    fitting = [b for b in BITS if plan_uniform(ctx, None, b, 64).predicted_bits_per_weight <= budget]
-    return max(fitting) if fitting else None
-
-
-def dynamic_quant_plan(ctx, budget: float, sensitivities: dict, low: int, high: int):
-    """mlx-lm's dynamic_quant rule: modules above a sensitivity threshold get ``high``
-    bits, the rest ``low`` (group 64); the threshold is the lowest that fits."""
-    choices = {q.path: {"bits": low, "group_size": 64, "mode": "affine"} for q in ctx.modules}
-    limit = int(budget * ctx.parameters / 8)
-    for path in sorted(sensitivities, key=lambda p: -sensitivities[p]):
-        trial = choices | {path: {"bits": high, "group_size": 64, "mode": "affine"}}
-        if ctx.total_bytes(trial) > limit:
-            break
-        choices = trial
-    return ctx.plan("dynamic_quant", Budget(budget), choices, details={"low_bits": low, "high_bits": high})
-
-
-def dq_sensitivities(source, tokenizer, low: int, high: int, tokens: int) -> dict:
-    from mlx_lm.quant.dynamic_quant import estimate_sensitivities
-
-    model, _, _ = load_model(source, compute=False)
-    dequantize_layers(model)
-    model.set_dtype(mx.float32)
-    data = mx.array(token_sequences(tokenizer, load_calibration(None), tokens, 512))
-    return dict(estimate_sensitivities(model, data, low, 64, high, 64))
-
-
-def plan_cost(plan, ctx, errors, weights) -> float:
-    total = 0.0
-    for q in ctx.modules:
-        keys = ["keep" if c is False else f"{c['bits']}/{c['group_size']}" for c in q.choices()]
-        c = plan.modules[q.path]
-        total += weights[q.path] * errors[q.path][keys.index("keep" if c is False else f"{c['bits']}/{c['group_size']}")]
-    return total
+def plan_cost(plan, ctx, errors) -> float:
+    """The lsaq cost model's prediction for ``plan``: its summed error (layer weights are 1)."""
+    return sum(errors[q.path][plan.modules[q.path].key] for q in ctx.modules)
 
 
 def main() -> None:
@@ -90,54 +54,50 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    reexec_with_fast_blas()
+    start_benchmark()
     start = time.perf_counter()
 
     source = resolve_model(args.model)
-    model, tokenizer, _ = load_model(source)
-    with open(WIKITEXT, encoding="utf-8") as f:
-        tokens = tokenizer.encode(f.read(400_000))[: args.tokens]
+    planner = Planner(source)
+    model, tokenizer = planner.loaded()
+    tokens = wikitext_tokens(tokenizer, args.tokens)
     reference = ReferenceDistributions.compute(model, tokens, args.seq_len)
     source_result = compare_to_reference(model, reference)
-    ctx = PlanningContext(model, source.fingerprint)
-    scores = {m: score(source, ScoreOptions(m), model=(model, tokenizer)) for m in set(TIERS.values())}
-    errors = _error_table(source, model, tokenizer, ctx, None)
-    weights = layer_weights(scores["jaccard"].scores, ctx.modules)
-    del model
+    ctx = planner.context()
+    errors = planner.cost_table(ctx)
 
     plans = []
     sensitivities = {}
     for budget in args.budgets:
-        plans.append(plan_lsaq(ctx, Budget(budget), errors, weights, scores["jaccard"]))
+        plans.append(planner.plan(PlanRequest(method="lsaq", bits_budgets=[budget])))
         low = low_bits_for(ctx, budget)
         if low is None:
             continue
         high = min(8, low + 2)
-        for method, metric in TIERS.items():
-            plans.append(plan_tiers(ctx, Budget(budget), scores[metric], method, high, low, 64))
-        plans.append(plan_uniform(ctx, Budget(budget)))
+        for method in TIERS:
+            plans.append(planner.plan(PlanRequest(method=method, bits_budgets=[budget], high_bits=high, low_bits=low,
+                                                  group_size=64)))
+        plans.append(planner.plan(PlanRequest(method="uniform", bits_budgets=[budget])))
         dq_high = BITS[BITS.index(low) + 1] if low < 8 else None
         if dq_high and (not args.methods or "dynamic_quant" in args.methods):
             if (low, dq_high) not in sensitivities:
                 sensitivities[low, dq_high] = dq_sensitivities(source, tokenizer, low, dq_high, args.dq_tokens)
             plans.append(dynamic_quant_plan(ctx, budget, sensitivities[low, dq_high], low, dq_high))
-    loaded, _, _ = load_model(source, compute=False)
     for recipe in RECIPES:
-        plans.append(plan_recipe(ctx, loaded, recipe))
-    del loaded
+        plans.append(planner.plan(PlanRequest(recipe=recipe)))
     if args.methods:
         plans = [p for p in plans if p.method in args.methods]
 
     rows = []
     for plan in plans:
-        quantized, _ = quantized_model(source, plan)
+        quantized, _ = quantized_model(source, plan, model)
         prepare_for_compute(quantized)
         result = compare_to_reference(quantized, reference)
         del quantized
         budget = plan.budget.get("bits_per_weight")
         rows.append({"budget": budget, "method": plan.method, "bits_per_weight": plan.predicted_bits_per_weight,
                      "kl": result.kl, "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
-                     "perplexity": result.perplexity.perplexity, "predicted_cost": plan_cost(plan, ctx, errors, weights),
+                     "perplexity": result.perplexity.perplexity, "predicted_cost": plan_cost(plan, ctx, errors),
                      "details": {k: v for k, v in plan.details.items() if k != "module_bytes_by_layer"}})
         print(f"  {plan.method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)

@@ -1,6 +1,6 @@
 """Is the output coherent while the engine swaps precision under it?
 
-    python scripts/swap_coherence.py [--low 4.5] [--high 6.0] [--tokens 96]
+    python benchmarks/swap_coherence.py [--low 4.5] [--high 6.0] [--tokens 96]
 
 For a few prompts, three greedy replies from the runtime engine: at the --low lsaq plan
 throughout, at --high throughout, and starting at --low with --high requested after the
@@ -17,8 +17,7 @@ import platform
 
 import mlx.core as mx
 
-from bench_runtime import engine_reply
-from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from common import engine_reply, start
 
 PROMPTS = ("Tell me about the history of Paris.", "How do plants make their food?",
            "Write a short poem about the sea.")
@@ -40,24 +39,23 @@ def main() -> None:
     parser.add_argument("--high", type=float, default=6.0)
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
-    reexec_with_fast_blas()
+    start()
     from lsaq_mlx.backend.compute import compute_mode
-    from lsaq_mlx.planning.planner import PlanRequest, make_plans
-    from lsaq_mlx.runtime import Engine
-    from lsaq_mlx.sources import load_model, resolve_model
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from lsaq_mlx.sources import resolve_model
 
     source = resolve_model(args.model)
-    low, high = make_plans(source, PlanRequest("lsaq", [args.low, args.high]))[0]
+    planner = Planner(source)
+    low, high = planner.plans(PlanRequest(method="lsaq", bits_budgets=[args.low, args.high]))
     plans = {args.low: low, args.high: high}
-    scorer, tokenizer, _ = load_model(source)
+    scorer, tokenizer = planner.loaded()
     rows, worst = [], 0
     for text in PROMPTS:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        replies = {"low": engine_reply(Engine, source, plans, args.low, args.tokens, prompt=text)[0],
-                   "high": engine_reply(Engine, source, plans, args.high, args.tokens, prompt=text)[0]}
-        replies["swap"], swapped = engine_reply(Engine, source, plans, args.low, args.tokens, swap_to=args.high,
-                                                prompt=text)
-        nll = {k: reply_nll(scorer, tokenizer, prompt, r["text"]) for k, r in replies.items()}
+        replies = {"low": engine_reply(source, plans, args.low, args.tokens, prompt=text)[0],
+                   "high": engine_reply(source, plans, args.high, args.tokens, prompt=text)[0]}
+        replies["swap"], swapped = engine_reply(source, plans, args.low, args.tokens, swap_to=args.high, prompt=text)
+        nll = {k: reply_nll(scorer, tokenizer, prompt, r.text) for k, r in replies.items()}
         worst += nll["swap"] <= max(nll["low"], nll["high"])
         rows.append((text, nll, replies, swapped))
 
@@ -68,12 +66,12 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for text, nll, _, swapped in rows:
         print(f"| {text} | {nll['low']:.3f} | {nll['swap']:.3f} | {nll['high']:.3f} | "
-              f"{swapped['changed']} modules, {swapped['seconds']:.1f} s |")
+              f"{swapped.changed} modules, {swapped.seconds:.1f} s |")
     print(f"\nreplies during the swap no worse than the worse plan: {worst} of {len(rows)}\n")
     for text, _, replies, _ in rows:
         print(f"{text}")
         for key, label in (("low", f"{args.low} bpw"), ("swap", "during the swap"), ("high", f"{args.high} bpw")):
-            print(f"  {label}: {' '.join(replies[key]['text'].split())[:200]}")
+            print(f"  {label}: {' '.join(replies[key].text.split())[:200]}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stability of the LSAQ (jaccard) layer ranking: which top-k, how many tokens, which stride?
 
-    python scripts/stability_study.py [--model default] [--calib PATH] [--seq-len 512] [--sums FILE]
+    python benchmarks/stability_study.py [--model default] [--calib PATH] [--seq-len 512] [--sums FILE]
 
 One pass over the calibration text records, for every sequence, layer, k in
 {1, 5, 10, 20, 50} and position residue p mod 16, the summed Jaccard similarity of the

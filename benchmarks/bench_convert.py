@@ -1,6 +1,6 @@
 """Convert time and peak memory: lsaq-mlx convert vs mlx_lm.convert -q, in one run.
 
-    python scripts/bench_convert.py [--model default]
+    python benchmarks/bench_convert.py [--model default]
 
 Each conversion runs as its own process, one after the other, on the same source
 folder (the imported model, float32); wall time and peak resident memory (the child's
@@ -20,28 +20,16 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 
-from lsaq_mlx.backend.blas import reexec_with_fast_blas
+from common import measured, start
 from lsaq_mlx.sources import resolve_model
-
-
-def measured(cmd: list[str]) -> tuple[float, int]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return wall, rss
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     args = parser.parse_args()
-    reexec_with_fast_blas()
+    start()
     source = resolve_model(args.model)
     lsaq = [sys.executable, "-m", "lsaq_mlx", "convert", "-m", args.model]
     subprocess.run(lsaq + ["-b", "4.0", "--dry-run"], check=True, stdout=subprocess.DEVNULL)

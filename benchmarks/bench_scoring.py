@@ -1,6 +1,6 @@
 """Benchmark of jaccard (LSAQ) scoring on this machine, all measured in one run.
 
-    python scripts/bench_scoring.py [--model default] [--tokens 1024] [--stride 8] [--repeats 3]
+    python benchmarks/bench_scoring.py [--model default] [--tokens 1024] [--stride 8] [--repeats 3]
 
 1. tokens/s of jaccard scoring at the default stride (and at stride 1, and without
    the lens: the floor of any stride; and on one thread instead of one worker per

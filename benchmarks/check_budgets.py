@@ -1,6 +1,6 @@
 """Convert the model at several budgets and check each folder with stock mlx-lm only.
 
-    python scripts/check_budgets.py [--model default] [--budgets 2.5 3 3.5 4 4.5 5]
+    python benchmarks/check_budgets.py [--model default] [--budgets 2.5 3 3.5 4 4.5 5]
 
 For each budget: ``lsaq-mlx convert -b B`` into a temporary folder, then a separate
 Python process that imports nothing but mlx_lm loads it, computes its bits per weight
