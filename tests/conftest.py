@@ -61,11 +61,25 @@ def shared_file(*parts) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(session_cache, tmp_path_factory):
-    """A tiny random llama written as llama.cpp would and imported once for the session."""
+def tiny_source(session_cache, tmp_path_factory):
+    """``tiny_source(arch)``: a tiny random model of ``arch`` (llama, qwen2, qwen3, gemma3)
+    written as llama.cpp would and imported once for the session. Shared: a test that
+    changes its files works on a copy."""
     from lsaq_mlx.sources import resolve_model
     from tiny_models import tiny_model, write_gguf
 
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf"
-    write_gguf(tiny_model("llama"), "llama", path)
-    return resolve_model(str(path))
+    made = {}
+
+    def make(arch: str = "llama"):
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}") / f"tiny-{arch}.gguf"
+            write_gguf(tiny_model(arch), arch, path)
+            made[arch] = resolve_model(str(path))
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_source):
+    return tiny_source("llama")

@@ -1,7 +1,7 @@
 import json
 import os
 
-from cli_run import assert_one_line_error, run_cli
+from cli_run import assert_one_line_error, run_cli, run_cli_process
 from tiny_models import tiny_model, write_gguf
 
 from lsaq_mlx import __version__
@@ -26,7 +26,7 @@ def test_doctor_reports_reference_blas_when_asked():
     env = dict(os.environ, LSAQ_MLX_BLAS="reference")
     env.pop("LD_PRELOAD", None)
     env.pop("LSAQ_MLX_BLAS_REEXEC", None)
-    report = json.loads(run_cli("doctor", "--json", env=env).stdout)
+    report = json.loads(run_cli_process("doctor", "--json", env=env).stdout)
     assert report["blas"].startswith("reference") or report["platform"] == "darwin"
 
 

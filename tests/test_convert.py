@@ -12,20 +12,17 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.budgets import memory_budget
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sizes import parse_size
-from lsaq_mlx.sources import resolve_model
-from tiny_models import tiny_model, write_gguf
 
 
 @pytest.fixture
-def tiny_source(tmp_path, empty_cache):
-    write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "tiny.gguf")
-    return resolve_model(str(tmp_path / "tiny.gguf"))
+def qwen2(tiny_source):
+    return tiny_source("qwen2")
 
 
-def test_convert_writes_a_model_stock_mlx_lm_opens(tiny_source, tmp_path):
-    plan = Planner(tiny_source).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
+def test_convert_writes_a_model_stock_mlx_lm_opens(qwen2, tmp_path):
+    plan = Planner(qwen2).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
     out = tmp_path / "out"
-    report = convert(tiny_source, plan, out)
+    report = convert(qwen2, plan, out)
     assert report.written_bytes == plan.predicted_bytes
     assert report.bits_per_weight == pytest.approx(plan.predicted_bits_per_weight) and report.bits_per_weight <= 4.0
     config = json.loads((out / "config.json").read_text())
@@ -48,28 +45,28 @@ def test_convert_writes_a_model_stock_mlx_lm_opens(tiny_source, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_existing_output_needs_force(tiny_source, tmp_path):
-    plan = Planner(tiny_source).plan(PlanRequest(method="uniform", bits=4))
+def test_existing_output_needs_force(qwen2, tmp_path):
+    plan = Planner(qwen2).plan(PlanRequest(method="uniform", bits=4))
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="already exists"):
-        convert(tiny_source, plan, out)
+        convert(qwen2, plan, out)
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="not written by lsaq-mlx"):  # --force replaces only our own folders
-        convert(tiny_source, plan, out, force=True)
+        convert(qwen2, plan, out, force=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     written = tmp_path / "written"
-    convert(tiny_source, plan, written)
+    convert(qwen2, plan, written)
     (written / "stale.txt").write_text("old")
-    convert(tiny_source, plan, written, force=True)
+    convert(qwen2, plan, written, force=True)
     assert not (written / "stale.txt").exists() and (written / "config.json").is_file()
 
 
-def test_interrupted_convert_leaves_no_folder(tiny_source, tmp_path, monkeypatch):
+def test_interrupted_convert_leaves_no_folder(qwen2, tmp_path, monkeypatch):
     import mlx_lm.utils
 
-    plan = Planner(tiny_source).plan(PlanRequest(method="uniform", bits=3))
+    plan = Planner(qwen2).plan(PlanRequest(method="uniform", bits=3))
 
     def interrupted(path, *args, **kwargs):
         (path / "model.safetensors").write_bytes(b"partial")
@@ -77,8 +74,8 @@ def test_interrupted_convert_leaves_no_folder(tiny_source, tmp_path, monkeypatch
 
     monkeypatch.setattr(mlx_lm.utils, "save_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny_source, plan, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "tiny.gguf"]
+        convert(qwen2, plan, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_memory_budget_reserves_kv_cache_and_runtime():
@@ -93,9 +90,9 @@ def test_memory_budget_reserves_kv_cache_and_runtime():
         memory_budget("100KB", config, context=100_000)
 
 
-def test_cli_plan_convert_and_errors(tiny_source, tmp_path):
+def test_cli_plan_convert_and_errors(qwen2, tmp_path):
     env = dict(os.environ)
-    gguf = str(tmp_path / "tiny.gguf")
+    gguf = qwen2.origin
     plan = json.loads(run_cli("plan", "-m", gguf, "-b", "4", "-b", "6", "--method", "lsaq-tiers", "--low-bits", "3",
                               "--json", env=env).stdout)
     assert plan["type"] == "PlanSet" and len(plan["plans"]) == 2

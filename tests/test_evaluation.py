@@ -11,13 +11,11 @@ from lsaq_mlx.evaluation.run import EvalRequest, evaluate
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.evaluation.tasks import load_task
 from lsaq_mlx.evaluation.zeroshot import choice_logprobs, evaluate_task
-from tiny_models import tiny_model, write_gguf
 
 
 @pytest.fixture
-def tiny(tmp_path, empty_cache):
-    write_gguf(tiny_model("llama"), "llama", tmp_path / "t.gguf")
-    return resolve_model(str(tmp_path / "t.gguf"))
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 def write_tasks(root):
@@ -109,9 +107,9 @@ def test_eval_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="task file not found"):
         evaluate(tiny, EvalRequest(ppl=None, tasks=["piqa"], task_dir=tmp_path))
     env = dict(os.environ)
-    assert_one_line_error(run_cli("eval", "-m", str(tmp_path / "t.gguf"), "--ppl", str(tmp_path / "no.txt"), env=env),
+    assert_one_line_error(run_cli("eval", "-m", tiny.origin, "--ppl", str(tmp_path / "no.txt"), env=env),
                           "not found")
     write_tasks(tmp_path / "tasks")
-    out = json.loads(run_cli("eval", "-m", str(tmp_path / "t.gguf"), "--ppl", "none", "--tasks", "piqa,lambada",
+    out = json.loads(run_cli("eval", "-m", tiny.origin, "--ppl", "none", "--tasks", "piqa,lambada",
                              "--data-dir", str(tmp_path / "tasks"), "--json", env=env).stdout)
     assert [t["task"] for t in out["tasks"]] == ["piqa", "lambada"] and out["tasks"][0]["skipped"] == 1

@@ -82,9 +82,21 @@ def _temporaries(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if ".lsaq-tmp-" in p.name]
 
 
-def _start_convert(source: str, out: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lsaq_mlx", "convert", "-m", source, "-b", "5.0", "--method",
-                             "uniform", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+# convert, in a process of its own, with its last step (the smoke test) slowed down, so a
+# signal arrives while the temporary folder exists
+SLOW_CONVERT = """
+import sys, time
+import lsaq_mlx.convert
+lsaq_mlx.convert._check_written = lambda *args, **kwargs: time.sleep(300)
+from lsaq_mlx.cli import main
+sys.argv = ["lsaq-mlx", *sys.argv[1:]]
+main()
+"""
+
+
+def _start_convert(source: Path, out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, "convert", "-m", str(source), "--method", "uniform",
+                             "--bits", "4", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
 
 
@@ -96,12 +108,11 @@ def _wait_for_temporary(process: subprocess.Popen, folder: Path, timeout: float 
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(default_source, tmp_path, session_cache):
-    env = dict(os.environ, LSAQ_MLX_CACHE=str(session_cache))
+def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(folder, tmp_path):
+    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "out" / "model"
     out.parent.mkdir()
-    process = _start_convert("default", out, env)
+    process = _start_convert(folder / "tiny", out, env)
     _wait_for_temporary(process, out.parent)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -110,7 +121,7 @@ def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(default_so
     assert lines[-1] == "stopped by SIGTERM" and "Traceback" not in stderr
     assert os.listdir(out.parent) == []
 
-    process = _start_convert("default", out, env)
+    process = _start_convert(folder / "tiny", out, env)
     _wait_for_temporary(process, out.parent)
     process.kill()
     process.communicate()
@@ -118,7 +129,7 @@ def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(default_so
     assert left  # kill -9 leaves its temporary...
     mine = out.parent / f"{temp_prefix('model')}kept"
     mine.mkdir()  # ...and one of a process that still runs (this one) must stay
-    result = run_cli("convert", "-m", "default", "-b", "5.0", "--method", "uniform", "-o", str(out), env=env)
+    result = run_cli("convert", "-m", folder / "tiny", "--method", "uniform", "--bits", "4", "-o", out, env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out.parent)) == sorted(["model", mine.name])  # ...the next run sweeps it
 

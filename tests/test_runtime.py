@@ -1,3 +1,5 @@
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -6,12 +8,12 @@ from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.planning.plan import PlanSet
 from lsaq_mlx.runtime.events import EngineError, MemoryUpdate, Ready, ReplyDone, StateUpdate, Swapped, Token
-from lsaq_mlx.planning.planner import FixedPlans
-from lsaq_mlx.planning.methods import PlanningContext, plan_uniform
+from lsaq_mlx.planning.methods import plan_uniform
+from lsaq_mlx.planning.planner import FixedPlans, Planner
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
 from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
-from lsaq_mlx.sources import load_model, resolve_model
+from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
 
 MB = 1 << 20
@@ -63,14 +65,10 @@ def test_scripted_sampler_reads_traces(tmp_path):
         ScriptedSampler(tmp_path / "bad.txt")
 
 
-@pytest.fixture
-def tiny(tmp_path, empty_cache):
-    write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
-    source = resolve_model(str(tmp_path / "tiny.gguf"))
-    model, _, _ = load_model(source, compute=False)
-    ctx = PlanningContext(model, source.fingerprint)
-    plans = {b: plan_uniform(ctx, None, b, 32) for b in (3, 4, 8)}
-    return source, plans
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    ctx = Planner(tiny_llama).context()
+    return tiny_llama, {b: plan_uniform(ctx, None, b, 32) for b in (3, 4, 8)}
 
 
 def outputs(model):
@@ -89,7 +87,8 @@ def test_swapped_model_equals_a_model_quantized_directly(tiny):
 
 
 def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
-    source, plans = tiny
+    shutil.copytree(tiny[0].path, tmp_path / "copy")  # its weights go missing below
+    source, plans = resolve_model(str(tmp_path / "copy")), tiny[1]
     model, _ = quantized_model(source, plans[4])
     prepare_for_compute(model)
     before = outputs(model)

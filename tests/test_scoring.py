@@ -7,52 +7,51 @@ from cli_run import assert_one_line_error, run_cli
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.scoring.scores import DEFAULT_STRIDE, LayerScores, spearman
 from lsaq_mlx.scoring.run import ScoreOptions, score
-from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
 
 
 @pytest.fixture
-def tiny_source(tmp_path, empty_cache):
-    write_gguf(tiny_model("llama"), "llama", tmp_path / "t.gguf")
-    return resolve_model(str(tmp_path / "t.gguf"))
+def tiny(tiny_llama, empty_cache):
+    """The session's tiny llama, scored into an empty cache."""
+    return tiny_llama
 
 
-def test_scores_are_cached_and_round_trip(tiny_source, tmp_path, empty_cache):
+def test_scores_are_cached_and_round_trip(tiny, tmp_path, empty_cache):
     opts = ScoreOptions(tokens=200, seq_len=64, top_k=5)
-    first = score(tiny_source, opts)
+    first = score(tiny, opts)
     assert len(first.scores) == 2 and all(0.0 <= s <= 1.0 for s in first.scores)
     assert first.params["top_k"] == 5 and first.params["tokens"] == 200
     cached = list((empty_cache / "scores").glob("*.json"))
     assert len(cached) == 1
-    assert score(tiny_source, opts).wall_seconds == first.wall_seconds  # read back, not recomputed
+    assert score(tiny, opts).wall_seconds == first.wall_seconds  # read back, not recomputed
     first.save(tmp_path / "s.json")
     assert LayerScores.load(tmp_path / "s.json") == first
-    other = score(tiny_source, ScoreOptions(tokens=200, seq_len=64, top_k=6))
+    other = score(tiny, ScoreOptions(tokens=200, seq_len=64, top_k=6))
     assert other.key != first.key
 
 
-def test_stride_is_part_of_the_cache_key(tiny_source, empty_cache):
-    default = score(tiny_source, ScoreOptions(tokens=100, seq_len=50, top_k=5))
+def test_stride_is_part_of_the_cache_key(tiny, empty_cache):
+    default = score(tiny, ScoreOptions(tokens=100, seq_len=50, top_k=5))
     assert default.params["stride"] == DEFAULT_STRIDE
-    every = score(tiny_source, ScoreOptions(tokens=100, seq_len=50, top_k=5, stride=1))
+    every = score(tiny, ScoreOptions(tokens=100, seq_len=50, top_k=5, stride=1))
     assert every.params["stride"] == 1 and every.key != default.key
     assert len(list((empty_cache / "scores").glob("*.json"))) == 2
     assert ScoreOptions("cosine").stride == 1
 
 
 @pytest.mark.parametrize("metric", ["cosine", "zscore", "random", "sensitivity"])
-def test_every_metric(tiny_source, metric):
-    result = score(tiny_source, ScoreOptions(metric=metric, tokens=100, seq_len=50), use_cache=False)
+def test_every_metric(tiny, metric):
+    result = score(tiny, ScoreOptions(metric=metric, tokens=100, seq_len=50), use_cache=False)
     assert result.metric == metric and len(result.scores) == 2
 
 
-def test_bad_options(tiny_source):
+def test_bad_options(tiny):
     with pytest.raises(UserError, match="unknown metric"):
-        score(tiny_source, ScoreOptions(metric="magic"))
+        score(tiny, ScoreOptions(metric="magic"))
     with pytest.raises(UserError, match="calibration tokens"):
-        score(tiny_source, ScoreOptions(tokens=0))
+        score(tiny, ScoreOptions(tokens=0))
     with pytest.raises(UserError, match="top-k"):
-        score(tiny_source, ScoreOptions(top_k=301, tokens=50, seq_len=50), use_cache=False)
+        score(tiny, ScoreOptions(top_k=301, tokens=50, seq_len=50), use_cache=False)
 
 
 def test_spearman():

@@ -17,7 +17,7 @@ from lsaq_mlx.cli.options import FLAGS
 from lsaq_mlx.cli.output import err
 from lsaq_mlx.errors import Terminated, UserError, os_error_line
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run"]
 
 
 def _terminate(signum, frame):
@@ -31,28 +31,38 @@ def error_line(e: UserError) -> str:
 
 
 def main() -> None:
+    """The ``lsaq-mlx`` program: restarted once with a fast BLAS, then ``run``."""
     reexec_with_fast_blas()
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _terminate)
+    sys.exit(run())
+
+
+def run(args: list[str] | None = None) -> int:
+    """Run one command (``args``, default ``sys.argv[1:]``) in this process and return its
+    exit status; a failure is one line on stderr."""
     debug = bool(os.environ.get("LSAQ_MLX_DEBUG"))
     try:
         sweep_cache()
-        app()
+        app(args=args, prog_name="lsaq-mlx")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except UserError as e:
         if debug:
             raise
-        _exit(1, error_line(e))
+        return _failed(1, error_line(e))
     except OSError as e:
         if debug:
             raise
-        _exit(1, f"error: {os_error_line(e)}")
+        return _failed(1, f"error: {os_error_line(e)}")
     except KeyboardInterrupt:
-        _exit(130, "interrupted")
+        return _failed(130, "interrupted")
     except Terminated as e:
-        _exit(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}")
+        return _failed(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}")
+    return 0
 
 
-def _exit(status: int, line: str) -> None:
+def _failed(status: int, line: str) -> int:
     err(" ".join(line.split()))  # one line, whatever the message held
-    sys.exit(status)
+    return status
