@@ -152,13 +152,13 @@ def store_swap(fresh, low, high, changes: dict, weights, requantize_s: float, re
     """The swap of 1 read from a layer store: rows for its time and bytes, and identity."""
     import tempfile
 
-    from lsaq_mlx.runtime.swap import layer_groups, swap_modules
+    from lsaq_mlx.runtime.swap import layer_groups, module_maker, swap_modules
     from lsaq_mlx.storage.layer_store import LayerStore
 
     with tempfile.TemporaryDirectory(prefix="layer-store-") as root:
         store = LayerStore(Path(root))
         model = fresh(low)
-        built = store.build([low, high], model, weights)
+        built = store.build([low, high], module_maker(model, weights))
         store.close()  # swap from files opened afresh
         report = swap_modules(model, changes, weights, float32_compute=False, store=store)
         same = params_digest(model) == requantized and not report.failed

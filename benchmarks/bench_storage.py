@@ -348,7 +348,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
     from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
     from lsaq_mlx.planning.planner import Planner, PlanRequest
-    from lsaq_mlx.runtime.swap import layer_groups, source_weights, swap_modules
+    from lsaq_mlx.runtime.swap import layer_groups, module_maker, source_weights, swap_modules
     from lsaq_mlx.storage.layer_store import LayerStore
 
     low, high = Planner(source).plans(PlanRequest(method="lsaq", bits_budgets=[low_bits, high_bits]))
@@ -356,7 +356,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
     store = LayerStore(store_root)
     model, _ = quantized_model(source, low)
     log("building the layer store")
-    built = store.build([low, high], model, source_weights(source))
+    built = store.build([low, high], module_maker(model, source_weights(source)))
     del model
     rows, outcome = [], {}
 

@@ -57,6 +57,15 @@ def fingerprint_bytes(*parts: bytes | str) -> str:
     return h.hexdigest()[:16]
 
 
+def model_fingerprint(config: bytes, weight_shas: dict[str, str]) -> str:
+    """The content fingerprint of a model: its config.json bytes and each top-level
+    weight file's name and SHA-256 (a folder and a pack of it have the same)."""
+    parts = [config]
+    for name in sorted(weight_shas):
+        parts += [name, weight_shas[name]]
+    return fingerprint_bytes(*parts)
+
+
 def stat_memo(path: Path, kind: str, compute) -> str:
     """``compute(path)`` (a hex digest of the file's content), remembered by (kind, path,
     size, mtime) so a large file is read once."""

@@ -119,6 +119,16 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's ``*.safetensors`` files, each header checked."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no *.safetensors weights")
+    for f in files:
+        safetensors_header(f)
+    return files
+
+
 def _tensor_span(info, name: str, path: Path) -> tuple[int, int]:
     bad = f"{path} is corrupt: the header entry of {name[:80]!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:

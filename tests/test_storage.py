@@ -16,7 +16,7 @@ from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.runtime.events import EngineError, Swapped
 from lsaq_mlx.planning.planner import FixedPlans
 from lsaq_mlx.runtime import Engine
-from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
+from lsaq_mlx.runtime.swap import SourceWeights, module_maker, swap_modules
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.storage import codecs, transforms
 from lsaq_mlx.storage.container import ContainerReader
@@ -213,9 +213,9 @@ def test_layer_store_swaps_equal_requantizing(workdir, plans, tmp_path):
     _, source = workdir
     model, _ = quantized_model(source, plans[3])
     store = LayerStore(tmp_path / "store")
-    built = store.build([plans[3], plans[8], plans["mixed"]], model, SourceWeights(source.path))
+    built = store.build([plans[3], plans[8], plans["mixed"]], module_maker(model, SourceWeights(source.path)))
     assert built["written"] == built["modules"] > 0
-    assert store.build([plans[8]], model, SourceWeights(source.path))["written"] == 0  # already there
+    assert store.build([plans[8]], module_maker(model, SourceWeights(source.path)))["written"] == 0  # already there
     for target in (plans[8], plans["mixed"]):
         direct, requantizing = swapped(source, plans[3], target, SourceWeights(source.path))
         from_store, reading = swapped(source, plans[3], target, NoSource(), store)
@@ -233,7 +233,7 @@ def test_a_damaged_layer_store_falls_back_to_the_source(workdir, plans, tmp_path
     _, source = workdir
     model, _ = quantized_model(source, plans[3])
     store = LayerStore(tmp_path / "store")
-    store.build([plans[8]], model, SourceWeights(source.path))
+    store.build([plans[8]], module_maker(model, SourceWeights(source.path)))
     store.close()
     for f in (tmp_path / "store").iterdir():
         f.write_bytes(f.read_bytes()[:-100])

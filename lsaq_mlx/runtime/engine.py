@@ -39,7 +39,7 @@ from lsaq_mlx.runtime.events import (
 )
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
-from lsaq_mlx.runtime.swap import SwapReport, layer_groups, source_weights, swap_modules
+from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, source_weights, swap_modules
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
@@ -208,7 +208,8 @@ class Engine:
             from lsaq_mlx.storage.layer_store import LayerStore
 
             self.store = LayerStore.for_model(self.source.fingerprint)
-            self.store.build(self.policy.plans.plans if self.policy else [plan] if plan else [], self.model, self.weights)
+            plans = self.policy.plans.plans if self.policy else [plan] if plan else []
+            self.store.build(plans, module_maker(self.model, self.weights))
         self.float32 = compute_mode() == "float32"
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []

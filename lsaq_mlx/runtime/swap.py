@@ -71,6 +71,13 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) 
     return new
 
 
+def module_maker(model: nn.Module, weights):
+    """``make(path, choice)``: the module of ``model`` at ``path`` quantized at ``choice``
+    from ``weights`` (what a layer store is built with)."""
+    modules = dict(model.named_modules())
+    return lambda path, choice: quantized_module(modules[path], path, choice, weights)
+
+
 def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool,
                  store=None) -> nn.Module:
     """The module at ``path`` with precision ``choice``: read ready from ``store`` (a

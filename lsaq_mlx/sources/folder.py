@@ -3,9 +3,9 @@
 import re
 from pathlib import Path
 
-from lsaq_mlx.cache import file_sha256, fingerprint_bytes
+from lsaq_mlx.cache import file_sha256, model_fingerprint
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.formats import read_config, safetensors_header
+from lsaq_mlx.formats import read_config, safetensors_header, weight_files
 
 _LAYER = re.compile(r"^(?:model\.|language_model\.model\.)?layers\.(\d+)\.")
 
@@ -21,15 +21,6 @@ def check_model_type(config: dict, folder: Path) -> None:
         raise UserError(f"model type '{config['model_type'][:40]}' in {folder} is not supported by mlx-lm") from None
 
 
-def weight_files(folder: Path) -> list[Path]:
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{folder} has no *.safetensors weights")
-    for f in files:
-        safetensors_header(f)
-    return files
-
-
 def check_model_folder(folder: Path) -> dict:
     """Raise a one-line UserError unless mlx-lm can open ``folder``; return its config.
     Besides each file's own checks, the config's layer count must match the weights'."""
@@ -43,15 +34,6 @@ def check_model_folder(folder: Path) -> dict:
     return config
 
 
-def weights_fingerprint(config: bytes, weight_shas: dict[str, str]) -> str:
-    """The content fingerprint of a model: its config.json bytes and each top-level
-    weight file's name and SHA-256."""
-    parts = [config]
-    for name in sorted(weight_shas):
-        parts += [name, weight_shas[name]]
-    return fingerprint_bytes(*parts)
-
-
 def folder_fingerprint(folder: Path) -> str:
     folder = Path(folder)
-    return weights_fingerprint((folder / "config.json").read_bytes(), {f.name: file_sha256(f) for f in weight_files(folder)})
+    return model_fingerprint((folder / "config.json").read_bytes(), {f.name: file_sha256(f) for f in weight_files(folder)})

@@ -8,7 +8,7 @@ the layers (``other.lsaqstore``). A record holds one parameter of one module at 
 setting, ``<module path>@<setting>/<parameter>`` (setting ``4b64``: 4 bits in groups of
 64; ``f16``: kept in float16); the container's meta names each module's class and
 parameters. The tensors are what ``runtime.swap.quantized_module`` computes (the store
-is built with it), so a module read from the store equals a re-quantized one bit for
+is built with it, by whoever builds it: the store imports nothing of the runtime), so a module read from the store equals a re-quantized one bit for
 bit; MLX's version is in the key because its quantizer may change. A damaged file is
 reported and the swap falls back to re-quantizing.
 """
@@ -77,12 +77,10 @@ class LayerStore:
         reader = self._reader(name)
         return reader.meta.get("modules", {}) if reader else {}
 
-    def build(self, plans, model: nn.Module, weights) -> dict:
-        """Store every (module, setting) of ``plans`` that is not stored yet, quantized
-        from ``weights`` (the source) as a swap would; ``model`` tells embeddings from
-        linear layers. Returns what was done."""
-        from lsaq_mlx.runtime.swap import quantized_module
-
+    def build(self, plans, make_module) -> dict:
+        """Store every (module, setting) of ``plans`` that is not stored yet, made by
+        ``make_module(path, choice)`` (what a swap would make: ``runtime.swap.module_maker``).
+        Returns what was done."""
         start = time.perf_counter()
         wanted: dict[str, dict] = {}
         for plan in plans:
@@ -91,12 +89,10 @@ class LayerStore:
         missing = {name: {k: v for k, v in entries.items() if k not in self._modules_in(name)}
                    for name, entries in wanted.items()}
         missing = {name: entries for name, entries in missing.items() if entries}
-        modules = dict(model.named_modules())
         self.root.mkdir(parents=True, exist_ok=True)
         with progress_bar("building the layer store", sum(map(len, missing.values()))) as advance:
             for name, entries in missing.items():
-                self._rewrite(name, entries, lambda path, choice: quantized_module(modules[path], path, choice, weights),
-                              advance)
+                self._rewrite(name, entries, make_module, advance)
         return {"root": str(self.root), "modules": sum(map(len, wanted.values())),
                 "written": sum(map(len, missing.values())), "files": len(wanted),
                 "bytes": sum(f.stat().st_size for f in self.root.glob(f"*{SUFFIX}")),

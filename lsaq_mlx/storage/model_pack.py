@@ -30,12 +30,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.cache import atomic_dir, atomic_file, check_replaceable, stat_memo
+from lsaq_mlx.cache import atomic_dir, atomic_file, check_replaceable, model_fingerprint, stat_memo
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.names import unique_member_paths
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.formats import safetensors_header
-from lsaq_mlx.sources.folder import check_model_folder, weights_fingerprint
+from lsaq_mlx.formats import read_config, safetensors_header, weight_files
 from lsaq_mlx.storage import transforms
 from lsaq_mlx.storage.container import MAGIC, ContainerReader, ContainerWriter, file_chunks
 
@@ -106,7 +105,8 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
         raise UserError(f"model folder not found: {folder}")
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: pack takes a model folder (e.g. one written by convert)")
-    config = check_model_folder(folder)
+    config = read_config(folder)
+    weight_files(folder)
     if out.exists() and not force:
         raise UserError(f"{out} already exists", setting="force")
     if out.is_dir():
@@ -194,7 +194,7 @@ def _add_safetensors(writer: ContainerWriter, path: Path, name: str, config: dic
 
 def pack_fingerprint(config: bytes, entries: list[dict]) -> str:
     """The packed folder's ``folder_fingerprint``, from the hashes the writer computed."""
-    return weights_fingerprint(config, {e["path"]: e["sha256"] for e in entries
+    return model_fingerprint(config, {e["path"]: e["sha256"] for e in entries
                                         if "/" not in e["path"] and e["path"].endswith(".safetensors")})
 
 
@@ -269,7 +269,7 @@ class PackedModel:
         def compute(_path) -> str:
             config = b"".join(self._file_pieces("config.json"))
             weights = {n: self.file_sha256(n) for n in self.files if "/" not in n and n.endswith(".safetensors")}
-            return weights_fingerprint(config, weights)
+            return model_fingerprint(config, weights)
 
         return stat_memo(self.path, f"pack-fingerprint-v{PACK_VERSION}", compute)
 
