@@ -23,7 +23,7 @@ def child(n_tokens: int) -> dict:
 
     from lsaq_mlx.backend.blas import active_blas
     from lsaq_mlx.backend.compute import dequantize_layers
-    from lsaq_mlx.backend.doctor import gemm_gflops
+    from lsaq_mlx.doctor import gemm_gflops
     from lsaq_mlx.sources import load_model, resolve_model
 
     model, tokenizer, _ = load_model(resolve_model("default"), compute=False)

@@ -2,7 +2,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference, token_kl
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.scoring.divergence import token_kl
 from lsaq_mlx.evaluation.perplexity import perplexity
 from tiny_models import tiny_model
 

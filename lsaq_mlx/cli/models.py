@@ -13,7 +13,7 @@ from lsaq_mlx.cli.output import emit_json, err
 @app.command()
 def doctor(json_out: JsonOption = False) -> None:
     """Show the MLX backend, the BLAS in use, the compute mode, and a GEMM speed check."""
-    from lsaq_mlx.backend.doctor import diagnose
+    from lsaq_mlx.doctor import diagnose
 
     report = diagnose()
     if json_out:

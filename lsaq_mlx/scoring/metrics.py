@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from lsaq_mlx.backend.attention import causal_attention_in_blocks
 from lsaq_mlx.backend.compute import dequantize_layers
 from lsaq_mlx.backend.cores import map_on_cores
-from lsaq_mlx.evaluation.divergence import token_kl
+from lsaq_mlx.scoring.divergence import token_kl
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.scoring.lens import find_lens, inner_model, layer_hooks
 

@@ -5,11 +5,12 @@ re-quantizing it from the float source.
 Under ``<cache>/layers/<source fingerprint>-mlx<MLX version>-v<store version>/``: one
 container per decoder layer (``layer-0007.lsaqstore``) and one for the modules outside
 the layers (``other.lsaqstore``). A record holds one parameter of one module at one
-setting, ``<module path>@<setting>/<parameter>`` (setting ``4b64``: 4 bits in groups of
-64; ``f16``: kept in float16); the container's meta names each module's class and
-parameters. The tensors are what ``runtime.swap.quantized_module`` computes (the store
-is built with it, by whoever builds it: the store imports nothing of the runtime), so a module read from the store equals a re-quantized one bit for
-bit; MLX's version is in the key because its quantizer may change. A damaged file is
+setting, ``<module path>@<setting>/<parameter>`` (the setting is the plan choice's key:
+``4/64`` for 4 bits in groups of 64, ``keep`` for float16); the container's meta names
+each module's class and parameters. The tensors are what ``runtime.swap.quantized_module``
+computes (whoever builds the store passes it in: the store imports nothing of the
+runtime), so a module read from the store equals a re-quantized one bit for bit; MLX's
+version is in the key because its quantizer may change. A damaged file is
 reported and the swap falls back to re-quantizing.
 """
 
@@ -25,7 +26,6 @@ from mlx.utils import tree_flatten
 from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_index
-from lsaq_mlx.planning.choices import Affine, Choice
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.storage import transforms
 from lsaq_mlx.storage.container import ContainerReader, ContainerWriter, chunks_of
@@ -33,13 +33,14 @@ from lsaq_mlx.storage.model_pack import DTYPES, encoding_for, to_array
 
 log = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: settings named by the plan choice's key
 SUFFIX = ".lsaqstore"
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-def setting_key(choice: Choice) -> str:
-    return f"{choice.bits}b{choice.group_size}" if isinstance(choice, Affine) else "f16"
+def setting_key(choice) -> str:
+    """A plan choice's key (``4/64``, ``keep``): any object with ``key`` will do."""
+    return choice.key
 
 
 def file_name(path: str) -> str:
@@ -145,14 +146,14 @@ def _add_module(writer: ContainerWriter, key: str, module: nn.Module, choice) ->
     records = []
     for param, array in tree_flatten(module.parameters()):
         dtype = _DTYPE_NAMES[array.dtype]
-        transform, codec_name = encoding_for(dtype, choice.bits if isinstance(choice, Affine) and param == "weight" else None)
+        transform, codec_name = encoding_for(dtype, getattr(module, "bits", None) if param == "weight" else None)
         raw = np.array(array).tobytes()
         record = f"{key}/{param}"
         writer.add(record, chunks_of(raw, transforms.unit_bytes(transform)), transform, codec_name,
                    {"tensor": param, "dtype": dtype, "shape": list(array.shape)})
         records.append(record)
     info = {"class": type(module).__name__, "records": records}
-    if isinstance(choice, Affine):
+    if hasattr(module, "bits"):
         info |= {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
     return info
 
