@@ -3,6 +3,8 @@
 Runs commands in this process (Typer's test runner) with ``mlx_lm.utils.load_model``
 (what every load goes through: folders, packs, SWSC folders) counting its calls, lazy or
 not, on the embedded default model, with a warm cache (each command runs once first).
+Loads of the source and of other folders (what convert wrote, for its smoke test) are
+counted apart.
 
     python benchmarks/count_loads.py [--json]
 """
@@ -30,11 +32,14 @@ def count(args: list[str], stdin: str | None = None) -> dict:
 
     from lsaq_mlx.cli import app
 
-    calls = {"full": 0, "lazy": 0}
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(None).path.resolve()
+    calls = {"full": 0, "lazy": 0, "other": 0}
     original = mlx_lm.utils.load_model
 
     def counting(model_path, lazy=False, *a, **k):
-        calls["lazy" if lazy else "full"] += 1
+        calls["other" if Path(model_path).resolve() != source else "lazy" if lazy else "full"] += 1
         return original(model_path, lazy, *a, **k)
 
     mlx_lm.utils.load_model = counting
@@ -72,9 +77,10 @@ def main() -> None:
     if options.json:
         print(json.dumps(results, indent=2))
         return
-    print("| command | model loads (full) | model loads (lazy) |\n|---|---|---|")
+    print("| command | loads of the source (all weights read) | loads of the source (lazy) | loads of other folders |")
+    print("|---|---|---|---|")
     for name, calls in results.items():
-        print(f"| `{name}` | {calls['full']} | {calls['lazy']} |")
+        print(f"| `{name}` | {calls['full']} | {calls['lazy']} | {calls['other']} |")
 
 
 if __name__ == "__main__":
