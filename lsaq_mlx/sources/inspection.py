@@ -1,17 +1,15 @@
 """What ``lsaq-mlx inspect`` reports about a model: structure, precision, size."""
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from lsaq_mlx.modules import layer_index
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.layer import SWSCLinear, model_bits_per_weight
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def module_kind(path: str) -> str:
@@ -53,12 +51,12 @@ def describe_model(source: ModelSource) -> dict:
     for path, module in weight_modules(model):
         n_bytes = sum(p.nbytes for _, p in tree_flatten(module.parameters()))
         n_params = parameter_count(module)
-        layer = _LAYER.search(path)
+        layer = layer_index(path)
         modules.append(
             {
                 "path": path,
                 "kind": module_kind(path),
-                "layer": int(layer.group(1)) if layer else None,
+                "layer": layer,
                 "shape": list(getattr(module, "weight").shape) if "weight" in module else None,
                 "parameters": n_params,
                 "bytes": n_bytes,
