@@ -131,7 +131,7 @@ def sensitivity_scores(model, sequences, bits: int = 3, group_size: int = 32, pr
         ref = model(tokens)[0]
         mx.eval(ref)
         for i, layer in enumerate(layers):
-            with _quantized_layer(layer, bits, group_size):
+            with quantized_layer(layer, bits, group_size):
                 kl = token_kl(ref, model(tokens)[0]).sum()
                 mx.eval(kl)
             kl_sum[i] += kl.item()
@@ -141,7 +141,7 @@ def sensitivity_scores(model, sequences, bits: int = 3, group_size: int = 32, pr
     return (kl_sum / count).tolist()
 
 
-class _quantized_layer:
+class quantized_layer:
     """Temporarily replace a layer's linear weights by their quantized round trip."""
 
     def __init__(self, layer, bits, group_size):

@@ -5,13 +5,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from lsaq_mlx.scoring import metrics as importance
-from lsaq_mlx.cache import read_cache_json
-from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
 from lsaq_mlx.backend.compute import describe
+from lsaq_mlx.cache import read_cache_json
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scoring.lens import inner_model
 from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.scoring import metrics as importance
+from lsaq_mlx.scoring import streamed
+from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+from lsaq_mlx.scoring.lens import inner_model
 from lsaq_mlx.scoring.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,
@@ -23,6 +24,8 @@ from lsaq_mlx.scoring.scores import (
     scores_key,
 )
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.sources.load import load_tokenizer
+from lsaq_mlx.sources.streaming import StreamedModel, streams
 
 @dataclass
 class ScoreOptions:
@@ -80,12 +83,15 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     cached = read_cache_json(path, "scores", lambda d: _cached_scores(d, path, source.fingerprint, opts.metric, params))
     if use_cache and cached is not None:
         return cached
-    if model is None:
-        model, tokenizer, _ = load_model(source)
-    else:
-        model, tokenizer = model() if callable(model) else model
     start = time.perf_counter()
-    scores = _compute(model, tokenizer, opts, calib)
+    if streams(source):
+        scores = _compute(StreamedModel(source), load_tokenizer(source), opts, calib, streamed)
+    else:
+        if model is None:
+            model, tokenizer, _ = load_model(source)
+        else:
+            model, tokenizer = model() if callable(model) else model
+        scores = _compute(model, tokenizer, opts, calib, importance)
     result = LayerScores(source.fingerprint, opts.metric, params, scores, time.perf_counter() - start,
                          describe(), source.spec or "default")
     if use_cache:
@@ -100,17 +106,19 @@ def _cached_scores(data, path, fingerprint: str, metric: str, params: dict) -> L
     return scores
 
 
-def _compute(model, tokenizer, opts: ScoreOptions, calib) -> list[float]:
-    n_layers = len(inner_model(model)["layers"])
+def _compute(model, tokenizer, opts: ScoreOptions, calib, metrics) -> list[float]:
+    """The scores on ``model`` with ``metrics``: ``scoring.metrics`` on a whole model, or
+    ``scoring.streamed`` on a ``StreamedModel``."""
     if opts.metric == "random":
+        n_layers = len(model.layers) if metrics is streamed else len(inner_model(model)["layers"])
         return importance.random_scores(n_layers, opts.seed)
     if opts.metric == "zscore":
-        return importance.zscore_scores(model)
+        return metrics.zscore_scores(model)
     sequences = token_sequences(tokenizer, calib, opts.tokens, opts.seq_len, opts.skip_tokens)
     with progress_bar(f"{opts.metric} scores", opts.tokens) as advance:
         if opts.metric == "sensitivity":
-            return importance.sensitivity_scores(model, sequences, opts.bits, progress=advance)
-        jaccard, cosine, _ = importance.lens_statistics(
+            return metrics.sensitivity_scores(model, sequences, opts.bits, progress=advance)
+        jaccard, cosine, _ = metrics.lens_statistics(
             model, sequences, opts.top_k, opts.stride, opts.sets, opts.metric == "jaccard", advance
         )
     similarity = jaccard if opts.metric == "jaccard" else cosine

@@ -345,6 +345,15 @@ class PackedWeights:
         """Stored (compressed) bytes read so far."""
         return self.packed.reader.bytes_read
 
+    @property
+    def names(self) -> list[str]:
+        return list(self.records)
+
+    def shape_of(self, name: str) -> tuple[list[int], str]:
+        """``(shape, safetensors dtype)`` of a tensor, without decoding it."""
+        meta = self.records[name]["meta"]
+        return meta["shape"], meta["dtype"]
+
     def get(self, name: str) -> mx.array | None:
         record = self.records.get(name)
         if record is None:

@@ -1,0 +1,187 @@
+"""A model whose decoder layers hold their weights only while they run.
+
+``StreamedModel`` is a source's mlx-lm model built from its config (no weights), with
+everything outside the decoder layers (embeddings, final norm, LM head) loaded, and
+each layer's weights read from disk when ``with streamed.layer(i)`` enters and dropped
+when it leaves. ``run_layers`` sends a batch of token sequences through the model's own
+forward that way: each layer runs once on the whole batch, its output is evaluated, its
+weights are released, and ``on_layer`` sees the layer (weights loaded), its input and
+output. So peak memory is one layer, the resident parts and the activations, whatever
+the number of layers.
+
+Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
+matmul is slow; the source's own float type on a GPU); quantized sources are
+dequantized exactly. Checkpoints whose mlx-lm ``sanitize`` transforms tensors (rather
+than renaming or dropping them) cannot be read tensor by tensor: ``StreamedModel``
+refuses them (``NotStreamable``) and callers load the whole model instead.
+"""
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from lsaq_mlx.backend.compute import backend
+from lsaq_mlx.modules import layer_index
+from lsaq_mlx.sources.load import skeleton_model
+from lsaq_mlx.sources.tensors import source_tensors
+
+_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+
+
+STREAM_ENV = "LSAQ_MLX_STREAM"  # always | never | auto (the default)
+STREAM_ABOVE_BYTES = 1 << 30  # auto: stream models whose compute weights take more
+
+
+def streams(source) -> bool:
+    """Whether stages read ``source`` one layer at a time: always above
+    ``STREAM_ABOVE_BYTES`` of compute weights (unless told never), below it (where the
+    whole model in memory runs faster, on every core) only when told always."""
+    import os
+
+    wanted = os.environ.get(STREAM_ENV, "auto")
+    if wanted in ("always", "never"):
+        return wanted == "always"
+    model, _ = skeleton_model(source)
+    return sum(v.size for _, v in tree_flatten(model.parameters())) * 4 > STREAM_ABOVE_BYTES
+
+
+class NotStreamable(Exception):
+    """The checkpoint's tensors are not the model's one for one."""
+
+
+class StreamedModel:
+    def __init__(self, source, dtype=None):
+        self.source = source
+        self.model, self.config = skeleton_model(source)
+        self.tensors = source_tensors(source)
+        self.names = _checkpoint_names(self.model, self.tensors)
+        self.dtype = dtype or _compute_dtype(self.tensors)
+        self.layers = _inner(self.model)["layers"]
+        self.prefixes = _layer_prefixes(self.model, self.layers)
+        self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
+        resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
+        self.model.update(tree_unflatten([(n, self._read(n)) for n in resident]))
+        mx.eval(self.model.parameters())
+        self.resident_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
+    def layer_parameters(self, i: int) -> dict[str, mx.array]:
+        """Layer ``i``'s weights (names relative to the layer), unread until evaluated."""
+        return {name: self._read(self.prefixes[i] + name) for name in self._idle[i]}
+
+    @contextmanager
+    def layer(self, i: int):
+        """Within the block, layer ``i`` holds its weights; they are released after."""
+        layer = self.layers[i]
+        layer.update(tree_unflatten(list(self.layer_parameters(i).items())))
+        mx.eval(layer.parameters())
+        try:
+            yield layer
+        finally:
+            layer.update(tree_unflatten(list(self._idle[i].items())))
+            mx.clear_cache()
+
+    def layer_bytes(self, i: int) -> int:
+        """Bytes layer ``i`` holds while loaded (in the compute dtype)."""
+        return sum(v.size * self.dtype.size for v in self._idle[i].values())
+
+    def _read(self, name: str) -> mx.array:
+        path, _, param = name.rpartition(".")
+        raw = self.names.get(name)
+        if raw is None:
+            raise NotStreamable(f"{name} is not in the checkpoint")
+        array = self.tensors.get(raw)
+        scales = self.names.get(f"{path}.scales")
+        if param == "weight" and scales is not None:
+            q = _quantization(self.config, path)
+            biases = self.names.get(f"{path}.biases")
+            array = mx.dequantize(array, self.tensors.get(scales).astype(mx.float32),
+                                  None if biases is None else self.tensors.get(biases).astype(mx.float32),
+                                  q["group_size"], q["bits"], mode=q.get("mode", "affine"))
+        return array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+
+    def run_layers(self, tokens: mx.array, on_layer=None) -> mx.array:
+        """The final hidden states (before the final norm) of ``tokens`` (batch, length),
+        each layer run once on the whole batch; ``on_layer(i, layer, x_in, x_out, forward)``
+        is called with the layer's weights loaded, ``forward(h)`` running the layer on
+        other hidden states of the same shape (with the mask the model gave it)."""
+        inner = _inner(self.model)
+        stream = self
+
+        def run(self_layer, index, cls, x, *args, **kwargs):
+            with stream.layer(index) as layer:
+                out = cls.__call__(layer, x, *args, **kwargs)
+                mx.eval(out)
+                if on_layer is not None:
+                    on_layer(index, layer, x, out, lambda h: cls.__call__(layer, h, *args, **kwargs))
+            return out
+
+        originals = [type(layer) for layer in self.layers]
+        for index, layer in enumerate(self.layers):
+            cls = type(layer)
+            layer.__class__ = type(f"Streamed{cls.__name__}", (cls,), {
+                "__call__": lambda s, x, *a, _i=index, _c=cls, **k: run(s, _i, _c, x, *a, **k)})
+        try:
+            hidden = _hidden_states(inner, tokens)
+        finally:
+            for layer, cls in zip(self.layers, originals):
+                layer.__class__ = cls
+        return hidden
+
+
+def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:
+    """The inner model's output without its final norm: its forward with the norm as the
+    identity (mlx-lm's inner models end with ``self.norm(h)``)."""
+    norm = inner["norm"]
+    inner["norm"] = _Identity()
+    try:
+        return inner(tokens)
+    finally:
+        inner["norm"] = norm
+
+
+class _Identity(nn.Module):
+    def __call__(self, x):
+        return x
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    from lsaq_mlx.scoring.lens import inner_model
+
+    return inner_model(model)
+
+
+def _layer_prefixes(model: nn.Module, layers) -> list[str]:
+    where = {id(m): path for path, m in model.named_modules()}
+    return [where[id(layer)] + "." for layer in layers]
+
+
+def _checkpoint_names(model: nn.Module, tensors) -> dict[str, str]:
+    """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
+    unread placeholders: only renames and removals can be followed tensor by tensor."""
+    placeholders = {}
+    for name in tensors.names:
+        shape, dtype = tensors.shape_of(name)
+        placeholders[name] = mx.zeros(shape, _DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
+    sanitized = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
+    by_id = {id(array): name for name, array in placeholders.items()}
+    names = {}
+    for name, array in sanitized.items():
+        if id(array) not in by_id:
+            raise NotStreamable(f"mlx-lm changes {name} while loading this checkpoint")
+        names[name] = by_id[id(array)]
+    return names
+
+
+def _quantization(config: dict, path: str) -> dict:
+    q = config.get("quantization") or {}
+    entry = q.get(path)
+    return entry if isinstance(entry, dict) else q
+
+
+def _compute_dtype(tensors) -> mx.Dtype:
+    if backend() == "cpu":
+        return mx.float32
+    floats = [_DTYPES[d] for n in tensors.names if (d := tensors.shape_of(n)[1]) in _DTYPES]
+    return floats[0] if floats else mx.float16
