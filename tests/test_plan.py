@@ -6,7 +6,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from lsaq_mlx.planning.cost import layer_weights, quantization_errors
+from lsaq_mlx.modules import module_at
+from lsaq_mlx.planning.cost import layer_weights, module_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.planning.choices import KEEP, Affine
@@ -67,7 +68,8 @@ def test_module_bytes_are_what_mlx_stores(bits, group_size):
 def planning():
     model = tiny_model("llama")
     ctx = PlanningContext(model, "fp")
-    errors = quantization_errors(model, ctx.modules)
+    weights = {q.path: module_at(model, q.path).weight for q in ctx.modules}
+    errors = {q.path: module_errors(weights[q.path], mx.ones_like(weights[q.path]), q.choices()) for q in ctx.modules}
     scores = LayerScores("fp", "jaccard", {}, [0.2, 0.9])
     return model, ctx, errors, scores
 

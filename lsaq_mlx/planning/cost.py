@@ -16,11 +16,10 @@ measured KL divergence.
 """
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from lsaq_mlx.modules import module_at
-from lsaq_mlx.planning.choices import KEEP, Affine
+from lsaq_mlx.backend.cores import map_on_cores
+from lsaq_mlx.planning.choices import KEEP, SWSC, Affine
 from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.swsc.codec import compress
 
@@ -31,44 +30,38 @@ def roundtrip(w: mx.array, choice: Affine) -> mx.array:
     return mx.dequantize(q, f16(scales), f16(biases), choice.group_size, choice.bits)
 
 
-def quantization_errors(model: nn.Module, modules: list[QuantModule], fisher: dict | None = None, progress=None) -> dict:
-    """``{path: {choice.key: err}}`` for every choice of ``module.choices()`` (0 for keep):
-    the Fisher-weighted squared weight error ``sum F (W - Q(W))^2`` (plain squared error
-    without ``fisher``)."""
-    table = {}
-    for q in modules:
-        w = module_at(model, q.path).weight.astype(mx.float32)
-        f = fisher[q.path] if fisher else mx.ones_like(w)
-        errs = {}
-        for choice in q.choices():
-            if choice == KEEP:
-                errs[choice.key] = mx.array(0.0)
-                continue
-            diff = w - roundtrip(w, choice)
-            errs[choice.key] = (f * diff * diff).sum()
-        mx.eval(list(errs.values()))
-        table[q.path] = {k: e.item() for k, e in errs.items()}
-        if progress:
-            progress(1)
-    return table
+CHUNK_BYTES = 64 << 20  # float32 bytes of the rows one candidate is evaluated on at a time
 
 
-def swsc_errors(model: nn.Module, options: dict, fisher: dict | None = None, progress=None) -> dict:
-    """``{path: {choice.key: err}}`` for the SWSC choices ``options[path]``: the same
-    Fisher-weighted squared error, of the matrix each SWSC setting reconstructs (k-means
-    and SVD run)."""
-    table = {}
-    for path, choices in options.items():
-        w = module_at(model, path).weight.astype(mx.float32)
-        f = fisher[path] if fisher else mx.ones_like(w)
-        errs = {}
+def module_errors(weight: mx.array, fisher: mx.array, choices) -> dict[str, float]:
+    """``{choice.key: sum F (W - Q(W))^2}`` for ``weight`` (float32, evaluated) and its
+    Fisher: one choice at a time on row chunks of bounded size, the chunks spread over
+    the CPU's cores (``backend.cores``); 0 for keep."""
+    step = max(1, CHUNK_BYTES // (4 * weight.shape[1]))
+    chunks = [(weight[r : r + step], fisher[r : r + step]) for r in range(0, weight.shape[0], step)]
+    if len(chunks) < 2:  # at least one chunk per core
+        half = max(1, weight.shape[0] // 2)
+        chunks = [(weight[r : r + half], fisher[r : r + half]) for r in range(0, weight.shape[0], half)]
+    mx.eval(chunks)
+
+    def chunk_errors(chunk, choices) -> list[float]:
+        w, f = chunk
+        errs = []
         for choice in choices:
-            diff = w - compress(w, choice.settings).dense()
-            errs[choice.key] = (f * diff * diff).sum().item()
-        table[path] = errs
-        if progress:
-            progress(1)
-    return table
+            if choice == KEEP:
+                errs.append(0.0)
+                continue
+            reconstructed = compress(w, choice.settings).dense() if isinstance(choice, SWSC) else roundtrip(w, choice)
+            err = (f * mx.square(w - reconstructed)).sum()
+            mx.eval(err)
+            errs.append(err.item())
+        return errs
+
+    affine = [c for c in choices if not isinstance(c, SWSC)]
+    per_chunk = map_on_cores(lambda chunk: chunk_errors(chunk, affine), chunks)
+    errors = {c.key: float(sum(errs[j] for errs in per_chunk)) for j, c in enumerate(affine)}
+    swsc = [c for c in choices if isinstance(c, SWSC)]  # k-means and SVD see the whole matrix
+    return errors | dict(zip((c.key for c in swsc), chunk_errors((weight, fisher), swsc)))
 
 
 def layer_weights(importance: list[float] | None, modules: list[QuantModule], power: float = 0.0) -> dict:
@@ -82,35 +75,3 @@ def layer_weights(importance: list[float] | None, modules: list[QuantModule], po
     imp = np.maximum(np.asarray(importance, dtype=float), 1e-6)
     rel = (imp / imp.mean()) ** power
     return {q.path: float(rel[q.layer] if q.layer is not None else rel.max()) for q in modules}
-
-
-def fisher_diagonal(model: nn.Module, modules: list[QuantModule], sequences, progress=None) -> dict:
-    """The diagonal of the empirical Fisher information of every quantizable weight:
-    the mean over calibration sequences of the squared gradient of the next-token
-    cross-entropy. ``sum F * dW^2 / 2`` estimates the loss increase a weight change dW
-    causes (second-order Taylor expansion with the Fisher for the Hessian)."""
-    from mlx.utils import tree_flatten
-
-    model.freeze()
-    for q in modules:
-        module_at(model, q.path).unfreeze(keys=["weight"])
-
-    def loss(tokens):
-        logits = model(tokens[None, :-1]).astype(mx.float32)
-        return nn.losses.cross_entropy(logits, tokens[None, 1:]).mean()
-
-    grad_fn = nn.value_and_grad(model, loss)
-    sums = {}
-    try:
-        for seq in sequences:
-            _, grads = grad_fn(mx.array(seq))
-            flat = dict(tree_flatten(grads))
-            for q in modules:
-                g = flat[f"{q.path}.weight"].astype(mx.float32)
-                sums[q.path] = sums[q.path] + g * g if q.path in sums else g * g
-            mx.eval(sums)
-            if progress:
-                progress(len(seq))
-    finally:
-        model.unfreeze()
-    return {p: v / len(sequences) for p, v in sums.items()}

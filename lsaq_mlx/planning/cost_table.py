@@ -2,20 +2,23 @@
 computed once per model and calibration text and cached as JSON, keyed by choice
 (``{path: {choice.key: error}}``). Planning any budget is then a cheap step over it.
 
-SWSC candidates (k-means, SVD) are priced only when a plan may use them, in a table of
-their own.
+It is computed in one streamed pass (``planning.fisher``): each module's candidates are
+priced while its layer is in memory, one choice at a time on row chunks, so memory is
+one layer's worth whatever the model's size. SWSC candidates (k-means, SVD) are priced
+only when a plan may use them, in a table of their own.
 """
 
 import json
 import math
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
-from lsaq_mlx.planning.cost import fisher_diagonal, quantization_errors, swsc_errors
+from lsaq_mlx.planning.cost import module_errors
+from lsaq_mlx.planning.fisher import streamed_fisher
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scoring.calibration import CalibrationText, token_sequences
 
-COST_VERSION = 3  # part of every table's key: bump when the cost model changes (3: errors keyed by choice)
-SWSC_COST_VERSION = 2
+COST_VERSION = 4  # part of every table's key: bump when the cost model changes (4: computed layer by layer)
+SWSC_COST_VERSION = 3
 FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
 FISHER_SEQ_LEN = 256
 
@@ -36,26 +39,31 @@ def cached_table(fingerprint: str, calib: CalibrationText, ctx) -> dict | None:
     return None if swsc is None else _merge(table, swsc)
 
 
-def compute_table(fingerprint: str, calib: CalibrationText, ctx, model, tokenizer) -> dict:
-    """Compute (what is not cached of) the errors of ``ctx``'s candidates on ``model``,
-    the float source, and cache them."""
+def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, tokenizer) -> dict:
+    """Compute (what is not cached of) the errors of ``ctx``'s candidates on ``streamed``
+    (the float source, a ``StreamedModel``), and cache them."""
     path, swsc_path = _path(fingerprint, calib), _swsc_path(fingerprint, calib, ctx)
     table = read_cache_json(path, "cost table", lambda d: _check(d, _keys(ctx.modules)))
     swsc_keys = {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}
     swsc = {} if not ctx.swsc_options else read_cache_json(swsc_path, "SWSC cost table", lambda d: _check(d, swsc_keys))
     if table is None or swsc is None:
+        wanted = {q.path: (q.choices() if table is None else []) + (ctx.swsc_options.get(q.path, []) if swsc is None else [])
+                  for q in ctx.modules}
+        errors = {path: dict.fromkeys((c.key for c in choices), 0.0) for path, choices in wanted.items()}
+
+        def price(path, weight, fisher):  # a module (or a row block of it) while it is in memory
+            for key, err in module_errors(weight, fisher, wanted[path]).items():
+                errors[path][key] += err
+
         sequences = token_sequences(tokenizer, calib, FISHER_TOKENS, FISHER_SEQ_LEN)
-        with progress_bar("Fisher information", FISHER_TOKENS) as advance:
-            fisher = fisher_diagonal(model, ctx.modules, sequences, advance)
+        with progress_bar("cost table (layers forward, then back)", 2 * len(streamed.layers) + 2) as advance:
+            streamed_fisher(streamed, sequences, ctx.modules, price, advance)
         if table is None:
-            with progress_bar("quantization errors", len(ctx.modules)) as advance:
-                table = quantization_errors(model, ctx.modules, fisher, advance)
+            table = {q.path: {c.key: errors[q.path][c.key] for c in q.choices()} for q in ctx.modules}
             write_json_atomic(path, table)
         if swsc is None:
-            with progress_bar("SWSC errors (k-means, SVD)", len(ctx.swsc_options)) as advance:
-                swsc = swsc_errors(model, ctx.swsc_options, fisher, advance)
+            swsc = {p: {c.key: errors[p][c.key] for c in cs} for p, cs in ctx.swsc_options.items()}
             write_json_atomic(swsc_path, swsc)
-        del fisher
     return _merge(table, swsc)
 
 

@@ -30,7 +30,8 @@ from lsaq_mlx.scoring.calibration import load_calibration
 from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.sources import ModelSource, load_model
-from lsaq_mlx.sources.load import skeleton_model
+from lsaq_mlx.sources.load import load_tokenizer, skeleton_model
+from lsaq_mlx.sources.streaming import StreamedModel
 
 
 @dataclass(kw_only=True)
@@ -117,8 +118,8 @@ class Planner:
         if key not in self._tables:
             table = cost_table.cached_table(self.source.fingerprint, text, ctx)
             if table is None:
-                model, tokenizer = self.loaded()
-                table = cost_table.compute_table(self.source.fingerprint, text, ctx, model, tokenizer)
+                table = cost_table.compute_table(self.source.fingerprint, text, ctx, StreamedModel(self.source),
+                                                 load_tokenizer(self.source))
             self._tables[key] = table
         return self._tables[key]
 

@@ -1,0 +1,231 @@
+"""The diagonal empirical Fisher information of every quantizable weight, one decoder
+layer at a time.
+
+The Fisher of a weight is the mean over calibration sequences of its squared gradient
+of the sequence's next-token cross-entropy. Computed for the whole model at once it
+needs every gradient in memory (about ten bytes per parameter); here, on a
+``StreamedModel``:
+
+1. a forward pass keeps each layer's input for the batch of sequences (the only thing
+   that grows with the number of layers: layers x tokens x hidden floats);
+2. the head: per sequence, the gradient of the loss at the logits and, through the
+   final norm and the LM head, at the last hidden state; the LM head's Fisher comes row
+   block by row block from the logits' gradient;
+3. the layers, top down: each loaded once, its forward recomputed for one sequence at a
+   time under ``mx.vjp``, giving that sequence's weight gradients (squared and summed)
+   and the gradient at the layer's input, which goes on to the layer below;
+4. the token embedding: the gradient at the first layer's input, summed over the
+   positions of each token (scaled by whatever the model multiplies embeddings by),
+   row block by row block; tied embeddings add the LM head's part.
+
+``on_weights(path, weight, fisher)`` receives each module's float32 weight and Fisher
+while they are in memory (the LM head and embedding in row blocks: the cost of a
+choice is a sum over rows), so nothing but one layer's worth is kept.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.planning.plan import QuantModule
+from lsaq_mlx.scoring.lens import find_lens, inner_model
+
+ROW_BLOCK_BYTES = 256 << 20  # float32 bytes of one row block of the LM head or embedding
+
+
+def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantModule], on_weights, progress=None):
+    """Call ``on_weights`` for every module of ``modules`` (see the module's docstring)."""
+    if len({len(s) for s in sequences}) != 1:
+        raise ValueError("the Fisher's calibration sequences must have one length")
+    inputs = mx.array([s[:-1] for s in sequences])
+    targets = mx.array([s[1:] for s in sequences])
+    wanted = {q.path for q in modules}
+    lens = find_lens(streamed.model)
+    head_path = "lm_head" if "lm_head" in wanted else None
+    embed_path = next((p for p in wanted if p.endswith("embed_tokens")), None)
+    tied = head_path is None and embed_path is not None and _tied(streamed.model)
+    step = progress or (lambda n=1: None)
+
+    # 1. forward, keeping each layer's input and a way to run it again
+    boundaries, forwards = [], []
+
+    def keep(i, layer, x_in, x_out, forward):
+        boundaries.append(x_in)
+        forwards.append(forward)
+        step()
+
+    hidden = streamed.run_layers(inputs, keep)
+
+    # 2. the head
+    normed, grads_at_logits, grad_hidden = _head(lens, hidden, targets)
+    if head_path:
+        _row_blocks(head_path, lens.head.weight, lambda rows: _head_block(grads_at_logits, normed, rows), on_weights)
+    if not tied:  # only tied embeddings need them again
+        normed = grads_at_logits = None
+    step()
+
+    # 3. the layers, top down
+    grad = grad_hidden
+    for i in reversed(range(len(streamed.layers))):
+        with streamed.layer(i) as layer:
+            paths = [p for p in wanted if p.startswith(streamed.prefixes[i])]
+            grad, fisher = _layer_fisher(layer, forwards[i], boundaries[i], grad, streamed.prefixes[i], paths)
+            params = dict(tree_flatten(layer.parameters()))
+            for path in paths:
+                on_weights(path, params[path[len(streamed.prefixes[i]):] + ".weight"].astype(mx.float32), fisher[path])
+        boundaries[i] = None
+        step()
+
+    # 4. the embedding (with the head's share when they are tied)
+    if embed_path:
+        embed = inner_model(streamed.model)["embed_tokens"].weight
+        scale = _embedding_scale(streamed)
+
+        def block(rows):
+            head = (lambda s: grads_at_logits[s][:, rows].T @ normed[s]) if tied else None
+            return _embedding_block(grad, inputs, scale, rows, head)
+
+        _row_blocks(embed_path, embed, block, on_weights, skip_zero=not tied)
+    step()
+
+
+def _head(lens, hidden: mx.array, targets: mx.array):
+    """Per sequence: the gradient of its mean cross-entropy at the logits, and at the
+    last hidden state (through the final norm and the LM head); and the normed states."""
+    normed = lens.norm(hidden).astype(mx.float32)
+    at_logits, at_hidden = [], []
+    for s in range(hidden.shape[0]):
+        def loss(logits, s=s):
+            return nn.losses.cross_entropy(logits, targets[s]).mean()
+
+        logits = lens.head(normed[s]).astype(mx.float32)
+        g_logits = mx.grad(loss)(logits)
+        _, (g_hidden,) = mx.vjp(lambda h: (lens.head(lens.norm(h)).astype(mx.float32),), [hidden[s]], [g_logits])
+        mx.eval(g_logits, g_hidden)
+        at_logits.append(g_logits)
+        at_hidden.append(g_hidden)
+    mx.eval(normed)
+    return normed, at_logits, mx.stack(at_hidden)
+
+
+def _head_block(grads_at_logits, normed: mx.array, rows: slice) -> mx.array:
+    """The LM head's Fisher on ``rows``: the mean of each sequence's squared gradient."""
+    total = None
+    for s, g in enumerate(grads_at_logits):
+        grad = g[:, rows].T @ normed[s]
+        total = grad * grad if total is None else total + grad * grad
+        mx.eval(total)
+    return total / len(grads_at_logits)
+
+
+def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, paths: list[str]):
+    """``(gradient at the layer's input, {path: Fisher})`` for one decoder layer."""
+    names = [p[len(prefix):] + ".weight" for p in paths]
+    params = dict(tree_flatten(layer.parameters()))
+    weights = [params[n] for n in names]
+
+    def run(h, *ws):
+        layer.update(_nested(dict(zip(names, ws))))
+        return (forward(h),)
+
+    sums = [mx.zeros_like(w, dtype=mx.float32) for w in weights]
+    grads_in = []
+    for s in range(x.shape[0]):
+        _, cotangents = mx.vjp(run, [x[s : s + 1], *weights], [grad[s : s + 1]])
+        grads_in.append(cotangents[0])
+        sums = [acc + g.astype(mx.float32) * g.astype(mx.float32) for acc, g in zip(sums, cotangents[1:])]
+        mx.eval(grads_in[-1], sums)
+    layer.update(_nested(dict(zip(names, weights))))
+    fisher = {path: acc / x.shape[0] for path, acc in zip(paths, sums)}
+    return mx.concatenate(grads_in), fisher
+
+
+def _embedding_block(grad: mx.array, inputs: mx.array, scale: float, rows: slice, head=None) -> mx.array:
+    """The embedding's Fisher on ``rows``: per sequence, the gradient at the first
+    layer's input summed over each token's positions (times the embedding scale), plus,
+    for tied embeddings, ``head(sequence)``, the LM head's gradient on those rows; squared."""
+    start, stop = rows.start, rows.stop
+    total = mx.zeros((stop - start, grad.shape[-1]), mx.float32)
+    tokens = np.array(inputs)
+    for s in range(grad.shape[0]):
+        here = (tokens[s] >= start) & (tokens[s] < stop)
+        g = head(s) if head is not None else mx.zeros_like(total)
+        if here.any():
+            ids = mx.array(tokens[s][here] - start)
+            g = g.at[ids].add(grad[s][mx.array(np.nonzero(here)[0])].astype(mx.float32) * scale)
+        total = total + g * g
+        mx.eval(total)
+    return total / grad.shape[0]
+
+
+def _embedding_scale(streamed) -> float:
+    """What the model multiplies a token's embedding by before the first layer (Gemma:
+    the square root of the hidden size), read from the gradient of one token's lookup."""
+    inner = inner_model(streamed.model)
+    table = inner["embed_tokens"].weight
+
+    def first_input(weight):
+        inner["embed_tokens"].weight = weight
+        h = _until_first_layer(inner, mx.array([[0]]))
+        return (h.sum(),)
+
+    try:
+        _, (g,) = mx.vjp(first_input, [table], [mx.array(1.0)])
+    finally:
+        inner["embed_tokens"].weight = table
+    return float(g[0].mean().item())
+
+
+def _until_first_layer(inner, tokens: mx.array) -> mx.array:
+    """The hidden states the inner model hands its first layer."""
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    layer = inner["layers"][0]
+    cls = type(layer)
+
+    def capture(self, x, *args, **kwargs):
+        captured["x"] = x
+        raise Stop
+
+    layer.__class__ = type("Capture", (cls,), {"__call__": capture})
+    try:
+        inner(tokens)
+    except Stop:
+        pass
+    finally:
+        layer.__class__ = cls
+    return captured["x"]
+
+
+def _row_blocks(path: str, weight: mx.array, fisher_of_rows, on_weights, skip_zero: bool = False) -> None:
+    """``on_weights`` on row blocks of a large matrix; with ``skip_zero``, rows whose
+    Fisher is zero (embedding rows of tokens never seen) are left out."""
+    rows = weight.shape[0]
+    step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
+    for start in range(0, rows, step):
+        block = slice(start, min(rows, start + step))
+        fisher = fisher_of_rows(block)
+        w = weight[block].astype(mx.float32)
+        if skip_zero:
+            seen = np.nonzero(np.array(fisher.sum(axis=1)) > 0)[0]
+            if not len(seen):
+                continue
+            keep = mx.array(seen)
+            w, fisher = w[keep], fisher[keep]
+        mx.eval(w, fisher)
+        on_weights(path, w, fisher)
+
+
+def _tied(model: nn.Module) -> bool:
+    holder = model.get("language_model", model)
+    return "lm_head" not in holder
+
+
+def _nested(flat: dict) -> dict:
+    from mlx.utils import tree_unflatten
+
+    return tree_unflatten(list(flat.items()))
