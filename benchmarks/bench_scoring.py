@@ -31,7 +31,8 @@ from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
 from lsaq_mlx.backend.cores import worker_count
 from lsaq_mlx.scoring import metrics as importance
 from lsaq_mlx.scoring.metrics import lens_statistics
-from lsaq_mlx.scoring.lens import Lens, find_lens, inner_model
+from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.lens import Lens, find_lens
 from lsaq_mlx.scoring.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOP_K
 from lsaq_mlx.sources import load_model, resolve_model
 

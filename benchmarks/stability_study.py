@@ -33,7 +33,8 @@ import numpy as np
 from lsaq_mlx.backend.blas import reexec_with_fast_blas
 from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
 from lsaq_mlx.scoring.metrics import jaccard_per_position, lens_statistics
-from lsaq_mlx.scoring.lens import find_lens, inner_model, layer_hooks
+from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.lens import find_lens, layer_hooks
 from lsaq_mlx.scoring.scores import DEFAULT_TOP_K, spearman
 from lsaq_mlx.sources import load_model, resolve_model
 

@@ -5,6 +5,8 @@ import re
 
 import mlx.nn as nn
 
+from lsaq_mlx.errors import UserError
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 
 
@@ -36,3 +38,16 @@ def by_layer(items: dict) -> list[dict]:
         index = layer_index(path)
         groups.setdefault(1 << 30 if index is None else index, {})[path] = value
     return [groups[k] for k in sorted(groups)]
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The module holding embeddings, layers and the final norm (``model.model`` in mlx-lm)."""
+    for path in ("model", "language_model.model"):
+        inner = model
+        for part in path.split("."):
+            inner = inner.get(part) if isinstance(inner, dict) else None
+            if inner is None:
+                break
+        if inner is not None and "layers" in inner and "norm" in inner:
+            return inner
+    raise UserError(f"{type(model).__module__} models are not supported: no inner model with layers and a final norm")

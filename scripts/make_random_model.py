@@ -1,12 +1,15 @@
 """Write a randomly initialized llama model folder of a chosen shape, for benchmarks.
 
-    python scripts/make_random_model.py OUT [--hidden 2048] [--layers 8] [--heads 16]
-        [--kv-heads 4] [--intermediate 5632] [--seed 0]
+    python scripts/make_random_model.py OUT [--shape llama3-8b | --hidden 2048 --layers 8 ...]
 
-The tokenizer (and so the vocabulary, 49,152) is the embedded default model's; the
-weights are mlx-lm's own initialization, saved in float32. Its outputs mean nothing, but
-its shapes cost what a real model of that shape costs, which is all a speed benchmark
-needs when the real model cannot be downloaded.
+Shapes (``--shape``) name the ones the benchmarks use; any argument given after it
+overrides that part of it (``--shape llama3-8b --layers 16``). Weights are normal with
+standard deviation 0.02 (norms 1), in float16, written one decoder layer per
+safetensors shard with an index, so writing takes one layer of memory whatever the
+size. The tokenizer is the embedded default model's (vocabulary 49,152; a larger model
+vocabulary only means ids the tokenizer never produces). Outputs mean nothing, but the
+shapes cost what a real model of that shape costs, which is all a memory or speed
+benchmark needs when the real model cannot be downloaded.
 """
 
 import argparse
@@ -18,40 +21,85 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 
-from lsaq_mlx.sources import resolve_model
-
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads, head dim, vocab, tied
+    "0.5b": (1536, 16, 4096, 12, 4, 128, 49152, True),
+    "1.1b": (2048, 22, 5632, 32, 4, 64, 49152, True),  # TinyLlama-1.1B's shape
+    "llama3-8b": (4096, 32, 14336, 32, 8, 128, 128256, False),
+    "gemma3-270m-vocab": (640, 18, 2048, 4, 1, 256, 262144, True),  # Gemma 3 270M's widths and vocabulary
+}
+FIELDS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "tied")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def config_for(shape: dict, default_config: dict) -> dict:
+    config = {k: v for k, v in default_config.items() if k not in ("lsaq_source", "quantization")}
+    return config | {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": shape["hidden"],
+        "num_hidden_layers": shape["layers"], "intermediate_size": shape["intermediate"],
+        "num_attention_heads": shape["heads"], "num_key_value_heads": shape["kv_heads"],
+        "head_dim": shape["head_dim"], "vocab_size": shape["vocab"], "tie_word_embeddings": shape["tied"],
+        "torch_dtype": "float16",
+    }
+
+
+def random_params(params: dict, key) -> dict:
+    """Normal(0, 0.02) weights, ones for norms, in float16."""
+    out = {}
+    for i, (name, value) in enumerate(sorted(params.items())):
+        if "norm" in name:
+            out[name] = mx.ones(value.shape, mx.float16)
+        else:
+            out[name] = (mx.random.normal(value.shape, key=mx.random.split(key, i + 2)[i + 1]) * 0.02).astype(mx.float16)
+    return out
+
+
+def write(out: Path, config: dict, seed: int = 0) -> int:
+    """Write the folder; return the number of parameters."""
+    model = llama.Model(llama.ModelArgs.from_dict(config))  # built lazily: nothing evaluated
+    flat = dict(tree_flatten(model.parameters()))
+    groups = {}
+    for name in flat:
+        parts = name.split(".")
+        groups.setdefault(parts[2] if parts[:2] == ["model", "layers"] else "rest", []).append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, count = {}, 0
+    key = mx.random.key(seed)
+    for n, (group, names) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0] == "rest", int(kv[0]) if kv[0] != "rest" else 0))):
+        tensors = random_params({k: flat[k] for k in names}, mx.random.split(key, n + 2)[n + 1])
+        mx.eval(tensors)
+        file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
+        mx.save_safetensors(str(out / file), tensors, metadata={"format": "mlx"})
+        weight_map |= dict.fromkeys(tensors, file)
+        count += sum(v.size for v in tensors.values())
+        del tensors
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    return count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--shape", choices=SHAPES, default="0.5b")
+    for name in FIELDS[:-1]:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    parser.add_argument("--untied", action="store_true", help="an LM head of its own")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from lsaq_mlx.sources import resolve_model
+
+    shape = dict(zip(FIELDS, SHAPES[args.shape]))
+    shape |= {k: getattr(args, k) for k in FIELDS[:-1] if getattr(args, k) is not None}
+    shape["tied"] = shape["tied"] and not args.untied
     default = resolve_model(None).path
-    config = json.loads((default / "config.json").read_text())
-    config.pop("lsaq_source", None)
-    config |= {"hidden_size": args.hidden, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-               "num_key_value_heads": args.kv_heads, "head_dim": args.hidden // args.heads,
-               "intermediate_size": args.intermediate, "tie_word_embeddings": True, "torch_dtype": "float32"}
-    mx.random.seed(args.seed)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    args.out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(args.out / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    (args.out / "config.json").write_text(json.dumps(config, indent=1))
+    config = config_for(shape, json.loads((default / "config.json").read_text()))
+    count = write(args.out, config, args.seed)
     for name in TOKENIZER_FILES:
         if (default / name).exists():
             shutil.copy(default / name, args.out / name)
-    n = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"{args.out}: llama, {args.layers} layers, hidden {args.hidden}, vocab {config['vocab_size']}, "
-          f"{n / 1e6:.0f}M parameters")
+    print(f"{args.out}: llama, {shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
+          f"{count / 1e6:.0f}M parameters, float16")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import pytest
 from lsaq_mlx.scoring import metrics as importance
 from lsaq_mlx.scoring.calibration import CalibrationText, load_calibration, token_sequences
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scoring.lens import Lens, find_lens, inner_model, layer_hooks, top_k_ids
+from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.lens import Lens, find_lens, layer_hooks, top_k_ids
 from tiny_models import ARGS, tiny_model
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]

@@ -29,7 +29,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from lsaq_mlx.planning.plan import QuantModule
-from lsaq_mlx.scoring.lens import find_lens, inner_model
+from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.lens import find_lens
 
 ROW_BLOCK_BYTES = 256 << 20  # float32 bytes of one row block of the LM head or embedding
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.modules import inner_model
 
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on one chunk of vocabulary logits
 
@@ -67,19 +68,6 @@ def top_k_ids(logits: mx.array, k: int, block: int = 64) -> mx.array:
     candidates = mx.take_along_axis(blocks, best[:, :, None], axis=1).reshape(rows, k * block)
     pick = mx.argpartition(candidates, kth=k * block - k, axis=-1)[:, k * block - k :]
     return mx.take_along_axis(best, pick // block, axis=-1) * block + pick % block
-
-
-def inner_model(model: nn.Module) -> nn.Module:
-    """The module holding embeddings, layers and the final norm (``model.model`` in mlx-lm)."""
-    for path in ("model", "language_model.model"):
-        inner = model
-        for part in path.split("."):
-            inner = inner.get(part) if isinstance(inner, dict) else None
-            if inner is None:
-                break
-        if inner is not None and "layers" in inner and "norm" in inner:
-            return inner
-    raise UserError(f"{type(model).__module__} models are not supported: no inner model with layers and a final norm")
 
 
 def find_lens(model: nn.Module) -> Lens:

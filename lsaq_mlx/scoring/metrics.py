@@ -15,7 +15,8 @@ from lsaq_mlx.backend.compute import dequantize_layers
 from lsaq_mlx.backend.cores import map_on_cores
 from lsaq_mlx.scoring.divergence import token_kl
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.scoring.lens import find_lens, inner_model, layer_hooks
+from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.lens import find_lens, layer_hooks
 
 
 def jaccard_per_position(a: mx.array, b: mx.array) -> mx.array:

@@ -12,7 +12,7 @@ from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scoring import metrics as importance
 from lsaq_mlx.scoring import streamed
 from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
-from lsaq_mlx.scoring.lens import inner_model
+from lsaq_mlx.modules import inner_model
 from lsaq_mlx.scoring.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.compute import backend
-from lsaq_mlx.modules import layer_index
+from lsaq_mlx.modules import inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.tensors import source_tensors
 
@@ -58,7 +58,7 @@ class StreamedModel:
         self.tensors = source_tensors(source)
         self.names = _checkpoint_names(self.model, self.tensors)
         self.dtype = dtype or _compute_dtype(self.tensors)
-        self.layers = _inner(self.model)["layers"]
+        self.layers = inner_model(self.model)["layers"]
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
@@ -106,7 +106,7 @@ class StreamedModel:
         each layer run once on the whole batch; ``on_layer(i, layer, x_in, x_out, forward)``
         is called with the layer's weights loaded, ``forward(h)`` running the layer on
         other hidden states of the same shape (with the mask the model gave it)."""
-        inner = _inner(self.model)
+        inner = inner_model(self.model)
         stream = self
 
         def run(self_layer, index, cls, x, *args, **kwargs):
@@ -144,12 +144,6 @@ def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:
 class _Identity(nn.Module):
     def __call__(self, x):
         return x
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    from lsaq_mlx.scoring.lens import inner_model
-
-    return inner_model(model)
 
 
 def _layer_prefixes(model: nn.Module, layers) -> list[str]:
