@@ -5,8 +5,9 @@ entry names every quantizable module (its bits and group size, or ``false``), th
 weights as ``model*.safetensors``, the source's tokenizer files (chat template
 included), ``lsaq_plan.json`` and ``lsaq_report.json``. Weights are quantized from the
 source's float32 copy with float16 scales and biases; other float tensors become
-float16. The source is read lazily and each shard is computed as it is saved, so peak
-memory stays near one copy of the source. The folder is built beside the target and
+float16. The source is read lazily and the weights are computed one decoder layer at a
+time, each layer saved as its own shard, so peak memory is set by one layer (and the
+embeddings), not by the model. The folder is built beside the target and
 renamed into place only when complete.
 
 A plan that gives modules to the SWSC codec (``--codecs affine,swsc``) compresses them
@@ -25,12 +26,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
-from lsaq_mlx.backend.compute import compute_mode, dequantize_layers, describe
+from lsaq_mlx.backend.compute import dequantize_layers, describe, prepare_for_compute
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.modules import layer_index
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
@@ -135,10 +137,10 @@ def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
 
 
 def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: ModelSource, folder: Path) -> None:
-    from mlx_lm.utils import save_config, save_model
+    from mlx_lm.utils import save_config
 
     swsc_tensors, swsc_modules = take_swsc_layers(model)
-    save_model(folder, model, donate_model=True)
+    save_weights_by_layer(model, folder)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["quantization"] = plan.quantization_config()
     config["torch_dtype"] = "float16"
@@ -148,6 +150,31 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
     for f in _tokenizer_files(source):
         shutil.copy2(f, folder / f.name)
     plan.save(folder / "lsaq_plan.json")
+
+
+def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
+    """Save the (lazy) weights one decoder layer per shard, each computed as it is saved,
+    with mlx-lm's index: memory holds one layer's sources and results, not the model's."""
+    from mlx_lm.utils import get_total_parameters
+
+    weights = dict(tree_flatten(model.parameters()))
+    index = {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": get_total_parameters(model)}
+    model.update(tree_map(lambda _: mx.array([]), model.parameters()))
+    groups: dict = {}
+    for name in weights:
+        groups.setdefault(layer_index(name), []).append(name)
+    order = sorted(groups, key=lambda i: -1 if i is None else i)
+    weight_map = {}
+    with progress_bar("writing weights", len(order)) as advance:
+        for n, group in enumerate(order):
+            shard = {name: weights.pop(name) for name in groups[group]}
+            file = f"model-{n + 1:05d}-of-{len(order):05d}.safetensors"
+            mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
+            weight_map |= dict.fromkeys(shard, file)
+            del shard
+            advance()
+    index_data = {"metadata": index, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=4))
 
 
 def _tokenizer_files(source: ModelSource) -> list[Path]:
@@ -171,13 +198,10 @@ def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:
     from mlx_lm import generate
     from mlx_lm.utils import load
 
-    model, tokenizer = load_swsc_folder(folder)[:2] if is_swsc_folder(folder) else load(str(folder))
+    model, tokenizer = load_swsc_folder(folder, lazy=True)[:2] if is_swsc_folder(folder) else load(str(folder), lazy=True)
     bpw = model_bits_per_weight(model)
     written = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    # a few tokens with the quantized kernels (no float copy, so peak memory stays low); on
-    # the CPU with float32 scales, as MLX's float16 quantized CPU kernel is far slower
-    if compute_mode() == "float32":
-        model.set_dtype(mx.float32)
+    prepare_for_compute(model)
     text = generate(model, tokenizer, SMOKE_PROMPT, max_tokens=smoke_tokens, verbose=False)
     return text, bpw, written
 

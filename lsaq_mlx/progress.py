@@ -3,7 +3,7 @@
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 stderr = Console(stderr=True)
 _active: Progress | None = None  # rich draws one live display at a time: nested bars join it
@@ -27,6 +27,8 @@ def progress_bar(description: str, total: int | None):
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=stderr,
         transient=True,
         disable=not stderr.is_terminal,

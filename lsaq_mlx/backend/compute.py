@@ -1,9 +1,11 @@
 """How models run here: the MLX backend, the BLAS behind it, and the compute mode.
 
-MLX's CPU backend has a naive quantized matmul (and on Linux a reference BLAS,
-see ``lsaq_mlx.backend.blas``). There, models run in float32 with their quantized layers
-dequantized: the same weights the quantized kernel reconstructs, multiplied by a
-fast GEMM. On a GPU (Metal) MLX's quantized kernels are fast and used as they are.
+MLX's CPU backend has a slow quantized matmul (and on Linux a reference BLAS,
+see ``lsaq_mlx.backend.blas``). There, models run in float32: a bounded share of the
+quantized layers is dequantized (the same weights the quantized kernel reconstructs,
+multiplied by a fast GEMM), the rest run as hybrid layers that keep their stored
+weights (``lsaq_mlx.backend.hybrid``), so memory stays near the quantized size. On a
+GPU (Metal) MLX's quantized kernels are fast and used as they are.
 """
 
 import os
@@ -11,11 +13,16 @@ import sys
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.blas import active_blas
+from lsaq_mlx.backend.hybrid import make_hybrid
+from lsaq_mlx.modules import by_layer, layer_index
+from lsaq_mlx.sizes import parse_size
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
+FLOAT_COPY_ENV = "LSAQ_MLX_FLOAT_COPY"
+DEFAULT_FLOAT_COPY = "1GB"
 
 
 def backend() -> str:
@@ -32,14 +39,17 @@ def compute_mode() -> str:
     return "float32" if backend() == "cpu" else "quantized"
 
 
-def dequantize_layers(model: nn.Module) -> nn.Module:
-    """Replace quantized layers by float32 ones holding the exact dequantized weights.
+def dequantize_layers(model: nn.Module, paths: set[str] | None = None) -> nn.Module:
+    """Replace quantized layers (those at ``paths``; default all) by float32 ones holding
+    the exact dequantized weights.
 
     Scales and biases are upcast before ``mx.dequantize`` so the weights are the
     exact ``scale * q + bias`` values, not rounded to the scales' float16.
     """
     replaced = []
     for name, module in model.named_modules():
+        if paths is not None and name not in paths:
+            continue
         if isinstance(module, nn.QuantizedLinear):
             layer = nn.Linear(1, 1, bias="bias" in module)
         elif isinstance(module, nn.QuantizedEmbedding):
@@ -63,13 +73,59 @@ def dequantize_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_for_compute(model: nn.Module, mode: str | None = None) -> nn.Module:
-    """Put a loaded model in the compute mode of this machine (see ``compute_mode``)."""
+def float_copy_bytes() -> int | None:
+    """How many bytes of float32 weights a model may hold for compute on the CPU
+    (``LSAQ_MLX_FLOAT_COPY``, e.g. ``2GB``; ``all`` for no bound)."""
+    value = os.environ.get(FLOAT_COPY_ENV, DEFAULT_FLOAT_COPY)
+    return None if value == "all" else parse_size(value)
+
+
+def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: set[str] | None = None) -> nn.Module:
+    """Put a loaded model in the compute mode of this machine (see ``compute_mode``) and
+    evaluate it one decoder layer at a time. In float32 mode the linear and embedding
+    modules at ``float_paths`` (default: ``float_copy_paths`` within ``float_copy_bytes``)
+    get float32 weights (dequantized if quantized); the others keep their stored weights
+    and run as hybrid layers (``lsaq_mlx.backend.hybrid``); every other float parameter
+    becomes float32."""
     if (mode or compute_mode()) == "float32":
-        dequantize_layers(model)
-        model.set_dtype(mx.float32)
-    mx.eval(model.parameters())
+        if float_paths is None:
+            float_paths = float_copy_paths(model, float_copy_bytes())
+        dequantize_layers(model, float_paths)
+        for path, module in model.named_modules():
+            if path not in float_paths:
+                make_hybrid(module)
+        _float32_except_stored(model, float_paths)
+    for group in by_layer(dict(tree_flatten(model.parameters()))):
+        mx.eval(list(group.values()))
     return model
+
+
+_MATRICES = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
+
+
+def float_copy_paths(model: nn.Module, float_bytes: int | None) -> set[str]:
+    """The linear and embedding modules, first layers first, whose float32 weights fit
+    ``float_bytes`` (None: all)."""
+    chosen, total = set(), 0
+    matrices = [(p, m) for p, m in model.named_modules() if isinstance(m, _MATRICES)]
+    order = sorted(matrices, key=lambda pm: (layer_index(pm[0]) is None, layer_index(pm[0]) or 0))
+    for path, module in order:
+        rows, cols = module.weight.shape
+        size = 4 * rows * (cols * 32 // module.bits if "scales" in module else cols)
+        if float_bytes is not None and total + size > float_bytes:
+            break
+        chosen.add(path)
+        total += size
+    return chosen
+
+
+def _float32_except_stored(model: nn.Module, float_paths: set[str]) -> None:
+    """Every float parameter to float32, except the weights of hybrid layers."""
+    for path, module in model.named_modules():
+        keep = {"weight", "scales", "biases"} if path not in float_paths and isinstance(module, _MATRICES) else set()
+        for name, value in module.items():
+            if isinstance(value, mx.array) and name not in keep and mx.issubdtype(value.dtype, mx.floating):
+                module[name] = value.astype(mx.float32)
 
 
 def describe() -> dict:

@@ -28,6 +28,25 @@ class ReferenceDistributions:
             logprobs.append(lp)
         return cls(chunks, logprobs)
 
+    @classmethod
+    def compute_streamed(cls, streamed, tokens: list[int], seq_len: int) -> "ReferenceDistributions":
+        """The same from a ``StreamedModel``: the windows of one length go through the
+        layers together, one layer in memory at a time."""
+        from lsaq_mlx.scoring.lens import find_lens
+
+        lens = find_lens(streamed.model)
+        chunks = list(windows(tokens, seq_len))
+        logprobs: list = [None] * len(chunks)
+        by_length: dict[int, list[int]] = {}
+        for i, w in enumerate(chunks):
+            by_length.setdefault(len(w), []).append(i)
+        for ids in by_length.values():
+            hidden = streamed.run_layers(mx.array([chunks[i][:-1] for i in ids]))
+            for row, i in enumerate(ids):
+                logprobs[i] = log_softmax(lens.logits(hidden[row])).astype(mx.float16)
+                mx.eval(logprobs[i])
+        return cls(chunks, logprobs)
+
 
 @dataclass
 class DivergenceResult:

@@ -17,6 +17,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation.perplexity import perplexity
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.sources.streaming import StreamedModel, streams
 from lsaq_mlx.evaluation.tasks import TASKS, load_task
 from lsaq_mlx.evaluation.zeroshot import evaluate_task
 
@@ -64,6 +65,9 @@ def read_ppl_text(spec: str) -> tuple[str, str]:
 
 
 def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: int) -> ReferenceDistributions:
+    """The reference's distributions: streamed one layer at a time when it is large."""
+    if streams(reference):
+        return ReferenceDistributions.compute_streamed(StreamedModel(reference), tokens, seq_len)
     ref_model, _, _ = load_model(reference)
     return ReferenceDistributions.compute(ref_model, tokens, seq_len)
 

@@ -59,11 +59,14 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
     hidden = streamed.run_layers(inputs, keep)
 
     # 2. the head
-    normed, grads_at_logits, grad_hidden = _head(lens, hidden, targets)
+    normed, lses, grad_hidden = _head(lens, hidden, targets)
+    head_weight = lens.head.weight if head_path else inner_model(streamed.model)["embed_tokens"].weight
+
+    def logit_grad(s: int, rows: slice) -> mx.array:
+        return _logit_grad(normed[s], lses[s], targets[s], head_weight, rows)
+
     if head_path:
-        _row_blocks(head_path, lens.head.weight, lambda rows: _head_block(grads_at_logits, normed, rows), on_weights)
-    if not tied:  # only tied embeddings need them again
-        normed = grads_at_logits = None
+        _row_blocks(head_path, head_weight, lambda rows: _head_block(logit_grad, normed, rows), on_weights)
     step()
 
     # 3. the layers, top down
@@ -84,7 +87,7 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
         scale = _embedding_scale(streamed)
 
         def block(rows):
-            head = (lambda s: grads_at_logits[s][:, rows].T @ normed[s]) if tied else None
+            head = (lambda s: logit_grad(s, rows).T @ normed[s]) if tied else None
             return _embedding_block(grad, inputs, scale, rows, head)
 
         _row_blocks(embed_path, embed, block, on_weights, skip_zero=not tied)
@@ -92,32 +95,41 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
 
 
 def _head(lens, hidden: mx.array, targets: mx.array):
-    """Per sequence: the gradient of its mean cross-entropy at the logits, and at the
-    last hidden state (through the final norm and the LM head); and the normed states."""
+    """Per sequence: the log-normalizer of its logits and the gradient of its mean
+    cross-entropy at the last hidden state (through the final norm and the LM head); and
+    the normed states. The gradients at the logits are recomputed by row blocks of the
+    head when needed (``_logit_grad``), never held for the whole vocabulary."""
     normed = lens.norm(hidden).astype(mx.float32)
-    at_logits, at_hidden = [], []
+    lses, at_hidden = [], []
     for s in range(hidden.shape[0]):
-        def loss(logits, s=s):
-            return nn.losses.cross_entropy(logits, targets[s]).mean()
+        def loss(h, s=s):
+            return nn.losses.cross_entropy(lens.head(lens.norm(h)).astype(mx.float32), targets[s]).mean()
 
-        logits = lens.head(normed[s]).astype(mx.float32)
-        g_logits = mx.grad(loss)(logits)
-        _, (g_hidden,) = mx.vjp(lambda h: (lens.head(lens.norm(h)).astype(mx.float32),), [hidden[s]], [g_logits])
-        mx.eval(g_logits, g_hidden)
-        at_logits.append(g_logits)
+        lse = mx.logsumexp(lens.head(normed[s]).astype(mx.float32), axis=-1)
+        g_hidden = mx.grad(loss)(hidden[s])
+        mx.eval(lse, g_hidden)
+        lses.append(lse)
         at_hidden.append(g_hidden)
     mx.eval(normed)
-    return normed, at_logits, mx.stack(at_hidden)
+    return normed, lses, mx.stack(at_hidden)
 
 
-def _head_block(grads_at_logits, normed: mx.array, rows: slice) -> mx.array:
+def _logit_grad(normed: mx.array, lse: mx.array, targets: mx.array, weight: mx.array, rows: slice) -> mx.array:
+    """The gradient of a sequence's mean cross-entropy at its logits of vocabulary
+    ``rows`` (the lens head is ``normed @ weight.T``): ``(softmax - one-hot) / length``."""
+    logits = normed @ weight[rows].astype(mx.float32).T
+    onehot = targets[:, None] == mx.arange(rows.start, rows.stop)[None, :]
+    return (mx.exp(logits - lse[:, None]) - onehot) / normed.shape[0]
+
+
+def _head_block(logit_grad, normed: mx.array, rows: slice) -> mx.array:
     """The LM head's Fisher on ``rows``: the mean of each sequence's squared gradient."""
     total = None
-    for s, g in enumerate(grads_at_logits):
-        grad = g[:, rows].T @ normed[s]
+    for s in range(normed.shape[0]):
+        grad = logit_grad(s, rows).T @ normed[s]
         total = grad * grad if total is None else total + grad * grad
         mx.eval(total)
-    return total / len(grads_at_logits)
+    return total / normed.shape[0]
 
 
 def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, paths: list[str]):
@@ -171,8 +183,8 @@ def _embedding_scale(streamed) -> float:
         h = _until_first_layer(inner, mx.array([[0]]))
         return (h.sum(),)
 
-    try:
-        _, (g,) = mx.vjp(first_input, [table], [mx.array(1.0)])
+    try:  # one row is enough to read the scale (a float32 copy of the table would not be small)
+        _, (g,) = mx.vjp(first_input, [table[:1].astype(mx.float32)], [mx.array(1.0)])
     finally:
         inner["embed_tokens"].weight = table
     return float(g[0].mean().item())

@@ -20,7 +20,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from lsaq_mlx.backend.compute import compute_mode, prepare_for_compute
+from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_paths, prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
@@ -190,17 +190,17 @@ class Engine:
             self.planner.release()  # planning again reads the cached cost table, not these weights
             self.tokenizer = load_tokenizer(self.source)
             self.precision = module_precision(self.model)
-            prepare_for_compute(self.model)
             self.choices = dict(plan.modules)
         else:
             from lsaq_mlx.swsc.layer import model_bits_per_weight
 
-            self.model, self.tokenizer, _ = load_model(self.source, compute=False)
+            self.model, self.tokenizer, _ = load_model(self.source, compute=False, lazy=True)
             self.source_bits = model_bits_per_weight(self.model)
             self.source_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
             self.precision = module_precision(self.model)
-            prepare_for_compute(self.model)
             self.choices = {}
+        self.float_paths = float_copy_paths(self.model, float_copy_bytes())
+        prepare_for_compute(self.model, float_paths=self.float_paths)
         self.plan = plan
         self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.weights = None if "quantization" in self._source_config() else source_weights(self.source)
@@ -353,7 +353,7 @@ class Engine:
 
     def _swap_step(self) -> None:
         group = self.pending.pop(0)
-        report = swap_modules(self.model, group, self.weights, self.float32, self.store)
+        report = swap_modules(self.model, group, self.weights, self.float32, self.store, self.float_paths)
         for path in report.changed:
             self.choices[path] = group[path]
         self._swap_report.merge(report)

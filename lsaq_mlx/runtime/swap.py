@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from lsaq_mlx.backend.compute import dequantize_layers
+from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.modules import by_layer, module_at
 from lsaq_mlx.planning.choices import Affine
 
@@ -79,20 +79,17 @@ def module_maker(model: nn.Module, weights):
 
 
 def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool,
-                 store=None) -> nn.Module:
+                 store=None, float_copy: bool = False) -> nn.Module:
     """The module at ``path`` with precision ``choice``: read ready from ``store`` (a
-    ``storage.layer_store.LayerStore``) when it holds it, else quantized from the source."""
+    ``storage.layer_store.LayerStore``) when it holds it, else quantized from the source;
+    for float32 compute dequantized when ``float_copy``, else kept as stored (hybrid)."""
     new = store.module(path, choice) if store is not None else None
     if new is None:
         new = quantized_module(old, path, choice, weights)
-    if float32_compute:
-        holder = nn.Module()
-        holder.m = new
-        dequantize_layers(holder)
-        new = holder.m
-        new.set_dtype(mx.float32)
-    mx.eval(new.parameters())
-    return new
+    holder = nn.Module()
+    holder.m = new
+    prepare_for_compute(holder, "float32" if float32_compute else "quantized", {"m"} if float_copy else set())
+    return holder.m
 
 
 @dataclass
@@ -112,13 +109,18 @@ class SwapReport:
 
 
 def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool,
-                 store=None) -> SwapReport:
-    """Replace every module of ``changes`` (path -> choice) by its new precision."""
+                 store=None, float_paths: set[str] | None = None) -> SwapReport:
+    """Replace every module of ``changes`` (path -> choice) by its new precision. For
+    float32 compute, those at ``float_paths`` are dequantized (the model's bounded float32
+    copy, see ``backend.compute.prepare_for_compute``); default: the modules that are
+    float now."""
     report, start = SwapReport(), time.perf_counter()
     source_before, store_before = getattr(weights, "bytes_read", 0), getattr(store, "bytes_read", 0)
     for path, choice in changes.items():
         try:
-            new = build_module(module_at(model, path), path, choice, weights, float32_compute, store)
+            old = module_at(model, path)
+            float_copy = not _is_quantized(old) if float_paths is None else path in float_paths
+            new = build_module(old, path, choice, weights, float32_compute, store, float_copy)
         except Exception as e:  # keep the old weights, report, go on
             report.failed[path] = f"{type(e).__name__}: {e}"
             continue
@@ -130,6 +132,10 @@ def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float3
     report.source_bytes = getattr(weights, "bytes_read", 0) - source_before
     report.store_bytes = getattr(store, "bytes_read", 0) - store_before
     return report
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
 
 
 def layer_groups(changes: dict) -> list[dict]:

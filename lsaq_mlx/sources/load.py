@@ -22,7 +22,7 @@ def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
         elif is_swsc_folder(source.path):
             model, tokenizer, config = load_swsc_folder(source.path, lazy=lazy)
         else:
-            model, tokenizer, config = load(str(source.path), lazy=lazy, return_config=True)
+            model, tokenizer, config = load(str(source.path), lazy=lazy or compute, return_config=True)
     except (ValueError, OSError, RuntimeError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = source.origin if source.kind == "pack" else source.path

@@ -10,10 +10,11 @@ output. So peak memory is one layer, the resident parts and the activations, wha
 the number of layers.
 
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
-matmul is slow; the source's own float type on a GPU); quantized sources are
-dequantized exactly. Checkpoints whose mlx-lm ``sanitize`` transforms tensors (rather
+matmul is slow; the source's own float type on a GPU), except the embeddings and LM
+head on the CPU, which stay as stored and are upcast in row blocks as they are used;
+quantized sources are dequantized exactly. Checkpoints whose mlx-lm ``sanitize`` transforms tensors (rather
 than renaming or dropping them) cannot be read tensor by tensor: ``StreamedModel``
-refuses them (``NotStreamable``) and callers load the whole model instead.
+refuses them (``NotStreamable``, a one-line error).
 """
 
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.compute import backend
+from lsaq_mlx.backend.hybrid import make_hybrid
+from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.tensors import source_tensors
@@ -47,8 +50,11 @@ def streams(source) -> bool:
     return sum(v.size for _, v in tree_flatten(model.parameters())) * 4 > STREAM_ABOVE_BYTES
 
 
-class NotStreamable(Exception):
+class NotStreamable(UserError):
     """The checkpoint's tensors are not the model's one for one."""
+
+    def __init__(self, why: str):
+        super().__init__(f"cannot read this checkpoint one layer at a time: {why}")
 
 
 class StreamedModel:
@@ -62,9 +68,14 @@ class StreamedModel:
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
-        self.model.update(tree_unflatten([(n, self._read(n)) for n in resident]))
-        mx.eval(self.model.parameters())
-        self.resident_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        matrices = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
+        loaded = [(n, self._read(n, keep_dtype=n in matrices)) for n in resident]
+        self.model.update(tree_unflatten(loaded))
+        mx.eval([a for _, a in loaded])  # not the layers' placeholders: evaluated, they would take memory
+        for path, module in self.model.named_modules():
+            if f"{path}.weight" in matrices:
+                make_hybrid(module)
+        self.resident_bytes = sum(a.nbytes for _, a in loaded)
 
     def layer_parameters(self, i: int) -> dict[str, mx.array]:
         """Layer ``i``'s weights (names relative to the layer), unread until evaluated."""
@@ -86,7 +97,8 @@ class StreamedModel:
         """Bytes layer ``i`` holds while loaded (in the compute dtype)."""
         return sum(v.size * self.dtype.size for v in self._idle[i].values())
 
-    def _read(self, name: str) -> mx.array:
+    def _read(self, name: str, keep_dtype: bool = False) -> mx.array:
+        """A parameter in the compute dtype; with ``keep_dtype`` a float one stays as stored."""
         path, _, param = name.rpartition(".")
         raw = self.names.get(name)
         if raw is None:
@@ -99,7 +111,9 @@ class StreamedModel:
             array = mx.dequantize(array, self.tensors.get(scales).astype(mx.float32),
                                   None if biases is None else self.tensors.get(biases).astype(mx.float32),
                                   q["group_size"], q["bits"], mode=q.get("mode", "affine"))
-        return array.astype(self.dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+        if keep_dtype and scales is None or not mx.issubdtype(array.dtype, mx.floating):
+            return array
+        return array.astype(self.dtype)
 
     def run_layers(self, tokens: mx.array, on_layer=None) -> mx.array:
         """The final hidden states (before the final norm) of ``tokens`` (batch, length),
@@ -144,6 +158,14 @@ def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:
 class _Identity(nn.Module):
     def __call__(self, x):
         return x
+
+
+def _hybrid_matrices(model: nn.Module) -> set[str]:
+    """The weights of the linear and embedding modules outside the decoder layers (the
+    embeddings, the LM head: the largest matrices), kept as stored and upcast per use
+    (``backend.hybrid``) rather than held in float32."""
+    kinds = (nn.Linear, nn.Embedding)
+    return {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, kinds) and layer_index(p) is None}
 
 
 def _layer_prefixes(model: nn.Module, layers) -> list[str]:

@@ -22,6 +22,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation.run import EVAL_VERSION
 from lsaq_mlx.planning.methods import RECIPES
 from lsaq_mlx.progress import progress_bar, stderr
+from lsaq_mlx.sources.streaming import StreamedModel, streams
 from lsaq_mlx.sweep.results import append_row, read_results, write_rows
 from lsaq_mlx.sweep.spec import SOURCE, Cell, SweepSpec
 
@@ -154,10 +155,12 @@ class Sweep:
 
         source, e = self.source(cell.model), self.spec.eval
         planner = self._planner(cell.model)
-        float_model, tokenizer = planner.loaded()
+        float_model, tokenizer = self._float_source(cell.model)
         plan, info, net = None, {}, float_model
         if cell.method == SOURCE:
             info["bits_per_weight"] = stored_bits_per_weight(source)
+            if net is None:
+                net = load_model(source)[0]
         else:
             plan = planner.plan(_request(cell))
             info = {"bits_per_weight": plan.predicted_bits_per_weight, "predicted_bytes": plan.predicted_bytes,
@@ -195,10 +198,22 @@ class Sweep:
         from lsaq_mlx.evaluation.run import ppl_tokens
 
         if model not in self.references:
-            float_model, tokenizer = self._planner(model).loaded()
+            float_model, tokenizer = self._float_source(model)
             _, tokens = ppl_tokens(tokenizer, self.spec.eval["ppl"], self.spec.eval["max_tokens"])
-            self.references[model] = ReferenceDistributions.compute(float_model, tokens, self.spec.eval["seq_len"])
+            seq_len = self.spec.eval["seq_len"]
+            self.references[model] = (
+                ReferenceDistributions.compute(float_model, tokens, seq_len) if float_model is not None else
+                ReferenceDistributions.compute_streamed(StreamedModel(self.source(model)), tokens, seq_len))
         return self.references[model]
+
+    def _float_source(self, model: str):
+        """``(float model, tokenizer)``: the source in memory, loaded once for all its
+        cells; ``(None, tokenizer)`` for a model too large for that (it is read one
+        layer at a time instead)."""
+        from lsaq_mlx.sources.load import load_tokenizer
+
+        source = self.source(model)
+        return (None, load_tokenizer(source)) if streams(source) else self._planner(model).loaded()
 
 
 def _request(cell: Cell):

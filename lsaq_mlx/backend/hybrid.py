@@ -1,0 +1,91 @@
+"""Layers that compute in float32 on the CPU without a float32 copy of their weights.
+
+MLX's CPU quantized kernel is fast enough for one token at a time only with float32
+scales, its float16 paths are ~30x slower than float32, and a float32 copy of every
+layer costs 4 bytes per weight. These layers keep the stored weights (packed integers
+with float16 scales and biases, or float16 matrices) and upcast per call: a quantized
+layer runs ``mx.quantized_matmul`` with float32 scales for a few rows (decoding) and, for
+many rows (a prompt), dequantizes its matrix for that call and multiplies with the BLAS;
+a float16 layer is upcast in row blocks. Only one layer's float32 weights exist at a time.
+
+They are subclasses of mlx-lm's (``isinstance`` and parameter names hold), so plans,
+swaps and ``model_bits_per_weight`` see ordinary layers.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+DEQUANTIZE_ROWS = 16  # from this many rows on, one dequantization + GEMM beats the quantized kernel
+
+
+def _upcast(module: nn.Module):
+    biases = module.get("biases")
+    return module.scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32)
+
+
+def _matmul(module: nn.Module, x: mx.array) -> mx.array:
+    scales, biases = _upcast(module)
+    x = x.astype(mx.float32)
+    if x.size // x.shape[-1] >= DEQUANTIZE_ROWS:
+        w = mx.dequantize(module.weight, scales, biases, group_size=module.group_size, bits=module.bits,
+                          mode=module.mode)
+        return x @ w.T
+    return mx.quantized_matmul(x, module.weight, scales, biases, transpose=True, group_size=module.group_size,
+                               bits=module.bits, mode=module.mode)
+
+
+class HybridQuantizedLinear(nn.QuantizedLinear):
+    def __call__(self, x):
+        y = _matmul(self, x)
+        return y + self.bias.astype(mx.float32) if "bias" in self else y
+
+
+class HybridQuantizedEmbedding(nn.QuantizedEmbedding):
+    def __call__(self, x):
+        scales, biases = _upcast(self)
+        return mx.dequantize(self.weight[x], scales[x], None if biases is None else biases[x],
+                             group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+    def as_linear(self, x):
+        return _matmul(self, x)
+
+
+ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a float16 matrix upcast at once
+
+
+def _float_matmul(weight: mx.array, x: mx.array) -> mx.array:
+    x = x.astype(mx.float32)
+    if weight.dtype == mx.float32:
+        return x @ weight.T
+    rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
+    blocks = [x @ weight[i : i + rows].astype(mx.float32).T for i in range(0, weight.shape[0], rows)]
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
+
+
+class HybridLinear(nn.Linear):
+    def __call__(self, x):
+        y = _float_matmul(self.weight, x)
+        return y + self.bias.astype(mx.float32) if "bias" in self else y
+
+
+class HybridEmbedding(nn.Embedding):
+    def __call__(self, x):
+        return self.weight[x].astype(mx.float32)
+
+    def as_linear(self, x):
+        return _float_matmul(self.weight, x)
+
+
+_HYBRID = {nn.QuantizedLinear: HybridQuantizedLinear, nn.QuantizedEmbedding: HybridQuantizedEmbedding,
+           nn.Linear: HybridLinear, nn.Embedding: HybridEmbedding}
+
+
+def make_hybrid(module: nn.Module) -> bool:
+    """Turn an mlx-lm linear or embedding layer into its hybrid kind, in place; False for
+    other modules."""
+    kind = _HYBRID.get(type(module))
+    if kind is None:
+        return type(module) in _HYBRID.values()
+    # same fields, only __call__ differs: changing the class keeps the module where it is
+    module.__class__ = kind
+    return True

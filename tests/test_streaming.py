@@ -1,0 +1,183 @@
+"""Streaming: every stage reads a model one decoder layer at a time and gets what the
+whole model in memory gives: the forward, the layer scores, the Fisher and its cost
+table, the reference distributions of ``eval``; hybrid layers compute what a float32
+copy computes; and on a mid-size model peak memory follows the largest layer, not the
+number of layers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.backend.compute import float_copy_paths, prepare_for_compute
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions
+from lsaq_mlx.modules import module_at
+from lsaq_mlx.planning.cost import module_errors
+from lsaq_mlx.planning.fisher import streamed_fisher
+from lsaq_mlx.planning.planner import Planner
+from lsaq_mlx.scoring.run import ScoreOptions, score
+from lsaq_mlx.sources import load_model
+from lsaq_mlx.sources.streaming import StreamedModel
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = [[3, 17, 250, 9, 41, 120, 7, 88, 199, 5, 64, 2], [11, 12, 13, 14, 15, 160, 170, 180, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_streamed_forward_equals_the_whole_model(tiny_source, arch):
+    source = tiny_source(arch)
+    model = load_model(source)[0]
+    streamed = StreamedModel(source)
+    seen = []
+    hidden = streamed.run_layers(mx.array(TOKENS), lambda i, layer, x_in, x_out, forward: seen.append(i))
+    inner = model["model"]
+    expected = inner(mx.array(TOKENS))  # ends with the final norm; the streamed hidden state does not
+    np.testing.assert_allclose(np.array(inner["norm"](hidden)), np.array(expected), atol=1e-5)
+    assert seen == list(range(len(streamed.layers)))
+
+
+@pytest.mark.parametrize("metric", ["jaccard", "cosine"])
+def test_streamed_scores_equal_the_whole_model_scores(tiny_source, monkeypatch, metric):
+    source = tiny_source("llama")
+    opts = ScoreOptions(metric, tokens=64, seq_len=32)
+    monkeypatch.setenv("LSAQ_MLX_STREAM", "never")
+    whole = score(source, opts, use_cache=False)
+    monkeypatch.setenv("LSAQ_MLX_STREAM", "always")
+    streamed = score(source, opts, use_cache=False)
+    np.testing.assert_allclose(streamed.scores, whole.scores, atol=1e-6)
+
+
+def whole_model_fisher(model, paths, sequences) -> dict:
+    """The reference: the mean over sequences of the squared gradient of the mean
+    next-token cross-entropy, with every weight of the model in memory at once."""
+    model.freeze()
+    for p in paths:
+        module_at(model, p).unfreeze(keys=["weight"])
+
+    def loss(tokens):
+        logits = model(tokens[None, :-1]).astype(mx.float32)
+        return nn.losses.cross_entropy(logits, tokens[None, 1:]).mean()
+
+    grad_fn = nn.value_and_grad(model, loss)
+    sums = {}
+    for seq in sequences:
+        flat = dict(tree_flatten(grad_fn(mx.array(seq))[1]))
+        for p in paths:
+            g = flat[f"{p}.weight"]
+            sums[p] = sums[p] + g * g if p in sums else g * g
+    model.unfreeze()
+    return {p: v / len(sequences) for p, v in sums.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # qwen2, gemma3: tied embeddings (head and table share a Fisher)
+def test_streamed_cost_table_equals_a_whole_model_reference(tiny_source, arch):
+    source = tiny_source(arch)
+    modules = Planner(source).context().modules
+    paths = [q.path for q in modules]
+    model = load_model(source)[0]
+    reference = whole_model_fisher(model, paths, TOKENS)
+    weights = {p: module_at(model, p).weight for p in paths}
+
+    fisher, errors = {}, {}
+
+    def collect(path, weight, block):  # the embedding may come in row blocks, unseen rows left out
+        fisher.setdefault(path, []).append(block)
+        for key, err in module_errors(weight, block, next(q for q in modules if q.path == path).choices()).items():
+            errors.setdefault(path, {}).setdefault(key, 0.0)
+            errors[path][key] += err
+
+    streamed_fisher(StreamedModel(source), TOKENS, modules, collect)
+    for q in modules:
+        expected = np.array(reference[q.path])
+        got = np.concatenate([np.array(b) for b in fisher[q.path]])
+        if got.shape != expected.shape:  # rows of tokens never seen are zero in the reference
+            expected = expected[expected.sum(axis=1) > 0]
+        np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-6 * float(np.abs(expected).max()))
+        direct = module_errors(weights[q.path], reference[q.path], q.choices())
+        for key, value in direct.items():
+            assert errors[q.path][key] == pytest.approx(value, rel=1e-3), (q.path, key)
+
+
+def test_streamed_reference_distributions_equal_the_whole_model(tiny_source):
+    source = tiny_source("qwen2")
+    tokens = [t for seq in TOKENS for t in seq] * 3
+    whole = ReferenceDistributions.compute(load_model(source)[0], tokens, 16)
+    streamed = ReferenceDistributions.compute_streamed(StreamedModel(source), tokens, 16)
+    assert streamed.windows == whole.windows
+    for a, b in zip(streamed.logprobs, whole.logprobs):
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), rtol=2e-3, atol=2e-3)  # float16: one ulp
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # the quantized kernel (decoding), dequantize + GEMM (a prompt)
+def test_hybrid_layers_compute_what_a_float32_copy_computes(tiny_source, rows):
+    from lsaq_mlx.convert import quantized_model
+    from lsaq_mlx.planning.methods import plan_uniform
+
+    source = tiny_source("qwen2")
+    plan = plan_uniform(Planner(source).context(), None, 4, 32)
+    copy = prepare_for_compute(quantized_model(source, plan)[0], "float32", None)
+    stored = quantized_model(source, plan)[0]
+    prepare_for_compute(stored, "float32", set())
+    assert all(not isinstance(m, nn.Linear) or type(m).__name__.startswith("Hybrid") for _, m in stored.named_modules())
+    assert sum(v.nbytes for _, v in tree_flatten(stored.parameters())) < 0.4 * sum(
+        v.nbytes for _, v in tree_flatten(copy.parameters()))
+    tokens = mx.array([[(7 * i) % 300 for i in range(rows)]])
+    np.testing.assert_allclose(np.array(stored(tokens)), np.array(copy(tokens)), atol=1e-4)
+
+
+def test_the_float32_copy_takes_layers_in_order_within_its_bytes(tiny_source):
+    model = load_model(tiny_source("llama"), compute=False)[0]
+    one_layer = sum(4 * m.weight.size for p, m in model.named_modules() if p.startswith("model.layers.0.")
+                    and isinstance(m, nn.Linear))
+    chosen = float_copy_paths(model, one_layer)
+    assert chosen and all(p.startswith("model.layers.0.") for p in chosen)
+    assert float_copy_paths(model, 0) == set()
+
+
+# ---- memory on a mid-size random model ----
+
+SHAPE = ["--hidden", "768", "--intermediate", "3072", "--heads", "6", "--kv-heads", "2", "--head-dim", "128"]
+
+
+def peak_rss(args: list[str], env: dict) -> int:
+    """Peak resident bytes of a fresh process (``wait4``'s rusage)."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert os.waitstatus_to_exitcode(status) == 0, err
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+@pytest.fixture(scope="module")
+def mid_models(tmp_path_factory, session_cache):
+    folder = tmp_path_factory.mktemp("mid")
+    made = {}
+    for layers in (3, 9):
+        out = folder / f"mid-{layers}"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_model.py"), str(out), *SHAPE,
+                        "--layers", str(layers)], check=True, capture_output=True)
+        made[layers] = out
+    return made
+
+
+def test_convert_memory_follows_one_layer_not_the_model(mid_models, tmp_path):
+    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"))
+    cli = [sys.executable, "-m", "lsaq_mlx"]
+    config = json.loads((mid_models[3] / "config.json").read_text())
+    h, inter = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * config["head_dim"]
+    layer_bytes = 4 * (2 * h * config["num_attention_heads"] * config["head_dim"] + 2 * h * kv + 3 * h * inter)
+    baseline = peak_rss([*cli, "inspect", "-m", str(mid_models[3]), "--json"], env)  # the package, MLX, the tokenizer
+    peaks = {n: peak_rss([*cli, "convert", "-m", str(folder), "-b", "4.0", "-o", str(tmp_path / f"out-{n}")], env)
+             for n, folder in mid_models.items()}
+    # six more layers: a float32 copy of the model would add 6 layers (a Fisher of all weights ~15)
+    assert peaks[9] - peaks[3] < 2 * layer_bytes, (peaks, layer_bytes)
+    assert peaks[9] - baseline < 12 * layer_bytes + 4 * 4 * config["vocab_size"] * h, (peaks, baseline, layer_bytes)
