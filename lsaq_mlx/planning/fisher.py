@@ -32,7 +32,7 @@ from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.modules import inner_model
 from lsaq_mlx.scoring.lens import find_lens
 
-ROW_BLOCK_BYTES = 256 << 20  # float32 bytes of one row block of the LM head or embedding
+ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of one row block of the LM head or embedding
 
 
 def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantModule], on_weights, progress=None):
