@@ -32,7 +32,7 @@ from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
 from lsaq_mlx.backend.compute import dequantize_layers, describe, prepare_for_compute
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import layer_index
+from lsaq_mlx.modules import evaluation_groups
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
@@ -120,13 +120,39 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     model.set_dtype(mx.float32)
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
-    nn.quantize(model, class_predicate=lambda path, m: path in plan.modules and path not in swsc
-                and plan.modules[path].config())
+    quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
+    floats = large_matrices(model, quantized)
+    nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
+    quantize_by_row_blocks(model, floats)
     if swsc:
         with progress_bar("SWSC compression", len(swsc)) as advance:
             swsc_layers(model, swsc, advance)
     model.set_dtype(mx.float16)
     return model, config
+
+
+QUANTIZE_BLOCK_BYTES = 256 << 20  # float32 bytes of a matrix's rows quantized at once
+
+
+def large_matrices(model: nn.Module, paths) -> dict:
+    """``{path: float weight}`` of the modules at ``paths`` above ``QUANTIZE_BLOCK_BYTES``."""
+    modules = dict(model.named_modules())
+    return {p: modules[p].weight for p in paths if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
+
+
+def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
+    """Give each quantized module of ``floats`` (path -> its float weight) the same values
+    computed one row block at a time (groups run along rows), so computing it holds one
+    block in float32, not the whole matrix; still lazy."""
+    modules = dict(model.named_modules())
+    for path, w in floats.items():
+        m = modules[path]
+        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * w.shape[1]))
+        parts = [mx.quantize(w[r : r + rows], m.group_size, m.bits, mode=m.mode) for r in range(0, w.shape[0], rows)]
+        m.weight = mx.concatenate([p[0] for p in parts])
+        m.scales = mx.concatenate([p[1] for p in parts])
+        if m.get("biases") is not None:
+            m.biases = mx.concatenate([p[2] for p in parts])
 
 
 def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
@@ -153,22 +179,20 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
 
 
 def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
-    """Save the (lazy) weights one decoder layer per shard, each computed as it is saved,
-    with mlx-lm's index: memory holds one layer's sources and results, not the model's."""
+    """Save the (lazy) weights one decoder layer (or one module outside the layers) per
+    shard, each computed as it is saved, with mlx-lm's index: memory holds one layer's
+    sources and results, not the model's."""
     from mlx_lm.utils import get_total_parameters
 
     weights = dict(tree_flatten(model.parameters()))
     index = {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": get_total_parameters(model)}
     model.update(tree_map(lambda _: mx.array([]), model.parameters()))
-    groups: dict = {}
-    for name in weights:
-        groups.setdefault(layer_index(name), []).append(name)
-    order = sorted(groups, key=lambda i: -1 if i is None else i)
+    groups = [list(g) for g in evaluation_groups(weights)]
     weight_map = {}
-    with progress_bar("writing weights", len(order)) as advance:
-        for n, group in enumerate(order):
-            shard = {name: weights.pop(name) for name in groups[group]}
-            file = f"model-{n + 1:05d}-of-{len(order):05d}.safetensors"
+    with progress_bar("writing weights", len(groups)) as advance:
+        for n, names in enumerate(groups):
+            shard = {name: weights.pop(name) for name in names}
+            file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
             mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
             weight_map |= dict.fromkeys(shard, file)
             del shard

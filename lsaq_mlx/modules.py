@@ -40,6 +40,18 @@ def by_layer(items: dict) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+def evaluation_groups(params: dict) -> list[dict]:
+    """``{name: array}`` split into what is computed at once to bound memory: one dict
+    per decoder layer, in layer order, then one per module outside the layers (the
+    embeddings and the LM head each alone, the largest matrices of most models)."""
+    groups: dict = {}
+    for name, value in params.items():
+        index = layer_index(name)
+        key = (0, index, "") if index is not None else (1, 0, name.rpartition(".")[0])
+        groups.setdefault(key, {})[name] = value
+    return [groups[k] for k in sorted(groups)]
+
+
 def inner_model(model: nn.Module) -> nn.Module:
     """The module holding embeddings, layers and the final norm (``model.model`` in mlx-lm)."""
     for path in ("model", "language_model.model"):

@@ -64,15 +64,15 @@ def test_existing_output_needs_force(qwen2, tmp_path):
 
 
 def test_interrupted_convert_leaves_no_folder(qwen2, tmp_path, monkeypatch):
-    import mlx_lm.utils
+    import lsaq_mlx.convert as convert_module
 
     plan = Planner(qwen2).plan(PlanRequest(method="uniform", bits=3))
 
-    def interrupted(path, *args, **kwargs):
-        (path / "model.safetensors").write_bytes(b"partial")
+    def interrupted(model, path):
+        (path / "model-00001-of-00004.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlx_lm.utils, "save_model", interrupted)
+    monkeypatch.setattr(convert_module, "save_weights_by_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(qwen2, plan, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.blas import active_blas
 from lsaq_mlx.backend.hybrid import make_hybrid
-from lsaq_mlx.modules import by_layer, layer_index
+from lsaq_mlx.modules import evaluation_groups, layer_index
 from lsaq_mlx.sizes import parse_size
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
@@ -82,7 +82,7 @@ def float_copy_bytes() -> int | None:
 
 def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: set[str] | None = None) -> nn.Module:
     """Put a loaded model in the compute mode of this machine (see ``compute_mode``) and
-    evaluate it one decoder layer at a time. In float32 mode the linear and embedding
+    evaluate it one decoder layer (or module outside the layers) at a time. In float32 mode the linear and embedding
     modules at ``float_paths`` (default: ``float_copy_paths`` within ``float_copy_bytes``)
     get float32 weights (dequantized if quantized); the others keep their stored weights
     and run as hybrid layers (``lsaq_mlx.backend.hybrid``); every other float parameter
@@ -95,7 +95,7 @@ def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: 
             if path not in float_paths:
                 make_hybrid(module)
         _float32_except_stored(model, float_paths)
-    for group in by_layer(dict(tree_flatten(model.parameters()))):
+    for group in evaluation_groups(dict(tree_flatten(model.parameters()))):
         mx.eval(list(group.values()))
     return model
 

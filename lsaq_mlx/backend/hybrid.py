@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 DEQUANTIZE_ROWS = 16  # from this many rows on, one dequantization + GEMM beats the quantized kernel
+ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix dequantized or upcast at once
 
 
 def _upcast(module: nn.Module):
@@ -26,10 +27,13 @@ def _upcast(module: nn.Module):
 def _matmul(module: nn.Module, x: mx.array) -> mx.array:
     scales, biases = _upcast(module)
     x = x.astype(mx.float32)
-    if x.size // x.shape[-1] >= DEQUANTIZE_ROWS:
-        w = mx.dequantize(module.weight, scales, biases, group_size=module.group_size, bits=module.bits,
-                          mode=module.mode)
-        return x @ w.T
+    if x.size // x.shape[-1] >= DEQUANTIZE_ROWS:  # the matrix dequantized by row blocks, each used at once
+        rows = max(1, ROW_BLOCK_BYTES // (4 * scales.shape[1] * module.group_size))
+        blocks = [x @ mx.dequantize(module.weight[r : r + rows], scales[r : r + rows],
+                                    None if biases is None else biases[r : r + rows], group_size=module.group_size,
+                                    bits=module.bits, mode=module.mode).T
+                  for r in range(0, module.weight.shape[0], rows)]
+        return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=-1)
     return mx.quantized_matmul(x, module.weight, scales, biases, transpose=True, group_size=module.group_size,
                                bits=module.bits, mode=module.mode)
 
@@ -50,7 +54,6 @@ class HybridQuantizedEmbedding(nn.QuantizedEmbedding):
         return _matmul(self, x)
 
 
-ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a float16 matrix upcast at once
 
 
 def _float_matmul(weight: mx.array, x: mx.array) -> mx.array:
