@@ -32,7 +32,7 @@ from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
 from lsaq_mlx.backend.compute import dequantize_layers, describe, prepare_for_compute
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import evaluation_groups
+from lsaq_mlx.modules import layer_groups, module_groups
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
@@ -117,11 +117,11 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     else:
         model, config = skeleton_model(source)
         model.update(float_model.parameters())
-    model.set_dtype(mx.float32)
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    floats = large_matrices(model, quantized)
+    floats = large_matrices(model, quantized)  # as stored: a block of them is upcast at a time
+    model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
     quantize_by_row_blocks(model, floats)
     if swsc:
@@ -148,7 +148,8 @@ def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
     for path, w in floats.items():
         m = modules[path]
         rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * w.shape[1]))
-        parts = [mx.quantize(w[r : r + rows], m.group_size, m.bits, mode=m.mode) for r in range(0, w.shape[0], rows)]
+        parts = [mx.quantize(w[r : r + rows].astype(mx.float32), m.group_size, m.bits, mode=m.mode)
+                 for r in range(0, w.shape[0], rows)]
         m.weight = mx.concatenate([p[0] for p in parts])
         m.scales = mx.concatenate([p[1] for p in parts])
         if m.get("biases") is not None:
@@ -180,18 +181,20 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
 
 def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
     """Save the (lazy) weights one decoder layer (or one module outside the layers) per
-    shard, each computed as it is saved, with mlx-lm's index: memory holds one layer's
-    sources and results, not the model's."""
+    shard, computed module by module as it is saved, with mlx-lm's index: memory holds
+    one layer's results and one module's sources, not the model's."""
     from mlx_lm.utils import get_total_parameters
 
     weights = dict(tree_flatten(model.parameters()))
     index = {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": get_total_parameters(model)}
     model.update(tree_map(lambda _: mx.array([]), model.parameters()))
-    groups = [list(g) for g in evaluation_groups(weights)]
+    groups = [list(g) for g in layer_groups(weights)]
     weight_map = {}
     with progress_bar("writing weights", len(groups)) as advance:
         for n, names in enumerate(groups):
             shard = {name: weights.pop(name) for name in names}
+            for module in module_groups(shard):
+                mx.eval(list(module.values()))
             file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
             mx.save_safetensors(str(folder / file), shard, metadata={"format": "mlx"})
             weight_map |= dict.fromkeys(shard, file)

@@ -40,14 +40,24 @@ def by_layer(items: dict) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def evaluation_groups(params: dict) -> list[dict]:
-    """``{name: array}`` split into what is computed at once to bound memory: one dict
-    per decoder layer, in layer order, then one per module outside the layers (the
-    embeddings and the LM head each alone, the largest matrices of most models)."""
+def layer_groups(params: dict) -> list[dict]:
+    """``{name: array}`` split into one dict per decoder layer, in layer order, then one
+    per module outside the layers (the embeddings and the LM head each alone): the
+    shards of a written model."""
+    return _grouped(params, lambda name: "")
+
+
+def module_groups(params: dict) -> list[dict]:
+    """``{name: array}`` split into one dict per module, in layer order: what is computed
+    at once to bound memory by the largest module."""
+    return _grouped(params, lambda name: name.rpartition(".")[0])
+
+
+def _grouped(params: dict, within_layer) -> list[dict]:
     groups: dict = {}
     for name, value in params.items():
         index = layer_index(name)
-        key = (0, index, "") if index is not None else (1, 0, name.rpartition(".")[0])
+        key = (0, index, within_layer(name)) if index is not None else (1, 0, name.rpartition(".")[0])
         groups.setdefault(key, {})[name] = value
     return [groups[k] for k in sorted(groups)]
 

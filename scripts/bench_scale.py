@@ -15,6 +15,8 @@ passes ``--rss-limit`` (the row then says so) so that no step takes the machine 
 - ``chat -b 4.0`` scripted: a message, ``/plan 3.5``, a message, ``/plan 4.5``, a message,
   16 tokens each; the cost table comes from the cache ``convert`` filled (planning a new
   budget reads it: no model is loaded for it);
+- ``chat-float32``: the same chat with the whole model dequantized to float32 (what
+  the CPU backend did before hybrid layers), for tokens/s and memory against it;
 - ``mlx_lm.convert -q`` (4 bits, group 64), and ``mlx_lm.dynamic_quant``'s sensitivity
   estimate (``estimate_sensitivities``, its gradient pass, the part comparable to our
   cost table) on the same folder and the same 2,048 calibration tokens in 8 x 256 as
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -36,16 +39,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("score", "plan", "convert", "eval", "chat", "mlx_lm.convert", "dynamic_quant")
+STEPS = ("score", "plan", "convert", "eval", "chat", "chat-float32", "mlx_lm.convert", "dynamic_quant")
 CHAT_SCRIPT = "Tell me about Paris.\n/plan 3.5\nAnd about Rome?\n/plan 4.5\nThanks.\n/quit\n"
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def measure(cmd: list[str], env: dict, rss_limit: int, stdin: str | None = None) -> dict:
-    """``{"wall_s", "peak_rss", "status"}`` of ``cmd`` in its own process."""
+    """``{"wall_s", "peak_rss", "status"}`` of ``cmd`` in its own process (and, for a chat,
+    ``"tok_s"``: the generation speed of each reply as the chat printed it)."""
     begin = time.perf_counter()
+    out = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=out, stderr=subprocess.PIPE, text=True)
     killed = threading.Event()
 
     def watch():
@@ -77,6 +82,10 @@ def measure(cmd: list[str], env: dict, rss_limit: int, stdin: str | None = None)
         row["status"] = f"failed ({code}): {err.strip().splitlines()[-1] if err.strip() else ''}"
     else:
         row["status"] = "ok"
+    out.seek(0)
+    speeds = re.findall(r"tokens · ([0-9.]+) tok/s", out.read())
+    if speeds:
+        row["tok_s"] = [float(v) for v in speeds]
     return row
 
 
@@ -127,9 +136,10 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             ppl = ["--ppl", str(EVAL_TEXT)] if EVAL_TEXT.is_file() else ["--ppl", str(ROOT / "README.md")]
             rows[step] = measure([*cli, "eval", "-m", str(out), "--reference", str(folder), *ppl, "--max-tokens",
                                   "1024", "--json"], env("eval"), rss_limit)
-        elif step == "chat":
-            rows[step] = measure([*cli, "chat", "-m", str(folder), "-b", "4.0", "-n", "16"], env("convert"),
-                                 rss_limit, stdin=CHAT_SCRIPT)
+        elif step in ("chat", "chat-float32"):  # chat-float32: the whole model dequantized, as before
+            chat_env = env("convert") | ({"LSAQ_MLX_FLOAT_COPY": "all"} if step == "chat-float32" else {})
+            rows[step] = measure([*cli, "chat", "-m", str(folder), "-b", "4.0", "-n", "16"], chat_env, rss_limit,
+                                 stdin=CHAT_SCRIPT)
         elif step == "mlx_lm.convert":
             target = work / f"{spec.replace('/', '-')}-mlx-q4"
             shutil.rmtree(target, ignore_errors=True)
@@ -156,7 +166,8 @@ def table(results: dict) -> str:
             if row is None:
                 cells.append("")
             elif row["status"] == "ok":
-                cells.append(f"{row['peak_rss'] / 1e9:.2f} GB, {row['wall_s']:.0f} s")
+                speed = f", {sum(row['tok_s']) / len(row['tok_s']):.1f} tok/s" if row.get("tok_s") else ""
+                cells.append(f"{row['peak_rss'] / 1e9:.2f} GB, {row['wall_s']:.0f} s{speed}")
             else:
                 cells.append(f"{row['status']} ({row['peak_rss'] / 1e9:.1f} GB, {row['wall_s']:.0f} s)")
         lines.append(f"| {spec} | {r['model_bytes'] / 1e9:.2f} GB | " + " | ".join(cells) + " |")

@@ -17,12 +17,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.blas import active_blas
 from lsaq_mlx.backend.hybrid import make_hybrid
-from lsaq_mlx.modules import evaluation_groups, layer_index
+from lsaq_mlx.modules import layer_index, module_groups
 from lsaq_mlx.sizes import parse_size
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
 FLOAT_COPY_ENV = "LSAQ_MLX_FLOAT_COPY"
-DEFAULT_FLOAT_COPY = "1GB"
+DEFAULT_FLOAT_COPY = "512MB"
 
 
 def backend() -> str:
@@ -82,11 +82,11 @@ def float_copy_bytes() -> int | None:
 
 def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: set[str] | None = None) -> nn.Module:
     """Put a loaded model in the compute mode of this machine (see ``compute_mode``) and
-    evaluate it one decoder layer (or module outside the layers) at a time. In float32 mode the linear and embedding
-    modules at ``float_paths`` (default: ``float_copy_paths`` within ``float_copy_bytes``)
-    get float32 weights (dequantized if quantized); the others keep their stored weights
-    and run as hybrid layers (``lsaq_mlx.backend.hybrid``); every other float parameter
-    becomes float32."""
+    evaluate it one module at a time. In
+    float32 mode the linear and embedding modules at ``float_paths`` (default:
+    ``float_copy_paths`` within ``float_copy_bytes``) get float32 weights (dequantized if
+    quantized); the others keep their stored weights and run as hybrid layers
+    (``lsaq_mlx.backend.hybrid``); every other float parameter becomes float32."""
     if (mode or compute_mode()) == "float32":
         if float_paths is None:
             float_paths = float_copy_paths(model, float_copy_bytes())
@@ -95,7 +95,7 @@ def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: 
             if path not in float_paths:
                 make_hybrid(module)
         _float32_except_stored(model, float_paths)
-    for group in evaluation_groups(dict(tree_flatten(model.parameters()))):
+    for group in module_groups(dict(tree_flatten(model.parameters()))):
         mx.eval(list(group.values()))
     return model
 
@@ -104,15 +104,18 @@ _MATRICES = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
 
 
 def float_copy_paths(model: nn.Module, float_bytes: int | None) -> set[str]:
-    """The linear and embedding modules, first layers first, whose float32 weights fit
-    ``float_bytes`` (None: all)."""
+    """The linear modules of the decoder layers, first layers first, whose float32
+    weights fit ``float_bytes``; None: every linear and embedding module. Under a bound
+    the embeddings and LM head stay hybrid: dequantizing the largest matrices costs a
+    few times their float32 size at once, and a lookup needs no copy."""
+    if float_bytes is None:
+        return {p for p, m in model.named_modules() if isinstance(m, _MATRICES)}
     chosen, total = set(), 0
-    matrices = [(p, m) for p, m in model.named_modules() if isinstance(m, _MATRICES)]
-    order = sorted(matrices, key=lambda pm: (layer_index(pm[0]) is None, layer_index(pm[0]) or 0))
-    for path, module in order:
+    in_layers = [(p, m) for p, m in model.named_modules() if isinstance(m, _MATRICES) and layer_index(p) is not None]
+    for path, module in sorted(in_layers, key=lambda pm: layer_index(pm[0])):
         rows, cols = module.weight.shape
         size = 4 * rows * (cols * 32 // module.bits if "scales" in module else cols)
-        if float_bytes is not None and total + size > float_bytes:
+        if total + size > float_bytes:
             break
         chosen.add(path)
         total += size
