@@ -131,7 +131,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     return model, config
 
 
-QUANTIZE_BLOCK_BYTES = 256 << 20  # float32 bytes of a matrix's rows quantized at once
+QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
 
 
 def large_matrices(model: nn.Module, paths) -> dict:

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from lsaq_mlx.backend.compute import prepare_for_compute
+from lsaq_mlx.convert import large_matrices, quantize_by_row_blocks
 from lsaq_mlx.modules import by_layer, module_at
 from lsaq_mlx.planning.choices import Affine
 
@@ -66,7 +67,12 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) 
     if bias is not None:
         new.bias = bias
     if isinstance(choice, Affine):
-        new = new.to_quantized(group_size=choice.group_size, bits=choice.bits)
+        holder = nn.Module()
+        holder.m = new
+        large = {p: w for p in large_matrices(holder, ["m"])}  # the stored weight, upcast a block at a time
+        holder.m = new.to_quantized(group_size=choice.group_size, bits=choice.bits)
+        quantize_by_row_blocks(holder, large)
+        new = holder.m
     new.set_dtype(mx.float16)
     return new
 
