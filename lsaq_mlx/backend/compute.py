@@ -10,6 +10,7 @@ GPU (Metal) MLX's quantized kernels are fast and used as they are.
 
 import os
 import sys
+from contextlib import nullcontext
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from lsaq_mlx.backend.blas import active_blas
 from lsaq_mlx.backend.hybrid import make_hybrid
 from lsaq_mlx.modules import layer_index, module_groups
+from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sizes import parse_size
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
@@ -95,8 +97,11 @@ def prepare_for_compute(model: nn.Module, mode: str | None = None, float_paths: 
             if path not in float_paths:
                 make_hybrid(module)
         _float32_except_stored(model, float_paths)
-    for group in module_groups(dict(tree_flatten(model.parameters()))):
-        mx.eval(list(group.values()))
+    groups = module_groups(dict(tree_flatten(model.parameters())))
+    with progress_bar("preparing the model", len(groups)) if len(groups) > 1 else nullcontext(lambda: None) as advance:
+        for group in groups:
+            mx.eval(list(group.values()))
+            advance()
     return model
 
 

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 
 from lsaq_mlx.evaluation.perplexity import PerplexityResult, windows
+from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scoring.divergence import log_softmax
 
 
@@ -40,11 +41,12 @@ class ReferenceDistributions:
         by_length: dict[int, list[int]] = {}
         for i, w in enumerate(chunks):
             by_length.setdefault(len(w), []).append(i)
-        for ids in by_length.values():
-            hidden = streamed.run_layers(mx.array([chunks[i][:-1] for i in ids]))
-            for row, i in enumerate(ids):
-                logprobs[i] = log_softmax(lens.logits(hidden[row])).astype(mx.float16)
-                mx.eval(logprobs[i])
+        with progress_bar("reference, layer by layer", len(by_length) * len(streamed.layers)) as advance:
+            for ids in by_length.values():
+                hidden = streamed.run_layers(mx.array([chunks[i][:-1] for i in ids]), lambda *_: advance())
+                for row, i in enumerate(ids):
+                    logprobs[i] = log_softmax(lens.logits(hidden[row])).astype(mx.float16)
+                    mx.eval(logprobs[i])
         return cls(chunks, logprobs)
 
 
@@ -63,16 +65,18 @@ class DivergenceResult:
 def compare_to_reference(model, reference: ReferenceDistributions) -> DivergenceResult:
     """KL, top-1 agreement and perplexity of ``model`` on the reference's windows."""
     kls, nlls, agree = [], [], 0
-    for window, ref_lp in zip(reference.windows, reference.logprobs):
-        lp = log_softmax(model(mx.array(window)[None, :-1])[0])
-        ref = ref_lp.astype(mx.float32)
-        kl = (mx.exp(ref) * (ref - lp)).sum(axis=-1)
-        nll = -mx.take_along_axis(lp, mx.array(window[1:])[:, None], axis=-1)[:, 0]
-        same = (mx.argmax(lp, axis=-1) == mx.argmax(ref, axis=-1)).sum()
-        mx.eval(kl, nll, same)
-        kls.append(np.array(kl))
-        nlls.append(np.array(nll))
-        agree += same.item()
+    with progress_bar("KL to the reference", len(reference.windows)) as advance:
+        for window, ref_lp in zip(reference.windows, reference.logprobs):
+            lp = log_softmax(model(mx.array(window)[None, :-1])[0])
+            ref = ref_lp.astype(mx.float32)
+            kl = (mx.exp(ref) * (ref - lp)).sum(axis=-1)
+            nll = -mx.take_along_axis(lp, mx.array(window[1:])[:, None], axis=-1)[:, 0]
+            same = (mx.argmax(lp, axis=-1) == mx.argmax(ref, axis=-1)).sum()
+            mx.eval(kl, nll, same)
+            kls.append(np.array(kl))
+            nlls.append(np.array(nll))
+            agree += same.item()
+            advance()
     kl, nll = np.concatenate(kls), np.concatenate(nlls)
     ppl = PerplexityResult(
         int(nll.size), len(reference.windows), len(reference.windows[0]), float(nll.mean()),

@@ -9,6 +9,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import mlx.core as mx
+
+from lsaq_mlx.progress import progress_bar
 import mlx.nn as nn
 
 
@@ -43,13 +45,16 @@ def perplexity(model, tokens: list[int], seq_len: int = 1024) -> PerplexityResul
         raise ValueError("perplexity needs at least two tokens")
     total = total_sq = 0.0
     count = n_windows = 0
-    for window in windows(tokens, seq_len):
-        nll = token_nlls(model, mx.array(window))
-        mx.eval(nll)
-        total += nll.sum().item()
-        total_sq += (nll * nll).sum().item()
-        count += nll.size
-        n_windows += 1
+    chunks = list(windows(tokens, seq_len))
+    with progress_bar("perplexity", len(chunks)) as advance:
+        for window in chunks:
+            nll = token_nlls(model, mx.array(window))
+            mx.eval(nll)
+            total += nll.sum().item()
+            total_sq += (nll * nll).sum().item()
+            count += nll.size
+            n_windows += 1
+            advance()
     mean = total / count
     var = max(total_sq / count - mean * mean, 0.0)
     stderr = math.sqrt(var / max(count - 1, 1))
