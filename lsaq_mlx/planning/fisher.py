@@ -60,26 +60,30 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
 
     # 2. the head
     normed, lses, grad_hidden = _head(lens, hidden, targets)
-    head_weight = lens.head.weight if head_path else inner_model(streamed.model)["embed_tokens"].weight
+
+    def head_matrix() -> mx.array:  # looked up each time: the matrices leave memory in step 3
+        return lens.head.weight if head_path else inner_model(streamed.model)["embed_tokens"].weight
 
     def logit_grad(s: int, rows: slice) -> mx.array:
-        return _logit_grad(normed[s], lses[s], targets[s], head_weight, rows)
+        return _logit_grad(normed[s], lses[s], targets[s], head_matrix(), rows)
 
     if head_path:
-        _row_blocks(head_path, head_weight, lambda rows: _head_block(logit_grad, normed, rows), on_weights)
+        _row_blocks(head_path, head_matrix(), lambda rows: _head_block(logit_grad, normed, rows), on_weights)
     step()
 
-    # 3. the layers, top down
+    # 3. the layers, top down (the embeddings and head wait on disk)
     grad = grad_hidden
-    for i in reversed(range(len(streamed.layers))):
-        with streamed.layer(i) as layer:
-            paths = [p for p in wanted if p.startswith(streamed.prefixes[i])]
-            grad, fisher = _layer_fisher(layer, forwards[i], boundaries[i], grad, streamed.prefixes[i], paths)
-            params = dict(tree_flatten(layer.parameters()))
-            for path in paths:
-                on_weights(path, params[path[len(streamed.prefixes[i]):] + ".weight"].astype(mx.float32), fisher[path])
-        boundaries[i] = None
-        step()
+    with streamed.matrices_released():
+        for i in reversed(range(len(streamed.layers))):
+            with streamed.layer(i) as layer:
+                paths = [p for p in wanted if p.startswith(streamed.prefixes[i])]
+                grad, fisher = _layer_fisher(layer, forwards[i], boundaries[i], grad, streamed.prefixes[i], paths)
+                params = dict(tree_flatten(layer.parameters()))
+                for path in paths:
+                    on_weights(path, params[path[len(streamed.prefixes[i]):] + ".weight"].astype(mx.float32),
+                               fisher[path])
+            boundaries[i] = None
+            step()
 
     # 4. the embedding (with the head's share when they are tied)
     if embed_path:

@@ -68,14 +68,33 @@ class StreamedModel:
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
-        matrices = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
-        loaded = [(n, self._read(n, keep_dtype=n in matrices)) for n in resident]
+        self._stored = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
+        self._resident = resident
+        self.resident_bytes = self._load_resident(resident)
+        for path, module in self.model.named_modules():
+            if f"{path}.weight" in self._stored:
+                make_hybrid(module)
+
+    def _load_resident(self, names) -> int:
+        loaded = [(n, self._read(n, keep_dtype=n in self._stored)) for n in names]
         self.model.update(tree_unflatten(loaded))
         mx.eval([a for _, a in loaded])  # not the layers' placeholders: evaluated, they would take memory
-        for path, module in self.model.named_modules():
-            if f"{path}.weight" in matrices:
-                make_hybrid(module)
-        self.resident_bytes = sum(a.nbytes for _, a in loaded)
+        return sum(a.nbytes for _, a in loaded)
+
+    @contextmanager
+    def matrices_released(self):
+        """Within the block the matrices outside the layers (embeddings, LM head) are not
+        in memory (unevaluated placeholders); they are read again after it. For work on
+        the layers alone, where they would be the largest thing held."""
+        params = dict(tree_flatten(self.model.parameters()))
+        names = [n for n in self._resident if n.endswith(".weight") and params[n].ndim == 2]
+        self.model.update(tree_unflatten([(n, mx.zeros(params[n].shape, params[n].dtype)) for n in names]))
+        del params
+        mx.clear_cache()
+        try:
+            yield
+        finally:
+            self._load_resident(names)
 
     def layer_parameters(self, i: int) -> dict[str, mx.array]:
         """Layer ``i``'s weights (names relative to the layer), unread until evaluated."""
