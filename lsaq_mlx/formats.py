@@ -144,3 +144,43 @@ def _tensor_span(info, name: str, path: Path) -> tuple[int, int]:
     if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
         raise UserError(f"{bad}: shape {shape} of {dtype} does not fill its {offsets[1] - offsets[0]} bytes")
     return offsets[0], offsets[1]
+
+
+def config_fixes(config: dict) -> dict:
+    """What mlx-lm needs added to a ``config.json`` written by transformers 5, which
+    moved RoPE settings into ``rope_parameters`` (mlx-lm 0.32 reads only the older
+    top-level ``rope_theta`` / ``rope_scaling`` / ``rope_local_base_freq`` and silently
+    falls back to a default base without them). Keys the config already has are kept;
+    ``text_config`` of multimodal configs gets the same. Empty when nothing is missing."""
+    fixes = _rope_fixes(config)
+    text = config.get("text_config")
+    if isinstance(text, dict) and _rope_fixes(text):
+        fixes["text_config"] = text | _rope_fixes(text)
+    return fixes
+
+
+def normalized_config(config: dict) -> dict:
+    """``config`` with ``config_fixes`` applied: what lsaq-mlx builds models from and writes."""
+    return config | config_fixes(config)
+
+
+def _rope_fixes(section: dict) -> dict:
+    params = section.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    # one set for all layers, or one per attention type (Gemma 3: full and sliding)
+    full = params.get("full_attention", params)
+    sliding = params.get("sliding_attention")
+    fixes = {}
+    if isinstance(full, dict):
+        if "rope_theta" in full and "rope_theta" not in section:
+            fixes["rope_theta"] = full["rope_theta"]
+        kind = full.get("rope_type", full.get("type", "default"))
+        if kind != "default" and section.get("rope_scaling") is None:
+            fixes["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"} | {"rope_type": kind, "type": kind}
+    if isinstance(sliding, dict) and "rope_theta" in sliding and "rope_local_base_freq" not in section:
+        fixes["rope_local_base_freq"] = sliding["rope_theta"]
+    theta = fixes.get("rope_theta")
+    if theta is not None and (not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0):
+        raise UserError(f"config.json: rope_parameters.rope_theta is {theta!r}, not a positive number")
+    return fixes

@@ -151,8 +151,15 @@ def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, path
     for s in range(x.shape[0]):
         _, cotangents = mx.vjp(run, [x[s : s + 1], *weights], [grad[s : s + 1]])
         grads_in.append(cotangents[0])
-        sums = [acc + g.astype(mx.float32) * g.astype(mx.float32) for acc, g in zip(sums, cotangents[1:])]
-        mx.eval(grads_in[-1], sums)
+        mx.eval(grads_in[-1])
+        weight_grads = list(cotangents[1:])
+        del cotangents
+        for j in range(len(weight_grads)):  # one module's gradient at a time, dropped once summed
+            g = weight_grads[j].astype(mx.float32)
+            weight_grads[j] = None
+            sums[j] = sums[j] + g * g
+            mx.eval(sums[j])
+            del g
     layer.update(_nested(dict(zip(names, weights))))
     fisher = {path: acc / x.shape[0] for path, acc in zip(paths, sums)}
     return mx.concatenate(grads_in), fisher

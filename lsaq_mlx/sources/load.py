@@ -5,6 +5,7 @@ import json
 
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.formats import config_fixes, normalized_config
 from lsaq_mlx.sources.resolve import ModelSource
 
 
@@ -22,7 +23,9 @@ def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
         elif is_swsc_folder(source.path):
             model, tokenizer, config = load_swsc_folder(source.path, lazy=lazy)
         else:
-            model, tokenizer, config = load(str(source.path), lazy=lazy or compute, return_config=True)
+            fixes = config_fixes(json.loads((source.path / "config.json").read_text()))
+            model, tokenizer, config = load(str(source.path), lazy=lazy or compute, return_config=True,
+                                            model_config=fixes)
     except (ValueError, OSError, RuntimeError, TypeError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = source.origin if source.kind == "pack" else source.path
@@ -42,7 +45,7 @@ def skeleton_model(source: ModelSource):
 
     if is_swsc_folder(source.path):
         raise UserError(f"{source.spec} holds SWSC layers: plan from the model it was converted from")
-    config = json.loads((source.path / "config.json").read_text())
+    config = normalized_config(json.loads((source.path / "config.json").read_text()))
     model_class, args_class = _get_classes(config)
     try:
         return model_class(args_class.from_dict(config)), config

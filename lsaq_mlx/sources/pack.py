@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lsaq_mlx.cache import atomic_dir, cache_entry
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.formats import read_config
+from lsaq_mlx.formats import config_fixes, read_config
 from lsaq_mlx.storage.container import MAGIC
 
 PACK_SUFFIX = ".lsaqpack"
@@ -86,7 +86,8 @@ def load_packed(source, lazy: bool = False):
         packed.close()
     # mlx-lm builds the model from config.json (quantizing the modules it names); the
     # folder holds no weights, so the rest follows here, as mlx-lm does with its own
-    model, config = load_model(source.path, lazy=True, strict=False)
+    model, config = load_model(source.path, lazy=True, strict=False,
+                               model_config=config_fixes(json.loads((source.path / "config.json").read_text())))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     if config.get("quantization"):

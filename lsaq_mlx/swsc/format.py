@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.formats import read_config, safetensors_header
+from lsaq_mlx.formats import config_fixes, read_config, safetensors_header
 from lsaq_mlx.swsc.codec import SWSCSettings
 from lsaq_mlx.swsc.layer import SWSCLinear
 
@@ -83,7 +83,8 @@ def load_swsc_folder(folder: Path, lazy: bool = False):
     if not swsc_file.is_file():
         raise UserError(f"{folder} has SWSC layers but no {swsc_file.name}")
     plain = {**config.get("quantization", {}), **{p: False for p in modules}}
-    model, _ = load_model(folder, lazy=True, strict=False, model_config={"quantization": plain, "quantization_config": plain})
+    model, _ = load_model(folder, lazy=True, strict=False,
+                          model_config=config_fixes(config) | {"quantization": plain, "quantization_config": plain})
     layers = [(p, SWSCLinear(d["rows"], d["cols"], _settings(d), d["bias"])) for p, d in modules.items()]
     model.update_modules(tree_unflatten(layers))
     model.load_weights(list(mx.load(str(swsc_file)).items()), strict=False)
