@@ -173,12 +173,12 @@ def _rope_fixes(section: dict) -> dict:
     sliding = params.get("sliding_attention")
     fixes = {}
     if isinstance(full, dict):
-        if "rope_theta" in full and "rope_theta" not in section:
+        if "rope_theta" in full and section.get("rope_theta") is None:
             fixes["rope_theta"] = full["rope_theta"]
         kind = full.get("rope_type", full.get("type", "default"))
         if kind != "default" and section.get("rope_scaling") is None:
             fixes["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"} | {"rope_type": kind, "type": kind}
-    if isinstance(sliding, dict) and "rope_theta" in sliding and "rope_local_base_freq" not in section:
+    if isinstance(sliding, dict) and "rope_theta" in sliding and section.get("rope_local_base_freq") is None:
         fixes["rope_local_base_freq"] = sliding["rope_theta"]
     theta = fixes.get("rope_theta")
     if theta is not None and (not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0):
