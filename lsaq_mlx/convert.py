@@ -32,7 +32,7 @@ from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
 from lsaq_mlx.backend.compute import dequantize_layers, describe, prepare_for_compute
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import layer_groups, module_groups
+from lsaq_mlx.modules import module_groups, shard_groups
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
@@ -188,7 +188,7 @@ def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
     weights = dict(tree_flatten(model.parameters()))
     index = {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": get_total_parameters(model)}
     model.update(tree_map(lambda _: mx.array([]), model.parameters()))
-    groups = [list(g) for g in layer_groups(weights)]
+    groups = [list(g) for g in shard_groups(weights)]
     weight_map = {}
     with progress_bar("writing weights", len(groups)) as advance:
         for n, names in enumerate(groups):

@@ -40,7 +40,7 @@ def by_layer(items: dict) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
-def layer_groups(params: dict) -> list[dict]:
+def shard_groups(params: dict) -> list[dict]:
     """``{name: array}`` split into one dict per decoder layer, in layer order, then one
     per module outside the layers (the embeddings and the LM head each alone): the
     shards of a written model."""
