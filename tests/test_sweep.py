@@ -175,3 +175,23 @@ def test_markdown_table_shows_failures():
     rows = [{"model": "m", "method": "uniform", "budget": 1.5, "low_fraction": None, "status": "failed",
              "error": "no | way"}]
     assert "failed: no \\| way" in markdown_table(rows)
+
+
+def test_eval_and_a_sweep_work_from_an_empty_folder_with_the_packaged_text(tmp_path, empty_cache, monkeypatch):
+    import lsaq_mlx.evaluation.run as eval_run
+
+    write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("LSAQ_MLX_DATA", raising=False)
+    monkeypatch.setattr(eval_run, "data_dir", lambda: None)  # not even this checkout's ../shared/data
+    result = run_cli("eval", "-m", str(tmp_path / "tiny.gguf"), "--max-tokens", "128", "--seq-len", "64", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["perplexity"]["data"] == eval_run.PACKAGED_NAME
+    (work / "spec.toml").write_text(f'out = "res"\n[eval]\nmax_tokens = 128\nseq_len = 64\n[[grid]]\n'
+                                    f'models = ["{tmp_path / "tiny.gguf"}"]\nmethods = ["uniform"]\nbudgets = [4.6]\n')
+    result = run_cli("sweep", "spec.toml")
+    assert result.returncode == 0, result.stderr
+    rows = list(read_results(work / "res" / "results.jsonl")[0].values())
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["eval"]["perplexity"]["data"] == eval_run.PACKAGED_NAME

@@ -14,7 +14,7 @@ from lsaq_mlx.errors import UserError
 @app.command("eval")
 def eval_command(
     model: ModelOption = None,
-    ppl: Annotated[str, typer.Option(help="Perplexity text: wikitext2 (the local WikiText-2 test set), a text file, or none.")] = "wikitext2",
+    ppl: Annotated[str, typer.Option(help="Perplexity text: auto (WikiText-2 test if a local copy is found, else packaged), wikitext2, packaged (public-domain text shipped with lsaq-mlx), a text file, or none.")] = "auto",
     tasks: Annotated[str, typer.Option(help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
     reference: Annotated[Optional[str], typer.Option(help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Perplexity/KL: the first N tokens of the text.")] = 4096,

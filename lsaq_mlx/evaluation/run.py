@@ -46,14 +46,28 @@ def data_dir() -> Path | None:
     return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
 
 
+PACKAGED_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval.txt"
+PACKAGED_NAME = "packaged: State of the Union addresses 1961-1963 (public domain)"
+
+
+def _local_wikitext() -> Path | None:
+    root = data_dir()
+    path = root / "wikitext-2-raw" / "wiki.test.raw" if root else None
+    return path if path is not None and path.is_file() else None
+
+
 def read_ppl_text(spec: str) -> tuple[str, str]:
-    """``(name, text)`` for ``--ppl``: ``wikitext2`` (the local copy) or a text file."""
+    """``(name, text)`` for ``--ppl``: ``auto`` (WikiText-2 test when a local copy is
+    found, else the packaged text), ``wikitext2``, ``packaged``, or a text file."""
+    if spec == "auto":
+        spec = "wikitext2" if _local_wikitext() else "packaged"
+    if spec == "packaged":
+        return PACKAGED_NAME, PACKAGED_TEXT.read_text(encoding="utf-8")
     if spec == "wikitext2":
-        root = data_dir()
-        path = root / "wikitext-2-raw" / "wiki.test.raw" if root else None
-        if path is None or not path.is_file():
+        path = _local_wikitext()
+        if path is None:
             raise UserError(f"WikiText-2 not found: set {DATA_ENV} to a folder with wikitext-2-raw/wiki.test.raw, "
-                            "or pass --ppl FILE")
+                            "or pass --ppl FILE (or packaged)")
     else:
         path = Path(spec)
     try:
@@ -96,7 +110,7 @@ class EvalRequest:
     """What ``eval`` measures: perplexity (and KL, given a reference) on the first
     ``max_tokens`` tokens of ``ppl`` in windows of ``seq_len``, and zero-shot ``tasks``."""
 
-    ppl: str | None = "wikitext2"  # wikitext2, a text file, or None
+    ppl: str | None = "auto"  # auto, wikitext2, packaged, a text file, or None
     tasks: list[str] = field(default_factory=list)
     max_tokens: int = 4096
     seq_len: int = 512

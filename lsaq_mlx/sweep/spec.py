@@ -7,7 +7,7 @@ A spec (every key but ``grid`` optional)::
     convert = false              # true: write each cell's model folder under out/models, evaluate that
 
     [eval]
-    ppl = "wikitext2"            # or a text file, or "none"
+    ppl = "auto"                 # WikiText-2 if found locally, else the packaged text; or wikitext2, packaged, a file, "none"
     max_tokens = 2048
     seq_len = 512
     kl = true                    # KL and top-1 agreement against each model's source
@@ -32,7 +32,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.methods import METHODS, RECIPES, TIER_METRICS
 
 SOURCE = "source"  # the model as loaded, unquantized: the table's reference row
-EVAL_DEFAULTS = {"ppl": "wikitext2", "max_tokens": 2048, "seq_len": 512, "kl": True, "tasks": [], "limit": None,
+EVAL_DEFAULTS = {"ppl": "auto", "max_tokens": 2048, "seq_len": 512, "kl": True, "tasks": [], "limit": None,
                  "data_dir": None}
 GRID_KEYS = {"models", "methods", "budgets", "low_fractions", "high_bits", "low_bits", "group_size"}
 GRID_TYPES = {"models": [str], "methods": [str], "budgets": [(int, float)], "low_fractions": [(int, float)],
