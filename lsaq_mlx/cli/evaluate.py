@@ -38,7 +38,7 @@ def eval_command(
 
 @app.command()
 def sweep(
-    spec: Annotated[Path, typer.Argument(help="A TOML file: [eval] settings and [[grid]] tables of models, methods, budgets (see the README).")],
+    spec: Annotated[Path, typer.Argument(help="A TOML file: \\[eval] settings and \\[\\[grid]] tables of models, methods, budgets (see the README).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which are already done; evaluate nothing.")] = False,
     json_out: JsonOption = False,

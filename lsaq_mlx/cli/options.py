@@ -32,7 +32,7 @@ UniformBitsOption = Annotated[Optional[int], typer.Option(help="Uniform: this bi
 OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
 CodecsOption = Annotated[str, typer.Option(help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
 ContextOption = Annotated[int, typer.Option(help="Tokens of KV cache a --memory-budget reserves.")]
-MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on importance x quantization error) | lsaq-tiers | tiers-cosine | tiers-zscore | tiers-random | uniform")]
+MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on Fisher-weighted quantization error per module) | lsaq-tiers (jaccard-ranked layers at two bit widths) | tiers-cosine | tiers-zscore | tiers-random | uniform")]
 
 # ---- runtime ----
 StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")]
