@@ -13,11 +13,11 @@ BAR_WIDTH = 40
 def print_bar_chart(scores: LayerScores, console: Console | None = None) -> None:
     console = console or Console()
     values = scores.scores
-    lo, hi = min(values), max(values)
+    lo, hi = min(0.0, min(values)), max(values)  # bars start at zero (at the lowest score if one is negative)
     span = (hi - lo) or 1.0
     rank = {layer: r + 1 for r, layer in enumerate(scores.ranking())}
     console.print(f"[bold]{scores.metric}[/] importance of {len(values)} layers of {scores.model or scores.model_fingerprint}"
-                  f" ({_describe_params(scores.params)}; {scores.wall_seconds:.1f} s)")
+                  f" ({_describe_params(scores.params)}; {scores.wall_seconds:.1f} s); bars from {lo:g} to {hi:.4f}")
     for i, v in enumerate(values):
         filled = round((v - lo) / span * BAR_WIDTH)
         console.print(f"layer {i:>3}  {'█' * filled}{'·' * (BAR_WIDTH - filled)}  {v:.4f}  #{rank[i]}")
