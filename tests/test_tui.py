@@ -357,3 +357,23 @@ def test_ctrl_c_in_a_terminal_quits_and_restores_it(tmp_path, empty_cache):
     finally:
         proc.kill()
         os.close(leader)
+
+
+def test_the_screenshot_command_saves_in_the_working_folder_and_says_where(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "no-home"))  # no Downloads folder anywhere
+
+    async def run():
+        fake = FakeEngine().start()
+        app = LsaqApp(fake, "fake")
+        notes = []
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.notify = lambda message, **kw: notes.append(message)
+            app.action_screenshot()
+            await pilot.pause(0.1)
+        return notes
+
+    notes = asyncio.run(run())
+    saved = list(tmp_path.glob("lsaq-mlx-*.svg"))
+    assert len(saved) == 1 and saved[0].read_text().startswith("<svg")
+    assert notes == [f"screenshot saved: {saved[0]}"]

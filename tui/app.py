@@ -10,6 +10,7 @@ longest time the UI loop could not run.
 
 import queue
 import time
+from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -207,6 +208,18 @@ class LsaqApp(App):
         self.engine.chat(text, self.max_tokens)
 
     # ---- actions ----
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Save an SVG of the screen in the working folder (Textual's default, the
+        Downloads folder, is missing on many machines) and say where."""
+        name = filename or f"lsaq-mlx-{time.strftime('%Y-%m-%dT%H_%M_%S')}.svg"
+        folder = Path(path) if path else Path.cwd()
+        try:
+            saved = Path(self.save_screenshot(name, str(folder)))
+        except OSError as e:
+            self.notify(f"cannot save the screenshot in {folder}: {e.strerror or e}", severity="error", timeout=8)
+            return
+        self.notify(f"screenshot saved: {saved}", timeout=8)
+
     def action_stop_reply(self) -> None:
         if self.generating:
             self.taking_back = True
