@@ -12,12 +12,13 @@ from pathlib import Path
 
 from lsaq_mlx.cache import cache_dir
 from lsaq_mlx.errors import UserError, os_error_line
-from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, ReplyDone, StateUpdate, Swapped, Token
+from lsaq_mlx.sizes import format_size
+from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, Ready, ReplyDone, StateUpdate, Swapped, Token
 
 HELP = """commands:
   /plan B        switch to a plan of B bits per weight (hot swap, the conversation goes on)
   /auto on|off   follow the machine's memory (needs --auto or --memory-trace)
-  /stats         plan, memory, last reply's speed
+  /stats [json]  plan, memory, last reply's speed (json: everything the engine reports)
   /layers        bits/group size of every layer
   /system TEXT   set the system prompt
   /reset         forget the conversation
@@ -110,8 +111,12 @@ class ChatSession:
             event = self.wait(StateUpdate)
             if isinstance(event, StateUpdate):
                 state = event.state
-                self.print(_layers(state.layers) if command == "layers" else json.dumps(state.to_dict(), indent=2,
-                                                                                        default=str))
+                if command == "layers":
+                    self.print(_layers(state.layers))
+                elif arg == "json":
+                    self.print(json.dumps(state.to_dict(), indent=2, default=str))
+                else:
+                    self.print(stats_summary(state))
         elif command == "system" and arg:
             self.engine.set_system(arg)
             self.wait(StateUpdate)
@@ -128,6 +133,31 @@ class ChatSession:
         return True
 
 
+def banner(state, model: str, sampling: str) -> str:
+    """The first line of a chat: the model, its precision and memory, how it samples."""
+    return (f"lsaq-mlx chat · {model} · {_bpw(state.bits_per_weight)} ({state.method}) · weights "
+            f"{format_size(state.weight_bytes)} · {sampling} · /help lists the commands")
+
+
+def stats_summary(state) -> str:
+    """``/stats``: the engine's state in a few lines."""
+    lines = [f"plan: {state.method}, {_bpw(state.bits_per_weight)}, weights {format_size(state.weight_bytes)}"
+             + (f", plan {state.plan_index + 1} of the set" if state.plan_index is not None else "")
+             + f"; automatic mode {'on' if state.auto else 'off'}"]
+    mem = state.memory
+    if mem:
+        lines.append(f"memory: {format_size(mem['available_bytes'])} available of {format_size(mem['total_bytes'])}"
+                     f" ({mem['pressure']}); this process {format_size(mem.get('rss_bytes', 0))}")
+    lines.append(f"MLX: {format_size(state.mlx_active_bytes)} active, peak {format_size(state.mlx_peak_bytes)}; "
+                 f"conversation {state.messages} messages, {state.cached_tokens} tokens cached")
+    r = state.last_reply
+    if r:
+        lines.append(f"last reply: {r['generation_tokens']} tokens at {r['generation_tps']:.1f} tok/s, prompt "
+                     f"{r['prompt_tokens']} at {r['prompt_tps']:.1f} tok/s, first token after "
+                     f"{r['first_token_seconds']:.2f} s")
+    return "\n".join(lines)
+
+
 def _bpw(bits_per_weight: float | None) -> str:
     return f"{bits_per_weight:.2f} bits/weight" if bits_per_weight else "bits/weight unknown"
 
@@ -139,9 +169,15 @@ def _layers(layers: dict) -> str:
     return "\n".join(f"{k:>5}: {', '.join(layers[k])}" for k in keys)
 
 
-def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None) -> None:
+def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) -> None:
+    """Talk to ``engine``; ``title(state)``: the banner, from the engine's state when it
+    is ready (on stderr when scripted, so stdout holds only the replies)."""
     stdin = stdin or sys.stdin
     session = ChatSession(engine, max_tokens)
+    if title:
+        ready = session.wait(Ready)
+        if isinstance(ready, Ready):
+            print(title(ready.state), file=session.out if stdin.isatty() else sys.stderr, flush=True)
     if not stdin.isatty():
         for line in stdin:
             if not session.handle(line):

@@ -42,6 +42,11 @@ PlanBudgetsOption = Annotated[str, typer.Option("--budgets", help="Automatic mod
 ReserveOption = Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")]
 SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.")]
+TempOption = Annotated[float, typer.Option("--temp", metavar="T", help="Sampling temperature; 0 picks the most likely token.")]
+TopPOption = Annotated[float, typer.Option("--top-p", metavar="P", help="Sample from the smallest set of tokens whose probability reaches P (1: off).")]
+MinPOption = Annotated[float, typer.Option("--min-p", metavar="P", help="Drop tokens less likely than P x the most likely one (0: off).")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Random seed, for replies that repeat.")]
+MaxKVOption = Annotated[Optional[int], typer.Option("--max-kv-size", metavar="TOKENS", help="Keep at most this many tokens in the KV cache (a rotating cache); default: the whole conversation.")]
 
 FLAGS = {
     "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",

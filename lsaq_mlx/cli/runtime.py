@@ -14,18 +14,28 @@ from lsaq_mlx.cli.options import (
     PlanBudgetsOption,
     ReserveOption,
     StartBudgetOption,
+    MaxKVOption,
+    MinPOption,
+    SeedOption,
     SystemOption,
+    TempOption,
+    TopPOption,
     TraceOption,
 )
 from lsaq_mlx.errors import UserError
 
 
-def _options(bits_budget, auto, memory_trace, budgets, method, reserve, **more):
+def _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling: dict, **more):
     from lsaq_mlx.runtime.options import RuntimeOptions, parse_budgets
+    from lsaq_mlx.runtime.sampling import Sampling
     from lsaq_mlx.sizes import parse_size
 
     return RuntimeOptions(bits_budget=bits_budget, auto=auto, memory_trace=memory_trace, budgets=parse_budgets(budgets),
-                          method=method, reserve_bytes=parse_size(reserve), **more)
+                          method=method, reserve_bytes=parse_size(reserve), sampling=Sampling(**sampling), **more)
+
+
+def _model_name(source) -> str:
+    return "SmolLM2-135M-Instruct (default)" if source.kind == "default" else Path(source.origin).name
 
 
 @app.command()
@@ -39,21 +49,28 @@ def chat(
     reserve: ReserveOption = "512MB",
     max_tokens: MaxTokensOption = 512,
     system: SystemOption = None,
+    temp: TempOption = 0.0,
+    top_p: TopPOption = 1.0,
+    min_p: MinPOption = 0.0,
+    seed: SeedOption = None,
+    max_kv_size: MaxKVOption = None,
     layer_store: Annotated[bool, typer.Option("--layer-store", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
 ) -> None:
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
     With standard input not a terminal, reads one message or /command per line (scripted)."""
-    from lsaq_mlx.cli.chat_session import run_chat
+    from lsaq_mlx.cli.chat_session import banner, run_chat
     from lsaq_mlx.runtime.options import build_engine
     from lsaq_mlx.sources import resolve_model
 
-    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, layer_store=layer_store)
-    engine = build_engine(resolve_model(model), options).start()
+    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
+    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, layer_store=layer_store)
+    source = resolve_model(model)
+    engine = build_engine(source, options).start()
     try:
         if system:
             engine.set_system(system)
-        run_chat(engine, max_tokens)
+        run_chat(engine, max_tokens, title=lambda state: banner(state, _model_name(source), options.sampling.describe()))
     finally:
         engine.shutdown()
 
@@ -69,6 +86,11 @@ def tui(
     reserve: ReserveOption = "512MB",
     max_tokens: MaxTokensOption = 512,
     system: SystemOption = None,
+    temp: TempOption = 0.0,
+    top_p: TopPOption = 1.0,
+    min_p: MinPOption = 0.0,
+    seed: SeedOption = None,
+    max_kv_size: MaxKVOption = None,
     importance: Annotated[str, typer.Option(help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
 ) -> None:
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands)."""
@@ -76,13 +98,13 @@ def tui(
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
 
-    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, memory_events=True,
+    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
+    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True,
                        importance=None if importance == "none" else importance)
     options.check()
     source = resolve_model(model)
     engine = build_engine(source, options)
-    name = "SmolLM2-135M-Instruct (default)" if source.kind == "default" else Path(source.origin).name
-    ui = LsaqApp(engine.start(), name, max_tokens)
+    ui = LsaqApp(engine.start(), _model_name(source), max_tokens)
     try:
         if system:
             engine.set_system(system)

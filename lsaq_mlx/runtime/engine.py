@@ -18,7 +18,7 @@ import psutil
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import make_logits_processors
 
 from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_paths, prepare_for_compute
 from lsaq_mlx.errors import UserError
@@ -39,6 +39,7 @@ from lsaq_mlx.runtime.events import (
 )
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
+from lsaq_mlx.runtime.sampling import Sampling
 from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, source_weights, swap_modules
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
@@ -52,16 +53,18 @@ DEFAULT_CONTEXT = 4096  # tokens, for configs that do not say
 class Engine:
     def __init__(self, source: ModelSource, planner: Planner | None = None, budget: float | None = None, auto_budgets=(),
                  sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0,
-                 importance=None, memory_events: bool = False, layer_store: bool = False, method: str = "lsaq"):
+                 importance=None, memory_events: bool = False, layer_store: bool = False, method: str = "lsaq",
+                 sampling: Sampling | None = None):
         """``planner`` makes plans of ``method`` (in the engine thread); ``budget``
         picks the starting plan; ``auto_budgets`` builds the PlanSet that automatic mode
         moves through as ``sampler``'s memory samples dictate. ``importance() -> {"metric",
         "scores"}`` (one score per decoder layer) is called once while loading, for
         displays; ``memory_events`` sends a ``memory`` event every ``sample_every`` seconds;
         ``layer_store`` keeps every module at every setting of the plans on disk, ready
-        (``storage.layer_store``), so swaps read them instead of re-quantizing."""
+        (``storage.layer_store``), so swaps read them instead of re-quantizing; ``sampling``:
+        how tokens are picked and how much KV cache is kept."""
         self.source, self.planner, self.budget, self.auto_budgets = source, planner, budget, list(auto_budgets)
-        self.method = method
+        self.method, self.sampling = method, sampling or Sampling()
         self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
         self.importance_of, self.memory_events = importance, memory_events
         self.use_layer_store, self.store = layer_store, None
@@ -97,7 +100,8 @@ class Engine:
         self._send("shutdown")
         self._thread.join()
 
-    def chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
+    def chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> None:
+        """Reply to ``text``; ``temp`` overrides the sampling temperature for this reply."""
         self._send("chat", text, max_tokens, temp)
 
     def apply_plan(self, index: int, reason: str = "requested") -> None:
@@ -142,6 +146,8 @@ class Engine:
             mx.clear_streams()
 
     def _serve(self) -> None:
+        if self.sampling.seed is not None:
+            mx.random.seed(self.sampling.seed)
         try:
             self._load()
         except Exception as e:  # reported to start()
@@ -217,7 +223,7 @@ class Engine:
         if self.importance_of is not None:
             self.importance = self.importance_of()
 
-    def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
+    def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> None:
         self.messages.append({"role": "user", "content": text})
         try:
             tokens = self._tokens_within_context()
@@ -247,14 +253,14 @@ class Engine:
                                f"{dropped} oldest messages were dropped"))
         return tokens
 
-    def _generate(self, tokens: list[int], max_tokens: int, temp: float) -> tuple[str, ReplyStats]:
+    def _generate(self, tokens: list[int], max_tokens: int, temp: float | None) -> tuple[str, ReplyStats]:
         prefix = self._reuse_cache(tokens)
         feed, generated, pieces, last = tokens[prefix:], [], [], None
         self._stop.clear()
         stopped, checked = False, time.monotonic()
         started, first_token = time.perf_counter(), None
         for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
-                                    sampler=make_sampler(temp=temp), prompt_cache=self.cache,
+                                    sampler=self.sampling.sampler(temp), prompt_cache=self.cache,
                                     logits_processors=make_logits_processors(repetition_penalty=REPETITION_PENALTY)):
             generated.append(last.token)
             pieces.append(last.text)
@@ -315,7 +321,7 @@ class Engine:
         if self.cache is not None and prefix > 0 and can_trim_prompt_cache(self.cache):
             trim_prompt_cache(self.cache, len(self.cache_tokens) - prefix)
             return prefix
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, self.sampling.max_kv_size)
         return 0
 
     # ---- precision changes ----

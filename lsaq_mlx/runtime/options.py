@@ -1,9 +1,10 @@
 """What a chat or TUI session runs with, as one value, and the engine built from it."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.runtime.sampling import Sampling
 from lsaq_mlx.sources import ModelSource
 
 DEFAULT_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
@@ -20,8 +21,10 @@ class RuntimeOptions:
     layer_store: bool = False
     memory_events: bool = False  # a memory sample every second, for displays
     importance: str | None = None  # the metric displays show per layer (jaccard, cosine, zscore)
+    sampling: Sampling = field(default_factory=Sampling)
 
     def check(self) -> None:
+        self.sampling.check()
         from lsaq_mlx.planning.budgets import check_bits_budget
 
         for b in ([self.bits_budget] if self.bits_budget is not None else []) + list(self.budgets):
@@ -47,7 +50,7 @@ def build_engine(source: ModelSource, options: RuntimeOptions):
         importance = lambda: _importance(planner, options.importance)  # noqa: E731 - run in the engine thread
     return Engine(source, planner, options.bits_budget, list(options.budgets) if following else [], sampler,
                   {"reserve": options.reserve_bytes}, method=options.method, layer_store=options.layer_store,
-                  memory_events=options.memory_events, importance=importance)
+                  memory_events=options.memory_events, importance=importance, sampling=options.sampling)
 
 
 def _importance(planner, metric: str) -> dict:
