@@ -41,6 +41,11 @@ def cache_dir() -> Path:
     return Path(root).expanduser()
 
 
+def is_key(name: str) -> bool:
+    """Whether ``name`` is a key lsaq-mlx computes (hex digits, 16 to 64)."""
+    return bool(_KEY.match(name))
+
+
 def cache_entry(kind: str, key: str, suffix: str = "") -> Path:
     """``<cache>/<kind>/<key><suffix>``; ``key`` must be a fingerprint we computed (hex),
     so no name read from a file can point a cache entry elsewhere."""

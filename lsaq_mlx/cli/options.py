@@ -52,6 +52,7 @@ FLAGS = {
     "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",
     "method": "--method", "recipe": "--recipe", "override": "--override", "codecs": "--codecs",
     "tier_bits": "--high-bits/--low-bits", "force": "--force", "ppl": "--ppl", "data_dir": "--data-dir",
+    "temp": "--temp", "top_p": "--top-p", "min_p": "--min-p", "max_kv_size": "--max-kv-size", "older_than": "--older-than",
     "tokens": "--tokens", "seq_len": "--seq-len", "top_k": "--top-k", "sets": "--sets", "bits": "--bits",
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
     "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve",

@@ -76,13 +76,14 @@ def _keys(modules) -> dict:
 
 
 def _path(fingerprint: str, calib: CalibrationText):
-    return cache_entry("errors", table_key(fingerprint, calib), ".json")
+    """``errors/<model fingerprint>/<key>.json``: a model's tables in one folder (``cache rm``)."""
+    return cache_entry("errors", fingerprint) / f"{table_key(fingerprint, calib)}.json"
 
 
 def _swsc_path(fingerprint: str, calib: CalibrationText, ctx):
     options = {p: [c.key for c in choices] for p, choices in ctx.swsc_options.items()}
     key = fingerprint_bytes(table_key(fingerprint, calib), json.dumps(options, sort_keys=True), str(SWSC_COST_VERSION))
-    return cache_entry("errors", key, ".json").with_name(f"swsc-{key}.json")
+    return cache_entry("errors", fingerprint) / f"swsc-{key}.json"
 
 
 def _check(data, keys: dict) -> dict:

@@ -1,0 +1,45 @@
+"""``lsaq-mlx cache``: it lists what a model's commands cached, removes one model's
+entries and no other's, prunes by age, and leaves names it did not make alone."""
+
+import json
+import os
+import time
+
+from cli_run import assert_one_line_error, run_cli
+from tiny_models import tiny_model, write_gguf
+
+
+def test_cache_list_rm_and_prune(tmp_path, empty_cache):
+    for name, seed in (("a", 0), ("b", 1)):
+        write_gguf(tiny_model("llama", seed=seed), "llama", tmp_path / f"{name}.gguf")
+        assert run_cli("plan", "-m", str(tmp_path / f"{name}.gguf"), "-b", "5.0", "--json").returncode == 0
+    assert run_cli("score", "-m", str(tmp_path / "a.gguf"), "--tokens", "64", "--json").returncode == 0
+    (empty_cache / "errors" / "not-ours.txt").write_text("left alone")
+
+    listed = json.loads(run_cli("cache", "list", "--json").stdout)["entries"]
+    kinds = {(e["kind"], e["model"]) for e in listed}
+    assert {("models", "a.gguf"), ("errors", "a.gguf"), ("scores", "a.gguf"), ("models", "b.gguf"),
+            ("errors", "b.gguf")} <= kinds
+    assert "a.gguf" in run_cli("cache", "list").stdout
+
+    removed = json.loads(run_cli("cache", "rm", "-m", str(tmp_path / "a.gguf"), "--json").stdout)["removed"]
+    assert removed and {e["model"] for e in removed} == {"a.gguf"}
+    left = json.loads(run_cli("cache", "list", "--json").stdout)["entries"]
+    assert left and all(e["model"] == "b.gguf" for e in left)
+    assert (empty_cache / "errors" / "not-ours.txt").exists()
+
+    assert json.loads(run_cli("cache", "prune", "--older-than", "1d", "--json").stdout)["removed"] == []
+    old = time.time() - 3 * 86400
+    for e in left:
+        for root, _, files in os.walk(e["path"]):
+            for f in files:
+                os.utime(os.path.join(root, f), (old, old))
+        if os.path.isfile(e["path"]):
+            os.utime(e["path"], (old, old))
+    assert len(json.loads(run_cli("cache", "prune", "--older-than", "2d", "--json").stdout)["removed"]) == len(left)
+    assert json.loads(run_cli("cache", "list", "--json").stdout)["entries"] == []
+
+
+def test_cache_rm_says_what_it_needs(empty_cache):
+    assert_one_line_error(run_cli("cache", "rm"), "say which: --model M, or --all")
+    assert_one_line_error(run_cli("cache", "prune", "--older-than", "soon"), "cannot read the age 'soon'")
