@@ -1,6 +1,6 @@
 """``cache list | rm | prune``: what lsaq-mlx keeps in its cache, for which model, and removing it."""
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -35,7 +35,7 @@ def list_cache(json_out: JsonOption = False) -> None:
 @cache_app.command("rm")
 def remove_cache(
     model: ModelOption = None,
-    all_entries: Annotated[bool, typer.Option("--all", help="Everything in the cache.")] = False,
+    all_entries: Annotated[bool, typer.Option("--all", metavar="", help="Everything in the cache.")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Remove what is cached for one model (its import, cost tables, scores, layer stores), or everything.

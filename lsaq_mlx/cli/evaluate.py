@@ -14,16 +14,18 @@ from lsaq_mlx.errors import UserError
 @app.command("eval")
 def eval_command(
     model: ModelOption = None,
-    ppl: Annotated[str, typer.Option(help="Perplexity text: auto (WikiText-2 test if a local copy is found, else packaged), wikitext2, packaged (public-domain text shipped with lsaq-mlx), a text file, or none.")] = "auto",
-    tasks: Annotated[str, typer.Option(help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
-    reference: Annotated[Optional[str], typer.Option(help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Perplexity/KL: the first N tokens of the text.")] = 4096,
-    seq_len: Annotated[int, typer.Option(help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
-    limit: Annotated[Optional[int], typer.Option(help="Tasks: at most N items each.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the task files (default: ../shared/data/tasks).")] = None,
+    ppl: Annotated[str, typer.Option(metavar="TEXT", help="Perplexity text: auto (WikiText-2 test if a local copy is found, else packaged), wikitext2, packaged (public-domain text shipped with lsaq-mlx), a text file, or none.")] = "auto",
+    tasks: Annotated[str, typer.Option(metavar="TASKS", help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
+    reference: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
+    max_tokens: Annotated[int, typer.Option(metavar="N", help="Perplexity/KL: the first N tokens of the text.")] = 4096,
+    seq_len: Annotated[int, typer.Option(metavar="N", help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
+    limit: Annotated[Optional[int], typer.Option(metavar="N", help="Tasks: at most N items each.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with the task files (default: ../shared/data/tasks).")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy."""
+    """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy.
+
+    Examples: lsaq-mlx eval -m out-4bpw --reference default · lsaq-mlx eval -m out-4bpw --tasks piqa,arc_easy --limit 200 --json"""
     from lsaq_mlx.cli.render.evaluation import print_eval
     from lsaq_mlx.evaluation.run import EvalRequest, evaluate
     from lsaq_mlx.sources import resolve_model
@@ -39,11 +41,13 @@ def eval_command(
 @app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="A TOML file: \\[eval] settings and \\[\\[grid]] tables of models, methods, budgets (see the README).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and which are already done; evaluate nothing.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="List the cells and which are already done; evaluate nothing.")] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes."""
+    """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes.
+
+    Examples: lsaq-mlx sweep grid.toml --dry-run · mlx.launch -n 2 lsaq-mlx sweep grid.toml"""
     from lsaq_mlx.sweep.report import markdown_table
     from lsaq_mlx.sweep.run import Sweep
     from lsaq_mlx.sweep.spec import SweepSpec

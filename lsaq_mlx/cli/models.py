@@ -12,7 +12,9 @@ from lsaq_mlx.cli.output import emit_json, err
 
 @app.command()
 def doctor(json_out: JsonOption = False) -> None:
-    """Show the MLX backend, the BLAS in use, the compute mode, and a GEMM speed check."""
+    """Show the MLX backend, the BLAS in use, the compute mode, and a GEMM speed check.
+
+    Examples: lsaq-mlx doctor --json"""
     from lsaq_mlx.doctor import diagnose
 
     report = diagnose()
@@ -25,7 +27,9 @@ def doctor(json_out: JsonOption = False) -> None:
 
 @app.command()
 def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
-    """Architecture, parameters per module kind, precision of every module, size, bits per weight."""
+    """Architecture, parameters per module kind, precision of every module, size, bits per weight.
+
+    Examples: lsaq-mlx inspect -m ./Llama-3-8B-Instruct"""
     from lsaq_mlx.cli.render.inspection import print_description
     from lsaq_mlx.sources import resolve_model
     from lsaq_mlx.sources.inspection import describe_model
@@ -38,14 +42,16 @@ def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (or the user message with --chat).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Text to continue (or the user message with --chat).")],
     model: ModelOption = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens to generate.")] = 64,
-    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template.")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", metavar="N", min=1, help="Tokens to generate.")] = 64,
+    temp: Annotated[float, typer.Option("--temp", metavar="X", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    chat: Annotated[bool, typer.Option("--chat", metavar="", help="Wrap the prompt in the model's chat template.")] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """One-shot generation, with tokens/s and peak memory: a smoke test of a model."""
+    """One-shot generation, with tokens/s and peak memory: a smoke test of a model.
+
+    Examples: lsaq-mlx generate -m out-4bpw -p "The capital of France is" -n 16"""
     from lsaq_mlx.backend.compute import compute_mode
     from lsaq_mlx.runtime.generation import build_prompt, generate_text
     from lsaq_mlx.sources import load_model, resolve_model

@@ -11,37 +11,38 @@ ModelOption = Annotated[
     typer.Option(
         "--model",
         "-m",
+        metavar="MODEL",
         help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | model.lsaqpack | Hugging Face id",
         show_default=False,
     ),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Replace an existing output that lsaq-mlx wrote.")]
+JsonOption = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON document on stdout.")]
+ForceOption = Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing output that lsaq-mlx wrote.")]
 
 # ---- planning ----
-BudgetsOption = Annotated[list[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included); repeat for several plans.")]
-BudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Bits per weight (mlx-lm's definition, scales included).")]
-MemoryOption = Annotated[Optional[str], typer.Option("--memory-budget", help="Total memory for the model, e.g. 1.2GB: weights get what a --context KV cache (float16) and a 10 % runtime reserve leave.")]
-RecipeOption = Annotated[Optional[str], typer.Option(help="Instead of a method: mlx-lm's mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6.")]
-ScoresOption = Annotated[Optional[Path], typer.Option(help="LayerScores JSON to use (from score --out); default: computed and cached.")]
-CalibOption = Annotated[Optional[str], typer.Option(help="Calibration text for the scores and the cost model (default: packaged).")]
-HighBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the important layers.")]
-LowBitsOption = Annotated[int, typer.Option(help="Tiers: bits of the other layers, embeddings and LM head.")]
-GroupSizeOption = Annotated[Optional[int], typer.Option(help="Tiers/uniform/recipe: group size (default 64).")]
-UniformBitsOption = Annotated[Optional[int], typer.Option(help="Uniform: this bit width (no budget needed).")]
-OverrideOption = Annotated[Optional[list[str]], typer.Option(help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
-CodecsOption = Annotated[str, typer.Option(help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
-ContextOption = Annotated[int, typer.Option(help="Tokens of KV cache a --memory-budget reserves.")]
-MethodOption = Annotated[str, typer.Option("--method", help="lsaq (knapsack on Fisher-weighted quantization error per module) | lsaq-tiers (jaccard-ranked layers at two bit widths) | tiers-cosine | tiers-zscore | tiers-random | uniform")]
+BudgetsOption = Annotated[list[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Bits per weight (mlx-lm's definition, scales included); repeat for several plans.")]
+BudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Bits per weight (mlx-lm's definition, scales included).")]
+MemoryOption = Annotated[Optional[str], typer.Option("--memory-budget", metavar="SIZE", help="Total memory for the model, e.g. 1.2GB: weights get what a --context KV cache (float16) and a 10 % runtime reserve leave.")]
+RecipeOption = Annotated[Optional[str], typer.Option(metavar="RECIPE", help="Instead of a method: mlx-lm's mixed_2_6 | mixed_3_4 | mixed_3_6 | mixed_4_6.")]
+ScoresOption = Annotated[Optional[Path], typer.Option(metavar="FILE", help="LayerScores JSON to use (from score --out); default: computed and cached.")]
+CalibOption = Annotated[Optional[str], typer.Option(metavar="FILE", help="Calibration text for the scores and the cost model (default: packaged).")]
+HighBitsOption = Annotated[int, typer.Option(metavar="BITS", help="Tiers: bits of the important layers.")]
+LowBitsOption = Annotated[int, typer.Option(metavar="BITS", help="Tiers: bits of the other layers, embeddings and LM head.")]
+GroupSizeOption = Annotated[Optional[int], typer.Option(metavar="N", help="Tiers/uniform/recipe: group size (default 64).")]
+UniformBitsOption = Annotated[Optional[int], typer.Option(metavar="BITS", help="Uniform: this bit width (no budget needed).")]
+OverrideOption = Annotated[Optional[list[str]], typer.Option(metavar="REGEX=SETTING", help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
+CodecsOption = Annotated[str, typer.Option(metavar="CODECS", help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
+ContextOption = Annotated[int, typer.Option(metavar="TOKENS", help="Tokens of KV cache a --memory-budget reserves.")]
+MethodOption = Annotated[str, typer.Option("--method", metavar="METHOD", help="lsaq (knapsack on Fisher-weighted quantization error per module) | lsaq-tiers (jaccard-ranked layers at two bit widths) | tiers-cosine | tiers-zscore | tiers-random | uniform")]
 
 # ---- runtime ----
-StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", help="Start with the plan of this many bits per weight (default: the source precision).")]
-AutoOption = Annotated[bool, typer.Option("--auto", help="Follow this machine's memory: swap between plans of --budgets.")]
-TraceOption = Annotated[Optional[Path], typer.Option(help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")]
-PlanBudgetsOption = Annotated[str, typer.Option("--budgets", help="Automatic mode: the plans' bits per weight.")]
-ReserveOption = Annotated[str, typer.Option(help="Automatic mode: memory to keep free.")]
-MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Longest reply, in tokens.")]
-SystemOption = Annotated[Optional[str], typer.Option(help="System prompt.")]
+StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Start with the plan of this many bits per weight (default: the source precision).")]
+AutoOption = Annotated[bool, typer.Option("--auto", metavar="", help="Follow this machine's memory: swap between plans of --budgets.")]
+TraceOption = Annotated[Optional[Path], typer.Option(metavar="FILE", help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")]
+PlanBudgetsOption = Annotated[str, typer.Option("--budgets", metavar="BITS,BITS,...", help="Automatic mode: the plans' bits per weight.")]
+ReserveOption = Annotated[str, typer.Option(metavar="SIZE", help="Automatic mode: memory to keep free.")]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, metavar="TOKENS", help="Longest reply, in tokens.")]
+SystemOption = Annotated[Optional[str], typer.Option(metavar="TEXT", help="System prompt.")]
 TempOption = Annotated[float, typer.Option("--temp", metavar="T", help="Sampling temperature; 0 picks the most likely token.")]
 TopPOption = Annotated[float, typer.Option("--top-p", metavar="P", help="Sample from the smallest set of tokens whose probability reaches P (1: off).")]
 MinPOption = Annotated[float, typer.Option("--min-p", metavar="P", help="Drop tokens less likely than P x the most likely one (0: off).")]

@@ -53,10 +53,12 @@ def plan(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets)."""
+    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets).
+
+    Examples: lsaq-mlx plan -m ./my-model -b 3.5 · lsaq-mlx plan -b 3 -b 4 -b 5 -o plans.json · lsaq-mlx plan --memory-budget 6GB"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.planning.budgets import headroom
     from lsaq_mlx.planning.plan import PlanSet
@@ -83,7 +85,7 @@ def convert(
     memory_budget: MemoryOption = None,
     method: MethodOption = "lsaq",
     recipe: RecipeOption = None,
-    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Write this QuantPlan JSON (from plan --out) instead of planning.")] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", metavar="FILE", help="Write this QuantPlan JSON (from plan --out) instead of planning.")] = None,
     scores: ScoresOption = None,
     calib: CalibOption = None,
     high_bits: HighBitsOption = 8,
@@ -93,12 +95,14 @@ def convert(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads."""
+    """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads.
+
+    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert --memory-budget 6GB --dry-run"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.convert import convert as write_model, default_output
     from lsaq_mlx.planning.budgets import headroom

@@ -54,11 +54,14 @@ def chat(
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
-    layer_store: Annotated[bool, typer.Option("--layer-store", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
+    layer_store: Annotated[bool, typer.Option("--layer-store", metavar="", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
 ) -> None:
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
-    With standard input not a terminal, reads one message or /command per line (scripted)."""
+    With standard input not a terminal, reads one message or /command per line (scripted).
+
+    Examples: lsaq-mlx chat -m ./my-model -b 4 · lsaq-mlx chat -b 3.5 --auto --temp 0.7 --seed 1 ·
+    printf "Hello\\n/plan 3\\nAnd now?\\n" | lsaq-mlx chat -b 4"""
     from lsaq_mlx.cli.chat_session import banner, run_chat
     from lsaq_mlx.runtime.options import build_engine
     from lsaq_mlx.sources import resolve_model
@@ -91,9 +94,11 @@ def tui(
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
-    importance: Annotated[str, typer.Option(help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
+    importance: Annotated[str, typer.Option(metavar="METRIC", help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
 ) -> None:
-    """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands)."""
+    """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands).
+
+    Examples: lsaq-mlx tui -m ./my-model -b 4 --auto"""
     from lsaq_mlx.runtime.options import build_engine
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
