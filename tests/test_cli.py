@@ -53,3 +53,13 @@ def test_inspect_and_generate_on_a_gguf(tmp_path):
     assert human.returncode == 0 and "gemma3_text" in human.stdout and "q_proj" in human.stdout
     out = json.loads(run_cli("generate", "-p", "hello", "-n", "5", "--json", "-m", str(tmp_path / "g.gguf"), env=env).stdout)
     assert out["generation_tokens"] >= 1 and out["peak_memory_gb"] > 0
+
+
+def test_json_says_which_model_and_whether_it_came_from_the_cache(tmp_path, empty_cache):
+    write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
+    model = str(tmp_path / "tiny.gguf")
+    first = json.loads(run_cli("score", "-m", model, "--tokens", "64", "--json").stdout)
+    again = json.loads(run_cli("score", "-m", model, "--tokens", "64", "--json").stdout)
+    assert (first["cached"], again["cached"]) == (False, True) and again["scores"] == first["scores"]
+    plan = json.loads(run_cli("plan", "-m", model, "--method", "uniform", "--bits", "4", "--json").stdout)
+    assert plan["model"] == model

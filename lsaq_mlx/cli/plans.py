@@ -68,12 +68,13 @@ def plan(
     request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
                        context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
                        low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
-    plans = Planner(resolve_model(model)).plans(request)
+    source = resolve_model(model)
+    plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
     if out:
         result.save(out)
     if json_out:
-        return emit_json(result.to_dict())
+        return emit_json({"model": source.spec or "default"} | result.to_dict())
     for p in plans:
         print_plan(p, headroom(p.predicted_bytes))
 

@@ -37,19 +37,21 @@ def score(
     Examples: lsaq-mlx score -m ./my-model · lsaq-mlx score --metric cosine --plot cosine.png --json
     """
     from lsaq_mlx.cli.render.scores import plot_scores, print_bar_chart
-    from lsaq_mlx.scoring.run import ScoreOptions, score as compute_scores
+    from lsaq_mlx.scoring.run import ScoreOptions, cached_score, score as compute_scores
     from lsaq_mlx.sources import resolve_model
 
     opts = ScoreOptions(metric=metric, calib=calib, tokens=tokens, seq_len=seq_len, top_k=top_k, stride=stride,
                         sets=sets, seed=seed, bits=bits, skip_tokens=skip_tokens)
     opts.check()
-    result = compute_scores(resolve_model(model), opts, use_cache=not no_cache)
+    source = resolve_model(model)
+    cached = None if no_cache else cached_score(source, opts)
+    result = cached or compute_scores(source, opts, use_cache=not no_cache)
     if out:
         result.save(out)
     if plot:
         plot_scores([result], plot)
     if json_out:
-        return emit_json(result.to_dict())
+        return emit_json(result.to_dict() | {"cached": cached is not None})
     print_bar_chart(result)
 
 

@@ -72,6 +72,14 @@ class ScoreOptions:
         return common | lens
 
 
+def cached_score(source: ModelSource, opts: ScoreOptions) -> LayerScores | None:
+    """The scores of ``source`` under ``opts`` if the cache holds them (intact), else None."""
+    calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
+    params = opts.params(calib.fingerprint if calib else None)
+    path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
+    return read_cache_json(path, "scores", lambda d: _cached_scores(d, path, source.fingerprint, opts.metric, params))
+
+
 def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model=None) -> LayerScores:
     """The scores of ``source`` under ``opts``; cached by content fingerprint. ``model``:
     the source already loaded in the compute mode, ``(model, tokenizer)`` or a function
@@ -80,8 +88,8 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
     params = opts.params(calib.fingerprint if calib else None)
     path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
-    cached = read_cache_json(path, "scores", lambda d: _cached_scores(d, path, source.fingerprint, opts.metric, params))
-    if use_cache and cached is not None:
+    cached = cached_score(source, opts) if use_cache else None
+    if cached is not None:
         return cached
     start = time.perf_counter()
     if streams(source):
