@@ -19,7 +19,7 @@ HELP = """commands:
   /plan B        switch to a plan of B bits per weight (hot swap, the conversation goes on)
   /auto on|off   follow the machine's memory (needs --auto or --memory-trace)
   /stats [json]  plan, memory, last reply's speed (json: everything the engine reports)
-  /layers        bits/group size of every layer
+  /layers        every module's bits/group size, layer by layer
   /system TEXT   set the system prompt
   /reset         forget the conversation
   /save FILE     write the conversation as JSON
@@ -166,7 +166,7 @@ def _layers(layers: dict) -> str:
     if not layers:
         return "[all layers at source precision]"
     keys = sorted(layers, key=lambda k: (k == "rest", int(k) if k != "rest" else 0))
-    return "\n".join(f"{k:>5}: {', '.join(layers[k])}" for k in keys)
+    return "\n".join(f"{k:>5}: " + " · ".join(f"{m.rpartition('.')[2]} {c}" for m, c in layers[k].items()) for k in keys)
 
 
 def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) -> None:

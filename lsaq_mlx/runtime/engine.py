@@ -452,13 +452,15 @@ class Engine:
 
     def _state(self) -> EngineState:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
-        layers = {}
+        layers: dict = {}
         for path, choice in self.choices.items():
-            layers.setdefault(layer_label(path), set()).add(choice.label)
+            label = layer_label(path)
+            module = path.split(f"layers.{label}.", 1)[1] if label != "rest" else path
+            layers.setdefault(label, {})[module] = choice.label
         return EngineState(**self._plan_info(), auto=self.auto, messages=len(self.messages),
                            cached_tokens=len(self.cache_tokens), mlx_active_bytes=mx.get_active_memory(),
                            mlx_peak_bytes=mx.get_peak_memory(), memory=sample,
-                           layers={k: sorted(v) for k, v in layers.items()},
+                           layers=layers,
                            last_reply=self.last_reply.to_dict() if self.last_reply else {},
                            layer_bits=self._layer_bits(), importance=self.importance,
                            policy=self.policy.describe() if self.policy else None)

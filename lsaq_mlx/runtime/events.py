@@ -25,7 +25,7 @@ class EngineState:
     mlx_active_bytes: int = 0
     mlx_peak_bytes: int = 0
     memory: dict = field(default_factory=dict)  # the last MemorySample, as a dict
-    layers: dict = field(default_factory=dict)  # "3" / "rest" -> the choice labels in that layer
+    layers: dict = field(default_factory=dict)  # "3" / "rest" -> {module ("mlp.down_proj"): its choice label}
     layer_bits: dict = field(default_factory=dict)  # {"layers": [bits of layer i], "other": bits}
     last_reply: dict = field(default_factory=dict)
     importance: dict | None = None  # {"metric", "scores"}
