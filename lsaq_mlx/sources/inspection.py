@@ -108,7 +108,7 @@ def precision_label(module_info: dict) -> str:
         return f"swsc k{module_info['k']} r{module_info['rank']}"
     if "bits" in module_info:
         mode = "" if module_info["mode"] == "affine" else f" {module_info['mode']}"
-        return f"{module_info['bits']}b/g{module_info['group_size']}{mode}"
+        return f"{module_info['bits']}/{module_info['group_size']}{mode}"  # as plans write it: bits/group
     return module_info["dtype"]
 
 
