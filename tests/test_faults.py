@@ -158,7 +158,7 @@ def test_damaged_cache_entries_are_recomputed(tmp_path, monkeypatch, caplog):
     source = resolve_model(str(tmp_path / "m.gguf"))
     first = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[4.0]))
     scores = score(source, ScoreOptions("cosine"))
-    damage = {"cost table": next((tmp_path / "cache" / "errors").glob("*.json")),
+    damage = {"cost table": next((tmp_path / "cache" / "errors").glob("*/*.json")),
               "scores": next((tmp_path / "cache" / "scores").glob("*.json"))}
     for path in damage.values():
         path.write_text(path.read_text()[:40])
