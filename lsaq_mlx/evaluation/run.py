@@ -17,6 +17,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation.perplexity import perplexity
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
+from lsaq_mlx.sources.load import load_tokenizer
 from lsaq_mlx.sources.streaming import StreamedModel, streams
 from lsaq_mlx.evaluation.tasks import TASKS, load_task
 from lsaq_mlx.evaluation.zeroshot import evaluate_task
@@ -137,13 +138,16 @@ def evaluate(source: ModelSource, request: EvalRequest, reference: ModelSource |
     request.check()
     start = time.perf_counter()
     task_data = load_tasks(request.tasks, request.limit, request.task_dir)
-    net, tokenizer = model if model is not None else load_model(source)[:2]
+    net, tokenizer = model if model is not None else (None, load_tokenizer(source))
     result = EvalResult(source.spec or "default", source.fingerprint, backend=describe())
     ppl, seq_len = request.ppl, request.seq_len
     if ppl:
         name, tokens = ppl_tokens(tokenizer, ppl, request.max_tokens)
-        if reference is not None and distributions is None:
+        if reference is not None and distributions is None:  # before the model is loaded: not both at once
             distributions = reference_distributions(reference, tokens, seq_len)
+    if net is None:
+        net = load_model(source)[0]
+    if ppl:
         if distributions is not None:
             compared = compare_to_reference(net, distributions)
             result.perplexity = {"data": name, **compared.perplexity.to_dict()}
