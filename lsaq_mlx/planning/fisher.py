@@ -59,10 +59,11 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
     hidden = streamed.run_layers(inputs, keep)
 
     # 2. the head
-    normed, lses, grad_hidden = _head(lens, hidden, targets)
-
     def head_matrix() -> mx.array:  # looked up each time: the matrices leave memory in step 3
-        return lens.head.weight if head_path else inner_model(streamed.model)["embed_tokens"].weight
+        return lens.head.weight if "lm_head" in streamed.model.get("language_model", streamed.model) else \
+            inner_model(streamed.model)["embed_tokens"].weight
+
+    normed, lses, grad_hidden = _head(lens, hidden, targets, head_matrix())
 
     def logit_grad(s: int, rows: slice) -> mx.array:
         return _logit_grad(normed[s], lses[s], targets[s], head_matrix(), rows)
@@ -98,24 +99,37 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
     step()
 
 
-def _head(lens, hidden: mx.array, targets: mx.array):
+def _head(lens, hidden: mx.array, targets: mx.array, weight: mx.array):
     """Per sequence: the log-normalizer of its logits and the gradient of its mean
-    cross-entropy at the last hidden state (through the final norm and the LM head); and
-    the normed states. The gradients at the logits are recomputed by row blocks of the
-    head when needed (``_logit_grad``), never held for the whole vocabulary."""
+    cross-entropy at the last hidden state (through the final norm and the LM head
+    ``weight``); and the normed states. Both are summed over row blocks of the head, and
+    the gradients at the logits are recomputed by row blocks when needed
+    (``_logit_grad``): nothing of vocabulary size is held."""
     normed = lens.norm(hidden).astype(mx.float32)
+    mx.eval(normed)
+    blocks = _blocks(weight)
     lses, at_hidden = [], []
     for s in range(hidden.shape[0]):
-        def loss(h, s=s):
-            return nn.losses.cross_entropy(lens.head(lens.norm(h)).astype(mx.float32), targets[s]).mean()
-
-        lse = mx.logsumexp(lens.head(normed[s]).astype(mx.float32), axis=-1)
-        g_hidden = mx.grad(loss)(hidden[s])
-        mx.eval(lse, g_hidden)
+        lse = None
+        for rows in blocks:
+            part = mx.logsumexp(normed[s] @ weight[rows].astype(mx.float32).T, axis=-1)
+            lse = part if lse is None else mx.logaddexp(lse, part)
+            mx.eval(lse)
+        at_normed = None
+        for rows in blocks:
+            part = _logit_grad(normed[s], lse, targets[s], weight, rows) @ weight[rows].astype(mx.float32)
+            at_normed = part if at_normed is None else at_normed + part
+            mx.eval(at_normed)
+        _, (g_hidden,) = mx.vjp(lambda h: (lens.norm(h).astype(mx.float32),), [hidden[s]], [at_normed])
+        mx.eval(g_hidden)
         lses.append(lse)
         at_hidden.append(g_hidden)
-    mx.eval(normed)
     return normed, lses, mx.stack(at_hidden)
+
+
+def _blocks(weight: mx.array) -> list[slice]:
+    step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
+    return [slice(r, min(weight.shape[0], r + step)) for r in range(0, weight.shape[0], step)]
 
 
 def _logit_grad(normed: mx.array, lse: mx.array, targets: mx.array, weight: mx.array, rows: slice) -> mx.array:
@@ -228,10 +242,7 @@ def _until_first_layer(inner, tokens: mx.array) -> mx.array:
 def _row_blocks(path: str, weight: mx.array, fisher_of_rows, on_weights, skip_zero: bool = False) -> None:
     """``on_weights`` on row blocks of a large matrix; with ``skip_zero``, rows whose
     Fisher is zero (embedding rows of tokens never seen) are left out."""
-    rows = weight.shape[0]
-    step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
-    for start in range(0, rows, step):
-        block = slice(start, min(rows, start + step))
+    for block in _blocks(weight):
         fisher = fisher_of_rows(block)
         w = weight[block].astype(mx.float32)
         if skip_zero:
