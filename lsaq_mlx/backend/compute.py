@@ -24,7 +24,7 @@ from lsaq_mlx.sizes import parse_size
 
 COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
 FLOAT_COPY_ENV = "LSAQ_MLX_FLOAT_COPY"
-DEFAULT_FLOAT_COPY = "512MB"
+DEFAULT_FLOAT_COPY = "256MB"
 
 
 def backend() -> str:
