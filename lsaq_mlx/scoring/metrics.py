@@ -103,15 +103,17 @@ def linear_weights(layer: nn.Module):
 def zscore_scores(model) -> list[float]:
     """ZD: the share of a layer's weights with |z| > 1 (z within each linear sublayer);
     a lower share means a more important layer, so the score is 1 - share."""
-    scores = []
-    for layer in inner_model(model)["layers"]:
-        outside = total = 0
-        for w in linear_weights(layer):
-            z = (w - w.mean()) / (mx.sqrt(w.var()) + 1e-12)
-            outside += (mx.abs(z) > 1).sum().item()
-            total += w.size
-        scores.append(1.0 - outside / total)
-    return scores
+    return [layer_zscore(layer) for layer in inner_model(model)["layers"]]
+
+
+def layer_zscore(layer: nn.Module) -> float:
+    """One layer's ZD score: 1 - the share of its linear weights with |z| > 1."""
+    outside = total = 0
+    for w in linear_weights(layer):
+        z = (w - w.mean()) / (mx.sqrt(w.var()) + 1e-12)
+        outside += (mx.abs(z) > 1).sum().item()
+        total += w.size
+    return 1.0 - outside / total
 
 
 def random_scores(n_layers: int, seed: int = 0) -> list[float]:

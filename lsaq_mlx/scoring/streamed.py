@@ -13,7 +13,7 @@ import numpy as np
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.scoring.divergence import token_kl
 from lsaq_mlx.scoring.lens import find_lens
-from lsaq_mlx.scoring.metrics import cosine_per_position, jaccard_of_union, jaccard_per_position, linear_weights, quantized_layer
+from lsaq_mlx.scoring.metrics import cosine_per_position, jaccard_of_union, jaccard_per_position, layer_zscore, quantized_layer
 
 
 def batch(sequences: list[list[int]]) -> tuple[mx.array, np.ndarray]:
@@ -72,12 +72,7 @@ def zscore_scores(streamed) -> list[float]:
     scores = []
     for i in range(len(streamed.layers)):
         with streamed.layer(i) as layer:
-            outside = total = 0
-            for w in linear_weights(layer):
-                z = (w - w.mean()) / (mx.sqrt(w.var()) + 1e-12)
-                outside += (mx.abs(z) > 1).sum().item()
-                total += w.size
-        scores.append(1.0 - outside / total)
+            scores.append(layer_zscore(layer))
     return scores
 
 
