@@ -2,7 +2,9 @@
 
 Every entry is keyed by the content fingerprint of its model: imported GGUF files
 (``models/<fp>``), unpacked packs (``packs/<fp>``), cost tables (``errors/<fp>/``),
-layer stores (``layers/<fp>-mlx…``); scores files name theirs inside. Only entries
+layer stores (``layers/<fp>-mlx…``); scores files name theirs inside. Evaluation data
+fetched from the hub (``data/wikitext-2-raw``, ``data/tasks/<task>``) belongs to no model
+and is named by its folder. Only entries
 lsaq-mlx made are listed or removed: names that are not ours are left alone.
 """
 
@@ -12,10 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lsaq_mlx.cache import cache_dir, is_key
+from lsaq_mlx.cache import cache_dir, is_key, is_ours
 
 KINDS = {"models": "GGUF import", "packs": "unpacked pack", "errors": "cost tables", "scores": "layer scores",
-         "layers": "layer store"}
+         "layers": "layer store", "data": "evaluation data"}
 
 
 @dataclass
@@ -38,7 +40,8 @@ def cache_entries() -> list[CacheEntry]:
     for kind in KINDS:
         folder = root / kind
         if folder.is_dir():
-            entries += [e for p in sorted(folder.iterdir()) if (e := _entry(kind, p)) is not None]
+            paths = sorted(folder.iterdir()) if kind != "data" else _data_folders(folder)
+            entries += [e for p in paths if (e := _entry(kind, p)) is not None]
     names = {}
     for e in sorted(entries, key=lambda e: e.kind != "models"):  # an import names its file: preferred
         if e.model:
@@ -77,10 +80,17 @@ def _entry(kind: str, path: Path) -> CacheEntry | None:
         fingerprint = path.name.split("-")[0]
     elif kind == "scores" and path.suffix == ".json" and is_key(path.stem):
         fingerprint, model = _scores_model(path)
+    elif kind == "data" and path.is_dir() and is_ours(path):
+        model = path.relative_to(path.parents[1] if path.parent.name == "tasks" else path.parent).as_posix()
     else:
         return None
     size, newest = _size(path)
     return CacheEntry(kind, str(path), size, newest, fingerprint, model)
+
+
+def _data_folders(root: Path) -> list[Path]:
+    tasks = root / "tasks"
+    return [root / "wikitext-2-raw", *(sorted(tasks.iterdir()) if tasks.is_dir() and not tasks.is_symlink() else [])]
 
 
 def _size(path: Path) -> tuple[int, float]:

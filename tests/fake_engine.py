@@ -124,7 +124,7 @@ class FakeEngine:
                 stopped = True
                 break
         self.messages.append({"role": "assistant", "content": "".join(sent)})
-        self.events.put(ReplyDone("".join(sent), ReplyStats(12, 240.0, len(sent), 21.5, 0.12, stopped, 0.08,
+        self.events.put(ReplyDone("".join(sent), ReplyStats(12, 240.0, len(sent), 21.5, 120_000_000, stopped, 0.08,
                                                             self.budgets[self.current])))
 
     def _cmd_apply_plan(self, index: int, reason: str = "requested") -> None:

@@ -52,7 +52,7 @@ def test_inspect_and_generate_on_a_gguf(tmp_path):
     human = run_cli("inspect", "-m", str(tmp_path / "g.gguf"), env=env)
     assert human.returncode == 0 and "gemma3_text" in human.stdout and "q_proj" in human.stdout
     out = json.loads(run_cli("generate", "-p", "hello", "-n", "5", "--json", "-m", str(tmp_path / "g.gguf"), env=env).stdout)
-    assert out["generation_tokens"] >= 1 and out["peak_memory_gb"] > 0
+    assert out["generation_tokens"] >= 1 and out["peak_memory_bytes"] > 0
 
 
 def test_json_says_which_model_and_whether_it_came_from_the_cache(tmp_path, empty_cache):
@@ -63,3 +63,26 @@ def test_json_says_which_model_and_whether_it_came_from_the_cache(tmp_path, empt
     assert (first["cached"], again["cached"]) == (False, True) and again["scores"] == first["scores"]
     plan = json.loads(run_cli("plan", "-m", model, "--method", "uniform", "--bits", "4", "--json").stdout)
     assert plan["model"] == model
+
+
+def _keys(value, prefix=""):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"{prefix}{k}", v
+            yield from _keys(v, f"{prefix}{k}.")
+    elif isinstance(value, list):
+        for v in value:
+            yield from _keys(v, prefix)
+
+
+def test_json_sizes_are_bytes_everywhere(tmp_path, empty_cache):
+    write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
+    model = str(tmp_path / "tiny.gguf")
+    outputs = [run_cli(*args, "--json") for args in (
+        ("inspect", "-m", model), ("generate", "-m", model, "-p", "hi", "-n", "3"), ("doctor",),
+        ("plan", "-m", model, "--method", "uniform", "--bits", "4"),
+        ("convert", "-m", model, "-b", "4.5", "--method", "uniform", "-o", str(tmp_path / "out")), ("cache", "list"))]
+    keys = [(k, v) for o in outputs for k, v in _keys(json.loads(o.stdout))]
+    assert not [k for k, _ in keys if k.rsplit(".", 1)[-1].endswith(("_gb", "_mb", "_kb", "_gib", "_mib"))]
+    sizes = [(k, v) for k, v in keys if k.endswith("bytes")]
+    assert len(sizes) >= 6 and all(isinstance(v, int) or v is None for _, v in sizes), sizes

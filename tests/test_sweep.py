@@ -178,14 +178,15 @@ def test_markdown_table_shows_failures():
 
 
 def test_eval_and_a_sweep_work_from_an_empty_folder_with_the_packaged_text(tmp_path, empty_cache, monkeypatch):
-    import lsaq_mlx.evaluation.run as eval_run
+    import lsaq_mlx.evaluation.data_sources as eval_run
 
     write_gguf(tiny_model("llama"), "llama", tmp_path / "tiny.gguf")
     work = tmp_path / "empty"
     work.mkdir()
     monkeypatch.chdir(work)
     monkeypatch.delenv("LSAQ_MLX_DATA", raising=False)
-    monkeypatch.setattr(eval_run, "data_dir", lambda: None)  # not even this checkout's ../shared/data
+    monkeypatch.setattr(eval_run, "data_roots", lambda: [])  # not even this checkout's ../shared/data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_cli("eval", "-m", str(tmp_path / "tiny.gguf"), "--max-tokens", "128", "--seq-len", "64", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["perplexity"]["data"] == eval_run.PACKAGED_NAME

@@ -85,7 +85,7 @@ class ChatSession:
                 d = event.stats
                 self.print(f"\n[{d.generation_tokens} tokens · {d.generation_tps:.1f} tok/s · prompt "
                            f"{d.prompt_tokens} at {d.prompt_tps:.1f} tok/s · peak memory "
-                           f"{d.peak_memory_gb:.2f} GB · {_bpw(d.bits_per_weight)}{' · stopped' if d.stopped else ''}]")
+                           f"{d.peak_memory_bytes / 1e9:.2f} GB · {_bpw(d.bits_per_weight)}{' · stopped' if d.stopped else ''}]")
             return True
         command, _, arg = line[1:].partition(" ")
         arg = arg.strip()

@@ -14,13 +14,13 @@ from lsaq_mlx.errors import UserError
 @app.command("eval")
 def eval_command(
     model: ModelOption = None,
-    ppl: Annotated[str, typer.Option(metavar="TEXT", help="Perplexity text: auto (WikiText-2 test if a local copy is found, else packaged), wikitext2, packaged (public-domain text shipped with lsaq-mlx), a text file, or none.")] = "auto",
+    ppl: Annotated[str, typer.Option(metavar="TEXT", help="Perplexity text: auto (WikiText-2 test from a data folder or the Hugging Face hub, else packaged), wikitext2, packaged (public-domain text shipped with lsaq-mlx), a text file or a folder with wiki.test.raw, or none.")] = "auto",
     tasks: Annotated[str, typer.Option(metavar="TASKS", help="Zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, openbookqa, boolq, winogrande, hellaswag, lambada, or all.")] = "",
     reference: Annotated[Optional[str], typer.Option(metavar="MODEL", help="Also report KL divergence and top-1 agreement against this model (e.g. default).")] = None,
     max_tokens: Annotated[int, typer.Option(metavar="N", help="Perplexity/KL: the first N tokens of the text.")] = 4096,
     seq_len: Annotated[int, typer.Option(metavar="N", help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
     limit: Annotated[Optional[int], typer.Option(metavar="N", help="Tasks: at most N items each.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with the task files (default: ../shared/data/tasks).")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with the task files, laid out like ../shared/data/tasks (default: $LSAQ_MLX_DATA/tasks, ../shared/data/tasks, else downloaded from the Hugging Face hub with `datasets`).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy.
@@ -54,6 +54,7 @@ def sweep(
 
     runner = Sweep(SweepSpec.load(spec, out))
     if dry_run:
+        runner.check_inputs()
         cells = runner.status()
         if json_out:
             return emit_json({"out": str(runner.spec.out), "cells": cells})

@@ -19,11 +19,11 @@ from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
 from lsaq_mlx.sources.streaming import StreamedModel, streams
-from lsaq_mlx.evaluation.tasks import TASKS, load_task
+from lsaq_mlx.evaluation.data_sources import load_tasks, read_ppl_text
+from lsaq_mlx.evaluation.tasks import TASKS
 from lsaq_mlx.evaluation.zeroshot import evaluate_task
 
 EVAL_VERSION = 1
-DATA_ENV = "LSAQ_MLX_DATA"  # a folder laid out like ../shared/data
 
 
 @dataclass
@@ -41,44 +41,6 @@ class EvalResult:
         return asdict(self)
 
 
-def data_dir() -> Path | None:
-    """``$LSAQ_MLX_DATA``, else ``../shared/data`` from here or from the checkout."""
-    candidates = [os.environ.get(DATA_ENV), "../shared/data", Path(__file__).resolve().parents[3] / "shared" / "data"]
-    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
-
-
-PACKAGED_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval.txt"
-PACKAGED_NAME = "packaged: State of the Union addresses 1961-1963 (public domain)"
-
-
-def _local_wikitext() -> Path | None:
-    root = data_dir()
-    path = root / "wikitext-2-raw" / "wiki.test.raw" if root else None
-    return path if path is not None and path.is_file() else None
-
-
-def read_ppl_text(spec: str) -> tuple[str, str]:
-    """``(name, text)`` for ``--ppl``: ``auto`` (WikiText-2 test when a local copy is
-    found, else the packaged text), ``wikitext2``, ``packaged``, or a text file."""
-    if spec == "auto":
-        spec = "wikitext2" if _local_wikitext() else "packaged"
-    if spec == "packaged":
-        return PACKAGED_NAME, PACKAGED_TEXT.read_text(encoding="utf-8")
-    if spec == "wikitext2":
-        path = _local_wikitext()
-        if path is None:
-            raise UserError(f"WikiText-2 not found: set {DATA_ENV} to a folder with wikitext-2-raw/wiki.test.raw, "
-                            "or pass --ppl FILE (or packaged)")
-    else:
-        path = Path(spec)
-    try:
-        return str(path), path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"perplexity text not found: {path}", setting="ppl") from None
-    except (UnicodeDecodeError, IsADirectoryError):
-        raise UserError(f"perplexity text {path} is not a UTF-8 text file", setting="ppl") from None
-
-
 def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: int) -> ReferenceDistributions:
     """The reference's distributions: streamed one layer at a time when it is large."""
     if streams(reference):
@@ -93,17 +55,6 @@ def ppl_tokens(tokenizer, ppl: str, max_tokens: int) -> tuple[str, list[int]]:
     if len(tokens) < 2:
         raise UserError(f"{name} has fewer than two tokens")
     return name, tokens
-
-
-def load_tasks(tasks: list[str], limit: int | None, task_dir: Path | None = None) -> list:
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise UserError(f"unknown task '{unknown[0]}' (one of {', '.join(TASKS)})")
-    task_root = Path(task_dir) if task_dir else (data_dir() / "tasks" if data_dir() else None)
-    if tasks and (task_root is None or not task_root.is_dir()):
-        raise UserError(f"task folder not found: give the folder of the task files (like ../shared/data/tasks) or "
-                        f"set {DATA_ENV}", setting="data_dir")
-    return [load_task(t, task_root, limit) for t in tasks]
 
 
 @dataclass(kw_only=True)

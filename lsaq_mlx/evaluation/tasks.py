@@ -12,6 +12,7 @@ from pathlib import Path
 from lsaq_mlx.errors import UserError
 
 TASKS = ("piqa", "arc_easy", "arc_challenge", "openbookqa", "boolq", "winogrande", "hellaswag", "lambada")
+TASK_FOLDERS = {t: "arc" if t.startswith("arc_") else t for t in TASKS}  # each task's folder under tasks/
 
 
 @dataclass

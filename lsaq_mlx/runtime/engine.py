@@ -280,7 +280,7 @@ class Engine:
         while self.pending and not stopped:
             self._swap_step()
         stats = ReplyStats(len(feed), last.prompt_tps if last else 0.0, last.generation_tokens if last else 0,
-                           last.generation_tps if last else 0.0, mx.get_peak_memory() / 1e9, stopped,
+                           last.generation_tps if last else 0.0, mx.get_peak_memory(), stopped,
                            first_token or 0.0, self._plan_info()["bits_per_weight"])
         return "".join(pieces), stats
 

@@ -41,7 +41,7 @@ class ReplyStats:
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    peak_memory_gb: float
+    peak_memory_bytes: int
     stopped: bool
     first_token_seconds: float
     bits_per_weight: float | None

@@ -14,14 +14,14 @@ class GenerationStats:
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
-    peak_memory_gb: float
+    peak_memory_bytes: int
     finish_reason: str | None
 
     def line(self) -> str:
         return (
             f"{self.generation_tokens} tokens · {self.generation_tps:.1f} tok/s · "
             f"prompt {self.prompt_tokens} tokens at {self.prompt_tps:.1f} tok/s · "
-            f"peak memory {self.peak_memory_gb:.2f} GB"
+            f"peak memory {self.peak_memory_bytes / 1e9:.2f} GB"
         )
 
     def to_dict(self) -> dict:
@@ -54,6 +54,6 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, temp: flo
         if on_text:
             on_text(last.text)
     stats = GenerationStats(
-        last.prompt_tokens, last.prompt_tps, last.generation_tokens, last.generation_tps, last.peak_memory, last.finish_reason
+        last.prompt_tokens, last.prompt_tps, last.generation_tokens, last.generation_tps, int(last.peak_memory * 1e9), last.finish_reason
     )
     return "".join(pieces), stats

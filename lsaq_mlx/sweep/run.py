@@ -72,7 +72,7 @@ class Sweep:
     def check_inputs(self) -> None:
         """Missing data files end the sweep before any cell runs, in one line that names
         the spec's key (not a flag of the CLI)."""
-        from lsaq_mlx.evaluation.run import load_tasks, read_ppl_text
+        from lsaq_mlx.evaluation.data_sources import load_tasks, read_ppl_text
 
         with self._about("[eval] ppl"):
             if self.spec.eval["ppl"] not in (None, "none"):

@@ -7,13 +7,13 @@ A spec (every key but ``grid`` optional)::
     convert = false              # true: write each cell's model folder under out/models, evaluate that
 
     [eval]
-    ppl = "auto"                 # WikiText-2 if found locally, else the packaged text; or wikitext2, packaged, a file, "none"
+    ppl = "auto"                 # WikiText-2 from a data folder or the hub, else the packaged text; or wikitext2, packaged, a file, "none"
     max_tokens = 2048
     seq_len = 512
     kl = true                    # KL and top-1 agreement against each model's source
     tasks = ["piqa"]             # zero-shot tasks (see ``lsaq-mlx eval --help``)
     limit = 200                  # items per task
-    data_dir = "../shared/data/tasks"
+    data_dir = "../shared/data/tasks"  # default: $LSAQ_MLX_DATA/tasks, ../shared/data/tasks, else the hub
 
     [[grid]]                     # any number of grids; their cells are pooled
     models = ["default"]
