@@ -14,7 +14,7 @@ STAGES = [
     {"planning"},
     {"convert"},
     {"runtime", "evaluation", "doctor"},
-    {"sweep"},
+    {"sweep", "serve"},
     {"cli"},
 ]
 

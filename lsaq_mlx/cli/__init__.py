@@ -11,7 +11,7 @@ import sys
 
 from lsaq_mlx.backend.blas import reexec_with_fast_blas
 from lsaq_mlx.cache import sweep_cache
-from lsaq_mlx.cli import cache, evaluate, models, plans, runtime, scores, storage  # noqa: F401 - the commands register
+from lsaq_mlx.cli import cache, evaluate, models, plans, runtime, scores, serve, storage  # noqa: F401 - the commands register
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import FLAGS
 from lsaq_mlx.cli.output import err

@@ -52,7 +52,7 @@ MaxKVOption = Annotated[Optional[int], typer.Option("--max-kv-size", metavar="TO
 FLAGS = {
     "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",
     "method": "--method", "recipe": "--recipe", "override": "--override", "codecs": "--codecs",
-    "tier_bits": "--high-bits/--low-bits", "force": "--force", "ppl": "--ppl", "data_dir": "--data-dir",
+    "tier_bits": "--high-bits/--low-bits", "force": "--force", "ppl": "--ppl", "data_dir": "--data-dir", "host": "--host", "port": "--port",
     "temp": "--temp", "top_p": "--top-p", "min_p": "--min-p", "max_kv_size": "--max-kv-size", "older_than": "--older-than",
     "tokens": "--tokens", "seq_len": "--seq-len", "top_k": "--top-k", "sets": "--sets", "bits": "--bits",
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",

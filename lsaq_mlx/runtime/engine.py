@@ -24,6 +24,7 @@ from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
+from lsaq_mlx.runtime.completion import Completion
 from lsaq_mlx.runtime.events import (
     EngineError,
     EngineState,
@@ -91,6 +92,9 @@ class Engine:
             raise self._error
         return self
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop the reply being generated (the conversation keeps what was said)."""
         self._stop.set()
@@ -129,6 +133,11 @@ class Engine:
 
     def measure_perplexity(self, tokens: list[int], seq_len: int = 512) -> None:
         self._send("evaluate", tokens, seq_len)
+
+    def complete(self, job: Completion) -> None:
+        """Run ``job`` (a stateless completion) after the commands before it; the
+        conversation is left as it is."""
+        self._send("complete", job)
 
     def _send(self, command: str, *args) -> None:
         self._commands.put((command, args))
@@ -219,6 +228,7 @@ class Engine:
         self.float32 = compute_mode() == "float32"
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []
+        self.swaps = 0  # plan changes finished
         self.last_reply: ReplyStats | None = None
         if self.importance_of is not None:
             self.importance = self.importance_of()
@@ -230,7 +240,9 @@ class Engine:
         except UserError:
             self.messages.pop()
             raise
-        reply, stats = self._generate(tokens, min(max_tokens, self.context - len(tokens)), temp)
+        processors = make_logits_processors(repetition_penalty=REPETITION_PENALTY)
+        reply, stats, _ = self._generate(tokens, min(max_tokens, self.context - len(tokens)), self.sampling.sampler(temp),
+                                         processors, lambda text: self.on_event(Token(text)), self._stop.is_set)
         self.messages.append({"role": "assistant", "content": reply})
         self.last_reply = stats
         self.on_event(ReplyDone(reply, stats))
@@ -253,20 +265,42 @@ class Engine:
                                f"{dropped} oldest messages were dropped"))
         return tokens
 
-    def _generate(self, tokens: list[int], max_tokens: int, temp: float | None) -> tuple[str, ReplyStats]:
+    def _cmd_complete(self, job: Completion) -> None:
+        if job.cancelled.is_set():  # its caller left while it waited
+            return job.finish("cancelled", len(job.tokens), 0, {})
+        if len(job.tokens) >= self.context:
+            return job.fail(f"the prompt is {len(job.tokens)} tokens; the model's context holds {self.context}")
+        if job.sampling.seed is not None:
+            mx.random.seed(job.sampling.seed)
+        start_bits, swaps = self._plan_info()["bits_per_weight"], self.swaps
+        try:
+            _, stats, reason = self._generate(job.tokens, min(job.max_tokens, self.context - len(job.tokens)),
+                                              job.sampling.sampler(), job.logits_processors(), job.feed,
+                                              job.should_stop)
+        except Exception as e:
+            job.fail(f"generation failed: {type(e).__name__}: {e}")
+            raise
+        self.last_reply = stats
+        job.finish(reason, len(job.tokens), stats.generation_tokens,
+                   {"bits_per_weight_start": start_bits, "bits_per_weight_end": stats.bits_per_weight,
+                    "swaps": self.swaps - swaps})
+
+    def _generate(self, tokens: list[int], max_tokens: int, sampler, processors, emit, should_stop
+                  ) -> tuple[str, ReplyStats, str | None]:
+        """Generate after ``tokens``, sending each piece of text to ``emit`` and ending
+        early when ``should_stop()``; the text, its statistics and mlx-lm's finish reason."""
         prefix = self._reuse_cache(tokens)
         feed, generated, pieces, last = tokens[prefix:], [], [], None
         self._stop.clear()
         stopped, checked = False, time.monotonic()
         started, first_token = time.perf_counter(), None
         for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
-                                    sampler=self.sampling.sampler(temp), prompt_cache=self.cache,
-                                    logits_processors=make_logits_processors(repetition_penalty=REPETITION_PENALTY)):
+                                    sampler=sampler, prompt_cache=self.cache, logits_processors=processors):
             generated.append(last.token)
             pieces.append(last.text)
             first_token = first_token or time.perf_counter() - started
-            self.on_event(Token(last.text))
-            if self._stop.is_set():
+            emit(last.text)
+            if should_stop():
                 stopped = True
                 break
             self._poll_commands()
@@ -282,7 +316,7 @@ class Engine:
         stats = ReplyStats(len(feed), last.prompt_tps if last else 0.0, last.generation_tokens if last else 0,
                            last.generation_tps if last else 0.0, mx.get_peak_memory(), stopped,
                            first_token or 0.0, self._plan_info()["bits_per_weight"])
-        return "".join(pieces), stats
+        return "".join(pieces), stats, "stop" if stopped else last.finish_reason if last else "length"
 
     def _poll_commands(self) -> None:
         """While a reply streams: start requested swaps and answer stats at once; keep
@@ -369,6 +403,7 @@ class Engine:
 
     def _swapped(self, changed: int, failed: dict, seconds: float) -> Swapped:
         report, came_from = self._swap_report, self._swap_from
+        self.swaps += 1
         return Swapped(changed, failed, seconds, report.source_bytes, report.store_bytes,
                        came_from["from_bits_per_weight"], came_from["reason"], came_from["at"],
                        came_from["memory_before"], self._process_memory(), self._state())

@@ -1,0 +1,86 @@
+"""One stateless completion for the engine to run (what a server request becomes).
+
+The engine thread feeds it tokens; the caller's thread reads ``CompletionEvent``s from
+``events``. Text up to a stop sequence is sent and the rest withheld: a piece that could
+be the start of a stop sequence waits until the next token decides it.
+"""
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from lsaq_mlx.runtime.sampling import Sampling
+
+
+@dataclass(frozen=True)
+class CompletionEvent:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # done: "stop" | "length" | "cancelled"
+    usage: dict | None = None  # done: prompt_tokens, completion_tokens, total_tokens
+    info: dict | None = None  # done: bits per weight at the start and end, swaps while it ran
+
+
+@dataclass(eq=False)
+class Completion:
+    tokens: list[int]  # the whole prompt
+    max_tokens: int
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: tuple[str, ...] = ()
+    logits: dict = field(default_factory=dict)  # make_logits_processors' arguments: logit_bias, *_penalty
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    text: str = ""  # everything generated, up to a stop sequence
+    sent: int = 0  # characters of ``text`` sent as events
+    stopped: bool = False  # a stop sequence was generated
+
+    def cancel(self) -> None:
+        """The caller has gone: the engine ends this completion at its next token (or skips it)."""
+        self.cancelled.set()
+
+    def logits_processors(self) -> list | None:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        return make_logits_processors(**self.logits) if self.logits else None
+
+    def should_stop(self) -> bool:
+        return self.stopped or self.cancelled.is_set()
+
+    def feed(self, piece: str) -> None:
+        """Called by the engine with each token's text."""
+        if self.stopped:
+            return
+        self.text += piece
+        cut = self._stop_at()
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
+            self._send(len(self.text))
+        else:
+            self._send(len(self.text) - self._undecided())
+
+    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, info: dict) -> None:
+        self._send(len(self.text))
+        reason = "cancelled" if self.cancelled.is_set() else "stop" if self.stopped else finish_reason
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        self.events.put(CompletionEvent("done", finish_reason=reason, usage=usage, info=info))
+
+    def fail(self, message: str) -> None:
+        self.events.put(CompletionEvent("error", text=message))
+
+    def _stop_at(self) -> int | None:
+        # a stop sequence may start in text already sent only if it was withheld, so the
+        # search starts where the longest one could
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        return min(found) if found else None
+
+    def _undecided(self) -> int:
+        """How many trailing characters could begin a stop sequence."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:n])), default=0)
+
+    def _send(self, upto: int) -> None:
+        if upto > self.sent:
+            self.events.put(CompletionEvent("text", text=self.text[self.sent:upto]))
+            self.sent = upto

@@ -1,0 +1,176 @@
+"""OpenAI request bodies -> ``CompletionRequest``, or an ``ApiError`` naming the field.
+
+Fields OpenAI defines that we do not use are ignored, as OpenAI-compatible servers do;
+a field we read with the wrong type or range is a 400.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.runtime.sampling import Sampling
+
+MAX_BODY_BYTES = 8 << 20
+MAX_STOP_SEQUENCES = 4
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    chat: bool  # /v1/chat/completions (messages) or /v1/completions (prompt)
+    messages: tuple[dict, ...] | None
+    prompt: str | None
+    model: str | None
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    logits: dict  # mlx-lm's logits processors: logit_bias, repetition/presence/frequency_penalty
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults: Sampling | None = None
+                       ) -> CompletionRequest:
+    """The request in ``body``; what it leaves out comes from ``default_max_tokens`` and
+    the server's ``defaults`` (its --temp, --top-p, --min-p, --seed, --max-kv-size)."""
+    get, defaults = _Fields(body), defaults or Sampling()
+    if get.number("n", 1, 1, integer=True) != 1:
+        raise ApiError(400, "only n = 1 is supported", "n")
+    options = get.object("stream_options") or {}
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage must be a boolean", "stream_options")
+    max_tokens = get.number("max_completion_tokens", None, 1, integer=True)
+    max_tokens = max_tokens or get.number("max_tokens", default_max_tokens, 1, integer=True)
+    sampling = Sampling(temp=get.number("temperature", defaults.temp, 0.0, 2.0),
+                        top_p=get.number("top_p", defaults.top_p, 0.0, 1.0),
+                        min_p=get.number("min_p", defaults.min_p, 0.0, 1.0),
+                        seed=get.number("seed", defaults.seed, integer=True), max_kv_size=defaults.max_kv_size)
+    try:
+        sampling.check()
+    except UserError as e:
+        raise ApiError(400, str(e), e.setting) from None
+    return CompletionRequest(
+        chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
+        model=get.string("model"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
+        stream=get.boolean("stream", False), include_usage=include_usage,
+        logits=_logits(get, body))
+
+
+class _Fields:
+    def __init__(self, body: dict):
+        self.body = body
+
+    def number(self, key, default, low=None, high=None, integer=False):
+        value = self.body.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not math.isfinite(value):
+            raise ApiError(400, f"{key} must be {'an integer' if integer else 'a number'}", key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ApiError(400, f"{key} must be {bounds}, not {value}", key)
+        return value
+
+    def string(self, key):
+        value = self.body.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(400, f"{key} must be a string", key)
+        return value
+
+    def boolean(self, key, default):
+        value = self.body.get(key, default)
+        if not isinstance(value, bool):
+            raise ApiError(400, f"{key} must be a boolean", key)
+        return value
+
+    def object(self, key):
+        value = self.body.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ApiError(400, f"{key} must be an object", key)
+        return value
+
+
+def _messages(body: dict) -> tuple[dict, ...]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] must be an object with a role of {', '.join(ROLES)}", "messages")
+        role = "system" if m["role"] == "developer" else m["role"]
+        out.append({"role": role, "content": _content(m.get("content"), i)})
+    return tuple(out)
+
+
+def _content(content, i: int) -> str:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content):
+            raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+        return "".join(p["text"] for p in content)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string (one prompt per request)", "prompt")
+    return prompt
+
+
+def _logits(get: _Fields, body: dict) -> dict:
+    logits = {"logit_bias": _logit_bias(body), "repetition_penalty": get.number("repetition_penalty", None, 0.0, 10.0),
+              "presence_penalty": get.number("presence_penalty", None, -2.0, 2.0),
+              "frequency_penalty": get.number("frequency_penalty", None, -2.0, 2.0)}
+    return {k: v for k, v in logits.items() if v}
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids (as strings) -> a bias in [-100, 100]."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    try:
+        out = {int(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
+        if len(out) != len(bias) or not all(-100 <= v <= 100 and k >= 0 for k, v in out.items()):
+            raise ValueError
+    except (AttributeError, TypeError, ValueError):
+        raise ApiError(400, "logit_bias must map token ids to numbers between -100 and 100", "logit_bias") from None
+    return out
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES}", "stop")
+    return tuple(stop)

@@ -1,0 +1,268 @@
+"""An OpenAI-compatible HTTP server on the engine (``lsaq-mlx serve``).
+
+The standard library's ``ThreadingHTTPServer`` parses HTTP; each request thread turns
+its body into a ``Completion`` and queues it on the one engine thread, which runs them
+in turn and applies plan swaps between tokens. A client that disconnects cancels its
+completion at once, whether it is running or still waiting.
+"""
+
+import hmac
+import json
+import queue
+import select
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from lsaq_mlx import __version__
+from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.serve.requests import MAX_BODY_BYTES, ApiError, CompletionRequest, completion_request, parse_body
+from lsaq_mlx.serve.status import ServerStatus
+
+POLL_SECONDS = 0.1  # how often a waiting request looks for its client having left
+
+
+class ClientGone(Exception):
+    pass
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, engine, model_id: str, api_key: str | None = None, max_tokens: int = 512,
+                 defaults=None):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, ApiHandler)
+        self.engine, self.model_id, self.api_key = engine, model_id, api_key
+        self.max_tokens, self.defaults = max_tokens, defaults
+        self.status = ServerStatus(engine, model_id).start()
+        self._tokenizer_lock = threading.Lock()  # the fast tokenizer is not safe to share across threads
+
+    def prompt_tokens(self, request: CompletionRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        with self._tokenizer_lock:
+            if request.prompt is not None:
+                return list(tokenizer.encode(request.prompt))
+            messages = [dict(m) for m in request.messages]
+            if not tokenizer.chat_template:
+                return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
+            try:
+                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            except Exception as e:  # the model's template rejects these messages (jinja raises its own errors)
+                raise ApiError(400, f"the model's chat template rejects these messages: {e}", "messages") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+
+class ApiHandler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"
+    server_version = f"lsaq-mlx/{__version__}"
+    timeout = 60  # seconds a client may take to send its request
+
+    def log_message(self, format, *args) -> None:  # quiet: the status endpoint counts requests
+        pass
+
+    # ---- routing ----
+    def do_GET(self) -> None:
+        self._route({"/v1/models": self._models, "/v1/status": self._status, "/health": self._health})
+
+    def do_POST(self) -> None:
+        self._route({"/v1/chat/completions": lambda: self._complete(chat=True),
+                     "/v1/completions": lambda: self._complete(chat=False)})
+
+    def do_PUT(self) -> None:
+        self._route({})
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def _route(self, routes: dict) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            if path != "/health":
+                self._authorize()
+            if path.startswith("/v1/models/") and self.command == "GET":
+                return self._model(path.removeprefix("/v1/models/"))
+            handler = routes.get(path)
+            if handler is None:
+                known = path in ("/v1/models", "/v1/status", "/health", "/v1/chat/completions", "/v1/completions")
+                raise ApiError(405 if known else 404, f"{self.command} {path} is not served here",
+                               code="method_not_allowed" if known else "not_found")
+            handler()
+        except ApiError as e:
+            self._send_json(e.status, e.body())
+        except ClientGone:
+            self.close_connection = True
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    # ---- endpoints ----
+    def _health(self) -> None:
+        self._send_json(200, {"status": "ok"})
+
+    def _model_entry(self) -> dict:
+        return {"id": self.server.model_id, "object": "model", "created": int(self.server.status.started),
+                "owned_by": "lsaq-mlx"}
+
+    def _models(self) -> None:
+        self._send_json(200, {"object": "list", "data": [self._model_entry()]})
+
+    def _model(self, name: str) -> None:
+        if name != self.server.model_id:
+            raise ApiError(404, f"model '{name}' is not served here (this server serves '{self.server.model_id}')",
+                           "model", "model_not_found")
+        self._send_json(200, self._model_entry())
+
+    def _status(self) -> None:
+        self._send_json(200, self.server.status.snapshot())
+
+    def _complete(self, chat: bool) -> None:
+        request = completion_request(self._body(), chat, self.server.max_tokens, self.server.defaults)
+        tokens = self.server.prompt_tokens(request)
+        context = self.server.engine.context
+        if len(tokens) + 1 > context:
+            raise ApiError(400, f"the prompt is {len(tokens)} tokens; the model's context holds {context}",
+                           "messages" if chat else "prompt", "context_length_exceeded")
+        job = Completion(tokens, request.max_tokens, request.sampling, request.stop, request.logits)
+        status = self.server.status
+        status.count("in_flight")
+        self.server.engine.complete(job)
+        try:
+            ok = (self._stream if request.stream else self._respond)(job, request)
+            status.count("served" if ok else "failed")
+        except ClientGone:
+            job.cancel()
+            status.count("cancelled")
+            raise
+        except ApiError:
+            status.count("failed")
+            raise
+        finally:
+            status.count("in_flight", -1)
+
+    def _body(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ApiError(411, "the request needs a Content-Length")
+        if int(length) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
+        return parse_body(self.rfile.read(int(length)))
+
+    # ---- replies ----
+    def _respond(self, job: Completion, request: CompletionRequest) -> bool:
+        pieces, done = [], None
+        for event in self._events(job):
+            if event.kind == "text":
+                pieces.append(event.text)
+            elif event.kind == "done":
+                done = event
+        text, reply = "".join(pieces), _reply_header(request, self.server.model_id)
+        if request.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = done.finish_reason
+        reply |= {"object": "chat.completion" if request.chat else "text_completion", "choices": [choice],
+                  "usage": done.usage, "lsaq_mlx": done.info}
+        self._send_json(200, reply)
+        return True
+
+    def _stream(self, job: Completion, request: CompletionRequest) -> bool:
+        """Server-sent events; False when the engine failed mid-stream (said in the stream)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        header = _reply_header(request, self.server.model_id) | {
+            "object": "chat.completion.chunk" if request.chat else "text_completion"}
+
+        def chunk(text: str | None, finish_reason=None, first=False) -> dict:
+            if request.chat:
+                delta = ({"role": "assistant", "content": ""} if first else {}) | (
+                    {"content": text} if text is not None else {})
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return header | {"choices": [choice]}
+
+        if request.chat:
+            self._send_event(chunk(None, first=True))
+        try:
+            for event in self._events(job):
+                if event.kind == "text":
+                    self._send_event(chunk(event.text))
+                elif event.kind == "done":
+                    self._send_event(chunk(None, event.finish_reason) | {"lsaq_mlx": event.info})
+                    if request.include_usage:
+                        self._send_event(header | {"choices": [], "usage": event.usage})
+        except ApiError as e:  # the headers are sent: the failure goes in the stream
+            self._send_event(e.body())
+            return False
+        self._write(b"data: [DONE]\n\n")
+        return True
+
+    def _events(self, job: Completion):
+        """The completion's events until it is done; ``ClientGone`` when the client left;
+        an engine failure ends the reply with a 500 (or an error event in a stream)."""
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if self._client_gone():
+                    raise ClientGone from None
+                if not self.server.engine.running():
+                    raise ApiError(503, "the engine has stopped", kind="server_error")
+                continue
+            if event.kind == "error":
+                raise ApiError(500, event.text, kind="server_error")
+            yield event
+            if event.kind == "done":
+                return
+
+    def _client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _send_event(self, data: dict) -> None:
+        self._write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            raise ClientGone from None
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            self.close_connection = True
+
+
+def _reply_header(request: CompletionRequest, model_id: str) -> dict:
+    prefix = "chatcmpl" if request.chat else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
