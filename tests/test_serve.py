@@ -126,6 +126,8 @@ def post(server, path, body: bytes, headers=None):
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": [1]}).encode(), 400, "stop"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 2}).encode(), 400, "n"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"a": 1}}).encode(), 400, "logit_bias"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 400, "messages"),
     (json.dumps({"messages": [{"role": "user", "content": "word " * 5000}]}).encode(), 400, "messages"),
 ])
 def test_bad_requests_get_a_4xx_json_error(server, body, status_code, param):
@@ -134,6 +136,7 @@ def test_bad_requests_get_a_4xx_json_error(server, body, status_code, param):
 
 
 def test_unknown_paths_methods_and_models(server, client):
+    assert post(server, "/v1/completions", json.dumps({"prompt": 3}).encode())[1]["error"]["param"] == "prompt"
     assert post(server, "/v1/nothing", b"{}")[0] == 404
     assert post(server, "/v1/models", b"{}")[0] == 405
     with pytest.raises(openai.NotFoundError):

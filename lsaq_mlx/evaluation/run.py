@@ -6,7 +6,6 @@ before, within the window). KL divergence and top-1 agreement compare the model'
 next-token distributions with a reference model's on exactly those windows.
 """
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -2,8 +2,9 @@
 
 Callers call its commands (``runtime.events.EngineProtocol``: ``chat``, ``stop``,
 ``apply_plan``, ``apply_budget``, ``set_auto``, ``request_state``, ``reset``,
-``retract``, ``set_system``), which return at once, and receive the events of
-``runtime.events`` through ``events`` or a callback. A conversation keeps its KV cache
+``retract``, ``set_system``, and ``complete`` for a server's stateless requests), which
+return at once, and receive the events of ``runtime.events`` through ``events`` or a
+callback (a completion's own events go to the completion). A conversation keeps its KV cache
 across turns (only the new part of the prompt is processed), across a stopped reply,
 and across swaps. Swaps requested while a reply streams are applied between tokens, one
 decoder layer per token.

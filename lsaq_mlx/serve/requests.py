@@ -57,7 +57,7 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
     get, defaults = _Fields(body), defaults or Sampling()
     if get.number("n", 1, 1, integer=True) != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
-    options = get.object("stream_options") or {}
+    options = get.typed("stream_options", dict, "an object", {})
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise ApiError(400, "stream_options.include_usage must be a boolean", "stream_options")
@@ -73,8 +73,8 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         raise ApiError(400, str(e), e.setting) from None
     return CompletionRequest(
         chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
-        model=get.string("model"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
-        stream=get.boolean("stream", False), include_usage=include_usage,
+        model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
+        stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
         logits=_logits(get, body))
 
 
@@ -93,22 +93,13 @@ class _Fields:
             raise ApiError(400, f"{key} must be {bounds}, not {value}", key)
         return value
 
-    def string(self, key):
+    def typed(self, key, kind, what, default=None):
+        """The value of ``key`` (``default`` when absent or null), which must be a ``kind``."""
         value = self.body.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ApiError(400, f"{key} must be a string", key)
-        return value
-
-    def boolean(self, key, default):
-        value = self.body.get(key, default)
-        if not isinstance(value, bool):
-            raise ApiError(400, f"{key} must be a boolean", key)
-        return value
-
-    def object(self, key):
-        value = self.body.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise ApiError(400, f"{key} must be an object", key)
+        if value is None:
+            return default
+        if not isinstance(value, kind):
+            raise ApiError(400, f"{key} must be {what}", key)
         return value
 
 
