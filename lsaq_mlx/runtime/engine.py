@@ -25,6 +25,7 @@ from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
+from lsaq_mlx.runtime.batch import CompletionBatch, batchable, batchable_model
 from lsaq_mlx.runtime.completion import Completion
 from lsaq_mlx.runtime.events import (
     EngineError,
@@ -227,6 +228,7 @@ class Engine:
             plans = self.policy.plans.plans if self.policy else [plan] if plan else []
             self.store.build(plans, module_maker(self.model, self.weights))
         self.float32 = compute_mode() == "float32"
+        self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
         self.pending: list[dict] = []
         self.swaps = 0  # plan changes finished
@@ -267,6 +269,11 @@ class Engine:
         return tokens
 
     def _cmd_complete(self, job: Completion) -> None:
+        others = self._take_commands(lambda command, args: command == "complete" and batchable(args[0]))
+        if others and batchable(job) and self.batchable:
+            return self._run_batch([job, *(args[0] for _, args in others)])
+        for item in others:  # run alone, each in its turn
+            self._commands.put(item)
         if job.cancelled.is_set():  # its caller left while it waited
             return job.finish("cancelled", len(job.tokens), 0, {})
         if len(job.tokens) >= self.context:
@@ -318,6 +325,47 @@ class Engine:
                            last.generation_tps if last else 0.0, mx.get_peak_memory(), stopped,
                            first_token or 0.0, self._plan_info()["bits_per_weight"])
         return "".join(pieces), stats, "stop" if stopped else last.finish_reason if last else "length"
+
+    def _run_batch(self, jobs: list[Completion]) -> None:
+        """Decode ``jobs`` together; completions queued meanwhile join; swaps and memory
+        samples happen between steps as in ``_generate``."""
+        batch = CompletionBatch(self.model, self.tokenizer, self.context, self.sampling.max_kv_size,
+                                lambda: (self._plan_info()["bits_per_weight"], self.swaps))
+        checked = time.monotonic()
+        try:
+            batch.add(jobs)
+            while batch:
+                batch.step()
+                joining = self._take_commands(lambda command, args: command == "complete" and batchable(args[0]))
+                batch.add([args[0] for _, args in joining])
+                self._poll_commands()
+                if self.pending:
+                    self._swap_step()
+                elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
+                    checked = time.monotonic()
+                    self._follow_memory(during_generation=True)
+        except Exception as e:
+            for entry in batch.running.values():
+                entry["job"].fail(f"generation failed: {type(e).__name__}: {e}")
+            raise
+        finally:
+            batch.close()
+            self.cache, self.cache_tokens = None, []  # the batch's caches were its own
+        self.last_reply = ReplyStats(batch.prompt_tokens, 0.0, batch.generated, batch.generation_tps(),
+                                     mx.get_peak_memory(), False, 0.0, self._plan_info()["bits_per_weight"])
+
+    def _take_commands(self, wanted) -> list:
+        """Queued commands for which ``wanted(command, args)``, in order; the others stay queued."""
+        taken, kept = [], []
+        while True:
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            (taken if wanted(*item) else kept).append(item)
+        for item in kept:
+            self._commands.put(item)
+        return taken
 
     def _poll_commands(self) -> None:
         """While a reply streams: start requested swaps and answer stats at once; keep
