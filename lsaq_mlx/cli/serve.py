@@ -46,7 +46,7 @@ def serve(
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
 ) -> None:
-    """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Requests run one at a time; swaps happen between tokens.
+    """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Concurrent requests are decoded together; swaps happen between tokens.
 
     --max-tokens, --temp, --top-p, --min-p and --seed are the defaults of requests that do not set them.
 

@@ -1,8 +1,8 @@
 """An OpenAI-compatible HTTP server on the engine (``lsaq-mlx serve``).
 
 The standard library's ``ThreadingHTTPServer`` parses HTTP; each request thread turns
-its body into a ``Completion`` and queues it on the one engine thread, which runs them
-in turn and applies plan swaps between tokens. A client that disconnects cancels its
+its body into a ``Completion`` and queues it on the one engine thread, which decodes the
+queued ones together and applies plan swaps between tokens. A client that disconnects cancels its
 completion at once, whether it is running or still waiting.
 """
 
