@@ -1,7 +1,7 @@
 """Load test: `lsaq-mlx serve` next to `mlx_lm.server` on the same model, in one run.
 
-Each server is a fresh process on a free loopback port. After one warm-up request,
-CLIENTS threads each send REQUESTS chat completions in turn (greedy, MAX_TOKENS tokens,
+Each server is a fresh process on a free loopback port. After a warm-up (one request
+from each client at once, so that batches have been made once), CLIENTS threads each send REQUESTS chat completions in turn (greedy, MAX_TOKENS tokens,
 end-of-sequence banned so every reply has the same length), within a time limit. Reported
 per server: failed requests, p50/p95 latency, completion tokens per second over the
 whole run, and the server's resident memory after the warm-up, at its peak (sampled
@@ -136,7 +136,7 @@ def run_server(name, command, port, args, eos) -> dict:
     server = Server(name, command, port)
     try:
         server.wait_ready(args.ready_limit)
-        post(server.url + "/chat/completions", chat_body(0, args.max_tokens, eos), args.time_limit)
+        load(server, args.clients, 1, args.max_tokens, eos, args.time_limit)  # warm-up: one burst of concurrent requests
         result = load(server, args.clients, args.requests, args.max_tokens, eos, args.time_limit)
     finally:
         server.stop()
