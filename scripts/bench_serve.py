@@ -5,7 +5,8 @@ from each client at once, so that batches have been made once), CLIENTS threads 
 end-of-sequence banned so every reply has the same length), within a time limit. Reported
 per server: failed requests, p50/p95 latency, completion tokens per second over the
 whole run, and the server's resident memory after the warm-up, at its peak (sampled
-every 0.2 s) and at the end.
+every 0.2 s), half-way through and at the end (growth in the second half is a leak;
+before it, buffers and caches filling up).
 
 Rows: the source precision on both servers, then our plan at --budget and mlx_lm.server
 on the folder `lsaq-mlx convert` writes for it (the same weights).
@@ -106,11 +107,11 @@ def load(server: Server, clients: int, requests: int, max_tokens: int, eos: list
                 with lock:
                     failures.append(f"{type(e).__name__}: {e}")
 
-    peak, done = [server.rss()], threading.Event()
+    peak, done = [(time.perf_counter(), server.rss())], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.2):
-            peak.append(server.rss())
+            peak.append((time.perf_counter(), server.rss()))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -129,7 +130,8 @@ def load(server: Server, clients: int, requests: int, max_tokens: int, eos: list
             "failures": sorted(set(failures))[:5], "p50_s": pick(0.5), "p95_s": pick(0.95),
             "mean_s": statistics.fmean(latencies) if latencies else None, "completion_tokens": sum(tokens),
             "tokens_per_s": sum(tokens) / wall, "wall_s": wall, "rss_after_warmup": start_rss,
-            "rss_peak": max(peak), "rss_end": server.rss()}
+            "rss_peak": max(r for _, r in peak), "rss_half": next(r for t, r in peak if t >= start + wall / 2),
+            "rss_end": server.rss()}
 
 
 def run_server(name, command, port, args, eos) -> dict:
@@ -147,8 +149,8 @@ def run_server(name, command, port, args, eos) -> dict:
 def row(r: dict) -> str:
     mb = lambda b: f"{b / 1e6:.0f}"  # noqa: E731
     return (f"| {r['server']} | {r['requests'] - r['failed']}/{r['requests']} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {mb(r['rss_after_warmup'])} | {mb(r['rss_peak'])} | {mb(r['rss_end'])} | "
-            f"{(r['rss_end'] - r['rss_after_warmup']) / 1e6:+.0f} |")
+            f"{r['tokens_per_s']:.1f} | {mb(r['rss_after_warmup'])} | {mb(r['rss_peak'])} | {mb(r['rss_half'])} | "
+            f"{mb(r['rss_end'])} | {(r['rss_end'] - r['rss_half']) / 1e6:+.0f} |")
 
 
 def main() -> None:
@@ -179,8 +181,9 @@ def main() -> None:
                 (f"mlx_lm.server (lsaq {args.budget:g} folder)", mlx_lm + ["--model", str(converted)])]
         print(f"{args.clients} clients x {args.requests} requests, {args.max_tokens} tokens each, "
               f"model {args.model}, {os.cpu_count()} cores\n")
-        print("| server | ok | p50 s | p95 s | tokens/s | RSS after warm-up MB | peak MB | end MB | growth MB |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| server | ok | p50 s | p95 s | tokens/s | RSS after warm-up MB | peak MB | half-way MB | end MB | "
+              "second half MB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         results = []
         for name, command in runs:
             port = free_port()
