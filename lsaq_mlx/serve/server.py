@@ -96,6 +96,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                                code="method_not_allowed" if known else "not_found")
             handler()
         except ApiError as e:
+            self.close_connection = True  # a body left unread must not be taken for the next request
             self._send_json(e.status, e.body())
         except ClientGone:
             self.close_connection = True
