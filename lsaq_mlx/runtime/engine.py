@@ -311,12 +311,7 @@ class Engine:
             if should_stop():
                 stopped = True
                 break
-            self._poll_commands()
-            if self.pending:
-                self._swap_step()
-            elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
-                checked = time.monotonic()
-                self._follow_memory(during_generation=True)
+            checked = self._between_tokens(checked)
         offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
         while self.pending and not stopped:
@@ -327,8 +322,8 @@ class Engine:
         return "".join(pieces), stats, "stop" if stopped else last.finish_reason if last else "length"
 
     def _run_batch(self, jobs: list[Completion]) -> None:
-        """Decode ``jobs`` together; completions queued meanwhile join; swaps and memory
-        samples happen between steps as in ``_generate``."""
+        """Decode ``jobs`` together; completions queued meanwhile join; between steps as
+        between tokens in ``_generate``."""
         batch = CompletionBatch(self.model, self.tokenizer, self.context, self.sampling.max_kv_size,
                                 lambda: (self._plan_info()["bits_per_weight"], self.swaps))
         checked = time.monotonic()
@@ -338,12 +333,7 @@ class Engine:
                 batch.step()
                 joining = self._take_commands(lambda command, args: command == "complete" and batchable(args[0]))
                 batch.add([args[0] for _, args in joining])
-                self._poll_commands()
-                if self.pending:
-                    self._swap_step()
-                elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
-                    checked = time.monotonic()
-                    self._follow_memory(during_generation=True)
+                checked = self._between_tokens(checked)
         except Exception as e:
             for entry in batch.running.values():
                 entry["job"].fail(f"generation failed: {type(e).__name__}: {e}")
@@ -354,6 +344,18 @@ class Engine:
             mx.clear_cache()  # a long-running server returns the batch's buffers, sized by its peak
         self.last_reply = ReplyStats(batch.prompt_tokens, 0.0, batch.generated, batch.generation_tps(),
                                      mx.get_peak_memory(), False, 0.0, self._plan_info()["bits_per_weight"])
+
+    def _between_tokens(self, checked: float) -> float:
+        """Between two tokens: answer swap and state requests, swap one layer of a pending
+        plan change or, every ``sample_every`` seconds after ``checked``, sample memory;
+        the time of the last sample."""
+        self._poll_commands()
+        if self.pending:
+            self._swap_step()
+        elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
+            checked = time.monotonic()
+            self._follow_memory(during_generation=True)
+        return checked
 
     def _take_commands(self, wanted) -> list:
         """Queued commands for which ``wanted(command, args)``, in order; the others stay queued."""
