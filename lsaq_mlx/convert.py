@@ -57,13 +57,14 @@ class ConvertReport:
     written_bytes: int
     bits_per_weight: float  # mlx-lm's compute_bits_per_weight of the written model (SWSC layers counted as their matrix)
     budget: dict
-    wall_seconds: float
+    wall_seconds: float  # quantizing and writing (planning not included: plan_seconds)
     peak_memory_bytes: int  # MLX's peak allocation during the conversion
     max_rss_bytes: int
     smoke_prompt: str
     smoke_text: str
     backend: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    plan_seconds: float = 0.0  # making the plan (the cost table, when it was not cached)
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
@@ -71,9 +72,10 @@ class ConvertReport:
 
 
 def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8,
-            float_model=None) -> ConvertReport:
+            float_model=None, plan_seconds: float = 0.0) -> ConvertReport:
     """Write ``plan`` of ``source`` at ``out``; ``float_model``: the source already in
-    memory (as the planner loaded it), so it is not loaded again."""
+    memory (as the planner loaded it), so it is not loaded again; ``plan_seconds``: how
+    long making the plan took, for the report."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -92,7 +94,7 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
             report = ConvertReport(
                 source.spec or "default", source.fingerprint, str(out), plan.method, plan.predicted_bytes, written, bpw,
                 plan.budget, time.perf_counter() - start, mx.get_peak_memory(), _max_rss(), SMOKE_PROMPT, smoke_text,
-                describe(), _versions(),
+                describe(), _versions(), plan_seconds,
             )
             (tmp / "lsaq_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except FileExistsError:

@@ -82,6 +82,8 @@ def test_json_sizes_are_bytes_everywhere(tmp_path, empty_cache):
         ("inspect", "-m", model), ("generate", "-m", model, "-p", "hi", "-n", "3"), ("doctor",),
         ("plan", "-m", model, "--method", "uniform", "--bits", "4"),
         ("convert", "-m", model, "-b", "4.5", "--method", "uniform", "-o", str(tmp_path / "out")), ("cache", "list"))]
+    report = json.loads(outputs[4].stdout)
+    assert report["plan_seconds"] > 0 and report["wall_seconds"] > 0
     keys = [(k, v) for o in outputs for k, v in _keys(json.loads(o.stdout))]
     assert not [k for k, _ in keys if k.rsplit(".", 1)[-1].endswith(("_gb", "_mb", "_kb", "_gib", "_mib"))]
     sizes = [(k, v) for k, v in keys if k.endswith("bytes")]

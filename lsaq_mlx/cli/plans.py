@@ -1,5 +1,6 @@
 """``plan`` and ``convert``: plans under a budget, and the folders written from them."""
 
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -113,6 +114,7 @@ def convert(
     source = resolve_model(model)
     planner = Planner(source)
     codec_names = tuple(c.strip() for c in codecs.split(",") if c.strip())
+    planning = time.perf_counter()
     if plan_file:
         chosen = plan_from_file(plan_file, source, codec_names)
     else:
@@ -125,10 +127,12 @@ def convert(
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
         return print_plan(chosen, headroom(chosen.predicted_bytes))
     target = out or default_output(source, chosen)
-    report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory())
+    report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
+                         plan_seconds=time.perf_counter() - planning)
     if json_out:
         return emit_json(report.to_dict())
     print_plan(chosen)
     err(f"wrote {target}: {report.bits_per_weight:.3f} bits per weight, {report.written_bytes / 1e6:.1f} MB, "
-        f"{report.wall_seconds:.1f} s, peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
+        f"planned in {report.plan_seconds:.1f} s, written in {report.wall_seconds:.1f} s, "
+        f"peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
     err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
