@@ -241,19 +241,28 @@ def test_the_cli_refuses_a_remote_host_and_serves_on_loopback(tmp_path, tiny_lla
         assert process.wait(timeout=60) == 128 + 15
 
 
-def test_concurrent_requests_are_batched_and_give_the_same_replies(client, server):
+@pytest.mark.parametrize("prompts", [
+    ["alpha beta", "a much longer prompt than the other one", "x"],
+    # a shared preamble: processed once, its KV cache copied to each
+    ["Here is a shared preamble that every request starts with, then: " + end for end in ("one", "two", "three")],
+])
+def test_concurrent_requests_are_batched_and_give_the_same_replies(client, server, prompts):
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(prompt, n):
         reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, logit_bias=eos_ban(server))
-        return reply.choices[0].text, reply.model_dump()["lsaq_mlx"], reply.usage.completion_tokens
+        return (reply.choices[0].text, reply.model_dump()["lsaq_mlx"], reply.usage.completion_tokens,
+                reply.usage.prompt_tokens_details.cached_tokens)
 
-    prompts = ["alpha beta", "a much longer prompt than the other one", "x"]
     alone = [ask(p, 8) for p in prompts]
+    ask("reset the engine's cache", 1)
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(ask, "keep going", 300)  # runs alone while the others queue behind it
         assert wait_for(lambda: status(server)["requests"]["in_flight"] >= 1)
         together = list(pool.map(lambda p: ask(p, 8), prompts))
         first.result()
     assert [t[0] for t in together] == [a[0] for a in alone] and [t[2] for t in together] == [8, 8, 8]
-    assert sum(bool(t[1].get("batched")) for t in together) >= 2
+    batched = [t for t in together if t[1].get("batched")]
+    assert len(batched) >= 2
+    shared = len(server.engine.tokenizer.encode(prompts[0])) - 3  # at least this much, when the prompts share a start
+    assert all(t[3] >= shared for t in batched) if prompts[0].startswith("Here") else all(t[3] == 0 for t in batched)

@@ -2,7 +2,9 @@
 
 Decoding one token for four sequences reads the weights once instead of four times, so
 concurrent requests finish sooner than in turn. Completions join while others run and
-leave when they end, are cancelled, or generate a stop sequence. Seeded completions are
+leave when they end, are cancelled, or generate a stop sequence. The longest prompt
+prefix that the first completions share (a chat template's system prompt) is processed
+once and its KV cache copied to every completion that starts with it. Seeded completions are
 not batched (one random stream serves the whole batch), nor are models whose caches
 cannot be merged (as mlx-lm's server decides).
 """
@@ -11,9 +13,12 @@ import time
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from lsaq_mlx.runtime.completion import Completion
+
+
+MIN_SHARED_PREFIX = 8  # tokens: a shorter shared prefix is not worth a cache of its own
 
 
 def batchable_model(model) -> bool:
@@ -27,7 +32,9 @@ def batchable(job: Completion) -> bool:
 class CompletionBatch:
     def __init__(self, model, tokenizer, context: int, max_kv_size: int | None, plan_now):
         """``plan_now() -> (bits per weight, swaps so far)``, for each completion's report."""
-        self.tokenizer, self.context, self.plan_now = tokenizer, context, plan_now
+        self.model, self.tokenizer, self.context, self.plan_now = model, tokenizer, context, plan_now
+        self.max_kv_size = max_kv_size
+        self.prefix: tuple[list[int], list] | None = None  # a shared prompt prefix and its KV cache
         self.generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
                                         max_kv_size=max_kv_size, stream=mx.default_stream(mx.default_device()))
         self.running: dict[int, dict] = {}  # uid -> the completion, its detokenizer and counts
@@ -41,14 +48,19 @@ class CompletionBatch:
         jobs = [j for j in jobs if not self._refused(j)]
         if not jobs:
             return
-        uids = self.generator.insert([j.tokens for j in jobs],
+        if self.prefix is None:
+            self.prefix = self._shared_prefix([j.tokens for j in jobs])
+        shared = [self._reuses_prefix(j.tokens) for j in jobs]
+        uids = self.generator.insert([j.tokens[n:] for j, n in zip(jobs, shared)],
+                                     caches=[self._prefix_copy() if n else None for n in shared],
+                                     all_tokens=[j.tokens[:n] for j, n in zip(jobs, shared)],
                                      max_tokens=[min(j.max_tokens, self.context - len(j.tokens)) for j in jobs],
                                      samplers=[j.sampling.sampler() for j in jobs],
                                      logits_processors=[j.logits_processors() or [] for j in jobs])
         bits, swaps = self.plan_now()
-        for uid, job in zip(uids, jobs):
+        for uid, job, cached in zip(uids, jobs, shared):
             self.running[uid] = {"job": job, "detokenizer": self.tokenizer.detokenizer, "tokens": 0,
-                                 "bits": bits, "swaps": swaps}
+                                 "bits": bits, "swaps": swaps, "cached": cached}
             self.prompt_tokens += len(job.tokens)
 
     def step(self) -> None:
@@ -85,7 +97,37 @@ class CompletionBatch:
         bits, swaps = self.plan_now()
         entry["job"].finish(reason, len(entry["job"].tokens), entry["tokens"],
                             {"bits_per_weight_start": entry["bits"], "bits_per_weight_end": bits,
-                             "swaps": swaps - entry["swaps"], "batched": True})
+                             "swaps": swaps - entry["swaps"], "batched": True}, entry["cached"])
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[list[int], list] | None:
+        """The longest prefix of ``prompts`` (two or more) that leaves each at least one
+        token, with its KV cache; None when it is short or the caches are not plain."""
+        if len(prompts) < 2:
+            return None
+        n = 0
+        while n < min(len(p) for p in prompts) - 1 and len({p[n] for p in prompts}) == 1:
+            n += 1
+        cache = make_prompt_cache(self.model, self.max_kv_size)
+        if n < MIN_SHARED_PREFIX or not all(type(c) is KVCache for c in cache):
+            return None
+        self.model(mx.array(prompts[0][:n])[None], cache=cache)
+        mx.eval([c.state[:2] for c in cache])
+        return prompts[0][:n], cache
+
+    def _reuses_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens of ``tokens`` the shared prefix's cache covers."""
+        if self.prefix is None:
+            return 0
+        n = len(self.prefix[0])
+        return n if len(tokens) > n and tokens[:n] == self.prefix[0] else 0
+
+    def _prefix_copy(self) -> list:
+        copies = []
+        for c in self.prefix[1]:
+            copy = KVCache()
+            copy.state = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :], c.offset)  # fresh arrays: no sharing
+            copies.append(copy)
+        return copies
 
     def _refused(self, job: Completion) -> bool:
         if job.cancelled.is_set():

@@ -58,11 +58,14 @@ class Completion:
         else:
             self._send(len(self.text) - self._undecided())
 
-    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, info: dict) -> None:
+    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, info: dict,
+               cached_tokens: int = 0) -> None:
+        """``cached_tokens``: prompt tokens whose KV cache was reused, not computed."""
         self._send(len(self.text))
         reason = "cancelled" if self.cancelled.is_set() else "stop" if self.stopped else finish_reason
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}
         self.events.put(CompletionEvent("done", finish_reason=reason, usage=usage, info=info))
 
     def fail(self, message: str) -> None:

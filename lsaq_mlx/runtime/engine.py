@@ -291,7 +291,7 @@ class Engine:
         self.last_reply = stats
         job.finish(reason, len(job.tokens), stats.generation_tokens,
                    {"bits_per_weight_start": start_bits, "bits_per_weight_end": stats.bits_per_weight,
-                    "swaps": self.swaps - swaps})
+                    "swaps": self.swaps - swaps}, len(job.tokens) - stats.prompt_tokens)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler, processors, emit, should_stop
                   ) -> tuple[str, ReplyStats, str | None]:
