@@ -45,7 +45,7 @@ class CompletionBatch:
         return bool(self.running)
 
     def add(self, jobs: list[Completion]) -> None:
-        jobs = [j for j in jobs if not self._refused(j)]
+        jobs = [j for j in jobs if not j.refused(self.context)]
         if not jobs:
             return
         if self.prefix is None:
@@ -128,12 +128,3 @@ class CompletionBatch:
             copy.state = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :], c.offset)  # fresh arrays: no sharing
             copies.append(copy)
         return copies
-
-    def _refused(self, job: Completion) -> bool:
-        if job.cancelled.is_set():
-            job.finish("cancelled", len(job.tokens), 0, {})
-            return True
-        if len(job.tokens) >= self.context:
-            job.fail(f"the prompt is {len(job.tokens)} tokens; the model's context holds {self.context}")
-            return True
-        return False

@@ -43,6 +43,17 @@ class Completion:
 
         return make_logits_processors(**self.logits) if self.logits else None
 
+    def refused(self, context: int) -> bool:
+        """Ends the completion before it starts when its caller has left or its prompt
+        does not fit ``context`` tokens; whether it did."""
+        if self.cancelled.is_set():
+            self.finish("cancelled", len(self.tokens), 0, {})
+        elif len(self.tokens) >= context:
+            self.fail(f"the prompt is {len(self.tokens)} tokens; the model's context holds {context}")
+        else:
+            return False
+        return True
+
     def should_stop(self) -> bool:
         return self.stopped or self.cancelled.is_set()
 

@@ -274,10 +274,8 @@ class Engine:
             return self._run_batch([job, *(args[0] for _, args in others)])
         for item in others:  # run alone, each in its turn
             self._commands.put(item)
-        if job.cancelled.is_set():  # its caller left while it waited
-            return job.finish("cancelled", len(job.tokens), 0, {})
-        if len(job.tokens) >= self.context:
-            return job.fail(f"the prompt is {len(job.tokens)} tokens; the model's context holds {self.context}")
+        if job.refused(self.context):
+            return
         if job.sampling.seed is not None:
             mx.random.seed(job.sampling.seed)
         start_bits, swaps = self._plan_info()["bits_per_weight"], self.swaps
