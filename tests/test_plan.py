@@ -4,13 +4,14 @@ import random
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from lsaq_mlx.modules import module_at
-from lsaq_mlx.planning.cost import layer_weights, module_errors
+from lsaq_mlx.planning.cost import affine_errors, layer_weights, module_errors, roundtrip
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
-from lsaq_mlx.planning.choices import KEEP, Affine
+from lsaq_mlx.planning.choices import BITS, GROUP_SIZES, KEEP, Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantModule, QuantPlan
 from lsaq_mlx.planning.methods import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
 from lsaq_mlx.scoring.scores import LayerScores
@@ -72,6 +73,29 @@ def planning():
     errors = {q.path: module_errors(weights[q.path], mx.ones_like(weights[q.path]), q.choices()) for q in ctx.modules}
     scores = LayerScores("fp", "jaccard", {}, [0.2, 0.9])
     return model, ctx, errors, scores
+
+
+def test_module_errors_equal_mlx_round_trip_errors():
+    """The elementwise pricing gives what quantizing with mx.quantize and reading back
+    with mx.dequantize (float16 scales and biases) gives, edge cases included: groups of
+    zeros, constant groups, groups whose extreme of larger magnitude is negative, and a
+    matrix spread over many row chunks."""
+    mx.random.seed(3)
+    w = mx.random.normal((700, 384)) * 0.05
+    w[0] = 0.0
+    w[1] = 0.25
+    w[2, :128] = -mx.abs(w[2, :128]) - 0.01
+    w[3, :64] = mx.linspace(-1.0, 0.001, 64)
+    fisher = mx.random.uniform(shape=w.shape)
+    mx.eval(w, fisher)
+    choices = [Affine(b, g) for b in BITS for g in GROUP_SIZES] + [KEEP]
+    errors = module_errors(w, fisher, choices)
+    assert errors["keep"] == 0.0
+    for c in choices[:-1]:
+        terms = np.array(fisher * mx.square(w - roundtrip(w, c))).astype(np.float64)
+        assert errors[c.key] == pytest.approx(terms.sum(), rel=2e-4), c.key  # float32 sums
+        rows = affine_errors(w[:4], fisher[:4], [c]) + affine_errors(w[4:5], fisher[4:5], [c])
+        assert rows == pytest.approx([terms[:4].sum(), terms[4].sum()], rel=1e-6), c.key
 
 
 def test_lsaq_plans_fit_their_budget_and_spend_it(planning):
