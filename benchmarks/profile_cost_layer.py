@@ -5,6 +5,10 @@ A random float32 Llama layer of the given shape (default Llama-3-8B's), calibrat
 activations of the cost table's size (8 sequences of 255 tokens).
 
     python benchmarks/profile_cost_layer.py [--hidden 4096 --mlp 14336 --heads 32 --kv-heads 8 --sequences 8]
+        [--allocator-cache layer|default]
+
+As in the cost table, MLX's allocator may keep one layer's float32 size of freed buffers
+(``--allocator-cache default``: MLX's own limit, 32 MB on the CPU).
 """
 
 import argparse
@@ -15,6 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_attention_mask
 
+from lsaq_mlx.backend.allocator import reused_buffers
 from lsaq_mlx.backend.blas import reexec_with_fast_blas
 from lsaq_mlx.planning.cost import module_errors
 from lsaq_mlx.planning.fisher import _layer_fisher
@@ -29,6 +34,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--sequences", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=255)
+    parser.add_argument("--allocator-cache", choices=("layer", "default"), default="layer")
     args = parser.parse_args()
     reexec_with_fast_blas()
 
@@ -42,11 +48,16 @@ def main() -> None:
     mx.eval(layer.parameters(), x, grad)
     params = dict(tree_flatten(layer.parameters()))
     paths = [n.removesuffix(".weight") for n, v in params.items() if v.ndim == 2]
+    cache = sum(4 * params[p + ".weight"].size for p in paths) if args.allocator_cache == "layer" else 0
+    with reused_buffers(cache):
+        profile(layer, params, paths, x, grad, args.sequences, args.tokens)
 
+
+def profile(layer, params, paths, x, grad, sequences, tokens) -> None:
     start = time.perf_counter()
     _, fisher = _layer_fisher(layer, lambda h: layer(h, create_attention_mask(h, None)), x, grad, "", paths)
     mx.eval(fisher)
-    print(f"Fisher of {args.sequences} sequences x {args.tokens} tokens: {time.perf_counter() - start:.1f} s")
+    print(f"Fisher of {sequences} sequences x {tokens} tokens: {time.perf_counter() - start:.1f} s")
     total = 0.0
     for path in paths:
         weight = params[path + ".weight"]
