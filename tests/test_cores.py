@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lsaq_mlx.backend import attention
+from lsaq_mlx.backend.allocator import return_freed_memory, reused_buffers
 from lsaq_mlx.backend.attention import QUERY_BLOCK, blockwise_causal, causal_attention_in_blocks
 from lsaq_mlx.backend.blas import preloaded_openblas, single_threaded_blas
 from lsaq_mlx.backend.cores import map_on_cores
@@ -64,6 +65,25 @@ def test_a_process_that_scored_on_workers_exits_cleanly():
     for _ in range(6):
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
         assert (run.returncode, run.stdout.strip()) == (0, "450"), run.stderr[-500:]
+
+
+def test_reused_buffers_raises_the_cache_limit_and_restores_it():
+    before = mx.set_cache_limit(64 << 20)
+    try:
+        with reused_buffers(1 << 30):
+            assert mx.set_cache_limit(1 << 30) == 1 << 30  # inside: at least the size asked for
+            big = mx.ones((1 << 26,))  # 256 MB, freed into the cache
+            mx.eval(big)
+            del big
+            assert mx.get_cache_memory() >= 1 << 28
+        assert mx.set_cache_limit(64 << 20) == 64 << 20  # restored, the cache trimmed to it
+        assert mx.get_cache_memory() <= 64 << 20
+        with reused_buffers(1 << 20):  # never lowers a larger limit
+            assert mx.set_cache_limit(64 << 20) == 64 << 20
+        return_freed_memory()
+        assert mx.get_cache_memory() == 0
+    finally:
+        mx.set_cache_limit(before)
 
 
 def test_single_threaded_blas_restores_the_thread_count():

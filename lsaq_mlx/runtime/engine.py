@@ -21,6 +21,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
+from lsaq_mlx.backend.allocator import return_freed_memory
 from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_paths, prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
@@ -218,6 +219,7 @@ class Engine:
             self.choices = {}
         self.float_paths = float_copy_paths(self.model, float_copy_bytes())
         prepare_for_compute(self.model, float_paths=self.float_paths)
+        return_freed_memory()  # what building the model one module at a time took and freed
         self.plan = plan
         self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.weights = None if "quantization" in self._source_config() else source_weights(self.source)
@@ -448,6 +450,7 @@ class Engine:
             self.choices[path] = group[path]
         self._swap_report.merge(report)
         if not self.pending:
+            return_freed_memory()
             r = self._swap_report
             self.on_event(self._swapped(len(r.changed), r.failed, time.perf_counter() - self._swap_start))
 
