@@ -341,7 +341,7 @@ class Engine:
         finally:
             batch.close()
             self.cache, self.cache_tokens = None, []  # the batch's caches were its own
-            mx.clear_cache()  # a long-running server returns the batch's buffers, sized by its peak
+            return_freed_memory()  # a long-running server returns the batch's buffers, sized by its peak
         self.last_reply = ReplyStats(batch.prompt_tokens, 0.0, batch.generated, batch.generation_tps(),
                                      mx.get_peak_memory(), False, 0.0, self._plan_info()["bits_per_weight"])
 
