@@ -46,7 +46,8 @@ def main() -> None:
     from lsaq_mlx.backend import compute
     from lsaq_mlx.convert import quantized_model
     from lsaq_mlx.planning.planner import Planner, PlanRequest
-    from lsaq_mlx.runtime.swap import SourceWeights, layer_groups, swap_modules
+    from lsaq_mlx.runtime.swap import layer_groups, swap_modules
+    from lsaq_mlx.sources.tensors import SourceTensors
     from lsaq_mlx.sources import resolve_model
     from lsaq_mlx.sources.load import load_tokenizer
 
@@ -59,7 +60,7 @@ def main() -> None:
 
     # 1-4 with quantized weights held as such
     os.environ[compute.COMPUTE_ENV] = "quantized"
-    weights = SourceWeights(source.path)
+    weights = SourceTensors(source.path)
 
     def fresh(plan):
         model, _ = quantized_model(source, plan)

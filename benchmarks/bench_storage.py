@@ -348,7 +348,8 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
     from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
     from lsaq_mlx.planning.planner import Planner, PlanRequest
-    from lsaq_mlx.runtime.swap import layer_groups, module_maker, source_weights, swap_modules
+    from lsaq_mlx.runtime.swap import layer_groups, module_maker, swap_modules
+    from lsaq_mlx.sources.tensors import source_tensors
     from lsaq_mlx.storage.layer_store import LayerStore
 
     low, high = Planner(source).plans(PlanRequest(method="lsaq", bits_budgets=[low_bits, high_bits]))
@@ -356,7 +357,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
     store = LayerStore(store_root)
     model, _ = quantized_model(source, low)
     log("building the layer store")
-    built = store.build([low, high], module_maker(model, source_weights(source)))
+    built = store.build([low, high], module_maker(model, source_tensors(source)))
     del model
     rows, outcome = [], {}
 
@@ -366,7 +367,7 @@ def swap_latency(source, low_bits: float, high_bits: float, cold_ok: bool, repea
             prepare_for_compute(model, "float32")
         mx.eval(model.parameters())
         store.close()  # reopen its files, as a swap in a new session would
-        weights = source_weights(source)
+        weights = source_tensors(source)
         if cache == "cold":
             drop_caches()
         else:

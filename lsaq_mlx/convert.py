@@ -37,6 +37,7 @@ from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import skeleton_model
+from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.swsc.format import is_swsc_folder, load_swsc_folder, take_swsc_layers, write_swsc
 from lsaq_mlx.swsc.layer import model_bits_per_weight, swsc_layers
 
@@ -113,16 +114,18 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     computed until the weights are used or saved; SWSC modules are compressed now);
     float16 outside quantized weights. ``float_model``: the source's float weights
     already in memory (any float dtype): shared, never changed, nothing loaded."""
+    tensors = None
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
         dequantize_layers(model)
+        tensors = source_tensors(source)
     else:
         model, config = skeleton_model(source)
         model.update(float_model.parameters())
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    floats = large_matrices(model, quantized)  # as stored: a block of them is upcast at a time
+    floats = large_matrices(model, quantized, tensors)  # as stored: a block of them is upcast at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
     quantize_by_row_blocks(model, floats)
@@ -136,26 +139,51 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
 QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
 
 
-def large_matrices(model: nn.Module, paths) -> dict:
-    """``{path: float weight}`` of the modules at ``paths`` above ``QUANTIZE_BLOCK_BYTES``."""
+def large_matrices(model: nn.Module, paths, tensors=None) -> dict:
+    """``{path: MatrixRows}`` of the modules at ``paths`` above ``QUANTIZE_BLOCK_BYTES``,
+    read from ``tensors`` (the source's, see ``sources.tensors``) where they hold the
+    same matrix, else sliced from the module's weight."""
     modules = dict(model.named_modules())
-    return {p: modules[p].weight for p in paths if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
+    return {p: MatrixRows(modules[p].weight, tensors, f"{p}.weight") for p in paths
+            if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
+
+
+class MatrixRows:
+    """A float matrix to be read one row block at a time: from the source's file where
+    it holds the matrix as stored (none of the rest is read), else sliced from
+    ``weight`` (a lazily loaded tensor is then read whole, once)."""
+
+    def __init__(self, weight: mx.array, tensors=None, name: str | None = None):
+        self.shape = weight.shape
+        self.weight = weight
+        self.from_file = (hasattr(tensors, "rows") and name in getattr(tensors, "files", {})
+                          and list(tensors.shape_of(name)[0]) == list(weight.shape) and weight.dtype != mx.uint32)
+        self.tensors, self.name = tensors, name
+
+    def __call__(self, start: int, stop: int) -> mx.array:
+        if self.from_file:
+            return self.tensors.rows(self.name, start, min(stop, self.shape[0]))
+        return self.weight[start:stop]
 
 
 def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
-    """Give each quantized module of ``floats`` (path -> its float weight) the same values
-    computed one row block at a time (groups run along rows), so computing it holds one
-    block in float32, not the whole matrix; still lazy."""
+    """Give each quantized module of ``floats`` (path -> its ``MatrixRows``) the same
+    values computed one row block at a time (groups run along rows), each block
+    evaluated into its rows of the module's arrays before the next is read: one block
+    in float32 at a time, and no second copy of the quantized matrix."""
     modules = dict(model.named_modules())
-    for path, w in floats.items():
+    for path, rows_of in floats.items():
         m = modules[path]
-        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * w.shape[1]))
-        parts = [mx.quantize(w[r : r + rows].astype(mx.float32), m.group_size, m.bits, mode=m.mode)
-                 for r in range(0, w.shape[0], rows)]
-        m.weight = mx.concatenate([p[0] for p in parts])
-        m.scales = mx.concatenate([p[1] for p in parts])
-        if m.get("biases") is not None:
-            m.biases = mx.concatenate([p[2] for p in parts])
+        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * rows_of.shape[1]))
+        names = ["weight", "scales"] + (["biases"] if m.get("biases") is not None else [])
+        for name in names:  # the lazy whole-matrix arrays make way for the filled ones
+            m[name] = mx.zeros(m[name].shape, m[name].dtype)
+        mx.eval([m[name] for name in names])
+        for r in range(0, rows_of.shape[0], rows):
+            part = mx.quantize(rows_of(r, r + rows).astype(mx.float32), m.group_size, m.bits, mode=m.mode)
+            for name, value in zip(names, part):
+                m[name][r : r + rows] = value  # updated in place: the module holds the only reference
+            mx.eval([m[name] for name in names])
 
 
 def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:

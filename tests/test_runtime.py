@@ -12,7 +12,8 @@ from lsaq_mlx.planning.methods import plan_uniform
 from lsaq_mlx.planning.planner import FixedPlans, Planner
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
 from lsaq_mlx.runtime.memory import MemorySample
-from lsaq_mlx.runtime.swap import SourceWeights, swap_modules
+from lsaq_mlx.runtime.swap import swap_modules
+from lsaq_mlx.sources.tensors import SourceTensors
 from lsaq_mlx.sources import resolve_model
 from tiny_models import tiny_model, write_gguf
 
@@ -79,7 +80,7 @@ def test_swapped_model_equals_a_model_quantized_directly(tiny):
     source, plans = tiny
     model, _ = quantized_model(source, plans[3])
     prepare_for_compute(model)
-    report = swap_modules(model, plans[8].modules, SourceWeights(source.path), float32_compute=True)
+    report = swap_modules(model, plans[8].modules, SourceTensors(source.path), float32_compute=True)
     assert not report.failed and len(report.changed) == len(plans[8].modules)
     direct, _ = quantized_model(source, plans[8])
     prepare_for_compute(direct)
@@ -92,7 +93,7 @@ def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
     model, _ = quantized_model(source, plans[4])
     prepare_for_compute(model)
     before = outputs(model)
-    weights = SourceWeights(source.path)
+    weights = SourceTensors(source.path)
     for f in source.path.glob("*.safetensors"):
         f.rename(f.with_suffix(".moved"))
     report = swap_modules(model, plans[8].modules, weights, float32_compute=True)

@@ -16,7 +16,8 @@ from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.runtime.events import EngineError, Swapped
 from lsaq_mlx.planning.planner import FixedPlans
 from lsaq_mlx.runtime import Engine
-from lsaq_mlx.runtime.swap import SourceWeights, module_maker, swap_modules
+from lsaq_mlx.runtime.swap import module_maker, swap_modules
+from lsaq_mlx.sources.tensors import SourceTensors
 from lsaq_mlx.sources import load_model, resolve_model
 from lsaq_mlx.storage import codecs, transforms
 from lsaq_mlx.storage.container import ContainerReader
@@ -213,11 +214,11 @@ def test_layer_store_swaps_equal_requantizing(workdir, plans, tmp_path):
     _, source = workdir
     model, _ = quantized_model(source, plans[3])
     store = LayerStore(tmp_path / "store")
-    built = store.build([plans[3], plans[8], plans["mixed"]], module_maker(model, SourceWeights(source.path)))
+    built = store.build([plans[3], plans[8], plans["mixed"]], module_maker(model, SourceTensors(source.path)))
     assert built["written"] == built["modules"] > 0
-    assert store.build([plans[8]], module_maker(model, SourceWeights(source.path)))["written"] == 0  # already there
+    assert store.build([plans[8]], module_maker(model, SourceTensors(source.path)))["written"] == 0  # already there
     for target in (plans[8], plans["mixed"]):
-        direct, requantizing = swapped(source, plans[3], target, SourceWeights(source.path))
+        direct, requantizing = swapped(source, plans[3], target, SourceTensors(source.path))
         from_store, reading = swapped(source, plans[3], target, NoSource(), store)
         assert requantizing.source_bytes > 0 and requantizing.store_bytes == 0
         assert reading.store_bytes > 0 and reading.source_bytes == 0
@@ -233,13 +234,13 @@ def test_a_damaged_layer_store_falls_back_to_the_source(workdir, plans, tmp_path
     _, source = workdir
     model, _ = quantized_model(source, plans[3])
     store = LayerStore(tmp_path / "store")
-    store.build([plans[8]], module_maker(model, SourceWeights(source.path)))
+    store.build([plans[8]], module_maker(model, SourceTensors(source.path)))
     store.close()
     for f in (tmp_path / "store").iterdir():
         f.write_bytes(f.read_bytes()[:-100])
     damaged = LayerStore(tmp_path / "store")
-    direct, _ = swapped(source, plans[3], plans[8], SourceWeights(source.path))
-    fallback, report = swapped(source, plans[3], plans[8], SourceWeights(source.path), damaged)
+    direct, _ = swapped(source, plans[3], plans[8], SourceTensors(source.path))
+    fallback, report = swapped(source, plans[3], plans[8], SourceTensors(source.path), damaged)
     assert report.store_bytes == 0 and report.source_bytes > 0
     assert all(mx.array_equal(direct[k], fallback[k]).item() for k in direct)
     assert damaged.bytes_read == 0

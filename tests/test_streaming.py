@@ -170,6 +170,54 @@ def test_a_hybrid_layer_holds_one_row_block_of_float32_weights_for_a_prompt(monk
     assert mx.get_peak_memory() - before < 2 * 4 * 8192 * 256
 
 
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_a_large_matrix_is_quantized_from_row_blocks_of_its_file(tmp_path, monkeypatch, dtype):
+    """A swap's embedding is read from the safetensors file a row block at a time and
+    each block quantized before the next: peak memory stays below the stored matrix
+    (reading it whole, or evaluating the blocks together, costs more); the values are
+    mx.quantize's of the whole matrix."""
+    import lsaq_mlx.convert as convert
+    import lsaq_mlx.runtime.swap as swap
+    from lsaq_mlx.planning.choices import Affine
+    from lsaq_mlx.sources.tensors import SourceTensors
+
+    monkeypatch.setattr(convert, "QUANTIZE_BLOCK_BYTES", 256 << 10)
+    monkeypatch.setattr(swap, "QUANTIZE_BLOCK_BYTES", 256 << 10)
+    weight = mx.random.normal((4096, 512)).astype(dtype)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"model.embed_tokens.weight": weight})
+    tensors = SourceTensors(tmp_path)
+    assert mx.array_equal(tensors.rows("model.embed_tokens.weight", 100, 300), weight[100:300])
+    mx.eval(weight)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    module = swap.quantized_module(nn.Embedding(4096, 512), "model.embed_tokens", Affine(2, 64), tensors)
+    mx.eval(module.parameters())
+    assert mx.get_peak_memory() - before < weight.nbytes
+    q, scales, biases = mx.quantize(weight.astype(mx.float32), 64, 2)
+    assert mx.array_equal(module.weight, q)
+    assert mx.array_equal(module.scales, scales.astype(mx.float16))
+    assert mx.array_equal(module.biases, biases.astype(mx.float16))
+
+
+def test_the_float32_copy_of_a_5_bit_layer_is_dequantized_a_row_block_at_a_time(monkeypatch):
+    """A module of the float32 copy costs its float32 weight and one block of
+    temporaries (whole, MLX's 5-bit dequantize took about 6x the matrix), with the
+    same values."""
+    import lsaq_mlx.backend.compute as compute
+
+    monkeypatch.setattr(compute, "DEQUANTIZE_BLOCK_BYTES", 1 << 20)
+    holder = nn.Module()
+    holder.m = nn.QuantizedLinear.from_linear(nn.Linear(1024, 4096, bias=False), group_size=64, bits=5)
+    mx.eval(holder.parameters())
+    whole = mx.dequantize(holder.m.weight, holder.m.scales, holder.m.biases, 64, 5)
+    mx.eval(whole)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    compute.dequantize_layers(holder, {"m"}, now=True)
+    assert mx.get_peak_memory() - before < 1.5 * whole.nbytes
+    assert mx.array_equal(holder.m.weight, whole)
+
+
 def test_the_float32_copy_takes_layers_in_order_within_its_bytes(tiny_source):
     model = load_model(tiny_source("llama"), compute=False)[0]
     one_layer = sum(4 * m.weight.size for p, m in model.named_modules() if p.startswith("model.layers.0.")

@@ -44,7 +44,8 @@ from lsaq_mlx.runtime.events import (
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.sampling import Sampling
-from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, source_weights, swap_modules
+from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, swap_modules
+from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
@@ -222,7 +223,7 @@ class Engine:
         return_freed_memory()  # what building the model one module at a time took and freed
         self.plan = plan
         self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
-        self.weights = None if "quantization" in self._source_config() else source_weights(self.source)
+        self.weights = None if "quantization" in self._source_config() else source_tensors(self.source)
         if self.use_layer_store and self.weights is not None:
             from lsaq_mlx.storage.layer_store import LayerStore
 

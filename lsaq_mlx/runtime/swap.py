@@ -7,52 +7,21 @@ evaluated before it replaces the old one, and the old one's memory is released a
 A module that fails keeps its old weights; the failure is reported, the rest goes on.
 """
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from lsaq_mlx.backend.compute import prepare_for_compute
-from lsaq_mlx.convert import large_matrices, quantize_by_row_blocks
+from lsaq_mlx.convert import QUANTIZE_BLOCK_BYTES, MatrixRows, quantize_by_row_blocks
 from lsaq_mlx.modules import by_layer, module_at
 from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.sources.tensors import SourceTensors
 
 
-class SourceWeights:
-    """Tensors of a model folder by name, each read from disk only when asked for."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.bytes_read = 0  # bytes of the tensors handed out (safetensors stores them as they are)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = json.loads(index.read_text())["weight_map"]
-        else:
-            self.files = {name: "model.safetensors" for name in mx.load(str(self.folder / "model.safetensors"))}
-
-    def get(self, name: str) -> mx.array | None:
-        if name not in self.files:
-            return None
-        # mx.load is lazy: only the tensor used is read; the dict is dropped at once
-        array = mx.load(str(self.folder / self.files[name]))[name]
-        self.bytes_read += array.nbytes
-        return array
-
-
-def source_weights(source) -> "SourceWeights":
-    """The lazily read tensors of a resolved model: its folder, or its pack."""
-    if source.kind == "pack":
-        from lsaq_mlx.storage.model_pack import PackedWeights
-
-        return PackedWeights(source.origin)
-    return SourceWeights(source.path)
-
-
-def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) -> nn.Module:
+def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) -> nn.Module:
     """The module at ``path`` with precision ``choice`` from the source weights, as it is
     stored (float16 scales, biases and kept weights)."""
     w = weights.get(f"{path}.weight")
@@ -69,7 +38,7 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceWeights) 
     if isinstance(choice, Affine):
         holder = nn.Module()
         holder.m = new
-        large = {p: w for p in large_matrices(holder, ["m"])}  # the stored weight, upcast a block at a time
+        large = {"m": MatrixRows(w, weights, f"{path}.weight")} if w.size * 4 > QUANTIZE_BLOCK_BYTES else {}
         holder.m = new.to_quantized(group_size=choice.group_size, bits=choice.bits)
         quantize_by_row_blocks(holder, large)
         new = holder.m
@@ -84,7 +53,7 @@ def module_maker(model: nn.Module, weights):
     return lambda path, choice: quantized_module(modules[path], path, choice, weights)
 
 
-def build_module(old: nn.Module, path: str, choice, weights: SourceWeights, float32_compute: bool,
+def build_module(old: nn.Module, path: str, choice, weights: SourceTensors, float32_compute: bool,
                  store=None, float_copy: bool = False) -> nn.Module:
     """The module at ``path`` with precision ``choice``: read ready from ``store`` (a
     ``storage.layer_store.LayerStore``) when it holds it, else quantized from the source;
@@ -114,7 +83,7 @@ class SwapReport:
         self.store_bytes += other.store_bytes
 
 
-def swap_modules(model: nn.Module, changes: dict, weights: SourceWeights, float32_compute: bool,
+def swap_modules(model: nn.Module, changes: dict, weights: SourceTensors, float32_compute: bool,
                  store=None, float_paths: set[str] | None = None) -> SwapReport:
     """Replace every module of ``changes`` (path -> choice) by its new precision. For
     float32 compute, those at ``float_paths`` are dequantized (the model's bounded float32

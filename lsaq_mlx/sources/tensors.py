@@ -1,11 +1,16 @@
 """A source's tensors by name, each read from disk only when asked for: the way every
 stage reads weights one layer (or one module) at a time instead of the whole model."""
 
+import struct
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from lsaq_mlx.formats import safetensors_header
+
+# float dtypes whose rows ``SourceTensors.rows`` reads straight from the file
+_ROW_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "BF16": (np.uint16, mx.bfloat16)}
 
 
 class SourceTensors:
@@ -16,11 +21,15 @@ class SourceTensors:
         self.bytes_read = 0  # bytes of the tensors handed out (safetensors stores them as they are)
         self.files: dict[str, str] = {}
         self._shapes: dict[str, tuple[list[int], str]] = {}
+        self._offsets: dict[str, int] = {}  # where each tensor's bytes begin in its file
         for file in sorted(self.folder.glob("model*.safetensors")):
-            for name, info in safetensors_header(file).items():
+            with open(file, "rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+            for name, info in safetensors_header(file).items():  # checked: offsets lie inside the file
                 if name != "__metadata__":
                     self.files[name] = file.name
                     self._shapes[name] = (info["shape"], info["dtype"])
+                    self._offsets[name] = data_start + info["data_offsets"][0]
 
     @property
     def names(self) -> list[str]:
@@ -38,6 +47,21 @@ class SourceTensors:
         array = mx.load(str(self.folder / self.files[name]))[name]
         self.bytes_read += array.nbytes
         return array
+
+    def rows(self, name: str, start: int, stop: int) -> mx.array:
+        """Rows ``start:stop`` of a float matrix, read from its file alone: a row block of
+        an embedding or LM head without the whole tensor in memory."""
+        shape, dtype = self._shapes[name]
+        if len(shape) != 2 or dtype not in _ROW_DTYPES or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"cannot read rows {start}:{stop} of {name} ({dtype} {shape})")
+        stored, view = _ROW_DTYPES[dtype]
+        row_bytes = shape[1] * np.dtype(stored).itemsize
+        with open(self.folder / self.files[name], "rb") as f:
+            f.seek(self._offsets[name] + start * row_bytes)
+            data = np.frombuffer(f.read((stop - start) * row_bytes), dtype=stored).reshape(stop - start, shape[1])
+        self.bytes_read += data.nbytes
+        array = mx.array(data)
+        return array.view(view) if view is not None else array
 
 
 def source_tensors(source):
