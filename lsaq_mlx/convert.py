@@ -66,6 +66,7 @@ class ConvertReport:
     backend: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     plan_seconds: float = 0.0  # making the plan (the cost table, when it was not cached)
+    quantizer: str = "rtn"  # how affine modules were quantized (QUANTIZERS)
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
@@ -73,10 +74,11 @@ class ConvertReport:
 
 
 def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8,
-            float_model=None, plan_seconds: float = 0.0) -> ConvertReport:
+            float_model=None, plan_seconds: float = 0.0, quantizer: str = "rtn", calib=None) -> ConvertReport:
     """Write ``plan`` of ``source`` at ``out``; ``float_model``: the source already in
     memory (as the planner loaded it), so it is not loaded again; ``plan_seconds``: how
-    long making the plan took, for the report."""
+    long making the plan took, for the report; ``quantizer``: see ``QUANTIZERS``
+    (``calib``: GPTQ's calibration text, a ``CalibrationText``; default the packaged one)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -84,18 +86,21 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
         check_replaceable(out, force)  # before the work, not only when it is done
     except FileExistsError:
         raise UserError(f"{out} already exists", setting="force") from None
+    if quantizer not in QUANTIZERS:
+        raise UserError(f"unknown quantizer {quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
     start = time.perf_counter()
     mx.reset_peak_memory()
-    model, config = quantized_model(source, plan, float_model)
     try:
         with atomic_dir(out, force=force) as tmp:
+            model, config = quantized_model(source, plan, float_model, quantizer, calib, scratch=tmp / "gptq")
             _write_folder(model, config, plan, source, tmp)
+            shutil.rmtree(tmp / "gptq", ignore_errors=True)
             del model
             smoke_text, bpw, written = _check_written(tmp, smoke_tokens)
             report = ConvertReport(
                 source.spec or "default", source.fingerprint, str(out), plan.method, plan.predicted_bytes, written, bpw,
                 plan.budget, time.perf_counter() - start, mx.get_peak_memory(), _max_rss(), SMOKE_PROMPT, smoke_text,
-                describe(), _versions(), plan_seconds,
+                describe(), _versions(), plan_seconds, quantizer,
             )
             (tmp / "lsaq_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except FileExistsError:
@@ -109,11 +114,22 @@ def default_output(source: ModelSource, plan: QuantPlan) -> Path:
     return Path(f"{stem}-{plan.method}-{plan.predicted_bits_per_weight:.2f}bpw")
 
 
-def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
+QUANTIZERS = {
+    "rtn": "round to nearest: each group's codes, scale and bias from the weights alone (mlx_lm.convert's)",
+    "gptq": "GPTQ: each column's rounding error compensated in the columns after it, using the module's "
+            "input Hessian on calibration text (linear modules; embeddings stay round to nearest)",
+}
+
+
+def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quantizer: str = "rtn", calib=None,
+                    scratch: Path | None = None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
-    computed until the weights are used or saved; SWSC modules are compressed now);
-    float16 outside quantized weights. ``float_model``: the source's float weights
-    already in memory (any float dtype): shared, never changed, nothing loaded."""
+    computed until the weights are used or saved; the largest matrices are quantized
+    now, a row block at a time, SWSC modules compressed now); float16 outside quantized
+    weights. ``float_model``: the source's float weights already in memory (any float
+    dtype): shared, never changed, nothing loaded. With ``quantizer="gptq"`` the linear
+    modules are quantized first, a layer at a time, into ``scratch`` (a folder that
+    must outlive the model)."""
     tensors = None
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
@@ -125,15 +141,33 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None):
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    floats = large_matrices(model, quantized, tensors)  # as stored: a block of them is upcast at a time
+    compensated = _gptq_weights(source, plan, quantized, calib, scratch) if quantizer == "gptq" else {}
+    floats = large_matrices(model, quantized - set(compensated), tensors)  # as stored: upcast a block at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
     quantize_by_row_blocks(model, floats)
+    modules = dict(model.named_modules())
+    for path, arrays in compensated.items():
+        modules[path].update(arrays)
     if swsc:
         with progress_bar("SWSC compression", len(swsc)) as advance:
             swsc_layers(model, swsc, advance)
     model.set_dtype(mx.float16)
     return model, config
+
+
+def _gptq_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], calib, scratch: Path) -> dict:
+    from lsaq_mlx.gptq.streamed import SEQ_LEN, TOKENS, gptq_weights
+    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    streamed = StreamedModel(source)
+    sequences = token_sequences(load_tokenizer(source), calib or load_calibration(None), TOKENS, SEQ_LEN)
+    tokens = mx.array([s for s in sequences if len(s) == len(sequences[0])])
+    Path(scratch).mkdir(parents=True, exist_ok=True)
+    with progress_bar("GPTQ (layer by layer)", len(streamed.layers) + 1) as advance:
+        return gptq_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, advance)
 
 
 QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once

@@ -97,6 +97,7 @@ def convert(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
+    quantizer: Annotated[str, typer.Option("--quantizer", metavar="NAME", help="How affine modules get their codes: rtn (round to nearest, as mlx_lm.convert) or gptq (each column's rounding error compensated in the later columns with the module's input Hessian on --calib text; embeddings stay rtn). The output is a stock mlx-lm folder either way.")] = "rtn",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
@@ -104,7 +105,7 @@ def convert(
 ) -> None:
     """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads.
 
-    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert --memory-budget 6GB --dry-run"""
+    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer gptq · lsaq-mlx convert --memory-budget 6GB --dry-run"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.convert import convert as write_model, default_output
     from lsaq_mlx.planning.budgets import headroom
@@ -127,8 +128,11 @@ def convert(
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
         return print_plan(chosen, headroom(chosen.predicted_bytes))
     target = out or default_output(source, chosen)
+    from lsaq_mlx.scoring.calibration import load_calibration
+
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
-                         plan_seconds=time.perf_counter() - planning)
+                         plan_seconds=time.perf_counter() - planning, quantizer=quantizer,
+                         calib=load_calibration(calib) if calib else None)
     if json_out:
         return emit_json(report.to_dict())
     print_plan(chosen)

@@ -134,18 +134,20 @@ class StreamedModel:
             return array
         return array.astype(self.dtype)
 
-    def run_layers(self, tokens: mx.array, on_layer=None) -> mx.array:
+    def run_layers(self, tokens: mx.array, on_layer=None, batch_rows: int | None = None) -> mx.array:
         """The final hidden states (before the final norm) of ``tokens`` (batch, length),
-        each layer run once on the whole batch; ``on_layer(i, layer, x_in, x_out, forward)``
-        is called with the layer's weights loaded, ``forward(h)`` running the layer on
-        other hidden states of the same shape (with the mask the model gave it)."""
+        each layer loaded once for the whole batch and run on ``batch_rows`` sequences at
+        a time (all at once by default; fewer bound the layer's temporaries);
+        ``on_layer(i, layer, x_in, x_out, forward)`` is called with the layer's weights
+        loaded, ``forward(h)`` running the layer on other hidden states of the same
+        length (with the mask the model gave it)."""
         inner = inner_model(self.model)
         stream = self
+        rows = batch_rows or tokens.shape[0]
 
         def run(self_layer, index, cls, x, *args, **kwargs):
             with stream.layer(index) as layer:
-                out = cls.__call__(layer, x, *args, **kwargs)
-                mx.eval(out)
+                out = _by_rows(lambda h: cls.__call__(layer, h, *args, **kwargs), x, rows)
                 if on_layer is not None:
                     on_layer(index, layer, x, out, lambda h: cls.__call__(layer, h, *args, **kwargs))
             return out
@@ -161,6 +163,22 @@ class StreamedModel:
             for layer, cls in zip(self.layers, originals):
                 layer.__class__ = cls
         return hidden
+
+
+def _by_rows(forward, x: mx.array, rows: int) -> mx.array:
+    """``forward(x)``, evaluated, computed ``rows`` sequences at a time."""
+    if rows >= x.shape[0]:
+        out = forward(x)
+        mx.eval(out)
+        return out
+    out = None
+    for start in range(0, x.shape[0], rows):
+        part = forward(x[start : start + rows])
+        if out is None:  # filled in place: no second copy of the output while joining
+            out = mx.zeros((x.shape[0], *part.shape[1:]), part.dtype)
+        out[start : start + rows] = part
+        mx.eval(out)
+    return out
 
 
 def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:

@@ -1,0 +1,91 @@
+"""GPTQ on one matrix (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization
+for Generative Pre-trained Transformers"), in MLX's group-wise affine format.
+
+Columns are quantized left to right. Each column's rounding error, divided by the
+diagonal of the upper Cholesky factor ``U`` of ``H^-1``, is spread over the columns not
+yet quantized (``W[:, j:] -= e U[j, j:]``), within a block of 128 columns at once and
+into the columns after the block once per block (the "lazy batch" update). A group's
+scale and bias are MLX's round-to-nearest ones (``mx.quantize``) of the group's columns
+as they stand when the group starts, rounded to float16 as the model stores them, so
+``mx.dequantize`` of the written codes gives exactly the values the errors were
+computed from. Rows are independent: large matrices go through in row blocks.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from lsaq_mlx.gptq.packing import pack_codes
+
+BLOCK = 128  # columns per lazy-batch block (a multiple of every group size)
+DAMP = 0.1  # of mean(diag H), added to H's diagonal: 0.01 (mlx_lm.gptq's) overfit 16k tokens here, see README
+
+
+@dataclass
+class AffineCodes:
+    """A quantized matrix as MLX stores it: packed codes, float16 scales and biases."""
+
+    weight: np.ndarray  # uint32 (rows, cols * bits / 32)
+    scales: np.ndarray  # float16 (rows, cols / group_size)
+    biases: np.ndarray
+
+    def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
+        return mx.array(self.weight), mx.array(self.scales), mx.array(self.biases)
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """``U``: upper triangular, ``U^T U = (H + damp * mean(diag H) I)^-1``. Inputs that
+    never fire (zero diagonal) get 1 there, so ``H`` stays invertible."""
+    h = np.array(hessian, dtype=np.float32)
+    diag = np.diagonal(h).copy()
+    dead = diag <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diagonal(h)))
+    # H = R R^T with R = J chol(J H J) J upper (J reverses the order); U = R^-1
+    with mx.stream(mx.cpu):
+        lower = mx.linalg.cholesky(mx.array(h[::-1, ::-1].copy()))
+        upper = mx.linalg.tri_inv(lower[::-1, ::-1], upper=True)
+        return np.array(upper)
+
+
+def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size: int) -> AffineCodes:
+    """``weight`` (rows, cols; float) quantized with GPTQ given ``factor`` (see
+    ``inverse_hessian_factor``)."""
+    rows, cols = weight.shape
+    if cols % group_size or BLOCK % group_size:
+        raise ValueError(f"group size {group_size} does not divide {cols} columns and {BLOCK}")
+    w = np.array(weight, dtype=np.float32)
+    levels = float((1 << bits) - 1)
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    scales = np.empty((rows, cols // group_size), dtype=np.float16)
+    biases = np.empty_like(scales)
+    for start in range(0, cols, BLOCK):
+        stop = min(start + BLOCK, cols)
+        block, u = w[:, start:stop], factor[start:stop, start:stop]
+        errors = np.empty_like(block)
+        for j in range(stop - start):
+            col = start + j
+            if col % group_size == 0:
+                scale, bias = _group_scales(block[:, j : j + group_size], bits, group_size)
+                scales[:, col // group_size], biases[:, col // group_size] = scale, bias
+                s, b = scale.astype(np.float32), bias.astype(np.float32)
+            q = np.clip(np.rint((block[:, j] - b) / s), 0.0, levels)
+            codes[:, col] = q
+            errors[:, j] = (block[:, j] - (q * s + b)) / u[j, j]
+            block[:, j + 1 :] -= np.outer(errors[:, j], u[j, j + 1 :])
+        w[:, stop:] -= errors @ factor[start:stop, stop:]
+    return AffineCodes(pack_codes(codes, bits), scales, biases)
+
+
+def _group_scales(group: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's round-to-nearest scale and bias of each row of ``group``, in float16."""
+    _, scale, bias = mx.quantize(mx.array(group), group_size, bits)
+    return np.array(scale.astype(mx.float16))[:, 0], np.array(bias.astype(mx.float16))[:, 0]
+
+
+def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
+    """``tr(dW H dW^T)``: the summed squared error of the module's outputs on the
+    calibration inputs ``H`` was collected from."""
+    d = np.asarray(dequantized, dtype=np.float64) - np.asarray(weight, dtype=np.float64)
+    return float(np.einsum("ij,jk,ik->", d, np.asarray(hessian, dtype=np.float64), d))

@@ -1,0 +1,93 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from lsaq_mlx.convert import convert
+from lsaq_mlx.gptq.packing import pack_codes
+from lsaq_mlx.gptq.solver import gptq_quantize, inverse_hessian_factor, output_error
+from lsaq_mlx.planning.planner import Planner, PlanRequest
+
+
+def _unpack(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
+    """Reference reading of MLX's packing: each row a little-endian bit stream."""
+    stream = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : cols * bits]
+    return (stream.reshape(words.shape[0], cols, bits) << np.arange(bits)).sum(axis=2)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_packed_codes_are_the_words_mx_quantize_writes(bits):
+    w = mx.random.normal((8, 128), key=mx.random.key(bits))
+    packed, scales, biases = mx.quantize(w, 64, bits)
+    codes = _unpack(np.array(packed), bits, 128)
+    assert codes.max() <= (1 << bits) - 1
+    assert np.array_equal(pack_codes(codes, bits), np.array(packed))
+
+
+def _correlated_problem(rows=48, cols=256, samples=2048, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(cols, cols)) / np.sqrt(cols) + np.eye(cols)
+    x = (rng.normal(size=(samples, cols)) * rng.uniform(0.2, 3.0, size=cols)) @ mixing  # inputs as real ones: correlated, uneven
+    return rng.normal(size=(rows, cols)).astype(np.float32) * 0.05, (x.T @ x).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(3, 64), (4, 128), (2, 32)])
+def test_gptq_lowers_the_output_error_and_dequantizes_to_what_it_computed(bits, group_size):
+    weight, hessian = _correlated_problem()
+    codes = gptq_quantize(weight, inverse_hessian_factor(hessian), bits, group_size)
+    packed, scales, biases = codes.arrays()
+    assert packed.dtype == mx.uint32 and scales.dtype == biases.dtype == mx.float16
+    read = np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits))
+    ints = _unpack(codes.weight, bits, weight.shape[1]).astype(np.float32)
+    expected = ints * np.repeat(codes.scales.astype(np.float32), group_size, axis=1) + np.repeat(
+        codes.biases.astype(np.float32), group_size, axis=1)
+    np.testing.assert_allclose(read, expected, rtol=0, atol=1e-6)
+    rtn = mx.dequantize(*mx.quantize(mx.array(weight), group_size, bits), group_size, bits)
+    gptq_error, rtn_error = output_error(weight, read, hessian), output_error(weight, np.array(rtn), hessian)
+    assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_gptq_refuses_a_group_size_that_does_not_divide_the_columns():
+    weight, hessian = _correlated_problem(cols=96)
+    with pytest.raises(ValueError, match="group size 64"):
+        gptq_quantize(weight, inverse_hessian_factor(hessian), 4, 64)
+
+
+def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_source, tmp_path):
+    from lsaq_mlx.gptq import streamed
+    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+    from lsaq_mlx.sources.load import load_model, load_tokenizer
+
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
+    rtn, gptq = tmp_path / "rtn", tmp_path / "gptq"
+    convert(source, plan, rtn)
+    report = convert(source, plan, gptq, quantizer="gptq")
+    assert report.quantizer == "gptq" and report.written_bytes == plan.predicted_bytes
+    assert json.loads((gptq / "lsaq_report.json").read_text())["quantizer"] == "gptq"
+    assert not (gptq / "gptq").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128, skip_tokens=streamed.TOKENS)[:8])
+    reference = load_model(source, compute=True)[0](tokens)
+    errors = {}
+    for out in (rtn, gptq):
+        from mlx_lm import load
+
+        errors[out.name] = float(mx.mean((load(str(out))[0](tokens).astype(mx.float32) - reference) ** 2))
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors  # on held-out tokens
+
+    script = textwrap.dedent(f"""
+        import sys
+        from mlx_lm import load, generate
+        model, tokenizer = load({str(gptq)!r})
+        print(repr(generate(model, tokenizer, "hello", max_tokens=4)))
+        assert not [m for m in sys.modules if m.startswith("lsaq")]
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
