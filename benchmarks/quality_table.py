@@ -1,7 +1,7 @@
 """Quality of every planning method at every budget, on the same WikiText-2 tokens.
 
     python benchmarks/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
-                                    [--out results.json]
+                                    [--quantizers rtn gptq] [--out results.json]
 
 For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
 jaccard (``lsaq-tiers``), cosine, zscore and random scores, ``uniform`` (the largest
@@ -14,6 +14,11 @@ agreement, perplexity) on the first --tokens tokens of wiki.test.raw in windows 
 group-64 model fits the budget; tiers high = low + 2 (at most 8), dynamic_quant
 high = the next bit width (its default pairing is 4/5).
 
+With ``--quantizers rtn gptq`` every plan is also written with GPTQ (the same bits,
+the codes compensated on the packaged calibration text, which is not WikiText; rows
+``<method>+gptq``), and ``lsaq+gptq priced`` rows add the plans ``convert --quantizer
+gptq`` writes: lsaq with every choice priced by its error after GPTQ.
+
 It also checks the cost model: the Spearman correlation between each plan's predicted
 cost and its measured KL over the plans the lsaq allocator did not make (held out).
 """
@@ -22,7 +27,9 @@ import argparse
 import json
 import os
 import platform
+import tempfile
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -33,6 +40,7 @@ from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_re
 from lsaq_mlx.planning.choices import BITS
 from lsaq_mlx.planning.methods import RECIPES
 from lsaq_mlx.planning.planner import Planner, PlanRequest
+from lsaq_mlx.quantizers import QUANTIZERS
 from lsaq_mlx.scoring.scores import spearman
 from lsaq_mlx.sources import resolve_model
 
@@ -52,6 +60,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
     parser.add_argument("--dq-tokens", type=int, default=2048, help="calibration tokens of dynamic_quant's sensitivities")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
+    parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start_benchmark()
@@ -89,17 +98,23 @@ def main() -> None:
         plans = [p for p in plans if p.method in args.methods]
 
     rows = []
-    for plan in plans:
-        quantized, _ = quantized_model(source, plan, model)
-        prepare_for_compute(quantized)
-        result = compare_to_reference(quantized, reference)
-        del quantized
+    runs = [(p, q, p.method if q == "rtn" else f"{p.method}+{q}") for p in plans for q in args.quantizers]
+    for budget in args.budgets if "gptq" in args.quantizers and (not args.methods or "lsaq" in args.methods) else []:
+        runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[budget], quantizer="gptq")), "gptq",
+                     "lsaq+gptq priced"))
+    for plan, quantizer, method in runs:
+        with tempfile.TemporaryDirectory() as scratch:
+            quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))
+            prepare_for_compute(quantized)
+            result = compare_to_reference(quantized, reference)
+            del quantized
         budget = plan.budget.get("bits_per_weight")
-        rows.append({"budget": budget, "method": plan.method, "bits_per_weight": plan.predicted_bits_per_weight,
+        rows.append({"budget": budget, "method": method, "quantizer": quantizer,
+                     "bits_per_weight": plan.predicted_bits_per_weight,
                      "kl": result.kl, "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
                      "perplexity": result.perplexity.perplexity, "predicted_cost": plan_cost(plan, ctx, errors),
                      "details": {k: v for k, v in plan.details.items() if k != "module_bytes_by_layer"}})
-        print(f"  {plan.method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
+        print(f"  {method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
 
     print(f"\nmachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX {mx.__version__} "
@@ -113,11 +128,12 @@ def main() -> None:
         kl = f"**{r['kl']:.4f}**" if best else f"{r['kl']:.4f}"
         print(f"| {r['budget'] if r['budget'] is not None else '-'} | {r['method']} | {r['bits_per_weight']:.3f} | "
               f"{kl} ± {r['kl_stderr']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} |")
-    held_out = [r for r in rows if r["method"] != "lsaq"]
+    priced = [r for r in rows if r["quantizer"] == "rtn"]  # the cost model prices round to nearest
+    held_out = [r for r in priced if r["method"] != "lsaq"]
     rho = spearman([r["predicted_cost"] for r in held_out], [r["kl"] for r in held_out])
-    rho_all = spearman([r["predicted_cost"] for r in rows], [r["kl"] for r in rows])
+    rho_all = spearman([r["predicted_cost"] for r in priced], [r["kl"] for r in priced])
     print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
-          f"(not made by lsaq), {rho_all:.3f} over all {len(rows)}")
+          f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"source_perplexity": source_result.perplexity.perplexity, "rows": rows,

@@ -35,6 +35,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import module_groups, shard_groups
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.quantizers import QUANTIZERS
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.tensors import source_tensors
@@ -114,13 +115,6 @@ def default_output(source: ModelSource, plan: QuantPlan) -> Path:
     return Path(f"{stem}-{plan.method}-{plan.predicted_bits_per_weight:.2f}bpw")
 
 
-QUANTIZERS = {
-    "rtn": "round to nearest: each group's codes, scale and bias from the weights alone (mlx_lm.convert's)",
-    "gptq": "GPTQ: each column's rounding error compensated in the columns after it, using the module's "
-            "input Hessian on calibration text (linear modules; embeddings stay round to nearest)",
-}
-
-
 def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quantizer: str = "rtn", calib=None,
                     scratch: Path | None = None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
@@ -157,14 +151,14 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
 
 
 def _gptq_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], calib, scratch: Path) -> dict:
-    from lsaq_mlx.gptq.streamed import SEQ_LEN, TOKENS, gptq_weights
-    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.gptq.writer import gptq_weights
+    from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources.load import load_tokenizer
     from lsaq_mlx.sources.streaming import StreamedModel
 
     streamed = StreamedModel(source)
-    sequences = token_sequences(load_tokenizer(source), calib or load_calibration(None), TOKENS, SEQ_LEN)
-    tokens = mx.array([s for s in sequences if len(s) == len(sequences[0])])
+    tokens = calibration_tokens(load_tokenizer(source), calib or load_calibration(None))
     Path(scratch).mkdir(parents=True, exist_ok=True)
     with progress_bar("GPTQ (layer by layer)", len(streamed.layers) + 1) as advance:
         return gptq_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, advance)

@@ -59,7 +59,7 @@ def test_gptq_refuses_a_group_size_that_does_not_divide_the_columns():
 
 
 def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_source, tmp_path):
-    from lsaq_mlx.gptq import streamed
+    from lsaq_mlx.gptq import hessians
     from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
     from lsaq_mlx.sources.load import load_model, load_tokenizer
 
@@ -72,7 +72,7 @@ def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_so
     assert json.loads((gptq / "lsaq_report.json").read_text())["quantizer"] == "gptq"
     assert not (gptq / "gptq").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128, skip_tokens=streamed.TOKENS)[:8])
+    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128, skip_tokens=hessians.TOKENS)[:8])
     reference = load_model(source, compute=True)[0](tokens)
     errors = {}
     for out in (rtn, gptq):
@@ -91,3 +91,44 @@ def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_so
     env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_priced_ratio_is_what_gptq_writes_over_round_to_nearest():
+    from lsaq_mlx.gptq.pricing import compensation_ratios
+    from lsaq_mlx.planning.choices import Affine
+
+    weight, hessian = _correlated_problem(rows=40)  # fewer rows than the sample: the estimate is exact
+    choices = [Affine(3, 64), Affine(5, 64), Affine(4, 128)]
+    ratios = compensation_ratios(mx.array(weight), hessian, choices)
+    for c in choices:
+        codes = gptq_quantize(weight, inverse_hessian_factor(hessian), c.bits, c.group_size)
+        written = mx.dequantize(*(a.astype(mx.float32) if a.dtype == mx.float16 else a for a in codes.arrays()),
+                                c.group_size, c.bits)
+        rtn = mx.dequantize(*mx.quantize(mx.array(weight), c.group_size, c.bits), c.group_size, c.bits)
+        expected = output_error(weight, np.array(written), hessian) / output_error(weight, np.array(rtn), hessian)
+        assert ratios[c.key] == pytest.approx(expected, rel=1e-3) and ratios[c.key] < 0.8
+
+
+def test_planning_for_gptq_prices_choices_by_their_ratio_and_caches_it(tiny_source, empty_cache, monkeypatch):
+    import lsaq_mlx.gptq.pricing as pricing
+
+    source = tiny_source("qwen2")
+    planner = Planner(source)
+    plan = planner.plan(PlanRequest(method="lsaq", bits_budgets=[3.5], quantizer="gptq"))
+    ctx = planner.context()
+    errors, ratios = planner.cost_table(ctx), planner.gptq_ratios(ctx)
+    linear = {q.path for q in ctx.modules if "embed" not in q.path}
+    assert set(ratios) == linear and all(0 < r < 1.5 for rs in ratios.values() for r in rs.values())
+    priced = sum(errors[p][c.key] * ratios.get(p, {}).get(c.key, 1.0) for p, c in plan.modules.items())
+    assert plan.details["quantizer"] == "gptq" and plan.details["cost"] == pytest.approx(priced, rel=1e-6)
+
+    monkeypatch.setattr(pricing, "each_layer_hessians", lambda *a, **k: pytest.fail("recomputed a cached table"))
+    again = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[3.5], quantizer="gptq"))
+    assert again.modules == plan.modules
+
+
+def test_an_unknown_quantizer_is_a_one_line_error(tiny_source):
+    from cli_run import assert_one_line_error, run_cli
+
+    assert_one_line_error(run_cli("plan", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "awq"),
+                          "unknown quantizer")

@@ -33,6 +33,7 @@ UniformBitsOption = Annotated[Optional[int], typer.Option(metavar="BITS", help="
 OverrideOption = Annotated[Optional[list[str]], typer.Option(metavar="REGEX=SETTING", help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
 CodecsOption = Annotated[str, typer.Option(metavar="CODECS", help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
 ContextOption = Annotated[int, typer.Option(metavar="TOKENS", help="Tokens of KV cache a --memory-budget reserves.")]
+QuantizerOption = Annotated[Optional[str], typer.Option("--quantizer", metavar="NAME", help="How affine modules get their codes, and so how lsaq prices them: rtn (round to nearest, as mlx_lm.convert; the default) or gptq (each column's rounding error compensated in the later columns with the module's input Hessian on 16,384 tokens of --calib text; embeddings stay rtn; lsaq prices every choice by its error after GPTQ, measured on 64 rows of each module). The output is a stock mlx-lm folder either way.")]
 MethodOption = Annotated[str, typer.Option("--method", metavar="METHOD", help="lsaq (knapsack on Fisher-weighted quantization error per module) | lsaq-tiers (jaccard-ranked layers at two bit widths) | tiers-cosine | tiers-zscore | tiers-random | uniform")]
 
 # ---- runtime ----

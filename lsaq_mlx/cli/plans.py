@@ -22,6 +22,7 @@ from lsaq_mlx.cli.options import (
     MethodOption,
     ModelOption,
     OverrideOption,
+    QuantizerOption,
     RecipeOption,
     ScoresOption,
     UniformBitsOption,
@@ -54,6 +55,7 @@ def plan(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
+    quantizer: QuantizerOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -68,7 +70,8 @@ def plan(
 
     request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
                        context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
-                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
+                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs,
+                       quantizer=quantizer or "rtn")
     source = resolve_model(model)
     plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
@@ -97,7 +100,7 @@ def convert(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    quantizer: Annotated[str, typer.Option("--quantizer", metavar="NAME", help="How affine modules get their codes: rtn (round to nearest, as mlx_lm.convert) or gptq (each column's rounding error compensated in the later columns with the module's input Hessian on --calib text; embeddings stay rtn). The output is a stock mlx-lm folder either way.")] = "rtn",
+    quantizer: QuantizerOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
@@ -122,7 +125,7 @@ def convert(
         chosen = planner.plan(_request(
             method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
             context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
-            group_size=group_size, bits=bits, override=override, codecs=codecs))
+            group_size=group_size, bits=bits, override=override, codecs=codecs, quantizer=quantizer or "rtn"))
     if dry_run:
         if json_out:
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
@@ -131,7 +134,8 @@ def convert(
     from lsaq_mlx.scoring.calibration import load_calibration
 
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
-                         plan_seconds=time.perf_counter() - planning, quantizer=quantizer,
+                         plan_seconds=time.perf_counter() - planning,
+                         quantizer=quantizer or chosen.details.get("quantizer", "rtn"),
                          calib=load_calibration(calib) if calib else None)
     if json_out:
         return emit_json(report.to_dict())

@@ -2,7 +2,8 @@
 columns not yet quantized, using the module's input Hessian ``H = X^T X``.
 
 ``packing`` writes integer codes in MLX's packed layout, ``solver`` quantizes one
-matrix given its Hessian, ``streamed`` collects every module's Hessian in one pass of
-calibration text through the model, a decoder layer at a time, and writes the quantized
-modules of each layer while it is in memory.
+matrix given its Hessian, ``hessians`` collects every module's Hessian in one pass of
+calibration text through the model a decoder layer at a time, ``writer`` quantizes a
+plan's modules with them, and ``pricing`` measures how much GPTQ lowers each
+candidate's error, so that the planner can price choices as GPTQ will write them.
 """

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from lsaq_mlx.gptq.packing import pack_codes
+from lsaq_mlx.planning.cost import affine_scales
 
 BLOCK = 128  # columns per lazy-batch block (a multiple of every group size)
 DAMP = 0.1  # of mean(diag H), added to H's diagonal: 0.01 (mlx_lm.gptq's) overfit 16k tokens here, see README
@@ -52,11 +53,18 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarra
 def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size: int) -> AffineCodes:
     """``weight`` (rows, cols; float) quantized with GPTQ given ``factor`` (see
     ``inverse_hessian_factor``)."""
+    codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size)
+    return AffineCodes(pack_codes(codes, bits), scales, biases)
+
+
+def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, group_size: int):
+    """``(codes, scales, biases)`` of GPTQ on ``weight`` with ``bits[r]`` bits for row
+    ``r`` (rows are independent, so one pass can price several bit widths)."""
     rows, cols = weight.shape
     if cols % group_size or BLOCK % group_size:
         raise ValueError(f"group size {group_size} does not divide {cols} columns and {BLOCK}")
     w = np.array(weight, dtype=np.float32)
-    levels = float((1 << bits) - 1)
+    levels = ((1 << np.asarray(bits, dtype=np.int64)) - 1).astype(np.float32)
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // group_size), dtype=np.float16)
     biases = np.empty_like(scales)
@@ -67,7 +75,7 @@ def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size:
         for j in range(stop - start):
             col = start + j
             if col % group_size == 0:
-                scale, bias = _group_scales(block[:, j : j + group_size], bits, group_size)
+                scale, bias = _group_scales(block[:, j : j + group_size], levels)
                 scales[:, col // group_size], biases[:, col // group_size] = scale, bias
                 s, b = scale.astype(np.float32), bias.astype(np.float32)
             q = np.clip(np.rint((block[:, j] - b) / s), 0.0, levels)
@@ -75,13 +83,15 @@ def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size:
             errors[:, j] = (block[:, j] - (q * s + b)) / u[j, j]
             block[:, j + 1 :] -= np.outer(errors[:, j], u[j, j + 1 :])
         w[:, stop:] -= errors @ factor[start:stop, stop:]
-    return AffineCodes(pack_codes(codes, bits), scales, biases)
+    return codes, scales, biases
 
 
-def _group_scales(group: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """MLX's round-to-nearest scale and bias of each row of ``group``, in float16."""
-    _, scale, bias = mx.quantize(mx.array(group), group_size, bits)
-    return np.array(scale.astype(mx.float16))[:, 0], np.array(bias.astype(mx.float16))[:, 0]
+def _group_scales(group: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's round-to-nearest scale and bias of each row of ``group`` (``mx.quantize``'s
+    arithmetic, ``planning.cost``), in float16."""
+    g = mx.array(group)
+    scale, bias = affine_scales(g.min(axis=1), g.max(axis=1), mx.array(levels))
+    return np.array(scale.astype(mx.float16)), np.array(bias.astype(mx.float16))
 
 
 def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:

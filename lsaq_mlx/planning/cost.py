@@ -69,14 +69,14 @@ def affine_errors(w: mx.array, f: mx.array, choices: list[Affine]) -> list[float
         mx.eval(low, high)
         for choice in (c for c in choices if c.group_size == size):
             levels = float((1 << choice.bits) - 1)
-            scale, bias = _affine_scales(low, high, levels)
+            scale, bias = affine_scales(low, high, levels)
             codes = mx.clip(mx.round((wg - bias) / scale), 0.0, levels)
             err = (fg * mx.square(wg - (codes * _f16(scale) + _f16(bias)))).sum()
             errors[choice] = err.item()
     return [errors[c] for c in choices]
 
 
-def _affine_scales(low: mx.array, high: mx.array, levels: float) -> tuple[mx.array, mx.array]:
+def affine_scales(low: mx.array, high: mx.array, levels: float) -> tuple[mx.array, mx.array]:
     """The scale and bias ``mx.quantize`` gives groups with these extremes (its CPU
     kernel's arithmetic: the extreme of larger magnitude lands exactly on a code)."""
     low_is_edge = mx.abs(low) > mx.abs(high)

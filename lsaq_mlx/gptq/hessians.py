@@ -1,0 +1,93 @@
+"""The input Hessian ``H = sum x^T x`` of every planned linear module, in one pass of
+calibration text through the source a decoder layer at a time
+(``sources.streaming.StreamedModel``).
+
+While a layer is loaded its forward runs again with the wanted modules recording their
+inputs; modules that read the same tensor (q, k and v; gate and up) share one ``H``.
+The LM head's ``H`` comes from the final normed hidden states. The activations passed
+on are the float source's, as in ``mlx_lm.gptq``.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_unflatten
+
+from lsaq_mlx.scoring.lens import find_lens
+
+TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above round to nearest), see README
+BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
+
+
+def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None) -> None:
+    """``on_modules({path: module}, {path: H})`` for the linear modules of ``paths`` of
+    each decoder layer while it is loaded, then for the LM head; ``H`` (float32 numpy)
+    is the same array for modules sharing an input. ``tokens``: (batch, length)."""
+    step = progress or (lambda n=1: None)
+    rows = max(1, BATCH_TOKENS // tokens.shape[1])
+
+    def on_layer(i, layer, x_in, x_out, forward):
+        prefix = streamed.prefixes[i]
+        modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, nn.Linear)}
+        hessians = _layer_hessians(layer, modules, forward, x_in, rows)
+        on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules})
+        step()
+
+    hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
+    holder = streamed.model.get("language_model", streamed.model)
+    if "lm_head" in paths and "lm_head" in holder and isinstance(holder["lm_head"], nn.Linear):
+        normed = find_lens(streamed.model).norm(hidden).reshape(-1, hidden.shape[-1]).astype(mx.float32)
+        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": np.array(normed.T @ normed)})
+    step()
+
+
+class _Recorder(nn.Module):
+    """A linear module that adds ``x^T x`` of its inputs to ``hessians[key]`` (when it
+    is the one module recording that input)."""
+
+    def __init__(self, module: nn.Module, hessians: dict, key: str | None):
+        super().__init__()
+        self.module, self._hessians, self._key = module, hessians, key
+
+    def __call__(self, x):
+        if self._key is not None:
+            flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+            h = flat.T @ flat
+            self._hessians[self._key] = h if self._key not in self._hessians else self._hessians[self._key] + h
+        return self.module(x)
+
+
+def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int) -> dict[str, np.ndarray]:
+    """``H`` of each distinct input of ``modules`` (keyed by ``_input_key``), the layer
+    run on ``rows`` sequences at a time."""
+    hessians: dict = {}
+    originals = list(modules.items())
+    keys = {}
+    for p, _ in originals:
+        keys.setdefault(_input_key(p), p)  # the first module reading an input records it
+    wrapped = [(p, _Recorder(m, hessians, _input_key(p) if keys[_input_key(p)] == p else None)) for p, m in originals]
+    layer.update_modules(tree_unflatten(wrapped))
+    try:
+        for start in range(0, x_in.shape[0], rows):
+            forward(x_in[start : start + rows])
+            mx.eval(hessians)
+    finally:
+        layer.update_modules(tree_unflatten(originals))
+    return {k: np.array(h) for k, h in hessians.items()}
+
+
+_SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def _input_key(path: str) -> str:
+    """Modules reading the same tensor share a key (and so one ``H``)."""
+    parent, _, name = path.rpartition(".")
+    return f"{parent}.{_SHARED_INPUT.get(name, name)}"
+
+
+def calibration_tokens(tokenizer, calib) -> mx.array:
+    """``TOKENS`` tokens of ``calib`` as (sequences, ``SEQ_LEN``)."""
+    from lsaq_mlx.scoring.calibration import token_sequences
+
+    sequences = token_sequences(tokenizer, calib, TOKENS, SEQ_LEN)
+    return mx.array([s for s in sequences if len(s) == SEQ_LEN])
