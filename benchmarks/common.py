@@ -13,6 +13,7 @@ from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT = SHARED / "wikitext-2-raw" / "wiki.test.raw"
+LAMBADA = SHARED / "tasks" / "lambada" / "lambada_test.jsonl"
 
 
 def start() -> None:
@@ -26,6 +27,22 @@ def wikitext_tokens(tokenizer, n: int) -> list[int]:
         sys.exit(f"{WIKITEXT} is missing (see ../shared/data/README.md)")
     with open(WIKITEXT, encoding="utf-8") as f:
         return tokenizer.encode(f.read(400_000))[:n]
+
+
+def lambada_tokens(tokenizer, n: int) -> list[int]:
+    """The first ``n`` tokens of LAMBADA's test passages (fiction), one after another: a
+    second evaluation text, unlike both WikiText and the calibration text."""
+    import json
+
+    if not LAMBADA.is_file():
+        sys.exit(f"{LAMBADA} is missing (see ../shared/data/README.md)")
+    texts = []
+    with open(LAMBADA, encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if sum(map(len, texts)) > 8 * n:
+                break
+    return tokenizer.encode("\n\n".join(texts))[:n]
 
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:

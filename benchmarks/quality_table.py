@@ -1,7 +1,8 @@
 """Quality of every planning method at every budget, on the same WikiText-2 tokens.
 
     python benchmarks/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
-                                    [--quantizers rtn gptq] [--out results.json]
+                                    [--quantizers rtn gptq] [--peers convert-3-64 gptq-4 awq-3 ...]
+                                    [--out results.json]
 
 For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
 jaccard (``lsaq-tiers``), cosine, zscore and random scores, ``uniform`` (the largest
@@ -19,21 +20,31 @@ the codes compensated on the packaged calibration text, which is not WikiText; r
 ``<method>+gptq``), and ``lsaq+gptq priced`` rows add the plans ``convert --quantizer
 gptq`` writes: lsaq with every choice priced by its error after GPTQ.
 
+With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
+``mlx_lm.gptq``, ``mlx_lm.awq``) run on the same source folder and calibration text,
+each in its own process (wall time, peak memory), are evaluated the same way, and
+``lsaq+gptq priced`` is also planned at each one's bits per weight; a last table puts
+each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer gptq`` is timed from
+an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
+
 It also checks the cost model: the Spearman correlation between each plan's predicted
 cost and its measured KL over the plans the lsaq allocator did not make (held out).
 """
 
 import argparse
 import json
+import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-from common import dq_sensitivities, dynamic_quant_plan, low_bits_for, start as start_benchmark, wikitext_tokens
+from common import (dq_sensitivities, dynamic_quant_plan, lambada_tokens, low_bits_for, measured,
+                    start as start_benchmark, wikitext_tokens)
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
@@ -52,6 +63,49 @@ def plan_cost(plan, ctx, errors) -> float:
     return sum(errors[q.path][plan.modules[q.path].key] for q in ctx.modules)
 
 
+PEER_SCRIPT = Path(__file__).with_name("peer_quantizers.py")
+
+
+def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
+    """``peer`` run in its own process on the source folder (time and peak memory from
+    outside), its folder loaded as ``lsaq-mlx eval`` loads a model, and evaluated."""
+    from mlx_lm.utils import compute_bits_per_weight
+
+    from lsaq_mlx.sources import load_model
+
+    out = work / peer
+    wall, rss = measured([sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens",
+                          str(args.peer_tokens), "--n-grid", str(args.awq_grid)])
+    quantized = load_model(resolve_model(str(out)), compute=False)[0]
+    bpw = compute_bits_per_weight(quantized)
+    prepare_for_compute(quantized)
+    result, result_second = compare_to_reference(quantized, reference), compare_to_reference(quantized, second)
+    print(f"  mlx_lm {peer}: {bpw:.3f} bpw, KL {result.kl:.4f}, {wall:.0f} s, {rss / 1e9:.2f} GB", flush=True)
+    return {"budget": None, "method": f"mlx_lm {peer}", "quantizer": "peer", "bits_per_weight": bpw, "kl": result.kl,
+            "kl_stderr": result.kl_stderr, "top1": result.top1_agreement, "perplexity": result.perplexity.perplexity,
+            "perplexity_second": result_second.perplexity.perplexity, "kl_second": result_second.kl,
+            "predicted_cost": None, "seconds": wall, "peak_rss": rss}
+
+
+def print_against_peers(rows: list[dict], ours: tuple[float, int]) -> None:
+    """Each peer against ``lsaq+gptq priced`` at its bits per weight; the target is
+    ours <= 0.8x the best peer at equal or higher bits per weight."""
+    peers = [r for r in rows if r["quantizer"] == "peer"]
+    priced = [r for r in rows if r["method"] == "lsaq+gptq priced"]
+    print("\n| peer | bpw | peer KL | best peer at >= its bpw | ours (lsaq+gptq) at <= its bpw | ours / best | peer time, memory |")
+    print("|---|---|---|---|---|---|---|")
+    for p in sorted(peers, key=lambda r: r["bits_per_weight"]):
+        best = min((q for q in peers if q["bits_per_weight"] >= p["bits_per_weight"]), key=lambda q: q["kl"])
+        mine = [r for r in priced if r["bits_per_weight"] <= p["bits_per_weight"] + 1e-9]
+        mine = max(mine, key=lambda r: r["bits_per_weight"]) if mine else None
+        ratio = f"{mine['kl'] / best['kl']:.2f}" if mine else "-"
+        ours_kl = f"{mine['kl']:.4f} ({mine['bits_per_weight']:.3f})" if mine else "-"
+        print(f"| {p['method']} | {p['bits_per_weight']:.3f} | {p['kl']:.4f} | {best['method']} {best['kl']:.4f} | "
+              f"{ours_kl} | {ratio} | {p['seconds']:.0f} s, {p['peak_rss'] / 1e9:.2f} GB |")
+    print(f"\nours: lsaq-mlx convert -b 4.0 --quantizer gptq from an empty cache (cost table, GPTQ pricing, GPTQ): "
+          f"{ours[0]:.0f} s, {ours[1] / 1e9:.2f} GB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -61,6 +115,11 @@ def main() -> None:
     parser.add_argument("--dq-tokens", type=int, default=2048, help="calibration tokens of dynamic_quant's sensitivities")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
+    parser.add_argument("--peers", nargs="*", default=[],
+                        help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3; "
+                             "each also gets a lsaq+gptq plan at its bits per weight, and a table against them")
+    parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
+    parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start_benchmark()
@@ -71,7 +130,8 @@ def main() -> None:
     model, tokenizer = planner.loaded()
     tokens = wikitext_tokens(tokenizer, args.tokens)
     reference = ReferenceDistributions.compute(model, tokens, args.seq_len)
-    source_result = compare_to_reference(model, reference)
+    second = ReferenceDistributions.compute(model, lambada_tokens(tokenizer, args.tokens), args.seq_len)
+    source_result, source_second = compare_to_reference(model, reference), compare_to_reference(model, second)
     ctx = planner.context()
     errors = planner.cost_table(ctx)
 
@@ -98,36 +158,52 @@ def main() -> None:
         plans = [p for p in plans if p.method in args.methods]
 
     rows = []
+    work = tempfile.TemporaryDirectory(prefix="quality-table-")
+    for peer in args.peers:
+        row = peer_row(peer, source, Path(work.name), reference, second, args)
+        rows.append(row)
+        args.budgets.append(math.floor(row["bits_per_weight"] * 1000) / 1000)
     runs = [(p, q, p.method if q == "rtn" else f"{p.method}+{q}") for p in plans for q in args.quantizers]
-    for budget in args.budgets if "gptq" in args.quantizers and (not args.methods or "lsaq" in args.methods) else []:
+    gptq_priced = "gptq" in args.quantizers or args.peers
+    for budget in args.budgets if gptq_priced and (not args.methods or "lsaq" in args.methods) else []:
         runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[budget], quantizer="gptq")), "gptq",
                      "lsaq+gptq priced"))
     for plan, quantizer, method in runs:
         with tempfile.TemporaryDirectory() as scratch:
             quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))
             prepare_for_compute(quantized)
-            result = compare_to_reference(quantized, reference)
+            result, result_second = compare_to_reference(quantized, reference), compare_to_reference(quantized, second)
             del quantized
         budget = plan.budget.get("bits_per_weight")
         rows.append({"budget": budget, "method": method, "quantizer": quantizer,
                      "bits_per_weight": plan.predicted_bits_per_weight,
                      "kl": result.kl, "kl_stderr": result.kl_stderr, "top1": result.top1_agreement,
-                     "perplexity": result.perplexity.perplexity, "predicted_cost": plan_cost(plan, ctx, errors),
+                     "perplexity": result.perplexity.perplexity, "perplexity_second": result_second.perplexity.perplexity,
+                     "kl_second": result_second.kl, "predicted_cost": plan_cost(plan, ctx, errors),
                      "details": {k: v for k, v in plan.details.items() if k != "module_bytes_by_layer"}})
         print(f"  {method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
+    if args.peers:
+        ours = measured([sys.executable, "-m", "lsaq_mlx", "convert", "-m", str(source.path), "-b", "4.0",
+                         "--quantizer", "gptq", "-o", str(Path(work.name) / "ours-4.0")],
+                        env=os.environ | {"LSAQ_MLX_CACHE": str(Path(work.name) / "empty-cache")})
+    work.cleanup()
 
     print(f"\nmachine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores; MLX {mx.__version__} "
           f"{mx.default_device()}; model {args.model}; WikiText-2 test, first {len(tokens)} tokens, windows of "
           f"{args.seq_len}; source perplexity {source_result.perplexity.perplexity:.3f}; "
           f"{time.perf_counter() - start:.0f} s in all\n")
-    print("| budget | method | bits/weight | KL (nats/token) | top-1 agree | perplexity |")
-    print("|---|---|---|---|---|---|")
+    print(f"second text: LAMBADA test passages, first {args.tokens} tokens; source perplexity "
+          f"{source_second.perplexity.perplexity:.3f}\n")
+    print("| budget | method | bits/weight | KL (nats/token) | top-1 agree | perplexity | perplexity, LAMBADA |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         best = r["budget"] is not None and r["kl"] == min(x["kl"] for x in rows if x["budget"] == r["budget"])
         kl = f"**{r['kl']:.4f}**" if best else f"{r['kl']:.4f}"
         print(f"| {r['budget'] if r['budget'] is not None else '-'} | {r['method']} | {r['bits_per_weight']:.3f} | "
-              f"{kl} ± {r['kl_stderr']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} |")
+              f"{kl} ± {r['kl_stderr']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} | {r['perplexity_second']:.2f} |")
+    if args.peers:
+        print_against_peers(rows, ours)
     priced = [r for r in rows if r["quantizer"] == "rtn"]  # the cost model prices round to nearest
     held_out = [r for r in priced if r["method"] != "lsaq"]
     rho = spearman([r["predicted_cost"] for r in held_out], [r["kl"] for r in held_out])
@@ -136,7 +212,8 @@ def main() -> None:
           f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"source_perplexity": source_result.perplexity.perplexity, "rows": rows,
+            json.dump({"source_perplexity": source_result.perplexity.perplexity,
+                       "source_perplexity_second": source_second.perplexity.perplexity, "rows": rows,
                        "cost_model_spearman_held_out": rho}, f, indent=2)
 
 
