@@ -3,9 +3,9 @@ for Generative Pre-trained Transformers"), in MLX's group-wise affine format.
 
 Columns are quantized left to right. Each column's rounding error, divided by the
 diagonal of the upper Cholesky factor ``U`` of ``H^-1``, is spread over the columns not
-yet quantized (``W[:, j:] -= e U[j, j:]``), within a block of 128 columns at once and
-into the columns after the block once per block (the "lazy batch" update). A group's
-scale and bias are MLX's round-to-nearest ones (``mx.quantize``) of the group's columns
+yet quantized (``W[:, j:] -= e U[j, j:]``): within the column's group at once, into
+the columns after the group once per group (the "lazy batch" update). A group's
+scale and bias are MLX's round-to-nearest ones (``mx.quantize``'s arithmetic) of its columns
 as they stand when the group starts, rounded to float16 as the model stores them, so
 ``mx.dequantize`` of the written codes gives exactly the values the errors were
 computed from. Rows are independent: large matrices go through in row blocks.
@@ -19,7 +19,6 @@ import numpy as np
 from lsaq_mlx.gptq.packing import pack_codes
 from lsaq_mlx.planning.cost import affine_scales
 
-BLOCK = 128  # columns per lazy-batch block (a multiple of every group size)
 DAMP = 0.1  # of mean(diag H), added to H's diagonal: 0.01 (mlx_lm.gptq's) overfit 16k tokens here, see README
 
 
@@ -61,15 +60,15 @@ def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, 
     """``(codes, scales, biases)`` of GPTQ on ``weight`` with ``bits[r]`` bits for row
     ``r`` (rows are independent, so one pass can price several bit widths)."""
     rows, cols = weight.shape
-    if cols % group_size or BLOCK % group_size:
-        raise ValueError(f"group size {group_size} does not divide {cols} columns and {BLOCK}")
+    if cols % group_size:
+        raise ValueError(f"group size {group_size} does not divide {cols} columns")
     w = np.array(weight, dtype=np.float32)
     levels = ((1 << np.asarray(bits, dtype=np.int64)) - 1).astype(np.float32)
     codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // group_size), dtype=np.float16)
     biases = np.empty_like(scales)
-    for start in range(0, cols, BLOCK):
-        stop = min(start + BLOCK, cols)
+    for start in range(0, cols, group_size):  # a group per block: fewer flops in the per-column updates
+        stop = start + group_size
         block, u = w[:, start:stop], factor[start:stop, start:stop]
         errors = np.empty_like(block)
         for j in range(stop - start):
