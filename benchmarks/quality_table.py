@@ -15,15 +15,17 @@ agreement, perplexity) on the first --tokens tokens of wiki.test.raw in windows 
 group-64 model fits the budget; tiers high = low + 2 (at most 8), dynamic_quant
 high = the next bit width (its default pairing is 4/5).
 
-With ``--quantizers rtn gptq`` every plan is also written with GPTQ (the same bits,
+With ``--quantizers rtn gptq`` every lsaq plan is also written with GPTQ (the same bits,
 the codes compensated on the packaged calibration text, which is not WikiText; rows
-``<method>+gptq``), and ``lsaq+gptq priced`` rows add the plans ``convert --quantizer
-gptq`` writes: lsaq with every choice priced by its error after GPTQ.
+``<method>+gptq``; ``convert --quantizer gptq`` writes these). With ``--priced P ...``,
+``lsaq+gptq priced^P`` rows are lsaq plans whose every choice is priced by its cost
+times (its error after GPTQ / its error after round to nearest)^P (``gptq.pricing``),
+written with GPTQ: pricing by the compensated error, or by a damped estimate of it.
 
 With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
 ``mlx_lm.gptq``, ``mlx_lm.awq``) run on the same source folder and calibration text,
 each in its own process (wall time, peak memory), are evaluated the same way, and
-``lsaq+gptq priced`` is also planned at each one's bits per weight; a last table puts
+``lsaq+gptq`` is also planned at each one's bits per weight; a last table puts
 each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer gptq`` is timed from
 an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
 
@@ -87,11 +89,27 @@ def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
             "predicted_cost": None, "seconds": wall, "peak_rss": rss}
 
 
+def priced_plan(planner, ctx, errors: dict, budget: float, power: float):
+    """The lsaq plan at ``budget`` with each choice priced by its GPTQ ratio to ``power``."""
+    from lsaq_mlx.gptq.pricing import compensated_errors, ratio_table
+    from lsaq_mlx.planning.budgets import Budget
+    from lsaq_mlx.planning.cost import layer_weights
+    from lsaq_mlx.planning.methods import plan_lsaq
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = planner.source
+    ratios = ratio_table(source.fingerprint, load_calibration(None), ctx, StreamedModel(source), load_tokenizer(source))
+    priced = compensated_errors(errors, ratios, power)
+    return plan_lsaq(ctx, Budget(bits_per_weight=budget), priced, layer_weights(None, ctx.modules))
+
+
 def print_against_peers(rows: list[dict], ours: tuple[float, int]) -> None:
-    """Each peer against ``lsaq+gptq priced`` at its bits per weight; the target is
+    """Each peer against ``lsaq+gptq`` at its bits per weight; the target is
     ours <= 0.8x the best peer at equal or higher bits per weight."""
     peers = [r for r in rows if r["quantizer"] == "peer"]
-    priced = [r for r in rows if r["method"] == "lsaq+gptq priced"]
+    priced = [r for r in rows if r["method"] == "lsaq+gptq"]
     print("\n| peer | bpw | peer KL | best peer at >= its bpw | ours (lsaq+gptq) at <= its bpw | ours / best | peer time, memory |")
     print("|---|---|---|---|---|---|---|")
     for p in sorted(peers, key=lambda r: r["bits_per_weight"]):
@@ -118,6 +136,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=[],
                         help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3; "
                              "each also gets a lsaq+gptq plan at its bits per weight, and a table against them")
+    parser.add_argument("--priced", type=float, nargs="*", default=[],
+                        help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P, written with GPTQ")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--out", default=None)
@@ -159,15 +179,15 @@ def main() -> None:
 
     rows = []
     work = tempfile.TemporaryDirectory(prefix="quality-table-")
+    runs = [(p, q, p.method if q == "rtn" else f"{p.method}+{q}") for p in plans for q in args.quantizers
+            if q == "rtn" or p.method == "lsaq"]
     for peer in args.peers:
         row = peer_row(peer, source, Path(work.name), reference, second, args)
         rows.append(row)
-        args.budgets.append(math.floor(row["bits_per_weight"] * 1000) / 1000)
-    runs = [(p, q, p.method if q == "rtn" else f"{p.method}+{q}") for p in plans for q in args.quantizers]
-    gptq_priced = "gptq" in args.quantizers or args.peers
-    for budget in args.budgets if gptq_priced and (not args.methods or "lsaq" in args.methods) else []:
-        runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[budget], quantizer="gptq")), "gptq",
-                     "lsaq+gptq priced"))
+        at = math.floor(row["bits_per_weight"] * 1000) / 1000
+        runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), "gptq", "lsaq+gptq"))
+    for budget, power in [(b, p) for b in args.budgets for p in args.priced]:
+        runs.append((priced_plan(planner, ctx, errors, budget, power), "gptq", f"lsaq+gptq priced^{power:g}"))
     for plan, quantizer, method in runs:
         with tempfile.TemporaryDirectory() as scratch:
             quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))

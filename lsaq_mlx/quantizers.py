@@ -1,9 +1,7 @@
-"""How the affine modules of a plan get their codes (``convert --quantizer``), and so
-how the planner prices their choices."""
+"""How the affine modules of a plan get their codes (``convert --quantizer``)."""
 
 QUANTIZERS = {
     "rtn": "round to nearest: each group's codes, scale and bias from the weights alone (mlx_lm.convert's)",
     "gptq": "GPTQ: each column's rounding error compensated in the columns after it, using the module's "
-            "input Hessian on calibration text (linear modules; embeddings stay round to nearest); "
-            "the planner prices each choice by its error after GPTQ",
+            "input Hessian on calibration text (linear modules; embeddings stay round to nearest)",
 }

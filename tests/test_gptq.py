@@ -29,11 +29,18 @@ def test_packed_codes_are_the_words_mx_quantize_writes(bits):
     assert np.array_equal(pack_codes(codes, bits), np.array(packed))
 
 
-def _correlated_problem(rows=48, cols=256, samples=2048, seed=0):
+def _correlated_problem(rows=48, cols=256, samples=2048, seed=0, halves=False):
+    """A weight and the Hessian of inputs like real ones (correlated, uneven); with
+    ``halves``, two Hessians of independent samples of the same inputs."""
     rng = np.random.default_rng(seed)
     mixing = rng.normal(size=(cols, cols)) / np.sqrt(cols) + np.eye(cols)
-    x = (rng.normal(size=(samples, cols)) * rng.uniform(0.2, 3.0, size=cols)) @ mixing  # inputs as real ones: correlated, uneven
-    return rng.normal(size=(rows, cols)).astype(np.float32) * 0.05, (x.T @ x).astype(np.float32)
+    spread = rng.uniform(0.2, 3.0, size=cols)
+    weight = rng.normal(size=(rows, cols)).astype(np.float32) * 0.05
+    hessians = []
+    for _ in range(2 if halves else 1):
+        x = (rng.normal(size=(samples, cols)) * spread) @ mixing
+        hessians.append((x.T @ x).astype(np.float32))
+    return (weight, *hessians)
 
 
 @pytest.mark.parametrize("bits,group_size", [(3, 64), (4, 128), (2, 32)])
@@ -97,11 +104,11 @@ def test_the_priced_ratio_is_what_gptq_writes_over_round_to_nearest():
     from lsaq_mlx.gptq.pricing import compensation_ratios
     from lsaq_mlx.planning.choices import Affine
 
-    weight, hessian = _correlated_problem(rows=40)  # fewer rows than the sample: the estimate is exact
+    weight, fitted, hessian = _correlated_problem(rows=40, halves=True)  # fewer rows than the sample: exact
     choices = [Affine(3, 64), Affine(5, 64), Affine(4, 128)]
-    ratios = compensation_ratios(mx.array(weight), hessian, choices)
-    for c in choices:
-        codes = gptq_quantize(weight, inverse_hessian_factor(hessian), c.bits, c.group_size)
+    ratios = compensation_ratios(mx.array(weight), (fitted, hessian), choices)
+    for c in choices:  # fitted on one half, measured on the other
+        codes = gptq_quantize(weight, inverse_hessian_factor(fitted), c.bits, c.group_size)
         written = mx.dequantize(*(a.astype(mx.float32) if a.dtype == mx.float16 else a for a in codes.arrays()),
                                 c.group_size, c.bits)
         rtn = mx.dequantize(*mx.quantize(mx.array(weight), c.group_size, c.bits), c.group_size, c.bits)
@@ -109,26 +116,25 @@ def test_the_priced_ratio_is_what_gptq_writes_over_round_to_nearest():
         assert ratios[c.key] == pytest.approx(expected, rel=1e-3) and ratios[c.key] < 0.8
 
 
-def test_planning_for_gptq_prices_choices_by_their_ratio_and_caches_it(tiny_source, empty_cache, monkeypatch):
+def test_the_ratio_table_prices_every_linear_module_and_is_cached(tiny_source, empty_cache, monkeypatch):
     import lsaq_mlx.gptq.pricing as pricing
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
 
     source = tiny_source("qwen2")
-    planner = Planner(source)
-    plan = planner.plan(PlanRequest(method="lsaq", bits_budgets=[3.5], quantizer="gptq"))
-    ctx = planner.context()
-    errors, ratios = planner.cost_table(ctx), planner.gptq_ratios(ctx)
-    linear = {q.path for q in ctx.modules if "embed" not in q.path}
-    assert set(ratios) == linear and all(0 < r < 1.5 for rs in ratios.values() for r in rs.values())
-    priced = sum(errors[p][c.key] * ratios.get(p, {}).get(c.key, 1.0) for p, c in plan.modules.items())
-    assert plan.details["quantizer"] == "gptq" and plan.details["cost"] == pytest.approx(priced, rel=1e-6)
-
+    ctx = Planner(source).context()
+    table = lambda: pricing.ratio_table(source.fingerprint, load_calibration(None), ctx, StreamedModel(source),
+                                        load_tokenizer(source))
+    ratios = table()
+    assert set(ratios) == {q.path for q in ctx.modules if "embed" not in q.path}  # tied: no LM head of its own
+    assert all(0 < r < 1.5 for rs in ratios.values() for r in rs.values())
     monkeypatch.setattr(pricing, "each_layer_hessians", lambda *a, **k: pytest.fail("recomputed a cached table"))
-    again = Planner(source).plan(PlanRequest(method="lsaq", bits_budgets=[3.5], quantizer="gptq"))
-    assert again.modules == plan.modules
+    assert table() == ratios
 
 
 def test_an_unknown_quantizer_is_a_one_line_error(tiny_source):
     from cli_run import assert_one_line_error, run_cli
 
-    assert_one_line_error(run_cli("plan", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "awq"),
+    assert_one_line_error(run_cli("convert", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "awq"),
                           "unknown quantizer")

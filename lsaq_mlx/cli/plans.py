@@ -55,7 +55,6 @@ def plan(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    quantizer: QuantizerOption = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -70,8 +69,7 @@ def plan(
 
     request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
                        context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
-                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs,
-                       quantizer=quantizer or "rtn")
+                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
     source = resolve_model(model)
     plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
@@ -100,7 +98,7 @@ def convert(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    quantizer: QuantizerOption = None,
+    quantizer: QuantizerOption = "rtn",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
@@ -111,10 +109,14 @@ def convert(
     Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer gptq · lsaq-mlx convert --memory-budget 6GB --dry-run"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.convert import convert as write_model, default_output
+    from lsaq_mlx.errors import UserError
     from lsaq_mlx.planning.budgets import headroom
     from lsaq_mlx.planning.planner import Planner, plan_from_file
+    from lsaq_mlx.quantizers import QUANTIZERS
     from lsaq_mlx.sources import resolve_model
 
+    if quantizer not in QUANTIZERS:
+        raise UserError(f"unknown quantizer '{quantizer}' (one of {', '.join(QUANTIZERS)})", setting="quantizer")
     source = resolve_model(model)
     planner = Planner(source)
     codec_names = tuple(c.strip() for c in codecs.split(",") if c.strip())
@@ -125,7 +127,7 @@ def convert(
         chosen = planner.plan(_request(
             method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
             context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
-            group_size=group_size, bits=bits, override=override, codecs=codecs, quantizer=quantizer or "rtn"))
+            group_size=group_size, bits=bits, override=override, codecs=codecs))
     if dry_run:
         if json_out:
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
@@ -135,7 +137,7 @@ def convert(
 
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
                          plan_seconds=time.perf_counter() - planning,
-                         quantizer=quantizer or chosen.details.get("quantizer", "rtn"),
+                         quantizer=quantizer,
                          calib=load_calibration(calib) if calib else None)
     if json_out:
         return emit_json(report.to_dict())

@@ -19,61 +19,71 @@ TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above roun
 BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
 
 
-def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None) -> None:
+def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
+                        halves: bool = False) -> None:
     """``on_modules({path: module}, {path: H})`` for the linear modules of ``paths`` of
     each decoder layer while it is loaded, then for the LM head; ``H`` (float32 numpy)
-    is the same array for modules sharing an input. ``tokens``: (batch, length)."""
+    is the same array for modules sharing an input. With ``halves``, ``H`` is a pair:
+    the Hessians of two disjoint halves of the sequences. ``tokens``: (batch, length)."""
     step = progress or (lambda n=1: None)
-    rows = max(1, BATCH_TOKENS // tokens.shape[1])
+    rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
 
     def on_layer(i, layer, x_in, x_out, forward):
         prefix = streamed.prefixes[i]
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, nn.Linear)}
-        hessians = _layer_hessians(layer, modules, forward, x_in, rows)
+        hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
         on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules})
         step()
 
     hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
     holder = streamed.model.get("language_model", streamed.model)
     if "lm_head" in paths and "lm_head" in holder and isinstance(holder["lm_head"], nn.Linear):
-        normed = find_lens(streamed.model).norm(hidden).reshape(-1, hidden.shape[-1]).astype(mx.float32)
-        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": np.array(normed.T @ normed)})
+        normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)
+        parts = [normed[0::2], normed[1::2]] if halves else [normed]
+        h = tuple(np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts)
+        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": h if halves else h[0]})
     step()
 
 
+def _gram(x: mx.array) -> mx.array:
+    return x.T @ x
+
+
 class _Recorder(nn.Module):
-    """A linear module that adds ``x^T x`` of its inputs to ``hessians[key]`` (when it
+    """A linear module that adds ``x^T x`` of its inputs to ``sink[0][key]`` (when it
     is the one module recording that input)."""
 
-    def __init__(self, module: nn.Module, hessians: dict, key: str | None):
+    def __init__(self, module: nn.Module, sink: list, key: str | None):
         super().__init__()
-        self.module, self._hessians, self._key = module, hessians, key
+        self.module, self._sink, self._key = module, sink, key
 
     def __call__(self, x):
         if self._key is not None:
-            flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-            h = flat.T @ flat
-            self._hessians[self._key] = h if self._key not in self._hessians else self._hessians[self._key] + h
+            hessians, h = self._sink[0], _gram(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+            hessians[self._key] = h if self._key not in hessians else hessians[self._key] + h
         return self.module(x)
 
 
-def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int) -> dict[str, np.ndarray]:
+def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int, halves: bool) -> dict:
     """``H`` of each distinct input of ``modules`` (keyed by ``_input_key``), the layer
-    run on ``rows`` sequences at a time."""
-    hessians: dict = {}
-    originals = list(modules.items())
+    run on ``rows`` sequences at a time; with ``halves``, a pair from alternate chunks."""
+    parts = [{}, {}] if halves else [{}]
+    sink = [parts[0]]
     keys = {}
-    for p, _ in originals:
+    for p in modules:
         keys.setdefault(_input_key(p), p)  # the first module reading an input records it
-    wrapped = [(p, _Recorder(m, hessians, _input_key(p) if keys[_input_key(p)] == p else None)) for p, m in originals]
+    originals = list(modules.items())
+    wrapped = [(p, _Recorder(m, sink, _input_key(p) if keys[_input_key(p)] == p else None)) for p, m in originals]
     layer.update_modules(tree_unflatten(wrapped))
     try:
-        for start in range(0, x_in.shape[0], rows):
+        for n, start in enumerate(range(0, x_in.shape[0], rows)):
+            sink[0] = parts[n % len(parts)]
             forward(x_in[start : start + rows])
-            mx.eval(hessians)
+            mx.eval(sink[0])
     finally:
         layer.update_modules(tree_unflatten(originals))
-    return {k: np.array(h) for k, h in hessians.items()}
+    arrays = [{k: np.array(h) for k, h in part.items()} for part in parts]
+    return {k: tuple(a[k] for a in arrays) for k in arrays[0]} if halves else arrays[0]
 
 
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

@@ -1,11 +1,14 @@
-"""How much GPTQ lowers each candidate's error, so the planner can price choices as
-GPTQ will write them.
+"""How much GPTQ lowers each candidate's error: a cost model for choices written with
+GPTQ, measured against the planner's (``benchmarks/quality_table.py --priced``).
 
 For each linear module and affine choice: the ratio of the output error
 ``tr(dW H dW^T)`` after GPTQ to that after round to nearest, on a sample of the
-module's rows (GPTQ treats rows independently, so a sample estimates the whole). The
-planner multiplies the cost table's round-to-nearest errors by it: the knapsack then
-spends bits where compensation helps least. All bit widths of a group size run through
+module's rows (GPTQ treats rows independently, so a sample estimates the whole), GPTQ
+fitted on one half of the calibration sequences and both errors measured on the other:
+measured on the inputs it was fitted to, the gain is overstated. Multiplying the cost
+table's round-to-nearest errors by it would let the knapsack spend bits where
+compensation helps least; measured, it makes plans worse (the local gain overstates
+the gain at the logits), so the planner does not use it; see docs/plans.md. All bit widths of a group size run through
 GPTQ together, as stacked rows. Cached as JSON next to the cost table.
 """
 
@@ -21,14 +24,15 @@ from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.progress import progress_bar
 
-RATIO_VERSION = 1  # part of the table's key: bump when GPTQ or the estimate changes
+RATIO_VERSION = 2  # part of the table's key: bump when GPTQ or the estimate changes
 SAMPLE_ROWS = 64
 
 
-def compensation_ratios(weight: mx.array, hessian: np.ndarray, choices: list[Affine]) -> dict[str, float]:
-    """``{choice.key: GPTQ error / round-to-nearest error}`` on a sample of ``weight``'s rows."""
+def compensation_ratios(weight: mx.array, hessians: tuple[np.ndarray, np.ndarray], choices: list[Affine]) -> dict[str, float]:
+    """``{choice.key: GPTQ error / round-to-nearest error}`` on a sample of ``weight``'s
+    rows, GPTQ fitted with ``hessians[0]``, errors measured with ``hessians[1]``."""
     w = np.array(weight[mx.array(_sample(weight.shape[0]))].astype(mx.float32))
-    factor = inverse_hessian_factor(hessian)
+    factor, hessian = inverse_hessian_factor(hessians[0]), hessians[1]
     ratios = {}
     for size in sorted({c.group_size for c in choices}):
         group = [c for c in choices if c.group_size == size]
@@ -70,7 +74,7 @@ def ratio_table(fingerprint: str, calib, ctx, streamed, tokenizer) -> dict[str, 
 
     tokens = calibration_tokens(tokenizer, calib)
     with progress_bar("GPTQ pricing (layer by layer)", len(streamed.layers) + 1) as advance:
-        each_layer_hessians(streamed, tokens, set(expected), on_modules, advance)
+        each_layer_hessians(streamed, tokens, set(expected), on_modules, advance, halves=True)
     write_json_atomic(path, table)
     return table
 
@@ -92,6 +96,6 @@ def _check(data, expected: dict) -> dict:
     return data
 
 
-def compensated_errors(errors: dict, ratios: dict) -> dict:
-    """The cost table's errors with each priced choice scaled by its GPTQ ratio."""
-    return {p: {k: e * ratios.get(p, {}).get(k, 1.0) for k, e in errs.items()} for p, errs in errors.items()}
+def compensated_errors(errors: dict, ratios: dict, power: float = 1.0) -> dict:
+    """The cost table's errors with each priced choice scaled by its GPTQ ratio to ``power``."""
+    return {p: {k: e * ratios.get(p, {}).get(k, 1.0) ** power for k, e in errs.items()} for p, errs in errors.items()}

@@ -26,7 +26,6 @@ from lsaq_mlx.planning.methods import (
     plan_uniform,
 )
 from lsaq_mlx.planning.plan import QuantPlan
-from lsaq_mlx.quantizers import QUANTIZERS
 from lsaq_mlx.scoring.calibration import load_calibration
 from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.scoring.scores import LayerScores
@@ -52,7 +51,6 @@ class PlanRequest:
     low_fraction: float | None = None  # tiers: this share of the layers at low bits, instead of a budget
     codecs: tuple[str, ...] = ("affine",)  # ("affine", "swsc"): lsaq may also choose SWSC (not for stock mlx-lm)
     importance_power: float = 0.0  # lsaq: weight each layer's cost by (jaccard importance / mean)^power
-    quantizer: str = "rtn"  # lsaq prices choices as this quantizer writes them (quantizers.QUANTIZERS)
 
     def check(self) -> None:
         if self.recipe is None and self.method not in METHODS:
@@ -70,8 +68,6 @@ class PlanRequest:
         for b in self.bits_budgets:
             check_bits_budget(b)
         check_codecs(self.codecs)
-        if self.quantizer not in QUANTIZERS:
-            raise UserError(f"unknown quantizer '{self.quantizer}' (one of {', '.join(QUANTIZERS)})", setting="quantizer")
 
 
 class Planner:
@@ -84,7 +80,6 @@ class Planner:
         self._structure = None
         self._contexts: dict = {}
         self._tables: dict = {}
-        self._ratios: dict = {}
 
     # ---- what the methods need, each gathered once ----
     @property
@@ -128,17 +123,6 @@ class Planner:
             self._tables[key] = table
         return self._tables[key]
 
-    def gptq_ratios(self, ctx: PlanningContext, calib: str | None = None) -> dict:
-        """How much GPTQ lowers each linear module's error at each choice (``gptq.pricing``)."""
-        from lsaq_mlx.gptq.pricing import ratio_table
-
-        text = load_calibration(calib)
-        key = (id(ctx), text.fingerprint)
-        if key not in self._ratios:
-            self._ratios[key] = ratio_table(self.source.fingerprint, text, ctx, StreamedModel(self.source),
-                                            load_tokenizer(self.source))
-        return self._ratios[key]
-
     def scores(self, metric: str, calib: str | None = None, scores_file: Path | None = None) -> LayerScores:
         if scores_file:
             scores = LayerScores.load(scores_file)
@@ -167,16 +151,9 @@ class Planner:
             return [plan_tiers(ctx, b, scores, request.method, request.high_bits, request.low_bits,
                                request.group_size or 64, request.low_fraction) for b in budgets or [Budget()]]
         errors = self.cost_table(ctx, request.calib)
-        if request.quantizer == "gptq":
-            from lsaq_mlx.gptq.pricing import compensated_errors
-
-            errors = compensated_errors(errors, self.gptq_ratios(ctx, request.calib))
         scores = self.scores("jaccard", request.calib, request.scores_file) if request.importance_power else None
         weights = layer_weights(scores.scores if scores else None, ctx.modules, request.importance_power)
-        plans = [plan_lsaq(ctx, b, errors, weights, scores) for b in budgets]
-        for p in plans:
-            p.details["quantizer"] = request.quantizer
-        return plans
+        return [plan_lsaq(ctx, b, errors, weights, scores) for b in budgets]
 
     def plan(self, request: PlanRequest) -> QuantPlan:
         """The one plan of a request with one budget."""
