@@ -29,6 +29,20 @@ def test_import_reproduces_model(arch, qtype, tmp_path):
     assert config["torch_dtype"] == "float32"
 
 
+def test_a_gemma3_gguf_without_an_lm_head_imports_with_tied_embeddings(tmp_path):
+    model = tiny_model("gemma3")
+    held = write_gguf(model, "gemma3", tmp_path / "m.gguf", leave_out=("lm_head.weight",))  # as Gemma 3 GGUFs are
+    out = tmp_path / "out"
+    out.mkdir()
+    import_gguf(tmp_path / "m.gguf", out)
+    imported, _ = load_model(out)
+    held["lm_head.weight"] = held["model.embed_tokens.weight"]
+    model.update(tree_unflatten(list(held.items())))
+    tokens = mx.array([[1, 5, 9, 200, 42, 7, 3, 250, 11, 64]])
+    assert "lm_head" not in imported
+    np.testing.assert_allclose(np.array(imported(tokens)), np.array(model(tokens)), atol=2e-4, rtol=1e-4)
+
+
 def test_llama_permutation_is_undone():
     w = np.arange(8 * 3).reshape(8, 3).astype(np.float32)
     # llama.cpp's converter: rows of each head go (0, half, 1, half+1, ...)

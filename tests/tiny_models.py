@@ -72,10 +72,11 @@ def byte_vocab() -> list[str]:
     return tokens
 
 
-def write_gguf(model, arch: str, path: Path, qtype=GGMLQuantizationType.Q8_0, hparams: dict | None = None) -> dict:
+def write_gguf(model, arch: str, path: Path, qtype=GGMLQuantizationType.Q8_0, hparams: dict | None = None,
+               leave_out: tuple[str, ...] = ()) -> dict:
     """Write ``model`` as llama.cpp would, 2-D weights in ``qtype``; ``hparams`` replaces
     metadata values (``{"attention.head_count": 0}``: ints as uint32, floats as float32,
-    strings as strings), for tests of hostile files.
+    strings as strings), for tests of hostile files; ``leave_out``: HF names not written.
 
     Returns the weights the GGUF really holds (after quantization), under HF names,
     so a test can compare the import with a model carrying exactly those weights.
@@ -93,6 +94,8 @@ def write_gguf(model, arch: str, path: Path, qtype=GGMLQuantizationType.Q8_0, hp
     writer.add_eos_token_id(256)
     held = {}
     for name, w in tree_flatten(model.parameters()):
+        if name in leave_out:
+            continue
         w = np.array(w.astype(mx.float32))
         gguf_w = w + 1.0 if arch == "gemma3" and name.endswith("norm.weight") else w
         if arch == "llama" and "q_proj.weight" in name:

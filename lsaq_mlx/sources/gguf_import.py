@@ -211,6 +211,11 @@ def import_gguf(path: Path, out_dir: Path) -> dict:
     return config
 
 
+# mlx-lm's Gemma 3 model has an LM head of its own unless the checkpoint lacks one
+# (its sanitize then ties it to the embeddings), as Gemma 3 GGUFs do
+_TIED_WHEN_ABSENT = {"gemma3": {"lm_head.weight"}}
+
+
 def _check_tensor_shapes(tensors, arch: str, config: dict, path: Path) -> None:
     """Every tensor the import writes must have the shape mlx-lm's model of ``config``
     gives it, and every weight of that model must be there (the model is built lazily:
@@ -234,7 +239,7 @@ def _check_tensor_shapes(tensors, arch: str, config: dict, path: Path) -> None:
             raise UserError(f"{path}: tensor {t.name} has shape {shape}; a {arch} model of its hyperparameters "
                             f"needs {want}")
         found.add(name)
-    missing = sorted(set(expected) - found)
+    missing = sorted(set(expected) - found - _TIED_WHEN_ABSENT.get(arch, set()))
     if missing:
         raise UserError(f"{path} lacks {len(missing)} tensors of a {arch} model, e.g. {missing[0]}")
 
