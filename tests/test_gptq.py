@@ -138,3 +138,15 @@ def test_an_unknown_quantizer_is_a_one_line_error(tiny_source):
 
     assert_one_line_error(run_cli("convert", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "awq"),
                           "unknown quantizer")
+
+
+def test_convert_quantizer_gptq_from_the_command_line(tiny_source, tmp_path):
+    from cli_run import run_cli
+
+    out = tmp_path / "out"
+    done = run_cli("convert", "-m", str(tiny_source("qwen3").path), "-b", "4.5", "--quantizer", "gptq", "-o", str(out),
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["quantizer"] == "gptq" and report["bits_per_weight"] <= 4.5
+    assert (out / "config.json").is_file()
