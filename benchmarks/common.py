@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,15 +47,25 @@ def lambada_tokens(tokenizer, n: int) -> list[int]:
 
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """``(wall seconds, peak resident bytes)`` of ``cmd`` run in its own process."""
-    begin = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - begin
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    rss = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
-    return wall, rss
+    """``(wall seconds, peak resident bytes)`` of ``cmd`` run in its own process. On Linux
+    the peak comes from GNU time, whose own child is forked from a small process: Linux
+    carries the high-water mark of resident memory across fork and exec, so a command
+    started straight from a large benchmark process would report the benchmark's."""
+    gnu_time = Path("/usr/bin/time")
+    with tempfile.TemporaryDirectory() as tmp:
+        errors, peak = Path(tmp, "stderr"), Path(tmp, "peak")
+        if sys.platform.startswith("linux") and gnu_time.exists():
+            cmd = [str(gnu_time), "-f", "%M", "-o", str(peak), *cmd]
+        with open(errors, "w") as err:  # a file, not a pipe: a chatty child cannot block on it
+            begin = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - begin
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"failed: {' '.join(cmd)}\n{errors.read_text()[-4000:]}")
+        if peak.is_file():
+            return wall, int(peak.read_text().split()[-1]) * 1024
+    return wall, usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024
 
 
 def params_digest(model) -> str:
