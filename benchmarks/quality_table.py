@@ -76,8 +76,9 @@ def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
     from lsaq_mlx.sources import load_model
 
     out = work / peer
+    tokens = args.awq_tokens if peer.startswith("awq") and args.awq_tokens else args.peer_tokens
     wall, rss = measured([sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens",
-                          str(args.peer_tokens), "--n-grid", str(args.awq_grid)])
+                          str(tokens), "--n-grid", str(args.awq_grid)])
     quantized = load_model(resolve_model(str(out)), compute=False)[0]
     bpw = compute_bits_per_weight(quantized)
     prepare_for_compute(quantized)
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--priced", type=float, nargs="*", default=[],
                         help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P, written with GPTQ")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
+    parser.add_argument("--awq-tokens", type=int, default=None, help="calibration tokens of mlx_lm.awq (default --peer-tokens)")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
