@@ -35,10 +35,12 @@ def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
     return model, tokenizer, config
 
 
-def skeleton_model(source: ModelSource):
+def skeleton_model(source: ModelSource, shaped: bool = True):
     """``(model, config)``: the source's mlx-lm model built from its config alone, every
     module in float at its full shape, no weight read (the parameters are MLX's lazy
-    initial values, never evaluated, so they take no memory): what planning needs."""
+    initial values, never evaluated, so they take no memory): what planning needs.
+    ``shaped=False``: before ``_shape_as_checkpoint``, for a caller that runs mlx-lm's
+    ``sanitize`` itself (it may change the model, and only once)."""
     from mlx_lm.utils import _get_classes
 
     from lsaq_mlx.swsc.format import is_swsc_folder
@@ -48,9 +50,27 @@ def skeleton_model(source: ModelSource):
     config = normalized_config(json.loads((source.path / "config.json").read_text()))
     model_class, args_class = _get_classes(config)
     try:
-        return model_class(args_class.from_dict(config)), config
+        model = model_class(args_class.from_dict(config))
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"cannot build the model of {source.path}/config.json: {e}") from None
+    if shaped:
+        _shape_as_checkpoint(model, source)
+    return model, config
+
+
+def _shape_as_checkpoint(model, source: ModelSource) -> None:
+    """Give the model the structure loading the checkpoint gives it: some mlx-lm models
+    decide parts of it in ``sanitize`` from the tensors there are (Gemma 3 drops its LM
+    head and ties it to the embeddings when the checkpoint has none). ``sanitize`` runs
+    on unread placeholders of the checkpoint's tensors (their headers alone are read)."""
+    import mlx.core as mx
+
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    if not hasattr(model, "sanitize"):
+        return
+    tensors = source_tensors(source)
+    model.sanitize({name: mx.zeros(tensors.shape_of(name)[0]) for name in tensors.names})
 
 
 def load_tokenizer(source: ModelSource):

@@ -60,9 +60,9 @@ class NotStreamable(UserError):
 class StreamedModel:
     def __init__(self, source, dtype=None):
         self.source = source
-        self.model, self.config = skeleton_model(source)
+        self.model, self.config = skeleton_model(source, shaped=False)
         self.tensors = source_tensors(source)
-        self.names = _checkpoint_names(self.model, self.tensors)
+        self.names = _checkpoint_names(self.model, self.tensors)  # shapes the model as loading would
         self.dtype = dtype or _compute_dtype(self.tensors)
         self.layers = inner_model(self.model)["layers"]
         self.prefixes = _layer_prefixes(self.model, self.layers)
