@@ -113,6 +113,7 @@ def convert(
     from lsaq_mlx.planning.budgets import headroom
     from lsaq_mlx.planning.planner import Planner, plan_from_file
     from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources import resolve_model
 
     if quantizer not in QUANTIZERS:
@@ -133,8 +134,6 @@ def convert(
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
         return print_plan(chosen, headroom(chosen.predicted_bytes))
     target = out or default_output(source, chosen)
-    from lsaq_mlx.scoring.calibration import load_calibration
-
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
                          plan_seconds=time.perf_counter() - planning,
                          quantizer=quantizer,

@@ -19,7 +19,7 @@ import numpy as np
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.gptq.hessians import SEQ_LEN, TOKENS, calibration_tokens, each_layer_hessians
-from lsaq_mlx.gptq.solver import DAMP, compensated_codes, inverse_hessian_factor
+from lsaq_mlx.gptq.solver import DAMP, compensated_codes, inverse_hessian_factor, row_output_errors
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.progress import progress_bar
@@ -52,8 +52,7 @@ def _sample(rows: int) -> np.ndarray:
 
 def _errors(d: np.ndarray, hessian: np.ndarray, parts: int) -> np.ndarray:
     """``tr(d_k H d_k^T)`` of each of ``parts`` equal row blocks of ``d``."""
-    per_row = np.einsum("ij,ij->i", d @ hessian, d, dtype=np.float64)
-    return per_row.reshape(parts, -1).sum(axis=1)
+    return row_output_errors(d, hessian).reshape(parts, -1).sum(axis=1)
 
 
 def ratio_table(fingerprint: str, calib, ctx, streamed, tokenizer) -> dict[str, dict[str, float]]:

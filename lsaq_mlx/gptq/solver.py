@@ -104,4 +104,9 @@ def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarra
     """``tr(dW H dW^T)``: the summed squared error of the module's outputs on the
     calibration inputs ``H`` was collected from."""
     d = np.asarray(dequantized, dtype=np.float64) - np.asarray(weight, dtype=np.float64)
-    return float(np.einsum("ij,jk,ik->", d, np.asarray(hessian, dtype=np.float64), d))
+    return float(row_output_errors(d, np.asarray(hessian, dtype=np.float64)).sum())
+
+
+def row_output_errors(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """``(delta H delta^T)_ii`` for each row ``i`` of a weight error ``delta``, summed in float64."""
+    return np.einsum("ij,ij->i", delta @ hessian, delta, dtype=np.float64)
