@@ -121,9 +121,9 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     computed until the weights are used or saved; the largest matrices are quantized
     now, a row block at a time, SWSC modules compressed now); float16 outside quantized
     weights. ``float_model``: the source's float weights already in memory (any float
-    dtype): shared, never changed, nothing loaded. With ``quantizer="gptq"`` the linear
-    modules are quantized first, a layer at a time, into ``scratch`` (a folder that
-    must outlive the model)."""
+    dtype): shared, never changed, nothing loaded. With a calibrated ``quantizer``
+    (gptq, awq, awq-gptq) the linear modules are quantized first, a layer at a time,
+    into ``scratch`` (a folder that must outlive the model)."""
     tensors = None
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
@@ -135,7 +135,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    compensated = _gptq_weights(source, plan, quantized, calib, scratch) if quantizer == "gptq" else {}
+    compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch)
     floats = large_matrices(model, quantized - set(compensated), tensors)  # as stored: upcast a block at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
@@ -150,9 +150,12 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     return model, config
 
 
-def _gptq_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], calib, scratch: Path) -> dict:
+def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], quantizer, calib,
+                        scratch: Path) -> dict:
+    if not quantizer.calibrated:
+        return {}
     from lsaq_mlx.gptq.hessians import calibration_tokens
-    from lsaq_mlx.gptq.writer import gptq_weights
+    from lsaq_mlx.gptq.writer import EqualizationCount, calibrated_weights
     from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources.load import load_tokenizer
     from lsaq_mlx.sources.streaming import StreamedModel
@@ -160,8 +163,14 @@ def _gptq_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], cal
     streamed = StreamedModel(source)
     tokens = calibration_tokens(load_tokenizer(source), calib or load_calibration(None))
     Path(scratch).mkdir(parents=True, exist_ok=True)
-    with progress_bar("GPTQ (layer by layer)", len(streamed.layers) + 1) as advance:
-        return gptq_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, advance)
+    count = EqualizationCount()
+    with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
+        weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
+                                     advance, count)
+    if count.refused:
+        log.warning("warning: equalization left %d layers as they were: folding changed their output (e.g. %s)",
+                    len(count.refused), count.refused[0])
+    return weights
 
 
 QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once

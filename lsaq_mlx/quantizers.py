@@ -1,7 +1,28 @@
 """How the affine modules of a plan get their codes (``convert --quantizer``)."""
 
-QUANTIZERS = {
-    "rtn": "round to nearest: each group's codes, scale and bias from the weights alone (mlx_lm.convert's)",
-    "gptq": "GPTQ: each column's rounding error compensated in the columns after it, using the module's "
-            "input Hessian on calibration text (linear modules; embeddings stay round to nearest)",
-}
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    name: str
+    equalize: bool  # AWQ-style input scales searched and folded first (``equalization``)
+    compensate: bool  # GPTQ rather than round to nearest (``gptq``)
+    help: str
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it reads calibration text (one streamed pass, a layer at a time)."""
+        return self.equalize or self.compensate
+
+
+QUANTIZERS = {q.name: q for q in (
+    Quantizer("rtn", False, False, "round to nearest: each group's codes, scale and bias from the weights alone "
+                                   "(mlx_lm.convert's)"),
+    Quantizer("gptq", False, True, "GPTQ: each column's rounding error compensated in the columns after it, using "
+                                   "the module's input Hessian on calibration text (linear modules; embeddings stay "
+                                   "round to nearest)"),
+    Quantizer("awq", True, False, "activation-aware equalization, then round to nearest: per input channel scales "
+                                  "searched on calibration text, folded into the norm or up_proj before the module"),
+    Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights"),
+)}

@@ -8,10 +8,13 @@ The LM head's ``H`` comes from the final normed hidden states. The activations p
 on are the float source's, as in ``mlx_lm.gptq``.
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.scoring.lens import find_lens
 
@@ -19,10 +22,34 @@ TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above roun
 BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
 
 
+@dataclass
+class CalibratedLayer:
+    """A loaded decoder layer with a calibration sequence's input and output."""
+
+    prefix: str  # its modules' paths in the model start with this
+    module: nn.Module
+    forward: Callable[[mx.array], mx.array]
+    x_in: mx.array
+    x_out: mx.array
+
+    def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
+        """Whether the layer, given ``params`` (names relative to it) in place of its
+        own, changes what it adds to its input by at most ``tolerance`` (relative)."""
+        originals = {k: v for k, v in tree_flatten(self.module.parameters()) if k in params}
+        self.module.update(tree_unflatten([(k, v.astype(originals[k].dtype)) for k, v in params.items()]))
+        try:
+            out = self.forward(self.x_in).astype(mx.float32)
+        finally:
+            self.module.update(tree_unflatten(list(originals.items())))
+        added = (self.x_out - self.x_in).astype(mx.float32)
+        return (mx.linalg.norm(out - self.x_out) / mx.maximum(mx.linalg.norm(added), 1e-12)).item() <= tolerance
+
+
 def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
                         halves: bool = False) -> None:
-    """``on_modules({path: module}, {path: H})`` for the linear modules of ``paths`` of
-    each decoder layer while it is loaded, then for the LM head; ``H`` (float32 numpy)
+    """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
+    ``paths`` of each decoder layer while it is loaded (``layer``: a
+    ``CalibratedLayer``), then for the LM head (``layer`` None); ``H`` (float32 numpy)
     is the same array for modules sharing an input. With ``halves``, ``H`` is a pair:
     the Hessians of two disjoint halves of the sequences. ``tokens``: (batch, length)."""
     step = progress or (lambda n=1: None)
@@ -32,7 +59,9 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         prefix = streamed.prefixes[i]
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, nn.Linear)}
         hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
-        on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules})
+        sample = CalibratedLayer(prefix, layer, forward, x_in[:1], x_out[:1])
+        on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules},
+                   sample)
         step()
 
     hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
@@ -41,7 +70,7 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)
         parts = [normed[0::2], normed[1::2]] if halves else [normed]
         h = tuple(np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts)
-        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": h if halves else h[0]})
+        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": h if halves else h[0]}, None)
     step()
 
 

@@ -66,7 +66,7 @@ def ratio_table(fingerprint: str, calib, ctx, streamed, tokenizer) -> dict[str, 
     table = {}
     modules = {q.path: q for q in ctx.modules}
 
-    def on_modules(loaded, hessians):
+    def on_modules(loaded, hessians, _layer):
         for p, module in loaded.items():
             choices = [c for c in modules[p].choices() if isinstance(c, Affine)]
             table[p] = compensation_ratios(module.weight, hessians[p], choices)

@@ -1,38 +1,64 @@
-"""GPTQ for every affine module of a plan (``hessians``: one streamed calibration pass),
-each module quantized at its planned bits and group size while its layer is loaded and
-written to a scratch folder, one safetensors file per layer. The LM head goes through
-in row blocks. Embeddings are lookups without an input Hessian: they stay
-round-to-nearest.
+"""A plan's linear modules quantized with calibration (``quantizers.Quantizer``): one
+streamed pass (``hessians``) gives each module's input Hessian while its layer is
+loaded; the layer's groups are equalized first where asked (``equalization``), then
+each module is quantized at its planned bits and group size, with GPTQ or round to
+nearest, and written to a scratch folder, one safetensors file per layer. The LM head
+goes through GPTQ in row blocks (it is not equalized: tied to the embedding, or fed by
+the final norm that the lens reads). Embeddings are lookups without an input Hessian:
+they stay round-to-nearest.
 """
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lsaq_mlx.gptq.hessians import each_layer_hessians
+from lsaq_mlx.equalization.groups import folded_source, scale_groups
+from lsaq_mlx.equalization.search import equalizing_scales
+from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians
 from lsaq_mlx.gptq.solver import AffineCodes, gptq_quantize, inverse_hessian_factor
 from lsaq_mlx.planning.choices import Affine
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
+FOLD_TOLERANCE = 1e-3  # relative change of a layer's float output that makes a fold wrong
 
 
-def gptq_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, progress=None) -> dict[str, dict]:
-    """``{path: {"weight", "scales", "biases"}}`` (lazily read from ``scratch``) of every
-    linear module of ``choices`` (path -> planned choice) with an affine choice,
-    quantized with GPTQ on ``tokens`` (batch, length)."""
+@dataclass
+class EqualizationCount:
+    """How many scale groups were equalized, of those searched, and which were refused."""
+
+    equalized: int = 0
+    searched: int = 0
+    refused: list[str] = field(default_factory=list)
+
+
+def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
+                       count: EqualizationCount | None = None) -> dict[str, dict]:
+    """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
+    of ``choices`` (path -> planned choice) with an affine choice, quantized by
+    ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
+    changed. Without GPTQ the LM head is left to the caller (round to nearest)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
+    if not quantizer.compensate:
+        affine.pop("lm_head", None)
+    count = count if count is not None else EqualizationCount()
     written: dict[str, dict] = {}
 
-    def on_modules(modules: dict, hessians: dict):
-        factors: dict[int, np.ndarray] = {}  # by the Hessian's identity: shared inputs, one factor
+    def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
+        weights = {p: m.weight.astype(mx.float32) for p, m in modules.items()}
+        biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
-        for path, module in modules.items():
+        if quantizer.equalize and layer is not None:
+            arrays = _equalize(layer, affine, weights, biases, hessians, count)
+        factors: dict[int, np.ndarray] = {}  # by the Hessian's identity: shared inputs, one factor
+        for path in modules:
             h = hessians[path]
-            if id(h) not in factors:
+            if quantizer.compensate and id(h) not in factors:
                 factors[id(h)] = inverse_hessian_factor(h)
-            arrays |= _named(path, _quantized(module.weight, factors[id(h)], affine[path]), module)
+            codes = _quantized(weights[path], factors.get(id(h)), affine[path])
+            arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
 
@@ -40,21 +66,73 @@ def gptq_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, progr
     return written
 
 
-def _quantized(weight: mx.array, factor: np.ndarray, choice: Affine) -> AffineCodes:
-    """GPTQ of ``weight`` a row block at a time (rows are independent)."""
+def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict, hessians: dict,
+              count: EqualizationCount) -> dict:
+    """Search and fold each scale group of ``layer`` whose modules are all planned
+    affine, changing ``weights``, ``biases`` and ``hessians`` (full paths) in place;
+    returns the folded norms' arrays. If the folds change the layer's float output
+    (a norm that feeds more than its group), the layer is left unequalized."""
+    named = dict(layer.module.named_modules())
+    before = dict(weights), dict(biases), dict(hessians)
+    norms, changed = {}, set()
+    for group in scale_groups(layer.module):
+        members = [layer.prefix + m for m in group.members]
+        source = layer.prefix + group.source
+        linear_source = isinstance(named[group.source], nn.Linear)
+        if not all(p in affine for p in members) or (linear_source and source not in weights):
+            continue  # a module the plan keeps in float or SWSC is written elsewhere, unscaled
+        count.searched += 1
+        h = hessians[members[0]]
+        scales = equalizing_scales([weights[p] for p in members], h, [affine[p] for p in members])
+        if scales is None:
+            continue
+        s, scaled_h = mx.array(scales), h / np.outer(scales, scales)
+        for p in members:
+            weights[p], hessians[p] = weights[p] * s, scaled_h
+        if linear_source:
+            weights[source] = weights[source] / s[:, None]
+            if source in biases:
+                biases[source] = biases[source] / s.astype(biases[source].dtype)
+        else:
+            norms[source] = folded_source(named[group.source], s)
+        changed |= {source, *members}
+        count.equalized += 1
+    if not changed:
+        return {}
+    params = {p: {"weight": weights[p]} | ({"bias": biases[p]} if p in biases else {}) for p in changed if p in weights}
+    params |= norms
+    if layer.unchanged_by({f"{p[len(layer.prefix):]}.{k}": v for p, d in params.items() for k, v in d.items()},
+                          FOLD_TOLERANCE):
+        return {f"{p}.{k}": v for p, d in norms.items() for k, v in d.items()}
+    for saved, now in zip(before, (weights, biases, hessians)):
+        now.clear()
+        now.update(saved)
+    count.refused.append(layer.prefix.rstrip("."))
+    return {}
+
+
+def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine) -> AffineCodes:
+    """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
+    (rows are independent)."""
     rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
-    parts = [gptq_quantize(np.array(weight[r : r + rows].astype(mx.float32)), factor, choice.bits, choice.group_size)
-             for r in range(0, weight.shape[0], rows)]
+    parts = [_block_codes(weight[r : r + rows], factor, choice) for r in range(0, weight.shape[0], rows)]
     if len(parts) == 1:
         return parts[0]
     return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
 
 
-def _named(path: str, codes: AffineCodes, module: nn.Module) -> dict:
+def _block_codes(weight: mx.array, factor: np.ndarray | None, choice: Affine) -> AffineCodes:
+    if factor is not None:
+        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size)
+    q, s, b = mx.quantize(weight.astype(mx.float32), choice.group_size, choice.bits)
+    return AffineCodes(np.array(q), np.array(s.astype(mx.float16)), np.array(b.astype(mx.float16)))
+
+
+def _named(path: str, codes: AffineCodes, bias: mx.array | None) -> dict:
     weight, scales, biases = codes.arrays()
     out = {f"{path}.weight": weight, f"{path}.scales": scales, f"{path}.biases": biases}
-    if "bias" in module:
-        out[f"{path}.bias"] = module.bias.astype(mx.float16)
+    if bias is not None:
+        out[f"{path}.bias"] = bias.astype(mx.float16)
     return out
 
 

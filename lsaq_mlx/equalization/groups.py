@@ -1,0 +1,67 @@
+"""Where a decoder layer's equalizing scales fold (names relative to the layer, as in
+mlx-lm's Llama, Qwen, Mistral, SmolLM and Gemma 3 layers; mlx_lm.awq's table):
+
+- ``input_layernorm`` feeds ``q_proj``, ``k_proj``, ``v_proj``;
+- the MLP's norm (``pre_feedforward_layernorm`` where the layer has one, as Gemma's
+  do, else ``post_attention_layernorm``) feeds ``gate_proj`` and ``up_proj``;
+- ``up_proj``'s rows scale ``down_proj``'s input (``down(act(gate x) * up x)``).
+
+A group whose modules the layer lacks is left out. Folding is checked on the layer's
+own calibration inputs (``writer``), so a layer wired differently (a norm that also
+feeds something else) is caught rather than written wrong.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """``members`` read one input, produced by ``source`` (a norm or a linear module)."""
+
+    source: str
+    members: tuple[str, ...]
+
+
+def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
+    """The groups of ``layer`` in the order they are searched and folded."""
+    modules = dict(layer.named_modules())
+    mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in modules else "post_attention_layernorm"
+    groups = [
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+        ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+    ]
+    return [g for g in groups if all(isinstance(modules.get(p), nn.Linear) for p in g.members)
+            and _foldable(modules.get(g.source))]
+
+
+def _foldable(module) -> bool:
+    return isinstance(module, nn.Linear) or (module is not None and _is_norm(module))
+
+
+def _is_norm(module: nn.Module) -> bool:
+    weight = module.get("weight") if isinstance(module, nn.Module) else None
+    return "norm" in type(module).__name__.lower() and isinstance(weight, mx.array) and weight.ndim == 1
+
+
+def norm_offset(norm: nn.Module) -> float:
+    """0 for a norm that multiplies by ``weight``, 1 for one that multiplies by
+    ``1 + weight`` (Gemma's), found by running it on ones (rms 1)."""
+    weight = norm.weight.astype(mx.float32)
+    out = norm(mx.ones((1, weight.shape[0]), dtype=norm.weight.dtype)).astype(mx.float32)[0]
+    return round(mx.median(out - weight).item())
+
+
+def folded_source(source: nn.Module, scales: mx.array) -> dict[str, mx.array]:
+    """The parameters of ``source`` that make its output ``out / scales``."""
+    if isinstance(source, nn.Linear):
+        out = {"weight": source.weight / scales[:, None].astype(source.weight.dtype)}
+    else:
+        offset = norm_offset(source)
+        out = {"weight": ((source.weight.astype(mx.float32) + offset) / scales - offset).astype(source.weight.dtype)}
+    if "bias" in source:
+        out["bias"] = source.bias / scales.astype(source.bias.dtype)
+    return out
