@@ -12,7 +12,7 @@ STAGES = [
     {"sources"},
     {"scoring"},
     {"planning"},
-    {"convert", "gptq", "quantizers"},  # the quantized model: how plans are written
+    {"convert", "gptq", "equalization", "quantizers"},  # the quantized model: how plans are written
     {"runtime", "evaluation", "doctor"},
     {"sweep", "serve"},
     {"cli"},

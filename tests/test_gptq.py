@@ -136,7 +136,7 @@ def test_the_ratio_table_prices_every_linear_module_and_is_cached(tiny_source, e
 def test_an_unknown_quantizer_is_a_one_line_error(tiny_source):
     from cli_run import assert_one_line_error, run_cli
 
-    assert_one_line_error(run_cli("convert", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "awq"),
+    assert_one_line_error(run_cli("convert", "-m", str(tiny_source("llama").path), "-b", "4", "--quantizer", "smoothquant"),
                           "unknown quantizer")
 
 

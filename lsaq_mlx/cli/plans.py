@@ -106,7 +106,7 @@ def convert(
 ) -> None:
     """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads.
 
-    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer gptq · lsaq-mlx convert --memory-budget 6GB --dry-run"""
+    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer awq-gptq · lsaq-mlx convert --memory-budget 6GB --dry-run"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.convert import convert as write_model, default_output
     from lsaq_mlx.errors import UserError

@@ -23,6 +23,7 @@ class ScaleGroup:
 
     source: str
     members: tuple[str, ...]
+    through_layer: bool = False  # the members' outputs meet in a nonlinearity: measure the layer's output
 
 
 def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
@@ -30,7 +31,7 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
     modules = dict(layer.named_modules())
     mlp_norm = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in modules else "post_attention_layernorm"
     groups = [
-        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
         ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
     ]

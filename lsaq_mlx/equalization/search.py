@@ -1,13 +1,18 @@
 """The equalizing scales of modules that read one input: ``s = rms(x)^a`` (normalised
 so ``sqrt(max(s) min(s)) = 1``) for the ratio ``a`` on a grid that gives the lowest
-summed output error ``tr(E H E^T)`` of round-to-nearest, ``E = W - Q(W diag(s)) / s``,
-each module at its planned bits and group size.
+error of round to nearest, ``Q(W diag(s)) / s`` in place of each ``W`` at its planned
+bits and group size. The error is either the modules' summed output error
+``tr(E H E^T)`` (``E`` the weight error; exact for a module whose output goes on
+linearly, as ``down_proj``'s) or, given ``layer_error``, the error of the decoder
+layer's output on calibration sequences (for modules whose outputs meet in a
+nonlinearity: q, k and v in the attention softmax).
 
-mlx_lm.awq takes ``mean |x|`` from stored activations and measures the block's output;
-here ``rms(x)`` is the Hessian's diagonal and each module's output error its Hessian
-form, so nothing but ``H`` is kept. The ratio 0 (no scaling) is on the grid: the chosen
-scales never raise the measured error.
+mlx_lm.awq takes ``mean |x|`` from stored activations; here ``rms(x)`` comes from the
+Hessian's diagonal, so no activations are kept. The ratio 0 (no scaling) is on the
+grid: the chosen scales never raise the measured error.
 """
+
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -18,17 +23,22 @@ GRID = 20  # ratios 0, 1/20, ..., 19/20 (mlx_lm.awq's default grid)
 SEARCH_FLOPS = 1 << 33  # per module and ratio: rows are sampled so E @ H stays near this
 
 
-def equalizing_scales(weights: list[mx.array], hessian: np.ndarray, choices: list[Affine]) -> np.ndarray | None:
+def equalizing_scales(weights: list[mx.array], hessian: np.ndarray, choices: list[Affine],
+                      layer_error: Callable[[list[mx.array]], float] | None = None) -> np.ndarray | None:
     """Float32 scales (one per input channel) for ``weights`` (out, in) sharing the input
     of ``hessian`` (in, in), each quantized as its ``choices`` entry; None when no ratio
-    beats leaving the weights unscaled."""
+    beats leaving the weights unscaled. ``layer_error(weights)``: the layer's output
+    error with these (dequantized) weights in place of the originals."""
     h = mx.array(hessian, dtype=mx.float32)
     rms = mx.sqrt(mx.maximum(mx.diagonal(h), 0.0))
     sampled = [_sample_rows(w.astype(mx.float32), h.shape[0]) for w in weights]
     best, best_error = None, None
     for step in range(GRID):
         scales = _scales(rms, step / GRID)
-        error = sum(_output_error(w, h, scales, c) for w, c in zip(sampled, choices)).item()
+        if layer_error is not None:
+            error = layer_error([_rounded(w, scales, c) for w, c in zip(weights, choices)])
+        else:
+            error = sum(mx.sum(((d := w - _rounded(w, scales, c)) @ h) * d) for w, c in zip(sampled, choices)).item()
         if best_error is None or error < best_error:
             best, best_error = (None if step == 0 else scales), error
     return None if best is None else np.array(best)
@@ -47,9 +57,8 @@ def _sample_rows(w: mx.array, cols: int) -> mx.array:
     return w[mx.array(np.linspace(0, w.shape[0] - 1, rows).astype(np.int32))]
 
 
-def _output_error(w: mx.array, h: mx.array, scales: mx.array, choice: Affine) -> mx.array:
-    scaled = w * scales
-    q, s, b = mx.quantize(scaled, choice.group_size, choice.bits)
+def _rounded(w: mx.array, scales: mx.array, choice: Affine) -> mx.array:
+    """``Q(W diag(s)) / s``: what the module computes with once equalized and quantized."""
+    q, s, b = mx.quantize(w.astype(mx.float32) * scales, choice.group_size, choice.bits)
     s, b = (a.astype(mx.float16).astype(mx.float32) for a in (s, b))  # as the model stores them
-    d = w - mx.dequantize(q, s, b, choice.group_size, choice.bits) / scales
-    return mx.sum((d @ h) * d)
+    return mx.dequantize(q, s, b, choice.group_size, choice.bits) / scales

@@ -20,6 +20,7 @@ from lsaq_mlx.scoring.lens import find_lens
 
 TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above round to nearest), see README
 BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
+SAMPLE_TOKENS = 512  # calibration tokens of the layer's input and output kept for checks while it is loaded
 
 
 @dataclass
@@ -32,17 +33,21 @@ class CalibratedLayer:
     x_in: mx.array
     x_out: mx.array
 
-    def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
-        """Whether the layer, given ``params`` (names relative to it) in place of its
-        own, changes what it adds to its input by at most ``tolerance`` (relative)."""
+    def output_error(self, params: dict[str, mx.array]) -> float:
+        """The summed squared change of the layer's output on ``x_in`` with ``params``
+        (names relative to the layer) in place of its own."""
         originals = {k: v for k, v in tree_flatten(self.module.parameters()) if k in params}
         self.module.update(tree_unflatten([(k, v.astype(originals[k].dtype)) for k, v in params.items()]))
         try:
-            out = self.forward(self.x_in).astype(mx.float32)
+            return mx.sum(mx.square(self.forward(self.x_in).astype(mx.float32) - self.x_out)).item()
         finally:
             self.module.update(tree_unflatten(list(originals.items())))
-        added = (self.x_out - self.x_in).astype(mx.float32)
-        return (mx.linalg.norm(out - self.x_out) / mx.maximum(mx.linalg.norm(added), 1e-12)).item() <= tolerance
+
+    def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
+        """Whether ``params`` in place of the layer's own change what it adds to its
+        input by at most ``tolerance`` (relative)."""
+        added = mx.sum(mx.square((self.x_out - self.x_in).astype(mx.float32))).item()
+        return self.output_error(params) <= tolerance ** 2 * max(added, 1e-24)
 
 
 def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
@@ -59,7 +64,8 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         prefix = streamed.prefixes[i]
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, nn.Linear)}
         hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
-        sample = CalibratedLayer(prefix, layer, forward, x_in[:1], x_out[:1])
+        n = max(1, SAMPLE_TOKENS // x_in.shape[1])
+        sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32))
         on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules},
                    sample)
         step()

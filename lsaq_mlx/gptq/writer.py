@@ -83,7 +83,9 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
             continue  # a module the plan keeps in float or SWSC is written elsewhere, unscaled
         count.searched += 1
         h = hessians[members[0]]
-        scales = equalizing_scales([weights[p] for p in members], h, [affine[p] for p in members])
+        plans = [affine[p] for p in members]
+        measure = _layer_error(layer, group.members) if group.through_layer else None
+        scales = equalizing_scales([weights[p] for p in members], h, plans, measure)
         if scales is None:
             continue
         s, scaled_h = mx.array(scales), h / np.outer(scales, scales)
@@ -109,6 +111,10 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         now.update(saved)
     count.refused.append(layer.prefix.rstrip("."))
     return {}
+
+
+def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
+    return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
 
 
 def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine) -> AffineCodes:

@@ -1,0 +1,176 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_unflatten
+
+from lsaq_mlx.convert import convert
+from lsaq_mlx.equalization.groups import folded_source, norm_offset, scale_groups
+from lsaq_mlx.equalization.search import equalizing_scales
+from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.planning.planner import Planner, PlanRequest
+
+
+def _fold_every_group(model, seed=0):
+    """Each layer's groups folded with random scales, as the writer folds them."""
+    folded = 0
+    for layer in model.model.layers:
+        named = dict(layer.named_modules())
+        for n, group in enumerate(scale_groups(layer)):
+            dim = named[group.members[0]].weight.shape[1]
+            s = mx.exp(mx.random.normal((dim,), key=mx.random.key(seed + n)))
+            params = {f"{group.source}.{k}": v for k, v in folded_source(named[group.source], s).items()}
+            params |= {f"{m}.weight": named[m].weight * s for m in group.members}
+            layer.update(tree_unflatten(list(params.items())))
+            folded += 1
+    mx.eval(model.parameters())
+    return folded
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_folding_the_scales_leaves_the_float_models_logits_unchanged(arch):
+    from tiny_models import tiny_model
+
+    model = tiny_model(arch)
+    tokens = mx.array([[1, 5, 9, 44, 2, 7, 100, 3, 250, 17, 8, 8]])
+    before = model(tokens)
+    assert _fold_every_group(model) == 3 * len(model.model.layers)  # attention input, down_proj input, MLP input
+    after = model(tokens)
+    np.testing.assert_allclose(np.array(after), np.array(before), rtol=1e-3, atol=1e-3 * float(mx.abs(before).max()))
+    assert not np.allclose(np.array(model.model.layers[0].input_layernorm.weight), np.array(tiny_model(arch).model.layers[0].input_layernorm.weight))
+
+
+def test_gemma_norms_fold_through_their_one_plus_weight():
+    from tiny_models import tiny_model
+
+    assert norm_offset(tiny_model("gemma3").model.layers[0].input_layernorm) == 1
+    assert norm_offset(tiny_model("llama").model.layers[0].input_layernorm) == 0
+    assert "pre_feedforward_layernorm" in {g.source for g in scale_groups(tiny_model("gemma3").model.layers[0])}
+
+
+def _uneven_problem(rows=64, cols=256, seed=0):
+    rng = np.random.default_rng(seed)
+    spread = np.exp(rng.normal(size=cols) * 1.5)  # a few input channels carry most of the energy
+    x = rng.normal(size=(4096, cols)) * spread
+    return mx.array(rng.normal(size=(rows, cols)).astype(np.float32) * 0.05), (x.T @ x).astype(np.float32)
+
+
+def _rtn_error(w, h, scales, choice):
+    s = mx.array(scales)
+    q = mx.dequantize(*mx.quantize(w * s, choice.group_size, choice.bits), choice.group_size, choice.bits) / s
+    d = np.array(w - q, dtype=np.float64)
+    return float(np.einsum("ij,ij->", d @ h.astype(np.float64), d))
+
+
+@pytest.mark.parametrize("choice", [Affine(3, 64), Affine(4, 128)])
+def test_the_searched_scales_lower_the_output_error_of_round_to_nearest(choice):
+    w, h = _uneven_problem()
+    scales = equalizing_scales([w], h, [choice])
+    assert scales is not None and scales.shape == (w.shape[1],)
+    unscaled = _rtn_error(w, h, np.ones(w.shape[1], np.float32), choice)
+    assert _rtn_error(w, h, scales, choice) < 0.9 * unscaled
+
+
+def test_inputs_of_even_energy_are_left_unscaled():
+    w, _ = _uneven_problem()
+    assert equalizing_scales([w], np.eye(w.shape[1], dtype=np.float32) * 3.0, [Affine(4, 64)]) is None
+
+
+def _held_out_error(source, folders):
+    from mlx_lm import load
+
+    from lsaq_mlx.gptq import hessians
+    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+    from lsaq_mlx.sources.load import load_model, load_tokenizer
+
+    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128,
+                                      skip_tokens=hessians.TOKENS)[:8])
+    reference = load_model(source, compute=True)[0](tokens)
+    return {f.name: float(mx.mean((load(str(f))[0](tokens).astype(mx.float32) - reference) ** 2)) for f in folders}
+
+
+def _outlier_source(path, arch="llama"):
+    """A tiny model whose norms make a few input channels large, as trained models' are."""
+    from tiny_models import tiny_model, write_gguf
+
+    from lsaq_mlx.sources import resolve_model
+
+    model = tiny_model(arch)
+    outliers = mx.ones((model.args.hidden_size,)).at[mx.array([3, 17, 40, 51])].multiply(8.0)
+    for layer in model.model.layers:
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            layer[norm].weight = layer[norm].weight * outliers
+    write_gguf(model, arch, path)
+    return resolve_model(str(path))
+
+
+def test_an_awq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tmp_path):
+    source = _outlier_source(tmp_path / "outliers.gguf")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
+    rtn, awq = tmp_path / "rtn", tmp_path / "awq"
+    convert(source, plan, rtn)
+    report = convert(source, plan, awq, quantizer="awq")
+    assert report.quantizer == "awq" and report.written_bytes == plan.predicted_bytes
+    assert json.loads((awq / "lsaq_report.json").read_text())["quantizer"] == "awq"
+    errors = _held_out_error(source, [rtn, awq])
+    assert errors["awq"] < 0.95 * errors["rtn"], errors  # measured 0.87x
+
+    script = textwrap.dedent(f"""
+        import sys
+        from mlx_lm import load, generate
+        model, tokenizer = load({str(awq)!r})
+        print(repr(generate(model, tokenizer, "hello", max_tokens=4)))
+        assert not [m for m in sys.modules if m.startswith("lsaq")]
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_fold_that_changes_the_layer_is_refused_and_the_layer_written_unequalized(tiny_source, tmp_path,
+                                                                                     monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.equalization.groups import ScaleGroup
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
+    # input_layernorm also feeds v_proj: folding it into q and k alone changes attention
+    monkeypatch.setattr(writer, "scale_groups", lambda layer: [ScaleGroup("input_layernorm", ("self_attn.q_proj",
+                                                                                               "self_attn.k_proj"))])
+    monkeypatch.setattr(writer, "equalizing_scales", lambda weights, h, choices, measure=None: np.linspace(0.5, 2.0, h.shape[0],
+                                                                                               dtype=np.float32))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
+    count = writer.EqualizationCount()
+    weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["awq"],
+                                        count=count)
+    assert count.equalized == count.searched == 2 and count.refused == ["model.layers.0", "model.layers.1"]
+    assert not any("norm" in p for p in weights)
+    codes = weights["model.layers.0.self_attn.q_proj"]
+    from lsaq_mlx.sources.load import load_model
+
+    float_q = load_model(source, compute=True)[0].model.layers[0].self_attn.q_proj.weight
+    expected = mx.quantize(float_q.astype(mx.float32), 32, 3)
+    assert mx.array_equal(codes["weight"], expected[0])  # the unscaled weights, rounded to nearest
+
+
+def test_the_cli_writes_an_awq_gptq_model(tiny_source, tmp_path):
+    from cli_run import run_cli
+
+    out = tmp_path / "m"
+    done = run_cli("convert", "-m", str(tiny_source("qwen3").path), "-b", "4", "--quantizer", "awq-gptq", "-o", str(out),
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "lsaq_report.json").read_text())["quantizer"] == "awq-gptq"
+    assert isinstance(dict(__import__("mlx_lm").load(str(out))[0].named_modules())["model.layers.0.mlp.up_proj"],
+                      nn.QuantizedLinear)
