@@ -1,7 +1,8 @@
 """Quality of every planning method at every budget, on the same WikiText-2 tokens.
 
     python benchmarks/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
-                                    [--quantizers rtn gptq] [--peers convert-3-64 gptq-4 awq-3 ...]
+                                    [--quantizers rtn gptq awq awq-gptq] [--peers convert-3-64 gptq-4 awq-3 ...]
+                                    [--peer-quantizer awq-gptq]
                                     [--out results.json]
 
 For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
@@ -15,9 +16,9 @@ agreement, perplexity) on the first --tokens tokens of wiki.test.raw in windows 
 group-64 model fits the budget; tiers high = low + 2 (at most 8), dynamic_quant
 high = the next bit width (its default pairing is 4/5).
 
-With ``--quantizers rtn gptq`` every lsaq plan is also written with GPTQ (the same bits,
-the codes compensated on the packaged calibration text, which is not WikiText; rows
-``<method>+gptq``; ``convert --quantizer gptq`` writes these). With ``--priced P ...``,
+With ``--quantizers rtn gptq awq awq-gptq`` every lsaq plan is also written with each
+calibrated quantizer (the same bits; calibration on the packaged text, which is not
+WikiText; rows ``<method>+<quantizer>``, what ``convert --quantizer ...`` writes). With ``--priced P ...``,
 ``lsaq+gptq priced^P`` rows are lsaq plans whose every choice is priced by its cost
 times (its error after GPTQ / its error after round to nearest)^P (``gptq.pricing``),
 written with GPTQ: pricing by the compensated error, or by a damped estimate of it.
@@ -25,9 +26,9 @@ written with GPTQ: pricing by the compensated error, or by a damped estimate of 
 With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
 ``mlx_lm.gptq``, ``mlx_lm.awq``) run on the same source folder and calibration text,
 each in its own process (wall time, peak memory), are evaluated the same way, and
-``lsaq+gptq`` is also planned at each one's bits per weight; a last table puts
-each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer gptq`` is timed from
-an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
+``lsaq+<--peer-quantizer>`` is also planned at each one's bits per weight; a last table
+puts each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer <it>`` is timed
+from an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
 
 It also checks the cost model: the Spearman correlation between each plan's predicted
 cost and its measured KL over the plans the lsaq allocator did not make (held out).
@@ -106,12 +107,13 @@ def priced_plan(planner, ctx, errors: dict, budget: float, power: float):
     return plan_lsaq(ctx, Budget(bits_per_weight=budget), priced, layer_weights(None, ctx.modules))
 
 
-def print_against_peers(rows: list[dict], ours: tuple[float, int]) -> None:
-    """Each peer against ``lsaq+gptq`` at its bits per weight; the target is
+def print_against_peers(rows: list[dict], ours: tuple[float, int], quantizer: str) -> None:
+    """Each peer against ``lsaq+<quantizer>`` at its bits per weight; the target is
     ours <= 0.8x the best peer at equal or higher bits per weight."""
     peers = [r for r in rows if r["quantizer"] == "peer"]
-    priced = [r for r in rows if r["method"] == "lsaq+gptq"]
-    print("\n| peer | bpw | peer KL | best peer at >= its bpw | ours (lsaq+gptq) at <= its bpw | ours / best | peer time, memory |")
+    priced = [r for r in rows if r["method"] == f"lsaq+{quantizer}"]
+    print(f"\n| peer | bpw | peer KL | best peer at >= its bpw | ours (lsaq+{quantizer}) at <= its bpw | ours / best | "
+          "peer time, memory |")
     print("|---|---|---|---|---|---|---|")
     for p in sorted(peers, key=lambda r: r["bits_per_weight"]):
         best = min((q for q in peers if q["bits_per_weight"] >= p["bits_per_weight"]), key=lambda q: q["kl"])
@@ -121,7 +123,7 @@ def print_against_peers(rows: list[dict], ours: tuple[float, int]) -> None:
         ours_kl = f"{mine['kl']:.4f} ({mine['bits_per_weight']:.3f})" if mine else "-"
         print(f"| {p['method']} | {p['bits_per_weight']:.3f} | {p['kl']:.4f} | {best['method']} {best['kl']:.4f} | "
               f"{ours_kl} | {ratio} | {p['seconds']:.0f} s, {p['peak_rss'] / 1e9:.2f} GB |")
-    print(f"\nours: lsaq-mlx convert -b 4.0 --quantizer gptq from an empty cache (cost table, GPTQ pricing, GPTQ): "
+    print(f"\nours: lsaq-mlx convert -b 4.0 --quantizer {quantizer} from an empty cache (cost table, plan, {quantizer}): "
           f"{ours[0]:.0f} s, {ours[1] / 1e9:.2f} GB")
 
 
@@ -136,9 +138,11 @@ def main() -> None:
     parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
     parser.add_argument("--peers", nargs="*", default=[],
                         help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3; "
-                             "each also gets a lsaq+gptq plan at its bits per weight, and a table against them")
+                             "each also gets a lsaq plan at its bits per weight (--peer-quantizer), and a table against them")
     parser.add_argument("--priced", type=float, nargs="*", default=[],
                         help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P, written with GPTQ")
+    parser.add_argument("--peer-quantizer", default="awq-gptq", choices=list(QUANTIZERS),
+                        help="how ours is written at each peer's bits per weight")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
     parser.add_argument("--awq-tokens", type=int, default=None, help="calibration tokens of mlx_lm.awq (default --peer-tokens)")
     parser.add_argument("--awq-grid", type=int, default=20)
@@ -187,7 +191,8 @@ def main() -> None:
         row = peer_row(peer, source, Path(work.name), reference, second, args)
         rows.append(row)
         at = math.floor(row["bits_per_weight"] * 1000) / 1000
-        runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), "gptq", "lsaq+gptq"))
+        runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), args.peer_quantizer,
+                     f"lsaq+{args.peer_quantizer}"))
     for budget, power in [(b, p) for b in args.budgets for p in args.priced]:
         runs.append((priced_plan(planner, ctx, errors, budget, power), "gptq", f"lsaq+gptq priced^{power:g}"))
     for plan, quantizer, method in runs:
@@ -207,7 +212,7 @@ def main() -> None:
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
     if args.peers:
         ours = measured([sys.executable, "-m", "lsaq_mlx", "convert", "-m", str(source.path), "-b", "4.0",
-                         "--quantizer", "gptq", "-o", str(Path(work.name) / "ours-4.0")],
+                         "--quantizer", args.peer_quantizer, "-o", str(Path(work.name) / "ours-4.0")],
                         env=os.environ | {"LSAQ_MLX_CACHE": str(Path(work.name) / "empty-cache")})
     work.cleanup()
 
@@ -225,13 +230,14 @@ def main() -> None:
         print(f"| {r['budget'] if r['budget'] is not None else '-'} | {r['method']} | {r['bits_per_weight']:.3f} | "
               f"{kl} ± {r['kl_stderr']:.4f} | {r['top1']:.3f} | {r['perplexity']:.2f} | {r['perplexity_second']:.2f} |")
     if args.peers:
-        print_against_peers(rows, ours)
+        print_against_peers(rows, ours, args.peer_quantizer)
     priced = [r for r in rows if r["quantizer"] == "rtn"]  # the cost model prices round to nearest
     held_out = [r for r in priced if r["method"] != "lsaq"]
-    rho = spearman([r["predicted_cost"] for r in held_out], [r["kl"] for r in held_out])
-    rho_all = spearman([r["predicted_cost"] for r in priced], [r["kl"] for r in priced])
-    print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
-          f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
+    rho = spearman([r["predicted_cost"] for r in held_out], [r["kl"] for r in held_out]) if len(held_out) > 2 else None
+    if rho is not None:
+        rho_all = spearman([r["predicted_cost"] for r in priced], [r["kl"] for r in priced])
+        print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
+              f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"source_perplexity": source_result.perplexity.perplexity,

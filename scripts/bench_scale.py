@@ -1,7 +1,7 @@
 """Peak memory and wall time of every stage at real model sizes, next to mlx-lm.
 
     python scripts/bench_scale.py [--shapes 0.5b,1.1b,llama3-8b] [--models DIR]
-        [--steps score,plan,convert,eval,chat,mlx_lm.convert,dynamic_quant] [--json FILE]
+        [--steps score,plan,convert,convert-awq-gptq,eval,chat,mlx_lm.convert,...] [--json FILE]
 
 For each shape a random float16 llama folder is written (``make_random_model.py``;
 ``llama3-8b/16`` means that shape with 16 layers). Each step is a fresh process,
@@ -11,6 +11,9 @@ passes ``--rss-limit`` (the row then says so) so that no step takes the machine 
 
 - ``score``, ``plan -b 4.0``, ``convert -b 4.0``: each with an empty cache (so ``plan``
   and ``convert`` each compute the cost table);
+- ``convert-gptq``, ``convert-awq``, ``convert-awq-gptq``: ``convert -b 4.0 --quantizer
+  ...`` with the cache ``convert`` filled (the cost table is read): what the calibrated
+  quantizer adds, 16,384 calibration tokens a layer at a time;
 - ``eval --max-tokens 1024`` of the converted model, with KL to the source;
 - ``chat -b 4.0`` scripted: a message, ``/plan 3.5``, a message, ``/plan 4.5``, a message,
   16 tokens each; the cost table comes from the cache ``convert`` filled (planning a new
@@ -39,7 +42,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("score", "plan", "convert", "eval", "chat", "chat-float32", "mlx_lm.convert", "dynamic_quant")
+STEPS = ("score", "plan", "convert", "convert-gptq", "convert-awq", "convert-awq-gptq", "eval", "chat", "chat-float32",
+         "mlx_lm.convert", "dynamic_quant")
 CHAT_SCRIPT = "Tell me about Paris.\n/plan 3.5\nAnd about Rome?\n/plan 4.5\nThanks.\n/quit\n"
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -132,6 +136,12 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             shutil.rmtree(out, ignore_errors=True)
             rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "-o", str(out), "--json"],
                                  env("convert"), rss_limit)
+        elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
+            target = work / f"{spec.replace('/', '-')}-4.0-{step}"
+            shutil.rmtree(target, ignore_errors=True)
+            rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "--quantizer",
+                                  step.removeprefix("convert-"), "-o", str(target), "--json"], env("convert"), rss_limit)
+            shutil.rmtree(target, ignore_errors=True)
         elif step == "eval":
             ppl = ["--ppl", str(EVAL_TEXT)] if EVAL_TEXT.is_file() else ["--ppl", str(ROOT / "README.md")]
             rows[step] = measure([*cli, "eval", "-m", str(out), "--reference", str(folder), *ppl, "--max-tokens",
