@@ -6,7 +6,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Quantizer:
     name: str
-    equalize: bool  # AWQ-style input scales searched and folded first (``equalization``)
+    equalize: bool  # AWQ-style input scales searched and folded first (``equalization``); clipping without GPTQ
     compensate: bool  # GPTQ rather than round to nearest (``gptq``)
     help: str
 
@@ -23,6 +23,7 @@ QUANTIZERS = {q.name: q for q in (
                                    "the module's input Hessian on calibration text (linear modules; embeddings stay "
                                    "round to nearest)"),
     Quantizer("awq", True, False, "activation-aware equalization, then round to nearest: per input channel scales "
-                                  "searched on calibration text, folded into the norm or up_proj before the module"),
+                                  "searched on calibration text, folded into the norm or up_proj before the module, "
+                                  "and each group's range clipped where that lowers its output error"),
     Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights"),
 )}

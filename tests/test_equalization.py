@@ -82,6 +82,27 @@ def test_inputs_of_even_energy_are_left_unscaled():
     assert equalizing_scales([w], np.eye(w.shape[1], dtype=np.float32) * 3.0, [Affine(4, 64)]) is None
 
 
+def test_clipping_lowers_each_groups_output_error_where_extremes_are_outliers():
+    from lsaq_mlx.equalization.clipping import clipped_weight, group_blocks
+
+    w, h = _uneven_problem(cols=128)
+    quiet = int(np.argmin(np.diagonal(h)[:32]))  # an input that is small: its weight matters little
+    w = w.at[::5, quiet].multiply(12.0)  # an outlier in every fifth row's first group
+    choice = Affine(3, 32)
+    clipped = clipped_weight(w, group_blocks(h, 32), choice)
+    assert float(mx.abs(clipped).max()) < float(mx.abs(w).max())
+
+    def group_errors(weight):
+        q = mx.dequantize(*mx.quantize(weight, 32, 3), 32, 3)
+        e = np.array(w - q, dtype=np.float64).reshape(w.shape[0], 4, 32)
+        hb = np.array(group_blocks(h, 32), dtype=np.float64)
+        return np.einsum("rng,ngh,rnh->rn", e, hb, e)
+
+    before, after = group_errors(w), group_errors(clipped)
+    assert (after <= before * (1 + 1e-3) + 1e-6).all()
+    assert after[::5, 0].sum() < 0.9 * before[::5, 0].sum()
+
+
 def _held_out_error(source, folders):
     from mlx_lm import load
 

@@ -5,5 +5,7 @@ weight, or the rows of ``up_proj`` for ``down_proj``), so the float model comput
 the same function and the written folder is still stock mlx-lm.
 
 ``groups`` says which modules share an input and where its scales fold, and folds
-them; ``search`` picks each group's scales from the modules' input Hessians.
+them; ``search`` picks each group's scales from the modules' input Hessians;
+``clipping`` shrinks each quantization group's range where that lowers its error
+(before round to nearest; GPTQ compensates instead).
 """

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lsaq_mlx.equalization.clipping import UNCLIPPED, clipped_weight, group_blocks
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
 from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians
@@ -57,7 +58,9 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             h = hessians[path]
             if quantizer.compensate and id(h) not in factors:
                 factors[id(h)] = inverse_hessian_factor(h)
-            codes = _quantized(weights[path], factors.get(id(h)), affine[path])
+            clip = quantizer.equalize and not quantizer.compensate and not path.endswith(UNCLIPPED)
+            blocks = group_blocks(h, affine[path].group_size) if clip else None
+            codes = _quantized(weights[path], factors.get(id(h)), affine[path], blocks)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -117,11 +120,17 @@ def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
 
 
-def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine) -> AffineCodes:
-    """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
-    (rows are independent)."""
+def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_blocks: mx.array | None = None
+               ) -> AffineCodes:
+    """GPTQ (round to nearest without a ``factor``, after clipping given ``clip_blocks``)
+    of ``weight``, a row block at a time (rows are independent)."""
     rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
-    parts = [_block_codes(weight[r : r + rows], factor, choice) for r in range(0, weight.shape[0], rows)]
+    parts = []
+    for r in range(0, weight.shape[0], rows):
+        block = weight[r : r + rows]
+        if clip_blocks is not None:
+            block = clipped_weight(block, clip_blocks, choice)
+        parts.append(_block_codes(block, factor, choice))
     if len(parts) == 1:
         return parts[0]
     return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
