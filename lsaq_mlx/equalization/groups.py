@@ -48,7 +48,7 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower() and isinstance(weight, mx.array) and weight.ndim == 1
 
 
-def norm_offset(norm: nn.Module) -> float:
+def norm_offset(norm: nn.Module) -> int:
     """0 for a norm that multiplies by ``weight``, 1 for one that multiplies by
     ``1 + weight`` (Gemma's), found by running it on ones (rms 1)."""
     weight = norm.weight.astype(mx.float32)

@@ -25,7 +25,7 @@ SAMPLE_TOKENS = 512  # calibration tokens of the layer's input and output kept f
 
 @dataclass
 class CalibratedLayer:
-    """A loaded decoder layer with a calibration sequence's input and output."""
+    """A loaded decoder layer with its input and output on ``SAMPLE_TOKENS`` calibration tokens."""
 
     prefix: str  # its modules' paths in the model start with this
     module: nn.Module
