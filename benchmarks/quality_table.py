@@ -2,7 +2,7 @@
 
     python benchmarks/quality_table.py [--model default] [--tokens 2048] [--budgets 2.5 3 3.5 4 4.5 5]
                                     [--quantizers rtn gptq awq awq-gptq] [--peers convert-3-64 gptq-4 awq-3 ...]
-                                    [--peer-quantizer awq-gptq]
+                                    [--peer-quantizer awq]
                                     [--out results.json]
 
 For each budget: ``lsaq`` (knapsack on the cost model), the two-tier scheme ordered by
@@ -141,7 +141,7 @@ def main() -> None:
                              "each also gets a lsaq plan at its bits per weight (--peer-quantizer), and a table against them")
     parser.add_argument("--priced", type=float, nargs="*", default=[],
                         help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P, written with GPTQ")
-    parser.add_argument("--peer-quantizer", default="awq-gptq", choices=list(QUANTIZERS),
+    parser.add_argument("--peer-quantizer", default="awq", choices=list(QUANTIZERS),
                         help="how ours is written at each peer's bits per weight")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
     parser.add_argument("--awq-tokens", type=int, default=None, help="calibration tokens of mlx_lm.awq (default --peer-tokens)")
