@@ -14,6 +14,10 @@ SHRINKS = 10  # p = 1, 0.95, ..., 0.55 (mlx_lm.awq: down to 0.5 in steps of 1/20
 UNCLIPPED = ("q_proj", "k_proj")  # their errors meet in the softmax; mlx_lm.awq leaves them too
 
 
+def clip_ratios() -> list[float]:
+    return [1.0 - k / (2 * SHRINKS) for k in range(SHRINKS)]
+
+
 def group_blocks(hessian: np.ndarray, group_size: int) -> mx.array:
     """The diagonal blocks of ``hessian``, one per group of columns: (groups, g, g)."""
     g = group_size
@@ -28,8 +32,7 @@ def clipped_weight(weight: mx.array, blocks: mx.array, choice: Affine) -> mx.arr
     w = weight.astype(mx.float32).reshape(rows, n, g)
     low, high = w.min(axis=2, keepdims=True), w.max(axis=2, keepdims=True)
     best, best_error = w, None
-    for k in range(SHRINKS):
-        p = 1.0 - k / (2 * SHRINKS)
+    for p in clip_ratios():
         c = mx.clip(w, p * low, p * high)
         q, s, b = mx.quantize(c.reshape(rows, cols), g, choice.bits)
         s, b = (a.astype(mx.float16).astype(mx.float32) for a in (s, b))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from lsaq_mlx.equalization.clipping import clip_ratios
 from lsaq_mlx.gptq.packing import pack_codes
 from lsaq_mlx.planning.cost import affine_scales
 
@@ -56,14 +57,17 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarra
         return np.array(upper)
 
 
-def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size: int) -> AffineCodes:
+def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size: int,
+                  hessian: np.ndarray | None = None) -> AffineCodes:
     """``weight`` (rows, cols; float) quantized with GPTQ given ``factor`` (see
-    ``inverse_hessian_factor``)."""
-    codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size)
+    ``inverse_hessian_factor``); given ``hessian``, each group's range is also clipped
+    (``_group_scales``)."""
+    codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
 
 
-def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, group_size: int):
+def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, group_size: int,
+                      hessian: np.ndarray | None = None):
     """``(codes, scales, biases)`` of GPTQ on ``weight`` with ``bits[r]`` bits for row
     ``r`` (rows are independent, so one pass can price several bit widths)."""
     rows, cols = weight.shape
@@ -81,7 +85,8 @@ def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, 
         for j in range(stop - start):
             col = start + j
             if col % group_size == 0:
-                scale, bias = _group_scales(block[:, j : j + group_size], levels)
+                diagonal = None if hessian is None else hessian[col : col + group_size, col : col + group_size]
+                scale, bias = _group_scales(block[:, j : j + group_size], levels, diagonal)
                 scales[:, col // group_size], biases[:, col // group_size] = scale, bias
                 s, b = scale.astype(np.float32), bias.astype(np.float32)
             q = np.clip(np.rint((block[:, j] - b) / s), 0.0, levels)
@@ -92,12 +97,27 @@ def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, 
     return codes, scales, biases
 
 
-def _group_scales(group: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """MLX's round-to-nearest scale and bias of each row of ``group`` (``mx.quantize``'s
-    arithmetic, ``planning.cost``), in float16."""
-    g = mx.array(group)
-    scale, bias = affine_scales(g.min(axis=1), g.max(axis=1), mx.array(levels))
-    return np.array(scale.astype(mx.float16)), np.array(bias.astype(mx.float16))
+    arithmetic, ``planning.cost``), in float16. Given ``diagonal`` (the group's block of
+    ``H``), each row's range is shrunk to ``p [min, max]`` for the ``p`` of
+    ``equalization.clipping``'s grid with the lowest rounding error ``e H_gg e^T``."""
+    g, lv = mx.array(group), mx.array(levels)[:, None]
+    low, high = g.min(axis=1), g.max(axis=1)
+    best_scale = best_bias = best_error = None
+    for p in ([1.0] if diagonal is None else clip_ratios()):
+        scale, bias = (a.astype(mx.float16) for a in affine_scales(p * low, p * high, lv[:, 0]))
+        if diagonal is None:
+            return np.array(scale), np.array(bias)
+        s, b = scale.astype(mx.float32)[:, None], bias.astype(mx.float32)[:, None]
+        e = g - (mx.clip(mx.round((g - b) / s), 0.0, lv) * s + b)
+        error = mx.sum((e @ mx.array(diagonal)) * e, axis=1)
+        better = error < best_error if best_error is not None else mx.ones(error.shape, dtype=mx.bool_)
+        best_scale = scale if best_scale is None else mx.where(better, scale, best_scale)
+        best_bias = bias if best_bias is None else mx.where(better, bias, best_bias)
+        best_error = error if best_error is None else mx.minimum(error, best_error)
+    return np.array(best_scale), np.array(best_bias)
 
 
 def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:

@@ -58,9 +58,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             h = hessians[path]
             if quantizer.compensate and id(h) not in factors:
                 factors[id(h)] = inverse_hessian_factor(h)
-            clip = quantizer.equalize and not quantizer.compensate and not path.endswith(UNCLIPPED)
-            blocks = group_blocks(h, affine[path].group_size) if clip else None
-            codes = _quantized(weights[path], factors.get(id(h)), affine[path], blocks)
+            clip = quantizer.equalize and not path.endswith(UNCLIPPED)
+            codes = _quantized(weights[path], factors.get(id(h)), affine[path], h if clip else None)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -120,25 +119,28 @@ def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
 
 
-def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_blocks: mx.array | None = None
+def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_by: np.ndarray | None = None
                ) -> AffineCodes:
-    """GPTQ (round to nearest without a ``factor``, after clipping given ``clip_blocks``)
-    of ``weight``, a row block at a time (rows are independent)."""
+    """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
+    (rows are independent); given ``clip_by`` (the input Hessian), each group's range
+    clipped where that lowers its error."""
     rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
+    blocks = group_blocks(clip_by, choice.group_size) if clip_by is not None and factor is None else None
     parts = []
     for r in range(0, weight.shape[0], rows):
         block = weight[r : r + rows]
-        if clip_blocks is not None:
-            block = clipped_weight(block, clip_blocks, choice)
-        parts.append(_block_codes(block, factor, choice))
+        if blocks is not None:
+            block = clipped_weight(block, blocks, choice)
+        parts.append(_block_codes(block, factor, choice, clip_by))
     if len(parts) == 1:
         return parts[0]
     return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
 
 
-def _block_codes(weight: mx.array, factor: np.ndarray | None, choice: Affine) -> AffineCodes:
+def _block_codes(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_by: np.ndarray | None
+                 ) -> AffineCodes:
     if factor is not None:
-        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size)
+        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size, clip_by)
     q, s, b = mx.quantize(weight.astype(mx.float32), choice.group_size, choice.bits)
     return AffineCodes(np.array(q), np.array(s.astype(mx.float16)), np.array(b.astype(mx.float16)))
 
