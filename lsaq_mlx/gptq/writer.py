@@ -71,12 +71,12 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
 def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict, hessians: dict,
               count: EqualizationCount) -> dict:
     """Search and fold each scale group of ``layer`` whose modules are all planned
-    affine, changing ``weights``, ``biases`` and ``hessians`` (full paths) in place;
+    affine, changing ``weights``, ``biases`` (full paths) and the Hessians in place;
     returns the folded norms' arrays. If the folds change the layer's float output
     (a norm that feeds more than its group), the layer is left unequalized."""
     named = dict(layer.module.named_modules())
-    before = dict(weights), dict(biases), dict(hessians)
-    norms, changed = {}, set()
+    before = dict(weights), dict(biases)
+    norms, changed, scaled = {}, set(), []
     for group in scale_groups(layer.module):
         members = [layer.prefix + m for m in group.members]
         source = layer.prefix + group.source
@@ -84,15 +84,16 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         if not all(p in affine for p in members) or (linear_source and source not in weights):
             continue  # a module the plan keeps in float or SWSC is written elsewhere, unscaled
         count.searched += 1
-        h = hessians[members[0]]
-        plans = [affine[p] for p in members]
+        h = hessians[members[0]]  # one array for the group's members
         measure = _layer_error(layer, group.members) if group.through_layer else None
-        scales = equalizing_scales([weights[p] for p in members], h, plans, measure)
+        scales = equalizing_scales([weights[p] for p in members], h, [affine[p] for p in members], measure)
         if scales is None:
             continue
-        s, scaled_h = mx.array(scales), h / np.outer(scales, scales)
+        s = mx.array(scales)
+        _scale_hessian(h, 1.0 / scales)
+        scaled.append((h, scales))
         for p in members:
-            weights[p], hessians[p] = weights[p] * s, scaled_h
+            weights[p] = weights[p] * s
         if linear_source:
             weights[source] = weights[source] / s[:, None]
             if source in biases:
@@ -108,11 +109,19 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
     if layer.unchanged_by({f"{p[len(layer.prefix):]}.{k}": v for p, d in params.items() for k, v in d.items()},
                           FOLD_TOLERANCE):
         return {f"{p}.{k}": v for p, d in norms.items() for k, v in d.items()}
-    for saved, now in zip(before, (weights, biases, hessians)):
+    for saved, now in zip(before, (weights, biases)):
         now.clear()
         now.update(saved)
+    for h, scales in scaled:
+        _scale_hessian(h, scales)
     count.refused.append(layer.prefix.rstrip("."))
     return {}
+
+
+def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
+    """``H`` of inputs multiplied by ``factors``, in place (no second copy of ``H``)."""
+    h *= factors[:, None]
+    h *= factors[None, :]
 
 
 def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
