@@ -1,13 +1,10 @@
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from converted_models import assert_loads_with_only_mlx_lm, held_out_errors
 from mlx.utils import tree_unflatten
 
 from lsaq_mlx.convert import convert
@@ -103,19 +100,6 @@ def test_clipping_lowers_each_groups_output_error_where_extremes_are_outliers():
     assert after[::5, 0].sum() < 0.9 * before[::5, 0].sum()
 
 
-def _held_out_error(source, folders):
-    from mlx_lm import load
-
-    from lsaq_mlx.gptq import hessians
-    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
-    from lsaq_mlx.sources.load import load_model, load_tokenizer
-
-    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128,
-                                      skip_tokens=hessians.TOKENS)[:8])
-    reference = load_model(source, compute=True)[0](tokens)
-    return {f.name: float(mx.mean((load(str(f))[0](tokens).astype(mx.float32) - reference) ** 2)) for f in folders}
-
-
 def _outlier_source(path, arch="llama"):
     """A tiny model whose norms make a few input channels large, as trained models' are."""
     from tiny_models import tiny_model, write_gguf
@@ -139,19 +123,10 @@ def test_an_awq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tmp_pat
     report = convert(source, plan, awq, quantizer="awq")
     assert report.quantizer == "awq" and report.written_bytes == plan.predicted_bytes
     assert json.loads((awq / "lsaq_report.json").read_text())["quantizer"] == "awq"
-    errors = _held_out_error(source, [rtn, awq])
+    errors = held_out_errors(source, [rtn, awq])
     assert errors["awq"] < 0.95 * errors["rtn"], errors  # measured 0.87x
 
-    script = textwrap.dedent(f"""
-        import sys
-        from mlx_lm import load, generate
-        model, tokenizer = load({str(awq)!r})
-        print(repr(generate(model, tokenizer, "hello", max_tokens=4)))
-        assert not [m for m in sys.modules if m.startswith("lsaq")]
-        """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert_loads_with_only_mlx_lm(awq)
 
 
 def test_a_fold_that_changes_the_layer_is_refused_and_the_layer_written_unequalized(tiny_source, tmp_path,

@@ -1,12 +1,9 @@
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from converted_models import assert_loads_with_only_mlx_lm, held_out_errors
 
 from lsaq_mlx.convert import convert
 from lsaq_mlx.gptq.packing import pack_codes
@@ -80,10 +77,6 @@ def test_gptq_refuses_a_group_size_that_does_not_divide_the_columns():
 
 
 def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_source, tmp_path):
-    from lsaq_mlx.gptq import hessians
-    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
-    from lsaq_mlx.sources.load import load_model, load_tokenizer
-
     source = tiny_source("llama")
     plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
     rtn, gptq = tmp_path / "rtn", tmp_path / "gptq"
@@ -93,25 +86,10 @@ def test_a_gptq_model_is_closer_to_the_source_and_loads_with_only_mlx_lm(tiny_so
     assert json.loads((gptq / "lsaq_report.json").read_text())["quantizer"] == "gptq"
     assert not (gptq / "gptq").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    tokens = mx.array(token_sequences(load_tokenizer(source), load_calibration(None), 1024, 128, skip_tokens=hessians.TOKENS)[:8])
-    reference = load_model(source, compute=True)[0](tokens)
-    errors = {}
-    for out in (rtn, gptq):
-        from mlx_lm import load
-
-        errors[out.name] = float(mx.mean((load(str(out))[0](tokens).astype(mx.float32) - reference) ** 2))
+    errors = held_out_errors(source, [rtn, gptq])
     assert errors["gptq"] < 0.9 * errors["rtn"], errors  # on held-out tokens
 
-    script = textwrap.dedent(f"""
-        import sys
-        from mlx_lm import load, generate
-        model, tokenizer = load({str(gptq)!r})
-        print(repr(generate(model, tokenizer, "hello", max_tokens=4)))
-        assert not [m for m in sys.modules if m.startswith("lsaq")]
-        """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LSAQ")}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert_loads_with_only_mlx_lm(gptq)
 
 
 def test_the_priced_ratio_is_what_gptq_writes_over_round_to_nearest():
