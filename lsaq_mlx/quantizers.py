@@ -19,11 +19,14 @@ class Quantizer:
 QUANTIZERS = {q.name: q for q in (
     Quantizer("rtn", False, False, "round to nearest: each group's codes, scale and bias from the weights alone "
                                    "(mlx_lm.convert's)"),
-    Quantizer("gptq", False, True, "GPTQ: each column's rounding error compensated in the columns after it, using "
-                                   "the module's input Hessian on calibration text (linear modules; embeddings stay "
-                                   "round to nearest)"),
+    Quantizer("gptq", False, True, "GPTQ: columns taken largest input first, each one's rounding error compensated "
+                                   "in the columns not yet quantized, using the module's input Hessian on calibration "
+                                   "text; each layer is calibrated on what the quantized layers before it compute "
+                                   "(linear modules; embeddings stay round to nearest)"),
     Quantizer("awq", True, False, "activation-aware equalization, then round to nearest: per input channel scales "
                                   "searched on calibration text, folded into the norm or up_proj before the module, "
                                   "and each group's range clipped where that lowers its output error"),
-    Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights"),
+    Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights, each group's range "
+                                      "clipped and its scale and bias refitted to its codes before GPTQ (not q_proj, "
+                                      "k_proj)"),
 )}

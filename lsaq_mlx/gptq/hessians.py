@@ -5,9 +5,13 @@ calibration text through the source a decoder layer at a time
 While a layer is loaded its forward runs again with the wanted modules recording their
 inputs; modules that read the same tensor (q, k and v; gate and up) share one ``H``.
 The LM head's ``H`` comes from the final normed hidden states. The activations passed
-on are the float source's, as in ``mlx_lm.gptq``.
+on are those of the layers as written where ``on_modules`` gives the written
+parameters (GPTQ's reference code does this; ``mlx_lm.gptq`` passes on the float
+source's): each layer is then calibrated on what the quantized layers before it
+compute, and compensates their error too.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.scoring.lens import find_lens
+from lsaq_mlx.sources.streaming import forward_by_rows
 
 TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above round to nearest), see README
 BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
@@ -36,12 +41,8 @@ class CalibratedLayer:
     def output_error(self, params: dict[str, mx.array]) -> float:
         """The summed squared change of the layer's output on ``x_in`` with ``params``
         (names relative to the layer) in place of its own."""
-        originals = {k: v for k, v in tree_flatten(self.module.parameters()) if k in params}
-        self.module.update(tree_unflatten([(k, v.astype(originals[k].dtype)) for k, v in params.items()]))
-        try:
+        with _parameters(self.module, params):
             return mx.sum(mx.square(self.forward(self.x_in).astype(mx.float32) - self.x_out)).item()
-        finally:
-            self.module.update(tree_unflatten(list(originals.items())))
 
     def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
         """Whether ``params`` in place of the layer's own change what it adds to its
@@ -55,7 +56,8 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
     """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
     ``paths`` of each decoder layer while it is loaded (``layer``: a
     ``CalibratedLayer``), then for the LM head (``layer`` None); ``H`` (float32 numpy)
-    is the same array for modules sharing an input. With ``halves``, ``H`` is a pair:
+    is the same array for modules sharing an input. If it returns parameters (names
+    relative to the layer), the layer's output with them is passed on to the next. With ``halves``, ``H`` is a pair:
     the Hessians of two disjoint halves of the sequences. ``tokens``: (batch, length)."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
@@ -66,9 +68,13 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32))
-        on_modules({prefix + p: m for p, m in modules.items()}, {prefix + p: hessians[_input_key(p)] for p in modules},
-                   sample)
+        replaced = on_modules({prefix + p: m for p, m in modules.items()},
+                              {prefix + p: hessians[_input_key(p)] for p in modules}, sample)
         step()
+        if replaced is None:
+            return None
+        with _parameters(layer, replaced):
+            return forward_by_rows(forward, x_in, rows)
 
     hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
     holder = streamed.model.get("language_model", streamed.model)
@@ -78,6 +84,17 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         h = tuple(np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts)
         on_modules({"lm_head": holder["lm_head"]}, {"lm_head": h if halves else h[0]}, None)
     step()
+
+
+@contextmanager
+def _parameters(module: nn.Module, params: dict[str, mx.array]):
+    """``module`` with ``params`` (names relative to it) in place of its own, restored after."""
+    originals = [(k, v) for k, v in tree_flatten(module.parameters()) if k in params]
+    module.update(tree_unflatten([(k, params[k].astype(v.dtype)) for k, v in originals]))
+    try:
+        yield module
+    finally:
+        module.update(tree_unflatten(originals))
 
 
 def _gram(x: mx.array) -> mx.array:

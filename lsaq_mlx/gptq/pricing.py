@@ -19,12 +19,12 @@ import numpy as np
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.gptq.hessians import SEQ_LEN, TOKENS, calibration_tokens, each_layer_hessians
-from lsaq_mlx.gptq.solver import DAMP, compensated_codes, inverse_hessian_factor, row_output_errors
+from lsaq_mlx.gptq.solver import DAMP, compensated_codes, hessian_factor, row_output_errors
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.progress import progress_bar
 
-RATIO_VERSION = 2  # part of the table's key: bump when GPTQ or the estimate changes
+RATIO_VERSION = 3  # part of the table's key: bump when GPTQ or the estimate changes
 SAMPLE_ROWS = 64
 
 
@@ -32,7 +32,7 @@ def compensation_ratios(weight: mx.array, hessians: tuple[np.ndarray, np.ndarray
     """``{choice.key: GPTQ error / round-to-nearest error}`` on a sample of ``weight``'s
     rows, GPTQ fitted with ``hessians[0]``, errors measured with ``hessians[1]``."""
     w = np.array(weight[mx.array(_sample(weight.shape[0]))].astype(mx.float32))
-    factor, hessian = inverse_hessian_factor(hessians[0]), hessians[1]
+    factor, hessian = hessian_factor(hessians[0]), hessians[1]
     ratios = {}
     for size in sorted({c.group_size for c in choices}):
         group = [c for c in choices if c.group_size == size]

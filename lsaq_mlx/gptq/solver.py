@@ -1,14 +1,18 @@
 """GPTQ on one matrix (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization
 for Generative Pre-trained Transformers"), in MLX's group-wise affine format.
 
-Columns are quantized left to right. Each column's rounding error, divided by the
-diagonal of the upper Cholesky factor ``U`` of ``H^-1``, is spread over the columns not
-yet quantized (``W[:, j:] -= e U[j, j:]``): within the column's group at once, into
-the columns after the group once per group (the "lazy batch" update). A group's
-scale and bias are MLX's round-to-nearest ones (``mx.quantize``'s arithmetic) of its columns
-as they stand when the group starts, rounded to float16 as the model stores them, so
-``mx.dequantize`` of the written codes gives exactly the values the errors were
-computed from. Rows are independent: large matrices go through in row blocks.
+Columns are quantized in order of decreasing ``diag H`` ("act-order": the inputs that
+carry the most energy first, while the most columns are left to absorb their error).
+Each column's rounding error, divided by the diagonal of the upper Cholesky factor
+``U`` of the reordered ``H^-1``, is spread over the columns not yet quantized
+(``W[:, j:] -= e U[j, j:]``): within a block of columns at once, into the columns after
+the block once per block (the "lazy batch" update). MLX's groups are contiguous input
+columns, so each group's scale and bias are fixed before any column moves ("static
+groups"): MLX's round-to-nearest ones (``mx.quantize``'s arithmetic), clipped and
+refitted to the group's block of ``H`` where given, rounded to float16 as the model
+stores them, so ``mx.dequantize`` of the written codes gives exactly the values the
+errors were computed from. Rows are independent: large matrices go through in row
+blocks.
 """
 
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from lsaq_mlx.gptq.packing import pack_codes
 from lsaq_mlx.planning.cost import affine_scales
 
 DAMP = 0.1  # of mean(diag H), added to H's diagonal: 0.01 (mlx_lm.gptq's) overfit 16k tokens here, see README
+REFITS = 3  # rounds of refitting a clipped group's scale and bias to its codes
 
 
 @dataclass
@@ -35,10 +40,25 @@ class AffineCodes:
         return mx.array(self.weight), mx.array(self.scales), mx.array(self.biases)
 
 
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """``U``: upper triangular, ``U^T U = (H + damp * mean(diag H) I)^-1``. Inputs that
-    never fire (zero diagonal) get 1 there, so ``H`` stays invertible."""
-    h = np.array(hessian, dtype=np.float32)
+@dataclass
+class HessianFactor:
+    """``U`` of ``H`` with its inputs taken in ``order`` (see ``hessian_factor``)."""
+
+    upper: np.ndarray
+    order: np.ndarray  # input columns, largest diag H first
+
+
+def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:
+    """The act-order factor of ``hessian``: inputs by decreasing ``diag H``."""
+    order = np.argsort(-np.diagonal(hessian), kind="stable")
+    return HessianFactor(inverse_hessian_factor(hessian, damp, order), order)
+
+
+def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP, order: np.ndarray | None = None) -> np.ndarray:
+    """``U``: upper triangular, ``U^T U = (H + damp * mean(diag H) I)^-1``, ``H``'s
+    inputs permuted by ``order`` if given. Inputs that never fire (zero diagonal) get 1
+    there, so ``H`` stays invertible."""
+    h = np.array(hessian, dtype=np.float32) if order is None else hessian[np.ix_(order, order)].astype(np.float32)
     diag = np.diagonal(h).copy()
     dead = diag <= 0
     h[dead, dead] = 1.0
@@ -57,16 +77,16 @@ def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> np.ndarra
         return np.array(upper)
 
 
-def gptq_quantize(weight: np.ndarray, factor: np.ndarray, bits: int, group_size: int,
+def gptq_quantize(weight: np.ndarray, factor: HessianFactor, bits: int, group_size: int,
                   hessian: np.ndarray | None = None) -> AffineCodes:
-    """``weight`` (rows, cols; float) quantized with GPTQ given ``factor`` (see
-    ``inverse_hessian_factor``); given ``hessian``, each group's range is also clipped
-    (``_group_scales``)."""
+    """``weight`` (rows, cols; float) quantized with act-order GPTQ given ``factor``
+    (``hessian_factor``), each group's scale and bias fixed first; given ``hessian``,
+    each group's range is also clipped and refitted (``_group_scales``)."""
     codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
 
 
-def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, group_size: int,
+def compensated_codes(weight: np.ndarray, factor: HessianFactor, bits: np.ndarray, group_size: int,
                       hessian: np.ndarray | None = None):
     """``(codes, scales, biases)`` of GPTQ on ``weight`` with ``bits[r]`` bits for row
     ``r`` (rows are independent, so one pass can price several bit widths)."""
@@ -75,25 +95,28 @@ def compensated_codes(weight: np.ndarray, factor: np.ndarray, bits: np.ndarray, 
         raise ValueError(f"group size {group_size} does not divide {cols} columns")
     w = np.array(weight, dtype=np.float32)
     levels = ((1 << np.asarray(bits, dtype=np.int64)) - 1).astype(np.float32)
-    codes = np.empty((rows, cols), dtype=np.uint8)
     scales = np.empty((rows, cols // group_size), dtype=np.float16)
     biases = np.empty_like(scales)
-    for start in range(0, cols, group_size):  # a group per block: fewer flops in the per-column updates
+    for start in range(0, cols, group_size):
+        diagonal = None if hessian is None else hessian[start : start + group_size, start : start + group_size]
+        scales[:, start // group_size], biases[:, start // group_size] = _group_scales(
+            w[:, start : start + group_size], levels, diagonal)
+    order, u = factor.order, factor.upper
+    column_scales = scales.astype(np.float32)[:, order // group_size]
+    column_biases = biases.astype(np.float32)[:, order // group_size]
+    w = w[:, order]
+    codes = np.empty((rows, cols), dtype=np.uint8)
+    for start in range(0, cols, group_size):  # blocks of a group's width, in act-order (not the groups)
         stop = start + group_size
-        block, u = w[:, start:stop], factor[start:stop, start:stop]
-        errors = np.empty_like(block)
+        block, errors = w[:, start:stop], np.empty((rows, stop - start), dtype=np.float32)
         for j in range(stop - start):
             col = start + j
-            if col % group_size == 0:
-                diagonal = None if hessian is None else hessian[col : col + group_size, col : col + group_size]
-                scale, bias = _group_scales(block[:, j : j + group_size], levels, diagonal)
-                scales[:, col // group_size], biases[:, col // group_size] = scale, bias
-                s, b = scale.astype(np.float32), bias.astype(np.float32)
+            s, b = column_scales[:, col], column_biases[:, col]
             q = np.clip(np.rint((block[:, j] - b) / s), 0.0, levels)
-            codes[:, col] = q
-            errors[:, j] = (block[:, j] - (q * s + b)) / u[j, j]
-            block[:, j + 1 :] -= np.outer(errors[:, j], u[j, j + 1 :])
-        w[:, stop:] -= errors @ factor[start:stop, stop:]
+            codes[:, order[col]] = q
+            errors[:, j] = (block[:, j] - (q * s + b)) / u[col, col]
+            block[:, j + 1 :] -= np.outer(errors[:, j], u[col, col + 1 : stop])
+        w[:, stop:] -= errors @ u[start:stop, stop:]
     return codes, scales, biases
 
 
@@ -102,7 +125,8 @@ def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | 
     """MLX's round-to-nearest scale and bias of each row of ``group`` (``mx.quantize``'s
     arithmetic, ``planning.cost``), in float16. Given ``diagonal`` (the group's block of
     ``H``), each row's range is shrunk to ``p [min, max]`` for the ``p`` of
-    ``equalization.clipping``'s grid with the lowest rounding error ``e H_gg e^T``."""
+    ``equalization.clipping``'s grid with the lowest rounding error ``e H_gg e^T``, then
+    refitted (``_refitted``)."""
     g, lv = mx.array(group), mx.array(levels)[:, None]
     low, high = g.min(axis=1), g.max(axis=1)
     best_scale = best_bias = best_error = None
@@ -117,7 +141,33 @@ def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | 
         best_scale = scale if best_scale is None else mx.where(better, scale, best_scale)
         best_bias = bias if best_bias is None else mx.where(better, bias, best_bias)
         best_error = error if best_error is None else mx.minimum(error, best_error)
+    best_scale, best_bias = _refitted(g, lv, best_scale, best_bias, best_error, mx.array(diagonal))
     return np.array(best_scale), np.array(best_bias)
+
+
+def _refitted(g: mx.array, levels: mx.array, scale: mx.array, bias: mx.array, error: mx.array, h: mx.array
+              ) -> tuple[mx.array, mx.array]:
+    """Each row's scale and bias as the least-squares fit (in the ``e H e^T`` norm) of
+    ``g`` to its current codes, the codes rounded again, ``REFITS`` times; a row keeps
+    its previous pair unless the new one lowers its error."""
+    h1 = mx.sum(h, axis=1)
+    h11, gh, gh1 = mx.sum(h1), g @ h, g @ h1
+    for _ in range(REFITS):
+        s, b = scale.astype(mx.float32)[:, None], bias.astype(mx.float32)[:, None]
+        q = mx.clip(mx.round((g - b) / s), 0.0, levels)
+        qhq, qh1, qhg = mx.sum((q @ h) * q, axis=1), q @ h1, mx.sum(gh * q, axis=1)
+        det = qhq * h11 - qh1 * qh1  # of the 2x2 normal equations in (scale, bias)
+        solvable = det > 1e-6 * qhq * h11
+        det = mx.where(solvable, det, 1.0)
+        new_scale = ((qhg * h11 - qh1 * gh1) / det).astype(mx.float16)
+        new_bias = ((qhq * gh1 - qh1 * qhg) / det).astype(mx.float16)
+        ns, nb = new_scale.astype(mx.float32)[:, None], new_bias.astype(mx.float32)[:, None]
+        e = g - (mx.clip(mx.round((g - nb) / mx.where(ns > 0, ns, 1.0)), 0.0, levels) * ns + nb)
+        new_error = mx.sum((e @ h) * e, axis=1)
+        better = solvable & (new_scale > 0) & (new_error < error)
+        scale, bias = mx.where(better, new_scale, scale), mx.where(better, new_bias, bias)
+        error = mx.where(better, new_error, error)
+    return scale, bias
 
 
 def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:

@@ -2,7 +2,8 @@
 streamed pass (``hessians``) gives each module's input Hessian while its layer is
 loaded; the layer's groups are equalized first where asked (``equalization``), then
 each module is quantized at its planned bits and group size, with GPTQ or round to
-nearest, and written to a scratch folder, one safetensors file per layer. The LM head
+nearest, and written to a scratch folder, one safetensors file per layer; the next
+layer is calibrated on this one's output as written (dequantized). The LM head
 goes through GPTQ in row blocks (it is not equalized: tied to the embedding, or fed by
 the final norm that the lens reads). Embeddings are lookups without an input Hessian:
 they stay round-to-nearest.
@@ -19,7 +20,7 @@ from lsaq_mlx.equalization.clipping import UNCLIPPED, clipped_weight, group_bloc
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
 from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians
-from lsaq_mlx.gptq.solver import AffineCodes, gptq_quantize, inverse_hessian_factor
+from lsaq_mlx.gptq.solver import AffineCodes, HessianFactor, gptq_quantize, hessian_factor
 from lsaq_mlx.planning.choices import Affine
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
@@ -53,19 +54,37 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         arrays = {}
         if quantizer.equalize and layer is not None:
             arrays = _equalize(layer, affine, weights, biases, hessians, count)
-        factors: dict[int, np.ndarray] = {}  # by the Hessian's identity: shared inputs, one factor
+        factors: dict[int, HessianFactor] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]
             if quantizer.compensate and id(h) not in factors:
-                factors[id(h)] = inverse_hessian_factor(h)
+                factors[id(h)] = hessian_factor(h)
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
             codes = _quantized(weights[path], factors.get(id(h)), affine[path], h if clip else None)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
+        if layer is not None and arrays:
+            return _as_written(arrays, layer.prefix, affine)  # the next layer is calibrated on what this one computes
+        return None
 
     each_layer_hessians(streamed, tokens, set(affine), on_modules, progress)
     return written
+
+
+def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
+    """The layer's parameters (names relative to it) that ``arrays`` (its written
+    modules and folded norms) give it, quantized modules dequantized to float32."""
+    params = {}
+    for name, value in arrays.items():
+        path, _, param = name.rpartition(".")
+        if path not in affine or param == "bias":
+            params[name[len(prefix):]] = value
+        elif param == "weight":
+            choice = affine[path]
+            params[name[len(prefix):]] = mx.dequantize(value, arrays[f"{path}.scales"], arrays[f"{path}.biases"],
+                                                       choice.group_size, choice.bits).astype(mx.float32)
+    return params
 
 
 def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict, hessians: dict,
@@ -128,7 +147,7 @@ def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
 
 
-def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_by: np.ndarray | None = None
+def _quantized(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None = None
                ) -> AffineCodes:
     """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
     (rows are independent); given ``clip_by`` (the input Hessian), each group's range
@@ -146,7 +165,7 @@ def _quantized(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip
     return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
 
 
-def _block_codes(weight: mx.array, factor: np.ndarray | None, choice: Affine, clip_by: np.ndarray | None
+def _block_codes(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None
                  ) -> AffineCodes:
     if factor is not None:
         return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size, clip_by)

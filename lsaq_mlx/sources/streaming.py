@@ -140,16 +140,18 @@ class StreamedModel:
         a time (all at once by default; fewer bound the layer's temporaries);
         ``on_layer(i, layer, x_in, x_out, forward)`` is called with the layer's weights
         loaded, ``forward(h)`` running the layer on other hidden states of the same
-        length (with the mask the model gave it)."""
+        length (with the mask the model gave it); what it returns, if not None, is passed
+        on in place of ``x_out``."""
         inner = inner_model(self.model)
         stream = self
         rows = batch_rows or tokens.shape[0]
 
         def run(self_layer, index, cls, x, *args, **kwargs):
             with stream.layer(index) as layer:
-                out = _by_rows(lambda h: cls.__call__(layer, h, *args, **kwargs), x, rows)
+                out = forward_by_rows(lambda h: cls.__call__(layer, h, *args, **kwargs), x, rows)
                 if on_layer is not None:
-                    on_layer(index, layer, x, out, lambda h: cls.__call__(layer, h, *args, **kwargs))
+                    replaced = on_layer(index, layer, x, out, lambda h: cls.__call__(layer, h, *args, **kwargs))
+                    out = out if replaced is None else replaced
             return out
 
         originals = [type(layer) for layer in self.layers]
@@ -165,7 +167,7 @@ class StreamedModel:
         return hidden
 
 
-def _by_rows(forward, x: mx.array, rows: int) -> mx.array:
+def forward_by_rows(forward, x: mx.array, rows: int) -> mx.array:
     """``forward(x)``, evaluated, computed ``rows`` sequences at a time."""
     if rows >= x.shape[0]:
         out = forward(x)
