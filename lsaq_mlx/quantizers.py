@@ -27,6 +27,5 @@ QUANTIZERS = {q.name: q for q in (
                                   "searched on calibration text, folded into the norm or up_proj before the module, "
                                   "and each group's range clipped where that lowers its output error"),
     Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights, each group's range "
-                                      "clipped and its scale and bias refitted to its codes before GPTQ (not q_proj, "
-                                      "k_proj)"),
+                                      "clipped before GPTQ (not q_proj, k_proj)"),
 )}

@@ -8,8 +8,8 @@ Each column's rounding error, divided by the diagonal of the upper Cholesky fact
 (``W[:, j:] -= e U[j, j:]``): within a block of columns at once, into the columns after
 the block once per block (the "lazy batch" update). MLX's groups are contiguous input
 columns, so each group's scale and bias are fixed before any column moves ("static
-groups"): MLX's round-to-nearest ones (``mx.quantize``'s arithmetic), clipped and
-refitted to the group's block of ``H`` where given, rounded to float16 as the model
+groups"): MLX's round-to-nearest ones (``mx.quantize``'s arithmetic), clipped to
+the group's block of ``H`` where given, rounded to float16 as the model
 stores them, so ``mx.dequantize`` of the written codes gives exactly the values the
 errors were computed from. Rows are independent: large matrices go through in row
 blocks.
@@ -25,7 +25,6 @@ from lsaq_mlx.gptq.packing import pack_codes
 from lsaq_mlx.planning.cost import affine_scales
 
 DAMP = 0.1  # of mean(diag H), added to H's diagonal: 0.01 (mlx_lm.gptq's) overfit 16k tokens here, see README
-REFITS = 3  # rounds of refitting a clipped group's scale and bias to its codes
 
 
 @dataclass
@@ -81,7 +80,7 @@ def gptq_quantize(weight: np.ndarray, factor: HessianFactor, bits: int, group_si
                   hessian: np.ndarray | None = None) -> AffineCodes:
     """``weight`` (rows, cols; float) quantized with act-order GPTQ given ``factor``
     (``hessian_factor``), each group's scale and bias fixed first; given ``hessian``,
-    each group's range is also clipped and refitted (``_group_scales``)."""
+    each group's range is also clipped (``_group_scales``)."""
     codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
 
@@ -125,8 +124,7 @@ def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | 
     """MLX's round-to-nearest scale and bias of each row of ``group`` (``mx.quantize``'s
     arithmetic, ``planning.cost``), in float16. Given ``diagonal`` (the group's block of
     ``H``), each row's range is shrunk to ``p [min, max]`` for the ``p`` of
-    ``equalization.clipping``'s grid with the lowest rounding error ``e H_gg e^T``, then
-    refitted (``_refitted``)."""
+    ``equalization.clipping``'s grid with the lowest rounding error ``e H_gg e^T``."""
     g, lv = mx.array(group), mx.array(levels)[:, None]
     low, high = g.min(axis=1), g.max(axis=1)
     best_scale = best_bias = best_error = None
@@ -141,33 +139,7 @@ def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | 
         best_scale = scale if best_scale is None else mx.where(better, scale, best_scale)
         best_bias = bias if best_bias is None else mx.where(better, bias, best_bias)
         best_error = error if best_error is None else mx.minimum(error, best_error)
-    best_scale, best_bias = _refitted(g, lv, best_scale, best_bias, best_error, mx.array(diagonal))
     return np.array(best_scale), np.array(best_bias)
-
-
-def _refitted(g: mx.array, levels: mx.array, scale: mx.array, bias: mx.array, error: mx.array, h: mx.array
-              ) -> tuple[mx.array, mx.array]:
-    """Each row's scale and bias as the least-squares fit (in the ``e H e^T`` norm) of
-    ``g`` to its current codes, the codes rounded again, ``REFITS`` times; a row keeps
-    its previous pair unless the new one lowers its error."""
-    h1 = mx.sum(h, axis=1)
-    h11, gh, gh1 = mx.sum(h1), g @ h, g @ h1
-    for _ in range(REFITS):
-        s, b = scale.astype(mx.float32)[:, None], bias.astype(mx.float32)[:, None]
-        q = mx.clip(mx.round((g - b) / s), 0.0, levels)
-        qhq, qh1, qhg = mx.sum((q @ h) * q, axis=1), q @ h1, mx.sum(gh * q, axis=1)
-        det = qhq * h11 - qh1 * qh1  # of the 2x2 normal equations in (scale, bias)
-        solvable = det > 1e-6 * qhq * h11
-        det = mx.where(solvable, det, 1.0)
-        new_scale = ((qhg * h11 - qh1 * gh1) / det).astype(mx.float16)
-        new_bias = ((qhq * gh1 - qh1 * qhg) / det).astype(mx.float16)
-        ns, nb = new_scale.astype(mx.float32)[:, None], new_bias.astype(mx.float32)[:, None]
-        e = g - (mx.clip(mx.round((g - nb) / mx.where(ns > 0, ns, 1.0)), 0.0, levels) * ns + nb)
-        new_error = mx.sum((e @ h) * e, axis=1)
-        better = solvable & (new_scale > 0) & (new_error < error)
-        scale, bias = mx.where(better, new_scale, scale), mx.where(better, new_bias, bias)
-        error = mx.where(better, new_error, error)
-    return scale, bias
 
 
 def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarray) -> float:
