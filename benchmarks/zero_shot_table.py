@@ -1,6 +1,6 @@
 """Zero-shot accuracy of the source, ours and mlx-lm's dynamic_quant at one budget.
 
-    python benchmarks/zero_shot_table.py [--model default] [--budget 4.0] [--quantizer awq]
+    python benchmarks/zero_shot_table.py [--model default] [--budget 4.0] [--quantizer awq-gptq]
                                          [--tasks piqa,arc_easy] [--limit 500] [--out result.json]
 
 Writes ``lsaq`` at ``--budget`` with ``--quantizer`` and mlx-lm's dynamic_quant rule at
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
     parser.add_argument("--budget", type=float, default=4.0)
-    parser.add_argument("--quantizer", default="awq", choices=list(QUANTIZERS))
+    parser.add_argument("--quantizer", default="awq-gptq", choices=list(QUANTIZERS))
     parser.add_argument("--tasks", default="piqa,arc_easy")
     parser.add_argument("--limit", type=int, default=500)
     parser.add_argument("--dq-tokens", type=int, default=2048)
