@@ -7,8 +7,7 @@ inputs; modules that read the same tensor (q, k and v; gate and up) share one ``
 The LM head's ``H`` comes from the final normed hidden states. The activations passed
 on are those of the layers as written where ``on_modules`` gives the written
 parameters (GPTQ's reference code does this; ``mlx_lm.gptq`` passes on the float
-source's): each layer is then calibrated on what the quantized layers before it
-compute, and compensates their error too.
+source's): each layer is then calibrated on the inputs the written model gives it.
 """
 
 from contextlib import contextmanager
@@ -57,8 +56,9 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
     ``paths`` of each decoder layer while it is loaded (``layer``: a
     ``CalibratedLayer``), then for the LM head (``layer`` None); ``H`` (float32 numpy)
     is the same array for modules sharing an input. If it returns parameters (names
-    relative to the layer), the layer's output with them is passed on to the next. With ``halves``, ``H`` is a pair:
-    the Hessians of two disjoint halves of the sequences. ``tokens``: (batch, length)."""
+    relative to the layer), the layer's output with them is passed on to the next.
+    With ``halves``, ``H`` is a pair: the Hessians of two disjoint halves of the
+    sequences. ``tokens``: (batch, length)."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
 

@@ -50,14 +50,14 @@ class HessianFactor:
 def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:
     """The act-order factor of ``hessian``: inputs by decreasing ``diag H``."""
     order = np.argsort(-np.diagonal(hessian), kind="stable")
-    return HessianFactor(inverse_hessian_factor(hessian, damp, order), order)
+    return HessianFactor(_inverse_hessian_factor(hessian, damp, order), order)
 
 
-def inverse_hessian_factor(hessian: np.ndarray, damp: float = DAMP, order: np.ndarray | None = None) -> np.ndarray:
+def _inverse_hessian_factor(hessian: np.ndarray, damp: float, order: np.ndarray) -> np.ndarray:
     """``U``: upper triangular, ``U^T U = (H + damp * mean(diag H) I)^-1``, ``H``'s
-    inputs permuted by ``order`` if given. Inputs that never fire (zero diagonal) get 1
-    there, so ``H`` stays invertible."""
-    h = np.array(hessian, dtype=np.float32) if order is None else hessian[np.ix_(order, order)].astype(np.float32)
+    inputs taken in ``order``. Inputs that never fire (zero diagonal) get 1 there, so
+    ``H`` stays invertible."""
+    h = hessian[np.ix_(order, order)].astype(np.float32)  # a copy, reordered
     diag = np.diagonal(h).copy()
     dead = diag <= 0
     h[dead, dead] = 1.0
