@@ -57,12 +57,12 @@ def main() -> None:
     ours = planner.plan(PlanRequest(method="lsaq", bits_budgets=[args.budget]))
     peer = dynamic_quant_plan(ctx, args.budget, dq_sensitivities(source, tokenizer, low, high, args.dq_tokens), low, high)
     folders = {f"lsaq+{args.quantizer}": (ours, args.quantizer), f"dynamic_quant {low}/{high}": (peer, "rtn")}
-    rows = [{"model": "source", "bits_per_weight": None, **evaluate(args.model, args.tasks, args.limit)}]
+    rows = [{**evaluate(args.model, args.tasks, args.limit), "model": "source", "bits_per_weight": None}]
     for name, (plan, quantizer) in folders.items():
         out = work / name.replace(" ", "-").replace("/", "-")
         report = convert(source, plan, out, quantizer=quantizer)
-        rows.append({"model": name, "bits_per_weight": report.bits_per_weight,
-                     **evaluate(str(out), args.tasks, args.limit)})
+        rows.append({**evaluate(str(out), args.tasks, args.limit), "model": name,
+                     "bits_per_weight": report.bits_per_weight})
         print(f"  {name}: {report.bits_per_weight:.3f} bpw", flush=True)
 
     tasks = args.tasks.split(",")
