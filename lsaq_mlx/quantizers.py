@@ -22,7 +22,7 @@ QUANTIZERS = {q.name: q for q in (
     Quantizer("gptq", False, True, "GPTQ: columns taken largest input first, each one's rounding error compensated "
                                    "in the columns not yet quantized, using the module's input Hessian on calibration "
                                    "text; each layer is calibrated on what the quantized layers before it compute "
-                                   "(linear modules; embeddings stay round to nearest)"),
+                                   "(linear modules, and an embedding tied to the LM head as the head; other embeddings stay round to nearest)"),
     Quantizer("awq", True, False, "activation-aware equalization, then round to nearest: per input channel scales "
                                   "searched on calibration text, folded into the norm or up_proj before the module, "
                                   "and each group's range clipped where that lowers its output error"),

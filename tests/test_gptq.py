@@ -122,7 +122,7 @@ def test_the_ratio_table_prices_every_linear_module_and_is_cached(tiny_source, e
     table = lambda: pricing.ratio_table(source.fingerprint, load_calibration(None), ctx, StreamedModel(source),
                                         load_tokenizer(source))
     ratios = table()
-    assert set(ratios) == {q.path for q in ctx.modules if "embed" not in q.path}  # tied: no LM head of its own
+    assert set(ratios) == {q.path for q in ctx.modules}  # tied: the embedding is priced as the LM head
     assert all(0 < r < 1.5 for rs in ratios.values() for r in rs.values())
     monkeypatch.setattr(pricing, "each_layer_hessians", lambda *a, **k: pytest.fail("recomputed a cached table"))
     assert table() == ratios
@@ -180,3 +180,34 @@ def test_each_layer_is_calibrated_on_what_the_layer_before_it_computes_as_writte
     assert mx.array_equal(writer._as_written({f"model.layers.0.mlp.down_proj.{k}": v for k, v in codes.items()},
                                              "model.layers.0.", plan.modules)["mlp.down_proj.weight"],
                           mx.dequantize(codes["weight"], codes["scales"], codes["biases"], 32, 3))
+
+
+def test_an_embedding_tied_to_the_lm_head_is_written_by_gptq_on_the_final_hidden_states(tiny_source, tmp_path,
+                                                                                       monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens, each_layer_hessians
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("qwen2")  # tied embeddings
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
+    heads = {}
+
+    def spying(streamed, tokens, paths, on_modules, progress=None):
+        def spy(modules, hessians, layer):
+            if layer is None:
+                heads.update({p: (np.array(m.weight.astype(mx.float32)), hessians[p]) for p, m in modules.items()})
+            return on_modules(modules, hessians, layer)
+        each_layer_hessians(streamed, tokens, paths, spy, progress)
+
+    monkeypatch.setattr(writer, "each_layer_hessians", spying)
+    weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["gptq"])
+    assert list(heads) == ["model.embed_tokens"]
+    weight, hessian = heads["model.embed_tokens"]
+    codes = weights["model.embed_tokens"]
+    written = mx.dequantize(codes["weight"], codes["scales"], codes["biases"], 32, 3)
+    rtn = mx.dequantize(*mx.quantize(mx.array(weight), 32, 3), 32, 3)
+    assert output_error(weight, np.array(written), hessian) < 0.9 * output_error(weight, np.array(rtn), hessian)

@@ -4,7 +4,8 @@ calibration text through the source a decoder layer at a time
 
 While a layer is loaded its forward runs again with the wanted modules recording their
 inputs; modules that read the same tensor (q, k and v; gate and up) share one ``H``.
-The LM head's ``H`` comes from the final normed hidden states. The activations passed
+The LM head's ``H`` (or, tied, the embedding's) comes from the final normed hidden
+states. The activations passed
 on are those of the layers as written where ``on_modules`` gives the written
 parameters (GPTQ's reference code does this; ``mlx_lm.gptq`` passes on the float
 source's): each layer is then calibrated on the inputs the written model gives it.
@@ -19,6 +20,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from lsaq_mlx.modules import inner_model
 from lsaq_mlx.scoring.lens import find_lens
 from lsaq_mlx.sources.streaming import forward_by_rows
 
@@ -54,11 +56,11 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
                         halves: bool = False) -> None:
     """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
     ``paths`` of each decoder layer while it is loaded (``layer``: a
-    ``CalibratedLayer``), then for the LM head (``layer`` None); ``H`` (float32 numpy)
-    is the same array for modules sharing an input. If it returns parameters (names
-    relative to the layer), the layer's output with them is passed on to the next.
-    With ``halves``, ``H`` is a pair: the Hessians of two disjoint halves of the
-    sequences. ``tokens``: (batch, length)."""
+    ``CalibratedLayer``), then for the LM head or the embedding tied to it (``layer``
+    None); ``H`` (float32 numpy) is the same array for modules sharing an input. If it
+    returns parameters (names relative to the layer), the layer's output with them is
+    passed on to the next. With ``halves``, ``H`` is a pair: the Hessians of two
+    disjoint halves of the sequences. ``tokens``: (batch, length)."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
 
@@ -78,12 +80,23 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
 
     hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
     holder = streamed.model.get("language_model", streamed.model)
-    if "lm_head" in paths and "lm_head" in holder and isinstance(holder["lm_head"], nn.Linear):
+    head = head_path(streamed.model)
+    if head in paths:
         normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)
         parts = [normed[0::2], normed[1::2]] if halves else [normed]
         h = tuple(np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts)
-        on_modules({"lm_head": holder["lm_head"]}, {"lm_head": h if halves else h[0]}, None)
+        on_modules({head: dict(streamed.model.named_modules())[head]}, {head: h if halves else h[0]}, None)
     step()
+
+
+def head_path(model: nn.Module) -> str | None:
+    """The path of the matrix that maps the final hidden state to logits: the LM head,
+    or the embedding where the head is tied to it."""
+    holder = model.get("language_model", model)
+    if "lm_head" in holder:
+        return "lm_head" if isinstance(holder["lm_head"], nn.Linear) else None
+    embedding = inner_model(model).get("embed_tokens")
+    return next((p for p, m in model.named_modules() if m is embedding), None)
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.progress import progress_bar
 
-RATIO_VERSION = 3  # part of the table's key: bump when GPTQ or the estimate changes
+RATIO_VERSION = 4  # part of the table's key: bump when GPTQ or the estimate changes
 SAMPLE_ROWS = 64
 
 
@@ -56,8 +56,9 @@ def _errors(d: np.ndarray, hessian: np.ndarray, parts: int) -> np.ndarray:
 
 
 def ratio_table(fingerprint: str, calib, ctx, streamed, tokenizer) -> dict[str, dict[str, float]]:
-    """``{path: {choice.key: ratio}}`` for the linear modules of ``ctx`` (embeddings have
-    none: they stay round to nearest), from the cache or computed on ``streamed``."""
+    """``{path: {choice.key: ratio}}`` for the linear modules of ``ctx`` and an embedding
+    tied to the LM head (other embeddings have none: they stay round to nearest), from
+    the cache or computed on ``streamed``."""
     path = cache_entry("errors", fingerprint) / f"gptq-{_key(fingerprint, calib)}.json"
     expected = {q.path: {c.key for c in q.choices() if isinstance(c, Affine)} for q in ctx.modules}
     table = read_cache_json(path, "GPTQ ratio table", lambda d: _check(d, expected))

@@ -4,9 +4,9 @@ loaded; the layer's groups are equalized first where asked (``equalization``), t
 each module is quantized at its planned bits and group size, with GPTQ or round to
 nearest, and written to a scratch folder, one safetensors file per layer; the next
 layer is calibrated on this one's output as written (dequantized). The LM head
-goes through GPTQ in row blocks (it is not equalized: tied to the embedding, or fed by
-the final norm that the lens reads). Embeddings are lookups without an input Hessian:
-they stay round-to-nearest.
+goes through GPTQ in row blocks (it is not equalized: fed by the final norm that the
+lens reads), and so does an embedding tied to it: as the head, the larger part of its
+error. Other embeddings are lookups without an input Hessian: round to nearest.
 """
 
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ import numpy as np
 from lsaq_mlx.equalization.clipping import UNCLIPPED, clipped_weight, group_blocks
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
-from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians
+from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path
 from lsaq_mlx.gptq.solver import AffineCodes, HessianFactor, gptq_quantize, hessian_factor
 from lsaq_mlx.planning.choices import Affine
 
@@ -44,7 +44,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     changed. Without GPTQ the LM head is left to the caller (round to nearest)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     if not quantizer.compensate:
-        affine.pop("lm_head", None)
+        affine.pop(head_path(streamed.model), None)
     count = count if count is not None else EqualizationCount()
     written: dict[str, dict] = {}
 
