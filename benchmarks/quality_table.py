@@ -19,9 +19,9 @@ high = the next bit width (its default pairing is 4/5).
 With ``--quantizers rtn gptq awq awq-gptq`` every lsaq plan is also written with each
 calibrated quantizer (the same bits; calibration on the packaged text, which is not
 WikiText; rows ``<method>+<quantizer>``, what ``convert --quantizer ...`` writes). With ``--priced P ...``,
-``lsaq+gptq priced^P`` rows are lsaq plans whose every choice is priced by its cost
+``lsaq+<Q> priced^P`` rows are lsaq plans whose every choice is priced by its cost
 times (its error after GPTQ / its error after round to nearest)^P (``gptq.pricing``),
-written with GPTQ: pricing by the compensated error, or by a damped estimate of it.
+written with ``--priced-quantizer`` Q (gptq by default): pricing by the compensated error, or by a damped estimate of it.
 
 With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
 ``mlx_lm.gptq``, ``mlx_lm.awq``) run on the same source folder and calibration text,
@@ -140,7 +140,9 @@ def main() -> None:
                         help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3; "
                              "each also gets a lsaq plan at its bits per weight (--peer-quantizer), and a table against them")
     parser.add_argument("--priced", type=float, nargs="*", default=[],
-                        help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P, written with GPTQ")
+                        help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P")
+    parser.add_argument("--priced-quantizer", default="gptq", choices=list(QUANTIZERS),
+                        help="the quantizer that writes the --priced plans")
     parser.add_argument("--peer-quantizer", default="awq", choices=list(QUANTIZERS),
                         help="how ours is written at each peer's bits per weight")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
@@ -194,7 +196,8 @@ def main() -> None:
         runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), args.peer_quantizer,
                      f"lsaq+{args.peer_quantizer}"))
     for budget, power in [(b, p) for b in args.budgets for p in args.priced]:
-        runs.append((priced_plan(planner, ctx, errors, budget, power), "gptq", f"lsaq+gptq priced^{power:g}"))
+        runs.append((priced_plan(planner, ctx, errors, budget, power), args.priced_quantizer,
+                     f"lsaq+{args.priced_quantizer} priced^{power:g}"))
     for plan, quantizer, method in runs:
         with tempfile.TemporaryDirectory() as scratch:
             quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))
