@@ -127,6 +127,15 @@ def print_against_peers(rows: list[dict], ours: tuple[float, int], quantizer: st
           f"{ours[0]:.0f} s, {ours[1] / 1e9:.2f} GB")
 
 
+def save_rows(out: str | None, rows: list[dict], source_result, source_second, **extra) -> None:
+    """The rows so far as JSON at ``out`` (rewritten after every row: a long run that stops
+    keeps what it measured)."""
+    if out:
+        Path(out).write_text(json.dumps({"source_perplexity": source_result.perplexity.perplexity,
+                                         "source_perplexity_second": source_second.perplexity.perplexity,
+                                         "rows": rows} | extra, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
@@ -192,18 +201,23 @@ def main() -> None:
     for peer in args.peers:
         row = peer_row(peer, source, Path(work.name), reference, second, args)
         rows.append(row)
+        save_rows(args.out, rows, source_result, source_second)
         at = math.floor(row["bits_per_weight"] * 1000) / 1000
         runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), args.peer_quantizer,
                      f"lsaq+{args.peer_quantizer}"))
     for budget, power in [(b, p) for b in args.budgets for p in args.priced]:
         runs.append((priced_plan(planner, ctx, errors, budget, power), args.priced_quantizer,
                      f"lsaq+{args.priced_quantizer} priced^{power:g}"))
+    measured_plans = {}  # a peer's bits per weight often gives the plan of a round budget: written once
     for plan, quantizer, method in runs:
-        with tempfile.TemporaryDirectory() as scratch:
-            quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))
-            prepare_for_compute(quantized)
-            result, result_second = compare_to_reference(quantized, reference), compare_to_reference(quantized, second)
-            del quantized
+        key = (quantizer, json.dumps({p: c.config() for p, c in plan.modules.items()}, sort_keys=True))
+        if key not in measured_plans:
+            with tempfile.TemporaryDirectory() as scratch:
+                quantized, _ = quantized_model(source, plan, model, quantizer, scratch=Path(scratch))
+                prepare_for_compute(quantized)
+                measured_plans[key] = compare_to_reference(quantized, reference), compare_to_reference(quantized, second)
+                del quantized
+        result, result_second = measured_plans[key]
         budget = plan.budget.get("bits_per_weight")
         rows.append({"budget": budget, "method": method, "quantizer": quantizer,
                      "bits_per_weight": plan.predicted_bits_per_weight,
@@ -213,6 +227,7 @@ def main() -> None:
                      "details": {k: v for k, v in plan.details.items() if k != "module_bytes_by_layer"}})
         print(f"  {method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
+        save_rows(args.out, rows, source_result, source_second)
     if args.peers:
         ours = measured([sys.executable, "-m", "lsaq_mlx", "convert", "-m", str(source.path), "-b", "4.0",
                          "--quantizer", args.peer_quantizer, "-o", str(Path(work.name) / "ours-4.0")],
@@ -241,11 +256,8 @@ def main() -> None:
         rho_all = spearman([r["predicted_cost"] for r in priced], [r["kl"] for r in priced])
         print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
               f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"source_perplexity": source_result.perplexity.perplexity,
-                       "source_perplexity_second": source_second.perplexity.perplexity, "rows": rows,
-                       "cost_model_spearman_held_out": rho}, f, indent=2)
+    save_rows(args.out, rows, source_result, source_second, cost_model_spearman_held_out=rho,
+              ours_convert={"seconds": ours[0], "peak_rss": ours[1]} if args.peers else None)
 
 
 if __name__ == "__main__":
