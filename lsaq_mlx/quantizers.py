@@ -9,6 +9,7 @@ class Quantizer:
     equalize: bool  # AWQ-style input scales searched and folded first (``equalization``); clipping without GPTQ
     compensate: bool  # GPTQ rather than round to nearest (``gptq``)
     help: str
+    refit: bool = False  # GPTQ's scales and biases refitted to its codes (``gptq.refit``)
 
     @property
     def calibrated(self) -> bool:
@@ -28,4 +29,7 @@ QUANTIZERS = {q.name: q for q in (
                                   "and each group's range clipped where that lowers its output error"),
     Quantizer("awq-gptq", True, True, "equalization as awq, then GPTQ on the equalized weights, each group's range "
                                       "clipped before GPTQ (not q_proj, k_proj)"),
+    Quantizer("awq-gptq-refit", True, True, "awq-gptq, then each row's scales and biases refitted to its GPTQ codes: "
+                                            "the least-squares minimum of its output error on the calibration inputs",
+              refit=True),
 )}

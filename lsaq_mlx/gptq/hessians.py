@@ -79,7 +79,6 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
             return forward_by_rows(forward, x_in, rows)
 
     hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
-    holder = streamed.model.get("language_model", streamed.model)
     head = head_path(streamed.model)
     if head in paths:
         normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)

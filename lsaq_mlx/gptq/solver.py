@@ -79,11 +79,16 @@ def _inverse_hessian_factor(hessian: np.ndarray, damp: float, order: np.ndarray)
 
 
 def gptq_quantize(weight: np.ndarray, factor: HessianFactor, bits: int, group_size: int,
-                  hessian: np.ndarray | None = None) -> AffineCodes:
+                  hessian: np.ndarray | None = None, refit_by: np.ndarray | None = None) -> AffineCodes:
     """``weight`` (rows, cols; float) quantized with act-order GPTQ given ``factor``
     (``hessian_factor``), each group's scale and bias fixed first; given ``hessian``,
-    each group's range is also clipped (``_group_scales``)."""
+    each group's range is also clipped (``_group_scales``); given ``refit_by`` (the
+    input Hessian), scales and biases are then refitted to the codes (``refit``)."""
     codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
+    if refit_by is not None:
+        from lsaq_mlx.gptq.refit import refitted_scales
+
+        scales, biases = refitted_scales(weight, codes, scales, biases, refit_by, group_size)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
 
 

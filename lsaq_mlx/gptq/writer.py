@@ -60,7 +60,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             if quantizer.compensate and id(h) not in factors:
                 factors[id(h)] = hessian_factor(h)
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
-            codes = _quantized(weights[path], factors.get(id(h)), affine[path], h if clip else None)
+            codes = _quantized(weights[path], factors.get(id(h)), affine[path], h if clip else None,
+                               h if quantizer.refit else None)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -147,11 +148,12 @@ def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
 
 
-def _quantized(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None = None
-               ) -> AffineCodes:
+def _quantized(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None = None,
+               refit_by: np.ndarray | None = None) -> AffineCodes:
     """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
     (rows are independent); given ``clip_by`` (the input Hessian), each group's range
-    clipped where that lowers its error."""
+    clipped where that lowers its error; given ``refit_by`` (the same), GPTQ's scales
+    and biases refitted to its codes."""
     rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
     blocks = group_blocks(clip_by, choice.group_size) if clip_by is not None and factor is None else None
     parts = []
@@ -159,16 +161,17 @@ def _quantized(weight: mx.array, factor: HessianFactor | None, choice: Affine, c
         block = weight[r : r + rows]
         if blocks is not None:
             block = clipped_weight(block, blocks, choice)
-        parts.append(_block_codes(block, factor, choice, clip_by))
+        parts.append(_block_codes(block, factor, choice, clip_by, refit_by))
     if len(parts) == 1:
         return parts[0]
     return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
 
 
-def _block_codes(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None
-                 ) -> AffineCodes:
+def _block_codes(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None,
+                 refit_by: np.ndarray | None) -> AffineCodes:
     if factor is not None:
-        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size, clip_by)
+        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size, clip_by,
+                             refit_by)
     q, s, b = mx.quantize(weight.astype(mx.float32), choice.group_size, choice.bits)
     return AffineCodes(np.array(q), np.array(s.astype(mx.float16)), np.array(b.astype(mx.float16)))
 
