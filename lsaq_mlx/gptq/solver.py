@@ -86,7 +86,7 @@ def gptq_quantize(weight: np.ndarray, factor: HessianFactor, bits: int, group_si
     input Hessian), scales and biases are then refitted to the codes (``refit``)."""
     codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
     if refit_by is not None:
-        from lsaq_mlx.gptq.refit import refitted_scales
+        from lsaq_mlx.gptq.refit import refitted_scales  # refit reads this module's error measure
 
         scales, biases = refitted_scales(weight, codes, scales, biases, refit_by, group_size)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
