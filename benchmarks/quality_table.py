@@ -24,7 +24,7 @@ times (its error after GPTQ / its error after round to nearest)^P (``gptq.pricin
 written with ``--priced-quantizer`` Q (gptq by default): pricing by the compensated error, or by a damped estimate of it.
 
 With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
-``mlx_lm.gptq``, ``mlx_lm.awq``) run on the same source folder and calibration text,
+``mlx_lm.gptq``, ``mlx_lm.awq``, ``mlx_lm.dwq``) run on the same source folder and calibration text,
 each in its own process (wall time, peak memory), are evaluated the same way, and
 ``lsaq+<--peer-quantizer>`` is also planned at each one's bits per weight; a last table
 puts each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer <it>`` is timed
@@ -77,7 +77,7 @@ def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
     from lsaq_mlx.sources import load_model
 
     out = work / peer
-    tokens = args.awq_tokens if peer.startswith("awq") and args.awq_tokens else args.peer_tokens
+    tokens = {"awq": args.awq_tokens, "dwq": args.dwq_tokens}.get(peer.split("-")[0]) or args.peer_tokens
     wall, rss = measured([sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens",
                           str(tokens), "--n-grid", str(args.awq_grid)])
     quantized = load_model(resolve_model(str(out)), compute=False)[0]
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
     parser.add_argument("--peers", nargs="*", default=[],
-                        help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3; "
+                        help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3 dwq-4; "
                              "each also gets a lsaq plan at its bits per weight (--peer-quantizer), and a table against them")
     parser.add_argument("--priced", type=float, nargs="*", default=[],
                         help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P")
@@ -156,6 +156,8 @@ def main() -> None:
                         help="how ours is written at each peer's bits per weight")
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
     parser.add_argument("--awq-tokens", type=int, default=None, help="calibration tokens of mlx_lm.awq (default --peer-tokens)")
+    parser.add_argument("--dwq-tokens", type=int, default=None,
+                        help="calibration tokens of mlx_lm.dwq, in sequences of --seq-len + 1 (default --peer-tokens)")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
