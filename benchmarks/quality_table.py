@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--peer-tokens", type=int, default=8192, help="calibration tokens of the peers (x 512)")
     parser.add_argument("--awq-tokens", type=int, default=None, help="calibration tokens of mlx_lm.awq (default --peer-tokens)")
     parser.add_argument("--dwq-tokens", type=int, default=None,
-                        help="calibration tokens of mlx_lm.dwq, in sequences of --seq-len + 1 (default --peer-tokens)")
+                        help="calibration tokens of mlx_lm.dwq (x 513: the peers' 512 plus the one dwq drops; "
+                             "default --peer-tokens)")
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
