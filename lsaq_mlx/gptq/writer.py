@@ -49,10 +49,13 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     written: dict[str, dict] = {}
 
     def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
-        weights = {p: m.weight.astype(mx.float32) for p, m in modules.items()}
+        equalizing = quantizer.equalize and layer is not None
+        # Equalization scales whole matrices; otherwise row blocks are upcast as they are
+        # quantized, so the LM head (as stored on the CPU) is never in float32 at once.
+        weights = {p: m.weight.astype(mx.float32) if equalizing else m.weight for p, m in modules.items()}
         biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
-        if quantizer.equalize and layer is not None:
+        if equalizing:
             arrays = _equalize(layer, affine, weights, biases, hessians, count)
         factors: dict[int, HessianFactor] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
