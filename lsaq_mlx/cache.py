@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_json
 
 CACHE_ENV = "LSAQ_MLX_CACHE"
 MARKER = ".lsaq-mlx"  # in every folder lsaq-mlx writes; hidden, so pack leaves it out
@@ -105,8 +106,8 @@ def file_sha256(path: Path) -> str:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except UserError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -119,7 +120,7 @@ def read_cache_json(path: Path, what: str, parse=lambda data: data):
     if not Path(path).is_file():
         return None
     try:
-        return parse(json.loads(Path(path).read_text(encoding="utf-8")))
+        return parse(read_json(path))
     except (OSError, ValueError, TypeError, KeyError, AttributeError, UserError) as e:
         log.warning("warning: the cached %s %s is damaged (%s); recomputing it", what, path, _reason(e))
         return None
@@ -130,8 +131,8 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def write_json_atomic(path: Path, data) -> None:
-    with atomic_file(path) as tmp:
+def write_json_atomic(path: Path, data, force: bool = True, make_folders: bool = True) -> None:
+    with atomic_file(path, force, make_folders) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -217,10 +218,11 @@ def atomic_dir(target: Path, force: bool = False):
     """
     target = Path(target)
     with _write_errors_name(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_parent(target)
         sweep_stale(target.parent)
         check_replaceable(target, force)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target.name)))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide a user's model from other users
         try:
             yield tmp
             (tmp / MARKER).write_text('{"written_by": "lsaq-mlx"}\n')
@@ -251,24 +253,76 @@ def check_replaceable(target: Path, force: bool) -> None:
 
 
 @contextmanager
-def atomic_file(target: Path):
-    """Yield a temporary path beside ``target``; on success it replaces ``target``.
+def atomic_file(target: Path, force: bool = True, make_folders: bool = True):
+    """Yield a temporary path beside ``target``; on success it replaces ``target`` (an
+    existing one only with ``force``) and has the permissions ``open`` would give it.
+    ``make_folders``: create the folders it goes in (not for a path the user typed:
+    a missing folder there is more likely a typo).
 
     On any exception the temporary file is removed, so a half-written file never
     appears under the target name; failed writes name ``target`` and the cause.
     """
     target = Path(target)
     with _write_errors_name(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _check_new(target, force)
+        if target.is_dir():
+            raise UserError(f"{target} is a folder: name a file to write")
+        if not make_folders and not target.parent.is_dir():
+            raise UserError(f"the folder {target.parent} does not exist: cannot write {target}")
+        make_parent(target)
         sweep_stale(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
         os.close(fd)
         try:
             yield Path(tmp)
+            if os.path.exists(tmp):
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, as if written with open()
+            _check_new(target, force)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def check_output_file(target: Path, force: bool) -> None:
+    """Before the work that makes it: whether a file the user named can be written
+    (it does not exist, or ``force``; its folder exists; it is not a folder)."""
+    target = Path(target)
+    _check_new(target, force)
+    if target.is_dir():
+        raise UserError(f"{target} is a folder: name a file to write")
+    for folder in reversed(target.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder: cannot write {target}")
+    if not target.parent.is_dir():
+        raise UserError(f"the folder {target.parent} does not exist: cannot write {target}")
+
+
+def _check_new(target: Path, force: bool) -> None:
+    if not force and (target.exists() or target.is_symlink()):
+        raise UserError(f"{target} already exists", setting="force")
+
+
+def make_parent(target: Path) -> None:
+    """Create the folder ``target`` goes in; a file in the way is a ``UserError`` naming it."""
+    for folder in [*reversed(Path(target).parents)]:
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} is a file, not a folder: cannot write {target}")
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+
+
+_UMASK: list[int] = []
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask (read once: reading it means setting it)."""
+    with _UMASK_LOCK:
+        if not _UMASK:
+            old = os.umask(0o022)
+            os.umask(old)
+            _UMASK.append(old)
+    return _UMASK[0]
 
 
 @contextmanager

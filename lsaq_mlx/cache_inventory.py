@@ -8,13 +8,14 @@ and is named by its folder. Only entries
 lsaq-mlx made are listed or removed: names that are not ours are left alone.
 """
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lsaq_mlx.cache import cache_dir, is_key, is_ours
+from lsaq_mlx.documents import read_json
+from lsaq_mlx.errors import UserError
 
 KINDS = {"models": "GGUF import", "packs": "unpacked pack", "errors": "cost tables", "scores": "layer scores",
          "layers": "layer store", "data": "evaluation data"}
@@ -101,16 +102,16 @@ def _size(path: Path) -> tuple[int, float]:
 
 def _origin(folder: Path) -> str | None:
     try:
-        source = json.loads((folder / "config.json").read_text()).get("lsaq_source", {})
+        source = read_json(folder / "config.json").get("lsaq_source", {})
         return Path(source["file"]).name if isinstance(source, dict) and isinstance(source.get("file"), str) else None
-    except (OSError, ValueError):
+    except (UserError, AttributeError):
         return None
 
 
 def _scores_model(path: Path) -> tuple[str | None, str | None]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except UserError:
         return None, None
     if not isinstance(data, dict):
         return None, None

@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_json
 
 MAX_HEADER_BYTES = 100 << 20
 MAX_CONFIG_BYTES = 16 << 20
@@ -38,10 +39,7 @@ def read_config(folder: Path) -> dict:
         raise UserError(f"{folder} is not a model folder: config.json is missing")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise UserError(f"{path} is too large to be a model config")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON: {e}") from None
+    config = read_json(path, max_bytes=MAX_CONFIG_BYTES)
     check_config(config, path)
     return config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # earlier stages first; a module may import its own stage and earlier ones only
 STAGES = [
-    {"errors", "cache", "cache_inventory", "formats", "names", "modules", "progress", "sizes", "backend", "storage", "swsc", "data"},
+    {"errors", "documents", "cache", "cache_inventory", "formats", "names", "modules", "progress", "sizes", "backend", "storage", "swsc", "data"},
     {"sources"},
     {"scoring"},
     {"planning"},

@@ -161,6 +161,6 @@ def test_plans_round_trip_as_json(planning, tmp_path):
     loaded = PlanSet.load(tmp_path / "s.json")
     assert [p.predicted_bytes for p in loaded.plans] == sorted(p.predicted_bytes for p in plans)
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(UserError, match="not a plan"):
+    with pytest.raises(UserError, match="plan file .* is not valid JSON"):
         QuantPlan.load(tmp_path / "bad.json")
     assert json.loads((tmp_path / "p.json").read_text())["type"] == "QuantPlan"

@@ -10,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from lsaq_mlx.cache import cache_dir
+from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError, os_error_line
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, Ready, ReplyDone, StateUpdate, Swapped, Token
@@ -22,7 +22,7 @@ HELP = """commands:
   /layers        every module's bits/group size, layer by layer
   /system TEXT   set the system prompt
   /reset         forget the conversation
-  /save FILE     write the conversation as JSON
+  /save FILE     write the conversation as JSON (/save --force FILE replaces a file)
   /help          this text
   /quit          leave"""
 
@@ -63,7 +63,7 @@ class ChatSession:
         """Run one input line; False means leave. A command that fails is reported and
         the chat goes on (only the engine stopping ends it)."""
         try:
-            return self._handle(line)
+            return self._handle(valid_text(line))
         except OSError as e:
             self.print(f"[error: {os_error_line(e)}]")
         except EngineStopped:
@@ -117,7 +117,10 @@ class ChatSession:
                     self.print(json.dumps(state.to_dict(), indent=2, default=str))
                 else:
                     self.print(stats_summary(state))
-        elif command == "system" and arg:
+        elif command == "system":
+            if not arg:
+                self.print("[usage: /system TEXT, e.g. /system You answer in French.]")
+                return True
             self.engine.set_system(arg)
             self.wait(StateUpdate)
             self.print("[system prompt set]")
@@ -125,12 +128,35 @@ class ChatSession:
             self.engine.reset()
             self.wait(StateUpdate)
             self.print("[conversation reset]")
-        elif command == "save" and arg:
-            Path(arg).write_text(json.dumps(self.engine.messages, indent=2, ensure_ascii=False) + "\n")
-            self.print(f"[saved {len(self.engine.messages)} messages to {arg}]")
+        elif command == "save":
+            self._save(arg)
         else:
             self.print(f"[unknown command '{line}'; /help lists them]")
         return True
+
+
+    def _save(self, arg: str) -> None:
+        force = arg.startswith("--force ")
+        path = arg.removeprefix("--force ").strip()
+        if not path:
+            self.print("[usage: /save FILE, or /save --force FILE to replace one]")
+            return
+        messages = list(self.engine.messages)
+        if not force and Path(path).exists():
+            self.print(f"[{path} exists: /save --force {path} replaces it]")
+            return
+        with atomic_file(Path(path), force, make_folders=False) as tmp:
+            tmp.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        self.print(f"[saved {len(messages)} messages to {path}]")
+
+
+def valid_text(line: str) -> str:
+    """``line`` with what is not text (undecodable input bytes, lone surrogates) as U+FFFD,
+    so no message can make the conversation untokenizable or unsavable."""
+    try:
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return line.encode("utf-8", "replace").decode("utf-8")
 
 
 def banner(state, model: str, sampling: str) -> str:
@@ -173,6 +199,8 @@ def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) ->
     """Talk to ``engine``; ``title(state)``: the banner, from the engine's state when it
     is ready (on stderr when scripted, so stdout holds only the replies)."""
     stdin = stdin or sys.stdin
+    if hasattr(stdin, "reconfigure"):  # undecodable bytes reach valid_text, not a traceback
+        stdin.reconfigure(errors="surrogateescape")
     session = ChatSession(engine, max_tokens)
     if title:
         ready = session.wait(Ready)

@@ -43,6 +43,7 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="A TOML file: \\[eval] settings and \\[\\[grid]] tables of models, methods, budgets (see the README).")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Results folder (default: the spec's `out`, else <spec>-results beside it).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="List the cells and which are already done; evaluate nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Write results into a folder lsaq-mlx did not make, or where the spec's `out` leads outside its folder.")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a grid of models x methods x budgets; resumes where it stopped. Under `mlx.launch -n N` the cells are shared among the processes.
@@ -52,7 +53,7 @@ def sweep(
     from lsaq_mlx.sweep.run import Sweep
     from lsaq_mlx.sweep.spec import SweepSpec
 
-    runner = Sweep(SweepSpec.load(spec, out))
+    runner = Sweep(SweepSpec.load(spec, out, force), force=force)
     if dry_run:
         runner.check_inputs()
         cells = runner.status()

@@ -57,5 +57,7 @@ FLAGS = {
     "temp": "--temp", "top_p": "--top-p", "min_p": "--min-p", "max_kv_size": "--max-kv-size", "older_than": "--older-than",
     "tokens": "--tokens", "seq_len": "--seq-len", "top_k": "--top-k", "sets": "--sets", "bits": "--bits",
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
-    "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve",
+    "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve", "seed": "--seed",
+    "high_bits": "--high-bits", "low_bits": "--low-bits", "group_size": "--group-size", "context": "--context",
+    "low_fraction": "--low-fraction", "limit": "--limit", "reference": "--reference",
 }

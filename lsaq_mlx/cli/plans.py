@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lsaq_mlx.cache import check_output_file
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import (
     BudgetOption,
@@ -56,6 +57,7 @@ def plan(
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the file --out names if it exists.")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets).
@@ -70,11 +72,13 @@ def plan(
     request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
                        context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
                        low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
+    if out:
+        check_output_file(out, force)
     source = resolve_model(model)
     plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
     if out:
-        result.save(out)
+        result.save(out, force, make_folders=False)
     if json_out:
         return emit_json({"model": source.spec or "default"} | result.to_dict())
     for p in plans:

@@ -5,6 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from lsaq_mlx.cache import check_output_file
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import JsonOption, ModelOption
 from lsaq_mlx.cli.output import emit_json, err
@@ -26,6 +27,7 @@ def score(
     skip_tokens: Annotated[int, typer.Option(metavar="N", help="Start this many tokens into the calibration text.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Also write the LayerScores JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Write a PNG plot of the scores by layer.")] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the files --out and --plot name if they exist.")] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", help="Recompute even when cached.")] = False,
     json_out: JsonOption = False,
 ) -> None:
@@ -43,13 +45,16 @@ def score(
     opts = ScoreOptions(metric=metric, calib=calib, tokens=tokens, seq_len=seq_len, top_k=top_k, stride=stride,
                         sets=sets, seed=seed, bits=bits, skip_tokens=skip_tokens)
     opts.check()
+    for path in (out, plot):
+        if path:
+            check_output_file(path, force)
     source = resolve_model(model)
     cached = None if no_cache else cached_score(source, opts)
     result = cached or compute_scores(source, opts, use_cache=not no_cache)
     if out:
-        result.save(out)
+        result.save(out, force, make_folders=False)
     if plot:
-        plot_scores([result], plot)
+        plot_scores([result], plot, force=force)
     if json_out:
         return emit_json(result.to_dict() | {"cached": cached is not None})
     print_bar_chart(result)
@@ -60,6 +65,7 @@ def plot_scores_command(
     files: Annotated[list[Path], typer.Argument(help="LayerScores JSON files (from score --out).")],
     out: Annotated[Path, typer.Option("--out", "-o", metavar="PATH", help="PNG file to write.")] = Path("scores.png"),
     normalize: Annotated[bool, typer.Option(metavar="", help="Rescale each metric to [0, 1].")] = True,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the file --out names if it exists.")] = False,
 ) -> None:
     """Plot several score files (e.g. one per metric) as lines by layer in one PNG.
 
@@ -67,5 +73,6 @@ def plot_scores_command(
     from lsaq_mlx.cli.render.scores import plot_scores
     from lsaq_mlx.scoring.scores import LayerScores
 
-    plot_scores([LayerScores.load(f) for f in files], out, normalize)
+    check_output_file(out, force)
+    plot_scores([LayerScores.load(f) for f in files], out, normalize, force)
     err(f"wrote {out}")

@@ -32,12 +32,13 @@ def local_wikitext() -> Path | None:
     return next((r / WIKITEXT_FILE for r in data_roots() if (r / WIKITEXT_FILE).is_file()), None)
 
 
-def read_ppl_text(spec: str) -> tuple[str, str]:
+def read_ppl_text(spec: str, max_chars: int = -1) -> tuple[str, str]:
     """``(name, text)`` for ``--ppl``: ``auto`` (WikiText-2 test from a data folder or the
     hub, else the packaged text), ``wikitext2``, ``packaged``, a text file, or a folder
-    holding ``wiki.test.raw`` (or ``wikitext-2-raw/wiki.test.raw``)."""
+    holding ``wiki.test.raw`` (or ``wikitext-2-raw/wiki.test.raw``); the text's first
+    ``max_chars`` characters (-1: all of it)."""
     if spec == "packaged":
-        return PACKAGED_NAME, PACKAGED_TEXT.read_text(encoding="utf-8")
+        return PACKAGED_NAME, _read_text(PACKAGED_TEXT, max_chars)
     if spec in ("auto", "wikitext2"):
         path = local_wikitext()
         if path is None:
@@ -45,7 +46,7 @@ def read_ppl_text(spec: str) -> tuple[str, str]:
                 path = hub.fetch_wikitext()
             except hub.HubUnavailable as e:
                 if spec == "auto":
-                    return PACKAGED_NAME, PACKAGED_TEXT.read_text(encoding="utf-8")
+                    return PACKAGED_NAME, _read_text(PACKAGED_TEXT, max_chars)
                 raise UserError(f"WikiText-2 test is not in a data folder and not downloadable ({e}): set "
                                 f"{DATA_ENV} to a folder with {WIKITEXT_FILE}, or give a text file or packaged",
                                 setting="ppl") from None
@@ -53,7 +54,7 @@ def read_ppl_text(spec: str) -> tuple[str, str]:
         path = Path(spec)
         if path.is_dir():
             path = next((p for p in (path / "wiki.test.raw", path / WIKITEXT_FILE) if p.is_file()), path)
-    return _wikitext_name(path), _read_text(path)
+    return _wikitext_name(path), _read_text(path, max_chars)
 
 
 def _wikitext_name(path: Path) -> str:
@@ -61,9 +62,10 @@ def _wikitext_name(path: Path) -> str:
     return f"WikiText-2 test from {origin} ({path})" if origin else str(path)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, max_chars: int = -1) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            return f.read(max_chars)
     except FileNotFoundError:
         raise UserError(f"perplexity text not found: {path}", setting="ppl") from None
     except (UnicodeDecodeError, IsADirectoryError):

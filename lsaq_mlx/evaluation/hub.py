@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lsaq_mlx.cache import atomic_dir, cache_dir, file_sha256
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_json
 
 WIKITEXT_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"  # the original wiki.test.raw
 
@@ -73,9 +74,9 @@ def fetch_wikitext() -> Path:
 def source_label(folder: Path) -> str | None:
     """The dataset and revision a hub-fetched folder came from, or None."""
     try:
-        data = json.loads((folder / "SOURCE.json").read_text(encoding="utf-8"))
+        data = read_json(folder / "SOURCE.json", max_bytes=1 << 20)
         return ", ".join(str(d) for d in data["datasets"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, KeyError, TypeError):
         return None
 
 

@@ -40,6 +40,15 @@ class EvalResult:
         return asdict(self)
 
 
+def check_same_vocabulary(tokenizer, reference_tokenizer) -> None:
+    """KL compares distributions token by token: both models must share one vocabulary."""
+    ours, theirs = tokenizer.get_vocab(), reference_tokenizer.get_vocab()
+    if ours != theirs:
+        differ = next((t for t in ours if theirs.get(t) != ours[t]), None) or next(t for t in theirs if t not in ours)
+        raise UserError(f"the reference has another vocabulary ({len(theirs)} tokens, this model {len(ours)}; "
+                        f"token {differ!r} differs): KL needs the same tokenizer", setting="reference")
+
+
 def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: int) -> ReferenceDistributions:
     """The reference's distributions: streamed one layer at a time when it is large."""
     if streams(reference):
@@ -48,9 +57,22 @@ def reference_distributions(reference: ModelSource, tokens: list[int], seq_len: 
     return ReferenceDistributions.compute(ref_model, tokens, seq_len)
 
 
+CHARS_PER_TOKEN = 8  # a first guess of a prefix long enough; English runs about 4
+SPARE_TOKENS = 16
+
+
 def ppl_tokens(tokenizer, ppl: str, max_tokens: int) -> tuple[str, list[int]]:
-    name, text = read_ppl_text(ppl)
-    tokens = tokenizer.encode(text)[:max_tokens]
+    """The first ``max_tokens`` tokens of the text ``ppl``, reading and tokenizing only
+    a prefix of it: one that has a few tokens more than needed, so the last ones kept are
+    those of the whole text."""
+    chars = CHARS_PER_TOKEN * (max_tokens + SPARE_TOKENS)
+    while True:
+        name, text = read_ppl_text(ppl, chars)
+        tokens = tokenizer.encode(text)
+        if len(text) < chars or len(tokens) >= max_tokens + SPARE_TOKENS:
+            break
+        chars *= 4
+    tokens = tokens[:max_tokens]
     if len(tokens) < 2:
         raise UserError(f"{name} has fewer than two tokens")
     return name, tokens
@@ -78,6 +100,9 @@ class EvalRequest:
         if self.max_tokens < 2 or self.seq_len < 2:
             raise UserError("the perplexity text's tokens and the window length must be at least 2",
                             setting="max_tokens")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"the items per task must be at least 1, not {self.limit} (leave it out for all)",
+                            setting="limit")
 
 
 def evaluate(source: ModelSource, request: EvalRequest, reference: ModelSource | None = None, model=None,
@@ -93,6 +118,8 @@ def evaluate(source: ModelSource, request: EvalRequest, reference: ModelSource |
     ppl, seq_len = request.ppl, request.seq_len
     if ppl:
         name, tokens = ppl_tokens(tokenizer, ppl, request.max_tokens)
+        if reference is not None:
+            check_same_vocabulary(tokenizer, load_tokenizer(reference))
         if reference is not None and distributions is None:  # before the model is loaded: not both at once
             distributions = reference_distributions(reference, tokens, seq_len)
     if net is None:

@@ -19,6 +19,7 @@ from lsaq_mlx.cache import write_json_atomic
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_index
 from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice, choice_from_config
+from lsaq_mlx.documents import read_json
 
 PLAN_VERSION = 1
 
@@ -82,8 +83,8 @@ class QuantPlan:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         return json.loads(json.dumps(data | {"modules": {p: c.config() for p, c in self.modules.items()}}))
 
-    def save(self, path: Path) -> None:
-        write_json_atomic(Path(path), {"type": "QuantPlan", **self.to_dict()})
+    def save(self, path: Path, force: bool = True, make_folders: bool = True) -> None:
+        write_json_atomic(Path(path), {"type": "QuantPlan", **self.to_dict()}, force, make_folders)
 
     def swsc_modules(self) -> dict:
         """``{path: SWSCSettings}`` of the modules the plan gives to the SWSC codec."""
@@ -135,8 +136,8 @@ class PlanSet:
     def to_dict(self) -> dict:
         return {"type": "PlanSet", "version": self.version, "plans": [p.to_dict() for p in self.plans]}
 
-    def save(self, path: Path) -> None:
-        write_json_atomic(Path(path), self.to_dict())
+    def save(self, path: Path, force: bool = True, make_folders: bool = True) -> None:
+        write_json_atomic(Path(path), self.to_dict(), force, make_folders)
 
     @classmethod
     def load(cls, path: Path) -> "PlanSet":
@@ -147,9 +148,6 @@ class PlanSet:
 
 
 def _read_plan_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"plan file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a plan JSON file: {e}") from None
+    if not Path(path).exists():
+        raise UserError(f"plan file not found: {path}")
+    return read_json(path, f"plan file {path}")

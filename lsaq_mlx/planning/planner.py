@@ -12,6 +12,7 @@ from pathlib import Path
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning import cost_table
 from lsaq_mlx.planning.budgets import Budget, check_bits_budget, memory_budget
+from lsaq_mlx.planning.choices import BITS, GROUP_SIZES
 from lsaq_mlx.planning.cost import layer_weights
 from lsaq_mlx.planning.methods import (
     METHODS,
@@ -67,6 +68,18 @@ class PlanRequest:
                             setting="budget")
         for b in self.bits_budgets:
             check_bits_budget(b)
+        for name, value in (("bits", self.bits), ("high_bits", self.high_bits), ("low_bits", self.low_bits)):
+            if value is not None and value not in BITS:
+                raise UserError(f"{name.replace('_', ' ')} must be one of {', '.join(map(str, BITS))}, not {value}",
+                                setting=name)
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise UserError(f"the group size must be one of {', '.join(map(str, GROUP_SIZES))}, not {self.group_size}",
+                            setting="group_size")
+        if self.context < 1:
+            raise UserError(f"the context must be at least 1 token, not {self.context}", setting="context")
+        if self.low_fraction is not None and not 0 <= self.low_fraction <= 1:
+            raise UserError(f"the share of layers at low bits must be between 0 and 1, not {self.low_fraction}",
+                            setting="low_fraction")
         check_codecs(self.codecs)
 
 

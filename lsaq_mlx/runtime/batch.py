@@ -30,9 +30,10 @@ def batchable(job: Completion) -> bool:
 
 
 class CompletionBatch:
-    def __init__(self, model, tokenizer, context: int, max_kv_size: int | None, plan_now):
+    def __init__(self, model, tokenizer, context: int, vocabulary: int, max_kv_size: int | None, plan_now):
         """``plan_now() -> (bits per weight, swaps so far)``, for each completion's report."""
         self.model, self.tokenizer, self.context, self.plan_now = model, tokenizer, context, plan_now
+        self.vocabulary = vocabulary
         self.max_kv_size = max_kv_size
         self.prefix: tuple[list[int], list] | None = None  # a shared prompt prefix and its KV cache
         self.generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
@@ -45,7 +46,7 @@ class CompletionBatch:
         return bool(self.running)
 
     def add(self, jobs: list[Completion]) -> None:
-        jobs = [j for j in jobs if not j.refused(self.context)]
+        jobs = [j for j in jobs if not j.refused(self.context, self.vocabulary)]
         if not jobs:
             return
         if self.prefix is None:

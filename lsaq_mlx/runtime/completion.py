@@ -33,6 +33,7 @@ class Completion:
     text: str = ""  # everything generated, up to a stop sequence
     sent: int = 0  # characters of ``text`` sent as events
     stopped: bool = False  # a stop sequence was generated
+    ended: bool = False  # its done or error event is sent
 
     def cancel(self) -> None:
         """The caller has gone: the engine ends this completion at its next token (or skips it)."""
@@ -43,13 +44,17 @@ class Completion:
 
         return make_logits_processors(**self.logits) if self.logits else None
 
-    def refused(self, context: int) -> bool:
-        """Ends the completion before it starts when its caller has left or its prompt
-        does not fit ``context`` tokens; whether it did."""
+    def refused(self, context: int, vocabulary: int) -> bool:
+        """Ends the completion before it starts when its caller has left, its prompt does
+        not fit ``context`` tokens, or a token id it names is outside ``vocabulary`` (MLX
+        does not check indices: one would crash the process); whether it did."""
+        ids = [*self.tokens, *(self.logits.get("logit_bias") or ())]
         if self.cancelled.is_set():
             self.finish("cancelled", len(self.tokens), 0, {})
-        elif len(self.tokens) >= context:
+        elif not self.tokens or len(self.tokens) >= context:
             self.fail(f"the prompt is {len(self.tokens)} tokens; the model's context holds {context}")
+        elif not all(isinstance(t, int) and 0 <= t < vocabulary for t in ids):
+            self.fail(f"a token id is outside the model's vocabulary of {vocabulary}")
         else:
             return False
         return True
@@ -78,9 +83,13 @@ class Completion:
                  "total_tokens": prompt_tokens + completion_tokens,
                  "prompt_tokens_details": {"cached_tokens": cached_tokens}}
         self.events.put(CompletionEvent("done", finish_reason=reason, usage=usage, info=info))
+        self.ended = True
 
     def fail(self, message: str) -> None:
-        self.events.put(CompletionEvent("error", text=message))
+        """Ends the completion with an error, unless it has already ended."""
+        if not self.ended:
+            self.events.put(CompletionEvent("error", text=message))
+            self.ended = True
 
     def _stop_at(self) -> int | None:
         # a stop sequence may start in text already sent only if it was withheld, so the

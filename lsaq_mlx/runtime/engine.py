@@ -49,6 +49,8 @@ from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
+from lsaq_mlx.documents import read_json
+from lsaq_mlx.scoring.lens import find_lens
 
 
 REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
@@ -223,6 +225,7 @@ class Engine:
         return_freed_memory()  # what building the model one module at a time took and freed
         self.plan = plan
         self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
+        self.vocabulary = find_lens(self.model).vocab_size
         self.weights = None if "quantization" in self._source_config() else source_tensors(self.source)
         if self.use_layer_store and self.weights is not None:
             from lsaq_mlx.storage.layer_store import LayerStore
@@ -243,12 +246,13 @@ class Engine:
         self.messages.append({"role": "user", "content": text})
         try:
             tokens = self._tokens_within_context()
-        except UserError:
+            processors = make_logits_processors(repetition_penalty=REPETITION_PENALTY)
+            reply, stats, _ = self._generate(tokens, min(max_tokens, self.context - len(tokens)),
+                                             self.sampling.sampler(temp), processors,
+                                             lambda text: self.on_event(Token(text)), self._stop.is_set)
+        except BaseException:  # the conversation stays as it was before this message
             self.messages.pop()
             raise
-        processors = make_logits_processors(repetition_penalty=REPETITION_PENALTY)
-        reply, stats, _ = self._generate(tokens, min(max_tokens, self.context - len(tokens)), self.sampling.sampler(temp),
-                                         processors, lambda text: self.on_event(Token(text)), self._stop.is_set)
         self.messages.append({"role": "assistant", "content": reply})
         self.last_reply = stats
         self.on_event(ReplyDone(reply, stats))
@@ -277,12 +281,12 @@ class Engine:
             return self._run_batch([job, *(args[0] for _, args in others)])
         for item in others:  # run alone, each in its turn
             self._commands.put(item)
-        if job.refused(self.context):
+        if job.refused(self.context, self.vocabulary):
             return
-        if job.sampling.seed is not None:
-            mx.random.seed(job.sampling.seed)
         start_bits, swaps = self._plan_info()["bits_per_weight"], self.swaps
         try:
+            if job.sampling.seed is not None:
+                mx.random.seed(job.sampling.seed)
             _, stats, reason = self._generate(job.tokens, min(job.max_tokens, self.context - len(job.tokens)),
                                               job.sampling.sampler(), job.logits_processors(), job.feed,
                                               job.should_stop)
@@ -325,19 +329,21 @@ class Engine:
     def _run_batch(self, jobs: list[Completion]) -> None:
         """Decode ``jobs`` together; completions queued meanwhile join; between steps as
         between tokens in ``_generate``."""
-        batch = CompletionBatch(self.model, self.tokenizer, self.context, self.sampling.max_kv_size,
+        batch = CompletionBatch(self.model, self.tokenizer, self.context, self.vocabulary, self.sampling.max_kv_size,
                                 lambda: (self._plan_info()["bits_per_weight"], self.swaps))
-        checked = time.monotonic()
+        checked, taken = time.monotonic(), list(jobs)
         try:
             batch.add(jobs)
             while batch:
                 batch.step()
-                joining = self._take_commands(lambda command, args: command == "complete" and batchable(args[0]))
-                batch.add([args[0] for _, args in joining])
+                joining = [args[0] for _, args in self._take_commands(
+                    lambda command, args: command == "complete" and batchable(args[0]))]
+                taken += joining
+                batch.add(joining)
                 checked = self._between_tokens(checked)
         except Exception as e:
-            for entry in batch.running.values():
-                entry["job"].fail(f"generation failed: {type(e).__name__}: {e}")
+            for job in taken:  # those still running or waiting to join; ended ones ignore it
+                job.fail(f"generation failed: {type(e).__name__}: {e}")
             raise
         finally:
             batch.close()
@@ -413,9 +419,7 @@ class Engine:
 
     # ---- precision changes ----
     def _source_config(self) -> dict:
-        import json
-
-        return json.loads((self.source.path / "config.json").read_text())
+        return read_json(self.source.path / "config.json")
 
     def _cmd_apply_plan(self, plan: QuantPlan | int, reason: str = "requested") -> None:
         """Swap to ``plan``, or to the plan of that index in the PlanSet (smallest first)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import psutil
 
+from lsaq_mlx.documents import read_text
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sizes import parse_size
 
@@ -80,22 +81,26 @@ class SystemSampler:
         return "critical" if avg10 >= 10 else "warn" if avg10 >= 1 else "normal"
 
 
+MAX_TRACE_BYTES = 16 << 20
+PRESSURES = ("normal", "warn", "critical", "unknown")
+
+
 class ScriptedSampler:
     """Replays a memory trace; after its last line the last sample repeats."""
 
     def __init__(self, path: Path, total_bytes: int | None = None, step: float = 1.0):
         self.samples, self.step = [], step  # each sample is ``step`` seconds after the last
-        try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as e:
-            raise UserError(f"cannot read the memory trace {path}: {e.strerror}") from None
+        lines = read_text(path, f"the memory trace {path}", MAX_TRACE_BYTES).splitlines()
         for number, line in enumerate(lines, 1):
             line = line.split("#")[0].strip()
             if not line:
                 continue
             available, _, pressure = line.partition(",")
             try:
-                self.samples.append((parse_size(available), pressure.strip() or "normal"))
+                pressure = pressure.strip() or "normal"
+                if pressure not in PRESSURES:
+                    raise UserError(f"pressure is one of {', '.join(PRESSURES)}")
+                self.samples.append((parse_size(available), pressure))
             except UserError:
                 raise UserError(f"{path}:{number}: expected 'available[,pressure]', got '{line}'") from None
         if not self.samples:

@@ -20,6 +20,8 @@ class Sampling:
             raise UserError(f"top-p must be in (0, 1], not {self.top_p:g}", setting="top_p")
         if not 0 <= self.min_p < 1:
             raise UserError(f"min-p must be in [0, 1), not {self.min_p:g}", setting="min_p")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise UserError(f"the seed must be between 0 and 2**64 - 1, not {self.seed}", setting="seed")
         if self.max_kv_size is not None and self.max_kv_size < 1:
             raise UserError(f"the KV cache must keep at least one token, not {self.max_kv_size}", setting="max_kv_size")
 

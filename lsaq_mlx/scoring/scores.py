@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_json
 
 SCORES_VERSION = 1
 METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
@@ -40,8 +41,8 @@ class LayerScores:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def save(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    def save(self, path: Path, force: bool = True, make_folders: bool = True) -> None:
+        write_json_atomic(path, self.to_dict(), force, make_folders)
 
     @classmethod
     def from_dict(cls, data, where: str = "the scores") -> "LayerScores":
@@ -62,13 +63,9 @@ class LayerScores:
 
     @classmethod
     def load(cls, path: Path) -> "LayerScores":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"scores file not found: {path}") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not a LayerScores JSON file: {e}") from None
-        return cls.from_dict(data, str(path))
+        if not Path(path).exists():
+            raise UserError(f"scores file not found: {path}")
+        return cls.from_dict(read_json(path, f"scores file {path}"), str(path))
 
 
 def scores_key(model_fingerprint: str, metric: str, params: dict) -> str:

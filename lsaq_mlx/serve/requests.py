@@ -4,15 +4,18 @@ Fields OpenAI defines that we do not use are ignored, as OpenAI-compatible serve
 a field we read with the wrong type or range is a 400.
 """
 
-import json
 import math
 from dataclasses import dataclass
 
+from lsaq_mlx.documents import parse_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.runtime.sampling import Sampling
 
 MAX_BODY_BYTES = 8 << 20
+MAX_BODY_DEPTH = 16  # messages with content parts nest 5 deep
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256  # each token's text is matched against every prefix of every stop sequence
+MAX_LOGIT_BIAS = 300  # OpenAI's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -42,18 +45,19 @@ class CompletionRequest:
 
 def parse_body(raw: bytes) -> dict:
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        body = parse_json(raw, "the request body", MAX_BODY_DEPTH)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
 
 
-def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults: Sampling | None = None
-                       ) -> CompletionRequest:
+def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults: Sampling | None = None,
+                       vocabulary: int | None = None) -> CompletionRequest:
     """The request in ``body``; what it leaves out comes from ``default_max_tokens`` and
-    the server's ``defaults`` (its --temp, --top-p, --min-p, --seed, --max-kv-size)."""
+    the server's ``defaults`` (its --temp, --top-p, --min-p, --seed, --max-kv-size);
+    token ids (``logit_bias``) must be below ``vocabulary``."""
     get, defaults = _Fields(body), defaults or Sampling()
     if get.number("n", 1, 1, integer=True) != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
@@ -75,7 +79,7 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
         model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
         stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
-        logits=_logits(get, body))
+        logits=_logits(get, body, vocabulary))
 
 
 class _Fields:
@@ -138,30 +142,46 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
-def _logits(get: _Fields, body: dict) -> dict:
-    logits = {"logit_bias": _logit_bias(body), "repetition_penalty": get.number("repetition_penalty", None, 0.0, 10.0),
+def _logits(get: _Fields, body: dict, vocabulary: int | None) -> dict:
+    logits = {"logit_bias": _logit_bias(body, vocabulary), "repetition_penalty": get.number("repetition_penalty", None, 0.0, 10.0),
               "presence_penalty": get.number("presence_penalty", None, -2.0, 2.0),
               "frequency_penalty": get.number("frequency_penalty", None, -2.0, 2.0)}
     return {k: v for k, v in logits.items() if v}
 
 
-def _logit_bias(body: dict) -> dict[int, float] | None:
+def _logit_bias(body: dict, vocabulary: int | None) -> dict[int, float] | None:
     """OpenAI's ``logit_bias``: token ids (as strings) -> a bias in [-100, 100]."""
     bias = body.get("logit_bias")
     if bias is None:
         return None
     try:
-        out = {int(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
-        if len(out) != len(bias) or not all(-100 <= v <= 100 and k >= 0 for k, v in out.items()):
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
             raise ValueError
-    except (AttributeError, TypeError, ValueError):
-        raise ApiError(400, "logit_bias must map token ids to numbers between -100 and 100", "logit_bias") from None
+        out = {_token_id(k): float(v) for k, v in bias.items() if not isinstance(v, bool)}
+        if len(out) != len(bias) or not all(-100 <= v <= 100 for v in out.values()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ApiError(400, f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids to numbers between -100 and 100",
+                       "logit_bias") from None
+    outside = [k for k in out if vocabulary is not None and k >= vocabulary]
+    if outside:
+        raise ApiError(400, f"logit_bias: token id {outside[0]} is not in the model's vocabulary of {vocabulary}",
+                       "logit_bias")
     return out
+
+
+def _token_id(key: str) -> int:
+    """A token id written as decimal digits (no sign, spaces or other digits ``int`` takes)."""
+    if not (key.isascii() and key.isdigit() and len(key) <= 10):
+        raise ValueError
+    return int(key)
 
 
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_SEQUENCES:
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_SEQUENCES}", "stop")
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_SEQUENCES
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP_SEQUENCES}, each of 1 to "
+                            f"{MAX_STOP_CHARS} characters", "stop")
     return tuple(stop)

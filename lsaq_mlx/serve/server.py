@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lsaq_mlx import __version__
 from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.serve.prompts import tokens_at_least
 from lsaq_mlx.serve.requests import MAX_BODY_BYTES, ApiError, CompletionRequest, completion_request, parse_body
 from lsaq_mlx.serve.status import ServerStatus
 
@@ -30,6 +31,7 @@ class ClientGone(Exception):
 
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog: socketserver's 5 resets a burst of clients
 
     def __init__(self, address, engine, model_id: str, api_key: str | None = None, max_tokens: int = 512,
                  defaults=None):
@@ -42,8 +44,17 @@ class ApiServer(ThreadingHTTPServer):
         self._tokenizer_lock = threading.Lock()  # the fast tokenizer is not safe to share across threads
 
     def prompt_tokens(self, request: CompletionRequest) -> list[int]:
-        tokenizer = self.engine.tokenizer
+        """The request's prompt tokens; a 400 for a prompt over the model's context, found
+        with work bounded by the context, not by the prompt's length."""
+        tokenizer, context = self.engine.tokenizer, self.engine.context
+        texts = [request.prompt] if request.prompt is not None else [m["content"] for m in request.messages]
         with self._tokenizer_lock:
+            least = 0
+            for text in texts:
+                least += tokens_at_least(tokenizer, text, context - least)
+                if least >= context:
+                    raise ApiError(400, f"the prompt is at least {least} tokens; the model's context holds {context}",
+                                   "prompt" if request.prompt is not None else "messages", "context_length_exceeded")
             if request.prompt is not None:
                 return list(tokenizer.encode(request.prompt))
             messages = [dict(m) for m in request.messages]
@@ -100,6 +111,10 @@ class ApiHandler(BaseHTTPRequestHandler):
             self._send_json(e.status, e.body())
         except ClientGone:
             self.close_connection = True
+        except Exception as e:  # a bug must fail this request, not leave the client without a reply
+            self.close_connection = True
+            self._send_json(500, ApiError(500, f"the server failed: {type(e).__name__}: {e}",
+                                          kind="server_error").body())
 
     def _authorize(self) -> None:
         key = self.server.api_key
@@ -131,7 +146,8 @@ class ApiHandler(BaseHTTPRequestHandler):
         self._send_json(200, self.server.status.snapshot())
 
     def _complete(self, chat: bool) -> None:
-        request = completion_request(self._body(), chat, self.server.max_tokens, self.server.defaults)
+        request = completion_request(self._body(), chat, self.server.max_tokens, self.server.defaults,
+                                     self.server.engine.vocabulary)
         tokens = self.server.prompt_tokens(request)
         context = self.server.engine.context
         if len(tokens) + 1 > context:
@@ -155,12 +171,19 @@ class ApiHandler(BaseHTTPRequestHandler):
             status.count("in_flight", -1)
 
     def _body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise ApiError(411, "the request needs a Content-Length")
-        if int(length) > MAX_BODY_BYTES:
+        """The JSON body, framed by exactly one Content-Length of ASCII digits."""
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise ApiError(411, "chunked request bodies are not accepted: send a Content-Length")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+            raise ApiError(411 if not lengths else 400, "the request needs exactly one Content-Length of digits")
+        length = int(lengths[0])
+        if length > MAX_BODY_BYTES:
             raise ApiError(413, f"the request body is over {MAX_BODY_BYTES >> 20} MB")
-        return parse_body(self.rfile.read(int(length)))
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise ClientGone
+        return parse_body(body)
 
     # ---- replies ----
     def _respond(self, job: Completion, request: CompletionRequest) -> bool:
@@ -220,12 +243,17 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _events(self, job: Completion):
         """The completion's events until it is done; ``ClientGone`` when the client left;
         an engine failure ends the reply with a 500 (or an error event in a stream)."""
+        looked = time.monotonic()
         while True:
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
+                event = None
+            if event is None or time.monotonic() - looked >= POLL_SECONDS:  # also while tokens flow
+                looked = time.monotonic()
                 if self._client_gone():
                     raise ClientGone from None
+            if event is None:
                 if not self.server.engine.running():
                     raise ApiError(503, "the engine has stopped", kind="server_error")
                 continue

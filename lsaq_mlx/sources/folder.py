@@ -26,12 +26,32 @@ def check_model_folder(folder: Path) -> dict:
     Besides each file's own checks, the config's layer count must match the weights'."""
     config = read_config(folder)
     check_model_type(config, folder)
-    names = [n for f in weight_files(folder) for n in safetensors_header(f) if n != "__metadata__"]
-    layers = {int(m.group(1)) for n in names if (m := _LAYER.search(n))}
+    shapes = {n: info["shape"] for f in weight_files(folder) for n, info in safetensors_header(f).items()
+              if n != "__metadata__"}
+    layers = {int(m.group(1)) for n in shapes if (m := _LAYER.search(n))}
     declared = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
     if layers and declared and max(layers) + 1 < declared:
         raise UserError(f"{folder}/config.json declares {declared} layers, its weights hold {max(layers) + 1}")
+    _check_quantized_shapes(config, shapes, folder)
     return config
+
+
+def _check_quantized_shapes(config: dict, shapes: dict, folder: Path) -> None:
+    """Each quantized module's packed weight and scales must agree with the bits and group
+    size config.json gives it (MLX would fail, or read garbage, deep inside a load)."""
+    q = config.get("quantization") or config.get("quantization_config") or {}
+    for name, scale_shape in shapes.items():
+        path = name.removesuffix(".scales")
+        weight = shapes.get(f"{path}.weight")
+        if path == name or not weight or not scale_shape:
+            continue
+        entry = q.get(path) if isinstance(q.get(path), dict) else q
+        bits, group = entry.get("bits"), entry.get("group_size")
+        if not isinstance(bits, int) or not isinstance(group, int) or bits <= 0 or group <= 0:
+            continue  # formats.read_config checked what is there; no bits: not ours to judge
+        if weight[-1] * 32 != scale_shape[-1] * group * bits:
+            raise UserError(f"{folder}/config.json quantizes {path} at {bits} bits in groups of {group}, but its "
+                            f"tensors ({weight[-1]} packed words, {scale_shape[-1]} scales a row) were written otherwise")
 
 
 def folder_fingerprint(folder: Path) -> str:

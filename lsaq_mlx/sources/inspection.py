@@ -1,6 +1,5 @@
 """What ``lsaq-mlx inspect`` reports about a model: structure, precision, size."""
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -10,6 +9,8 @@ from mlx.utils import tree_flatten
 from lsaq_mlx.modules import layer_index
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.layer import SWSCLinear, model_bits_per_weight
+from lsaq_mlx.documents import read_json
+from lsaq_mlx.errors import UserError
 
 
 def module_kind(path: str) -> str:
@@ -94,9 +95,10 @@ def describe_model(source: ModelSource) -> dict:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = read_json(path)
+    except UserError:
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _has_tokenizer(folder: Path) -> bool:

@@ -1,12 +1,12 @@
 """Loading a resolved model with mlx-lm, in this machine's compute mode; or only its
 structure, built from its config without reading any weights."""
 
-import json
 
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import config_fixes, normalized_config
 from lsaq_mlx.sources.resolve import ModelSource
+from lsaq_mlx.documents import read_json
 
 
 def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
@@ -23,7 +23,7 @@ def load_model(source: ModelSource, compute: bool = True, lazy: bool = False):
         elif is_swsc_folder(source.path):
             model, tokenizer, config = load_swsc_folder(source.path, lazy=lazy)
         else:
-            fixes = config_fixes(json.loads((source.path / "config.json").read_text()))
+            fixes = config_fixes(read_json(source.path / "config.json"))
             model, tokenizer, config = load(str(source.path), lazy=lazy or compute, return_config=True,
                                             model_config=fixes)
     except (ValueError, OSError, RuntimeError, TypeError, KeyError) as e:
@@ -47,7 +47,7 @@ def skeleton_model(source: ModelSource, shaped: bool = True):
 
     if is_swsc_folder(source.path):
         raise UserError(f"{source.spec} holds SWSC layers: plan from the model it was converted from")
-    config = normalized_config(json.loads((source.path / "config.json").read_text()))
+    config = normalized_config(read_json(source.path / "config.json"))
     model_class, args_class = _get_classes(config)
     try:
         model = model_class(args_class.from_dict(config))
@@ -77,5 +77,5 @@ def load_tokenizer(source: ModelSource):
     """The tokenizer of ``source``, as ``mlx_lm.load`` makes it, without the model."""
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    config = json.loads((source.path / "config.json").read_text())
+    config = read_json(source.path / "config.json")
     return mlx_load_tokenizer(source.path, eos_token_ids=config.get("eos_token_id", None))

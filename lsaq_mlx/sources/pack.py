@@ -15,6 +15,7 @@ from lsaq_mlx.cache import atomic_dir, cache_entry
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import config_fixes, read_config
 from lsaq_mlx.storage.container import MAGIC
+from lsaq_mlx.documents import read_json
 
 PACK_SUFFIX = ".lsaqpack"
 _MANIFEST = ".lsaq-pack-files.json"  # the small files extracted, with their SHA-256
@@ -58,7 +59,7 @@ def _extracted(target: Path, expected: dict) -> bool:
     from lsaq_mlx.cache import file_sha256
 
     try:
-        manifest = json.loads((target / _MANIFEST).read_text())
+        manifest = read_json(target / _MANIFEST)
         ok = manifest == expected and all(file_sha256(target / n) == sha for n, sha in expected.items())
         if ok:
             read_config(target)
@@ -87,7 +88,7 @@ def load_packed(source, lazy: bool = False):
     # mlx-lm builds the model from config.json (quantizing the modules it names); the
     # folder holds no weights, so the rest follows here, as mlx-lm does with its own
     model, config = load_model(source.path, lazy=True, strict=False,
-                               model_config=config_fixes(json.loads((source.path / "config.json").read_text())))
+                               model_config=config_fixes(read_json(source.path / "config.json")))
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     if config.get("quantization"):

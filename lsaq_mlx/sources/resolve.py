@@ -10,6 +10,7 @@ from lsaq_mlx.cache import atomic_dir, cache_entry, file_sha256, fingerprint_byt
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.sources import folder, hub
 from lsaq_mlx.sources.pack import PACK_SUFFIX, is_pack, pack_source
+from lsaq_mlx.documents import read_json
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _import_intact(target: Path) -> bool:
         return False
     try:
         manifest = target / _MANIFEST  # imports of lsaq-mlx 0.1.0 have none
-        if not manifest.exists() or json.loads(manifest.read_text()) == _file_hashes(target):
+        if not manifest.exists() or read_json(manifest) == _file_hashes(target):
             folder.check_model_folder(target)
             return True
         problem = "its files changed since the import"

@@ -38,6 +38,7 @@ from pathlib import Path
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.storage import transforms
 from lsaq_mlx.storage.codecs import CorruptData, codec, is_container_codec
+from lsaq_mlx.documents import parse_json
 
 MAGIC = b"LSAQPACK"
 END = b"LSAQEND!"
@@ -174,7 +175,7 @@ class ContainerReader:
         if hashlib.sha256(index).digest() != digest:
             raise self._fail("corrupt: its index fails its SHA-256 check")
         try:
-            data = json.loads(index)
+            data = parse_json(index, "its index")
             if not isinstance(data, dict) or not isinstance(data.get("records"), list):
                 raise ValueError("no record list")
             meta = data.get("meta", {})
@@ -186,7 +187,7 @@ class ContainerReader:
                 if r["name"] in records:
                     raise ValueError(f"two records named {r['name']!r}")
                 records[r["name"]] = r
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, UserError) as e:
             raise self._fail(f"corrupt: its index is unreadable ({e})") from None
         return meta, records
 

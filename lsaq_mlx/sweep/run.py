@@ -23,7 +23,7 @@ from lsaq_mlx.evaluation.run import EVAL_VERSION
 from lsaq_mlx.planning.methods import RECIPES
 from lsaq_mlx.progress import progress_bar, stderr
 from lsaq_mlx.sources.streaming import StreamedModel, streams
-from lsaq_mlx.sweep.results import append_row, read_results, write_rows
+from lsaq_mlx.sweep.results import append_row, claim_results_folder, read_results, write_rows
 from lsaq_mlx.sweep.spec import SOURCE, Cell, SweepSpec
 
 SWEEP_VERSION = 1
@@ -46,8 +46,9 @@ class SweepSummary:
 
 
 class Sweep:
-    def __init__(self, spec: SweepSpec, ranks: Ranks | None = None):
-        self.spec, self.ranks = spec, ranks or Ranks()
+    def __init__(self, spec: SweepSpec, ranks: Ranks | None = None, force: bool = False):
+        """``force``: write into a results folder that a sweep did not make."""
+        self.spec, self.ranks, self.force = spec, ranks or Ranks(), force
         self.sources, self.planners, self.references = {}, {}, {}
 
     # ---- what is there to do ----
@@ -76,7 +77,7 @@ class Sweep:
 
         with self._about("[eval] ppl"):
             if self.spec.eval["ppl"] not in (None, "none"):
-                read_ppl_text(self.spec.eval["ppl"])
+                read_ppl_text(self.spec.eval["ppl"], max_chars=1 << 16)
             elif self.spec.eval["kl"]:
                 raise UserError("KL needs text: set ppl, or kl = false")
         with self._about("[eval] tasks"):
@@ -100,7 +101,7 @@ class Sweep:
         keys = [self.key(c) for c in spec.cells]
         pending = [(i, c) for i, (c, k) in enumerate(zip(spec.cells, keys)) if done.get(k, {}).get("status") != "ok"]
         if ranks.rank == 0:
-            spec.out.mkdir(parents=True, exist_ok=True)
+            claim_results_folder(spec.out, self.force)
             stderr.print(f"sweep: {len(spec.cells)} cells, {len(spec.cells) - len(pending)} already done, "
                          f"{len(pending)} to evaluate on {ranks.size} rank(s)"
                          + (f"; {malformed} malformed rows in results.jsonl ignored" if malformed else ""),

@@ -30,7 +30,9 @@ from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.methods import METHODS, RECIPES, TIER_METRICS
+from lsaq_mlx.documents import read_toml
 
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML
 SOURCE = "source"  # the model as loaded, unquantized: the table's reference row
 EVAL_DEFAULTS = {"ppl": "auto", "max_tokens": 2048, "seq_len": 512, "kl": True, "tasks": [], "limit": None,
                  "data_dir": None}
@@ -67,18 +69,13 @@ class SweepSpec:
     convert: bool = False
 
     @classmethod
-    def load(cls, path: Path, out: Path | None = None) -> "SweepSpec":
+    def load(cls, path: Path, out: Path | None = None, force: bool = False) -> "SweepSpec":
+        """The spec at ``path``; its results go to ``out`` (a path the user typed), else
+        to the spec's ``out``, which must lie inside the spec's folder unless ``force``."""
         path = Path(path)
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"sweep spec not found: {path}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path} is not valid TOML: {e}") from None
+        if not path.exists():
+            raise UserError(f"sweep spec not found: {path}")
+        data = read_toml(path, max_bytes=MAX_SPEC_BYTES)
         unknown = set(data) - {"out", "convert", "eval", "grid"}
         if unknown:
             raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (out, convert, eval, grid)")
@@ -95,8 +92,19 @@ class SweepSpec:
         cells = list(dict.fromkeys(cells))
         if not cells:
             raise UserError(f"{path} describes no cells: add a [[grid]] with models and methods")
-        target = Path(out or path.parent / data.get("out", f"{path.stem}-results"))
+        target = Path(out) if out else _inside(path, data.get("out", f"{path.stem}-results"), force)
         return cls(path, target, cells, EVAL_DEFAULTS | evals, bool(data.get("convert", False)))
+
+
+def _inside(spec: Path, out: str, force: bool) -> Path:
+    """The spec's ``out`` beside it; one that leads outside the spec's folder (absolute, or
+    through ``..`` or a link) needs ``force``: a spec from elsewhere must not choose where we write."""
+    folder = spec.resolve().parent
+    target = spec.parent / out
+    if not force and not target.resolve().is_relative_to(folder):
+        raise UserError(f"{spec}: out = '{out}' leads outside the spec's folder {folder}; run with --force to "
+                        "write there, or give --out", setting="force")
+    return target
 
 
 def _check_types(table: dict, types: dict, where: str) -> None:

@@ -28,7 +28,7 @@ def _describe_params(params: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in shown.items()) or "no parameters"
 
 
-def plot_scores(all_scores: list[LayerScores], path: Path, normalize: bool = False) -> None:
+def plot_scores(all_scores: list[LayerScores], path: Path, normalize: bool = False, force: bool = True) -> None:
     """One line per score file, importance by layer; ``normalize`` rescales each to [0, 1]
     so metrics of different ranges share one axis."""
     import matplotlib
@@ -49,6 +49,6 @@ def plot_scores(all_scores: list[LayerScores], path: Path, normalize: bool = Fal
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_file(path) as tmp:
+    with atomic_file(path, force, make_folders=False) as tmp:
         fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
