@@ -5,13 +5,12 @@ Every check ends in a one-line ``UserError`` naming the file: a hostile or damag
 never reaches code that would raise something else or allocate what it declares.
 """
 
-import json
 import math
 import struct
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.documents import read_json
+from lsaq_mlx.documents import parse_json, read_json
 
 MAX_HEADER_BYTES = 100 << 20
 MAX_CONFIG_BYTES = 16 << 20
@@ -95,9 +94,9 @@ def safetensors_header(path: Path) -> dict:
         if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
             raise UserError(f"{path} is corrupt: its header length is impossible")
         try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            raise UserError(f"{path} is corrupt: its header is not JSON") from None
+            header = parse_json(f.read(n), "its header")
+        except UserError as e:
+            raise UserError(f"{path} is corrupt: {e}") from None
     if not isinstance(header, dict):
         raise UserError(f"{path} is corrupt: its header is not a JSON object")
     spans = []

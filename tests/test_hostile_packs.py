@@ -210,3 +210,18 @@ def test_links_out_of_a_folder_are_not_packed(tiny_llama, tmp_path):
     with pytest.raises(UserError, match="outside the folder"):
         pack_model(folder, tmp_path / "leak.lsaqpack")
     assert not (tmp_path / "leak.lsaqpack").exists()
+
+
+def test_large_files_besides_the_weights_do_not_reach_the_cache(genuine, tmp_path, monkeypatch):
+    from lsaq_mlx.sources import pack as pack_sources
+
+    monkeypatch.setattr(pack_sources, "MAX_SMALL_FILE_BYTES", 4096)  # the rule, not its size, is tested
+    content = os.urandom(8192)
+    pack = craft(genuine, tmp_path / "stuffed.lsaqpack", lambda index, offset: add_file(index, "notes.bin", content, offset),
+                 content)
+    with pytest.raises(UserError, match="notes.bin of 8.2 KB; files besides the weights may take"):
+        resolve_model(str(pack))
+    monkeypatch.setattr(pack_sources, "MAX_SMALL_FILE_BYTES", 1 << 20)
+    monkeypatch.setattr(pack_sources, "MAX_SMALL_FILES_BYTES", 4096)
+    with pytest.raises(UserError, match="of files besides the weights; at most"):
+        resolve_model(str(pack))

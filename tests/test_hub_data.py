@@ -75,8 +75,21 @@ def test_tasks_from_the_hub_convert_to_the_original_formats(fake_hub):
     assert [(i.contexts[0], i.gold) for i in wino.items] == [("The cup beat a", 1), ("I like tea", 0)]
     swag = load_task("hellaswag", data_sources.task_root("hellaswag")).items[0]
     assert swag.contexts[0] == "Cooking: A man cuts Onions." and swag.continuations[1] == " he flies."
-    assert "allenai/ai2_arc/ARC-Challenge test@0123456789ab" in hub.source_label(root / "arc")
+    label = hub.source_label(root / "arc", "ARC-Challenge-Test.jsonl")
+    assert "allenai/ai2_arc/ARC-Challenge test@0123456789ab" in label and "claims" not in label
     assert len(fake_hub.calls) == 4  # the ARC folder was fetched once, for both parts
+
+
+def test_a_source_claim_is_shown_as_a_claim_unless_its_hash_holds(tmp_path):
+    (tmp_path / "wiki.test.raw").write_text("some text\n")
+    (tmp_path / "SOURCE.json").write_text('{"datasets": ["Salesforce/wikitext@abc"]}')  # no hashes
+    assert hub.source_label(tmp_path, "wiki.test.raw").endswith("(as its SOURCE.json claims; the file does not match a hash there)")
+    hub._write_source(tmp_path, ["Salesforce/wikitext@abc"])
+    assert hub.source_label(tmp_path, "wiki.test.raw") == "Salesforce/wikitext@abc"
+    (tmp_path / "wiki.test.raw").write_text("other text\n")  # edited after the download
+    assert "claims" in hub.source_label(tmp_path, "wiki.test.raw")
+    (tmp_path / "SOURCE.json").write_text('{"datasets": ' + "[" * 1000 + "]" * 1000 + "}")
+    assert hub.source_label(tmp_path, "wiki.test.raw") is None
 
 
 def test_offline_auto_uses_the_packaged_text_and_named_data_fails_in_one_line(fake_hub, monkeypatch, tmp_path):

@@ -7,11 +7,13 @@ This module imports no MLX so that the re-exec happens before any heavy import.
 """
 
 import ctypes.util
-import json
 import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+
+from lsaq_mlx.documents import read_json
+from lsaq_mlx.errors import UserError
 
 BLAS_ENV = "LSAQ_MLX_BLAS"  # a library path, or "reference" to keep MLX's own
 _REEXEC_MARK = "LSAQ_MLX_BLAS_REEXEC"
@@ -119,9 +121,9 @@ def local_rank_count() -> int:
     if not hostfile or not rank.isdigit():
         return 1
     try:  # one list of "ip:port" per rank
-        hosts = [entry[0].rsplit(":", 1)[0] for entry in json.loads(Path(hostfile).read_text())]
+        hosts = [entry[0].rsplit(":", 1)[0] for entry in read_json(hostfile, max_bytes=1 << 20)]
         return hosts.count(hosts[int(rank)])
-    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError):
+    except (UserError, ValueError, TypeError, IndexError, KeyError, AttributeError):
         return 1
 
 

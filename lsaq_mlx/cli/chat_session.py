@@ -13,6 +13,7 @@ from pathlib import Path
 from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError, os_error_line
 from lsaq_mlx.sizes import format_size
+from lsaq_mlx.runtime.text import valid_text
 from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, Ready, ReplyDone, StateUpdate, Swapped, Token
 
 HELP = """commands:
@@ -148,15 +149,6 @@ class ChatSession:
         with atomic_file(Path(path), force, make_folders=False) as tmp:
             tmp.write_text(json.dumps(messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         self.print(f"[saved {len(messages)} messages to {path}]")
-
-
-def valid_text(line: str) -> str:
-    """``line`` with what is not text (undecodable input bytes, lone surrogates) as U+FFFD,
-    so no message can make the conversation untokenizable or unsavable."""
-    try:
-        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # surrogates that are not escaped bytes
-        return line.encode("utf-8", "replace").decode("utf-8")
 
 
 def banner(state, model: str, sampling: str) -> str:

@@ -58,7 +58,7 @@ def read_ppl_text(spec: str, max_chars: int = -1) -> tuple[str, str]:
 
 
 def _wikitext_name(path: Path) -> str:
-    origin = hub.source_label(path.parent) if path.name == "wiki.test.raw" else None
+    origin = hub.source_label(path.parent, path.name) if path.name == "wiki.test.raw" else None
     return f"WikiText-2 test from {origin} ({path})" if origin else str(path)
 
 

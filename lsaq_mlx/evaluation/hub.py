@@ -71,13 +71,22 @@ def fetch_wikitext() -> Path:
     return target / "wiki.test.raw"
 
 
-def source_label(folder: Path) -> str | None:
-    """The dataset and revision a hub-fetched folder came from, or None."""
+def source_label(folder: Path, file: str) -> str | None:
+    """The dataset and revision a hub-fetched folder's ``file`` came from, or None. The
+    folder's ``SOURCE.json`` says so; unless it also holds ``file``'s SHA-256 and the file
+    still has it, the label says that it is a claim."""
     try:
         data = read_json(folder / "SOURCE.json", max_bytes=1 << 20)
-        return ", ".join(str(d) for d in data["datasets"])
-    except (UserError, KeyError, TypeError):
+        datasets = data["datasets"]
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            return None
+        label = ", ".join(d[:200] for d in datasets[:8])
+        files = data.get("files")
+        expected = files.get(file) if isinstance(files, dict) else None
+    except (UserError, KeyError, TypeError, AttributeError):
         return None
+    verified = isinstance(expected, str) and (folder / file).is_file() and file_sha256(folder / file) == expected
+    return label if verified else f"{label} (as its SOURCE.json claims; the file does not match a hash there)"
 
 
 # ---- zero-shot tasks: hub rows -> the original file formats that tasks.py reads ----
@@ -178,4 +187,7 @@ def fetch_task_folder(folder: str) -> Path:
 
 
 def _write_source(folder: Path, datasets: list[str], **extra) -> None:
-    (folder / "SOURCE.json").write_text(json.dumps({"datasets": datasets, **extra}, indent=1) + "\n")
+    """``SOURCE.json``: where the folder's files came from, and their SHA-256 so a reader
+    can tell the claim still holds for the files beside it."""
+    files = {f.name: file_sha256(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != "SOURCE.json"}
+    (folder / "SOURCE.json").write_text(json.dumps({"datasets": datasets, "files": files, **extra}, indent=1) + "\n")

@@ -44,6 +44,7 @@ from lsaq_mlx.runtime.events import (
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.sampling import Sampling
+from lsaq_mlx.runtime.text import valid_text
 from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, swap_modules
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
@@ -112,7 +113,7 @@ class Engine:
 
     def chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> None:
         """Reply to ``text``; ``temp`` overrides the sampling temperature for this reply."""
-        self._send("chat", text, max_tokens, temp)
+        self._send("chat", valid_text(text), max_tokens, temp)
 
     def apply_plan(self, index: int, reason: str = "requested") -> None:
         """Swap to plan ``index`` of the plan set (smallest first)."""
@@ -129,7 +130,7 @@ class Engine:
         self._send("state")
 
     def set_system(self, text: str) -> None:
-        self._send("system", text)
+        self._send("system", valid_text(text))
 
     def reset(self) -> None:
         self._send("reset")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lsaq_mlx.cache import fingerprint_bytes
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_text
 
 DEFAULT_NAME = "default"  # the packaged public-domain text (lsaq_mlx/data/calibration.txt)
 
@@ -18,6 +19,9 @@ class CalibrationText:
     @property
     def fingerprint(self) -> str:
         return fingerprint_bytes(self.text)
+
+
+MAX_CALIBRATION_BYTES = 1 << 30  # its whole text is fingerprinted; calibration uses a few MB
 
 
 def load_calibration(spec: str | None = None) -> CalibrationText:
@@ -44,10 +48,7 @@ def load_calibration(spec: str | None = None) -> CalibrationText:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"calibration file {path} is not UTF-8 text (byte {e.start})") from None
+    return read_text(path, f"calibration file {path}", MAX_CALIBRATION_BYTES)
 
 
 def _hub_dataset_text(spec: str) -> str:

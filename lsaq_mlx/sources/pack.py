@@ -14,11 +14,14 @@ from pathlib import Path
 from lsaq_mlx.cache import atomic_dir, cache_entry
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import config_fixes, read_config
+from lsaq_mlx.sizes import format_size
 from lsaq_mlx.storage.container import MAGIC
 from lsaq_mlx.documents import read_json
 
 PACK_SUFFIX = ".lsaqpack"
 _MANIFEST = ".lsaq-pack-files.json"  # the small files extracted, with their SHA-256
+MAX_SMALL_FILE_BYTES = 128 << 20  # Gemma 3's tokenizer.json, among the largest, is 33 MB
+MAX_SMALL_FILES_BYTES = 256 << 20
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ def pack_source(spec: str, path: Path):
         fingerprint = packed.content_fingerprint()
         target = cache_entry("packs", fingerprint)
         small = sorted(n for n in packed.files if not n.endswith(".safetensors"))
+        check_small_files(path, {n: packed.files[n]["size"] for n in small})
         expected = {n: packed.files[n]["sha256"] for n in small}
         if not _extracted(target, expected):
             with atomic_dir(target, force=True) as tmp:
@@ -49,6 +53,18 @@ def pack_source(spec: str, path: Path):
     finally:
         packed.close()
     return ModelSource(spec, "pack", target, str(Path(path).resolve()), fingerprint)
+
+
+def check_small_files(pack: Path, sizes: dict[str, int]) -> None:
+    """The files besides the weights (config, tokenizer, template) land in the cache:
+    a pack may not fill the disk through them."""
+    large = next((n for n, size in sizes.items() if size > MAX_SMALL_FILE_BYTES), None)
+    if large is not None:
+        raise UserError(f"{pack} holds {large} of {format_size(sizes[large])}; files besides the weights may take "
+                        f"{format_size(MAX_SMALL_FILE_BYTES)} each (a tokenizer takes a few MB)")
+    if sum(sizes.values()) > MAX_SMALL_FILES_BYTES:
+        raise UserError(f"{pack} holds {format_size(sum(sizes.values()))} of files besides the weights; at most "
+                        f"{format_size(MAX_SMALL_FILES_BYTES)} are extracted")
 
 
 def _extracted(target: Path, expected: dict) -> bool:
