@@ -264,11 +264,7 @@ def atomic_file(target: Path, force: bool = True, make_folders: bool = True):
     """
     target = Path(target)
     with _write_errors_name(target):
-        _check_new(target, force)
-        if target.is_dir():
-            raise UserError(f"{target} is a folder: name a file to write")
-        if not make_folders and not target.parent.is_dir():
-            raise UserError(f"the folder {target.parent} does not exist: cannot write {target}")
+        check_output_file(target, force, make_folders)
         make_parent(target)
         sweep_stale(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
@@ -284,18 +280,23 @@ def atomic_file(target: Path, force: bool = True, make_folders: bool = True):
                 os.unlink(tmp)
 
 
-def check_output_file(target: Path, force: bool) -> None:
-    """Before the work that makes it: whether a file the user named can be written
-    (it does not exist, or ``force``; its folder exists; it is not a folder)."""
+def check_output_file(target: Path, force: bool, make_folders: bool = False) -> None:
+    """Before the work that makes it: whether a file the user named can be written (it
+    does not exist, or ``force``; it is not a folder; no file stands where a folder of
+    its path should be; its folder exists, unless ``make_folders``)."""
     target = Path(target)
     _check_new(target, force)
     if target.is_dir():
         raise UserError(f"{target} is a folder: name a file to write")
-    for folder in reversed(target.parents):
+    _no_file_in_the_way(target)
+    if not make_folders and not target.parent.is_dir():
+        raise UserError(f"the folder {target.parent} does not exist: cannot write {target}")
+
+
+def _no_file_in_the_way(target: Path) -> None:
+    for folder in reversed(Path(target).parents):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} is a file, not a folder: cannot write {target}")
-    if not target.parent.is_dir():
-        raise UserError(f"the folder {target.parent} does not exist: cannot write {target}")
 
 
 def _check_new(target: Path, force: bool) -> None:
@@ -305,9 +306,7 @@ def _check_new(target: Path, force: bool) -> None:
 
 def make_parent(target: Path) -> None:
     """Create the folder ``target`` goes in; a file in the way is a ``UserError`` naming it."""
-    for folder in [*reversed(Path(target).parents)]:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"{folder} is a file, not a folder: cannot write {target}")
+    _no_file_in_the_way(target)
     Path(target).parent.mkdir(parents=True, exist_ok=True)
 
 
