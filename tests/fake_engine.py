@@ -8,6 +8,17 @@ import queue
 import threading
 from dataclasses import dataclass
 
+from lsaq_mlx.runtime.commands import (
+    ApplyBudget,
+    ApplyPlan,
+    Chat,
+    EngineCommands,
+    EngineStopped,
+    Reset,
+    Retract,
+    SetAuto,
+    SetSystem,
+)
 from lsaq_mlx.runtime.events import (
     EngineError,
     EngineState,
@@ -32,7 +43,14 @@ class FakeSample:
     pressure: str = "normal"
 
 
-class FakeEngine:
+def _as_tuple(command) -> tuple:
+    """``("chat", "hello", 64)``: a command as the tests compare them."""
+    fields = {"chat": ("text", "max_tokens"), "apply_plan": ("plan", "reason"), "apply_budget": ("bits_per_weight",),
+              "auto": ("on",), "system": ("text",), "evaluate": ("tokens", "seq_len"), "complete": ("job",)}
+    return (command.name, *(getattr(command, f) for f in fields.get(command.name, ())))
+
+
+class FakeEngine(EngineCommands):
     def __init__(self, reply: str = "The capital of France is **Paris**.", token_delay: float = 0.0,
                  budgets=(3.0, 4.5, 6.0), layers: int = 30, auto: bool = True):
         self.reply, self.token_delay, self.layers = reply, token_delay, layers
@@ -40,55 +58,28 @@ class FakeEngine:
         self.current = len(self.budgets) - 1
         self.auto = auto
         self.events: queue.Queue = queue.Queue()
-        self.received: list[tuple] = []  # every command, in order
+        self.received: list[tuple] = []  # every command, in order: (name, its fields...)
         self.messages: list[dict] = []
         self.started = self.shut_down = False
         self.swaps = 0
-        self._commands: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
+        self._init_commands()
+        put = self.inbox.put
+        self.inbox.put = lambda command: (self.received.append(_as_tuple(command)), put(command))[1]
         self._thread = threading.Thread(target=self._run, name="fake-engine", daemon=True)
 
-    # ---- the engine's interface ----
+    # ---- the engine's interface (the commands are EngineCommands') ----
     def start(self) -> "FakeEngine":
         self._thread.start()
         self.started = True
         self.events.put(Ready(self._state(), CLOCK))
         return self
 
-    def chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
-        self._send("chat", text, max_tokens)
-
-    def apply_plan(self, index: int, reason: str = "requested") -> None:
-        self._send("apply_plan", index, reason)
-
-    def apply_budget(self, bits_per_weight: float) -> None:
-        self._send("apply_budget", bits_per_weight)
-
-    def set_auto(self, on: bool) -> None:
-        self._send("auto", on)
-
-    def request_state(self) -> None:
-        self._send("state")
-
-    def set_system(self, text: str) -> None:
-        self._send("system", text)
-
-    def reset(self) -> None:
-        self._send("reset")
-
-    def retract(self) -> None:
-        self._send("retract")
-
-    def _send(self, command: str, *args) -> None:
-        self.received.append((command, *args))
-        self._commands.put((command, args))
-
-    def stop(self) -> None:
-        self._stop.set()
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
-        self._stop.set()
-        self._commands.put(("shutdown", ()))
+        self.inbox.close()
+        self.stop()
         self._thread.join()
         self.shut_down = True
 
@@ -105,58 +96,73 @@ class FakeEngine:
 
     # ---- the fake engine thread ----
     def _run(self) -> None:
-        while True:
-            command, args = self._commands.get()
-            if command == "shutdown":
-                return
-            getattr(self, f"_cmd_{command}")(*args)
+        try:
+            while not self.inbox.closing.is_set():
+                command = self.inbox.next(timeout=0.05)
+                if command is not None:
+                    self._answer(command)
+        finally:
+            self.inbox.fail_all(EngineStopped("the engine has stopped"))
 
-    def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float = 0.0) -> None:
-        self._stop.clear()
+    def _answer(self, command) -> None:
+        match command:
+            case Chat(text=text, max_tokens=max_tokens, cancel=cancel):
+                event = self._cmd_chat(text, max_tokens, cancel)
+            case ApplyPlan(plan=index, reason=reason):
+                event = self._cmd_apply_plan(index, reason)
+            case ApplyBudget(bits_per_weight=budget):
+                event = self._cmd_apply_budget(budget)
+            case SetAuto(on=on):
+                self.auto = on
+                event = self._state_update()
+            case Retract():
+                last = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
+                self.messages = self.messages[:last]
+                event = self._state_update()
+            case Reset():
+                self.messages = []
+                event = self._state_update()
+            case SetSystem(text=text):
+                self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
+                event = self._state_update()
+            case _:
+                event = self._state_update()
+        command.reply.set_result(event)
+
+    def _state_update(self) -> StateUpdate:
+        event = StateUpdate(self._state())
+        self.events.put(event)
+        return event
+
+    def _cmd_chat(self, text: str, max_tokens: int, cancel: threading.Event) -> ReplyDone:
         self.messages.append({"role": "user", "content": text})
         words = self.reply.split(" ")
-        sent, stopped = [], False
-        for i, word in enumerate(words[:max_tokens]):
+        sent, stopped = [], cancel.is_set()
+        for i, word in enumerate(words[:max_tokens] if not stopped else []):
             piece = word if i == 0 else " " + word
             sent.append(piece)
             self.events.put(Token(piece))
-            if self._stop.wait(self.token_delay) if self.token_delay else self._stop.is_set():
+            if cancel.wait(self.token_delay) if self.token_delay else cancel.is_set():
                 stopped = True
                 break
         self.messages.append({"role": "assistant", "content": "".join(sent)})
-        self.events.put(ReplyDone("".join(sent), ReplyStats(12, 240.0, len(sent), 21.5, 120_000_000, stopped, 0.08,
-                                                            self.budgets[self.current])))
+        done = ReplyDone("".join(sent), ReplyStats(12, 240.0, len(sent), 21.5, 120_000_000, stopped, 0.08,
+                                                   self.budgets[self.current]))
+        self.events.put(done)
+        return done
 
     def _cmd_apply_plan(self, index: int, reason: str = "requested") -> None:
         before = self.budgets[self.current]
         self.current, self.swaps = index, self.swaps + 1
-        self.events.put(Swapped(210, {}, 0.84, 0, 0, before, reason, CLOCK + 7 * self.swaps,
-                                {"mlx_active_bytes": 84_100_000, "rss_bytes": 812_300_000},
-                                {"mlx_active_bytes": 50_500_000, "rss_bytes": 790_100_000}, self._state()))
+        event = Swapped(210, {}, 0.84, 0, 0, before, reason, CLOCK + 7 * self.swaps,
+                        {"mlx_active_bytes": 84_100_000, "rss_bytes": 812_300_000},
+                        {"mlx_active_bytes": 50_500_000, "rss_bytes": 790_100_000}, self._state())
+        self.events.put(event)
+        return event
 
     def _cmd_apply_budget(self, budget: float) -> None:
         nearest = min(range(len(self.budgets)), key=lambda i: abs(self.budgets[i] - budget))
-        self._cmd_apply_plan(nearest, f"budget {budget:g} bits/weight")
-
-    def _cmd_auto(self, on: bool) -> None:
-        self.auto = on
-        self.events.put(StateUpdate(self._state()))
-
-    def _cmd_retract(self) -> None:
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "user")
-        self.messages = self.messages[:last]
-        self.events.put(StateUpdate(self._state()))
-
-    def _cmd_reset(self) -> None:
-        self.messages = []
-        self.events.put(StateUpdate(self._state()))
-
-    def _cmd_system(self, text: str) -> None:
-        self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
-        self.events.put(StateUpdate(self._state()))
-
-    def _cmd_state(self) -> None:
-        self.events.put(StateUpdate(self._state()))
+        return self._cmd_apply_plan(nearest, f"budget {budget:g} bits/weight")
 
     # ---- canned data ----
     def importance(self) -> list[float]:

@@ -55,7 +55,7 @@ def client(server):
 
 
 def eos_ban(server) -> dict:
-    return {str(t): -100 for t in server.engine.tokenizer.eos_token_ids}
+    return {str(t): -100 for t in server.info.eos_token_ids}
 
 
 def status(server) -> dict:

@@ -69,7 +69,7 @@ def test_logit_bias_ids_outside_the_vocabulary_are_refused(server, bias):
 
 
 def test_the_last_id_of_the_vocabulary_is_accepted(server):
-    last = server.engine.vocabulary - 1
+    last = server.info.vocabulary - 1
     code, body = exchange(server, request(chat(logit_bias={str(last): 100} | eos_ban(server))))
     assert code == 200, body
 

@@ -6,13 +6,16 @@ scripted: one message or command per line, replies and statistics on stdout.
 """
 
 import json
+import queue
 import signal
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError, os_error_line
 from lsaq_mlx.sizes import format_size
+from lsaq_mlx.runtime.commands import EngineStopped
 from lsaq_mlx.runtime.text import valid_text
 from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, Ready, ReplyDone, StateUpdate, Swapped, Token
 
@@ -28,8 +31,7 @@ HELP = """commands:
   /quit          leave"""
 
 
-class EngineStopped(UserError):
-    """The engine thread stopped: the chat cannot go on."""
+POLL_SECONDS = 0.05  # how long a wait for a reply looks for more events before it checks the reply
 
 
 class ChatSession:
@@ -44,21 +46,36 @@ class ChatSession:
         """Print events until one of the classes ``kinds`` (or an error) arrives; return it."""
         while True:
             event = self.engine.events.get()
-            if isinstance(event, Token):
-                self.print(event.text, end="")
-            elif isinstance(event, Swapped):
-                failed = event.failed
-                self.print(f"\n[swapped {event.changed} modules in {event.seconds:.2f} s -> "
-                           f"{_bpw(event.state.bits_per_weight)}" + (f"; {len(failed)} failed, kept their old weights: "
-                                                                    f"{next(iter(failed.values()))}" if failed else "") + "]")
-            elif isinstance(event, Note):
-                self.print(f"[note: {event.message}]")
-            elif isinstance(event, EngineError):
-                if event.fatal:
-                    raise EngineStopped(event.message)
-                self.print(f"[error: {event.message}]")
+            self._show(event)
             if isinstance(event, (*kinds, EngineError)):
                 return event
+
+    def wait_for(self, reply: Future):
+        """Print events until ``reply`` (a command's) is answered and every event before its
+        answer is shown; the answer, or None when the command failed (an error event said why)."""
+        while True:
+            try:
+                event = self.engine.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if reply.done():
+                    return None if reply.exception() else reply.result()
+                continue
+            self._show(event)
+
+    def _show(self, event) -> None:
+        if isinstance(event, Token):
+            self.print(event.text, end="")
+        elif isinstance(event, Swapped):
+            failed = event.failed
+            self.print(f"\n[swapped {event.changed} modules in {event.seconds:.2f} s -> "
+                       f"{_bpw(event.state.bits_per_weight)}" + (f"; {len(failed)} failed, kept their old weights: "
+                                                                f"{next(iter(failed.values()))}" if failed else "") + "]")
+        elif isinstance(event, Note):
+            self.print(f"[note: {event.message}]")
+        elif isinstance(event, EngineError):
+            if event.fatal:
+                raise EngineStopped(event.message)
+            self.print(f"[error: {event.message}]")
 
     def handle(self, line: str) -> bool:
         """Run one input line; False means leave. A command that fails is reported and
@@ -79,8 +96,7 @@ class ChatSession:
             return True
         if not line.startswith("/"):
             self.generating = True
-            self.engine.chat(line, self.max_tokens)
-            event = self.wait(ReplyDone)
+            event = self.wait_for(self.engine.chat(line, self.max_tokens))
             self.generating = False
             if isinstance(event, ReplyDone):
                 d = event.stats
@@ -100,16 +116,13 @@ class ChatSession:
             except ValueError:
                 self.print("[usage: /plan BITS_PER_WEIGHT, e.g. /plan 3.5]")
                 return True
-            self.engine.apply_budget(budget)
-            self.wait(Swapped)
+            self.wait_for(self.engine.apply_budget(budget))
         elif command == "auto" and arg in ("on", "off"):
-            self.engine.set_auto(arg == "on")
-            event = self.wait(StateUpdate)
+            event = self.wait_for(self.engine.set_auto(arg == "on"))
             if isinstance(event, StateUpdate):
                 self.print(f"[auto: {'on' if event.state.auto else 'off'}]")
         elif command in ("stats", "layers"):
-            self.engine.request_state()
-            event = self.wait(StateUpdate)
+            event = self.wait_for(self.engine.request_state())
             if isinstance(event, StateUpdate):
                 state = event.state
                 if command == "layers":
@@ -122,13 +135,11 @@ class ChatSession:
             if not arg:
                 self.print("[usage: /system TEXT, e.g. /system You answer in French.]")
                 return True
-            self.engine.set_system(arg)
-            self.wait(StateUpdate)
-            self.print("[system prompt set]")
+            if self.wait_for(self.engine.set_system(arg)):
+                self.print("[system prompt set]")
         elif command == "reset":
-            self.engine.reset()
-            self.wait(StateUpdate)
-            self.print("[conversation reset]")
+            if self.wait_for(self.engine.reset()):
+                self.print("[conversation reset]")
         elif command == "save":
             self._save(arg)
         else:

@@ -14,16 +14,19 @@ from lsaq_mlx.runtime.sampling import Sampling
 
 @dataclass(frozen=True)
 class CompletionEvent:
-    kind: str  # "text" | "done" | "error"
+    kind: str  # "started" | "text" | "done" | "error"
     text: str = ""
     finish_reason: str | None = None  # done: "stop" | "length" | "cancelled"
     usage: dict | None = None  # done: prompt_tokens, completion_tokens, total_tokens
     info: dict | None = None  # done: bits per weight at the start and end, swaps while it ran
+    status: int = 500  # error: as an HTTP status (400: the request itself cannot run)
+    param: str | None = None  # error: the request field at fault
+    code: str | None = None  # error: OpenAI's code ("context_length_exceeded")
 
 
 @dataclass(eq=False)
 class Completion:
-    tokens: list[int]  # the whole prompt
+    tokens: list[int]  # the whole prompt; empty: the engine makes it from ``prompt`` or ``messages``
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
@@ -34,6 +37,8 @@ class Completion:
     sent: int = 0  # characters of ``text`` sent as events
     stopped: bool = False  # a stop sequence was generated
     ended: bool = False  # its done or error event is sent
+    prompt: str | None = None  # a raw prompt, tokenized by the engine (which owns the tokenizer)
+    messages: tuple | None = None  # or chat messages, through the model's chat template
 
     def cancel(self) -> None:
         """The caller has gone: the engine ends this completion at its next token (or skips it)."""
@@ -52,9 +57,10 @@ class Completion:
         if self.cancelled.is_set():
             self.finish("cancelled", len(self.tokens), 0, {})
         elif not self.tokens or len(self.tokens) >= context:
-            self.fail(f"the prompt is {len(self.tokens)} tokens; the model's context holds {context}")
+            self.fail(f"the prompt is {len(self.tokens)} tokens; the model's context holds {context}", 400,
+                      "messages" if self.messages is not None else "prompt", "context_length_exceeded")
         elif not all(isinstance(t, int) and 0 <= t < vocabulary for t in ids):
-            self.fail(f"a token id is outside the model's vocabulary of {vocabulary}")
+            self.fail(f"a token id is outside the model's vocabulary of {vocabulary}", 400)
         else:
             return False
         return True
@@ -85,10 +91,14 @@ class Completion:
         self.events.put(CompletionEvent("done", finish_reason=reason, usage=usage, info=info))
         self.ended = True
 
-    def fail(self, message: str) -> None:
+    def start(self) -> None:
+        """Its prompt is tokenized and accepted: it will run (a server may now send headers)."""
+        self.events.put(CompletionEvent("started"))
+
+    def fail(self, message: str, status: int = 500, param: str | None = None, code: str | None = None) -> None:
         """Ends the completion with an error, unless it has already ended."""
         if not self.ended:
-            self.events.put(CompletionEvent("error", text=message))
+            self.events.put(CompletionEvent("error", text=message, status=status, param=param, code=code))
             self.ended = True
 
     def _stop_at(self) -> int | None:

@@ -13,6 +13,8 @@ decoder layer per token.
 import queue
 import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 
 import mlx.core as mx
 import psutil
@@ -27,7 +29,24 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.batch import CompletionBatch, batchable, batchable_model
+from lsaq_mlx.runtime.commands import (
+    IMMEDIATE,
+    ApplyBudget,
+    ApplyPlan,
+    Chat,
+    Command,
+    Complete,
+    EngineCommands,
+    EngineStopped,
+    Evaluate,
+    RequestState,
+    Reset,
+    Retract,
+    SetAuto,
+    SetSystem,
+)
 from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.runtime.prompts import PromptRefused, prompt_tokens
 from lsaq_mlx.runtime.events import (
     EngineError,
     EngineState,
@@ -44,8 +63,7 @@ from lsaq_mlx.runtime.events import (
 from lsaq_mlx.runtime.layers import layer_bits, module_precision
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.sampling import Sampling
-from lsaq_mlx.runtime.text import valid_text
-from lsaq_mlx.runtime.swap import SwapReport, layer_groups, module_maker, swap_modules
+from lsaq_mlx.runtime.swap import SwapInProgress, layer_groups, module_maker, swap_modules
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
@@ -58,7 +76,19 @@ REPETITION_PENALTY = 1.1  # small models loop under greedy decoding without it
 DEFAULT_CONTEXT = 4096  # tokens, for configs that do not say
 
 
-class Engine:
+LATER = object()  # a command whose reply comes later (a swap ends between tokens)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What callers on other threads may read of a started engine (it never changes)."""
+
+    context: int  # tokens
+    vocabulary: int  # token ids below this reach the model
+    eos_token_ids: tuple[int, ...]
+
+
+class Engine(EngineCommands):
     def __init__(self, source: ModelSource, planner: Planner | None = None, budget: float | None = None, auto_budgets=(),
                  sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0,
                  importance=None, memory_events: bool = False, layer_store: bool = False, method: str = "lsaq",
@@ -82,13 +112,13 @@ class Engine:
         self.on_event = on_event or self.events.put
         self.messages: list[dict] = []
         self.auto = bool(self.auto_budgets)
-        self._commands = queue.Queue()
-        self._stop = threading.Event()
+        self._init_commands()
         self._thread = threading.Thread(target=self._run, name="lsaq-engine", daemon=True)
         self._ready = threading.Event()
         self._error = None
+        self.info: EngineInfo | None = None  # published at ready
 
-    # ---- called from any thread ----
+    # ---- called from any thread (the commands are EngineCommands') ----
     def start(self) -> "Engine":
         self._thread.start()
         self._ready.wait()
@@ -102,52 +132,11 @@ class Engine:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def stop(self) -> None:
-        """Stop the reply being generated (the conversation keeps what was said)."""
-        self._stop.set()
-
     def shutdown(self) -> None:
-        self._stop.set()
-        self._send("shutdown")
+        """Stop at the next token, whatever is running or queued, and end the engine thread."""
+        self.inbox.close()
+        self.stop()
         self._thread.join()
-
-    def chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> None:
-        """Reply to ``text``; ``temp`` overrides the sampling temperature for this reply."""
-        self._send("chat", valid_text(text), max_tokens, temp)
-
-    def apply_plan(self, index: int, reason: str = "requested") -> None:
-        """Swap to plan ``index`` of the plan set (smallest first)."""
-        self._send("apply_plan", index, reason)
-
-    def apply_budget(self, bits_per_weight: float) -> None:
-        """Plan ``bits_per_weight`` and swap to it."""
-        self._send("apply_budget", bits_per_weight)
-
-    def set_auto(self, on: bool) -> None:
-        self._send("auto", on)
-
-    def request_state(self) -> None:
-        self._send("state")
-
-    def set_system(self, text: str) -> None:
-        self._send("system", valid_text(text))
-
-    def reset(self) -> None:
-        self._send("reset")
-
-    def retract(self) -> None:
-        self._send("retract")
-
-    def measure_perplexity(self, tokens: list[int], seq_len: int = 512) -> None:
-        self._send("evaluate", tokens, seq_len)
-
-    def complete(self, job: Completion) -> None:
-        """Run ``job`` (a stateless completion) after the commands before it; the
-        conversation is left as it is."""
-        self._send("complete", job)
-
-    def _send(self, command: str, *args) -> None:
-        self._commands.put((command, args))
 
     # ---- the engine thread ----
     def _run(self) -> None:
@@ -170,24 +159,69 @@ class Engine:
             self._error = e
             self._ready.set()
             return
+        self.info = EngineInfo(self.context, self.vocabulary, tuple(self.tokenizer.eos_token_ids))
         self._ready.set()
         self.on_event(Ready(self._state(), time.time()))
-        while True:
-            try:
-                command, args = self._commands.get(timeout=self.sample_every)
-            except queue.Empty:
-                self._follow_memory()
-                continue
-            if command == "shutdown":
-                return
-            try:
-                getattr(self, f"_cmd_{command}")(*args)
-                while self.pending:  # a swap asked for between replies: every layer now
+        try:
+            while not self.inbox.closing.is_set():
+                command = self.inbox.next(timeout=self.sample_every)
+                if command is None:
+                    self._follow_memory()
+                    continue
+                self._run_command(command)
+                while self.swap and not self.inbox.closing.is_set():  # a swap asked for between replies: all now
                     self._swap_step()
-            except UserError as e:
-                self.on_event(EngineError(str(e), command))
-            except Exception as e:
-                self.on_event(EngineError(f"{command} failed: {type(e).__name__}: {e}", command))
+        finally:
+            stopped = EngineStopped("the engine has stopped")
+            self.inbox.fail_all(stopped)
+            for reply in self.swap.replies if self.swap else []:
+                reply.set_exception(stopped)
+
+    def _run_command(self, command: Command) -> None:
+        """Run ``command`` and answer its reply (unless its answer comes later); a failure
+        is also an ``EngineError`` event, for displays."""
+        try:
+            result = self._handle(command)
+        except Exception as e:
+            message = str(e) if isinstance(e, UserError) else f"{command.name} failed: {type(e).__name__}: {e}"
+            self.on_event(EngineError(message, command.name))
+            if not command.reply.done():
+                command.reply.set_exception(e)
+            return
+        if result is not LATER and not command.reply.done():
+            command.reply.set_result(result)
+
+    def _handle(self, command: Command):
+        """What ``command`` does; its reply, or ``LATER`` when the reply comes later."""
+        match command:
+            case Chat():
+                return self._chat(command)
+            case Complete(job=job):
+                return self._complete(job)
+            case ApplyPlan(plan=plan, reason=reason):
+                return self._apply_plan(plan, reason, command.reply)
+            case ApplyBudget(bits_per_weight=bits):
+                return self._apply_plan(self._plans([bits])[0], f"budget {bits:g} bits/weight", command.reply)
+            case SetAuto(on=on):
+                return self._set_auto(on)
+            case RequestState():
+                return self._state_update()
+            case SetSystem(text=text):
+                self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
+            case Reset():
+                self.messages = [m for m in self.messages if m["role"] == "system"]
+                self.cache, self.cache_tokens = None, []
+            case Retract():
+                last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
+                if last is not None:
+                    self.messages = self.messages[:last]  # the KV cache of the rest is reused
+            case Evaluate(tokens=tokens, seq_len=seq_len):
+                from lsaq_mlx.evaluation.perplexity import perplexity
+
+                event = PerplexityMeasured(perplexity(self.model, tokens, seq_len).to_dict())
+                self.on_event(event)
+                return event
+        return self._state_update()  # the conversation commands answer with the state after them
 
     def _plans(self, budgets) -> list[QuantPlan]:
         if self.planner is None:
@@ -237,26 +271,28 @@ class Engine:
         self.float32 = compute_mode() == "float32"
         self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
-        self.pending: list[dict] = []
+        self.swap: SwapInProgress | None = None
         self.swaps = 0  # plan changes finished
         self.last_reply: ReplyStats | None = None
         if self.importance_of is not None:
             self.importance = self.importance_of()
 
-    def _cmd_chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> None:
-        self.messages.append({"role": "user", "content": text})
+    def _chat(self, command: Chat) -> ReplyDone:
+        self.messages.append({"role": "user", "content": command.text})
         try:
             tokens = self._tokens_within_context()
             processors = make_logits_processors(repetition_penalty=REPETITION_PENALTY)
-            reply, stats, _ = self._generate(tokens, min(max_tokens, self.context - len(tokens)),
-                                             self.sampling.sampler(temp), processors,
-                                             lambda text: self.on_event(Token(text)), self._stop.is_set)
+            reply, stats, _ = self._generate(tokens, min(command.max_tokens, self.context - len(tokens)),
+                                             self.sampling.sampler(command.temp), processors,
+                                             lambda text: self.on_event(Token(text)), command.cancel.is_set)
         except BaseException:  # the conversation stays as it was before this message
             self.messages.pop()
             raise
         self.messages.append({"role": "assistant", "content": reply})
         self.last_reply = stats
-        self.on_event(ReplyDone(reply, stats))
+        done = ReplyDone(reply, stats)
+        self.on_event(done)
+        return done
 
     def _tokens_within_context(self) -> list[int]:
         """The prompt of the conversation; when it does not fit the model's context, the
@@ -276,13 +312,12 @@ class Engine:
                                f"{dropped} oldest messages were dropped"))
         return tokens
 
-    def _cmd_complete(self, job: Completion) -> None:
-        others = self._take_commands(lambda command, args: command == "complete" and batchable(args[0]))
-        if others and batchable(job) and self.batchable:
-            return self._run_batch([job, *(args[0] for _, args in others)])
-        for item in others:  # run alone, each in its turn
-            self._commands.put(item)
-        if job.refused(self.context, self.vocabulary):
+    def _complete(self, job: Completion) -> None:
+        if batchable(job) and self.batchable:
+            others = [c.job for c in self.inbox.take(lambda c: isinstance(c, Complete) and batchable(c.job))]
+            if others:
+                return self._run_batch([job, *others])
+        if not self._accept(job):
             return
         start_bits, swaps = self._plan_info()["bits_per_weight"], self.swaps
         try:
@@ -299,48 +334,70 @@ class Engine:
                    {"bits_per_weight_start": start_bits, "bits_per_weight_end": stats.bits_per_weight,
                     "swaps": self.swaps - swaps}, len(job.tokens) - stats.prompt_tokens)
 
+    def _accept(self, job: Completion) -> bool:
+        """Tokenize ``job``'s prompt here, on the thread that owns the tokenizer, and check
+        it: a prompt over the context, an id outside the vocabulary or a template that
+        refuses the messages ends the job (a 400 for the server); whether it may run."""
+        if job.tokens:
+            pass
+        elif job.prompt is None and job.messages is None:
+            job.fail("the completion has no prompt", 400)
+            return False
+        else:
+            try:
+                job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context)
+            except PromptRefused as e:
+                job.fail(str(e), 400, e.param, e.code)
+                return False
+        if job.refused(self.context, self.vocabulary):
+            return False
+        job.start()
+        return True
+
     def _generate(self, tokens: list[int], max_tokens: int, sampler, processors, emit, should_stop
                   ) -> tuple[str, ReplyStats, str | None]:
         """Generate after ``tokens``, sending each piece of text to ``emit`` and ending
-        early when ``should_stop()``; the text, its statistics and mlx-lm's finish reason."""
+        early when ``should_stop()`` (or at shutdown); the text, its statistics and
+        mlx-lm's finish reason. A reply stopped before it began is empty."""
+        stopping = lambda: should_stop() or self.inbox.closing.is_set()  # noqa: E731
         prefix = self._reuse_cache(tokens)
         feed, generated, pieces, last = tokens[prefix:], [], [], None
-        self._stop.clear()
-        stopped, checked = False, time.monotonic()
+        stopped, checked = stopping(), time.monotonic()
         started, first_token = time.perf_counter(), None
-        for last in stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
-                                    sampler=sampler, prompt_cache=self.cache, logits_processors=processors):
+        steps = () if stopped else stream_generate(self.model, self.tokenizer, mx.array(feed), max_tokens=max_tokens,
+                                                   sampler=sampler, prompt_cache=self.cache,
+                                                   logits_processors=processors)
+        for last in steps:
             generated.append(last.token)
             pieces.append(last.text)
             first_token = first_token or time.perf_counter() - started
             emit(last.text)
-            if should_stop():
+            if stopping():
                 stopped = True
                 break
             checked = self._between_tokens(checked)
         offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
-        while self.pending and not stopped:
+        while self.swap and not stopped:
             self._swap_step()
-        stats = ReplyStats(len(feed), last.prompt_tps if last else 0.0, last.generation_tokens if last else 0,
-                           last.generation_tps if last else 0.0, mx.get_peak_memory(), stopped,
-                           first_token or 0.0, self._plan_info()["bits_per_weight"])
+        stats = ReplyStats(len(feed) if last else 0, last.prompt_tps if last else 0.0,
+                           last.generation_tokens if last else 0, last.generation_tps if last else 0.0,
+                           mx.get_peak_memory(), stopped, first_token or 0.0, self._plan_info()["bits_per_weight"])
         return "".join(pieces), stats, "stop" if stopped else last.finish_reason if last else "length"
 
     def _run_batch(self, jobs: list[Completion]) -> None:
         """Decode ``jobs`` together; completions queued meanwhile join; between steps as
-        between tokens in ``_generate``."""
+        between tokens in ``_generate``. At shutdown the batch ends at the next step."""
         batch = CompletionBatch(self.model, self.tokenizer, self.context, self.vocabulary, self.sampling.max_kv_size,
                                 lambda: (self._plan_info()["bits_per_weight"], self.swaps))
-        checked, taken = time.monotonic(), list(jobs)
+        checked, taken, closing = time.monotonic(), list(jobs), self.inbox.closing
         try:
-            batch.add(jobs)
-            while batch:
+            batch.add([j for j in jobs if self._accept(j)])
+            while batch and not closing.is_set():
                 batch.step()
-                joining = [args[0] for _, args in self._take_commands(
-                    lambda command, args: command == "complete" and batchable(args[0]))]
+                joining = [c.job for c in self.inbox.take(lambda c: isinstance(c, Complete) and batchable(c.job))]
                 taken += joining
-                batch.add(joining)
+                batch.add([j for j in joining if self._accept(j)])
                 checked = self._between_tokens(checked)
         except Exception as e:
             for job in taken:  # those still running or waiting to join; ended ones ignore it
@@ -350,54 +407,23 @@ class Engine:
             batch.close()
             self.cache, self.cache_tokens = None, []  # the batch's caches were its own
             return_freed_memory()  # a long-running server returns the batch's buffers, sized by its peak
+        for job in taken if closing.is_set() else []:
+            job.fail("the server is shutting down", 503)
         self.last_reply = ReplyStats(batch.prompt_tokens, 0.0, batch.generated, batch.generation_tps(),
                                      mx.get_peak_memory(), False, 0.0, self._plan_info()["bits_per_weight"])
 
     def _between_tokens(self, checked: float) -> float:
         """Between two tokens: answer swap and state requests, swap one layer of a pending
         plan change or, every ``sample_every`` seconds after ``checked``, sample memory;
-        the time of the last sample."""
-        self._poll_commands()
-        if self.pending:
+        the time of the last sample. Other commands wait for the reply to end."""
+        for command in self.inbox.take(lambda c: isinstance(c, IMMEDIATE)):
+            self._run_command(command)
+        if self.swap:
             self._swap_step()
         elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
             checked = time.monotonic()
             self._follow_memory(during_generation=True)
         return checked
-
-    def _take_commands(self, wanted) -> list:
-        """Queued commands for which ``wanted(command, args)``, in order; the others stay queued."""
-        taken, kept = [], []
-        while True:
-            try:
-                item = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            (taken if wanted(*item) else kept).append(item)
-        for item in kept:
-            self._commands.put(item)
-        return taken
-
-    def _poll_commands(self) -> None:
-        """While a reply streams: start requested swaps and answer stats at once; keep
-        other commands for after the reply."""
-        later = []
-        while True:
-            try:
-                command, args = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                if command in ("apply_plan", "state", "auto"):
-                    getattr(self, f"_cmd_{command}")(*args)
-                elif command == "apply_budget" and self.planner is not None:
-                    self._cmd_apply_plan(self._plans([args[0]])[0], f"budget {args[0]:g} bits/weight")
-                else:
-                    later.append((command, args))
-            except UserError as e:
-                self.on_event(EngineError(str(e), command))
-        for item in later:
-            self._commands.put(item)
 
     def _prompt_tokens(self) -> list[int]:
         if self.tokenizer.chat_template:
@@ -422,8 +448,10 @@ class Engine:
     def _source_config(self) -> dict:
         return read_json(self.source.path / "config.json")
 
-    def _cmd_apply_plan(self, plan: QuantPlan | int, reason: str = "requested") -> None:
-        """Swap to ``plan``, or to the plan of that index in the PlanSet (smallest first)."""
+    def _apply_plan(self, plan: QuantPlan | int, reason: str = "requested", reply: Future | None = None):
+        """Start swapping to ``plan``, or to the plan of that index in the PlanSet (smallest
+        first), one layer group at a time; ``reply`` gets its ``Swapped`` when it is done
+        (a later plan change that takes over answers it too). Returns ``LATER``."""
         if isinstance(plan, int):
             plans = self.policy.plans.plans if self.policy else []
             if not 0 <= plan < len(plans):
@@ -433,39 +461,37 @@ class Engine:
             raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
                             "chat with the float source (e.g. --model default -b 4.5) to change plans")
         changes = {p: c for p, c in plan.modules.items() if self.choices.get(p) != c}
-        self._swap_from = {"from_bits_per_weight": self._plan_info()["bits_per_weight"], "reason": reason,
-                           "at": time.time(), "memory_before": self._process_memory()}
+        replies = (self.swap.replies if self.swap else []) + ([reply] if reply else [])
+        self.swap = SwapInProgress(layer_groups(changes), self._plan_info()["bits_per_weight"], reason,
+                                   self._process_memory(), replies)
         self.plan = plan
         if self.policy and any(p is plan for p in self.policy.plans.plans):
             self.policy.current = next(i for i, p in enumerate(self.policy.plans.plans) if p is plan)
-        self.pending = layer_groups(changes)
-        self._swap_report = SwapReport()
-        self._swap_start = time.perf_counter()
-        if not self.pending:
-            self.on_event(self._swapped(0, {}, 0.0))
-
-    def _cmd_apply_budget(self, bits_per_weight: float) -> None:
-        self._cmd_apply_plan(self._plans([bits_per_weight])[0], f"budget {bits_per_weight:g} bits/weight")
-        while self.pending:
-            self._swap_step()
+        if not self.swap.groups:
+            self._swap_done()
+        return LATER
 
     def _swap_step(self) -> None:
-        group = self.pending.pop(0)
+        group = self.swap.groups.pop(0)
         report = swap_modules(self.model, group, self.weights, self.float32, self.store, self.float_paths)
         for path in report.changed:
             self.choices[path] = group[path]
-        self._swap_report.merge(report)
-        if not self.pending:
+        self.swap.report.merge(report)
+        if not self.swap.groups:
             return_freed_memory()
-            r = self._swap_report
-            self.on_event(self._swapped(len(r.changed), r.failed, time.perf_counter() - self._swap_start))
+            self._swap_done()
 
-    def _swapped(self, changed: int, failed: dict, seconds: float) -> Swapped:
-        report, came_from = self._swap_report, self._swap_from
+    def _swap_done(self) -> None:
+        swap, self.swap = self.swap, None
         self.swaps += 1
-        return Swapped(changed, failed, seconds, report.source_bytes, report.store_bytes,
-                       came_from["from_bits_per_weight"], came_from["reason"], came_from["at"],
-                       came_from["memory_before"], self._process_memory(), self._state())
+        r = swap.report
+        event = Swapped(len(r.changed), r.failed, time.perf_counter() - swap.started, r.source_bytes, r.store_bytes,
+                        swap.from_bits_per_weight, swap.reason, swap.at, swap.memory_before, self._process_memory(),
+                        self._state())
+        self.on_event(event)
+        for reply in swap.replies:
+            if not reply.done():
+                reply.set_result(event)
 
     def _plan_info(self) -> dict:
         if self.plan:
@@ -506,43 +532,23 @@ class Engine:
             direction = "down" if choice < before else "up"
             reason = (f"auto {direction}: {sample.available_bytes / 1e9:.2f} GB available, "
                       f"{sample.pressure} pressure")
-            self._cmd_apply_plan(self.policy.plans.plans[choice], reason)
+            self._apply_plan(self.policy.plans.plans[choice], reason)
             if not during_generation:
-                while self.pending:
+                while self.swap:
                     self._swap_step()
 
     # ---- everything else ----
-    def _cmd_auto(self, on: bool) -> None:
+    def _set_auto(self, on: bool) -> StateUpdate:
         if on and not (self.sampler and self.policy):
             raise UserError("automatic mode needs a plan set: start in automatic mode or with a memory trace",
                             setting="auto")
         self.auto = on
-        self.on_event(StateUpdate(self._state()))
+        return self._state_update()
 
-    def _cmd_state(self) -> None:
-        self.on_event(StateUpdate(self._state()))
-
-    def _cmd_retract(self) -> None:
-        """Forget the last user message and what followed it (a reply stopped to edit the
-        prompt); the KV cache of the rest is reused."""
-        last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
-        if last is not None:
-            self.messages = self.messages[:last]
-        self.on_event(StateUpdate(self._state()))
-
-    def _cmd_reset(self) -> None:
-        system = [m for m in self.messages if m["role"] == "system"]
-        self.messages, self.cache, self.cache_tokens = system, None, []
-        self.on_event(StateUpdate(self._state()))
-
-    def _cmd_system(self, text: str) -> None:
-        self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
-        self.on_event(StateUpdate(self._state()))
-
-    def _cmd_evaluate(self, tokens: list[int], seq_len: int = 512) -> None:
-        from lsaq_mlx.evaluation.perplexity import perplexity
-
-        self.on_event(PerplexityMeasured(perplexity(self.model, tokens, seq_len).to_dict()))
+    def _state_update(self) -> StateUpdate:
+        event = StateUpdate(self._state())
+        self.on_event(event)
+        return event
 
     def _state(self) -> EngineState:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}

@@ -1,11 +1,12 @@
-"""What the engine and its displays say to each other: the commands an engine takes
-(``EngineProtocol``, which ``Engine`` and the tests' fake engine implement) and one
-event class per thing it reports, with typed fields.
+"""What the engine and its displays say to each other: the surface of an engine
+(``EngineProtocol``, which ``Engine`` and the tests' fake engine implement; its commands
+are in ``runtime.commands``) and one event class per thing it reports, with typed fields.
 
 Events arrive on ``engine.events`` (a queue) in the order they happen; a display
 matches on their class.
 """
 
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from queue import Queue
 from typing import Protocol
@@ -116,19 +117,25 @@ Event = Ready | Token | ReplyDone | Swapped | StateUpdate | MemoryUpdate | Note 
 
 
 class EngineProtocol(Protocol):
-    """An engine thread that owns a model: commands return at once, results come as events."""
+    """An engine thread that owns a model: commands return at once with their own reply
+    (a ``Future``: the event that answers that request, or its error); displays follow
+    every event on ``events``. ``runtime.commands.EngineCommands`` implements the commands
+    for both ``Engine`` and the tests' fake engine."""
 
     events: Queue
     messages: list[dict]
 
     def start(self) -> "EngineProtocol": ...
-    def shutdown(self) -> None: ...
-    def stop(self) -> None: ...  # stop the reply being generated
-    def chat(self, text: str, max_tokens: int = 512) -> None: ...
-    def apply_plan(self, index: int, reason: str = "requested") -> None: ...
-    def apply_budget(self, bits_per_weight: float) -> None: ...
-    def set_auto(self, on: bool) -> None: ...
-    def request_state(self) -> None: ...
-    def set_system(self, text: str) -> None: ...
-    def reset(self) -> None: ...
-    def retract(self) -> None: ...  # forget the last message (a stopped reply's prompt)
+    def running(self) -> bool: ...
+    def shutdown(self) -> None: ...  # ends what runs at its next token, fails what is queued
+    def stop(self) -> None: ...  # stop the reply being generated, and those asked for before
+    def chat(self, text: str, max_tokens: int = 512, temp: float | None = None) -> Future: ...  # ReplyDone
+    def apply_plan(self, index: int, reason: str = "requested") -> Future: ...  # Swapped
+    def apply_budget(self, bits_per_weight: float) -> Future: ...  # Swapped
+    def set_auto(self, on: bool) -> Future: ...  # StateUpdate
+    def request_state(self) -> Future: ...  # StateUpdate
+    def set_system(self, text: str) -> Future: ...  # StateUpdate
+    def reset(self) -> Future: ...  # StateUpdate
+    def retract(self) -> Future: ...  # StateUpdate; forgets the last message (a stopped reply's prompt)
+    def measure_perplexity(self, tokens: list[int], seq_len: int = 512) -> Future: ...  # PerplexityMeasured
+    def complete(self, job) -> Future: ...  # a server's stateless completion; its events go to the job

@@ -83,6 +83,21 @@ class SwapReport:
         self.store_bytes += other.store_bytes
 
 
+@dataclass
+class SwapInProgress:
+    """A plan change applied one layer group at a time (between tokens while a reply
+    streams): what is left, what was done, where it came from, who waits for it."""
+
+    groups: list[dict]  # layer groups of path -> choice still to swap
+    from_bits_per_weight: float | None
+    reason: str
+    memory_before: dict
+    replies: list = field(default_factory=list)  # Futures that get its Swapped
+    report: SwapReport = field(default_factory=SwapReport)
+    at: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.perf_counter)
+
+
 def swap_modules(model: nn.Module, changes: dict, weights: SourceTensors, float32_compute: bool,
                  store=None, float_paths: set[str] | None = None) -> SwapReport:
     """Replace every module of ``changes`` (path -> choice) by its new precision. For

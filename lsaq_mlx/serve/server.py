@@ -11,14 +11,12 @@ import json
 import queue
 import select
 import socket
-import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lsaq_mlx import __version__
 from lsaq_mlx.runtime.completion import Completion
-from lsaq_mlx.serve.prompts import tokens_at_least
 from lsaq_mlx.serve.requests import MAX_BODY_BYTES, ApiError, CompletionRequest, completion_request, parse_body
 from lsaq_mlx.serve.status import ServerStatus
 
@@ -41,29 +39,7 @@ class ApiServer(ThreadingHTTPServer):
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
         self.max_tokens, self.defaults = max_tokens, defaults
         self.status = ServerStatus(engine, model_id).start()
-        self._tokenizer_lock = threading.Lock()  # the fast tokenizer is not safe to share across threads
-
-    def prompt_tokens(self, request: CompletionRequest) -> list[int]:
-        """The request's prompt tokens; a 400 for a prompt over the model's context, found
-        with work bounded by the context, not by the prompt's length."""
-        tokenizer, context = self.engine.tokenizer, self.engine.context
-        texts = [request.prompt] if request.prompt is not None else [m["content"] for m in request.messages]
-        with self._tokenizer_lock:
-            least = 0
-            for text in texts:
-                least += tokens_at_least(tokenizer, text, context - least)
-                if least >= context:
-                    raise ApiError(400, f"the prompt is at least {least} tokens; the model's context holds {context}",
-                                   "prompt" if request.prompt is not None else "messages", "context_length_exceeded")
-            if request.prompt is not None:
-                return list(tokenizer.encode(request.prompt))
-            messages = [dict(m) for m in request.messages]
-            if not tokenizer.chat_template:
-                return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
-            try:
-                return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            except Exception as e:  # the model's template rejects these messages (jinja raises its own errors)
-                raise ApiError(400, f"the model's chat template rejects these messages: {e}", "messages") from None
+        self.info = engine.info  # context, vocabulary: the engine owns the tokenizer and tokenizes prompts
 
     @property
     def url(self) -> str:
@@ -147,13 +123,9 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def _complete(self, chat: bool) -> None:
         request = completion_request(self._body(), chat, self.server.max_tokens, self.server.defaults,
-                                     self.server.engine.vocabulary)
-        tokens = self.server.prompt_tokens(request)
-        context = self.server.engine.context
-        if len(tokens) + 1 > context:
-            raise ApiError(400, f"the prompt is {len(tokens)} tokens; the model's context holds {context}",
-                           "messages" if chat else "prompt", "context_length_exceeded")
-        job = Completion(tokens, request.max_tokens, request.sampling, request.stop, request.logits)
+                                     self.server.info.vocabulary)
+        job = Completion([], request.max_tokens, request.sampling, request.stop, request.logits,
+                         prompt=request.prompt, messages=request.messages)
         status = self.server.status
         status.count("in_flight")
         self.server.engine.complete(job)
@@ -205,7 +177,10 @@ class ApiHandler(BaseHTTPRequestHandler):
         return True
 
     def _stream(self, job: Completion, request: CompletionRequest) -> bool:
-        """Server-sent events; False when the engine failed mid-stream (said in the stream)."""
+        """Server-sent events; False when the engine failed mid-stream (said in the stream).
+        The headers wait for the engine to accept the prompt, so a prompt it refuses is a 400."""
+        events = self._events(job)
+        next(events)  # "started", or the ApiError of a refused prompt
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -227,7 +202,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         if request.chat:
             self._send_event(chunk(None, first=True))
         try:
-            for event in self._events(job):
+            for event in events:
                 if event.kind == "text":
                     self._send_event(chunk(event.text))
                 elif event.kind == "done":
@@ -258,7 +233,8 @@ class ApiHandler(BaseHTTPRequestHandler):
                     raise ApiError(503, "the engine has stopped", kind="server_error")
                 continue
             if event.kind == "error":
-                raise ApiError(500, event.text, kind="server_error")
+                raise ApiError(event.status, event.text, event.param, event.code,
+                               "server_error" if event.status >= 500 else "invalid_request_error")
             yield event
             if event.kind == "done":
                 return

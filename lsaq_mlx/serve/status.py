@@ -20,7 +20,6 @@ class ServerStatus:
         self.notes: deque = deque(maxlen=NOTES)
         self.requests = {"served": 0, "failed": 0, "cancelled": 0, "in_flight": 0}
         self._lock = threading.Lock()
-        self._state_seen = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._follow, name="lsaq-serve-status", daemon=True)
 
     def start(self) -> "ServerStatus":
@@ -33,12 +32,12 @@ class ServerStatus:
 
     def snapshot(self, wait: float = 1.0) -> dict:
         """The engine's state (asked afresh, or the last known after ``wait`` seconds)."""
+        try:
+            fresh = self.engine.request_state().result(timeout=wait).state
+        except Exception:  # busy past ``wait``, or stopped: the last known state
+            fresh = None
         with self._lock:
-            before = self.state
-        self.engine.request_state()
-        with self._state_seen:
-            self._state_seen.wait_for(lambda: self.state is not before, timeout=wait)
-            state = self.state.to_dict() if self.state else {}
+            state = (fresh or self.state).to_dict() if (fresh or self.state) else {}
             return {"model": self.model_id, "uptime_seconds": round(time.time() - self.started, 1),
                     "plan": {k: state.get(k) for k in ("method", "bits_per_weight", "weight_bytes", "plan_index")},
                     "auto": state.get("auto"), "layers": state.get("layers"), "layer_bits": state.get("layer_bits"),
@@ -49,7 +48,7 @@ class ServerStatus:
     def _follow(self) -> None:
         while True:
             event = self.engine.events.get()
-            with self._state_seen:
+            with self._lock:
                 if isinstance(event, (Ready, StateUpdate)):
                     self.state = event.state
                 elif isinstance(event, Swapped):
@@ -59,7 +58,6 @@ class ServerStatus:
                     self.memory, self.policy = event.sample, event.policy
                 elif isinstance(event, (Note, EngineError)):
                     self.notes.append({"at": time.time(), "message": event.message})
-                self._state_seen.notify_all()
 
 
 def _swap_entry(event: Swapped) -> dict:
