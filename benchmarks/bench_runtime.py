@@ -59,7 +59,7 @@ def main() -> None:
     rows = []
 
     # 1-4 with quantized weights held as such
-    os.environ[compute.COMPUTE_ENV] = "quantized"
+    os.environ["LSAQ_MLX_COMPUTE"] = "quantized"
     weights = SourceTensors(source.path)
 
     def fresh(plan):
@@ -95,7 +95,7 @@ def main() -> None:
         rows += store_swap(fresh, low, high, changes, weights, full, requantized)
 
     # 3-6 in this machine's compute mode
-    os.environ.pop(compute.COMPUTE_ENV)
+    os.environ.pop("LSAQ_MLX_COMPUTE")
     float32 = compute.compute_mode() == "float32"
 
     def fresh_compute(plan):

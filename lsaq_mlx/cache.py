@@ -26,8 +26,8 @@ from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.documents import read_json
+from lsaq_mlx.settings import settings
 
-CACHE_ENV = "LSAQ_MLX_CACHE"
 MARKER = ".lsaq-mlx"  # in every folder lsaq-mlx writes; hidden, so pack leaves it out
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP = re.compile(r"^\..+\.lsaq-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[^/]*$")
@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 
 def cache_dir() -> Path:
     """Root of all caches: $LSAQ_MLX_CACHE, else ~/.cache/lsaq-mlx."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lsaq-mlx"
-    return Path(root).expanduser()
+    return settings().cache
 
 
 def is_key(name: str) -> bool:

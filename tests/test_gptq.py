@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -58,7 +59,7 @@ def test_gptq_lowers_the_output_error_and_dequantizes_to_what_it_computed(bits, 
 
 @pytest.mark.parametrize("bits,group_size", [(3, 64), (4, 32)])
 def test_refitted_scales_lower_every_rows_output_error_and_dequantize_exactly(bits, group_size):
-    from lsaq_mlx.gptq.solver import row_output_errors
+    from lsaq_mlx.gptq.row_errors import row_output_errors
 
     weight, hessian = _correlated_problem()
     factor = hessian_factor(hessian)
@@ -231,3 +232,32 @@ def test_an_embedding_tied_to_the_lm_head_is_written_by_gptq_on_the_final_hidden
     written = mx.dequantize(codes["weight"], codes["scales"], codes["biases"], 32, 3)
     rtn = mx.dequantize(*mx.quantize(mx.array(weight), 32, 3), 32, 3)
     assert output_error(weight, np.array(written), hessian) < 0.9 * output_error(weight, np.array(rtn), hessian)
+
+
+def test_the_mlx_solver_writes_the_numpy_solvers_codes():
+    """``tests/fixtures/gptq_numpy_codes.npz``: a fixed matrix and Hessian, and what the
+    NumPy solver (before the column loop moved to MLX) wrote for them. The codes must be
+    the same; a refit (a float32 solve, now MLX's) may move a float16 scale or bias by
+    one step, and the output error by no more than float32 noise."""
+    fixture = Path(__file__).parent / "fixtures" / "gptq_numpy_codes.npz"
+    f = np.load(fixture)
+    weight, hessian = f["weight"], f["hessian"]
+    factor = hessian_factor(hessian)
+    for bits, group_size in ((3, 64), (4, 32), (8, 128)):
+        for clip in (0, 1):
+            for refit in (0, 1):
+                key = f"{bits}_{group_size}_{clip}_{refit}"
+                got = gptq_quantize(weight, factor, bits, group_size, hessian if clip else None,
+                                    hessian if refit else None)
+                assert np.array_equal(got.weight, f[f"weight_{key}"]), key
+                for name in ("scales", "biases"):
+                    new, old = getattr(got, name).astype(np.float32), f[f"{name}_{key}"].astype(np.float32)
+                    close = np.isclose(new, old, rtol=2e-3, atol=1e-6) if refit else new == old
+                    assert close.all(), (key, name)
+
+                def error(w, s, b):
+                    d = mx.dequantize(mx.array(w), mx.array(s), mx.array(b), group_size=group_size, bits=bits)
+                    return output_error(weight, np.array(d.astype(mx.float32)), hessian)
+
+                old = error(f[f"weight_{key}"], f[f"scales_{key}"], f[f"biases_{key}"])
+                assert error(got.weight, got.scales, got.biases) == pytest.approx(old, rel=1e-4), key

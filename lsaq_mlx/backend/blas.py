@@ -14,8 +14,8 @@ from pathlib import Path
 
 from lsaq_mlx.documents import read_json
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.settings import settings
 
-BLAS_ENV = "LSAQ_MLX_BLAS"  # a library path, or "reference" to keep MLX's own
 _REEXEC_MARK = "LSAQ_MLX_BLAS_REEXEC"
 _OPENBLAS_NAMES = ("libopenblas.so.0", "libopenblasp.so.0")
 _OPENBLAS_DIRS = (
@@ -30,7 +30,7 @@ _OPENBLAS_DIRS = (
 
 def find_fast_blas() -> str | None:
     """Path of an optimized BLAS that can stand in for MLX's reference one."""
-    wanted = os.environ.get(BLAS_ENV)
+    wanted = settings().blas
     if wanted:
         return None if wanted == "reference" else wanted
     for folder in _OPENBLAS_DIRS:

@@ -21,10 +21,8 @@ from lsaq_mlx.backend.hybrid import make_hybrid
 from lsaq_mlx.modules import layer_index, module_groups
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sizes import parse_size
+from lsaq_mlx.settings import settings
 
-COMPUTE_ENV = "LSAQ_MLX_COMPUTE"  # "float32" or "quantized"; default: by backend
-FLOAT_COPY_ENV = "LSAQ_MLX_FLOAT_COPY"
-DEFAULT_FLOAT_COPY = "256MB"
 
 
 def backend() -> str:
@@ -35,10 +33,7 @@ def backend() -> str:
 def compute_mode() -> str:
     """"float32": quantized layers dequantized, all in float32 (CPU default);
     "quantized": MLX's quantized kernels in the model's own dtype (GPU default)."""
-    mode = os.environ.get(COMPUTE_ENV)
-    if mode in ("float32", "quantized"):
-        return mode
-    return "float32" if backend() == "cpu" else "quantized"
+    return settings().compute or ("float32" if backend() == "cpu" else "quantized")
 
 
 def dequantize_layers(model: nn.Module, paths: set[str] | None = None, now: bool = False) -> nn.Module:
@@ -94,7 +89,7 @@ def _dequantized(module: nn.Module, now: bool) -> mx.array:
 def float_copy_bytes() -> int | None:
     """How many bytes of float32 weights a model may hold for compute on the CPU
     (``LSAQ_MLX_FLOAT_COPY``, e.g. ``2GB``; ``all`` for no bound)."""
-    value = os.environ.get(FLOAT_COPY_ENV, DEFAULT_FLOAT_COPY)
+    value = settings().float_copy
     return None if value == "all" else parse_size(value)
 
 

@@ -16,6 +16,7 @@ from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import FLAGS
 from lsaq_mlx.cli.output import err
 from lsaq_mlx.errors import Terminated, UserError, os_error_line
+from lsaq_mlx.settings import Settings, use_settings
 
 __all__ = ["app", "main", "run"]
 
@@ -42,10 +43,13 @@ def main() -> None:
 def run(args: list[str] | None = None) -> int:
     """Run one command (``args``, default ``sys.argv[1:]``) in this process and return its
     exit status; a failure is one line on stderr."""
-    debug = bool(os.environ.get("LSAQ_MLX_DEBUG"))
+    debug = False
     try:
-        sweep_cache()
-        app(args=args, prog_name="lsaq-mlx")
+        chosen = Settings.from_environment()  # read once: every stage asks settings()
+        debug = chosen.debug
+        with use_settings(chosen):
+            sweep_cache()
+            app(args=args, prog_name="lsaq-mlx")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     except UserError as e:
@@ -58,6 +62,10 @@ def run(args: list[str] | None = None) -> int:
         return _failed(1, f"error: {os_error_line(e)}")
     except KeyboardInterrupt:
         return _failed(130, "interrupted")
+    except Exception as e:  # a bug: still one line, and the way to the traceback
+        if debug:
+            raise
+        return _failed(1, f"error: internal error: {type(e).__name__}: {e} (LSAQ_MLX_DEBUG=1 shows the traceback)")
     except Terminated as e:
         return _failed(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}")
     return 0

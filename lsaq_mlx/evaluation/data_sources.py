@@ -8,12 +8,12 @@ the hub answers; offline, ``--ppl auto`` uses the public-domain text shipped wit
 package and tasks need ``--data-dir``.
 """
 
-import os
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.evaluation import hub
 from lsaq_mlx.evaluation.tasks import TASK_FOLDERS, TASKS, load_task
+from lsaq_mlx.settings import settings
 
 DATA_ENV = "LSAQ_MLX_DATA"
 PACKAGED_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval.txt"
@@ -23,7 +23,7 @@ WIKITEXT_FILE = Path("wikitext-2-raw") / "wiki.test.raw"
 
 def data_roots() -> list[Path]:
     """The data folders that exist, in the order they are searched."""
-    candidates = [os.environ.get(DATA_ENV), "../shared/data", Path(__file__).resolve().parents[3] / "shared" / "data",
+    candidates = [settings().data, "../shared/data", Path(__file__).resolve().parents[3] / "shared" / "data",
                   hub.hub_data_root()]
     return [Path(c) for c in candidates if c and Path(c).is_dir()]
 

@@ -8,7 +8,6 @@ offline, and the task readers validate its rows like any other file.
 """
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from lsaq_mlx.cache import atomic_dir, cache_dir, file_sha256
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.documents import read_json
+from lsaq_mlx.settings import settings
 
 WIKITEXT_SHA256 = "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08"  # the original wiki.test.raw
 
@@ -43,7 +43,7 @@ def hub_data_root() -> Path:
 
 def fetch_rows(dataset: HubDataset) -> tuple[list[dict], str]:
     """The split's rows and the commit of the dataset they came from."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if settings().hub_offline:
         raise HubUnavailable("HF_HUB_OFFLINE is set")
     try:
         import datasets

@@ -19,7 +19,8 @@ import numpy as np
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.gptq.hessians import SEQ_LEN, TOKENS, calibration_tokens, each_layer_hessians
-from lsaq_mlx.gptq.solver import DAMP, compensated_codes, hessian_factor, row_output_errors
+from lsaq_mlx.gptq.row_errors import row_output_errors
+from lsaq_mlx.gptq.solver import DAMP, compensated_codes, hessian_factor
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.cost import roundtrip
 from lsaq_mlx.progress import progress_bar

@@ -13,6 +13,9 @@ the group's block of ``H`` where given, rounded to float16 as the model
 stores them, so ``mx.dequantize`` of the written codes gives exactly the values the
 errors were computed from. Rows are independent: large matrices go through in row
 blocks.
+
+The column loop runs in MLX, one compiled call per block of columns, so a Mac's GPU runs
+it; only ``H``'s factorization stays on the CPU (MLX's linear algebra is CPU-only).
 """
 
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ import numpy as np
 
 from lsaq_mlx.equalization.clipping import clip_ratios
 from lsaq_mlx.gptq.packing import pack_codes
+from lsaq_mlx.gptq.refit import refitted_scales
+from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.planning.cost import affine_scales
 
 # Of mean(diag H), added to H's diagonal. 0.01 (mlx_lm.gptq's) overfits 16k calibration tokens;
@@ -86,8 +91,6 @@ def gptq_quantize(weight: np.ndarray, factor: HessianFactor, bits: int, group_si
     input Hessian), scales and biases are then refitted to the codes (``refit``)."""
     codes, scales, biases = compensated_codes(weight, factor, np.full(weight.shape[0], bits), group_size, hessian)
     if refit_by is not None:
-        from lsaq_mlx.gptq.refit import refitted_scales  # refit reads this module's error measure
-
         scales, biases = refitted_scales(weight, codes, scales, biases, refit_by, group_size)
     return AffineCodes(pack_codes(codes, bits), scales, biases)
 
@@ -107,23 +110,37 @@ def compensated_codes(weight: np.ndarray, factor: HessianFactor, bits: np.ndarra
         diagonal = None if hessian is None else hessian[start : start + group_size, start : start + group_size]
         scales[:, start // group_size], biases[:, start // group_size] = _group_scales(
             w[:, start : start + group_size], levels, diagonal)
-    order, u = factor.order, factor.upper
-    column_scales = scales.astype(np.float32)[:, order // group_size]
-    column_biases = biases.astype(np.float32)[:, order // group_size]
-    w = w[:, order]
-    codes = np.empty((rows, cols), dtype=np.uint8)
+    order = mx.array(factor.order)
+    u = mx.array(factor.upper)
+    column_scales = mx.array(scales)[:, order // group_size].astype(mx.float32)
+    column_biases = mx.array(biases)[:, order // group_size].astype(mx.float32)
+    w, lv = mx.array(w)[:, order], mx.array(levels)
+    blocks = []
     for start in range(0, cols, group_size):  # blocks of a group's width, in act-order (not the groups)
         stop = start + group_size
-        block, errors = w[:, start:stop], np.empty((rows, stop - start), dtype=np.float32)
-        for j in range(stop - start):
-            col = start + j
-            s, b = column_scales[:, col], column_biases[:, col]
-            q = np.clip(np.rint((block[:, j] - b) / s), 0.0, levels)
-            codes[:, order[col]] = q
-            errors[:, j] = (block[:, j] - (q * s + b)) / u[col, col]
-            block[:, j + 1 :] -= np.outer(errors[:, j], u[col, col + 1 : stop])
-        w[:, stop:] -= errors @ u[start:stop, stop:]
-    return codes, scales, biases
+        codes, errors = _block_codes(w[:, start:stop], u[start:stop, start:stop], column_scales[:, start:stop],
+                                     column_biases[:, start:stop], lv)
+        if stop < cols:
+            w[:, stop:] -= errors @ u[start:stop, stop:]
+        mx.eval(codes, w)
+        blocks.append(codes)
+    codes = mx.concatenate(blocks, axis=1)[:, mx.array(np.argsort(factor.order))]
+    return np.array(codes.astype(mx.uint8)), scales, biases
+
+
+@mx.compile
+def _block_codes(block: mx.array, u: mx.array, scales: mx.array, biases: mx.array, levels: mx.array):
+    """Codes of one block of columns, each column's rounding error spread over the
+    block's later ones (``u[j, k]`` is 0 for ``k < j``); ``(codes, errors)``."""
+    codes, errors = [], []
+    for j in range(block.shape[1]):
+        column, s, b = block[:, j], scales[:, j], biases[:, j]
+        q = mx.clip(mx.round((column - b) / s), 0.0, levels)
+        e = (column - (q * s + b)) / u[j, j]
+        block = block - e[:, None] * u[j][None, :]
+        codes.append(q)
+        errors.append(e)
+    return mx.stack(codes, axis=1), mx.stack(errors, axis=1)
 
 
 def _group_scales(group: np.ndarray, levels: np.ndarray, diagonal: np.ndarray | None = None
@@ -154,8 +171,3 @@ def output_error(weight: np.ndarray, dequantized: np.ndarray, hessian: np.ndarra
     calibration inputs ``H`` was collected from."""
     d = np.asarray(dequantized, dtype=np.float64) - np.asarray(weight, dtype=np.float64)
     return float(row_output_errors(d, np.asarray(hessian, dtype=np.float64)).sum())
-
-
-def row_output_errors(delta: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """``(delta H delta^T)_ii`` for each row ``i`` of a weight error ``delta``, summed in float64."""
-    return np.einsum("ij,ij->i", delta @ hessian, delta, dtype=np.float64)

@@ -8,6 +8,7 @@ from pathlib import Path
 from lsaq_mlx.cache import cache_dir, fingerprint_bytes, write_json_atomic
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.documents import read_json
+from lsaq_mlx.settings import settings
 
 SCORES_VERSION = 1
 METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
@@ -69,7 +70,7 @@ class LayerScores:
 
 
 def scores_key(model_fingerprint: str, metric: str, params: dict) -> str:
-    return fingerprint_bytes(model_fingerprint, metric, json.dumps(params, sort_keys=True))
+    return fingerprint_bytes(model_fingerprint, metric, json.dumps(params, sort_keys=True), settings().numeric_key())
 
 
 def cached_scores_path(key: str) -> Path:

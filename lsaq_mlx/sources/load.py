@@ -5,7 +5,7 @@ structure, built from its config without reading any weights."""
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import config_fixes, normalized_config
-from lsaq_mlx.sources.resolve import ModelSource
+from lsaq_mlx.sources.model_source import ModelSource
 from lsaq_mlx.documents import read_json
 
 

@@ -15,6 +15,7 @@ from lsaq_mlx.cache import atomic_dir, cache_entry
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import config_fixes, read_config
 from lsaq_mlx.sizes import format_size
+from lsaq_mlx.sources.model_source import ModelSource
 from lsaq_mlx.storage.container import MAGIC
 from lsaq_mlx.documents import read_json
 
@@ -36,7 +37,6 @@ def is_pack(path: Path) -> bool:
 
 
 def pack_source(spec: str, path: Path):
-    from lsaq_mlx.sources.resolve import ModelSource
     from lsaq_mlx.storage.model_pack import PackedModel
 
     packed = PackedModel(path)

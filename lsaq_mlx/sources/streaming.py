@@ -29,11 +29,11 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.tensors import source_tensors
+from lsaq_mlx.settings import settings
 
 _DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
 
 
-STREAM_ENV = "LSAQ_MLX_STREAM"  # always | never | auto (the default)
 STREAM_ABOVE_BYTES = 1 << 30  # auto: stream models whose compute weights take more
 
 
@@ -41,9 +41,7 @@ def streams(source) -> bool:
     """Whether stages read ``source`` one layer at a time: always above
     ``STREAM_ABOVE_BYTES`` of compute weights (unless told never), below it (where the
     whole model in memory runs faster, on every core) only when told always."""
-    import os
-
-    wanted = os.environ.get(STREAM_ENV, "auto")
+    wanted = settings().stream
     if wanted in ("always", "never"):
         return wanted == "always"
     model, _ = skeleton_model(source)

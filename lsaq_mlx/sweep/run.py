@@ -8,7 +8,6 @@ round; rank 0 gathers each round's results and writes the files.
 """
 
 import json
-import os
 import platform
 from contextlib import contextmanager
 import time
@@ -25,6 +24,7 @@ from lsaq_mlx.progress import progress_bar, stderr
 from lsaq_mlx.sources.streaming import StreamedModel, streams
 from lsaq_mlx.sweep.results import append_row, claim_results_folder, read_results, write_rows
 from lsaq_mlx.sweep.spec import SOURCE, Cell, SweepSpec
+from lsaq_mlx.settings import settings
 
 SWEEP_VERSION = 1
 
@@ -63,6 +63,7 @@ class Sweep:
         e = {k: v for k, v in self.spec.eval.items() if k != "data_dir"}
         return fingerprint_bytes(self.source(cell.model).fingerprint, json.dumps(asdict(cell) | {"model": None}),
                                  json.dumps(e, sort_keys=True), str(self.spec.convert), str(SWEEP_VERSION),
+                                 settings().numeric_key(),
                                  str(EVAL_VERSION))
 
     def status(self) -> list[dict]:
@@ -139,7 +140,7 @@ class Sweep:
             row["status"] = "ok"
         except Exception as e:  # a crashing cell is recorded; the sweep goes on
             row |= {"status": "failed", "error": str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"}
-            if os.environ.get("LSAQ_MLX_DEBUG"):
+            if settings().debug:
                 traceback.print_exc()
         row["wall_seconds"] = time.perf_counter() - start
         stderr.print(f"[rank {self.ranks.rank}] {cell.label}: " + (
