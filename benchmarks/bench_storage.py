@@ -278,9 +278,9 @@ def pack_and_check(folder: Path, work: Path) -> dict:
     zstd3 = codec("zstd-3")
     plain = sum(len(zstd3.compress(c)) for f in Path(folder).rglob("*") if f.is_file()
                 for c in chunks_of(f.read_bytes()))
-    return {"raw_mb": report["raw_bytes"] / 1e6, "pack_mb": report["packed_bytes"] / 1e6, "ratio": report["ratio"],
-            "zstd3_files_ratio": report["raw_bytes"] / plain, "pack_s": report["seconds"], "unpack_s": unpack_s,
-            "unpack_mb_s": report["raw_bytes"] / 1e6 / unpack_s, "identical": identical}
+    return {"raw_mb": report.raw_bytes / 1e6, "pack_mb": report.packed_bytes / 1e6, "ratio": report.ratio,
+            "zstd3_files_ratio": report.raw_bytes / plain, "pack_s": report.seconds, "unpack_s": unpack_s,
+            "unpack_mb_s": report.raw_bytes / 1e6 / unpack_s, "identical": identical}
 
 
 def load_times(folder: Path, pack: Path, repeats: int, cold_ok: bool) -> dict:

@@ -13,7 +13,8 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.planning.choices import BITS, GROUP_SIZES, KEEP, Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantModule, QuantPlan
-from lsaq_mlx.planning.methods import Budget, Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
+from lsaq_mlx.planning.budgets import Budget
+from lsaq_mlx.planning.methods import Override, PlanningContext, plan_lsaq, plan_recipe, plan_tiers, plan_uniform
 from lsaq_mlx.scoring.scores import LayerScores
 from tiny_models import tiny_model
 

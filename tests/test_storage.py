@@ -256,6 +256,6 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
         while not isinstance(event := engine.events.get(timeout=120), (Swapped, EngineError)):
             pass
         assert isinstance(event, Swapped) and event.changed == len(plans[8].modules) and not event.failed
-        assert event.store_bytes_read == engine.store.bytes_read > 0 and event.source_bytes_read == 0
+        assert event.store_bytes_read == engine.control.store.bytes_read > 0 and event.source_bytes_read == 0
     finally:
         engine.shutdown()

@@ -5,7 +5,6 @@ progress and logs on stderr). Exit status: 0 success, 1 user error (one line on
 stderr), 2 usage error, 128+N after signal N. Set LSAQ_MLX_DEBUG=1 to see full tracebacks.
 """
 
-import os
 import signal
 import sys
 

@@ -23,6 +23,7 @@ from lsaq_mlx.cli.options import (
     TraceOption,
 )
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.scoring.registry import METRICS
 
 
 def _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling: dict, **more):
@@ -94,7 +95,7 @@ def tui(
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
-    importance: Annotated[str, typer.Option(metavar="METRIC", help="Layer importance the layers panel shows: jaccard | cosine | zscore | none (cached after the first run).")] = "jaccard",
+    importance: Annotated[str, typer.Option(metavar="METRIC", help=f"Layer importance the layers panel shows: {' | '.join(m.name for m in METRICS.values() if m.display)} | none (cached after the first run).")] = "jaccard",
 ) -> None:
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands).
 

@@ -9,13 +9,14 @@ from lsaq_mlx.cache import check_output_file
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import JsonOption, ModelOption
 from lsaq_mlx.cli.output import emit_json, err
+from lsaq_mlx.scoring.registry import metric_help
 from lsaq_mlx.scoring.scores import DEFAULT_SEQ_LEN, DEFAULT_STRIDE, DEFAULT_TOKENS, DEFAULT_TOP_K
 
 
 @app.command()
 def score(
     model: ModelOption = None,
-    metric: Annotated[str, typer.Option(metavar="METRIC", help="jaccard (LSAQ) | cosine (Block Influence/LIM) | zscore (ZD) | random | sensitivity")] = "jaccard",
+    metric: Annotated[str, typer.Option(metavar="METRIC", help=metric_help())] = "jaccard",
     calib: Annotated[Optional[str], typer.Option(metavar="TEXT", help="Calibration text: a file, a folder of .txt files, a HF dataset name[:config[:split]], or default.")] = None,
     tokens: Annotated[int, typer.Option(metavar="N", help="Calibration tokens.")] = DEFAULT_TOKENS,
     seq_len: Annotated[int, typer.Option(metavar="N", help="Tokens per sequence.")] = DEFAULT_SEQ_LEN,

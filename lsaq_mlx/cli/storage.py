@@ -27,9 +27,9 @@ def pack(
     target = out or default_pack_path(folder)
     report = pack_model(folder, target, force=force)
     if json_out:
-        return emit_json(report)
-    err(f"wrote {target}: {report['raw_bytes'] / 1e6:.1f} MB -> {report['packed_bytes'] / 1e6:.1f} MB "
-        f"({report['ratio']:.3f}x), {report['files']} files, {report['seconds']:.1f} s")
+        return emit_json(report.to_dict())
+    err(f"wrote {target}: {report.raw_bytes / 1e6:.1f} MB -> {report.packed_bytes / 1e6:.1f} MB "
+        f"({report.ratio:.3f}x), {report.files} files, {report.seconds:.1f} s")
 
 
 @app.command()
@@ -47,5 +47,5 @@ def unpack(
     target = out or default_unpack_path(pack_file)
     report = unpack_model(pack_file, target, force=force)
     if json_out:
-        return emit_json(report)
-    err(f"wrote {target}: {report['files']} files, {report['raw_bytes'] / 1e6:.1f} MB, {report['seconds']:.1f} s")
+        return emit_json(report.to_dict())
+    err(f"wrote {target}: {report.files} files, {report.raw_bytes / 1e6:.1f} MB, {report.seconds:.1f} s")

@@ -14,11 +14,12 @@ Methods:
 """
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.budgets import Budget
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice
@@ -31,20 +32,6 @@ METHODS = ("lsaq", *TIER_METRICS, "uniform")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DEFAULT_GROUP_SIZE = 64
 CODECS = ("affine", "swsc")
-
-
-@dataclass
-class Budget:
-    """A budget in bits per weight (mlx-lm's definition) or in bytes of weights."""
-
-    bits_per_weight: float | None = None
-    bytes: int | None = None
-    assumptions: dict = field(default_factory=dict)  # how a memory budget became bytes
-
-    def describe(self) -> dict:
-        if self.bits_per_weight is not None:
-            return {"bits_per_weight": self.bits_per_weight}
-        return {"bytes": self.bytes, **self.assumptions}
 
 
 @dataclass

@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import mlx.core as mx
-import psutil
 from mlx.utils import tree_flatten
 from mlx_lm.generate import stream_generate
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
@@ -26,7 +25,6 @@ from mlx_lm.sample_utils import make_logits_processors
 from lsaq_mlx.backend.allocator import return_freed_memory
 from lsaq_mlx.backend.compute import compute_mode, float_copy_bytes, float_copy_paths, prepare_for_compute
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.runtime.batch import CompletionBatch, batchable, batchable_model
 from lsaq_mlx.runtime.commands import (
@@ -46,6 +44,7 @@ from lsaq_mlx.runtime.commands import (
     SetSystem,
 )
 from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.runtime.conversation import Conversation
 from lsaq_mlx.runtime.prompts import PromptRefused, prompt_tokens
 from lsaq_mlx.runtime.events import (
     EngineError,
@@ -60,10 +59,11 @@ from lsaq_mlx.runtime.events import (
     Swapped,
     Token,
 )
-from lsaq_mlx.runtime.layers import layer_bits, module_precision
+from lsaq_mlx.runtime.layers import module_precision
 from lsaq_mlx.runtime.policy import Policy
+from lsaq_mlx.runtime.precision import PrecisionController, process_memory
 from lsaq_mlx.runtime.sampling import Sampling
-from lsaq_mlx.runtime.swap import SwapInProgress, layer_groups, module_maker, swap_modules
+from lsaq_mlx.runtime.swap import SwapInProgress, module_maker
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
@@ -105,18 +105,21 @@ class Engine(EngineCommands):
         self.method, self.sampling = method, sampling or Sampling()
         self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
         self.importance_of, self.memory_events = importance, memory_events
-        self.use_layer_store, self.store = layer_store, None
+        self.use_layer_store = layer_store
         self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
-        self.policy = None
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
-        self.messages: list[dict] = []
+        self.conversation = Conversation()
         self.auto = bool(self.auto_budgets)
         self._init_commands()
         self._thread = threading.Thread(target=self._run, name="lsaq-engine", daemon=True)
         self._ready = threading.Event()
         self._error = None
         self.info: EngineInfo | None = None  # published at ready
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.conversation.messages
 
     # ---- called from any thread (the commands are EngineCommands') ----
     def start(self) -> "Engine":
@@ -169,12 +172,12 @@ class Engine(EngineCommands):
                     self._follow_memory()
                     continue
                 self._run_command(command)
-                while self.swap and not self.inbox.closing.is_set():  # a swap asked for between replies: all now
+                while self.control.swap and not self.inbox.closing.is_set():  # a swap asked between replies: all now
                     self._swap_step()
         finally:
             stopped = EngineStopped("the engine has stopped")
             self.inbox.fail_all(stopped)
-            for reply in self.swap.replies if self.swap else []:
+            for reply in self.control.swap.replies if self.control.swap else []:
                 reply.set_exception(stopped)
 
     def _run_command(self, command: Command) -> None:
@@ -207,14 +210,12 @@ class Engine(EngineCommands):
             case RequestState():
                 return self._state_update()
             case SetSystem(text=text):
-                self.messages = [{"role": "system", "content": text}] + [m for m in self.messages if m["role"] != "system"]
+                self.conversation.set_system(text)
             case Reset():
-                self.messages = [m for m in self.messages if m["role"] == "system"]
+                self.conversation.reset()
                 self.cache, self.cache_tokens = None, []
             case Retract():
-                last = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=None)
-                if last is not None:
-                    self.messages = self.messages[:last]  # the KV cache of the rest is reused
+                self.conversation.retract()  # the KV cache of the rest is reused
             case Evaluate(tokens=tokens, seq_len=seq_len):
                 from lsaq_mlx.evaluation.perplexity import perplexity
 
@@ -229,88 +230,75 @@ class Engine(EngineCommands):
         return self.planner.plans(PlanRequest(method=self.method, bits_budgets=list(budgets)))
 
     def _load(self) -> None:
-        plan = self._plans([self.budget])[0] if self.budget is not None else None
-        if self.auto_budgets:
-            self.policy = Policy(PlanSet(self._plans(self.auto_budgets)), **self.policy_options)
-            if plan is None:
-                self.policy.current = len(self.policy.plans.plans) - 1
-                self.policy.decide(self.sampler.sample())
-                plan = self.policy.plans.plans[self.policy.current]
-            else:
-                self.policy.current = min(range(len(self.policy.plans.plans)), key=lambda i: abs(
-                    self.policy.plans.plans[i].predicted_bytes - plan.predicted_bytes))
+        plan, policy = self._starting_plan()
+        source_bits = source_bytes = None
         if plan is not None:
             from lsaq_mlx.convert import quantized_model
 
             self.model, _ = quantized_model(self.source, plan, self.planner.model_in_memory())
             self.planner.release()  # planning again reads the cached cost table, not these weights
             self.tokenizer = load_tokenizer(self.source)
-            self.precision = module_precision(self.model)
-            self.choices = dict(plan.modules)
         else:
             from lsaq_mlx.swsc.layer import model_bits_per_weight
 
             self.model, self.tokenizer, _ = load_model(self.source, compute=False, lazy=True)
-            self.source_bits = model_bits_per_weight(self.model)
-            self.source_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
-            self.precision = module_precision(self.model)
-            self.choices = {}
-        self.float_paths = float_copy_paths(self.model, float_copy_bytes())
-        prepare_for_compute(self.model, float_paths=self.float_paths)
+            source_bits = model_bits_per_weight(self.model)
+            source_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        precision = module_precision(self.model)
+        float_paths = float_copy_paths(self.model, float_copy_bytes())
+        prepare_for_compute(self.model, float_paths=float_paths)
         return_freed_memory()  # what building the model one module at a time took and freed
-        self.plan = plan
-        self.context = int(self._source_config().get("max_position_embeddings") or DEFAULT_CONTEXT)
+        config = self._source_config()
+        self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.vocabulary = find_lens(self.model).vocab_size
-        self.weights = None if "quantization" in self._source_config() else source_tensors(self.source)
-        if self.use_layer_store and self.weights is not None:
+        weights = None if "quantization" in config else source_tensors(self.source)
+        store = None
+        if self.use_layer_store and weights is not None:
             from lsaq_mlx.storage.layer_store import LayerStore
 
-            self.store = LayerStore.for_model(self.source.fingerprint)
-            plans = self.policy.plans.plans if self.policy else [plan] if plan else []
-            self.store.build(plans, module_maker(self.model, self.weights))
-        self.float32 = compute_mode() == "float32"
+            store = LayerStore.for_model(self.source.fingerprint)
+            store.build(policy.plans.plans if policy else [plan] if plan else [], module_maker(self.model, weights))
+        self.control = PrecisionController(self.model, plan, precision, policy, weights, store, float_paths,
+                                           compute_mode() == "float32", source_bits, source_bytes)
         self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
-        self.swap: SwapInProgress | None = None
-        self.swaps = 0  # plan changes finished
         self.last_reply: ReplyStats | None = None
         if self.importance_of is not None:
             self.importance = self.importance_of()
 
+    def _starting_plan(self) -> tuple[QuantPlan | None, Policy | None]:
+        """The plan to load (``budget``'s, or automatic mode's pick) and automatic mode's policy."""
+        plan = self._plans([self.budget])[0] if self.budget is not None else None
+        if not self.auto_budgets:
+            return plan, None
+        policy = Policy(PlanSet(self._plans(self.auto_budgets)), **self.policy_options)
+        plans = policy.plans.plans
+        if plan is None:
+            policy.current = len(plans) - 1
+            policy.decide(self.sampler.sample())
+            return plans[policy.current], policy
+        policy.current = min(range(len(plans)), key=lambda i: abs(plans[i].predicted_bytes - plan.predicted_bytes))
+        return plan, policy
+
     def _chat(self, command: Chat) -> ReplyDone:
-        self.messages.append({"role": "user", "content": command.text})
+        self.conversation.ask(command.text)
         try:
-            tokens = self._tokens_within_context()
+            tokens, dropped = self.conversation.prompt(self.tokenizer, self.context)
+            if dropped:
+                self.on_event(Note(f"the conversation outgrew the model's context of {self.context} tokens: the "
+                                   f"{dropped} oldest messages were dropped"))
             processors = make_logits_processors(repetition_penalty=REPETITION_PENALTY)
             reply, stats, _ = self._generate(tokens, min(command.max_tokens, self.context - len(tokens)),
                                              self.sampling.sampler(command.temp), processors,
                                              lambda text: self.on_event(Token(text)), command.cancel.is_set)
         except BaseException:  # the conversation stays as it was before this message
-            self.messages.pop()
+            self.conversation.take_back()
             raise
-        self.messages.append({"role": "assistant", "content": reply})
+        self.conversation.answer(reply)
         self.last_reply = stats
         done = ReplyDone(reply, stats)
         self.on_event(done)
         return done
-
-    def _tokens_within_context(self) -> list[int]:
-        """The prompt of the conversation; when it does not fit the model's context, the
-        oldest exchanges are dropped (system prompt and the new message stay) and a
-        ``note`` event says so; a message that alone does not fit is refused."""
-        tokens, dropped = self._prompt_tokens(), 0
-        while len(tokens) >= self.context:
-            older = [i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"]
-            if not older:
-                raise UserError(f"the message is {len(tokens)} tokens with the system prompt; the model's context "
-                                f"holds {self.context}")
-            del self.messages[older[0]]
-            dropped += 1
-            tokens = self._prompt_tokens()
-        if dropped:
-            self.on_event(Note(f"the conversation outgrew the model's context of {self.context} tokens: the "
-                               f"{dropped} oldest messages were dropped"))
-        return tokens
 
     def _complete(self, job: Completion) -> None:
         if batchable(job) and self.batchable:
@@ -319,7 +307,7 @@ class Engine(EngineCommands):
                 return self._run_batch([job, *others])
         if not self._accept(job):
             return
-        start_bits, swaps = self._plan_info()["bits_per_weight"], self.swaps
+        start_bits, swaps = self.control.plan_info()["bits_per_weight"], self.control.swaps
         try:
             if job.sampling.seed is not None:
                 mx.random.seed(job.sampling.seed)
@@ -332,7 +320,7 @@ class Engine(EngineCommands):
         self.last_reply = stats
         job.finish(reason, len(job.tokens), stats.generation_tokens,
                    {"bits_per_weight_start": start_bits, "bits_per_weight_end": stats.bits_per_weight,
-                    "swaps": self.swaps - swaps}, len(job.tokens) - stats.prompt_tokens)
+                    "swaps": self.control.swaps - swaps}, len(job.tokens) - stats.prompt_tokens)
 
     def _accept(self, job: Completion) -> bool:
         """Tokenize ``job``'s prompt here, on the thread that owns the tokenizer, and check
@@ -378,18 +366,18 @@ class Engine(EngineCommands):
             checked = self._between_tokens(checked)
         offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
-        while self.swap and not stopped:
+        while self.control.swap and not stopped:
             self._swap_step()
         stats = ReplyStats(len(feed) if last else 0, last.prompt_tps if last else 0.0,
                            last.generation_tokens if last else 0, last.generation_tps if last else 0.0,
-                           mx.get_peak_memory(), stopped, first_token or 0.0, self._plan_info()["bits_per_weight"])
+                           mx.get_peak_memory(), stopped, first_token or 0.0, self.control.plan_info()["bits_per_weight"])
         return "".join(pieces), stats, "stop" if stopped else last.finish_reason if last else "length"
 
     def _run_batch(self, jobs: list[Completion]) -> None:
         """Decode ``jobs`` together; completions queued meanwhile join; between steps as
         between tokens in ``_generate``. At shutdown the batch ends at the next step."""
         batch = CompletionBatch(self.model, self.tokenizer, self.context, self.vocabulary, self.sampling.max_kv_size,
-                                lambda: (self._plan_info()["bits_per_weight"], self.swaps))
+                                lambda: (self.control.plan_info()["bits_per_weight"], self.control.swaps))
         checked, taken, closing = time.monotonic(), list(jobs), self.inbox.closing
         try:
             batch.add([j for j in jobs if self._accept(j)])
@@ -410,7 +398,7 @@ class Engine(EngineCommands):
         for job in taken if closing.is_set() else []:
             job.fail("the server is shutting down", 503)
         self.last_reply = ReplyStats(batch.prompt_tokens, 0.0, batch.generated, batch.generation_tps(),
-                                     mx.get_peak_memory(), False, 0.0, self._plan_info()["bits_per_weight"])
+                                     mx.get_peak_memory(), False, 0.0, self.control.plan_info()["bits_per_weight"])
 
     def _between_tokens(self, checked: float) -> float:
         """Between two tokens: answer swap and state requests, swap one layer of a pending
@@ -418,17 +406,12 @@ class Engine(EngineCommands):
         the time of the last sample. Other commands wait for the reply to end."""
         for command in self.inbox.take(lambda c: isinstance(c, IMMEDIATE)):
             self._run_command(command)
-        if self.swap:
+        if self.control.swap:
             self._swap_step()
         elif (self.auto or self.memory_events) and time.monotonic() - checked >= self.sample_every:
             checked = time.monotonic()
             self._follow_memory(during_generation=True)
         return checked
-
-    def _prompt_tokens(self) -> list[int]:
-        if self.tokenizer.chat_template:
-            return list(self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
-        return self.tokenizer.encode("\n".join(m["content"] for m in self.messages))
 
     def _reuse_cache(self, tokens: list[int]) -> int:
         """Keep the KV cache of the longest common prefix; return its length."""
@@ -450,63 +433,28 @@ class Engine(EngineCommands):
 
     def _apply_plan(self, plan: QuantPlan | int, reason: str = "requested", reply: Future | None = None):
         """Start swapping to ``plan``, or to the plan of that index in the PlanSet (smallest
-        first), one layer group at a time; ``reply`` gets its ``Swapped`` when it is done
-        (a later plan change that takes over answers it too). Returns ``LATER``."""
-        if isinstance(plan, int):
-            plans = self.policy.plans.plans if self.policy else []
-            if not 0 <= plan < len(plans):
-                raise UserError(f"there is no plan {plan} (this session has {len(plans)})")
-            plan = plans[plan]
-        if self.weights is None:
-            raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
-                            "chat with the float source (e.g. --model default -b 4.5) to change plans")
-        changes = {p: c for p, c in plan.modules.items() if self.choices.get(p) != c}
-        replies = (self.swap.replies if self.swap else []) + ([reply] if reply else [])
-        self.swap = SwapInProgress(layer_groups(changes), self._plan_info()["bits_per_weight"], reason,
-                                   self._process_memory(), replies)
-        self.plan = plan
-        if self.policy and any(p is plan for p in self.policy.plans.plans):
-            self.policy.current = next(i for i, p in enumerate(self.policy.plans.plans) if p is plan)
-        if not self.swap.groups:
-            self._swap_done()
+        first), one layer group at a time (all of it now unless a reply streams); ``reply``
+        gets its ``Swapped`` when it is done. Returns ``LATER``."""
+        plan = self.control.plan_at(plan) if isinstance(plan, int) else plan
+        done = self.control.start(plan, reason, reply)
+        if done:
+            self._swapped(done)
         return LATER
 
     def _swap_step(self) -> None:
-        group = self.swap.groups.pop(0)
-        report = swap_modules(self.model, group, self.weights, self.float32, self.store, self.float_paths)
-        for path in report.changed:
-            self.choices[path] = group[path]
-        self.swap.report.merge(report)
-        if not self.swap.groups:
-            return_freed_memory()
-            self._swap_done()
+        done = self.control.step()
+        if done:
+            self._swapped(done)
 
-    def _swap_done(self) -> None:
-        swap, self.swap = self.swap, None
-        self.swaps += 1
+    def _swapped(self, swap: SwapInProgress) -> None:
         r = swap.report
         event = Swapped(len(r.changed), r.failed, time.perf_counter() - swap.started, r.source_bytes, r.store_bytes,
-                        swap.from_bits_per_weight, swap.reason, swap.at, swap.memory_before, self._process_memory(),
+                        swap.from_bits_per_weight, swap.reason, swap.at, swap.memory_before, process_memory(),
                         self._state())
         self.on_event(event)
         for reply in swap.replies:
             if not reply.done():
                 reply.set_result(event)
-
-    def _plan_info(self) -> dict:
-        if self.plan:
-            index = next((i for i, p in enumerate(self.policy.plans.plans) if p is self.plan), None) if self.policy else None
-            return {"method": self.plan.method, "bits_per_weight": self.plan.predicted_bits_per_weight,
-                    "weight_bytes": self.plan.predicted_bytes, "plan_index": index}
-        return {"method": "as loaded", "bits_per_weight": self.source_bits, "weight_bytes": self.source_bytes,
-                "plan_index": None}
-
-    def _layer_bits(self) -> dict:
-        return layer_bits(self.precision, self.choices)
-
-    @staticmethod
-    def _process_memory() -> dict:
-        return {"mlx_active_bytes": mx.get_active_memory(), "rss_bytes": psutil.Process().memory_info().rss}
 
     def _sample(self, max_age: float = 0.0):
         """A memory sample; one taken less than ``max_age`` seconds ago is reused (a
@@ -518,28 +466,29 @@ class Engine(EngineCommands):
     def _follow_memory(self, during_generation: bool = False) -> None:
         """Sample the memory: report it (``memory_events``) and, in automatic mode, let
         the policy pick the plan."""
-        following = self.auto and self.sampler and self.policy
+        policy = self.control.policy
+        following = self.auto and self.sampler and policy
         if not self.sampler or not (following or self.memory_events):
             return
         sample = self._sample()
         if self.memory_events:
-            self.on_event(MemoryUpdate(sample.to_dict(), self.policy.describe() if self.policy else None))
+            self.on_event(MemoryUpdate(sample.to_dict(), policy.describe() if policy else None))
         if not following:
             return
-        before = self.policy.current
-        choice = self.policy.decide(sample)
+        before = policy.current
+        choice = policy.decide(sample)
         if choice is not None:
             direction = "down" if choice < before else "up"
             reason = (f"auto {direction}: {sample.available_bytes / 1e9:.2f} GB available, "
                       f"{sample.pressure} pressure")
-            self._apply_plan(self.policy.plans.plans[choice], reason)
+            self._apply_plan(policy.plans.plans[choice], reason)
             if not during_generation:
-                while self.swap:
+                while self.control.swap:
                     self._swap_step()
 
     # ---- everything else ----
     def _set_auto(self, on: bool) -> StateUpdate:
-        if on and not (self.sampler and self.policy):
+        if on and not (self.sampler and self.control.policy):
             raise UserError("automatic mode needs a plan set: start in automatic mode or with a memory trace",
                             setting="auto")
         self.auto = on
@@ -552,15 +501,10 @@ class Engine(EngineCommands):
 
     def _state(self) -> EngineState:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
-        layers: dict = {}
-        for path, choice in self.choices.items():
-            label = layer_label(path)
-            module = path.split(f"layers.{label}.", 1)[1] if label != "rest" else path
-            layers.setdefault(label, {})[module] = choice.label
-        return EngineState(**self._plan_info(), auto=self.auto, messages=len(self.messages),
+        control = self.control
+        return EngineState(**control.plan_info(), auto=self.auto, messages=len(self.conversation.messages),
                            cached_tokens=len(self.cache_tokens), mlx_active_bytes=mx.get_active_memory(),
-                           mlx_peak_bytes=mx.get_peak_memory(), memory=sample,
-                           layers=layers,
+                           mlx_peak_bytes=mx.get_peak_memory(), memory=sample, layers=control.layer_settings(),
                            last_reply=self.last_reply.to_dict() if self.last_reply else {},
-                           layer_bits=self._layer_bits(), importance=self.importance,
-                           policy=self.policy.describe() if self.policy else None)
+                           layer_bits=control.layer_bits(), importance=self.importance,
+                           policy=control.policy.describe() if control.policy else None)

@@ -6,6 +6,7 @@ from pathlib import Path
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.runtime.sampling import Sampling
 from lsaq_mlx.sources import ModelSource
+from lsaq_mlx.scoring.registry import METRICS
 
 DEFAULT_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
 
@@ -29,8 +30,9 @@ class RuntimeOptions:
 
         for b in ([self.bits_budget] if self.bits_budget is not None else []) + list(self.budgets):
             check_bits_budget(b)
-        if self.importance not in (None, "jaccard", "cosine", "zscore"):
-            raise UserError(f"layer importance must be jaccard, cosine, zscore or none, not '{self.importance}'",
+        shown = [m.name for m in METRICS.values() if m.display]
+        if self.importance is not None and self.importance not in shown:
+            raise UserError(f"layer importance must be {', '.join(shown)} or none, not '{self.importance}'",
                             setting="importance")
 
 

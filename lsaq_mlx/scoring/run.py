@@ -3,22 +3,18 @@
 import time
 from dataclasses import dataclass
 
-import mlx.core as mx
 
 from lsaq_mlx.backend.compute import describe
 from lsaq_mlx.cache import read_cache_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.scoring import metrics as importance
-from lsaq_mlx.scoring import streamed
 from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
-from lsaq_mlx.modules import inner_model
+from lsaq_mlx.scoring.registry import METRICS
 from lsaq_mlx.scoring.scores import (
     DEFAULT_SEQ_LEN,
     DEFAULT_STRIDE,
     DEFAULT_TOKENS,
     DEFAULT_TOP_K,
-    METRICS,
     LayerScores,
     cached_scores_path,
     scores_key,
@@ -46,7 +42,7 @@ class ScoreOptions:
 
     def check(self) -> None:
         if self.metric not in METRICS:
-            raise UserError(f"unknown metric '{self.metric}' (one of {', '.join(METRICS)})")
+            raise UserError(f"unknown metric '{self.metric}' (one of {', '.join(METRICS)})", setting="metric")
         if self.tokens < 1:
             raise UserError("calibration tokens must be at least 1", setting="tokens")
         if self.seq_len < 2 or self.stride < 1:
@@ -60,21 +56,16 @@ class ScoreOptions:
 
     def params(self, calib_fingerprint: str | None) -> dict:
         """The parameters that change this metric's result (the cache key uses them)."""
-        if self.metric == "random":
-            return {"seed": self.seed}
-        if self.metric == "zscore":
-            return {}
-        common = {"calibration": self.calib or "default", "calibration_fingerprint": calib_fingerprint,
-                  "tokens": self.tokens, "seq_len": self.seq_len, "skip_tokens": self.skip_tokens}
-        if self.metric == "sensitivity":
-            return common | {"bits": self.bits, "group_size": 32}
-        lens = {"stride": self.stride} | ({"top_k": self.top_k, "sets": self.sets} if self.metric == "jaccard" else {})
-        return common | lens
+        metric = METRICS[self.metric]
+        if not metric.calibrated:
+            return metric.params(self)
+        return {"calibration": self.calib or "default", "calibration_fingerprint": calib_fingerprint,
+                "tokens": self.tokens, "seq_len": self.seq_len, "skip_tokens": self.skip_tokens} | metric.params(self)
 
 
 def cached_score(source: ModelSource, opts: ScoreOptions) -> LayerScores | None:
     """The scores of ``source`` under ``opts`` if the cache holds them (intact), else None."""
-    calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
+    calib = load_calibration(opts.calib) if METRICS[opts.metric].calibrated else None
     params = opts.params(calib.fingerprint if calib else None)
     path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
     return read_cache_json(path, "scores", lambda d: _cached_scores(d, path, source.fingerprint, opts.metric, params))
@@ -85,21 +76,28 @@ def score(source: ModelSource, opts: ScoreOptions, use_cache: bool = True, model
     the source already loaded in the compute mode, ``(model, tokenizer)`` or a function
     that returns them (called only when the scores are not cached)."""
     opts.check()
-    calib = None if opts.metric in ("random", "zscore") else load_calibration(opts.calib)
+    calib = load_calibration(opts.calib) if METRICS[opts.metric].calibrated else None
     params = opts.params(calib.fingerprint if calib else None)
     path = cached_scores_path(scores_key(source.fingerprint, opts.metric, params))
     cached = cached_score(source, opts) if use_cache else None
     if cached is not None:
         return cached
     start = time.perf_counter()
+    metric = METRICS[opts.metric]
     if streams(source):
-        scores = _compute(StreamedModel(source), load_tokenizer(source), opts, calib, streamed)
+        model, tokenizer, compute = StreamedModel(source), load_tokenizer(source), metric.streamed
     else:
         if model is None:
             model, tokenizer, _ = load_model(source)
         else:
             model, tokenizer = model() if callable(model) else model
-        scores = _compute(model, tokenizer, opts, calib, importance)
+        compute = metric.whole
+    if calib is None:
+        scores = compute(model, None, opts, None)
+    else:
+        sequences = token_sequences(tokenizer, calib, opts.tokens, opts.seq_len, opts.skip_tokens)
+        with progress_bar(f"{opts.metric} scores", opts.tokens) as advance:
+            scores = compute(model, sequences, opts, advance)
     result = LayerScores(source.fingerprint, opts.metric, params, scores, time.perf_counter() - start,
                          describe(), source.spec or "default")
     if use_cache:
@@ -112,23 +110,3 @@ def _cached_scores(data, path, fingerprint: str, metric: str, params: dict) -> L
     if (scores.model_fingerprint, scores.metric, scores.params) != (fingerprint, metric, params):
         raise ValueError("it holds the scores of another model or setting")
     return scores
-
-
-def _compute(model, tokenizer, opts: ScoreOptions, calib, metrics) -> list[float]:
-    """The scores on ``model`` with ``metrics``: ``scoring.metrics`` on a whole model, or
-    ``scoring.streamed`` on a ``StreamedModel``."""
-    if opts.metric == "random":
-        n_layers = len(model.layers) if metrics is streamed else len(inner_model(model)["layers"])
-        return importance.random_scores(n_layers, opts.seed)
-    if opts.metric == "zscore":
-        return metrics.zscore_scores(model)
-    sequences = token_sequences(tokenizer, calib, opts.tokens, opts.seq_len, opts.skip_tokens)
-    with progress_bar(f"{opts.metric} scores", opts.tokens) as advance:
-        if opts.metric == "sensitivity":
-            return metrics.sensitivity_scores(model, sequences, opts.bits, progress=advance)
-        jaccard, cosine, _ = metrics.lens_statistics(
-            model, sequences, opts.top_k, opts.stride, opts.sets, opts.metric == "jaccard", advance
-        )
-    similarity = jaccard if opts.metric == "jaccard" else cosine
-    mx.clear_cache()
-    return [1.0 - s for s in similarity]

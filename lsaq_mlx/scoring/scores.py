@@ -11,7 +11,6 @@ from lsaq_mlx.documents import read_json
 from lsaq_mlx.settings import settings
 
 SCORES_VERSION = 1
-METRICS = ("jaccard", "cosine", "zscore", "random", "sensitivity")
 # Defaults of the calibration-based metrics, chosen by benchmarks/stability_study.py (see README).
 DEFAULT_TOP_K = 50
 DEFAULT_TOKENS = 512

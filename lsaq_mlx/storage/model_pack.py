@@ -25,6 +25,7 @@ import math
 import os
 import struct
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -98,7 +99,27 @@ def folder_files(folder: Path) -> list[Path]:
     return sorted(p for p in files if p.is_file())
 
 
-def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
+@dataclass(frozen=True)
+class PackReport:
+    """What ``pack`` or ``unpack`` did: from where to where, how many files and bytes."""
+
+    source: str  # the folder packed, or the pack unpacked
+    out: str
+    files: int
+    raw_bytes: int  # the folder's
+    packed_bytes: int  # the pack's
+    seconds: float
+    fingerprint: str  # the pack's content fingerprint
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.packed_bytes
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"ratio": self.ratio}
+
+
+def pack_model(folder: Path, out: Path, force: bool = False) -> PackReport:
     """Write the model folder ``folder`` as a container at ``out``; return a report."""
     folder, out = Path(folder), Path(out)
     if not folder.exists():
@@ -132,9 +153,8 @@ def pack_model(folder: Path, out: Path, force: bool = False) -> dict:
         meta = {"kind": PACK_KIND, "version": PACK_VERSION,
                 "fingerprint": pack_fingerprint((folder / "config.json").read_bytes(), entries), "files": entries}
         size = writer.finish(meta)
-    return {"folder": str(folder), "out": str(out), "files": len(entries), "raw_bytes": raw_bytes,
-            "packed_bytes": size, "ratio": raw_bytes / size, "seconds": time.perf_counter() - start,
-            "fingerprint": meta["fingerprint"]}
+    return PackReport(str(folder), str(out), len(entries), raw_bytes, size, time.perf_counter() - start,
+                      meta["fingerprint"])
 
 
 def default_pack_path(folder: Path) -> Path:
@@ -361,7 +381,7 @@ class PackedWeights:
         return to_array(self.packed.reader.read(record["name"]), record["meta"])
 
 
-def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
+def unpack_model(pack: Path, out: Path, force: bool = False) -> PackReport:
     """Write the folder a pack holds at ``out``, byte for byte; return a report."""
     pack, out = Path(pack), Path(out)
     if out.exists() and not out.is_dir():
@@ -382,6 +402,5 @@ def unpack_model(pack: Path, out: Path, force: bool = False) -> dict:
         packed.close()
     # every entry's hash was checked as its file was written
     fingerprint = pack_fingerprint((out / "config.json").read_bytes(), list(packed.files.values()))
-    return {"pack": str(pack), "out": str(out), "files": len(packed.files), "raw_bytes": total,
-            "packed_bytes": pack.stat().st_size, "seconds": time.perf_counter() - start,
-            "fingerprint": fingerprint}
+    return PackReport(str(pack), str(out), len(packed.files), total, pack.stat().st_size, time.perf_counter() - start,
+                      fingerprint)

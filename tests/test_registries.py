@@ -1,0 +1,34 @@
+"""Adding a metric is one entry in one table: the trivial one below goes through
+``score`` (whole and streamed), the cache and the checks with nothing else changed."""
+
+import pytest
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.scoring.registry import METRICS, Metric, layer_count
+from lsaq_mlx.scoring.run import ScoreOptions, cached_score, score
+
+
+def depth(model, sequences, opts, progress):
+    n = layer_count(model)
+    return [i / n for i in range(n)]
+
+
+def tokens_seen(model, sequences, opts, progress):
+    progress(opts.tokens)
+    return [float(sum(len(s) for s in sequences))] * layer_count(model)
+
+
+@pytest.mark.parametrize("stream", ["never", "always"])
+def test_a_metric_added_as_one_entry_scores_and_caches(tiny_llama, empty_cache, monkeypatch, stream):
+    monkeypatch.setenv("LSAQ_MLX_STREAM", stream)
+    monkeypatch.setitem(METRICS, "depth", Metric("depth", "a layer's place in the stack", depth, depth,
+                                                 calibrated=False))
+    monkeypatch.setitem(METRICS, "tokens-seen", Metric("tokens-seen", "calibration tokens read", tokens_seen,
+                                                       tokens_seen, params=lambda o: {"probe": 1}))
+    result = score(tiny_llama, ScoreOptions(metric="depth"))
+    assert result.scores[:2] == [0.0, pytest.approx(1 / len(result.scores))] and result.params == {}
+    assert cached_score(tiny_llama, ScoreOptions(metric="depth")) == result
+    seen = score(tiny_llama, ScoreOptions(metric="tokens-seen", tokens=64, seq_len=32))
+    assert seen.scores[0] == 64 and seen.params["probe"] == 1 and seen.params["tokens"] == 64
+    with pytest.raises(UserError, match="unknown metric 'nothing' .*depth"):
+        ScoreOptions(metric="nothing").check()
