@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.documents import read_json
+from lsaq_mlx.documents import read_json, read_json_object
 from lsaq_mlx.settings import settings
 
 MARKER = ".lsaq-mlx"  # in every folder lsaq-mlx writes; hidden, so pack leaves it out
@@ -78,7 +78,7 @@ def stat_memo(path: Path, kind: str, compute) -> str:
     st = path.stat()
     index = cache_dir() / "hashes.json"
     key = f"{kind}|{path}|{st.st_size}|{st.st_mtime_ns}"
-    known = _read_json(index)
+    known = read_json_object(index)
     value = known.get(key)
     if isinstance(value, str) and _KEY.match(value):
         return value
@@ -101,14 +101,6 @@ def file_sha256(path: Path) -> str:
         return h.hexdigest()
 
     return stat_memo(path, "sha256", digest)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = read_json(path)
-    except UserError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def read_cache_json(path: Path, what: str, parse=lambda data: data):

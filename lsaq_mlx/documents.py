@@ -32,6 +32,16 @@ def read_json(path: Path | str, what: str | None = None, max_bytes: int = MAX_DO
     return parse_json(read_text(path, what, max_bytes), what or str(path))
 
 
+def read_json_object(path: Path | str) -> dict:
+    """The JSON object in the file at ``path``, or ``{}`` when it is missing, unreadable or
+    not an object (optional metadata: tokenizer configs, memo files)."""
+    try:
+        data = read_json(path)
+    except UserError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_toml(path: Path | str, what: str | None = None, max_bytes: int = MAX_DOCUMENT_BYTES) -> dict:
     if sys.version_info >= (3, 11):
         import tomllib

@@ -32,3 +32,21 @@ def test_a_metric_added_as_one_entry_scores_and_caches(tiny_llama, empty_cache, 
     assert seen.scores[0] == 64 and seen.params["probe"] == 1 and seen.params["tokens"] == 64
     with pytest.raises(UserError, match="unknown metric 'nothing' .*depth"):
         ScoreOptions(metric="nothing").check()
+
+
+def test_a_quantizer_made_of_known_steps_is_one_table_row(tiny_llama, tmp_path, monkeypatch):
+    """``quantizers.QUANTIZERS`` is the whole of a quantizer that combines known steps:
+    this one (GPTQ without equalization, refitted) converts with nothing else changed."""
+    import mlx.core as mx
+
+    from lsaq_mlx.convert import convert
+    from lsaq_mlx.planning.methods import plan_uniform
+    from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.quantizers import QUANTIZERS, Quantizer
+
+    monkeypatch.setitem(QUANTIZERS, "gptq-refit", Quantizer("gptq-refit", False, True, "GPTQ, then refitted", True))
+    plan = plan_uniform(Planner(tiny_llama).context(), None, 4, 32)
+    report = convert(tiny_llama, plan, tmp_path / "q", quantizer="gptq-refit", smoke_tokens=2)
+    assert report.quantizer == "gptq-refit"
+    weights = mx.load(str(next((tmp_path / "q").glob("*.safetensors"))))
+    assert any(name.endswith(".scales") for name in weights)

@@ -9,8 +9,7 @@ from mlx.utils import tree_flatten
 from lsaq_mlx.modules import layer_index
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.swsc.layer import SWSCLinear, model_bits_per_weight
-from lsaq_mlx.documents import read_json
-from lsaq_mlx.errors import UserError
+from lsaq_mlx.documents import read_json_object
 
 
 def module_kind(path: str) -> str:
@@ -71,7 +70,7 @@ def describe_model(source: ModelSource) -> dict:
     total_params = sum(m["parameters"] for m in modules)
     total_bytes = sum(m["bytes"] for m in modules)
     files = [Path(source.origin)] if source.kind == "pack" else sorted(Path(source.path).glob("*.safetensors"))
-    tokenizer_config = _read_json(Path(source.path) / "tokenizer_config.json")
+    tokenizer_config = read_json_object(Path(source.path) / "tokenizer_config.json")
     return {
         "model": source.spec or "default",
         "source": {"kind": source.kind, "origin": source.origin, "path": str(source.path), "fingerprint": source.fingerprint},
@@ -91,14 +90,6 @@ def describe_model(source: ModelSource) -> dict:
         "by_kind": dict(by_kind),
         "modules": modules,
     }
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = read_json(path)
-    except UserError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _has_tokenizer(folder: Path) -> bool:
