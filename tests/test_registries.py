@@ -50,3 +50,18 @@ def test_a_quantizer_made_of_known_steps_is_one_table_row(tiny_llama, tmp_path, 
     assert report.quantizer == "gptq-refit"
     weights = mx.load(str(next((tmp_path / "q").glob("*.safetensors"))))
     assert any(name.endswith(".scales") for name in weights)
+
+
+def test_a_planning_method_is_one_table_entry(tiny_llama, monkeypatch):
+    from lsaq_mlx.planning.method_table import METHODS, PlanningMethod
+    from lsaq_mlx.planning.methods import plan_uniform
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+
+    def smallest(planner, ctx, budgets, request):  # the smallest uniform plan, whatever the budget
+        return [plan_uniform(ctx, None, 2, 128) for _ in budgets]
+
+    monkeypatch.setitem(METHODS, "smallest", PlanningMethod("smallest", "2 bits everywhere", smallest))
+    plans = Planner(tiny_llama).plans(PlanRequest(method="smallest", bits_budgets=[4.0, 6.0]))
+    assert len(plans) == 2 and all(c.bits == 2 for c in plans[0].modules.values())
+    with pytest.raises(UserError, match="unknown method 'largest' .*smallest"):
+        PlanRequest(method="largest", bits_budgets=[4.0]).check()

@@ -27,8 +27,6 @@ from lsaq_mlx.planning.plan import QuantModule, QuantPlan, fixed_params, quantiz
 from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
 from lsaq_mlx.swsc.codec import SWSCSettings
 
-TIER_METRICS = {"lsaq-tiers": "jaccard", "tiers-cosine": "cosine", "tiers-zscore": "zscore", "tiers-random": "random"}
-METHODS = ("lsaq", *TIER_METRICS, "uniform")
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DEFAULT_GROUP_SIZE = 64
 CODECS = ("affine", "swsc")

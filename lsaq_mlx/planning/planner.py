@@ -13,19 +13,8 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning import cost_table
 from lsaq_mlx.planning.budgets import Budget, check_bits_budget, memory_budget
 from lsaq_mlx.planning.choices import BITS, GROUP_SIZES
-from lsaq_mlx.planning.cost import layer_weights
-from lsaq_mlx.planning.methods import (
-    METHODS,
-    RECIPES,
-    TIER_METRICS,
-    Override,
-    PlanningContext,
-    check_codecs,
-    plan_lsaq,
-    plan_recipe,
-    plan_tiers,
-    plan_uniform,
-)
+from lsaq_mlx.planning.method_table import METHODS
+from lsaq_mlx.planning.methods import RECIPES, Override, PlanningContext, check_codecs, plan_recipe
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.scoring.calibration import load_calibration
 from lsaq_mlx.scoring.run import ScoreOptions, score
@@ -60,7 +49,8 @@ class PlanRequest:
         if self.recipe is not None and self.recipe not in RECIPES:
             raise UserError(f"unknown recipe '{self.recipe}' (one of {', '.join(RECIPES)})", setting="recipe")
         budgets = bool(self.bits_budgets) + bool(self.memory_budget)
-        if self.low_fraction is not None and (self.method not in TIER_METRICS or budgets):
+        if self.low_fraction is not None and (self.method not in METHODS or not METHODS[self.method].tier_metric
+                                              or budgets):
             raise UserError("a share of layers at low bits goes with a tiers method and no budget")
         fixed = self.method == "uniform" and self.bits or self.low_fraction is not None
         if self.recipe is None and budgets != 1 and not (fixed and not budgets):
@@ -155,18 +145,7 @@ class Planner:
         budgets = [Budget(bits_per_weight=b) for b in request.bits_budgets]
         if request.memory_budget:
             budgets = [memory_budget(request.memory_budget, config, request.context)]
-        if request.method == "uniform":
-            if not budgets:
-                return [plan_uniform(ctx, None, request.bits, request.group_size or 64)]
-            return [plan_uniform(ctx, b, request.bits, request.group_size) for b in budgets]
-        if request.method in TIER_METRICS:
-            scores = self.scores(TIER_METRICS[request.method], request.calib, request.scores_file)
-            return [plan_tiers(ctx, b, scores, request.method, request.high_bits, request.low_bits,
-                               request.group_size or 64, request.low_fraction) for b in budgets or [Budget()]]
-        errors = self.cost_table(ctx, request.calib)
-        scores = self.scores("jaccard", request.calib, request.scores_file) if request.importance_power else None
-        weights = layer_weights(scores.scores if scores else None, ctx.modules, request.importance_power)
-        return [plan_lsaq(ctx, b, errors, weights, scores) for b in budgets]
+        return METHODS[request.method].plan(self, ctx, budgets, request)
 
     def plan(self, request: PlanRequest) -> QuantPlan:
         """The one plan of a request with one budget."""

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.planning.methods import METHODS, RECIPES, TIER_METRICS
+from lsaq_mlx.planning.method_table import METHODS
+from lsaq_mlx.planning.methods import RECIPES
 from lsaq_mlx.documents import read_toml
 
 MAX_SPEC_BYTES = 1 << 20  # a spec is a page of TOML
@@ -143,10 +144,10 @@ def _grid_cells(path: Path, index: int, grid: dict) -> list[Cell]:
                 continue
             budgets = [Cell(str(model), method, float(b), **fixed) for b in grid.get("budgets", [])]
             fractions = [Cell(str(model), method, None, float(f), **fixed) for f in grid.get("low_fractions", [])]
-            if fractions and method not in TIER_METRICS:
+            tiers = METHODS[method].tier_metric is not None
+            if fractions and not tiers:
                 fractions = []
             if not budgets + fractions:
-                raise UserError(f"{where}: method '{method}' needs budgets"
-                                + (" or low_fractions" if method in TIER_METRICS else ""))
+                raise UserError(f"{where}: method '{method}' needs budgets" + (" or low_fractions" if tiers else ""))
             cells += budgets + fractions
     return cells
