@@ -87,8 +87,9 @@ def engine_reply(source, plans: dict, budget: float, tokens: int, swap_to: float
     from lsaq_mlx.planning.planner import FixedPlans
     from lsaq_mlx.runtime import Engine
     from lsaq_mlx.runtime.events import EngineError, ReplyDone, Swapped, Token
+    from lsaq_mlx.runtime.options import RuntimeOptions
 
-    engine = Engine(source, FixedPlans(plans), budget=budget).start()
+    engine = Engine(source, FixedPlans(plans), RuntimeOptions(bits_budget=budget)).start()
     swapped, requested = None, swap_to is not None
     try:
         engine.events.get()

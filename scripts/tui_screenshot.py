@@ -65,6 +65,7 @@ def main() -> None:
 
     from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.runtime import Engine, ScriptedSampler
+    from lsaq_mlx.runtime.options import RuntimeOptions
     from lsaq_mlx.scoring.run import ScoreOptions, score
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
@@ -81,8 +82,8 @@ def main() -> None:
     trace = Path(tempfile.mkdtemp()) / "trace.txt"
     trace.write_text(f"{plenty}\n" * 20 + f"{tight}\n" + f"{tight + large - mid}\n")
     scores = score(source, ScoreOptions(args.importance))
-    engine = Engine(source, planner, auto_budgets=budgets, sampler=ScriptedSampler(trace, step=0.5), sample_every=0.5,
-                    policy_options={"reserve": reserve}, memory_events=True,
+    engine = Engine(source, planner, RuntimeOptions(auto=True, budgets=tuple(budgets), memory_events=True),
+                    sampler=ScriptedSampler(trace, step=0.5), sample_every=0.5, policy_options={"reserve": reserve},
                     importance=lambda: {"metric": scores.metric, "scores": scores.scores}).start()
     columns, rows = (int(v) for v in args.size.split("x"))
     app = LsaqApp(engine, "SmolLM2-135M-Instruct (default)" if args.model == "default" else args.model, args.max_tokens)

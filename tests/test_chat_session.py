@@ -60,13 +60,14 @@ def test_the_engine_samples_with_the_settings_and_keeps_the_kv_cache_bounded(tin
     from lsaq_mlx.planning.methods import plan_uniform
     from lsaq_mlx.planning.planner import FixedPlans, Planner
     from lsaq_mlx.runtime import Engine
+    from lsaq_mlx.runtime.options import RuntimeOptions
     from lsaq_mlx.runtime.events import ReplyDone
 
     source = tiny_source("llama")
     plans = FixedPlans({4.0: plan_uniform(Planner(source).context(), None, 4, 32)})
 
     def reply(sampling):
-        engine = Engine(source, plans, 4.0, sampling=sampling).start()
+        engine = Engine(source, plans, RuntimeOptions(bits_budget=4.0, sampling=sampling)).start()
         try:
             engine.chat("the cat sat on the mat", 12)
             while not isinstance(event := engine.events.get(), ReplyDone):

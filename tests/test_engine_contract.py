@@ -18,6 +18,7 @@ from lsaq_mlx.runtime import Engine, ScriptedSampler
 from lsaq_mlx.runtime.commands import EngineCommands, EngineStopped
 from lsaq_mlx.runtime.completion import Completion
 from lsaq_mlx.runtime.events import EngineProtocol, ReplyDone, StateUpdate, Swapped
+from lsaq_mlx.runtime.options import RuntimeOptions
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def plans(tiny_llama):
 
 @pytest.fixture(params=["engine", "fake"])
 def engine(request, tiny_llama, plans):
-    made = (Engine(tiny_llama, FixedPlans(plans), budget=8) if request.param == "engine"
+    made = (Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8)) if request.param == "engine"
             else FakeEngine(token_delay=0.01))
     made.start()
     yield made
@@ -79,7 +80,7 @@ def test_shutdown_fails_what_is_queued():
 
 
 def test_shutdown_under_a_steady_stream_of_completions_returns_at_once(tiny_llama, plans):
-    engine = Engine(tiny_llama, FixedPlans(plans), budget=8).start()
+    engine = Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8)).start()
     feeding, jobs = threading.Event(), []
 
     def feed():
@@ -108,7 +109,7 @@ def test_a_plan_reply_is_the_swap_it_asked_for_even_when_an_automatic_swap_lands
     sizes = {b: p.predicted_bytes for b, p in plans.items()}
     trace = tmp_path / "trace.txt"
     trace.write_text("0\n" * 50)  # nothing free: automatic mode moves down at once
-    engine = Engine(tiny_llama, FixedPlans(plans), auto_budgets=[3, 8], budget=8,
+    engine = Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8, auto=True, budgets=(3, 8)),
                     sampler=ScriptedSampler(trace), sample_every=0.02,
                     policy_options={"reserve": sizes[8] - sizes[3], "hysteresis": 0, "window": 1, "min_interval": 0})
     engine.start()

@@ -254,9 +254,10 @@ def test_the_engine_keeps_the_conversation_when_a_reply_fails(tiny_llama):
     from lsaq_mlx.planning.planner import FixedPlans, Planner
     from lsaq_mlx.runtime import Engine
     from lsaq_mlx.runtime.events import EngineError, ReplyDone
+    from lsaq_mlx.runtime.options import RuntimeOptions
 
     plans = {8: plan_uniform(Planner(tiny_llama).context(), None, 8, 32)}
-    engine = Engine(tiny_llama, FixedPlans(plans), budget=8).start()
+    engine = Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8)).start()
     try:
         engine.chat("first", 3)
         assert isinstance(events_until(engine, ReplyDone)[-1], ReplyDone)

@@ -11,6 +11,7 @@ from lsaq_mlx.runtime.events import EngineError, MemoryUpdate, Ready, ReplyDone,
 from lsaq_mlx.planning.methods import plan_uniform
 from lsaq_mlx.planning.planner import FixedPlans, Planner
 from lsaq_mlx.runtime import Engine, Policy, ScriptedSampler
+from lsaq_mlx.runtime.options import RuntimeOptions
 from lsaq_mlx.runtime.memory import MemorySample
 from lsaq_mlx.runtime.swap import swap_modules
 from lsaq_mlx.sources.tensors import SourceTensors
@@ -101,8 +102,11 @@ def test_a_failed_swap_keeps_the_old_weights(tiny, tmp_path):
     np.testing.assert_array_equal(outputs(model), before)
 
 
-def engine_for(source, plans, **kwargs):
-    return Engine(source, FixedPlans(plans), **kwargs).start()
+def engine_for(source, plans, **options):
+    """A started engine on ``plans``; ``options``: RuntimeOptions' fields, and the
+    engine's own (sampler, sample_every, policy_options, importance)."""
+    own = {k: options.pop(k) for k in ("sampler", "sample_every", "policy_options", "importance") if k in options}
+    return Engine(source, FixedPlans(plans), RuntimeOptions(**options), **own).start()
 
 
 def events_until(engine, kind):
@@ -117,7 +121,7 @@ def events_until(engine, kind):
 
 def test_engine_chats_swaps_and_keeps_the_conversation(tiny):
     source, plans = tiny
-    engine = engine_for(source, plans, budget=4)
+    engine = engine_for(source, plans, bits_budget=4)
     try:
         ready = events_until(engine, Ready)[-1]
         assert ready.state.bits_per_weight == pytest.approx(plans[4].predicted_bits_per_weight)
@@ -137,7 +141,7 @@ def test_engine_chats_swaps_and_keeps_the_conversation(tiny):
 
 def test_stop_ends_a_reply_and_the_chat_goes_on(tiny):
     source, plans = tiny
-    engine = engine_for(source, plans, budget=4)
+    engine = engine_for(source, plans, bits_budget=4)
     try:
         events_until(engine, Ready)
         engine.chat("tell me everything", 400)
@@ -159,7 +163,7 @@ def test_engine_follows_a_memory_trace(tiny, tmp_path):
     plenty, tight = 10 * sizes[8] + reserve, 0
     trace.write_text("\n".join([str(plenty)] * 2 + [str(tight)] * 3 + [str(plenty)] * 10) + "\n")
     sampler = ScriptedSampler(trace, step=1.0)
-    engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=sampler, sample_every=0.05,
+    engine = engine_for(source, plans, auto=True, budgets=(3, 4, 8), sampler=sampler, sample_every=0.05,
                         policy_options={"reserve": reserve, "hysteresis": 0, "window": 2, "min_interval": 0})
     try:
         swaps = []
@@ -246,7 +250,7 @@ def test_engine_reports_what_displays_need(tiny, tmp_path):
     source, plans = tiny
     trace = tmp_path / "trace.txt"
     trace.write_text("64GB\n")
-    engine = engine_for(source, plans, auto_budgets=[3, 4, 8], sampler=ScriptedSampler(trace), sample_every=0.05,
+    engine = engine_for(source, plans, auto=True, budgets=(3, 4, 8), sampler=ScriptedSampler(trace), sample_every=0.05,
                         memory_events=True, importance=lambda: {"metric": "test", "scores": [0.5, 1.0]})
     try:
         ready = events_until(engine, Ready)[-1].state

@@ -18,6 +18,7 @@ from lsaq_mlx.planning.methods import plan_uniform  # noqa: E402
 from lsaq_mlx.planning.planner import FixedPlans, Planner  # noqa: E402
 from lsaq_mlx.runtime import Engine, ScriptedSampler  # noqa: E402
 from lsaq_mlx.runtime.completion import Completion  # noqa: E402
+from lsaq_mlx.runtime.options import RuntimeOptions  # noqa: E402
 from lsaq_mlx.serve.server import ApiServer  # noqa: E402
 
 LONG = 100_000  # max_tokens of replies that only a disconnect ends
@@ -29,8 +30,9 @@ def plans(tiny_llama):
     return {b: plan_uniform(ctx, None, b, 32) for b in (3, 8)}
 
 
-def start_server(source, plans, api_key=None, **engine_options):
-    engine = Engine(source, FixedPlans(plans), **engine_options).start()
+def start_server(source, plans, api_key=None, budget=None, **engine_options):
+    options = engine_options.pop("options", None) or RuntimeOptions(bits_budget=budget)
+    engine = Engine(source, FixedPlans(plans), options, **engine_options).start()
     server = ApiServer(("127.0.0.1", 0), engine, "tiny", api_key, max_tokens=8)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
@@ -189,8 +191,8 @@ def test_a_swap_forced_by_a_memory_trace_during_a_stream(tiny_llama, plans, tmp_
     trace = tmp_path / "trace.txt"
     trace.write_text("0\n")  # nothing available: only the smallest plan fits
     reserve = plans[8].predicted_bytes - plans[3].predicted_bytes
-    server = start_server(tiny_llama, plans, budget=8, auto_budgets=[3, 8], sampler=ScriptedSampler(trace),
-                          sample_every=0.2, policy_options={"reserve": reserve})
+    server = start_server(tiny_llama, plans, options=RuntimeOptions(bits_budget=8, auto=True, budgets=(3, 8)),
+                          sampler=ScriptedSampler(trace), sample_every=0.2, policy_options={"reserve": reserve})
     try:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
         # sent at once: the engine samples memory only between tokens of this reply

@@ -16,6 +16,7 @@ from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.runtime.events import EngineError, Swapped
 from lsaq_mlx.planning.planner import FixedPlans
 from lsaq_mlx.runtime import Engine
+from lsaq_mlx.runtime.options import RuntimeOptions
 from lsaq_mlx.runtime.swap import module_maker, swap_modules
 from lsaq_mlx.sources.tensors import SourceTensors
 from lsaq_mlx.sources import load_model, resolve_model
@@ -250,7 +251,8 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
     _, source = workdir
     pack_model(source.path, tmp_path / "source.lsaqpack")
     packed = resolve_model(str(tmp_path / "source.lsaqpack"))
-    engine = Engine(packed, FixedPlans({3: plans[3], 8: plans[8]}), budget=3, auto_budgets=[3, 8], layer_store=True).start()
+    engine = Engine(packed, FixedPlans({3: plans[3], 8: plans[8]}),
+                    RuntimeOptions(bits_budget=3, auto=True, budgets=(3, 8), layer_store=True)).start()
     try:
         engine.apply_budget(8)
         while not isinstance(event := engine.events.get(timeout=120), (Swapped, EngineError)):

@@ -263,14 +263,15 @@ def test_real_engine_chats_and_swaps_down_when_memory_drops(default_source, tmp_
     from lsaq_mlx.planning.planner import Planner, PlanRequest
     from lsaq_mlx.planning.planner import FixedPlans
     from lsaq_mlx.runtime import Engine, ScriptedSampler
+    from lsaq_mlx.runtime.options import RuntimeOptions
 
     small, large = Planner(default_source).plans(PlanRequest(method="uniform", bits_budgets=[4.0, 8.5]))
     planner = FixedPlans({4.0: small, 8.5: large})
     trace = tmp_path / "trace.txt"
     # 1 s of plenty, then nothing: the policy keeps only the smaller plan (reserve = the difference)
     trace.write_text("8GB\n" * 4 + "0\n")
-    engine = Engine(default_source, planner, auto_budgets=[4.0, 8.5], sampler=ScriptedSampler(trace, step=0.25),
-                    sample_every=0.25, memory_events=True,
+    engine = Engine(default_source, planner, RuntimeOptions(auto=True, budgets=(4.0, 8.5), memory_events=True),
+                    sampler=ScriptedSampler(trace, step=0.25), sample_every=0.25,
                     policy_options={"reserve": large.predicted_bytes - small.predicted_bytes, "hysteresis": 0,
                                     "window": 1, "min_interval": 0},
                     importance=lambda: {"metric": "test", "scores": [float(i) for i in range(30)]})

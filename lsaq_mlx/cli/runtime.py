@@ -64,7 +64,7 @@ def chat(
     Examples: lsaq-mlx chat -m ./my-model -b 4 · lsaq-mlx chat -b 3.5 --auto --temp 0.7 --seed 1 ·
     printf "Hello\\n/plan 3\\nAnd now?\\n" | lsaq-mlx chat -b 4"""
     from lsaq_mlx.cli.chat_session import banner, run_chat
-    from lsaq_mlx.runtime.options import build_engine
+    from lsaq_mlx.runtime.engine import build_engine
     from lsaq_mlx.sources import resolve_model
 
     sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
@@ -100,7 +100,7 @@ def tui(
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands).
 
     Examples: lsaq-mlx tui -m ./my-model -b 4 --auto"""
-    from lsaq_mlx.runtime.options import build_engine
+    from lsaq_mlx.runtime.engine import build_engine
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
 

@@ -52,7 +52,7 @@ def serve(
 
     Examples: lsaq-mlx serve -m ./Llama-3-8B --auto · lsaq-mlx serve -b 4 --port 8081 · curl localhost:8080/v1/status"""
     from lsaq_mlx.cli.runtime import _options
-    from lsaq_mlx.runtime.options import build_engine
+    from lsaq_mlx.runtime.engine import build_engine
     from lsaq_mlx.sources import resolve_model
 
     remote = not is_loopback(host)

@@ -60,9 +60,9 @@ from lsaq_mlx.runtime.events import (
     Token,
 )
 from lsaq_mlx.runtime.layers import module_precision
+from lsaq_mlx.runtime.options import RuntimeOptions
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.precision import PrecisionController, process_memory
-from lsaq_mlx.runtime.sampling import Sampling
 from lsaq_mlx.runtime.swap import SwapInProgress, module_maker
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.planning.planner import Planner, PlanRequest
@@ -89,23 +89,25 @@ class EngineInfo:
 
 
 class Engine(EngineCommands):
-    def __init__(self, source: ModelSource, planner: Planner | None = None, budget: float | None = None, auto_budgets=(),
-                 sampler=None, policy_options: dict | None = None, on_event=None, sample_every: float = 1.0,
-                 importance=None, memory_events: bool = False, layer_store: bool = False, method: str = "lsaq",
-                 sampling: Sampling | None = None):
-        """``planner`` makes plans of ``method`` (in the engine thread); ``budget``
-        picks the starting plan; ``auto_budgets`` builds the PlanSet that automatic mode
-        moves through as ``sampler``'s memory samples dictate. ``importance() -> {"metric",
-        "scores"}`` (one score per decoder layer) is called once while loading, for
-        displays; ``memory_events`` sends a ``memory`` event every ``sample_every`` seconds;
-        ``layer_store`` keeps every module at every setting of the plans on disk, ready
-        (``storage.layer_store``), so swaps read them instead of re-quantizing; ``sampling``:
-        how tokens are picked and how much KV cache is kept."""
-        self.source, self.planner, self.budget, self.auto_budgets = source, planner, budget, list(auto_budgets)
-        self.method, self.sampling = method, sampling or Sampling()
-        self.sampler, self.policy_options, self.sample_every = sampler, policy_options or {}, sample_every
-        self.importance_of, self.memory_events = importance, memory_events
-        self.use_layer_store = layer_store
+    def __init__(self, source: ModelSource, planner: Planner | None = None, options: RuntimeOptions | None = None,
+                 sampler=None, on_event=None, importance=None, sample_every: float = 1.0,
+                 policy_options: dict | None = None):
+        """``planner`` makes plans of ``options.method`` (in the engine thread);
+        ``options.bits_budget`` picks the starting plan; in automatic mode (``options.auto``
+        or a memory trace) ``options.budgets`` make the PlanSet it moves through as
+        ``sampler``'s memory samples dictate (``policy_options`` tune its ``Policy``).
+        ``importance() -> {"metric", "scores"}`` (one score per decoder layer) is called
+        once while loading, for displays; ``options.memory_events`` sends a ``memory``
+        event every ``sample_every`` seconds."""
+        options = options or RuntimeOptions()
+        following = options.auto or options.memory_trace is not None
+        self.source, self.planner, self.options = source, planner, options
+        self.budget, self.auto_budgets = options.bits_budget, list(options.budgets) if following else []
+        self.method, self.sampling = options.method, options.sampling
+        self.sampler, self.sample_every = sampler, sample_every
+        self.policy_options = {"reserve": options.reserve_bytes} | (policy_options or {})
+        self.importance_of, self.memory_events = importance, options.memory_events
+        self.use_layer_store = options.layer_store
         self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
@@ -508,3 +510,22 @@ class Engine(EngineCommands):
                            last_reply=self.last_reply.to_dict() if self.last_reply else {},
                            layer_bits=control.layer_bits(), importance=self.importance,
                            policy=control.policy.describe() if control.policy else None)
+
+
+def build_engine(source: ModelSource, options: RuntimeOptions):
+    """An engine (not started) for ``source``: a planner for ``options.method``, the plan
+    set of ``options.budgets`` in automatic mode, the system's memory or a replayed trace."""
+    from lsaq_mlx.runtime.memory import ScriptedSampler, SystemSampler
+
+    options.check()
+    planner = Planner(source)
+    sampler = ScriptedSampler(options.memory_trace) if options.memory_trace else SystemSampler()
+    importance = None
+    if options.importance:
+        importance = lambda: _importance(planner, options.importance)  # noqa: E731 - run in the engine thread
+    return Engine(source, planner, options, sampler, importance=importance)
+
+
+def _importance(planner, metric: str) -> dict:
+    scores = planner.scores(metric)
+    return {"metric": scores.metric, "scores": scores.scores}

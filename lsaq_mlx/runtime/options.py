@@ -1,11 +1,10 @@
-"""What a chat or TUI session runs with, as one value, and the engine built from it."""
+"""What a chat, TUI or server session runs with, as one value (``runtime.engine.build_engine`` builds its engine)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.runtime.sampling import Sampling
-from lsaq_mlx.sources import ModelSource
 from lsaq_mlx.scoring.registry import METRICS
 
 DEFAULT_BUDGETS = (3.0, 3.5, 4.0, 4.5, 5.0, 6.0)
@@ -34,30 +33,6 @@ class RuntimeOptions:
         if self.importance is not None and self.importance not in shown:
             raise UserError(f"layer importance must be {', '.join(shown)} or none, not '{self.importance}'",
                             setting="importance")
-
-
-def build_engine(source: ModelSource, options: RuntimeOptions):
-    """An engine (not started) for ``source``: a planner for ``options.method``, the plan
-    set of ``options.budgets`` in automatic mode, the system's memory or a replayed trace."""
-    from lsaq_mlx.planning.planner import Planner
-    from lsaq_mlx.runtime.engine import Engine
-    from lsaq_mlx.runtime.memory import ScriptedSampler, SystemSampler
-
-    options.check()
-    planner = Planner(source)
-    following = options.auto or options.memory_trace is not None
-    sampler = ScriptedSampler(options.memory_trace) if options.memory_trace else SystemSampler()
-    importance = None
-    if options.importance:
-        importance = lambda: _importance(planner, options.importance)  # noqa: E731 - run in the engine thread
-    return Engine(source, planner, options.bits_budget, list(options.budgets) if following else [], sampler,
-                  {"reserve": options.reserve_bytes}, method=options.method, layer_store=options.layer_store,
-                  memory_events=options.memory_events, importance=importance, sampling=options.sampling)
-
-
-def _importance(planner, metric: str) -> dict:
-    scores = planner.scores(metric)
-    return {"metric": scores.metric, "scores": scores.scores}
 
 
 def parse_budgets(text: str) -> tuple[float, ...]:
