@@ -1,5 +1,8 @@
-"""Progress bars on stderr, so stdout stays clean for --json."""
+"""Progress on stderr, so stdout stays clean for --json: a bar on a terminal, and plain
+lines (a stage's start, its count and ETA every ``PLAIN_EVERY`` seconds, its end) when
+stderr is a pipe or a log, so a piped command is never silent for minutes."""
 
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -7,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 stderr = Console(stderr=True)
 _active: Progress | None = None  # rich draws one live display at a time: nested bars join it
+PLAIN_EVERY = 10.0  # seconds between two progress lines when stderr is not a terminal
 
 
 @contextmanager
@@ -14,6 +18,10 @@ def progress_bar(description: str, total: int | None):
     """Yield ``advance(n=1)``; the bar is drawn only when stderr is a terminal. A bar opened
     while another is shown becomes one more line of the same display."""
     global _active
+    if not stderr.is_terminal:
+        with _plain_progress(description, total) as advance:
+            yield advance
+        return
     if _active is not None:
         outer = _active
         task = outer.add_task(description, total=total)
@@ -40,3 +48,27 @@ def progress_bar(description: str, total: int | None):
             yield lambda n=1: bar.advance(task, n)
         finally:
             _active = None
+
+
+@contextmanager
+def _plain_progress(description: str, total: int | None):
+    start = last = time.monotonic()
+    done = [0]
+    _line(f"{description}: started" + (f" ({total} steps)" if total else ""))
+
+    def advance(n: int = 1) -> None:
+        nonlocal last
+        done[0] += n
+        now = time.monotonic()
+        if now - last >= PLAIN_EVERY:
+            last = now
+            eta = (now - start) / done[0] * (total - done[0]) if total and done[0] else None
+            _line(f"{description}: {done[0]}/{total or '?'}, {now - start:.0f} s"
+                  + (f", about {eta:.0f} s left" if eta is not None else ""))
+
+    yield advance
+    _line(f"{description}: done in {time.monotonic() - start:.1f} s")
+
+
+def _line(text: str) -> None:
+    stderr.print(text, markup=False, highlight=False, soft_wrap=True)

@@ -147,3 +147,33 @@ def test_eight_concurrent_clients_twenty_rounds_each_reply_as_alone(tiny_llama, 
         assert json.load(urllib.request.urlopen(server.url + "/status", timeout=30))["requests"]["failed"] == 0
     finally:
         stop_server(server)
+
+
+def test_a_plan_chosen_by_hand_ends_automatic_mode_and_auto_on_resumes_it(tiny_llama, plans, tmp_path):
+    from lsaq_mlx.runtime.events import Note
+
+    sizes = {b: p.predicted_bytes for b, p in plans.items()}
+    trace = tmp_path / "trace.txt"
+    trace.write_text(f"{10 * sizes[8]}\n" * 500)  # plenty: automatic mode wants the largest plan
+    engine = Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8, auto=True, budgets=(3, 8)),
+                    sampler=ScriptedSampler(trace), sample_every=0.02,
+                    policy_options={"reserve": 0, "hysteresis": 0, "window": 1, "min_interval": 0})
+    engine.start()
+    try:
+        by_hand = engine.apply_budget(3).result(120)
+        assert by_hand.state.auto is False
+        assert by_hand.state.bits_per_weight == pytest.approx(plans[3].predicted_bits_per_weight)
+        time.sleep(0.3)  # samples come and go: nothing moves the plan chosen by hand
+        assert engine.request_state().result(30).state.plan_index == 0
+        assert engine.set_auto(True).result(30).state.auto
+        deadline = time.monotonic() + 60
+        while engine.request_state().result(30).state.plan_index != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.request_state().result(30).state.plan_index == 1  # plenty of memory: back up
+        notes = []
+        while not engine.events.empty():
+            event = engine.events.get()
+            notes += [event.message] if isinstance(event, Note) else []
+        assert any("chosen by hand" in n for n in notes)
+    finally:
+        engine.shutdown()

@@ -271,3 +271,19 @@ def test_the_engine_keeps_the_conversation_when_a_reply_fails(tiny_llama):
         assert [m["content"] for m in engine.messages if m["role"] == "user"] == ["first", "third"]
     finally:
         engine.shutdown()
+
+
+def test_what_score_json_prints_is_a_scores_file(tmp_path, tiny_llama):
+    out = run_cli("score", "-m", tiny_llama.path, "--metric", "zscore", "--json")
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "s.json").write_text(out.stdout)
+    plotted = run_cli("plot-scores", tmp_path / "s.json", "-o", tmp_path / "s.png")
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_budget_outside_what_a_method_can_do_is_one_rule_both_ways(tiny_llama):
+    for budget in ("1.5", "12"):
+        assert_one_line_error(run_cli("plan", "-m", tiny_llama.path, "--method", "uniform", "-b", budget),
+                              f"budget {budget} bits per weight is outside what uniform can do for this model: ")
+    assert run_cli("plan", "-m", tiny_llama.path, "--method", "uniform", "-b", "8").returncode == 0

@@ -187,10 +187,10 @@ def test_scripted_chat_cli(tmp_path, empty_cache):
     saved = tmp_path / "conversation.json"
     out = run_cli("chat", "-m", str(tmp_path / "t.gguf"), "-b", "4", "-n", "5", input=script.format(saved), env=dict(os.environ))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count(" tok/s · prompt ") == 2
+    assert out.stderr.count(" tok/s · prompt ") == 2 and " tok/s · prompt " not in out.stdout  # piped: statistics on stderr
     import re
 
-    assert re.search(r"\[swapped \d+ modules in [\d.]+ s -> [\d.]+ bits/weight\]", out.stdout)
+    assert re.search(r"\[swapped \d+ modules in [\d.]+ s -> [\d.]+ bits/weight\]", out.stderr)
     assert "    0: " in out.stdout and "[usage: /plan" in out.stdout
     import json
 

@@ -230,8 +230,11 @@ def test_the_cli_refuses_a_remote_host_and_serves_on_loopback(tmp_path, tiny_lla
     process = subprocess.Popen([sys.executable, "-m", "lsaq_mlx", "serve", "-m", str(tiny_llama.path), "--port", "0",
                                 "-b", "8", "--method", "uniform"], stderr=subprocess.PIPE, text=True, env=env)
     try:
-        line = process.stderr.readline()
-        assert "serving" in line, line + process.stderr.read()
+        seen = []
+        while not (seen and "serving" in seen[-1]) and len(seen) < 50:  # progress lines come first, piped
+            seen.append(process.stderr.readline())
+            assert seen[-1], "".join(seen)  # the server ended before it served
+        line = seen[-1]
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).completions.create(

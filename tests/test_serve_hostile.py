@@ -10,7 +10,7 @@ import os
 import socket
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from test_serve import eos_ban, plans, start_server, stop_server  # noqa: F401  (plans: a module fixture)
@@ -173,6 +173,7 @@ bodies = st.fixed_dictionaries({}, optional={k: field_values for k in FIELDS}).m
 def test_fuzzed_request_bodies_always_get_an_answer(server, body, path):
     data = json.dumps(body).encode()
     got, reply = exchange(server, request(data, path))
+    event(f"status {got}")  # --hypothesis-show-statistics shows how many got each
     assert got in (200, 400), (got, reply)
     if got == 400:
         assert error_of(reply)["message"]

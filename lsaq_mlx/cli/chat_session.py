@@ -35,12 +35,20 @@ POLL_SECONDS = 0.05  # how long a wait for a reply looks for more events before 
 
 
 class ChatSession:
-    def __init__(self, engine: EngineProtocol, max_tokens: int, out=None):
+    def __init__(self, engine: EngineProtocol, max_tokens: int, out=None, status=None):
+        """Replies and what commands show go to ``out``; the bracketed status lines (reply
+        statistics, swaps, notes, errors) to ``status`` (default ``out``; stderr when the
+        chat is scripted, so stdout holds only replies, as ``generate`` does)."""
         self.engine, self.max_tokens, self.out = engine, max_tokens, out or sys.stdout
+        self.status = status or self.out
         self.generating = False
 
     def print(self, text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
+
+    def say(self, text: str) -> None:
+        """A status line, on a line of its own."""
+        print(text, file=self.status, flush=True)
 
     def wait(self, *kinds: type):
         """Print events until one of the classes ``kinds`` (or an error) arrives; return it."""
@@ -67,15 +75,16 @@ class ChatSession:
             self.print(event.text, end="")
         elif isinstance(event, Swapped):
             failed = event.failed
-            self.print(f"\n[swapped {event.changed} modules in {event.seconds:.2f} s -> "
-                       f"{_bpw(event.state.bits_per_weight)}" + (f"; {len(failed)} failed, kept their old weights: "
-                                                                f"{next(iter(failed.values()))}" if failed else "") + "]")
+            kept = f"; {len(failed)} failed, kept their old weights: {next(iter(failed.values()))}" if failed else ""
+            self.say(("\n" if self.status is self.out else "")  # it may land within a reply's line
+                     + f"[swapped {event.changed} modules in {event.seconds:.2f} s -> "
+                       f"{_bpw(event.state.bits_per_weight)}{kept}]")
         elif isinstance(event, Note):
-            self.print(f"[note: {event.message}]")
+            self.say(f"[note: {event.message}]")
         elif isinstance(event, EngineError):
             if event.fatal:
                 raise EngineStopped(event.message)
-            self.print(f"[error: {event.message}]")
+            self.say(f"[error: {event.message}]")
 
     def handle(self, line: str) -> bool:
         """Run one input line; False means leave. A command that fails is reported and
@@ -83,11 +92,11 @@ class ChatSession:
         try:
             return self._handle(valid_text(line))
         except OSError as e:
-            self.print(f"[error: {os_error_line(e)}]")
+            self.say(f"[error: {os_error_line(e)}]")
         except EngineStopped:
             raise
         except UserError as e:
-            self.print(f"[error: {e}]")
+            self.say(f"[error: {e}]")
         return True
 
     def _handle(self, line: str) -> bool:
@@ -100,9 +109,10 @@ class ChatSession:
             self.generating = False
             if isinstance(event, ReplyDone):
                 d = event.stats
-                self.print(f"\n[{d.generation_tokens} tokens · {d.generation_tps:.1f} tok/s · prompt "
-                           f"{d.prompt_tokens} at {d.prompt_tps:.1f} tok/s · peak memory "
-                           f"{d.peak_memory_bytes / 1e9:.2f} GB · {_bpw(d.bits_per_weight)}{' · stopped' if d.stopped else ''}]")
+                self.print()  # the reply's line ends
+                self.say(f"[{d.generation_tokens} tokens · {d.generation_tps:.1f} tok/s · prompt "
+                         f"{d.prompt_tokens} at {d.prompt_tps:.1f} tok/s · peak memory "
+                         f"{d.peak_memory_bytes / 1e9:.2f} GB · {_bpw(d.bits_per_weight)}{' · stopped' if d.stopped else ''}]")
             return True
         command, _, arg = line[1:].partition(" ")
         arg = arg.strip()
@@ -204,7 +214,7 @@ def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) ->
     stdin = stdin or sys.stdin
     if hasattr(stdin, "reconfigure"):  # undecodable bytes reach valid_text, not a traceback
         stdin.reconfigure(errors="surrogateescape")
-    session = ChatSession(engine, max_tokens)
+    session = ChatSession(engine, max_tokens, status=None if stdin.isatty() else sys.stderr)
     if title:
         ready = session.wait(Ready)
         if isinstance(ready, Ready):

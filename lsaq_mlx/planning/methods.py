@@ -133,6 +133,12 @@ class PlanningContext:
             _scores_summary(scores), details,
         )
 
+    def check_not_above(self, budget: Budget, method: str, low: dict, high: dict) -> None:
+        """A bits-per-weight budget above the largest plan is an error, as one below the
+        smallest is (a memory budget is a ceiling: more than enough is fine)."""
+        if budget.bits_per_weight is not None and budget.bits_per_weight * self.parameters > 8 * self.total_bytes(high) + 1e-6:
+            raise self.infeasible(budget, method, low, high)
+
     def infeasible(self, budget: Budget, method: str, low: dict, high: dict) -> UserError:
         lo, hi = self.total_bytes(low), self.total_bytes(high)
         asked = (f"{budget.bits_per_weight:g} bits per weight" if budget.bits_per_weight is not None
@@ -158,10 +164,11 @@ def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict,
         # a pinned SWSC setting outside the candidates has no priced error; as the
         # module's only option its cost cannot change the plan
         items.append([(q.bytes_for(c), weights[q.path] * errors[q.path].get(c.key, 0.0)) for c in ctx.options(q)])
+    smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
+    largest = {q.path: max(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
+    ctx.check_not_above(budget, "lsaq", smallest, largest)
     solution = solve_mckp(items, ctx.module_budget(budget))
     if solution is None:
-        smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
-        largest = {q.path: max(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
         raise ctx.infeasible(budget, "lsaq", smallest, largest)
     picks = {q.path: ctx.options(q)[j] for q, j in zip(ctx.modules, solution.picks)}
     details = {"cost": solution.cost, "dp_unit_bytes": solution.unit,
@@ -214,8 +221,9 @@ def plan_uniform(ctx: PlanningContext, budget: Budget | None, bits: int | None =
         return plans[0]
     limit = ctx.module_budget(budget) + ctx.fixed_params * FLOAT_BYTES
     fitting = [p for p in plans if p.predicted_bytes <= limit]
+    smallest, largest = min(plans, key=lambda p: p.predicted_bytes), max(plans, key=lambda p: p.predicted_bytes)
+    ctx.check_not_above(budget, "uniform", smallest.modules, largest.modules)
     if not fitting:
-        smallest, largest = min(plans, key=lambda p: p.predicted_bytes), max(plans, key=lambda p: p.predicted_bytes)
         raise ctx.infeasible(budget, "uniform", smallest.modules, largest.modules)
     return max(fitting, key=lambda p: (p.predicted_bytes, p.details["bits"]))
 

@@ -204,9 +204,12 @@ class Engine(EngineCommands):
             case Complete(job=job):
                 return self._complete(job)
             case ApplyPlan(plan=plan, reason=reason):
+                self._by_hand()
                 return self._apply_plan(plan, reason, command.reply)
             case ApplyBudget(bits_per_weight=bits):
-                return self._apply_plan(self._plans([bits])[0], f"budget {bits:g} bits/weight", command.reply)
+                plan = self._plans([bits])[0]
+                self._by_hand()
+                return self._apply_plan(plan, f"budget {bits:g} bits/weight", command.reply)
             case SetAuto(on=on):
                 return self._set_auto(on)
             case RequestState():
@@ -490,11 +493,22 @@ class Engine(EngineCommands):
 
     # ---- everything else ----
     def _set_auto(self, on: bool) -> StateUpdate:
-        if on and not (self.sampler and self.control.policy):
+        policy = self.control.policy
+        if on and not (self.sampler and policy):
             raise UserError("automatic mode needs a plan set: start in automatic mode or with a memory trace",
                             setting="auto")
+        if on and not self.auto:  # the policy moves on from the plan of the set nearest to what is held
+            held = self.control.plan_info()["weight_bytes"]
+            policy.current = min(range(len(policy.plans.plans)),
+                                 key=lambda i: abs(policy.plans.plans[i].predicted_bytes - held))
         self.auto = on
         return self._state_update()
+
+    def _by_hand(self) -> None:
+        """A plan chosen by hand ends automatic mode (the policy would undo it); a note says so."""
+        if self.auto:
+            self.auto = False
+            self.on_event(Note("automatic mode is off: a plan was chosen by hand (/auto on resumes it)"))
 
     def _state_update(self) -> StateUpdate:
         event = StateUpdate(self._state())

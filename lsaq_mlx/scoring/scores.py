@@ -49,6 +49,7 @@ class LayerScores:
         """A LayerScores from its JSON form, every field checked."""
         if not isinstance(data, dict) or data.get("version") != SCORES_VERSION or "scores" not in data:
             raise UserError(f"{where} is not a LayerScores file of version {SCORES_VERSION}")
+        data = {k: v for k, v in data.items() if k != "cached"}  # ``score --json`` says whether it was cached
         fields = set(cls.__dataclass_fields__)
         if set(data) - fields or not {"model_fingerprint", "metric", "params", "scores"} <= set(data):
             raise UserError(f"{where} has the wrong fields for LayerScores")
