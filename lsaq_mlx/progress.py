@@ -1,6 +1,8 @@
 """Progress on stderr, so stdout stays clean for --json: a bar on a terminal, and plain
-lines (a stage's start, its count and ETA every ``PLAIN_EVERY`` seconds, its end) when
-stderr is a pipe or a log, so a piped command is never silent for minutes."""
+lines when stderr is a pipe or a log, so a piped command is never silent for minutes: a
+stage that runs past ``PLAIN_FIRST`` seconds says its count and ETA then and every
+``PLAIN_EVERY`` seconds, and when it is done (a quick stage, or one that fails at once,
+says nothing: an error stays one line)."""
 
 import time
 from contextlib import contextmanager
@@ -10,7 +12,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 stderr = Console(stderr=True)
 _active: Progress | None = None  # rich draws one live display at a time: nested bars join it
-PLAIN_EVERY = 10.0  # seconds between two progress lines when stderr is not a terminal
+PLAIN_FIRST = 1.0  # seconds a stage runs before it says anything when stderr is not a terminal
+PLAIN_EVERY = 10.0  # seconds between two of its lines
 
 
 @contextmanager
@@ -52,22 +55,22 @@ def progress_bar(description: str, total: int | None):
 
 @contextmanager
 def _plain_progress(description: str, total: int | None):
-    start = last = time.monotonic()
-    done = [0]
-    _line(f"{description}: started" + (f" ({total} steps)" if total else ""))
+    start = time.monotonic()
+    last, done = start - PLAIN_EVERY + PLAIN_FIRST, 0  # the first line after PLAIN_FIRST seconds
 
     def advance(n: int = 1) -> None:
-        nonlocal last
-        done[0] += n
+        nonlocal last, done
+        done += n
         now = time.monotonic()
         if now - last >= PLAIN_EVERY:
             last = now
-            eta = (now - start) / done[0] * (total - done[0]) if total and done[0] else None
-            _line(f"{description}: {done[0]}/{total or '?'}, {now - start:.0f} s"
+            eta = (now - start) / done * (total - done) if total and done else None
+            _line(f"{description}: {done:g}/{'?' if total is None else f'{total:g}'}, {now - start:.0f} s"
                   + (f", about {eta:.0f} s left" if eta is not None else ""))
 
     yield advance
-    _line(f"{description}: done in {time.monotonic() - start:.1f} s")
+    if time.monotonic() - start >= PLAIN_FIRST:
+        _line(f"{description}: done in {time.monotonic() - start:.1f} s")
 
 
 def _line(text: str) -> None:

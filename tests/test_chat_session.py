@@ -81,3 +81,15 @@ def test_the_engine_samples_with_the_settings_and_keeps_the_kv_cache_bounded(tin
     c, engine = reply(Sampling(temp=1.5, seed=8, max_kv_size=8))
     assert a == b and a != c  # the seed repeats a sampled reply; another seed changes it
     assert all(getattr(layer, "max_size", 8) == 8 for layer in engine.cache)
+
+
+def test_triple_quotes_make_one_message_of_several_lines():
+    engine, out = FakeEngine(reply="ok").start(), io.StringIO()
+    try:
+        session = ChatSession(engine, 8, out=out)
+        for line in ['"""', "first line", "  second line", 'last line"""', '"""one line"""', '"""start here', 'end"""']:
+            assert session.handle(line + "\n")
+    finally:
+        engine.shutdown()
+    chats = [c[1] for c in engine.received if c[0] == "chat"]
+    assert chats == ["first line\n  second line\nlast line", "one line", "start here\nend"]

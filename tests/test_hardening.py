@@ -287,3 +287,17 @@ def test_a_budget_outside_what_a_method_can_do_is_one_rule_both_ways(tiny_llama)
         assert_one_line_error(run_cli("plan", "-m", tiny_llama.path, "--method", "uniform", "-b", budget),
                               f"budget {budget} bits per weight is outside what uniform can do for this model: ")
     assert run_cli("plan", "-m", tiny_llama.path, "--method", "uniform", "-b", "8").returncode == 0
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    from lsaq_mlx import progress
+
+    with progress.progress_bar("quick", 3) as advance:  # under a second: silent
+        advance()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "PLAIN_FIRST", 0.0)
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.0)
+    with progress.progress_bar("slow", 4) as advance:
+        advance(2)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("slow: 2/4, 0 s, about 0 s left") and lines[-1].startswith("slow: done in")

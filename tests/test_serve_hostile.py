@@ -188,3 +188,13 @@ def test_fuzzed_request_bodies_always_get_an_answer(server, body, path):
 def test_fuzzed_raw_requests_never_stop_the_server(server, raw, head):
     exchange(server, head + raw, timeout=120, half_close=True)
     assert alive(server)
+
+
+def test_top_k_is_honoured(server):
+    greedy = exchange(server, request(chat(max_tokens=6, logit_bias=eos_ban(server))))[1]
+    sampled = [json.loads(exchange(server, request(chat(max_tokens=6, temperature=1.0, seed=3, logit_bias=eos_ban(server),
+                                                        **top_k)))[1])["choices"][0]["message"] for top_k in ({}, {"top_k": 1})]
+    greedy = json.loads(greedy)["choices"][0]["message"]
+    assert sampled[0] != greedy and sampled[1] == greedy  # sampling moves off greedy; top-1 sampling cannot
+    code, body = exchange(server, request(chat(top_k=-1)))
+    assert code == 400 and error_of(body)["param"] == "top_k"

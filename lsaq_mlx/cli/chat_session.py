@@ -19,7 +19,8 @@ from lsaq_mlx.runtime.commands import EngineStopped
 from lsaq_mlx.runtime.text import valid_text
 from lsaq_mlx.runtime.events import EngineError, EngineProtocol, Note, Ready, ReplyDone, StateUpdate, Swapped, Token
 
-HELP = """commands:
+HELP = """a message of several lines: start and end it with three double quotes (\"\"\")
+commands:
   /plan B        switch to a plan of B bits per weight (hot swap, the conversation goes on)
   /auto on|off   follow the machine's memory (needs --auto or --memory-trace)
   /stats [json]  plan, memory, last reply's speed (json: everything the engine reports)
@@ -31,6 +32,7 @@ HELP = """commands:
   /quit          leave"""
 
 
+BLOCK = '"""'  # opens and closes a message of several lines
 POLL_SECONDS = 0.05  # how long a wait for a reply looks for more events before it checks the reply
 
 
@@ -42,6 +44,7 @@ class ChatSession:
         self.engine, self.max_tokens, self.out = engine, max_tokens, out or sys.stdout
         self.status = status or self.out
         self.generating = False
+        self.block: list[str] | None = None  # the lines of a BLOCK being typed
 
     def print(self, text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
@@ -90,7 +93,8 @@ class ChatSession:
         """Run one input line; False means leave. A command that fails is reported and
         the chat goes on (only the engine stopping ends it)."""
         try:
-            return self._handle(valid_text(line))
+            line = self._unblocked(valid_text(line))
+            return True if line is None else self._handle(line)
         except OSError as e:
             self.say(f"[error: {os_error_line(e)}]")
         except EngineStopped:
@@ -98,6 +102,25 @@ class ChatSession:
         except UserError as e:
             self.say(f"[error: {e}]")
         return True
+
+    def _unblocked(self, line: str) -> str | None:
+        """Ollama's messages of several lines: from a line that starts with ``BLOCK`` to one
+        that ends with it, one message; None while the block is open."""
+        text = line.rstrip("\n")
+        if self.block is None:
+            if not text.lstrip().startswith(BLOCK):
+                return line
+            text = text.lstrip()[len(BLOCK):]
+            if text.rstrip().endswith(BLOCK):  # """one line"""
+                return text.rstrip()[: -len(BLOCK)]
+            self.block = [text] if text.strip() else []
+            return None
+        if text.rstrip().endswith(BLOCK):
+            message = "\n".join([*self.block, text.rstrip()[: -len(BLOCK)]])
+            self.block = None
+            return message
+        self.block.append(text)
+        return None
 
     def _handle(self, line: str) -> bool:
         line = line.strip()

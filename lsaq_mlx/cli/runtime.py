@@ -19,6 +19,7 @@ from lsaq_mlx.cli.options import (
     SeedOption,
     SystemOption,
     TempOption,
+    TopKOption,
     TopPOption,
     TraceOption,
 )
@@ -52,6 +53,7 @@ def chat(
     system: SystemOption = None,
     temp: TempOption = 0.0,
     top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
@@ -67,7 +69,7 @@ def chat(
     from lsaq_mlx.runtime.engine import build_engine
     from lsaq_mlx.sources import resolve_model
 
-    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
+    sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, layer_store=layer_store)
     source = resolve_model(model)
     engine = build_engine(source, options).start()
@@ -92,6 +94,7 @@ def tui(
     system: SystemOption = None,
     temp: TempOption = 0.0,
     top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
@@ -104,7 +107,7 @@ def tui(
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
 
-    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
+    sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True,
                        importance=None if importance == "none" else importance)
     options.check()

@@ -19,6 +19,7 @@ from lsaq_mlx.cli.options import (
     SeedOption,
     StartBudgetOption,
     TempOption,
+    TopKOption,
     TopPOption,
     TraceOption,
 )
@@ -42,13 +43,14 @@ def serve(
     max_tokens: MaxTokensOption = 512,
     temp: TempOption = 0.0,
     top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Concurrent requests are decoded together; swaps happen between tokens.
 
-    --max-tokens, --temp, --top-p, --min-p and --seed are the defaults of requests that do not set them.
+    --max-tokens, --temp, --top-p, --top-k, --min-p and --seed are the defaults of requests that do not set them.
 
     Examples: lsaq-mlx serve -m ./Llama-3-8B --auto · lsaq-mlx serve -b 4 --port 8081 · curl localhost:8080/v1/status"""
     from lsaq_mlx.cli.runtime import _options
@@ -59,7 +61,7 @@ def serve(
     if remote and not allow_remote:
         raise UserError(f"{host} is reachable from other machines: pass --allow-remote (and --api-key) to listen there",
                         setting="host")
-    sampling = dict(temp=temp, top_p=top_p, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
+    sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True)
     options.check()
     source = resolve_model(model)

@@ -1,10 +1,11 @@
 """The engine: one long-lived thread owns the model and does all MLX work.
 
-Callers call its commands (``runtime.events.EngineProtocol``: ``chat``, ``stop``,
-``apply_plan``, ``apply_budget``, ``set_auto``, ``request_state``, ``reset``,
-``retract``, ``set_system``, and ``complete`` for a server's stateless requests), which
-return at once, and receive the events of ``runtime.events`` through ``events`` or a
-callback (a completion's own events go to the completion). A conversation keeps its KV cache
+Callers call its commands (``runtime.commands``: ``chat``, ``stop``, ``apply_plan``,
+``apply_budget``, ``set_auto``, ``request_state``, ``reset``, ``retract``,
+``set_system``, and ``complete`` for a server's stateless requests), which return at
+once with their own reply (a ``Future``); displays receive the events of
+``runtime.events`` through ``events`` or a callback (a completion's own events go to the
+completion). A conversation keeps its KV cache
 across turns (only the new part of the prompt is processed), across a stopped reply,
 and across swaps. Swaps requested while a reply streams are applied between tokens, one
 decoder layer per token.
@@ -101,7 +102,7 @@ class Engine(EngineCommands):
         event every ``sample_every`` seconds."""
         options = options or RuntimeOptions()
         following = options.auto or options.memory_trace is not None
-        self.source, self.planner, self.options = source, planner, options
+        self.source, self.planner = source, planner
         self.budget, self.auto_budgets = options.bits_budget, list(options.budgets) if following else []
         self.method, self.sampling = options.method, options.sampling
         self.sampler, self.sample_every = sampler, sample_every

@@ -69,6 +69,7 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
     max_tokens = max_tokens or get.number("max_tokens", default_max_tokens, 1, integer=True)
     sampling = Sampling(temp=get.number("temperature", defaults.temp, 0.0, 2.0),
                         top_p=get.number("top_p", defaults.top_p, 0.0, 1.0),
+                        top_k=get.number("top_k", defaults.top_k, 0, integer=True),
                         min_p=get.number("min_p", defaults.min_p, 0.0, 1.0),
                         seed=get.number("seed", defaults.seed, integer=True), max_kv_size=defaults.max_kv_size)
     try:
