@@ -198,3 +198,40 @@ def test_top_k_is_honoured(server):
     assert sampled[0] != greedy and sampled[1] == greedy  # sampling moves off greedy; top-1 sampling cannot
     code, body = exchange(server, request(chat(top_k=-1)))
     assert code == 400 and error_of(body)["param"] == "top_k"
+
+
+def test_cors_only_for_the_origins_allowed(tiny_llama, plans):  # noqa: F811
+    closed = start_server(tiny_llama, plans, budget=8)
+    try:
+        preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Origin: http://evil.example\r\nAccess-Control-Request-Method: POST\r\n\r\n")
+        code, _ = exchange(closed, preflight)
+        assert code == 403
+        with socket.create_connection(closed.server_address[:2], timeout=60) as s:
+            s.sendall(request(chat(), headers=b"Content-Length: %d\r\nOrigin: http://evil.example\r\n" % len(chat())))
+            head = s.recv(65536).split(b"\r\n\r\n")[0]
+        assert b"Access-Control-Allow-Origin" not in head  # the browser keeps the reply from the page
+    finally:
+        stop_server(closed)
+    server = start_server(tiny_llama, plans, budget=8)
+    server.allowed_origins = ("http://localhost:3000",)
+    try:
+        allowed = preflight.replace(b"http://evil.example", b"http://localhost:3000")
+        with socket.create_connection(server.server_address[:2], timeout=60) as s:
+            s.sendall(allowed)
+            head = s.recv(65536)
+        assert head.startswith(b"HTTP/1.1 204") and b"Access-Control-Allow-Origin: http://localhost:3000" in head
+        assert b"Access-Control-Allow-Headers: Authorization, Content-Type" in head
+    finally:
+        stop_server(server)
+
+
+def test_the_request_log_says_who_what_and_the_status(server, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="lsaq_mlx.serve"):
+        exchange(server, request(chat()))
+        exchange(server, request(b"{"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "lsaq_mlx.serve"]
+    assert any('"POST /v1/chat/completions HTTP/1.1" 200' in line for line in lines)
+    assert any('"POST /v1/chat/completions HTTP/1.1" 400' in line for line in lines)

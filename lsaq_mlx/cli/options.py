@@ -62,5 +62,5 @@ FLAGS = {
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
     "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve", "seed": "--seed",
     "high_bits": "--high-bits", "low_bits": "--low-bits", "group_size": "--group-size", "context": "--context",
-    "low_fraction": "--low-fraction", "limit": "--limit", "reference": "--reference",
+    "low_fraction": "--low-fraction", "limit": "--limit", "log_level": "--log-level", "reference": "--reference",
 }

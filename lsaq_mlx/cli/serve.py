@@ -1,6 +1,7 @@
 """``serve``: an OpenAI-compatible HTTP server whose model keeps fitting the machine's memory."""
 
 import ipaddress
+import logging
 import socket
 from typing import Annotated, Optional
 
@@ -47,6 +48,8 @@ def serve(
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
+    allowed_origins: Annotated[Optional[str], typer.Option("--allowed-origins", metavar="ORIGINS", help="Comma-separated web origins (e.g. http://localhost:3000, or *) whose pages may call the server from a browser (CORS); none by default.")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="warning (default) | info: a line per request on stderr | debug")] = "warning",
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Concurrent requests are decoded together; swaps happen between tokens.
 
@@ -61,13 +64,17 @@ def serve(
     if remote and not allow_remote:
         raise UserError(f"{host} is reachable from other machines: pass --allow-remote (and --api-key) to listen there",
                         setting="host")
+    if log_level not in LOG_LEVELS:
+        raise UserError(f"the log level must be one of {', '.join(LOG_LEVELS)}, not '{log_level}'", setting="log_level")
+    _log_to_stderr(log_level)
+    origins = tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip())
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True)
     options.check()
     source = resolve_model(model)
     engine = build_engine(source, options).start()
     try:
-        server = _bind(host, port, engine, source.spec or "default", api_key, max_tokens, options.sampling)
+        server = _bind(host, port, engine, source.spec or "default", api_key, max_tokens, options.sampling, origins)
         if remote:
             err(f"warning: listening on {host}, reachable from other machines"
                 f"{'' if api_key else ' without an API key'}")
@@ -82,11 +89,23 @@ def serve(
         engine.shutdown()
 
 
-def _bind(host, port, engine, model_id, api_key, max_tokens, defaults):
+LOG_LEVELS = ("warning", "info", "debug")
+
+
+def _log_to_stderr(level: str) -> None:
+    log = logging.getLogger("lsaq_mlx.serve")
+    log.setLevel(level.upper())
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False
+
+
+def _bind(host, port, engine, model_id, api_key, max_tokens, defaults, origins=()):
     from lsaq_mlx.serve.server import ApiServer
 
     try:
-        return ApiServer((host, port), engine, model_id, api_key, max_tokens, defaults)
+        return ApiServer((host, port), engine, model_id, api_key, max_tokens, defaults, origins)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}", setting="port") from None
 

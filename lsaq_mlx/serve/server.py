@@ -8,6 +8,7 @@ completion at once, whether it is running or still waiting.
 
 import hmac
 import json
+import logging
 import queue
 import select
 import socket
@@ -21,6 +22,7 @@ from lsaq_mlx.serve.requests import MAX_BODY_BYTES, ApiError, CompletionRequest,
 from lsaq_mlx.serve.status import ServerStatus
 
 POLL_SECONDS = 0.1  # how often a waiting request looks for its client having left
+log = logging.getLogger("lsaq_mlx.serve")
 
 
 class ClientGone(Exception):
@@ -32,11 +34,15 @@ class ApiServer(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: socketserver's 5 resets a burst of clients
 
     def __init__(self, address, engine, model_id: str, api_key: str | None = None, max_tokens: int = 512,
-                 defaults=None):
+                 defaults=None, allowed_origins: tuple[str, ...] = ()):
+        """``allowed_origins``: the web pages (``https://host:port``, or ``*``) whose scripts
+        may call this server from a browser (CORS); none by default, so no page the user
+        happens to visit can use a model on their machine."""
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ApiHandler)
         self.engine, self.model_id, self.api_key = engine, model_id, api_key
+        self.allowed_origins = tuple(allowed_origins)
         self.max_tokens, self.defaults = max_tokens, defaults
         self.status = ServerStatus(engine, model_id).start()
         self.info = engine.info  # context, vocabulary: the engine owns the tokenizer and tokenizes prompts
@@ -53,8 +59,41 @@ class ApiHandler(BaseHTTPRequestHandler):
     server_version = f"lsaq-mlx/{__version__}"
     timeout = 60  # seconds a client may take to send its request
 
-    def log_message(self, format, *args) -> None:  # quiet: the status endpoint counts requests
-        pass
+    def log_message(self, format, *args) -> None:  # socketserver's own lines; requests: log_request
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code="-", size="-") -> None:
+        """One line a request, at --log-level info: who, what, the status, how long."""
+        took = time.monotonic() - getattr(self, "_started", time.monotonic())
+        log.info('%s "%s" %s %.3f s', self.address_string(), self.requestline, code, took)
+
+    def parse_request(self) -> bool:
+        self._started = time.monotonic()
+        return super().parse_request()
+
+    def end_headers(self) -> None:
+        origin = self._allowed_origin()
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _allowed_origin(self) -> str | None:
+        headers = getattr(self, "headers", None)  # none yet when the request line itself is refused
+        origin, allowed = headers.get("Origin") if headers else None, self.server.allowed_origins
+        if origin is None or not allowed:
+            return None
+        return "*" if "*" in allowed else origin if origin in allowed else None
+
+    def do_OPTIONS(self) -> None:
+        """A browser's CORS preflight: allowed origins learn what they may send."""
+        self.send_response(204 if self._allowed_origin() else 403)
+        if self._allowed_origin():
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     # ---- routing ----
     def do_GET(self) -> None:
