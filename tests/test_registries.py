@@ -65,3 +65,20 @@ def test_a_planning_method_is_one_table_entry(tiny_llama, monkeypatch):
     assert len(plans) == 2 and all(c.bits == 2 for c in plans[0].modules.values())
     with pytest.raises(UserError, match="unknown method 'largest' .*smallest"):
         PlanRequest(method="largest", bits_budgets=[4.0]).check()
+
+
+def test_a_source_format_is_one_table_entry(tiny_llama, monkeypatch, tmp_path):
+    """``sources.resolve.SOURCE_FORMATS``: a format recognised and resolved by its entry alone
+    (this one: a text file naming a model folder)."""
+    from lsaq_mlx.sources import resolve
+    from lsaq_mlx.sources.resolve import SourceFormat, resolve_model
+
+    pointer = tmp_path / "model.pointer"
+    pointer.write_text(str(tiny_llama.path))
+    entry = SourceFormat("pointer", "a .pointer file naming a model folder",
+                         lambda spec, path: path.suffix == ".pointer",
+                         lambda spec, path: resolve_model(path.read_text().strip()))
+    monkeypatch.setattr(resolve, "SOURCE_FORMATS", [entry, *resolve.SOURCE_FORMATS])
+    resolved = resolve_model(str(pointer))
+    assert resolved.kind == "folder" and resolved.path == tiny_llama.path.resolve()
+    assert "a .pointer file naming a model folder" in resolve.source_help()

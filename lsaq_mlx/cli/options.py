@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from lsaq_mlx.planning.method_table import method_help
+from lsaq_mlx.sources.resolve import source_help
 
 ModelOption = Annotated[
     Optional[str],
@@ -14,7 +15,7 @@ ModelOption = Annotated[
         "--model",
         "-m",
         metavar="MODEL",
-        help="default (embedded SmolLM2-135M-Instruct) | path/to/model.gguf | HF or MLX model folder | model.lsaqpack | Hugging Face id",
+        help=source_help(),
         show_default=False,
     ),
 ]

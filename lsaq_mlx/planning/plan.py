@@ -55,6 +55,9 @@ def quantizable_modules(model: nn.Module) -> list[QuantModule]:
             continue
         if "scales" in m:
             raise ValueError("plan on float weights: dequantize the model first")
+        if m.weight.ndim != 2:  # stacked experts (SwitchLinear), DeepSeek's MultiLinear
+            raise UserError(f"{path} holds {m.weight.ndim}-D weights (mixture-of-experts or multi-head modules): "
+                            "planning such models is not supported yet; mlx_lm.convert quantizes them uniformly")
         rows, cols = m.weight.shape
         extra = m.bias.size if "bias" in m else 0
         modules.append(QuantModule(path, layer_index(path), int(rows), int(cols), int(extra)))

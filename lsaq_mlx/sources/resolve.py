@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from lsaq_mlx.cache import atomic_dir, cache_entry, file_sha256, fingerprint_bytes
 from lsaq_mlx.errors import UserError
@@ -32,27 +34,59 @@ def default_gguf() -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class SourceFormat:
+    """One kind of thing ``--model`` can name: whether ``spec`` (and its path) is one, and
+    the ``ModelSource`` it resolves to (a folder ``mlx_lm.load`` opens, cached if made)."""
+
+    name: str
+    help: str
+    matches: Callable[[str, Path], bool]
+    resolve: Callable[[str, Path], ModelSource]
+
+
+def _gguf(spec: str, path: Path) -> ModelSource:
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    return _from_gguf(spec, path, "gguf")
+
+
+def _folder(spec: str, path: Path) -> ModelSource:
+    check_model_folder(path)
+    return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder_fingerprint(path))
+
+
+def _hub(spec: str, path: Path) -> ModelSource:
+    local = download(spec)
+    check_model_folder(local)
+    return ModelSource(spec, "hub", local, spec, folder_fingerprint(local))
+
+
+# tried in this order; adding a format is adding an entry (and the module that imports it)
+SOURCE_FORMATS = [
+    SourceFormat("default", "default (the embedded SmolLM2-135M-Instruct)", lambda spec, _: spec in ("", "default"),
+                 lambda *_: _from_gguf("default", default_gguf(), "default")),
+    SourceFormat("gguf", "path/to/model.gguf", lambda _, path: path.suffix.lower() == ".gguf", _gguf),
+    SourceFormat("pack", "model.lsaqpack", lambda _, path: path.suffix.lower() == PACK_SUFFIX
+                 or (path.is_file() and is_pack(path)), pack_source),
+    SourceFormat("folder", "HF or MLX model folder", lambda _, path: path.is_dir(), _folder),
+    SourceFormat("hub", "Hugging Face id", lambda spec, path: not path.exists() and looks_like_hub_id(spec), _hub),
+]
+
+
+def source_help() -> str:
+    return " | ".join(f.help for f in SOURCE_FORMATS)
+
+
 def resolve_model(spec: str | None = None) -> ModelSource:
-    """Resolve ``--model``; GGUF files are imported once into the cache."""
-    if spec in (None, "", "default"):
-        gguf = default_gguf()
-        return _from_gguf("default", gguf, "default")
+    """Resolve ``--model`` by the first of ``SOURCE_FORMATS`` it matches."""
+    spec = spec or "default"
     path = Path(spec).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model file not found: {path}")
-        return _from_gguf(spec, path, "gguf")
-    if path.suffix.lower() == PACK_SUFFIX or (path.is_file() and is_pack(path)):
-        return pack_source(spec, path)
-    if path.is_dir():
-        check_model_folder(path)
-        return ModelSource(spec, "folder", path.resolve(), str(path.resolve()), folder_fingerprint(path))
+    for source_format in SOURCE_FORMATS:
+        if source_format.matches(spec, path):
+            return source_format.resolve(spec, path)
     if path.exists():
         raise UserError(f"{path} is neither a .gguf file, a model pack nor a model folder")
-    if looks_like_hub_id(spec):
-        local = download(spec)
-        check_model_folder(local)
-        return ModelSource(spec, "hub", local, spec, folder_fingerprint(local))
     raise UserError(f"model not found: '{spec}' is no file, folder or Hugging Face id (owner/name)")
 
 
