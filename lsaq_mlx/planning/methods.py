@@ -70,8 +70,12 @@ class PlanningContext:
     """A float model's quantizable modules and parameter counts, for planning; with the
     ``swsc`` codec, every decoder-layer linear module's SWSC candidates too."""
 
-    def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = (), codecs=("affine",)):
+    def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = (), codecs=("affine",),
+                 ceilings: dict | None = None):
+        """``ceilings``: the bits each module of a quantized source stores; no candidate
+        goes above them (there is nothing finer to quantize from)."""
         check_codecs(codecs)
+        self.ceilings = ceilings or {}
         self.modules = quantizable_modules(model)
         self.codecs = tuple(codecs)
         self.swsc_options = {q.path: [SWSC(s) for s in swsc_candidates(q.rows, q.cols)]
@@ -106,8 +110,11 @@ class PlanningContext:
             raise UserError(f"override '{o.pattern}' on {q.path}: {e}", setting="override") from None
 
     def candidates(self, q: QuantModule) -> list[Choice]:
-        """Every choice the cost model prices for ``q``: affine, keep, then SWSC."""
-        return q.choices() + self.swsc_options.get(q.path, [])
+        """Every choice the cost model prices for ``q``: affine, keep, then SWSC; for a
+        quantized source, none above the bits it stores."""
+        choices = q.choices() + self.swsc_options.get(q.path, [])
+        ceiling = self.ceilings.get(q.path)
+        return choices if ceiling is None else [c for c in choices if getattr(c, "bits", 16) <= ceiling]
 
     def options(self, q: QuantModule) -> list[Choice]:
         return [self.pinned[q.path]] if q.path in self.pinned else self.candidates(q)

@@ -22,6 +22,7 @@ from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer, skeleton_model
 from lsaq_mlx.sources.streaming import StreamedModel
+from lsaq_mlx.sources.tensors import source_tensors, stored_bits
 
 
 @dataclass(kw_only=True)
@@ -111,7 +112,8 @@ class Planner:
         key = (tuple(overrides), tuple(codecs))
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
-            self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs)
+            ceilings = stored_bits(source_tensors(self.source), self.structure[1])
+            self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, ceilings)
         return self._contexts[key]
 
     def cost_table(self, ctx: PlanningContext, calib: str | None = None) -> dict:

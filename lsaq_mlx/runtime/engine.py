@@ -65,7 +65,7 @@ from lsaq_mlx.runtime.options import RuntimeOptions
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.precision import PrecisionController, process_memory
 from lsaq_mlx.runtime.swap import SwapInProgress, module_maker
-from lsaq_mlx.sources.tensors import source_tensors
+from lsaq_mlx.sources.tensors import DequantizedTensors, source_tensors, stored_bits
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
@@ -257,7 +257,10 @@ class Engine(EngineCommands):
         config = self._source_config()
         self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.vocabulary = find_lens(self.model).vocab_size
-        weights = None if "quantization" in config else source_tensors(self.source)
+        weights = source_tensors(self.source)
+        ceilings = stored_bits(weights, config)
+        if config.get("quantization"):  # no float source: plans at or below the stored precision, from it
+            weights = DequantizedTensors(weights, config)
         store = None
         if self.use_layer_store and weights is not None:
             from lsaq_mlx.storage.layer_store import LayerStore
@@ -265,7 +268,7 @@ class Engine(EngineCommands):
             store = LayerStore.for_model(self.source.fingerprint)
             store.build(policy.plans.plans if policy else [plan] if plan else [], module_maker(self.model, weights))
         self.control = PrecisionController(self.model, plan, precision, policy, weights, store, float_paths,
-                                           compute_mode() == "float32", source_bits, source_bytes)
+                                           compute_mode() == "float32", source_bits, source_bytes, ceilings)
         self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
         self.last_reply: ReplyStats | None = None

@@ -15,14 +15,16 @@ from lsaq_mlx.runtime.swap import SwapInProgress, layer_groups, swap_modules
 
 class PrecisionController:
     def __init__(self, model, plan: QuantPlan | None, precision: dict, policy: Policy | None, weights, store,
-                 float_paths: set[str], float32: bool, source_bits: float | None = None, source_bytes: int = 0):
+                 float_paths: set[str], float32: bool, source_bits: float | None = None, source_bytes: int = 0,
+                 stored_bits: dict | None = None):
         """``precision``: each module's setting as loaded; ``weights``: the source's
-        tensors, read to re-quantize (None when the model is held quantized: no swap);
+        tensors, read to re-quantize (a quantized source's dequantized); ``stored_bits``:
+        the bits of each module such a source stores, above which no plan can go;
         ``store``: a layer store to read ready modules from; ``source_bits`` and
         ``source_bytes``: what the model holds without a plan."""
         self.model, self.plan, self.precision, self.policy = model, plan, precision, policy
         self.weights, self.store, self.float_paths, self.float32 = weights, store, float_paths, float32
-        self.source_bits, self.source_bytes = source_bits, source_bytes
+        self.source_bits, self.source_bytes, self.stored_bits = source_bits, source_bytes, stored_bits or {}
         self.choices = dict(plan.modules) if plan else {}
         self.swap: SwapInProgress | None = None
         self.swaps = 0  # plan changes finished
@@ -36,10 +38,13 @@ class PrecisionController:
     def start(self, plan: QuantPlan, reason: str, reply=None) -> SwapInProgress | None:
         """Begin the change to ``plan``; ``reply`` gets its ``Swapped`` (so do those of a
         change it takes over). Returns the change when there is nothing to swap (done)."""
-        if self.weights is None:
-            raise UserError("this model stores quantized weights, so there is no higher precision to swap to: "
-                            "chat with the float source (e.g. --model default -b 4.5) to change plans")
         changes = {p: c for p, c in plan.modules.items() if self.choices.get(p) != c}
+        above = [(p, c) for p, c in changes.items() if p in self.stored_bits and getattr(c, "bits", 16) > self.stored_bits[p]]
+        if above:
+            path, choice = above[0]
+            raise UserError(f"this model stores {path} at {self.stored_bits[path]} bits, below the plan's "
+                            f"{choice.label} ({len(above)} modules): plans above the stored precision need the float "
+                            "source (e.g. --model default)")
         replies = (self.swap.replies if self.swap else []) + ([reply] if reply else [])
         self.swap = SwapInProgress(layer_groups(changes), self.plan_info()["bits_per_weight"], reason,
                                    process_memory(), replies)

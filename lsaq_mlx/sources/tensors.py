@@ -64,6 +64,50 @@ class SourceTensors:
         return array.view(view) if view is not None else array
 
 
+class DequantizedTensors:
+    """The tensors of a quantized model (mlx-lm's affine layout) with every quantized
+    weight handed out dequantized, in float32: what a plan below the stored precision is
+    quantized from when there is no float source."""
+
+    def __init__(self, tensors, config: dict):
+        self.tensors, self.folder = tensors, getattr(tensors, "folder", None)
+        self.quantization = config.get("quantization") or {}
+
+    @property
+    def bytes_read(self) -> int:
+        return self.tensors.bytes_read
+
+    @property
+    def names(self) -> list[str]:
+        return self.tensors.names
+
+    def get(self, name: str) -> mx.array | None:
+        path, _, param = name.rpartition(".")
+        scales = self.tensors.get(f"{path}.scales") if param == "weight" else None
+        if scales is None:
+            return self.tensors.get(name)
+        q = stored_quantization(self.quantization, path)
+        biases = self.tensors.get(f"{path}.biases")
+        return mx.dequantize(self.tensors.get(name), scales.astype(mx.float32),
+                             None if biases is None else biases.astype(mx.float32),
+                             q["group_size"], q["bits"], mode=q.get("mode", "affine"))
+
+
+def stored_bits(tensors, config: dict) -> dict[str, int]:
+    """``{path: bits}`` of every module a quantized model stores quantized ({} for a float one)."""
+    quantization = config.get("quantization") or {}
+    if not quantization:
+        return {}
+    paths = [n.removesuffix(".scales") for n in tensors.names if n.endswith(".scales")]
+    return {p: stored_quantization(quantization, p)["bits"] for p in paths}
+
+
+def stored_quantization(quantization: dict, path: str) -> dict:
+    """The ``{"bits", "group_size", ...}`` config.json gives the module at ``path``."""
+    entry = quantization.get(path)
+    return entry if isinstance(entry, dict) else quantization
+
+
 def source_tensors(source):
     """The lazily read tensors of a resolved model: its folder's, or its pack's."""
     if source.kind == "pack":

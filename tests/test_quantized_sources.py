@@ -1,0 +1,53 @@
+"""A model the user holds only quantized (a folder ``convert`` or ``mlx_lm.convert`` wrote)
+still adapts: plans at or below the stored precision are quantized from the stored
+weights, and nothing plans or swaps above them."""
+
+import numpy as np
+import pytest
+from cli_run import run_cli
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.planner import Planner, PlanRequest
+from lsaq_mlx.runtime import Engine
+from lsaq_mlx.runtime.options import RuntimeOptions
+from lsaq_mlx.sources import resolve_model
+
+
+@pytest.fixture(scope="module")
+def stored(tiny_llama, tmp_path_factory):
+    """The tiny model as an 8-bit folder: no float source beside it."""
+    out = tmp_path_factory.mktemp("quantized") / "q8"
+    done = run_cli("convert", "-m", tiny_llama.path, "--method", "uniform", "--bits", "8", "--group-size", "64", "-o", out)
+    assert done.returncode == 0, done.stderr
+    return resolve_model(str(out))
+
+
+def test_plans_of_a_quantized_source_stay_at_or_below_what_it_stores(stored):
+    planner = Planner(stored)
+    plan = planner.plan(PlanRequest(method="lsaq", bits_budgets=[6.0]))
+    assert max(getattr(c, "bits", 16) for c in plan.modules.values()) <= 8
+    with pytest.raises(UserError, match="outside what lsaq can do for this model: .* to 9.0"):
+        planner.plan(PlanRequest(method="lsaq", bits_budgets=[12.0]))
+
+
+def test_a_quantized_source_swaps_down_and_back_up_without_a_float_source(stored):
+    import mlx.core as mx
+
+    planner = Planner(stored)
+    engine = Engine(stored, planner, RuntimeOptions(method="uniform")).start()
+    try:
+        before = np.array(engine.model(mx.array([[1, 5, 9, 42]])))
+        down = engine.apply_budget(4).result(120)
+        assert down.changed > 0 and not down.failed and down.state.bits_per_weight < 4.6
+        at_four = np.array(engine.model(mx.array([[1, 5, 9, 42]])))
+        assert engine.chat("hello", 3).result(120).stats.generation_tokens >= 1
+        back = engine.apply_budget(8.5).result(120)  # uniform 8/64: what the folder stores
+        assert not back.failed and back.state.bits_per_weight == pytest.approx(8.5, abs=0.05)
+        after = np.array(engine.model(mx.array([[1, 5, 9, 42]])))
+        # the stored 8-bit values requantized from themselves: off by at most a code here and
+        # there (MLX recomputes each group's scale), far closer than the 4-bit plan
+        assert np.abs(after - before).max() < 0.2 * np.abs(at_four - before).max()
+        with pytest.raises(UserError, match="outside what uniform can do"):
+            engine.apply_budget(12).result(120)
+    finally:
+        engine.shutdown()
