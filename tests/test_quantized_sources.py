@@ -51,3 +51,17 @@ def test_a_quantized_source_swaps_down_and_back_up_without_a_float_source(stored
             engine.apply_budget(12).result(120)
     finally:
         engine.shutdown()
+
+
+def test_eval_with_a_budget_measures_the_plan_chat_would_run(stored):
+    import json
+
+    out = run_cli("eval", "-m", stored.path, "-b", "4", "--method", "uniform", "--ppl", "packaged",
+                  "--max-tokens", "96", "--seq-len", "48", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["divergence"]["kl"] > 0  # against the stored model itself
+    assert "evaluating the uniform plan of" in out.stderr
+    again = json.loads(run_cli("eval", "-m", stored.path, "-b", "4", "--method", "uniform", "--ppl", "packaged",
+                               "--max-tokens", "96", "--seq-len", "48", "--json").stdout)
+    assert again["divergence"]["kl"] == result["divergence"]["kl"]

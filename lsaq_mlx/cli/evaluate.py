@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 import typer
 
 from lsaq_mlx.cli.app import app
-from lsaq_mlx.cli.options import JsonOption, ModelOption
+from lsaq_mlx.cli.options import JsonOption, MethodOption, ModelOption
 from lsaq_mlx.cli.output import emit_json, err
 from lsaq_mlx.errors import UserError
 
@@ -21,21 +21,43 @@ def eval_command(
     seq_len: Annotated[int, typer.Option(metavar="N", help="Perplexity/KL: tokens per non-overlapping window.")] = 512,
     limit: Annotated[Optional[int], typer.Option(metavar="N", help="Tasks: at most N items each.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with the task files, laid out like ../shared/data/tasks (default: $LSAQ_MLX_DATA/tasks, ../shared/data/tasks, else downloaded from the Hugging Face hub with `datasets`).")] = None,
+    bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Evaluate the plan of this many bits per weight that chat and serve would run from this model (KL against the model itself unless --reference).")] = None,
+    method: MethodOption = "lsaq",
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy.
 
-    Examples: lsaq-mlx eval -m out-4bpw --reference default · lsaq-mlx eval -m out-4bpw --tasks piqa,arc_easy --limit 200 --json"""
+    Examples: lsaq-mlx eval -m out-4bpw --reference default · lsaq-mlx eval -m out-4bpw --tasks piqa,arc_easy --limit 200 --json · lsaq-mlx eval -m ./Llama-3-8B -b 4 (what chat -b 4 runs)"""
     from lsaq_mlx.cli.render.evaluation import print_eval
     from lsaq_mlx.evaluation.run import EvalRequest, evaluate
     from lsaq_mlx.sources import resolve_model
 
     request = EvalRequest.from_text(ppl=ppl, tasks=tasks, max_tokens=max_tokens, seq_len=seq_len, limit=limit,
                                     task_dir=data_dir)
-    result = evaluate(resolve_model(model), request, resolve_model(reference) if reference else None)
+    request.check()
+    source = resolve_model(model)
+    against = resolve_model(reference) if reference else source if bits_budget is not None else None
+    served = _served_plan(source, bits_budget, method) if bits_budget is not None else None
+    result = evaluate(source, request, against, model=served)
     if json_out:
         return emit_json(result.to_dict())
     print_eval(result)
+
+
+def _served_plan(source, bits_budget: float, method: str):
+    """``(model, tokenizer)``: the plan of ``bits_budget`` as the runtime builds and runs it."""
+    from lsaq_mlx.backend.compute import prepare_for_compute
+    from lsaq_mlx.convert import quantized_model
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from lsaq_mlx.sources.load import load_tokenizer
+
+    planner = Planner(source)
+    plan = planner.plan(PlanRequest(method=method, bits_budgets=[bits_budget]))
+    net, _ = quantized_model(source, plan, planner.model_in_memory())
+    planner.release()
+    prepare_for_compute(net)
+    err(f"evaluating the {method} plan of {plan.predicted_bits_per_weight:.3f} bits per weight")
+    return net, load_tokenizer(source)
 
 
 @app.command()
