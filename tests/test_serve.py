@@ -237,8 +237,10 @@ def test_the_cli_refuses_a_remote_host_and_serves_on_loopback(tmp_path, tiny_lla
         line = seen[-1]
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
-        reply = openai.OpenAI(base_url=url, api_key="x", max_retries=0).completions.create(
-            model="x", prompt="hi", max_tokens=3)
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        reply = client.completions.create(model=tiny_llama.path.name, prompt="hi", max_tokens=3)  # the folder's name
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="gpt-4o", prompt="hi", max_tokens=3)
         assert reply.usage.completion_tokens <= 3
         assert json.load(urllib.request.urlopen(url + "/status"))["plan"]["method"] == "uniform"
     finally:

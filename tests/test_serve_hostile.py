@@ -174,8 +174,8 @@ def test_fuzzed_request_bodies_always_get_an_answer(server, body, path):
     data = json.dumps(body).encode()
     got, reply = exchange(server, request(data, path))
     event(f"status {got}")  # --hypothesis-show-statistics shows how many got each
-    assert got in (200, 400), (got, reply)
-    if got == 400:
+    assert got in (200, 400, 404), (got, reply)  # 404: a model this server does not serve
+    if got in (400, 404):
         assert error_of(reply)["message"]
     elif not body.get("stream"):
         assert json.loads(reply)["choices"]

@@ -152,10 +152,17 @@ class ApiHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [self._model_entry()]})
 
     def _model(self, name: str) -> None:
-        if name != self.server.model_id:
-            raise ApiError(404, f"model '{name}' is not served here (this server serves '{self.server.model_id}')",
-                           "model", "model_not_found")
+        self._check_model(name)
         self._send_json(200, self._model_entry())
+
+    def _check_model(self, name: str | None) -> None:
+        """A request may leave ``model`` out, or name the model served: its ``--model``
+        spelling or that path's last part (``Llama-3-8B`` for ``./models/Llama-3-8B``)."""
+        served = self.server.model_id
+        if name in (None, "", served, served.rstrip("/").rsplit("/", 1)[-1]):
+            return
+        raise ApiError(404, f"model '{name}' is not served here (this server serves '{served}')", "model",
+                       "model_not_found")
 
     def _status(self) -> None:
         self._send_json(200, self.server.status.snapshot())
@@ -163,6 +170,7 @@ class ApiHandler(BaseHTTPRequestHandler):
     def _complete(self, chat: bool) -> None:
         request = completion_request(self._body(), chat, self.server.max_tokens, self.server.defaults,
                                      self.server.info.vocabulary)
+        self._check_model(request.model)
         job = Completion([], request.max_tokens, request.sampling, request.stop, request.logits,
                          prompt=request.prompt, messages=request.messages)
         status = self.server.status
