@@ -235,3 +235,18 @@ def test_the_request_log_says_who_what_and_the_status(server, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "lsaq_mlx.serve"]
     assert any('"POST /v1/chat/completions HTTP/1.1" 200' in line for line in lines)
     assert any('"POST /v1/chat/completions HTTP/1.1" 400' in line for line in lines)
+
+
+@pytest.mark.parametrize("field", [{"tools": [{"type": "function", "function": {"name": "f"}}]}, {"logprobs": True},
+                                   {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
+                                   {"tool_choice": "auto"}],
+                         ids=["tools", "logprobs", "top_logprobs", "response_format", "tool_choice"])
+def test_fields_asking_for_what_is_not_done_are_a_400_naming_them(server, field):
+    code, body = exchange(server, request(chat(**field)))
+    assert code == 400 and error_of(body)["param"] == next(iter(field))
+
+
+def test_fields_that_change_nothing_are_accepted(server):
+    fields = {"user": "u1", "metadata": {"a": "b"}, "store": False, "logprobs": False, "response_format": {"type": "text"},
+              "tools": []}
+    assert exchange(server, request(chat(**fields)))[0] == 200

@@ -1,7 +1,9 @@
 """OpenAI request bodies -> ``CompletionRequest``, or an ``ApiError`` naming the field.
 
-Fields OpenAI defines that we do not use are ignored, as OpenAI-compatible servers do;
-a field we read with the wrong type or range is a 400.
+A field we read with the wrong type or range is a 400; so is a field asking for what we
+do not do (tools, log-probabilities, a JSON response format...): a client must not take
+a reply for what it asked when it was not. Fields that change nothing of the reply
+(``user``, ``metadata``, ``store``...) are ignored, as OpenAI-compatible servers do.
 """
 
 import math
@@ -59,6 +61,7 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
     the server's ``defaults`` (its --temp, --top-p, --min-p, --seed, --max-kv-size);
     token ids (``logit_bias``) must be below ``vocabulary``."""
     get, defaults = _Fields(body), defaults or Sampling()
+    _refuse_unsupported(body)
     if get.number("n", 1, 1, integer=True) != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
     options = get.typed("stream_options", dict, "an object", {})
@@ -81,6 +84,25 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
         stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
         logits=_logits(get, body, vocabulary))
+
+
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "top_logprobs", "suffix", "audio", "prediction")
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first field that asks for something this server does not do."""
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, [], {}):
+            raise ApiError(400, f"{key} is not supported by this server", key, "unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format",
+                       "unsupported_parameter")
+    for key in ("logprobs", "echo"):
+        if body.get(key) not in (None, False, 0):
+            raise ApiError(400, f"{key} is not supported by this server", key, "unsupported_parameter")
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "best_of must be 1", "best_of", "unsupported_parameter")
 
 
 class _Fields:
