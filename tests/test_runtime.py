@@ -237,7 +237,14 @@ def test_ctrl_c_stops_a_reply_in_the_terminal_chat(tmp_path, empty_cache):
                 seen += os.read(leader, 4096)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends (the pty is not its controlling terminal)
         read_until(b"stopped]")
-        os.write(leader, b"/quit\n")
+        end = time.monotonic() + 60
+        while not seen.endswith(b"> ") and time.monotonic() < end:  # back at the prompt
+            if select.select([leader], [], [], 0.5)[0]:
+                seen += os.read(leader, 4096)
+        proc.send_signal(signal.SIGINT)  # at the prompt: it says how to leave, and stays
+        read_until(b"Ctrl-C again or Ctrl-D leaves")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)  # a second one leaves
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()

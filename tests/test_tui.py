@@ -60,7 +60,8 @@ def test_typing_a_prompt_streams_a_reply():
     asyncio.run(run())
 
 
-def test_esc_stops_a_reply_and_puts_the_prompt_back():
+@pytest.mark.parametrize("key", ["escape", "ctrl+c"])
+def test_esc_or_ctrl_c_stops_a_reply_and_keeps_it(key):
     async def run():
         fake = FakeEngine(reply=" ".join(["word"] * 200), token_delay=0.05).start()
         app = LsaqApp(fake, "fake")
@@ -68,7 +69,28 @@ def test_esc_stops_a_reply_and_puts_the_prompt_back():
             await type_prompt(pilot, "tell me a story")
             await pilot.press("enter")
             await until(pilot, lambda: replies(app) and replies(app)[0].text)
-            await pilot.press("escape")
+            await pilot.press(key)
+            await until(pilot, lambda: not app.generating)
+            kept = replies(app)[0].text
+            assert kept and len(kept) < len(fake.reply) and ("retract",) not in fake.received
+            assert app.is_running  # a Ctrl+C that stopped a reply does not quit
+            await pilot.press("ctrl+c")  # nothing streams: the first one says how to leave...
+            assert app.is_running
+            await pilot.press("ctrl+c")  # ...a second one leaves
+            await until(pilot, lambda: not app.is_running)
+
+    asyncio.run(run())
+
+
+def test_ctrl_r_stops_a_reply_and_puts_the_prompt_back():
+    async def run():
+        fake = FakeEngine(reply=" ".join(["word"] * 200), token_delay=0.05).start()
+        app = LsaqApp(fake, "fake")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await type_prompt(pilot, "tell me a story")
+            await pilot.press("enter")
+            await until(pilot, lambda: replies(app) and replies(app)[0].text)
+            await pilot.press("ctrl+r")
             await until(pilot, lambda: not app.generating)
             await until(pilot, lambda: ("retract",) in fake.received)
             assert app.query_one(PromptInput).text == "tell me a story"
@@ -165,7 +187,7 @@ def test_command_palette_forces_a_swap():
     asyncio.run(run())
 
 
-@pytest.mark.parametrize("key", ["ctrl+q", "ctrl+c"])
+@pytest.mark.parametrize("key", ["ctrl+q"])  # Ctrl+C mid-reply stops the reply (test above)
 def test_quit_keys_stop_the_engine(key):
     async def run():
         fake = FakeEngine(reply=" ".join(["word"] * 500), token_delay=0.02).start()
@@ -350,7 +372,10 @@ def test_ctrl_c_in_a_terminal_quits_and_restores_it(tmp_path, empty_cache):
         read_until(lambda: b"Chat" in seen)  # the app has drawn its panels
         assert b"Chat" in seen, seen[-500:]
         read_until(lambda: False, timeout=1)
-        os.write(leader, b"\x03")
+        os.write(leader, b"\x03")  # no reply streams: the first Ctrl-C says how to leave
+        read_until(lambda: False, timeout=0.5)
+        assert proc.poll() is None
+        os.write(leader, b"\x03")  # the second quits
         read_until(lambda: proc.poll() is not None, timeout=60)
         assert proc.wait(timeout=1) == 0
         assert b"\x1b[?1049l" in seen[-2000:]  # back from the alternate screen

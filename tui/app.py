@@ -44,14 +44,18 @@ from lsaq_tui.widgets.swap_log import SwapLog
 STALL_SETTLE = 0.3  # seconds after a swap before its longest stall is read
 
 
+QUIT_WINDOW = 3.0  # seconds in which a second Ctrl+C quits
+
+
 class LsaqApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "lsaq-mlx"
     COMMANDS = App.COMMANDS | {RuntimeCommands}
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", priority=True),
-        Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
+        Binding("ctrl+c", "interrupt", "Stop / quit", show=False, priority=True),
         Binding("escape", "stop_reply", "Stop reply"),
+        Binding("ctrl+r", "take_back", "Take back", show=False),
         Binding("f2", "choose_plan", "Plan"),
         Binding("f3", "toggle_auto", "Auto"),
         Binding("f4", "smaller", "Smaller"),
@@ -71,7 +75,8 @@ class LsaqApp(App):
         self.plans: list[dict] = []  # the PlanSet, smallest first: bits_per_weight, bytes
         self.since = time.time()  # the engine's clock at ready: swap times count from it
         self.prompt_text = ""  # the prompt of the reply streaming now
-        self.taking_back = False  # Esc: the stopped reply's prompt goes back to the input
+        self.taking_back = False  # Ctrl+R: the stopped reply's prompt goes back to the input
+        self.interrupted_at = float("-inf")  # the last Ctrl+C that stopped nothing: a second one quits
         self.meter = StallMeter()
         self.stalls: list[tuple] = []  # (Swapped event, longest UI stall in seconds)
         self.error: str | None = None  # why the engine stopped, when it did
@@ -221,9 +226,27 @@ class LsaqApp(App):
         self.notify(f"screenshot saved: {saved}", timeout=8)
 
     def action_stop_reply(self) -> None:
+        """Esc (and Ctrl+C while a reply streams): stop it; what it said stays."""
+        if self.generating:
+            self.engine.stop()
+
+    def action_take_back(self) -> None:
+        """Ctrl+R: stop the reply, forget the turn and put its prompt back to edit."""
         if self.generating:
             self.taking_back = True
             self.engine.stop()
+
+    def action_interrupt(self) -> None:
+        """Ctrl+C as in a terminal chat: stops a reply; with none, a second one within
+        ``QUIT_WINDOW`` seconds (or Ctrl+Q) quits."""
+        if self.generating:
+            return self.action_stop_reply()
+        now = time.monotonic()
+        if now - self.interrupted_at <= QUIT_WINDOW:
+            self.exit()
+            return
+        self.interrupted_at = now
+        self.notify("Ctrl+C again (or Ctrl+Q) quits", timeout=QUIT_WINDOW)
 
     def action_toggle_auto(self) -> None:
         if not self.plans:

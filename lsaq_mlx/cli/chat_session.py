@@ -9,6 +9,7 @@ import json
 import queue
 import signal
 import sys
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -33,6 +34,7 @@ commands:
 
 
 BLOCK = '"""'  # opens and closes a message of several lines
+QUIT_WINDOW = 3.0  # seconds in which a second Ctrl-C at the prompt leaves
 POLL_SECONDS = 0.05  # how long a wait for a reply looks for more events before it checks the reply
 
 
@@ -266,7 +268,8 @@ def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) ->
             raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
-    session.print("lsaq-mlx chat: /help lists commands, Ctrl-C stops a reply, Ctrl-D leaves")
+    session.print("lsaq-mlx chat: /help lists commands, Ctrl-C stops a reply, Ctrl-C twice or Ctrl-D leaves")
+    last_interrupt = float("-inf")
     try:
         while True:
             interrupts["count"] = 0
@@ -274,9 +277,16 @@ def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) ->
                 line = input("> ")
             except EOFError:
                 break
+            except KeyboardInterrupt:  # at the prompt: a second one within QUIT_WINDOW leaves
+                if time.monotonic() - last_interrupt <= QUIT_WINDOW:
+                    session.print()
+                    break
+                last_interrupt = time.monotonic()
+                session.print("\n(Ctrl-C again or Ctrl-D leaves)")
+                continue
             if not session.handle(line):
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C while a reply streams
         session.print()
     finally:
         signal.signal(signal.SIGINT, previous)
