@@ -177,3 +177,14 @@ def test_a_plan_chosen_by_hand_ends_automatic_mode_and_auto_on_resumes_it(tiny_l
         assert any("chosen by hand" in n for n in notes)
     finally:
         engine.shutdown()
+
+
+def test_every_completion_command_is_answered_batched_or_not(tiny_llama, plans):
+    engine = Engine(tiny_llama, FixedPlans(plans), RuntimeOptions(bits_budget=8)).start()
+    try:
+        jobs = [Completion([], 4, prompt=f"story {i}") for i in range(6)]
+        replies = [engine.complete(job) for job in jobs]
+        assert all(r.result(120) is None for r in replies)  # batched ones too
+        assert all(job.events.get(timeout=120).kind == "started" for job in jobs)
+    finally:
+        engine.shutdown()

@@ -311,7 +311,7 @@ class Engine(EngineCommands):
 
     def _complete(self, job: Completion) -> None:
         if batchable(job) and self.batchable:
-            others = [c.job for c in self.inbox.take(lambda c: isinstance(c, Complete) and batchable(c.job))]
+            others = self._batchable_completions()
             if others:
                 return self._run_batch([job, *others])
         if not self._accept(job):
@@ -330,6 +330,14 @@ class Engine(EngineCommands):
         job.finish(reason, len(job.tokens), stats.generation_tokens,
                    {"bits_per_weight_start": start_bits, "bits_per_weight_end": stats.bits_per_weight,
                     "swaps": self.control.swaps - swaps}, len(job.tokens) - stats.prompt_tokens)
+
+    def _batchable_completions(self) -> list[Completion]:
+        """The queued completions that may join a batch, taken from the queue (their
+        commands are answered: from here on the completion's own events speak)."""
+        taken = self.inbox.take(lambda c: isinstance(c, Complete) and batchable(c.job))
+        for command in taken:
+            command.reply.set_result(None)
+        return [c.job for c in taken]
 
     def _accept(self, job: Completion) -> bool:
         """Tokenize ``job``'s prompt here, on the thread that owns the tokenizer, and check
@@ -392,7 +400,7 @@ class Engine(EngineCommands):
             batch.add([j for j in jobs if self._accept(j)])
             while batch and not closing.is_set():
                 batch.step()
-                joining = [c.job for c in self.inbox.take(lambda c: isinstance(c, Complete) and batchable(c.job))]
+                joining = self._batchable_completions()
                 taken += joining
                 batch.add([j for j in joining if self._accept(j)])
                 checked = self._between_tokens(checked)
