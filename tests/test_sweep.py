@@ -122,6 +122,17 @@ print(json.dumps({"rank": ranks.rank, "size": ranks.size, "blas_threads": blas a
 """
 
 
+def json_objects(text: str) -> list[dict]:
+    """Every JSON object printed in ``text``: the launcher relays the ranks' lines as they
+    come, so two may share a line."""
+    decoder, found, at = json.JSONDecoder(), [], text.find("{")
+    while at >= 0:
+        value, end = decoder.raw_decode(text, at)
+        found.append(value)
+        at = text.find("{", end)
+    return found
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the stdin pipe the Linux way")
 def test_ranks_quiet_the_launcher_and_share_the_cores(tmp_path):
     launcher = shutil.which("mlx.launch")
@@ -131,8 +142,7 @@ def test_ranks_quiet_the_launcher_and_share_the_cores(tmp_path):
     done = subprocess.run([launcher, "-n", "2", sys.executable, str(tmp_path / "report.py")], capture_output=True,
                           text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stderr
-    reports = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])
+    reports = sorted(json_objects(done.stdout), key=lambda r: r["rank"])
     assert [(r["rank"], r["size"]) for r in reports] == [(0, 2), (1, 2)]
     for r in reports:
         assert r["launcher_nice"] == 19
