@@ -73,5 +73,12 @@ def _plain_progress(description: str, total: int | None):
         _line(f"{description}: done in {time.monotonic() - start:.1f} s")
 
 
+def announce(text: str) -> None:
+    """A line for the person at the terminal (what is about to happen and what it costs);
+    nothing when stderr is a pipe or a log, where it would only be noise before a result."""
+    if stderr.is_terminal:
+        _line(text)
+
+
 def _line(text: str) -> None:
     stderr.print(text, markup=False, highlight=False, soft_wrap=True)

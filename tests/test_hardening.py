@@ -313,3 +313,16 @@ def test_a_mixture_of_experts_model_is_refused_in_one_line_not_a_traceback():
                              num_experts_per_tok=2)
     with pytest.raises(UserError, match="switch_mlp.gate_proj holds 3-D weights .* not supported yet"):
         quantizable_modules(mixtral.Model(args))
+
+
+def test_announcements_are_for_a_terminal_only(monkeypatch, capsys):
+    from rich.console import Console
+
+    from lsaq_mlx import progress
+
+    progress.announce("importing x.gguf")  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    shown = io.StringIO()
+    monkeypatch.setattr(progress, "stderr", Console(file=shown, force_terminal=True, width=200))
+    progress.announce("importing x.gguf (98 MB) into the cache, once")
+    assert "importing x.gguf (98 MB) into the cache, once" in shown.getvalue()

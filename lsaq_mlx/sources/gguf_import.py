@@ -23,7 +23,8 @@ import numpy as np
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import check_config
-from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.progress import announce, progress_bar
+from lsaq_mlx.sizes import format_size
 from lsaq_mlx.sources.gguf_file import dequantized_tensor, gguf_metadata, open_gguf
 from lsaq_mlx.sources.gguf_tokenizer import write_tokenizer
 
@@ -194,6 +195,9 @@ def import_gguf(path: Path, out_dir: Path) -> dict:
     _check_tensor_shapes(reader.tensors, arch, config, path)
     n_params = sum(int(np.prod(t.shape)) for t in reader.tensors)
     dtype = source_dtype(reader.tensors, n_params)
+    announce(f"importing {Path(path).name} ({format_size(Path(path).stat().st_size)}) into the cache, once: "
+             f"{format_size(n_params * dtype.size)} of {str(dtype).split('.')[-1]} weights in {out_dir.parent} "
+             "(lsaq-mlx cache list shows it, cache rm removes it)")
     with progress_bar(f"importing {Path(path).name}", len(reader.tensors)) as advance:
         weight_map = _write_weights(reader.tensors, arch, config, dtype, out_dir, advance)
     try:
