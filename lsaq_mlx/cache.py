@@ -255,8 +255,8 @@ def atomic_file(target: Path, force: bool = True, make_folders: bool = True):
     """
     target = Path(target)
     with _write_errors_name(target):
-        check_output_file(target, force, make_folders)
-        make_parent(target)
+        check_output_file(target, force, make_folders)  # no file in the way of its folders, either
+        target.parent.mkdir(parents=True, exist_ok=True)
         sweep_stale(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=temp_prefix(target.name))
         os.close(fd)

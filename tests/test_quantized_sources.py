@@ -65,3 +65,8 @@ def test_eval_with_a_budget_measures_the_plan_chat_would_run(stored):
     again = json.loads(run_cli("eval", "-m", stored.path, "-b", "4", "--method", "uniform", "--ppl", "packaged",
                                "--max-tokens", "96", "--seq-len", "48", "--json").stdout)
     assert again["divergence"]["kl"] == result["divergence"]["kl"]
+
+
+def test_uniform_plans_of_a_quantized_source_stay_at_or_below_what_it_stores(stored):
+    plan = Planner(stored).plan(PlanRequest(method="uniform", bits_budgets=[8.5]))
+    assert {getattr(c, "bits", 16) for c in plan.modules.values()} == {8}

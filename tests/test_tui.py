@@ -60,15 +60,20 @@ def test_typing_a_prompt_streams_a_reply():
     asyncio.run(run())
 
 
+async def start_a_long_reply(pilot, app) -> None:
+    """Send a prompt and wait until the first words of its long reply are shown."""
+    await type_prompt(pilot, "tell me a story")
+    await pilot.press("enter")
+    await until(pilot, lambda: replies(app) and replies(app)[0].text)
+
+
 @pytest.mark.parametrize("key", ["escape", "ctrl+c"])
 def test_esc_or_ctrl_c_stops_a_reply_and_keeps_it(key):
     async def run():
         fake = FakeEngine(reply=" ".join(["word"] * 200), token_delay=0.05).start()
         app = LsaqApp(fake, "fake")
         async with app.run_test(size=(80, 24)) as pilot:
-            await type_prompt(pilot, "tell me a story")
-            await pilot.press("enter")
-            await until(pilot, lambda: replies(app) and replies(app)[0].text)
+            await start_a_long_reply(pilot, app)
             await pilot.press(key)
             await until(pilot, lambda: not app.generating)
             kept = replies(app)[0].text
@@ -87,9 +92,7 @@ def test_ctrl_r_stops_a_reply_and_puts_the_prompt_back():
         fake = FakeEngine(reply=" ".join(["word"] * 200), token_delay=0.05).start()
         app = LsaqApp(fake, "fake")
         async with app.run_test(size=(80, 24)) as pilot:
-            await type_prompt(pilot, "tell me a story")
-            await pilot.press("enter")
-            await until(pilot, lambda: replies(app) and replies(app)[0].text)
+            await start_a_long_reply(pilot, app)
             await pilot.press("ctrl+r")
             await until(pilot, lambda: not app.generating)
             await until(pilot, lambda: ("retract",) in fake.received)

@@ -32,12 +32,15 @@ from lsaq_mlx.cli.output import emit_json, err
 
 
 def _request(**values):
+    """The command's PlanRequest, checked before any model is read."""
     from lsaq_mlx.planning.planner import PlanRequest
 
     codecs = values.pop("codecs")
     values["overrides"] = list(values.pop("override") or [])
     values["scores_file"] = values.pop("scores")
-    return PlanRequest(**values, codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()))
+    request = PlanRequest(**values, codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()))
+    request.check()
+    return request
 
 
 @app.command()
@@ -115,6 +118,7 @@ def convert(
     from lsaq_mlx.convert import convert as write_model, default_output
     from lsaq_mlx.errors import UserError
     from lsaq_mlx.planning.budgets import headroom
+    from lsaq_mlx.planning.plan import QuantPlan
     from lsaq_mlx.planning.planner import Planner, plan_from_file
     from lsaq_mlx.quantizers import QUANTIZERS
     from lsaq_mlx.scoring.calibration import load_calibration
@@ -122,17 +126,17 @@ def convert(
 
     if quantizer not in QUANTIZERS:
         raise UserError(f"unknown quantizer '{quantizer}' (one of {', '.join(QUANTIZERS)})", setting="quantizer")
+    # a bad plan file or setting fails before the model is read
+    from_file = QuantPlan.load(plan_file) if plan_file else None
+    request = None if plan_file else _request(
+        method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
+        context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
+        group_size=group_size, bits=bits, override=override, codecs=codecs)
     source = resolve_model(model)
     planner = Planner(source)
     codec_names = tuple(c.strip() for c in codecs.split(",") if c.strip())
     planning = time.perf_counter()
-    if plan_file:
-        chosen = plan_from_file(plan_file, source, codec_names)
-    else:
-        chosen = planner.plan(_request(
-            method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
-            context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
-            group_size=group_size, bits=bits, override=override, codecs=codecs))
+    chosen = plan_from_file(plan_file, source, codec_names, from_file) if plan_file else planner.plan(request)
     if dry_run:
         if json_out:
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})

@@ -221,7 +221,10 @@ def _uniform_choice(q: QuantModule, bits: int, group_size: int) -> Choice:
 
 def plan_uniform(ctx: PlanningContext, budget: Budget | None, bits: int | None = None, group_size: int | None = None) -> QuantPlan:
     """One setting for every module: the given one, or the largest that fits the budget."""
-    settings = [(b, g) for b in BITS for g in GROUP_SIZES if (bits in (None, b) and group_size in (None, g))]
+    top = min(ctx.ceilings.values(), default=max(BITS))  # a quantized source: no module above what it stores
+    settings = [(b, g) for b in BITS for g in GROUP_SIZES if (bits in (None, b) and group_size in (None, g)) and b <= top]
+    if not settings:
+        raise UserError(f"this model stores modules at {top} bits: a uniform {bits}-bit plan needs the float source")
     plans = [ctx.plan("uniform", budget or Budget(), {q.path: _uniform_choice(q, b, g) for q in ctx.modules},
                       details={"bits": b, "group_size": g}) for b, g in settings]
     if budget is None or budget.bits_per_weight is None and budget.bytes is None:

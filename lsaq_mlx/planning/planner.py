@@ -154,9 +154,10 @@ class Planner:
         return self.plans(request)[0]
 
 
-def plan_from_file(path: Path, source: ModelSource, codecs=("affine",)) -> QuantPlan:
-    """A plan file written for ``source`` (by ``plan --out``), checked against it."""
-    plan = QuantPlan.load(path)
+def plan_from_file(path: Path, source: ModelSource, codecs=("affine",), plan: QuantPlan | None = None) -> QuantPlan:
+    """A plan file written for ``source`` (by ``plan --out``), checked against it;
+    ``plan``: the file already read (a caller reads it before the model, to fail fast)."""
+    plan = plan or QuantPlan.load(path)
     if plan.model_fingerprint != source.fingerprint:
         raise UserError(f"{path} is a plan for another model (fingerprint {plan.model_fingerprint})")
     if plan.swsc_modules() and "swsc" not in codecs:

@@ -343,12 +343,10 @@ class Engine(EngineCommands):
         """Tokenize ``job``'s prompt here, on the thread that owns the tokenizer, and check
         it: a prompt over the context, an id outside the vocabulary or a template that
         refuses the messages ends the job (a 400 for the server); whether it may run."""
-        if job.tokens:
-            pass
-        elif job.prompt is None and job.messages is None:
-            job.fail("the completion has no prompt", 400)
-            return False
-        else:
+        if not job.tokens:
+            if job.prompt is None and job.messages is None:
+                job.fail("the completion has no prompt", 400)
+                return False
             try:
                 job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context)
             except PromptRefused as e:
