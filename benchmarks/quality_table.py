@@ -91,9 +91,9 @@ def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
             "predicted_cost": None, "seconds": wall, "peak_rss": rss}
 
 
-def priced_plan(planner, ctx, errors: dict, budget: float, power: float):
+def priced_plan(planner, ctx, errors, budget: float, power: float):
     """The lsaq plan at ``budget`` with each choice priced by its GPTQ ratio to ``power``."""
-    from lsaq_mlx.gptq.pricing import compensated_errors, ratio_table
+    from lsaq_mlx.gptq.pricing import ratio_table
     from lsaq_mlx.planning.budgets import Budget
     from lsaq_mlx.planning.cost import layer_weights
     from lsaq_mlx.planning.methods import plan_lsaq
@@ -103,8 +103,7 @@ def priced_plan(planner, ctx, errors: dict, budget: float, power: float):
 
     source = planner.source
     ratios = ratio_table(source.fingerprint, load_calibration(None), ctx, StreamedModel(source), load_tokenizer(source))
-    priced = compensated_errors(errors, ratios, power)
-    return plan_lsaq(ctx, Budget(bits_per_weight=budget), priced, layer_weights(None, ctx.modules))
+    return plan_lsaq(ctx, Budget(bits_per_weight=budget), errors.scaled(ratios, power), layer_weights(None, ctx.modules))
 
 
 def print_against_peers(rows: list[dict], ours: tuple[float, int], quantizer: str) -> None:

@@ -34,7 +34,7 @@ import mlx.core as mx
 from common import start as start_benchmark, wikitext_tokens
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import quantized_model
-from lsaq_mlx.planning.cost import roundtrip
+from lsaq_mlx.planning.affine_error import roundtrip
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
 from lsaq_mlx.planning.budgets import Budget
 from lsaq_mlx.planning.choices import SWSC, Affine
@@ -158,7 +158,7 @@ def fisher_costs(planner, ctx) -> list[dict]:
     for q in ctx.modules:
         if q.layer is None:
             continue
-        cost = errors[q.path]
+        cost = errors.errors[q.path]
         kind = q.path.rsplit(".", 1)[-1]
         for bits in (2, 3):
             sums[kind, bits, "affine"] += cost[Affine(bits, 32).key]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lsaq_mlx.modules import module_at
-from lsaq_mlx.planning.cost import affine_errors, layer_weights, module_errors, roundtrip
+from lsaq_mlx.planning.affine_error import affine_errors, roundtrip
+from lsaq_mlx.planning.cost import CostTable, layer_weights, module_errors
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.planning.choices import BITS, GROUP_SIZES, KEEP, Affine
@@ -71,7 +72,8 @@ def planning():
     model = tiny_model("llama")
     ctx = PlanningContext(model, "fp")
     weights = {q.path: module_at(model, q.path).weight for q in ctx.modules}
-    errors = {q.path: module_errors(weights[q.path], mx.ones_like(weights[q.path]), q.choices()) for q in ctx.modules}
+    errors = CostTable({q.path: module_errors(weights[q.path], mx.ones_like(weights[q.path]), q.choices())
+                        for q in ctx.modules})
     scores = LayerScores("fp", "jaccard", {}, [0.2, 0.9])
     return model, ctx, errors, scores
 

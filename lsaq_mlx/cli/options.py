@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from lsaq_mlx.planning.method_table import method_help
+from lsaq_mlx.quantizers import quantizer_help
 from lsaq_mlx.sources.resolve import source_help
 
 ModelOption = Annotated[
@@ -36,7 +37,7 @@ UniformBitsOption = Annotated[Optional[int], typer.Option(metavar="BITS", help="
 OverrideOption = Annotated[Optional[list[str]], typer.Option(metavar="REGEX=SETTING", help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
 CodecsOption = Annotated[str, typer.Option(metavar="CODECS", help="affine (stock mlx-lm opens the result) | affine,swsc (lsaq may also choose SWSC: shared channel weights + SVD correction; opens with lsaq-mlx only).")]
 ContextOption = Annotated[int, typer.Option(metavar="TOKENS", help="Tokens of KV cache a --memory-budget reserves.")]
-QuantizerOption = Annotated[str, typer.Option("--quantizer", metavar="NAME", help="How affine modules get their codes: rtn (round to nearest, as mlx_lm.convert); gptq (each column's rounding error compensated in the later columns with the module's input Hessian); awq (per input channel scales searched on calibration activations, folded into the preceding norm or up_proj, each group's range clipped where that lowers its output error, then round to nearest); awq-gptq (awq's scales, then GPTQ); awq-gptq-refit (awq-gptq, then each row's scales and biases refitted to its GPTQ codes by least squares on the calibration inputs: better at 3.5 bits per weight, not at 4.6). The calibrated ones read 16,384 tokens of --calib text a decoder layer at a time; with gptq, awq-gptq and awq-gptq-refit an embedding tied to the LM head goes through GPTQ as the head; other embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder.")]
+QuantizerOption = Annotated[str, typer.Option("--quantizer", metavar="NAME", help=quantizer_help())]
 MethodOption = Annotated[str, typer.Option("--method", metavar="METHOD", help=method_help())]
 
 # ---- runtime ----

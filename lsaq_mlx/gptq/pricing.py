@@ -22,7 +22,7 @@ from lsaq_mlx.gptq.hessians import SEQ_LEN, TOKENS, calibration_tokens, each_lay
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import DAMP, compensated_codes, hessian_factor
 from lsaq_mlx.planning.choices import Affine
-from lsaq_mlx.planning.cost import roundtrip
+from lsaq_mlx.planning.affine_error import roundtrip
 from lsaq_mlx.progress import progress_bar
 
 RATIO_VERSION = 4  # part of the table's key: bump when GPTQ or the estimate changes
@@ -96,7 +96,3 @@ def _check(data, expected: dict) -> dict:
             raise ValueError(f"the ratios of {p} are malformed")
     return data
 
-
-def compensated_errors(errors: dict, ratios: dict, power: float = 1.0) -> dict:
-    """The cost table's errors with each priced choice scaled by its GPTQ ratio to ``power``."""
-    return {p: {k: e * ratios.get(p, {}).get(k, 1.0) ** power for k, e in errs.items()} for p, errs in errors.items()}

@@ -27,7 +27,7 @@ from lsaq_mlx.equalization.clipping import clip_ratios
 from lsaq_mlx.gptq.packing import pack_codes
 from lsaq_mlx.gptq.refit import refitted_scales
 from lsaq_mlx.gptq.row_errors import row_output_errors
-from lsaq_mlx.planning.cost import affine_scales
+from lsaq_mlx.planning.affine_error import affine_scales
 
 # Of mean(diag H), added to H's diagonal. 0.01 (mlx_lm.gptq's) overfits 16k calibration tokens;
 # with act-order and clipping 0.03 / 0.1 / 0.3 / 1.0 gave KL 0.225 / 0.210 / 0.199 / 0.199 (docs/plans.md).
@@ -52,6 +52,21 @@ class HessianFactor:
 
     upper: np.ndarray
     order: np.ndarray  # input columns, largest diag H first
+
+
+class ModuleInputs:
+    """A module's input Hessian on calibration text, and its GPTQ factor, computed once
+    for all the modules that read the same input (q, k and v; gate and up)."""
+
+    def __init__(self, hessian: np.ndarray):
+        self.hessian = hessian
+        self._factor: HessianFactor | None = None
+
+    @property
+    def factor(self) -> HessianFactor:
+        if self._factor is None:
+            self._factor = hessian_factor(self.hessian)
+        return self._factor
 
 
 def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:

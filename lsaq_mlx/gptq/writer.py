@@ -16,14 +16,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from lsaq_mlx.equalization.clipping import UNCLIPPED, clipped_weight, group_blocks
+from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
 from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path
-from lsaq_mlx.gptq.solver import AffineCodes, HessianFactor, gptq_quantize, hessian_factor
+from lsaq_mlx.gptq.solver import AffineCodes, ModuleInputs
 from lsaq_mlx.planning.choices import Affine
 
-ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
 FOLD_TOLERANCE = 1e-3  # relative change of a layer's float output that makes a fold wrong
 
 
@@ -43,7 +42,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
     changed. Without GPTQ the LM head is left to the caller (round to nearest)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
-    if not quantizer.compensate:
+    if not quantizer.uses_hessian:
         affine.pop(head_path(streamed.model), None)
     count = count if count is not None else EqualizationCount()
     written: dict[str, dict] = {}
@@ -57,14 +56,12 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         arrays = {}
         if equalizing:
             arrays = _equalize(layer, affine, weights, biases, hessians, count)
-        factors: dict[int, HessianFactor] = {}  # by the Hessian's identity: shared inputs, one factor
+        inputs: dict[int, ModuleInputs] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]
-            if quantizer.compensate and id(h) not in factors:
-                factors[id(h)] = hessian_factor(h)
+            module_inputs = inputs.setdefault(id(h), ModuleInputs(h))
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
-            codes = _quantized(weights[path], factors.get(id(h)), affine[path], h if clip else None,
-                               h if quantizer.refit else None)
+            codes = quantizer.codes(weights[path], module_inputs, affine[path], clip)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -149,34 +146,6 @@ def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
 
 def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
-
-
-def _quantized(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None = None,
-               refit_by: np.ndarray | None = None) -> AffineCodes:
-    """GPTQ (round to nearest without a ``factor``) of ``weight``, a row block at a time
-    (rows are independent); given ``clip_by`` (the input Hessian), each group's range
-    clipped where that lowers its error; given ``refit_by`` (the same), GPTQ's scales
-    and biases refitted to its codes."""
-    rows = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
-    blocks = group_blocks(clip_by, choice.group_size) if clip_by is not None and factor is None else None
-    parts = []
-    for r in range(0, weight.shape[0], rows):
-        block = weight[r : r + rows]
-        if blocks is not None:
-            block = clipped_weight(block, blocks, choice)
-        parts.append(_block_codes(block, factor, choice, clip_by, refit_by))
-    if len(parts) == 1:
-        return parts[0]
-    return AffineCodes(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
-
-
-def _block_codes(weight: mx.array, factor: HessianFactor | None, choice: Affine, clip_by: np.ndarray | None,
-                 refit_by: np.ndarray | None) -> AffineCodes:
-    if factor is not None:
-        return gptq_quantize(np.array(weight.astype(mx.float32)), factor, choice.bits, choice.group_size, clip_by,
-                             refit_by)
-    q, s, b = mx.quantize(weight.astype(mx.float32), choice.group_size, choice.bits)
-    return AffineCodes(np.array(q), np.array(s.astype(mx.float16)), np.array(b.astype(mx.float16)))
 
 
 def _named(path: str, codes: AffineCodes, bias: mx.array | None) -> dict:

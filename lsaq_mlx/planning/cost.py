@@ -15,81 +15,42 @@ byte budget.
 measured KL divergence.
 """
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.backend.cores import map_on_cores
-from lsaq_mlx.planning.choices import KEEP, SWSC, Affine
 from lsaq_mlx.planning.plan import QuantModule
-from lsaq_mlx.swsc.codec import compress
 
 
-def roundtrip(w: mx.array, choice: Affine) -> mx.array:
-    """``w`` quantized with ``choice`` and dequantized, scales and biases in float16."""
-    q, scales, biases = mx.quantize(w, choice.group_size, choice.bits)
-    return mx.dequantize(q, _f16(scales), _f16(biases), choice.group_size, choice.bits)
+@dataclass(frozen=True)
+class CostTable:
+    """The cost of every module at every priced choice, ``{path: {choice.key: error}}``
+    (``planning.cost_table`` computes and caches it)."""
 
+    errors: dict[str, dict[str, float]]
 
-CHUNK_BYTES = 4 << 20  # float32 bytes of the rows priced at a time (see module_errors)
+    def cost(self, path: str, choice) -> float:
+        """The module's error at ``choice``; 0 for one not priced (a pinned setting that is
+        the module's only option, whose cost cannot change the plan)."""
+        return self.errors[path].get(choice.key, 0.0)
+
+    def scaled(self, factors: dict[str, dict[str, float]], power: float = 1.0) -> "CostTable":
+        """Each priced choice's error times its factor (``{path: {key: factor}}``, 1 where
+        none) to ``power``."""
+        return CostTable({p: {k: e * factors.get(p, {}).get(k, 1.0) ** power for k, e in errs.items()}
+                          for p, errs in self.errors.items()})
 
 
 def module_errors(weight: mx.array, fisher: mx.array, choices) -> dict[str, float]:
-    """``{choice.key: sum F (W - Q(W))^2}`` for ``weight`` (float32, evaluated) and its
-    Fisher; 0 for keep. Affine choices are priced on row chunks spread over the CPU's
-    cores (``backend.cores``). The chunks are small so that their temporaries are
-    reused from the allocator's cache and stay in the CPU's: whole 64 MB chunks spent a
-    third of an 8B conversion's CPU time in the kernel, mapping fresh pages."""
-    step = max(1, CHUNK_BYTES // (4 * weight.shape[1]))
-    if weight.shape[0] <= step:  # at least one chunk per core
-        step = max(1, -(-weight.shape[0] // 2))
-    chunks = [slice(r, r + step) for r in range(0, weight.shape[0], step)]
-    mx.eval(weight, fisher)  # the workers may only read evaluated arrays
-    affine = [c for c in choices if isinstance(c, Affine)]
-    per_chunk = map_on_cores(lambda rows: affine_errors(weight[rows], fisher[rows], affine), chunks)
-    errors = {c.key: float(sum(errs[j] for errs in per_chunk)) for j, c in enumerate(affine)}
-    for choice in choices:
-        if choice == KEEP:
-            errors[choice.key] = 0.0
-        elif isinstance(choice, SWSC):  # k-means and SVD see the whole matrix
-            err = (fisher * mx.square(weight - compress(weight, choice.settings).dense())).sum()
-            errors[choice.key] = err.item()
-    return errors
-
-
-def affine_errors(w: mx.array, f: mx.array, choices: list[Affine]) -> list[float]:
-    """``sum f (w - Q(w))^2`` for each affine choice: ``roundtrip``'s values (tested),
-    computed elementwise from each group's minimum and maximum, which every bit width
-    of a group size shares. This avoids MLX's pack and unpack of the codes, slow on the
-    CPU for 3, 5 and 6 bits: about 2x faster over the 18 candidates."""
+    """``{choice.key: sum F (W - Q(W))^2}`` for ``weight`` (float32) and its Fisher,
+    each codec pricing its own choices (``Choice.errors``)."""
+    mx.eval(weight, fisher)
     errors = {}
-    for size in sorted({c.group_size for c in choices}):
-        wg = w.reshape(w.shape[0], -1, size)
-        fg = f.reshape(wg.shape)
-        low, high = wg.min(axis=-1, keepdims=True), wg.max(axis=-1, keepdims=True)
-        mx.eval(low, high)
-        for choice in (c for c in choices if c.group_size == size):
-            levels = float((1 << choice.bits) - 1)
-            scale, bias = affine_scales(low, high, levels)
-            codes = mx.clip(mx.round((wg - bias) / scale), 0.0, levels)
-            err = (fg * mx.square(wg - (codes * _f16(scale) + _f16(bias)))).sum()
-            errors[choice] = err.item()
-    return [errors[c] for c in choices]
-
-
-def affine_scales(low: mx.array, high: mx.array, levels: float) -> tuple[mx.array, mx.array]:
-    """The scale and bias ``mx.quantize`` gives groups with these extremes (its CPU
-    kernel's arithmetic: the extreme of larger magnitude lands exactly on a code)."""
-    low_is_edge = mx.abs(low) > mx.abs(high)
-    scale = mx.maximum((high - low) / levels, 1e-7)
-    scale = mx.where(low_is_edge, scale, -scale)
-    edge = mx.where(low_is_edge, low, high)
-    q0 = mx.round(edge / scale)
-    exact = q0 != 0
-    return mx.where(exact, edge / mx.where(exact, q0, 1.0), scale), mx.where(exact, edge, 0.0)
-
-
-def _f16(a: mx.array) -> mx.array:
-    return a.astype(mx.float16).astype(mx.float32)
+    for codec in dict.fromkeys(type(c) for c in choices):
+        group = [c for c in choices if type(c) is codec]
+        errors |= dict(zip((c.key for c in group), codec.errors(weight, fisher, group)))
+    return errors
 
 
 def layer_weights(importance: list[float] | None, modules: list[QuantModule], power: float = 0.0) -> dict:

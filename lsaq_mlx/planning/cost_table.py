@@ -12,7 +12,7 @@ import json
 import math
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
-from lsaq_mlx.planning.cost import module_errors
+from lsaq_mlx.planning.cost import CostTable, module_errors
 from lsaq_mlx.planning.fisher import streamed_fisher
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scoring.calibration import CalibrationText, token_sequences
@@ -27,19 +27,19 @@ def table_key(fingerprint: str, calib: CalibrationText) -> str:
     return fingerprint_bytes(fingerprint, calib.fingerprint, str(FISHER_TOKENS), str(COST_VERSION))
 
 
-def cached_table(fingerprint: str, calib: CalibrationText, ctx) -> dict | None:
+def cached_table(fingerprint: str, calib: CalibrationText, ctx) -> CostTable | None:
     """The cached errors of ``ctx``'s candidates, or None when any part is missing or damaged."""
     table = read_cache_json(_path(fingerprint, calib), "cost table", lambda d: _check(d, _keys(ctx.modules)))
     if table is None:
         return None
     if not ctx.swsc_options:
-        return table
+        return CostTable(table)
     swsc = read_cache_json(_swsc_path(fingerprint, calib, ctx), "SWSC cost table",
                            lambda d: _check(d, {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}))
     return None if swsc is None else _merge(table, swsc)
 
 
-def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, tokenizer) -> dict:
+def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, tokenizer) -> CostTable:
     """Compute (what is not cached of) the errors of ``ctx``'s candidates on ``streamed``
     (the float source, a ``StreamedModel``), and cache them."""
     path, swsc_path = _path(fingerprint, calib), _swsc_path(fingerprint, calib, ctx)
@@ -67,8 +67,8 @@ def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, token
     return _merge(table, swsc)
 
 
-def _merge(table: dict, swsc: dict) -> dict:
-    return {p: errs | swsc.get(p, {}) for p, errs in table.items()}
+def _merge(table: dict, swsc: dict) -> CostTable:
+    return CostTable({p: errs | swsc.get(p, {}) for p, errs in table.items()})
 
 
 def _keys(modules) -> dict:

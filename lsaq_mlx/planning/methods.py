@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.budgets import Budget
+from lsaq_mlx.planning.cost import CostTable
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice
@@ -163,14 +164,9 @@ def _scores_summary(scores) -> dict:
     return {"metric": scores.metric, "key": scores.key, "params": scores.params, "scores": scores.scores}
 
 
-def plan_lsaq(ctx: PlanningContext, budget: Budget, errors: dict, weights: dict, scores=None) -> QuantPlan:
-    """The multiple-choice knapsack over every module's options on the cost model;
-    ``errors[path][choice.key]`` is the error of each of ``ctx.candidates``."""
-    items = []
-    for q in ctx.modules:
-        # a pinned SWSC setting outside the candidates has no priced error; as the
-        # module's only option its cost cannot change the plan
-        items.append([(q.bytes_for(c), weights[q.path] * errors[q.path].get(c.key, 0.0)) for c in ctx.options(q)])
+def plan_lsaq(ctx: PlanningContext, budget: Budget, costs: CostTable, weights: dict, scores=None) -> QuantPlan:
+    """The multiple-choice knapsack over every module's options on the cost model."""
+    items = [[(q.bytes_for(c), weights[q.path] * costs.cost(q.path, c)) for c in ctx.options(q)] for q in ctx.modules]
     smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
     largest = {q.path: max(ctx.options(q), key=q.bytes_for) for q in ctx.modules}
     ctx.check_not_above(budget, "lsaq", smallest, largest)

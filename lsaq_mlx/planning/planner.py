@@ -13,6 +13,7 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning import cost_table
 from lsaq_mlx.planning.budgets import Budget, check_bits_budget, memory_budget
 from lsaq_mlx.planning.choices import BITS, GROUP_SIZES
+from lsaq_mlx.planning.cost import CostTable
 from lsaq_mlx.planning.method_table import METHODS
 from lsaq_mlx.planning.methods import RECIPES, Override, PlanningContext, check_codecs, plan_recipe
 from lsaq_mlx.planning.plan import QuantPlan
@@ -116,7 +117,7 @@ class Planner:
             self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, ceilings)
         return self._contexts[key]
 
-    def cost_table(self, ctx: PlanningContext, calib: str | None = None) -> dict:
+    def cost_table(self, ctx: PlanningContext, calib: str | None = None) -> CostTable:
         """The cost model's errors of ``ctx``'s candidates: from memory, the cache, or computed."""
         text = load_calibration(calib)
         key = (id(ctx), text.fingerprint)

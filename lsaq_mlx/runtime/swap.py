@@ -17,7 +17,6 @@ from mlx.utils import tree_unflatten
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import QUANTIZE_BLOCK_BYTES, MatrixRows, quantize_by_row_blocks
 from lsaq_mlx.modules import by_layer, module_at
-from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.sources.tensors import SourceTensors
 
 
@@ -35,15 +34,12 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) 
     new.weight = w.astype(mx.float32)
     if bias is not None:
         new.bias = bias
-    if isinstance(choice, Affine):
-        holder = nn.Module()
-        holder.m = new
-        large = {"m": MatrixRows(w, weights, f"{path}.weight")} if w.size * 4 > QUANTIZE_BLOCK_BYTES else {}
-        holder.m = new.to_quantized(group_size=choice.group_size, bits=choice.bits)
-        quantize_by_row_blocks(holder, large)
-        new = holder.m
-    new.set_dtype(mx.float16)
-    return new
+    holder = nn.Module()
+    holder.m = choice.module(new)
+    if "scales" in holder.m and w.size * 4 > QUANTIZE_BLOCK_BYTES:
+        quantize_by_row_blocks(holder, {"m": MatrixRows(w, weights, f"{path}.weight")})
+    holder.m.set_dtype(mx.float16)
+    return holder.m
 
 
 def module_maker(model: nn.Module, weights):
