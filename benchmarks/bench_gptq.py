@@ -33,8 +33,9 @@ def baseline_solver(rev: str):
     for name in ("solver", "refit"):
         text = subprocess.run(["git", "show", f"{rev}:lsaq_mlx/gptq/{name}.py"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout
-        text = text.replace("lsaq_mlx.gptq.solver", "gptq_baseline.solver").replace("lsaq_mlx.gptq.refit",
-                                                                                    "gptq_baseline.refit")
+        for before, now in (("lsaq_mlx.gptq.solver", "gptq_baseline.solver"), ("lsaq_mlx.gptq.refit", "gptq_baseline.refit"),
+                            ("lsaq_mlx.planning.cost import affine_scales", "lsaq_mlx.planning.affine_error import affine_scales")):
+            text = text.replace(before, now)  # the baseline's own modules, and where moved helpers live now
         (folder / f"{name}.py").write_text(text)
     sys.path.insert(0, str(folder.parent))
     return importlib.import_module("gptq_baseline.solver")
