@@ -44,7 +44,9 @@ class CostTable:
 
 def module_errors(weight: mx.array, fisher: mx.array, choices) -> dict[str, float]:
     """``{choice.key: sum F (W - Q(W))^2}`` for ``weight`` (float32) and its Fisher,
-    each codec pricing its own choices (``Choice.errors``)."""
+    each codec pricing its own choices (``Choice.errors``); stacked experts as the rows
+    of one matrix."""
+    weight, fisher = weight.reshape(-1, weight.shape[-1]), fisher.reshape(-1, fisher.shape[-1])
     mx.eval(weight, fisher)
     errors = {}
     for codec in dict.fromkeys(type(c) for c in choices):

@@ -50,7 +50,7 @@ def _largest_layer_bytes(modules: list[QuantModule]) -> int:
     layers = {}
     for q in modules:
         if q.layer is not None:
-            layers[q.layer] = layers.get(q.layer, 0) + 4 * q.rows * q.cols
+            layers[q.layer] = layers.get(q.layer, 0) + 4 * q.copies * q.rows * q.cols
     return max(layers.values(), default=0)
 
 

@@ -24,7 +24,7 @@ from lsaq_mlx.planning.cost import CostTable
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice
-from lsaq_mlx.planning.plan import QuantModule, QuantPlan, fixed_params, quantizable_modules
+from lsaq_mlx.planning.plan import QuantModule, QuantPlan, fixed_params, model_floors, quantizable_modules
 from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
 from lsaq_mlx.swsc.codec import SWSCSettings
 
@@ -74,18 +74,21 @@ class PlanningContext:
     def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = (), codecs=("affine",),
                  ceilings: dict | None = None):
         """``ceilings``: the bits each module of a quantized source stores; no candidate
-        goes above them (there is nothing finer to quantize from)."""
+        goes above them (there is nothing finer to quantize from). The model class's own
+        ``quant_predicate`` gives floors (``plan.model_floors``): a module it keeps in
+        float is pinned there, one it names a setting for gets no fewer bits."""
         check_codecs(codecs)
         self.ceilings = ceilings or {}
         self.modules = quantizable_modules(model)
         self.codecs = tuple(codecs)
         self.swsc_options = {q.path: [SWSC(s) for s in swsc_candidates(q.rows, q.cols)]
-                             for q in self.modules if "swsc" in codecs and q.layer is not None}
+                             for q in self.modules if "swsc" in codecs and q.layer is not None and q.copies == 1}
+        self.floors = model_floors(model)
         self.fixed_params = fixed_params(model, self.modules)
         self.parameters = self.fixed_params + sum(q.params for q in self.modules)
         self.fingerprint = fingerprint
         self.n_layers = 1 + max(q.layer for q in self.modules if q.layer is not None)
-        self.pinned = {}
+        self.pinned = {p: KEEP for p, floor in self.floors.items() if floor == KEEP}
         for o in overrides:
             matched = [q for q in self.modules if re.search(o.pattern, q.path)]
             if not matched:
@@ -112,10 +115,11 @@ class PlanningContext:
 
     def candidates(self, q: QuantModule) -> list[Choice]:
         """Every choice the cost model prices for ``q``: affine, keep, then SWSC; for a
-        quantized source, none above the bits it stores."""
+        quantized source, none above the bits it stores; none below the model's floor."""
         choices = q.choices() + self.swsc_options.get(q.path, [])
-        ceiling = self.ceilings.get(q.path)
-        return choices if ceiling is None else [c for c in choices if getattr(c, "bits", 16) <= ceiling]
+        ceiling = self.ceilings.get(q.path, 16)
+        floor = min(getattr(self.floors.get(q.path), "bits", 0), ceiling)
+        return [c for c in choices if floor <= getattr(c, "bits", 16) <= ceiling]
 
     def options(self, q: QuantModule) -> list[Choice]:
         return [self.pinned[q.path]] if q.path in self.pinned else self.candidates(q)

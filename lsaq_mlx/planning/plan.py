@@ -9,6 +9,7 @@ own figure.
 """
 
 import json
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -26,42 +27,62 @@ PLAN_VERSION = 1
 
 @dataclass(frozen=True)
 class QuantModule:
-    """A module the planner may quantize: a linear layer or the token embedding."""
+    """A module the planner may quantize: a linear layer, the token embedding, or the
+    stacked matrices of a layer's experts (``copies`` of them: mlx-lm's ``SwitchLinear``
+    stores one setting for all)."""
 
     path: str
     layer: int | None  # decoder layer index; None for embeddings and the LM head
     rows: int
     cols: int  # the input dimension, along which groups run
     extra_params: int  # e.g. the bias of a linear layer, stored in float
+    copies: int = 1  # matrices of this shape under one setting: the experts of a SwitchLinear
 
     @property
     def params(self) -> int:
-        return self.rows * self.cols + self.extra_params
+        return self.copies * self.rows * self.cols + self.extra_params
 
     def choices(self) -> list[Choice]:
         """Every (bits, group size) whose groups divide the input dimension, and keep."""
         return [Affine(b, g) for b in BITS for g in GROUP_SIZES if self.cols % g == 0] + [KEEP]
 
     def bytes_for(self, choice: Choice) -> int:
-        return choice.weight_bytes(self.rows, self.cols) + self.extra_params * FLOAT_BYTES
+        return self.copies * choice.weight_bytes(self.rows, self.cols) + self.extra_params * FLOAT_BYTES
 
 
 def quantizable_modules(model: nn.Module) -> list[QuantModule]:
-    """The modules of an mlx-lm model that MLX can quantize, in model order (a model
-    built from its config alone will do: only shapes are read)."""
+    """The modules of an mlx-lm model that ``nn.quantize`` would quantize, in model order
+    (a model built from its config alone will do: only shapes are read). A weight of more
+    than two dimensions (stacked experts, DeepSeek's ``MultiLinear``) is that many
+    matrices under one setting, as mlx-lm stores it."""
     modules = []
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
         if not hasattr(m, "to_quantized") or "weight" not in m:
             continue
         if "scales" in m:
             raise ValueError("plan on float weights: dequantize the model first")
-        if m.weight.ndim != 2:  # stacked experts (SwitchLinear), DeepSeek's MultiLinear
-            raise UserError(f"{path} holds {m.weight.ndim}-D weights (mixture-of-experts or multi-head modules): "
-                            "planning such models is not supported yet; mlx_lm.convert quantizes them uniformly")
-        rows, cols = m.weight.shape
+        *stack, rows, cols = m.weight.shape
         extra = m.bias.size if "bias" in m else 0
-        modules.append(QuantModule(path, layer_index(path), int(rows), int(cols), int(extra)))
+        modules.append(QuantModule(path, layer_index(path), int(rows), int(cols), int(extra), math.prod(stack)))
     return modules
+
+
+def model_floors(model: nn.Module) -> dict[str, Choice]:
+    """What the model class's own ``quant_predicate`` (mlx-lm's) asks for its modules:
+    ``KEEP`` where it keeps one in float, the setting it names where it names one (a
+    router at 8 bits), as the least a plan gives them."""
+    predicate = getattr(model, "quant_predicate", None)
+    if predicate is None:
+        return {}
+    floors = {}
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
+        if hasattr(m, "to_quantized") and "weight" in m:
+            wanted = predicate(path, m)
+            if wanted is False:
+                floors[path] = KEEP
+            elif isinstance(wanted, dict) and wanted.get("bits") in BITS and wanted.get("group_size") in GROUP_SIZES:
+                floors[path] = Affine(wanted["bits"], wanted["group_size"])
+    return floors
 
 
 def fixed_params(model: nn.Module, modules: list[QuantModule]) -> int:

@@ -12,12 +12,16 @@ the number of layers.
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
 matmul is slow; the source's own float type on a GPU), except the embeddings and LM
 head on the CPU, which stay as stored and are upcast in row blocks as they are used;
-quantized sources are dequantized exactly. Checkpoints whose mlx-lm ``sanitize`` transforms tensors (rather
-than renaming or dropping them) cannot be read tensor by tensor: ``StreamedModel``
-refuses them (``NotStreamable``, a one-line error).
+quantized sources are dequantized exactly. Where mlx-lm's ``sanitize`` transforms a
+layer's tensors rather than renaming them (experts stored apart and stacked into one
+``SwitchLinear`` weight, fused projections split), it is run on that layer's tensors
+alone as the layer is read; a checkpoint it changes outside the decoder layers is
+refused (``NotStreamable``, a one-line error).
 """
 
 from contextlib import contextmanager
+
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,11 +64,12 @@ class StreamedModel:
         self.source = source
         self.model, self.config = skeleton_model(source, shaped=False)
         self.tensors = source_tensors(source)
-        self.names = _checkpoint_names(self.model, self.tensors)  # shapes the model as loading would
+        self.names, transformed = _checkpoint_names(self.model, self.tensors)  # shapes the model as loading would
         self.dtype = dtype or _compute_dtype(self.tensors)
         self.layers = inner_model(self.model)["layers"]
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
+        self._sanitized_layers = {i: _LayerSanitizer(self, i) for i in sorted(transformed)}
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
         self._stored = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
         self._resident = resident
@@ -96,7 +101,9 @@ class StreamedModel:
 
     def layer_parameters(self, i: int) -> dict[str, mx.array]:
         """Layer ``i``'s weights (names relative to the layer), unread until evaluated."""
-        return {name: self._read(self.prefixes[i] + name) for name in self._idle[i]}
+        sanitizer = self._sanitized_layers.get(i)
+        arrays = sanitizer.arrays(self.tensors.get) if sanitizer else None
+        return {name: self._read(self.prefixes[i] + name, arrays=arrays) for name in self._idle[i]}
 
     @contextmanager
     def layer(self, i: int):
@@ -114,19 +121,24 @@ class StreamedModel:
         """Bytes layer ``i`` holds while loaded (in the compute dtype)."""
         return sum(v.size * self.dtype.size for v in self._idle[i].values())
 
-    def _read(self, name: str, keep_dtype: bool = False) -> mx.array:
-        """A parameter in the compute dtype; with ``keep_dtype`` a float one stays as stored."""
+    def _read(self, name: str, keep_dtype: bool = False, arrays: dict | None = None) -> mx.array:
+        """A parameter in the compute dtype; with ``keep_dtype`` a float one stays as stored.
+        ``arrays``: a sanitized layer's tensors, by model name (else read by checkpoint name)."""
+        def get(model_name):
+            if arrays is not None:
+                return arrays.get(model_name)
+            raw = self.names.get(model_name)
+            return None if raw is None else self.tensors.get(raw)
+
         path, _, param = name.rpartition(".")
-        raw = self.names.get(name)
-        if raw is None:
+        array = get(name)
+        if array is None:
             raise NotStreamable(f"{name} is not in the checkpoint")
-        array = self.tensors.get(raw)
-        scales = self.names.get(f"{path}.scales")
+        scales = get(f"{path}.scales")
         if param == "weight" and scales is not None:
             q = _quantization(self.config, path)
-            biases = self.names.get(f"{path}.biases")
-            array = mx.dequantize(array, self.tensors.get(scales).astype(mx.float32),
-                                  None if biases is None else self.tensors.get(biases).astype(mx.float32),
+            biases = get(f"{path}.biases")
+            array = mx.dequantize(array, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
                                   q["group_size"], q["bits"], mode=q.get("mode", "affine"))
         if keep_dtype and scales is None or not mx.issubdtype(array.dtype, mx.floating):
             return array
@@ -210,21 +222,67 @@ def _layer_prefixes(model: nn.Module, layers) -> list[str]:
     return [where[id(layer)] + "." for layer in layers]
 
 
-def _checkpoint_names(model: nn.Module, tensors) -> dict[str, str]:
+def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[int]]:
     """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
-    unread placeholders: only renames and removals can be followed tensor by tensor."""
-    placeholders = {}
-    for name in tensors.names:
-        shape, dtype = tensors.shape_of(name)
-        placeholders[name] = mx.zeros(shape, _DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
+    unread placeholders, for the tensors it renames or keeps; and the decoder layers
+    whose tensors it transforms (they are sanitized one layer at a time)."""
+    placeholders = _placeholders(tensors, tensors.names)
     sanitized = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
     by_id = {id(array): name for name, array in placeholders.items()}
-    names = {}
+    names, transformed = {}, set()
     for name, array in sanitized.items():
-        if id(array) not in by_id:
+        if id(array) in by_id:
+            names[name] = by_id[id(array)]
+        elif layer_index(name) is not None:
+            transformed.add(layer_index(name))
+        else:
             raise NotStreamable(f"mlx-lm changes {name} while loading this checkpoint")
-        names[name] = by_id[id(array)]
-    return names
+    return names, transformed
+
+
+def _placeholders(tensors, names) -> dict[str, mx.array]:
+    """Unread stand-ins of the checkpoint's tensors: their shapes and dtypes, no data."""
+    out = {}
+    for name in names:
+        shape, dtype = tensors.shape_of(name)
+        out[name] = mx.zeros(shape, _DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
+    return out
+
+
+class _LayerSanitizer:
+    """mlx-lm's ``sanitize`` on one decoder layer's checkpoint tensors alone (experts
+    stacked, fused projections split), checked on placeholders when made: it must give
+    every parameter of the layer at its shape. Sanitizers that look for layer 0's
+    tensors (mixtral's) see the layer under index 0 and its names are given back."""
+
+    def __init__(self, streamed: "StreamedModel", index: int):
+        self.model, self.index = streamed.model, index
+        self.raw = [n for n in streamed.tensors.names if layer_index(n) == index]
+        wanted = {streamed.prefixes[index] + n: v.shape for n, v in streamed._idle[index].items()}
+        placeholders = _placeholders(streamed.tensors, self.raw)
+        for renumber in (False, True):
+            self.renumber = renumber
+            try:
+                out = self._sanitized(placeholders)
+            except Exception:  # a sanitize that needs the whole checkpoint
+                continue
+            if all(n in out and tuple(out[n].shape) == tuple(s) for n, s in wanted.items()):
+                return
+        raise NotStreamable(f"mlx-lm's sanitize does not give layer {index}'s parameters from its tensors alone")
+
+    def arrays(self, read) -> dict[str, mx.array]:
+        """The layer's parameters by model name, from ``read(checkpoint name)`` (lazy)."""
+        return self._sanitized({n: read(n) for n in self.raw})
+
+    def _sanitized(self, tensors: dict) -> dict[str, mx.array]:
+        if not self.renumber:
+            return self.model.sanitize(dict(tensors))
+        out = self.model.sanitize({_with_layer(n, self.index, 0): a for n, a in tensors.items()})
+        return {_with_layer(n, 0, self.index): a for n, a in out.items()}
+
+
+def _with_layer(name: str, old: int, new: int) -> str:
+    return re.sub(rf"(^|\.)layers\.{old}\.", rf"\g<1>layers.{new}.", name, count=1)
 
 
 def _quantization(config: dict, path: str) -> dict:

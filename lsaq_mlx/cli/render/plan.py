@@ -6,12 +6,21 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+import re
+
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import QuantPlan
 
+_CONTAINERS = re.compile(r"^(.*\.)?layers\.\d+\.|\b(self_attn|mlp|block_sparse_moe|feed_forward|attention|model)\.")
+
 
 def _kind(path: str) -> str:
-    return path.rsplit(".", 1)[-1].removesuffix("_proj").replace("embed_tokens", "embed")
+    """A module's column: its path within the layer without the containers' names;
+    ``e.`` for a layer's experts (``switch_mlp``), ``router`` for their gate."""
+    local = _CONTAINERS.sub("", path).replace("switch_mlp.", "e.").replace("experts.", "e.")
+    if local == "gate":
+        return "router"
+    return local.replace("shared_expert.", "shared.").replace("_proj", "").replace("embed_tokens", "embed")
 
 
 def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console | None = None) -> None:
@@ -22,14 +31,17 @@ def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console |
         if _kind(path) not in kinds:
             kinds.append(_kind(path))
     legend = "f16 = kept in float" + ("; sB:K+R = SWSC, B-bit centroids, K clusters, rank R" if plan.swsc_modules() else "")
-    table = Table(title=f"{plan.method}: bits/group size of every module ({legend})", title_justify="left",
-                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    if any(k.startswith("e.") for k in kinds):
+        legend += "; e. = the layer's experts, one setting for all"
+    table = Table(title=f"{plan.method}: bits/group size of every module", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False)
     for header in ["layer", *kinds, "MB"]:
         table.add_column(header, no_wrap=True, justify="right" if header == "MB" else "left")
     layer_bytes = plan.details.get("module_bytes_by_layer", {})
     for row in sorted(rows, key=lambda r: (r == "rest", int(r) if r != "rest" else 0)):
         table.add_row(row, *(rows[row].get(k, "") for k in kinds), f"{layer_bytes.get(row, 0) / 1e6:.2f}")
     console.print(table)
+    console.print(legend)  # below, not in the title: the table would widen to fit it
     mix = Counter(c.label for c in plan.modules.values())
     console.print("modules: " + ", ".join(f"{n} x {label}" for label, n in mix.most_common()))
     budget = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.budget.items())

@@ -1,0 +1,80 @@
+"""Tiny random models of mlx-lm model types written as Hugging Face checkpoints: the
+tensor names and layout the hub's folders have (each expert's matrices apart, as
+mlx-lm's ``sanitize`` expects them), float16, and the default model's tokenizer."""
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+              rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
+
+CONFIGS = {
+    "qwen3_moe": dict(model_type="qwen3_moe", intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                      decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32, head_dim=16,
+                      norm_topk_prob=True),
+    "mixtral": dict(model_type="mixtral", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+}
+
+# mlx-lm's stacked expert parameter -> the Hugging Face name of expert {e}'s
+EXPERT_NAMES = {
+    "qwen3_moe": {"mlp.switch_mlp.{p}.weight": "mlp.experts.{e}.{p}.weight"},
+    "mixtral": {"block_sparse_moe.switch_mlp.gate_proj.weight": "block_sparse_moe.experts.{e}.w1.weight",
+                "block_sparse_moe.switch_mlp.down_proj.weight": "block_sparse_moe.experts.{e}.w2.weight",
+                "block_sparse_moe.switch_mlp.up_proj.weight": "block_sparse_moe.experts.{e}.w3.weight"},
+}
+
+
+def build(model_type: str, vocab_size: int, seed: int = 0):
+    """The mlx-lm model of ``model_type`` with random weights (norms near 1) and its config."""
+    config = COMMON | CONFIGS[model_type] | {"vocab_size": vocab_size}
+    module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    mx.random.seed(seed)
+    params = {k: (mx.random.normal(v.shape) * (0.1 if v.ndim == 1 else 0.05) + (1.0 if "norm" in k else 0.0))
+              for k, v in tree_flatten(model.parameters())}
+    model.update(tree_unflatten(list(params.items())))
+    mx.eval(model.parameters())
+    return model, config
+
+
+def hf_tensors(model, model_type: str) -> dict[str, mx.array]:
+    """The model's parameters under Hugging Face names, experts apart, float16."""
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        stem, _, rest = name.partition(".layers.")
+        index, _, local = rest.partition(".")
+        pattern = next(((k, v) for k, v in EXPERT_NAMES.get(model_type, {}).items()
+                        if _matches(k, local)), None)
+        if pattern is None:
+            out[name] = value.astype(mx.float16)
+            continue
+        proj = local.split(".")[-2]
+        for e in range(value.shape[0]):
+            hf = pattern[1].format(e=e, p=proj)
+            out[f"{stem}.layers.{index}.{hf}"] = value[e].astype(mx.float16)
+    return out
+
+
+def _matches(pattern: str, local: str) -> bool:
+    head, _, tail = pattern.partition("{p}")
+    return local.startswith(head) and local.endswith(tail) if "{p}" in pattern else local == pattern
+
+
+def write_hf_folder(model_type: str, folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """A Hugging Face checkpoint folder of a tiny random ``model_type`` model, with the
+    tokenizer of ``tokenizer_folder`` (its vocabulary size is the model's)."""
+    vocab = json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"]
+    model, config = build(model_type, vocab, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(model, model_type)
+    mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": "float16"}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
