@@ -155,6 +155,7 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     if not quantizer.calibrated:
         return {}
     from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.gptq.solver import MIN_EXPERT_TOKENS
     from lsaq_mlx.gptq.writer import EqualizationCount, calibrated_weights
     from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources.load import load_tokenizer
@@ -167,6 +168,9 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
                                      advance, count)
+    if count.experts_rounded:
+        log.warning("warning: %d of %d experts saw fewer than %d calibration tokens and were rounded to nearest",
+                    count.experts_rounded, count.experts_rounded + count.experts_calibrated, MIN_EXPERT_TOKENS)
     if count.refused:
         log.warning("warning: equalization left %d layers as they were: folding changed their output (e.g. %s)",
                     len(count.refused), count.refused[0])

@@ -19,6 +19,12 @@ CONFIGS = {
                       norm_topk_prob=True),
     "mixtral": dict(model_type="mixtral", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
 }
+DENSE_CONFIGS = {  # dense types whose forward changes the head's output
+    "granite": dict(model_type="granite", intermediate_size=128, logits_scaling=8.0, attention_multiplier=0.25,
+                    embedding_multiplier=12.0, residual_multiplier=0.22, attention_bias=False, mlp_bias=False),
+    "gemma2": dict(model_type="gemma2", intermediate_size=128, head_dim=16, final_logit_softcapping=5.0,
+                   attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
+}
 
 # mlx-lm's stacked expert parameter -> the Hugging Face name of expert {e}'s
 EXPERT_NAMES = {
@@ -31,7 +37,7 @@ EXPERT_NAMES = {
 
 def build(model_type: str, vocab_size: int, seed: int = 0):
     """The mlx-lm model of ``model_type`` with random weights (norms near 1) and its config."""
-    config = COMMON | CONFIGS[model_type] | {"vocab_size": vocab_size}
+    config = COMMON | (CONFIGS | DENSE_CONFIGS)[model_type] | {"vocab_size": vocab_size}
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.random.seed(seed)

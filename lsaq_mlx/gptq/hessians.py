@@ -4,6 +4,8 @@ calibration text through the source a decoder layer at a time
 
 While a layer is loaded its forward runs again with the wanted modules recording their
 inputs; modules that read the same tensor (q, k and v; gate and up) share one ``H``.
+A layer's stacked experts (mlx-lm's ``SwitchLinear``) get one ``H`` per expert from the
+tokens routed to it (``ExpertHessians``).
 The LM head's ``H`` (or, tied, the embedding's) comes from the final normed hidden
 states. The activations passed
 on are those of the layers as written where ``on_modules`` gives the written
@@ -20,6 +22,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_lm.models.switch_layers import SwitchLinear
+
+from lsaq_mlx.gptq.solver import ExpertHessians
 from lsaq_mlx.modules import inner_model
 from lsaq_mlx.scoring.lens import find_lens
 from lsaq_mlx.sources.streaming import forward_by_rows
@@ -66,7 +71,8 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
 
     def on_layer(i, layer, x_in, x_out, forward):
         prefix = streamed.prefixes[i]
-        modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, nn.Linear)}
+        kinds = nn.Linear if halves else (nn.Linear, SwitchLinear)
+        modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, kinds)}
         hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32))
@@ -121,11 +127,30 @@ class _Recorder(nn.Module):
         super().__init__()
         self.module, self._sink, self._key = module, sink, key
 
-    def __call__(self, x):
-        if self._key is not None:
+    def __call__(self, x, *args, **kwargs):
+        if self._key is not None and isinstance(self.module, SwitchLinear):
+            self._record_experts(x, args[0] if args else kwargs["indices"])
+        elif self._key is not None:
             hessians, h = self._sink[0], _gram(x.reshape(-1, x.shape[-1]).astype(mx.float32))
             hessians[self._key] = h if self._key not in hessians else hessians[self._key] + h
-        return self.module(x)
+        return self.module(x, *args, **kwargs)
+
+    def _record_experts(self, x, indices):
+        """``x^T x`` of the rows routed to each expert, and how many there were."""
+        rows = mx.broadcast_to(x, (*indices.shape, *x.shape[-2:])).reshape(-1, x.shape[-1]).astype(mx.float32)
+        experts = np.array(indices.flatten())
+        order = np.argsort(experts, kind="stable")
+        counts = np.bincount(experts, minlength=self.module.weight.shape[0])
+        rows = rows[mx.array(order)]
+        grams, tokens = self._sink[0].setdefault(self._key, ([None] * len(counts), np.zeros(len(counts), np.int64)))
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                part = _gram(rows[start : start + n])
+                grams[e] = part if grams[e] is None else grams[e] + part
+            start += n
+        tokens += counts
+        mx.eval([g for g in grams if g is not None])
 
 
 def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int, halves: bool) -> dict:
@@ -146,8 +171,17 @@ def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, ro
             mx.eval(sink[0])
     finally:
         layer.update_modules(tree_unflatten(originals))
-    arrays = [{k: np.array(h) for k, h in part.items()} for part in parts]
+    arrays = [{k: _to_numpy(h) for k, h in part.items()} for part in parts]
     return {k: tuple(a[k] for a in arrays) for k in arrays[0]} if halves else arrays[0]
+
+
+def _to_numpy(h):
+    if not isinstance(h, tuple):
+        return np.array(h)
+    grams, tokens = h
+    width = next(g.shape[0] for g in grams if g is not None)
+    stacked = np.stack([np.zeros((width, width), np.float32) if g is None else np.array(g) for g in grams])
+    return ExpertHessians(stacked, tokens)
 
 
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

@@ -69,6 +69,21 @@ class ModuleInputs:
         return self._factor
 
 
+MIN_EXPERT_TOKENS = 128  # routed calibration tokens below which an expert is rounded to nearest
+
+
+class ExpertHessians:
+    """The input Hessians of a layer's stacked experts, one per expert from the tokens
+    routed to it (experts x inputs x inputs), and how many tokens each saw."""
+
+    def __init__(self, hessians: np.ndarray, tokens: np.ndarray):
+        self.hessians, self.tokens = hessians, tokens
+
+    def expert(self, e: int) -> ModuleInputs | None:
+        """Expert ``e``'s inputs, or None when too few tokens reached it to calibrate on."""
+        return ModuleInputs(self.hessians[e]) if self.tokens[e] >= MIN_EXPERT_TOKENS else None
+
+
 def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:
     """The act-order factor of ``hessian``: inputs by decreasing ``diag H``."""
     order = np.argsort(-np.diagonal(hessian), kind="stable")

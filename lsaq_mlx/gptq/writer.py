@@ -20,19 +20,24 @@ from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
 from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path
-from lsaq_mlx.gptq.solver import AffineCodes, ModuleInputs
+from lsaq_mlx.gptq.solver import AffineCodes, ExpertHessians, ModuleInputs
 from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.quantizers import QUANTIZERS
 
 FOLD_TOLERANCE = 1e-3  # relative change of a layer's float output that makes a fold wrong
 
 
 @dataclass
 class EqualizationCount:
-    """How many scale groups were equalized, of those searched, and which were refused."""
+    """How many scale groups were equalized, of those searched, and which were refused;
+    how many experts were calibrated on their routed tokens, and how many too few
+    tokens reached (rounded to nearest)."""
 
     equalized: int = 0
     searched: int = 0
     refused: list[str] = field(default_factory=list)
+    experts_calibrated: int = 0
+    experts_rounded: int = 0
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
@@ -59,9 +64,11 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         inputs: dict[int, ModuleInputs] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]
-            module_inputs = inputs.setdefault(id(h), ModuleInputs(h))
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
-            codes = quantizer.codes(weights[path], module_inputs, affine[path], clip)
+            if isinstance(h, ExpertHessians):
+                codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
+            else:
+                codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), affine[path], clip)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -146,6 +153,21 @@ def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
 
 def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
+
+
+def _expert_codes(quantizer, weight: mx.array, hessians: ExpertHessians, choice: Affine, clip: bool,
+                  count: EqualizationCount) -> AffineCodes:
+    """Each expert's codes from its own routed inputs; one that too few calibration
+    tokens reached (``MIN_EXPERT_TOKENS``) is rounded to nearest."""
+    rtn = QUANTIZERS["rtn"]
+    parts = []
+    for e in range(weight.shape[0]):
+        inputs = hessians.expert(e)
+        parts.append(rtn.codes(weight[e], None, choice, False) if inputs is None
+                     else quantizer.codes(weight[e], inputs, choice, clip))
+        count.experts_rounded += inputs is None
+        count.experts_calibrated += inputs is not None
+    return AffineCodes(*(np.stack([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
 
 
 def _named(path: str, codes: AffineCodes, bias: mx.array | None) -> dict:

@@ -111,7 +111,7 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
     normed, lses, grad_hidden = _head(lens, hidden, targets, head_matrix())
 
     def logit_grad(s: int, rows: slice) -> mx.array:
-        return _logit_grad(normed[s], lses[s], targets[s], head_matrix(), rows)
+        return _logit_grad(normed[s], lses[s], targets[s], head_matrix(), rows, lens.transform)
 
     if head_path:
         _row_blocks(head_path, head_matrix(), lambda rows: _head_block(logit_grad, normed, rows), on_weights)
@@ -156,12 +156,12 @@ def _head(lens, hidden: mx.array, targets: mx.array, weight: mx.array):
     for s in range(hidden.shape[0]):
         lse = None
         for rows in blocks:
-            part = mx.logsumexp(normed[s] @ weight[rows].astype(mx.float32).T, axis=-1)
+            part = mx.logsumexp(_transformed(normed[s] @ weight[rows].astype(mx.float32).T, lens.transform), axis=-1)
             lse = part if lse is None else mx.logaddexp(lse, part)
             mx.eval(lse)
         at_normed = None
         for rows in blocks:
-            part = _logit_grad(normed[s], lse, targets[s], weight, rows) @ weight[rows].astype(mx.float32)
+            part = _logit_grad(normed[s], lse, targets[s], weight, rows, lens.transform) @ weight[rows].astype(mx.float32)
             at_normed = part if at_normed is None else at_normed + part
             mx.eval(at_normed)
         _, (g_hidden,) = mx.vjp(lambda h: (lens.norm(h).astype(mx.float32),), [hidden[s]], [at_normed])
@@ -176,12 +176,21 @@ def _blocks(weight: mx.array) -> list[slice]:
     return [slice(r, min(weight.shape[0], r + step)) for r in range(0, weight.shape[0], step)]
 
 
-def _logit_grad(normed: mx.array, lse: mx.array, targets: mx.array, weight: mx.array, rows: slice) -> mx.array:
-    """The gradient of a sequence's mean cross-entropy at its logits of vocabulary
-    ``rows`` (the lens head is ``normed @ weight.T``): ``(softmax - one-hot) / length``."""
-    logits = normed @ weight[rows].astype(mx.float32).T
+def _logit_grad(normed: mx.array, lse: mx.array, targets: mx.array, weight: mx.array, rows: slice,
+                transform=None) -> mx.array:
+    """The gradient of a sequence's mean cross-entropy at the head's output on vocabulary
+    ``rows`` (``z = normed @ weight.T``, logits ``transform(z)``): ``(softmax - one-hot) /
+    length``, times the transform's derivative."""
+    z = normed @ weight[rows].astype(mx.float32).T
     onehot = targets[:, None] == mx.arange(rows.start, rows.stop)[None, :]
-    return (mx.exp(logits - lse[:, None]) - onehot) / normed.shape[0]
+    grad = (mx.exp(_transformed(z, transform) - lse[:, None]) - onehot) / normed.shape[0]
+    if transform is None:
+        return grad
+    return mx.jvp(transform, [z], [mx.ones_like(z)])[1][0] * grad
+
+
+def _transformed(z: mx.array, transform) -> mx.array:
+    return z if transform is None else transform(z)
 
 
 def _head_block(logit_grad, normed: mx.array, rows: slice) -> mx.array:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.convert import QUANTIZE_BLOCK_BYTES, MatrixRows, quantize_by_row_blocks
@@ -29,6 +30,8 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) 
     bias = weights.get(f"{path}.bias")
     if isinstance(old, (nn.Embedding, nn.QuantizedEmbedding)):
         new = nn.Embedding(1, 1)
+    elif isinstance(old, (SwitchLinear, QuantizedSwitchLinear)):
+        new = SwitchLinear(1, 1, 1, bias=bias is not None)
     else:
         new = nn.Linear(1, 1, bias=bias is not None)
     new.weight = w.astype(mx.float32)

@@ -1,7 +1,9 @@
 """The logit lens and layer hooks: read what a hidden state "says" in vocabulary space.
 
 Works for every mlx-lm model that exposes ``layers``, a final norm (``model.norm``
-of its inner model) and an LM head or tied embeddings. Hooks are duck-typed: each
+of its inner model) and an LM head or tied embeddings. What the model's own forward does
+to the head's output (granite's ``logits_scaling``, gemma2's final soft-capping,
+cohere's ``logit_scale``) is read from that forward (``logit_transform``) and applied. Hooks are duck-typed: each
 decoder layer's class is swapped for a subclass whose ``__call__`` reports the
 layer's input and output, so model code and attributes stay untouched.
 """
@@ -26,9 +28,11 @@ class Lens:
     norm: nn.Module
     head: Callable[[mx.array], mx.array]
     vocab_size: int
+    transform: Callable[[mx.array], mx.array] | None = None  # elementwise, on the head's output
 
     def logits(self, h: mx.array) -> mx.array:
-        return self.head(self.norm(h))
+        z = self.head(self.norm(h))
+        return z if self.transform is None else self.transform(z)
 
     def chunk_positions(self) -> int:
         return max(1, LOGITS_CHUNK_BYTES // (4 * self.vocab_size))
@@ -80,7 +84,50 @@ def find_lens(model: nn.Module) -> Lens:
     else:
         raise UserError("model has neither an LM head nor token embeddings to read the lens through")
     vocab = inner["embed_tokens"].weight.shape[0] if "embed_tokens" in inner else head.weight.shape[0]
-    return Lens(inner["norm"], head, vocab)
+    return Lens(inner["norm"], head, vocab, logit_transform(model))
+
+
+def logit_transform(model: nn.Module) -> Callable[[mx.array], mx.array] | None:
+    """What the model's forward does to its head's output, as a function of that output
+    (None when nothing): the forward run with the inner model giving ``z`` and the head
+    as the identity."""
+    holder = model.get("language_model", model)
+
+    def transform(z: mx.array) -> mx.array:
+        with _forward_of_head_output(holder, inner_model(model), z):
+            return holder(mx.zeros(z.shape[:-1], mx.int32))
+
+    probe = mx.linspace(-40.0, 40.0, 17)[None]
+    try:
+        out = transform(probe)
+    except Exception:  # a forward that needs more than its inner model's output: take the head as it is
+        return None
+    return None if out.shape != probe.shape or mx.allclose(out, probe).item() else transform
+
+
+@contextmanager
+def _forward_of_head_output(holder: nn.Module, inner: nn.Module, z: mx.array):
+    inner_class, embed = type(inner), inner.get("embed_tokens")
+    inner.__class__ = type(inner_class.__name__, (inner_class,), {"__call__": lambda self, *a, **k: z})
+    head = holder.get("lm_head")
+    if head is not None:
+        holder["lm_head"] = _Identity()
+    embed_class = type(embed) if embed is not None else None
+    if embed is not None:
+        embed.__class__ = type(embed_class.__name__, (embed_class,), {"as_linear": lambda self, x: x})
+    try:
+        yield
+    finally:
+        inner.__class__ = inner_class
+        if head is not None:
+            holder["lm_head"] = head
+        if embed is not None:
+            embed.__class__ = embed_class
+
+
+class _Identity(nn.Module):
+    def __call__(self, x):
+        return x
 
 
 @contextmanager

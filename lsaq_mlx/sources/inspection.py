@@ -13,15 +13,22 @@ from lsaq_mlx.documents import read_json_object
 
 
 def module_kind(path: str) -> str:
-    """A module's kind: the last part of its path ("q_proj", "embed_tokens", ...)."""
-    return path.rsplit(".", 1)[-1]
+    """A module's kind: the last part of its path ("q_proj", "embed_tokens", ...);
+    ``experts.`` before it for a layer's stacked experts."""
+    parent, _, name = path.rpartition(".")
+    return f"experts.{name}" if parent.endswith(("switch_mlp", "experts")) else name
+
+
+def _quantized(module: nn.Module) -> bool:
+    """Any MLX quantized module: linear, embedding, stacked experts (their ``scales``)."""
+    return "scales" in module and isinstance(getattr(module, "bits", None), int)
 
 
 def module_precision(module: nn.Module) -> dict:
     if isinstance(module, SWSCLinear):
         s = module.settings
         return {"codec": "swsc", "k": s.k, "rank": s.rank, "axis": s.axis, "centroid_bits": s.centroid_bits}
-    if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+    if _quantized(module):
         return {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
     return {"dtype": str(module.weight.dtype).split(".")[-1]}
 
@@ -32,7 +39,7 @@ def parameter_count(module: nn.Module) -> int:
         return module.weight_count
     total = 0
     for name, p in tree_flatten(module.parameters()):
-        if name in ("scales", "biases") and isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if name in ("scales", "biases") and _quantized(module):
             continue
         bits = getattr(module, "bits", None) if name == "weight" else None
         total += p.size * 32 // bits if bits else p.size

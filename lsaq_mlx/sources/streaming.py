@@ -12,16 +12,11 @@ the number of layers.
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
 matmul is slow; the source's own float type on a GPU), except the embeddings and LM
 head on the CPU, which stay as stored and are upcast in row blocks as they are used;
-quantized sources are dequantized exactly. Where mlx-lm's ``sanitize`` transforms a
-layer's tensors rather than renaming them (experts stored apart and stacked into one
-``SwitchLinear`` weight, fused projections split), it is run on that layer's tensors
-alone as the layer is read; a checkpoint it changes outside the decoder layers is
-refused (``NotStreamable``, a one-line error).
+quantized sources are dequantized exactly. Tensors are read under the model's names
+(``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time where it transforms them).
 """
 
 from contextlib import contextmanager
-
-import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,13 +24,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.compute import backend
 from lsaq_mlx.backend.hybrid import make_hybrid
-from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
+from lsaq_mlx.sources.model_tensors import DTYPES, ModelTensors, NotStreamable
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.settings import settings
 
-_DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
 
 
 STREAM_ABOVE_BYTES = 1 << 30  # auto: stream models whose compute weights take more
@@ -52,24 +46,15 @@ def streams(source) -> bool:
     return sum(v.size for _, v in tree_flatten(model.parameters())) * 4 > STREAM_ABOVE_BYTES
 
 
-class NotStreamable(UserError):
-    """The checkpoint's tensors are not the model's one for one."""
-
-    def __init__(self, why: str):
-        super().__init__(f"cannot read this checkpoint one layer at a time: {why}")
-
-
 class StreamedModel:
     def __init__(self, source, dtype=None):
         self.source = source
         self.model, self.config = skeleton_model(source, shaped=False)
-        self.tensors = source_tensors(source)
-        self.names, transformed = _checkpoint_names(self.model, self.tensors)  # shapes the model as loading would
-        self.dtype = dtype or _compute_dtype(self.tensors)
+        self.tensors = ModelTensors(source_tensors(source), self.model)  # named as loading would
+        self.dtype = dtype or _compute_dtype(self.tensors.tensors)
         self.layers = inner_model(self.model)["layers"]
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
-        self._sanitized_layers = {i: _LayerSanitizer(self, i) for i in sorted(transformed)}
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
         self._stored = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
         self._resident = resident
@@ -101,8 +86,9 @@ class StreamedModel:
 
     def layer_parameters(self, i: int) -> dict[str, mx.array]:
         """Layer ``i``'s weights (names relative to the layer), unread until evaluated."""
-        sanitizer = self._sanitized_layers.get(i)
-        arrays = sanitizer.arrays(self.tensors.get) if sanitizer else None
+        names = [self.prefixes[i] + n for n in self._idle[i]]
+        scales = [f"{n.rpartition('.')[0]}.scales" for n in names] + [f"{n.rpartition('.')[0]}.biases" for n in names]
+        arrays = self.tensors.layer(i, names + scales)
         return {name: self._read(self.prefixes[i] + name, arrays=arrays) for name in self._idle[i]}
 
     @contextmanager
@@ -123,12 +109,9 @@ class StreamedModel:
 
     def _read(self, name: str, keep_dtype: bool = False, arrays: dict | None = None) -> mx.array:
         """A parameter in the compute dtype; with ``keep_dtype`` a float one stays as stored.
-        ``arrays``: a sanitized layer's tensors, by model name (else read by checkpoint name)."""
+        ``arrays``: the layer's tensors, read together (else read by name)."""
         def get(model_name):
-            if arrays is not None:
-                return arrays.get(model_name)
-            raw = self.names.get(model_name)
-            return None if raw is None else self.tensors.get(raw)
+            return arrays.get(model_name) if arrays is not None else self.tensors.get(model_name)
 
         path, _, param = name.rpartition(".")
         array = get(name)
@@ -222,69 +205,6 @@ def _layer_prefixes(model: nn.Module, layers) -> list[str]:
     return [where[id(layer)] + "." for layer in layers]
 
 
-def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[int]]:
-    """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
-    unread placeholders, for the tensors it renames or keeps; and the decoder layers
-    whose tensors it transforms (they are sanitized one layer at a time)."""
-    placeholders = _placeholders(tensors, tensors.names)
-    sanitized = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
-    by_id = {id(array): name for name, array in placeholders.items()}
-    names, transformed = {}, set()
-    for name, array in sanitized.items():
-        if id(array) in by_id:
-            names[name] = by_id[id(array)]
-        elif layer_index(name) is not None:
-            transformed.add(layer_index(name))
-        else:
-            raise NotStreamable(f"mlx-lm changes {name} while loading this checkpoint")
-    return names, transformed
-
-
-def _placeholders(tensors, names) -> dict[str, mx.array]:
-    """Unread stand-ins of the checkpoint's tensors: their shapes and dtypes, no data."""
-    out = {}
-    for name in names:
-        shape, dtype = tensors.shape_of(name)
-        out[name] = mx.zeros(shape, _DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
-    return out
-
-
-class _LayerSanitizer:
-    """mlx-lm's ``sanitize`` on one decoder layer's checkpoint tensors alone (experts
-    stacked, fused projections split), checked on placeholders when made: it must give
-    every parameter of the layer at its shape. Sanitizers that look for layer 0's
-    tensors (mixtral's) see the layer under index 0 and its names are given back."""
-
-    def __init__(self, streamed: "StreamedModel", index: int):
-        self.model, self.index = streamed.model, index
-        self.raw = [n for n in streamed.tensors.names if layer_index(n) == index]
-        wanted = {streamed.prefixes[index] + n: v.shape for n, v in streamed._idle[index].items()}
-        placeholders = _placeholders(streamed.tensors, self.raw)
-        for renumber in (False, True):
-            self.renumber = renumber
-            try:
-                out = self._sanitized(placeholders)
-            except Exception:  # a sanitize that needs the whole checkpoint
-                continue
-            if all(n in out and tuple(out[n].shape) == tuple(s) for n, s in wanted.items()):
-                return
-        raise NotStreamable(f"mlx-lm's sanitize does not give layer {index}'s parameters from its tensors alone")
-
-    def arrays(self, read) -> dict[str, mx.array]:
-        """The layer's parameters by model name, from ``read(checkpoint name)`` (lazy)."""
-        return self._sanitized({n: read(n) for n in self.raw})
-
-    def _sanitized(self, tensors: dict) -> dict[str, mx.array]:
-        if not self.renumber:
-            return self.model.sanitize(dict(tensors))
-        out = self.model.sanitize({_with_layer(n, self.index, 0): a for n, a in tensors.items()})
-        return {_with_layer(n, 0, self.index): a for n, a in out.items()}
-
-
-def _with_layer(name: str, old: int, new: int) -> str:
-    return re.sub(rf"(^|\.)layers\.{old}\.", rf"\g<1>layers.{new}.", name, count=1)
-
-
 def _quantization(config: dict, path: str) -> dict:
     q = config.get("quantization") or {}
     entry = q.get(path)
@@ -294,5 +214,5 @@ def _quantization(config: dict, path: str) -> dict:
 def _compute_dtype(tensors) -> mx.Dtype:
     if backend() == "cpu":
         return mx.float32
-    floats = [_DTYPES[d] for n in tensors.names if (d := tensors.shape_of(n)[1]) in _DTYPES]
+    floats = [DTYPES[d] for n in tensors.names if (d := tensors.shape_of(n)[1]) in DTYPES]
     return floats[0] if floats else mx.float16

@@ -1,0 +1,134 @@
+"""A checkpoint's tensors under the names of the model's parameters, read lazily one at
+a time or one decoder layer at a time.
+
+mlx-lm's ``sanitize`` maps a checkpoint's tensors to the model's parameters when it
+loads. Run once on unread placeholders, it shows which tensors it only renames or keeps:
+those are read by name. Where it transforms a layer's tensors (experts stored apart and
+stacked into one ``SwitchLinear`` weight, fused projections split), it is run again on
+that layer's tensors alone when the layer is read, so memory stays one layer's. A
+checkpoint it changes outside the decoder layers cannot be read this way
+(``NotStreamable``, a one-line error).
+"""
+
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.modules import layer_index
+
+DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+
+
+class NotStreamable(UserError):
+    """The checkpoint's tensors are not the model's one for one."""
+
+    def __init__(self, why: str):
+        super().__init__(f"cannot read this checkpoint one layer at a time: {why}")
+
+
+class ModelTensors:
+    """``tensors`` (a ``SourceTensors``, a pack's) under ``model``'s parameter names."""
+
+    def __init__(self, tensors, model: nn.Module):
+        self.tensors, self.folder = tensors, getattr(tensors, "folder", None)
+        self.direct, transformed = _checkpoint_names(model, tensors)
+        # a model quantized in memory has scales and biases the float checkpoint lacks
+        params = [n for n, _ in tree_flatten(model.parameters()) if not n.endswith((".scales", ".biases"))]
+        self.sanitizers = {i: _LayerSanitizer(model, tensors, i, {n for n in params if layer_index(n) == i})
+                           for i in sorted(transformed)}
+        self.files = {n: tensors.files[raw] for n, raw in self.direct.items() if raw in getattr(tensors, "files", {})}
+
+    @property
+    def bytes_read(self) -> int:
+        return self.tensors.bytes_read
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.direct) + [n for s in self.sanitizers.values() for n in s.names]
+
+    def get(self, name: str) -> mx.array | None:
+        """The model's parameter ``name``, unread until evaluated (None if there is none)."""
+        sanitizer = self.sanitizers.get(layer_index(name))
+        if name not in self.direct and sanitizer is not None:
+            return sanitizer.arrays(self.tensors.get).get(name)
+        return self.tensors.get(self.direct[name]) if name in self.direct else None
+
+    def layer(self, index: int, names) -> dict[str, mx.array | None]:
+        """The parameters ``names`` of decoder layer ``index`` (one sanitize for all)."""
+        sanitizer = self.sanitizers.get(index)
+        if sanitizer is None:
+            return {n: self.get(n) for n in names}
+        arrays = sanitizer.arrays(self.tensors.get)
+        return {n: arrays.get(n) for n in names}
+
+    def shape_of(self, name: str):
+        return self.tensors.shape_of(self.direct[name])
+
+    def rows(self, name: str, start: int, stop: int) -> mx.array:
+        return self.tensors.rows(self.direct[name], start, stop)
+
+
+def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[int]]:
+    """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
+    unread placeholders, for the tensors it renames or keeps; and the decoder layers
+    whose tensors it transforms (they are sanitized one layer at a time)."""
+    placeholders = _placeholders(tensors, tensors.names)
+    sanitized = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
+    by_id = {id(array): name for name, array in placeholders.items()}
+    names, transformed = {}, set()
+    for name, array in sanitized.items():
+        if id(array) in by_id:
+            names[name] = by_id[id(array)]
+        elif layer_index(name) is not None:
+            transformed.add(layer_index(name))
+        else:
+            raise NotStreamable(f"mlx-lm changes {name} while loading this checkpoint")
+    return names, transformed
+
+
+def _placeholders(tensors, names) -> dict[str, mx.array]:
+    """Unread stand-ins of the checkpoint's tensors: their shapes and dtypes, no data."""
+    out = {}
+    for name in names:
+        shape, dtype = tensors.shape_of(name)
+        out[name] = mx.zeros(shape, DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
+    return out
+
+
+class _LayerSanitizer:
+    """mlx-lm's ``sanitize`` on one decoder layer's checkpoint tensors alone (experts
+    stacked, fused projections split), checked on placeholders when made: it must give
+    every parameter ``wanted`` names. Sanitizers that look for layer 0's tensors
+    (mixtral's) see the layer under index 0 and its names are given back."""
+
+    def __init__(self, model: nn.Module, tensors, index: int, wanted: set[str]):
+        self.model, self.index = model, index
+        self.raw = [n for n in tensors.names if layer_index(n) == index]
+        placeholders = _placeholders(tensors, self.raw)
+        for renumber in (False, True):
+            self.renumber = renumber
+            try:
+                out = self._sanitized(placeholders)
+            except Exception:  # a sanitize that needs the whole checkpoint
+                continue
+            if wanted <= set(out):
+                self.names = list(out)
+                return
+        raise NotStreamable(f"mlx-lm's sanitize does not give layer {index}'s parameters from its tensors alone")
+
+    def arrays(self, read) -> dict[str, mx.array]:
+        """The layer's parameters by model name, from ``read(checkpoint name)`` (lazy)."""
+        return self._sanitized({n: read(n) for n in self.raw})
+
+    def _sanitized(self, tensors: dict) -> dict[str, mx.array]:
+        if not self.renumber:
+            return self.model.sanitize(dict(tensors))
+        out = self.model.sanitize({_with_layer(n, self.index, 0): a for n, a in tensors.items()})
+        return {_with_layer(n, 0, self.index): a for n, a in out.items()}
+
+
+def _with_layer(name: str, old: int, new: int) -> str:
+    return re.sub(rf"(^|\.)layers\.{old}\.", rf"\g<1>layers.{new}.", name, count=1)

@@ -1,0 +1,140 @@
+"""Mixture-of-experts models through every stage, from Hugging Face checkpoints (each
+expert's matrices apart, as the hub's folders hold them; ``hf_models``): layers read
+one at a time through mlx-lm's own ``sanitize``, experts planned as one module of their
+copies (what a stock ``SwitchLinear`` stores), routers at the model's floor, GPTQ per
+expert on its routed tokens, swaps while a chat runs."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from converted_models import assert_loads_with_only_mlx_lm
+from hf_models import CONFIGS, write_hf_folder
+
+MOE_TYPES = list(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def hf_moe(session_cache, tmp_path_factory):
+    """``hf_moe(model_type)``: a resolved tiny HF-layout checkpoint, made once."""
+    from lsaq_mlx.sources import resolve_model
+
+    default = resolve_model("default").path
+    made = {}
+
+    def make(model_type):
+        if model_type not in made:
+            folder = write_hf_folder(model_type, tmp_path_factory.mktemp(model_type) / model_type, default)
+            made[model_type] = resolve_model(str(folder))
+        return made[model_type]
+
+    return make
+
+
+def _experts(model_type):
+    return CONFIGS[model_type].get("num_experts") or CONFIGS[model_type]["num_local_experts"]
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_experts_are_one_module_of_their_copies_and_routers_keep_the_models_floor(hf_moe, model_type):
+    from lsaq_mlx.planning.methods import PlanningContext
+    from lsaq_mlx.sources.load import skeleton_model
+
+    model = skeleton_model(hf_moe(model_type))[0]
+    ctx = PlanningContext(model, "fingerprint")
+    experts = [q for q in ctx.modules if "switch_mlp" in q.path]
+    assert experts and all(q.copies == _experts(model_type) for q in experts)
+    stacked = dict(tree_flatten(model.parameters()))
+    assert all(q.params == stacked[f"{q.path}.weight"].size for q in experts)
+    assert ctx.parameters == sum(v.size for v in stacked.values())
+    routers = [q for q in ctx.modules if q.path.endswith(".gate")]
+    floor = getattr(model, "quant_predicate", None)
+    for q in routers:
+        wanted = floor(q.path, None) if floor else True
+        bits = [getattr(c, "bits", 16) for c in ctx.candidates(q)]
+        assert min(bits) >= (wanted["bits"] if isinstance(wanted, dict) else 2)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_a_checkpoint_with_experts_apart_is_read_a_layer_at_a_time(hf_moe, model_type):
+    from mlx_lm import load
+
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = hf_moe(model_type)
+    streamed = StreamedModel(source)
+    loaded = dict(tree_flatten(load(str(source.path), lazy=True)[0].parameters()))
+    assert streamed.tensors.sanitizers  # the experts are stacked by sanitize, one layer at a time
+    for i in range(len(streamed.layers)):
+        params = streamed.layer_parameters(i)
+        assert any(v.ndim == 3 for v in params.values())
+        for name, value in params.items():
+            expected = loaded[streamed.prefixes[i] + name].astype(value.dtype)
+            assert mx.array_equal(value, expected), name
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_streamed_scores_equal_whole_model_scores(hf_moe, model_type, monkeypatch):
+    from lsaq_mlx.scoring.run import ScoreOptions, score
+
+    results = {}
+    for stream in ("always", "never"):
+        monkeypatch.setenv("LSAQ_MLX_STREAM", stream)
+        results[stream] = score(hf_moe(model_type), ScoreOptions(tokens=128, seq_len=64)).scores
+    np.testing.assert_allclose(results["always"], results["never"], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_moe_converts_with_gptq_per_expert_and_loads_in_stock_mlx_lm(hf_moe, model_type, tmp_path):
+    from lsaq_mlx.convert import convert
+    from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+    from lsaq_mlx.gptq import hessians
+    from lsaq_mlx.scoring.calibration import load_calibration, token_sequences
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from lsaq_mlx.sources import load_model
+
+    source = hf_moe(model_type)
+    plan = Planner(source).plan(PlanRequest(bits_budgets=[4.0]))
+    assert any("switch_mlp" in p for p in plan.modules)
+    for quantizer in ("rtn", "gptq"):
+        convert(source, plan, tmp_path / quantizer, quantizer=quantizer, smoke_tokens=2)
+    assert_loads_with_only_mlx_lm(tmp_path / "gptq")
+    rtn, gptq = ({k: v for f in (tmp_path / q).glob("*.safetensors") for k, v in mx.load(str(f)).items()}
+                 for q in ("rtn", "gptq"))
+    expert = next(n for n in rtn if "switch_mlp" in n and n.endswith(".weight") and rtn[n].dtype == mx.uint32)
+    assert not mx.array_equal(rtn[expert], gptq[expert])  # GPTQ reached the experts
+
+    model, tokenizer = load_model(source, compute=True)[:2]
+    held_out = token_sequences(tokenizer, load_calibration(None), 512, 128, skip_tokens=hessians.TOKENS)
+    reference = ReferenceDistributions.compute(model, [t for s in held_out for t in s], 128)
+    kl = {q: compare_to_reference(load_model(_source(tmp_path / q), compute=True)[0], reference).kl for q in ("rtn", "gptq")}
+    assert 0 < kl["gptq"] < kl["rtn"]
+
+
+def _source(folder):
+    from lsaq_mlx.sources import resolve_model
+
+    return resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_a_swap_builds_stacked_experts_from_the_checkpoint(hf_moe, model_type):
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    from lsaq_mlx.planning.choices import Affine
+    from lsaq_mlx.runtime.swap import quantized_module
+    from lsaq_mlx.sources import load_model
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    source = hf_moe(model_type)
+    model = load_model(source, compute=False, lazy=True)[0]
+    path, old = next((p, m) for p, m in model.named_modules() if isinstance(m, SwitchLinear))
+    built = quantized_module(old, path, Affine(4, 32), ModelTensors(source_tensors(source), model))
+    assert isinstance(built, QuantizedSwitchLinear)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p == path)
+    expected = dict(model.named_modules())[path]
+    assert mx.array_equal(built.weight, expected.weight)
