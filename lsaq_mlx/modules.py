@@ -62,14 +62,30 @@ def _grouped(params: dict, within_layer) -> list[dict]:
     return [groups[k] for k in sorted(groups)]
 
 
+INNER_PATHS = ("model", "language_model.model", "backbone")  # backbone: nemotron_h
+FINAL_NORMS = ("norm", "norm_f", "embedding_norm", "final_layernorm")  # norm_f: nemotron_h, embedding_norm: lfm2
+EMBEDDINGS = ("embed_tokens", "embeddings")
+
+
 def inner_model(model: nn.Module) -> nn.Module:
-    """The module holding embeddings, layers and the final norm (``model.model`` in mlx-lm)."""
-    for path in ("model", "language_model.model"):
+    """The module holding embeddings, layers and the final norm (``model.model`` in most
+    of mlx-lm; its names for the parts: ``final_norm``, ``embedding``)."""
+    for path in INNER_PATHS:
         inner = model
         for part in path.split("."):
             inner = inner.get(part) if isinstance(inner, dict) else None
             if inner is None:
                 break
-        if inner is not None and "layers" in inner and "norm" in inner:
+        if inner is not None and "layers" in inner and any(n in inner for n in FINAL_NORMS):
             return inner
     raise UserError(f"{type(model).__module__} models are not supported: no inner model with layers and a final norm")
+
+
+def final_norm(inner: nn.Module) -> str:
+    """The name of the inner model's final norm."""
+    return next(n for n in FINAL_NORMS if n in inner)
+
+
+def embedding(inner: nn.Module) -> str | None:
+    """The name of the inner model's token embedding (None if it has none)."""
+    return next((n for n in EMBEDDINGS if n in inner), None)

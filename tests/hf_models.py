@@ -25,6 +25,36 @@ DENSE_CONFIGS = {  # dense types whose forward changes the head's output
     "gemma2": dict(model_type="gemma2", intermediate_size=128, head_dim=16, final_logit_softcapping=5.0,
                    attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
 }
+OTHER_CONFIGS = {  # written in mlx-lm's own layout (sanitize leaves it as it is)
+    "llama": dict(model_type="llama", intermediate_size=128),
+    "qwen3": dict(model_type="qwen3", intermediate_size=128, head_dim=16),
+    "gemma3_text": dict(model_type="gemma3_text", intermediate_size=128, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=8, sliding_window_pattern=2),
+    "phi3": dict(model_type="phi3", intermediate_size=128),
+    "gpt_oss": dict(model_type="gpt_oss", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                    head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+    "deepseek_v3": dict(model_type="deepseek_v3", intermediate_size=128, moe_intermediate_size=32,
+                        num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=16,
+                        q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16, qk_nope_head_dim=16,
+                        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1),
+    "glm4_moe": dict(model_type="glm4_moe", intermediate_size=128, moe_intermediate_size=32, norm_topk_prob=True,
+                     n_group=1, head_dim=16, topk_group=1, n_shared_experts=1, n_routed_experts=4,
+                     routed_scaling_factor=1.0, num_experts_per_tok=2, first_k_dense_replace=1, use_qk_norm=True,
+                     attention_bias=False, partial_rotary_factor=0.5, rope_scaling=None),
+    "qwen3_next": dict(model_type="qwen3_next", intermediate_size=128, linear_num_value_heads=4,
+                       linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                       linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                       shared_expert_intermediate_size=32, mlp_only_layers=[], moe_intermediate_size=32,
+                       partial_rotary_factor=0.25, head_dim=16, full_attention_interval=2),
+    "nemotron_h": dict(model_type="nemotron_h", intermediate_size=128, attention_bias=False, mamba_num_heads=4,
+                       mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1,
+                       mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
+                       hybrid_override_pattern="M*-M", num_hidden_layers=4, head_dim=16),
+    "lfm2": dict(model_type="lfm2", norm_eps=1e-5, conv_bias=False, conv_L_cache=3, block_dim=64,
+                 block_multiple_of=16, block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=False,
+                 block_ff_dim=128, full_attn_idxs=[1]),
+}
+ALL_CONFIGS = CONFIGS | DENSE_CONFIGS | OTHER_CONFIGS
 
 # mlx-lm's stacked expert parameter -> the Hugging Face name of expert {e}'s
 EXPERT_NAMES = {
@@ -37,7 +67,7 @@ EXPERT_NAMES = {
 
 def build(model_type: str, vocab_size: int, seed: int = 0):
     """The mlx-lm model of ``model_type`` with random weights (norms near 1) and its config."""
-    config = COMMON | (CONFIGS | DENSE_CONFIGS)[model_type] | {"vocab_size": vocab_size}
+    config = COMMON | ALL_CONFIGS[model_type] | {"vocab_size": vocab_size}
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.random.seed(seed)

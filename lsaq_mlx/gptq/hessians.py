@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from lsaq_mlx.gptq.solver import ExpertHessians
-from lsaq_mlx.modules import inner_model
+from lsaq_mlx.modules import embedding as embedding_name, inner_model
 from lsaq_mlx.scoring.lens import find_lens
 from lsaq_mlx.sources.streaming import forward_by_rows
 
@@ -100,7 +100,8 @@ def head_path(model: nn.Module) -> str | None:
     holder = model.get("language_model", model)
     if "lm_head" in holder:
         return "lm_head" if isinstance(holder["lm_head"], nn.Linear) else None
-    embedding = inner_model(model).get("embed_tokens")
+    inner = inner_model(model)
+    embedding = inner.get(embedding_name(inner))
     return next((p for p, m in model.named_modules() if m is embedding), None)
 
 

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.backend.allocator import reused_buffers
 from lsaq_mlx.planning.plan import QuantModule
-from lsaq_mlx.modules import inner_model
+from lsaq_mlx.modules import EMBEDDINGS, embedding, inner_model
 from lsaq_mlx.scoring.lens import find_lens
 
 ROW_BLOCK_BYTES = 64 << 20  # float32 bytes of one row block of the LM head or embedding
@@ -89,7 +89,7 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
     wanted = {q.path for q in modules}
     lens = find_lens(streamed.model)
     head_path = "lm_head" if "lm_head" in wanted else None
-    embed_path = next((p for p in wanted if p.endswith("embed_tokens")), None)
+    embed_path = next((p for p in wanted if p.endswith(EMBEDDINGS)), None)
     tied = head_path is None and embed_path is not None and _tied(streamed.model)
     step = progress or (lambda n=1: None)
 
@@ -106,7 +106,7 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
     # 2. the head
     def head_matrix() -> mx.array:  # looked up each time: the matrices leave memory in step 3
         return lens.head.weight if "lm_head" in streamed.model.get("language_model", streamed.model) else \
-            inner_model(streamed.model)["embed_tokens"].weight
+            _embedding(streamed.model).weight
 
     normed, lses, grad_hidden = _head(lens, hidden, targets, head_matrix())
 
@@ -132,7 +132,7 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
 
     # 4. the embedding (with the head's share when they are tied)
     if embed_path:
-        embed = inner_model(streamed.model)["embed_tokens"].weight
+        embed = _embedding(streamed.model).weight
         scale = _embedding_scale(streamed)
 
         def block(rows):
@@ -256,17 +256,18 @@ def _embedding_scale(streamed) -> float:
     """What the model multiplies a token's embedding by before the first layer (Gemma:
     the square root of the hidden size), read from the gradient of one token's lookup."""
     inner = inner_model(streamed.model)
-    table = inner["embed_tokens"].weight
+    name = embedding(inner)
+    table = inner[name].weight
 
     def first_input(weight):
-        inner["embed_tokens"].weight = weight
+        inner[name].weight = weight
         h = _until_first_layer(inner, mx.array([[0]]))
         return (h.sum(),)
 
     try:  # one row is enough to read the scale (a float32 copy of the table would not be small)
         _, (g,) = mx.vjp(first_input, [table[:1].astype(mx.float32)], [mx.array(1.0)])
     finally:
-        inner["embed_tokens"].weight = table
+        inner[name].weight = table
     return float(g[0].mean().item())
 
 
@@ -319,3 +320,8 @@ def _nested(flat: dict) -> dict:
     from mlx.utils import tree_unflatten
 
     return tree_unflatten(list(flat.items()))
+
+
+def _embedding(model: nn.Module) -> nn.Module:
+    inner = inner_model(model)
+    return inner[embedding(inner)]

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import inner_model
+from lsaq_mlx.modules import embedding, final_norm, inner_model
 
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on one chunk of vocabulary logits
 
@@ -79,12 +79,12 @@ def find_lens(model: nn.Module) -> Lens:
     holder = model.get("language_model", model)
     if "lm_head" in holder:
         head = holder["lm_head"]
-    elif "embed_tokens" in inner:
-        head = inner["embed_tokens"].as_linear
+    elif embedding(inner):
+        head = inner[embedding(inner)].as_linear
     else:
         raise UserError("model has neither an LM head nor token embeddings to read the lens through")
-    vocab = inner["embed_tokens"].weight.shape[0] if "embed_tokens" in inner else head.weight.shape[0]
-    return Lens(inner["norm"], head, vocab, logit_transform(model))
+    vocab = inner[embedding(inner)].weight.shape[0] if embedding(inner) else head.weight.shape[0]
+    return Lens(inner[final_norm(inner)], head, vocab, logit_transform(model))
 
 
 def logit_transform(model: nn.Module) -> Callable[[mx.array], mx.array] | None:
@@ -107,7 +107,7 @@ def logit_transform(model: nn.Module) -> Callable[[mx.array], mx.array] | None:
 
 @contextmanager
 def _forward_of_head_output(holder: nn.Module, inner: nn.Module, z: mx.array):
-    inner_class, embed = type(inner), inner.get("embed_tokens")
+    inner_class, embed = type(inner), inner.get(embedding(inner))
     inner.__class__ = type(inner_class.__name__, (inner_class,), {"__call__": lambda self, *a, **k: z})
     head = holder.get("lm_head")
     if head is not None:

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.compute import backend
 from lsaq_mlx.backend.hybrid import make_hybrid
-from lsaq_mlx.modules import inner_model, layer_index
+from lsaq_mlx.modules import final_norm, inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.model_tensors import DTYPES, ModelTensors, NotStreamable
 from lsaq_mlx.sources.tensors import source_tensors
@@ -179,12 +179,13 @@ def forward_by_rows(forward, x: mx.array, rows: int) -> mx.array:
 def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:
     """The inner model's output without its final norm: its forward with the norm as the
     identity (mlx-lm's inner models end with ``self.norm(h)``)."""
-    norm = inner["norm"]
-    inner["norm"] = _Identity()
+    name = final_norm(inner)
+    norm = inner[name]
+    inner[name] = _Identity()
     try:
         return inner(tokens)
     finally:
-        inner["norm"] = norm
+        inner[name] = norm
 
 
 class _Identity(nn.Module):
