@@ -1,6 +1,12 @@
-"""Write a randomly initialized llama model folder of a chosen shape, for benchmarks.
+"""Write a randomly initialized llama (or qwen3_moe) model folder of a chosen shape, for
+benchmarks.
 
     python scripts/make_random_model.py OUT [--shape llama3-8b | --hidden 2048 --layers 8 ...]
+    python scripts/make_random_model.py OUT --shape qwen3-30b-a3b --layers 12
+
+Mixture-of-experts shapes are written as Hugging Face checkpoints hold them: each
+expert's matrices apart (``model.layers.N.mlp.experts.E.gate_proj.weight``), which
+mlx-lm's ``sanitize`` stacks when it loads.
 
 Shapes (``--shape``) name the ones the benchmarks use; any argument given after it
 overrides that part of it (``--shape llama3-8b --layers 16``). Weights are normal with
@@ -19,13 +25,17 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import llama
+from mlx_lm.models import llama, qwen3_moe
 
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads, head dim, vocab, tied
     "0.5b": (1536, 16, 4096, 12, 4, 128, 49152, True),
     "1.1b": (2048, 22, 5632, 32, 4, 64, 49152, True),  # TinyLlama-1.1B's shape
     "llama3-8b": (4096, 32, 14336, 32, 8, 128, 128256, False),
     "gemma3-270m-vocab": (640, 18, 2048, 4, 1, 256, 262144, True),  # Gemma 3 270M's widths and vocabulary
+}
+MOE_SHAPES = {  # hidden, layers, expert MLP, heads, kv heads, head dim, vocab, tied, experts, active
+    "qwen3-30b-a3b": (2048, 48, 768, 32, 4, 128, 151936, False, 128, 8),
+    "qwen3-235b-a22b": (4096, 94, 1536, 64, 4, 128, 151936, False, 128, 8),
 }
 FIELDS = ("hidden", "layers", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "tied")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -42,6 +52,29 @@ def config_for(shape: dict, default_config: dict) -> dict:
     }
 
 
+def moe_config_for(shape: dict, experts: int, active: int, default_config: dict) -> dict:
+    config = config_for(shape, default_config) | {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": experts,
+        "num_experts_per_tok": active, "moe_intermediate_size": shape["intermediate"], "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "norm_topk_prob": True, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+    }
+    return config
+
+
+def hf_names(tensors: dict) -> dict:
+    """Stacked experts (mlx-lm's ``switch_mlp``) apart again, under Hugging Face names."""
+    out = {}
+    for name, value in tensors.items():
+        if ".mlp.switch_mlp." not in name:
+            out[name] = value
+            continue
+        stem, _, proj = name.removesuffix(".weight").rpartition(".switch_mlp.")
+        for e in range(value.shape[0]):
+            out[f"{stem}.experts.{e}.{proj}.weight"] = value[e]
+    return out
+
+
 def random_params(params: dict, key) -> dict:
     """Normal(0, 0.02) weights, ones for norms, in float16."""
     out = {}
@@ -55,7 +88,8 @@ def random_params(params: dict, key) -> dict:
 
 def write(out: Path, config: dict, seed: int = 0) -> int:
     """Write the folder; return the number of parameters."""
-    model = llama.Model(llama.ModelArgs.from_dict(config))  # built lazily: nothing evaluated
+    module = qwen3_moe if config["model_type"] == "qwen3_moe" else llama
+    model = module.Model(module.ModelArgs.from_dict(config))  # built lazily: nothing evaluated
     flat = dict(tree_flatten(model.parameters()))
     groups = {}
     for name in flat:
@@ -65,7 +99,7 @@ def write(out: Path, config: dict, seed: int = 0) -> int:
     weight_map, count = {}, 0
     key = mx.random.key(seed)
     for n, (group, names) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0] == "rest", int(kv[0]) if kv[0] != "rest" else 0))):
-        tensors = random_params({k: flat[k] for k in names}, mx.random.split(key, n + 2)[n + 1])
+        tensors = hf_names(random_params({k: flat[k] for k in names}, mx.random.split(key, n + 2)[n + 1]))
         mx.eval(tensors)
         file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
         mx.save_safetensors(str(out / file), tensors, metadata={"format": "mlx"})
@@ -80,7 +114,7 @@ def write(out: Path, config: dict, seed: int = 0) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--shape", choices=SHAPES, default="0.5b")
+    parser.add_argument("--shape", choices=[*SHAPES, *MOE_SHAPES], default="0.5b")
     for name in FIELDS[:-1]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--untied", action="store_true", help="an LM head of its own")
@@ -89,16 +123,20 @@ def main() -> None:
 
     from lsaq_mlx.sources import resolve_model
 
-    shape = dict(zip(FIELDS, SHAPES[args.shape]))
+    shape = dict(zip(FIELDS, (SHAPES | MOE_SHAPES)[args.shape]))
     shape |= {k: getattr(args, k) for k in FIELDS[:-1] if getattr(args, k) is not None}
     shape["tied"] = shape["tied"] and not args.untied
     default = resolve_model(None).path
-    config = config_for(shape, json.loads((default / "config.json").read_text()))
+    default_config = json.loads((default / "config.json").read_text())
+    if args.shape in MOE_SHAPES:
+        config = moe_config_for(shape, *MOE_SHAPES[args.shape][-2:], default_config)
+    else:
+        config = config_for(shape, default_config)
     count = write(args.out, config, args.seed)
     for name in TOKENIZER_FILES:
         if (default / name).exists():
             shutil.copy(default / name, args.out / name)
-    print(f"{args.out}: llama, {shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
+    print(f"{args.out}: {config['model_type']}, {shape['layers']} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
           f"{count / 1e6:.0f}M parameters, float16")
 
 
