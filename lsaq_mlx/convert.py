@@ -154,7 +154,7 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
                         scratch: Path) -> dict:
     if not quantizer.calibrated:
         return {}
-    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.gptq.hessians import HELD_OUT_TOKENS, SEQ_LEN, calibration_tokens
     from lsaq_mlx.gptq.solver import MIN_EXPERT_TOKENS
     from lsaq_mlx.gptq.writer import EqualizationCount, calibrated_weights
     from lsaq_mlx.scoring.calibration import load_calibration
@@ -162,12 +162,15 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     from lsaq_mlx.sources.streaming import StreamedModel
 
     streamed = StreamedModel(source)
-    tokens = calibration_tokens(load_tokenizer(source), calib or load_calibration(None))
+    tokens = calibration_tokens(load_tokenizer(source), calib or load_calibration(None), HELD_OUT_TOKENS)
     Path(scratch).mkdir(parents=True, exist_ok=True)
     count = EqualizationCount()
     with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
-                                     advance, count)
+                                     advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN)
+    if count.rows_rounded:
+        log.warning("note: %s kept round to nearest on %d of %d rows, where it did better on held-out calibration "
+                    "text", quantizer.name, count.rows_rounded, count.rows)
     if count.experts_rounded:
         log.warning("warning: %d of %d experts saw fewer than %d calibration tokens and were rounded to nearest",
                     count.experts_rounded, count.experts_rounded + count.experts_calibrated, MIN_EXPERT_TOKENS)

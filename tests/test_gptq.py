@@ -8,7 +8,7 @@ from converted_models import assert_loads_with_only_mlx_lm, held_out_errors
 
 from lsaq_mlx.convert import convert
 from lsaq_mlx.gptq.packing import pack_codes
-from lsaq_mlx.gptq.solver import gptq_quantize, hessian_factor, output_error
+from lsaq_mlx.gptq.solver import AffineCodes, gptq_quantize, hessian_factor, output_error
 from lsaq_mlx.planning.planner import Planner, PlanRequest
 
 
@@ -261,3 +261,60 @@ def test_the_mlx_solver_writes_the_numpy_solvers_codes():
 
                 old = error(f[f"weight_{key}"], f[f"scales_{key}"], f[f"biases_{key}"])
                 assert error(got.weight, got.scales, got.biases) == pytest.approx(old, rel=1e-4), key
+
+
+def test_each_row_keeps_round_to_nearest_where_it_beats_the_calibrated_codes():
+    from lsaq_mlx.gptq.writer import EqualizationCount, never_worse_than_rounding
+    from lsaq_mlx.planning.choices import Affine
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 64)).astype(np.float32)
+    x = rng.standard_normal((512, 64)).astype(np.float32) * np.linspace(0.2, 3.0, 64, dtype=np.float32)
+    held_out = x.T @ x / len(x)
+    choice = Affine(3, 32)
+    factor = hessian_factor(np.diag(np.linspace(3.0, 0.1, 64)).astype(np.float32))  # fitted to other inputs
+    gptq = gptq_quantize(weight, factor, 3, 32)
+    gptq.weight[:4] = gptq.weight[4:8]  # four rows made bad: another row's codes
+    count = EqualizationCount()
+    kept = never_worse_than_rounding(gptq, mx.array(weight), choice, held_out, count)
+
+    def errors(codes):
+        deq = np.array(mx.dequantize(*codes.arrays(), group_size=32, bits=3))
+        return np.einsum("ij,ij->i", (deq - weight) @ held_out, deq - weight)
+
+    rtn = AffineCodes(*(np.array(a.astype(mx.float16) if a.dtype == mx.float32 else a)
+                        for a in mx.quantize(mx.array(weight), 32, 3)))
+    assert np.all(errors(kept) <= np.minimum(errors(gptq), errors(rtn)) * (1 + 1e-6))
+    assert 4 <= count.rows_rounded < 16 and count.rows == 16
+
+
+def test_a_module_the_quantizer_makes_worse_than_rounding_is_written_as_rounding(tiny_source, tmp_path):
+    from dataclasses import dataclass
+
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS, Quantizer
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    @dataclass(frozen=True)
+    class Misplaced(Quantizer):  # each row gets the next row's codes: worse everywhere
+        uses_hessian = True
+
+        def codes(self, weight, inputs, choice, clip):
+            codes = super().codes(weight, inputs, choice, clip)
+            return AffineCodes(*(np.roll(getattr(codes, f), 1, axis=0) for f in ("weight", "scales", "biases")))
+
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=4, group_size=32))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
+    streamed = StreamedModel(source)
+    count = writer.EqualizationCount()
+    written = writer.calibrated_weights(streamed, tokens, dict(plan.modules), tmp_path, Misplaced("misplaced", ""),
+                                        count=count, held_out=2)
+    path = "model.layers.1.mlp.down_proj"
+    with streamed.layer(1) as layer:
+        rtn = QUANTIZERS["rtn"].codes(layer.mlp.down_proj.weight, None, plan.modules[path], False)
+    assert np.array_equal(np.array(written[path]["weight"]), rtn.weight)
+    assert count.rows_rounded == count.rows > 0

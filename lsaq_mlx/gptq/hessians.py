@@ -30,6 +30,7 @@ from lsaq_mlx.scoring.lens import find_lens
 from lsaq_mlx.sources.streaming import forward_by_rows
 
 TOKENS, SEQ_LEN = 16384, 256  # calibration: 2,048 tokens overfit (KL above round to nearest), see README
+HELD_OUT_TOKENS = 2048  # after TOKENS: not fitted on, the check that a calibrated module beats rounding
 BATCH_TOKENS = 2048  # calibration tokens a layer runs on at once (its temporaries scale with them)
 SAMPLE_TOKENS = 512  # calibration tokens of the layer's input and output kept for checks while it is loaded
 
@@ -57,15 +58,26 @@ class CalibratedLayer:
         return self.output_error(params) <= tolerance ** 2 * max(added, 1e-24)
 
 
+class LayerHessians(dict):
+    """``{path: H}`` of a layer's modules, fitted on; ``held_out``: the same from the
+    held-out sequences (empty when none were held out)."""
+
+    def __init__(self, fitted: dict, held_out: dict | None = None):
+        super().__init__(fitted)
+        self.held_out = held_out or {}
+
+
 def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
-                        halves: bool = False) -> None:
+                        halves: bool = False, held_out: int = 0) -> None:
     """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
     ``paths`` of each decoder layer while it is loaded (``layer``: a
     ``CalibratedLayer``), then for the LM head or the embedding tied to it (``layer``
     None); ``H`` (float32 numpy) is the same array for modules sharing an input. If it
     returns parameters (names relative to the layer), the layer's output with them is
     passed on to the next. With ``halves``, ``H`` is a pair: the Hessians of two
-    disjoint halves of the sequences. ``tokens``: (batch, length)."""
+    disjoint halves of the sequences. ``tokens``: (batch, length), of which the last
+    ``held_out`` sequences are not in ``H`` but in ``hessians.held_out``
+    (``LayerHessians``)."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
 
@@ -73,11 +85,14 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         prefix = streamed.prefixes[i]
         kinds = nn.Linear if halves else (nn.Linear, SwitchLinear)
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, kinds)}
-        hessians = _layer_hessians(layer, modules, forward, x_in, rows, halves)
+        fit = x_in.shape[0] - held_out
+        hessians = _layer_hessians(layer, modules, forward, x_in[:fit], rows, halves)
+        checks = _layer_hessians(layer, modules, forward, x_in[fit:], rows, False) if held_out else {}
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32))
         replaced = on_modules({prefix + p: m for p, m in modules.items()},
-                              {prefix + p: hessians[_input_key(p)] for p in modules}, sample)
+                              LayerHessians({prefix + p: hessians[_input_key(p)] for p in modules},
+                                            {prefix + p: checks[_input_key(p)] for p in modules if checks}), sample)
         step()
         if replaced is None:
             return None
@@ -88,9 +103,11 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
     head = head_path(streamed.model)
     if head in paths:
         normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)
-        parts = [normed[0::2], normed[1::2]] if halves else [normed]
-        h = tuple(np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts)
-        on_modules({head: dict(streamed.model.named_modules())[head]}, {head: h if halves else h[0]}, None)
+        fit = normed.shape[0] - held_out
+        parts = [normed[0::2], normed[1::2]] if halves else [normed[:fit]] + ([normed[fit:]] if held_out else [])
+        h = [np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts]
+        hessians = LayerHessians({head: tuple(h) if halves else h[0]}, {head: h[1]} if held_out else None)
+        on_modules({head: dict(streamed.model.named_modules())[head]}, hessians, None)
     step()
 
 
@@ -194,9 +211,9 @@ def _input_key(path: str) -> str:
     return f"{parent}.{_SHARED_INPUT.get(name, name)}"
 
 
-def calibration_tokens(tokenizer, calib) -> mx.array:
-    """``TOKENS`` tokens of ``calib`` as (sequences, ``SEQ_LEN``)."""
+def calibration_tokens(tokenizer, calib, held_out: int = 0) -> mx.array:
+    """``TOKENS`` (plus ``held_out``) tokens of ``calib`` as (sequences, ``SEQ_LEN``)."""
     from lsaq_mlx.scoring.calibration import token_sequences
 
-    sequences = token_sequences(tokenizer, calib, TOKENS, SEQ_LEN)
+    sequences = token_sequences(tokenizer, calib, TOKENS + held_out, SEQ_LEN)
     return mx.array([s for s in sequences if len(s) == SEQ_LEN])

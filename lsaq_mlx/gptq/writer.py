@@ -20,6 +20,8 @@ from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
 from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path
+from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES
+from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes, ExpertHessians, ModuleInputs
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.quantizers import QUANTIZERS
@@ -38,14 +40,19 @@ class EqualizationCount:
     refused: list[str] = field(default_factory=list)
     experts_calibrated: int = 0
     experts_rounded: int = 0
+    rows: int = 0  # rows checked on held-out inputs
+    rows_rounded: int = 0  # of those, rows where round to nearest did better and was kept
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
-                       count: EqualizationCount | None = None) -> dict[str, dict]:
+                       count: EqualizationCount | None = None, held_out: int = 0) -> dict[str, dict]:
     """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
     of ``choices`` (path -> planned choice) with an affine choice, quantized by
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
-    changed. Without GPTQ the LM head is left to the caller (round to nearest)."""
+    changed. Without GPTQ the LM head is left to the caller (round to nearest). With
+    ``held_out`` (the last sequences of ``tokens``, not fitted on), each row of a module
+    keeps the quantizer's codes or round to nearest's, whichever gives the lower output
+    error on the held-out inputs (``never_worse_than_rounding``)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     if not quantizer.uses_hessian:
         affine.pop(head_path(streamed.model), None)
@@ -69,6 +76,9 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
             else:
                 codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), affine[path], clip)
+                check = hessians.held_out.get(path) if hasattr(hessians, "held_out") else None
+                if check is not None:
+                    codes = never_worse_than_rounding(codes, weights[path], affine[path], check, count)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
@@ -76,7 +86,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             return _as_written(arrays, layer.prefix, affine)  # the next layer is calibrated on what this one computes
         return None
 
-    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress)
+    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress, held_out=held_out)
     return written
 
 
@@ -153,6 +163,31 @@ def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
 
 def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
     return lambda weights: layer.output_error({f"{m}.weight": w for m, w in zip(members, weights)})
+
+
+def never_worse_than_rounding(codes: AffineCodes, weight: mx.array, choice: Affine, held_out: np.ndarray,
+                              count: EqualizationCount) -> AffineCodes:
+    """Row by row (rows are quantized independently), ``codes`` or round to nearest's
+    codes of ``weight``, whichever has the lower output error ``d H d^T`` with ``H`` of
+    the held-out inputs."""
+    rtn = QUANTIZERS["rtn"].codes(weight, None, choice, False)
+    step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))  # an LM head is not upcast whole
+    rounding = np.zeros(weight.shape[0], bool)
+    for r in range(0, weight.shape[0], step):
+        w = np.array(weight[r : r + step].astype(mx.float32))
+        ours, plain = (row_output_errors(_dequantized(c, choice, slice(r, r + step)) - w, held_out) for c in (codes, rtn))
+        rounding[r : r + step] = plain < ours
+    count.rows_rounded += int(rounding.sum())
+    count.rows += len(rounding)
+    if not rounding.any():
+        return codes
+    pick = rounding[:, None]
+    return AffineCodes(*(np.where(pick, getattr(rtn, f), getattr(codes, f)) for f in ("weight", "scales", "biases")))
+
+
+def _dequantized(codes: AffineCodes, choice: Affine, rows: slice) -> np.ndarray:
+    arrays = (mx.array(getattr(codes, f)[rows]) for f in ("weight", "scales", "biases"))
+    return np.array(mx.dequantize(*arrays, group_size=choice.group_size, bits=choice.bits).astype(mx.float32))
 
 
 def _expert_codes(quantizer, weight: mx.array, hessians: ExpertHessians, choice: Affine, clip: bool,
