@@ -61,5 +61,6 @@ def quantizer_help() -> str:
     """The ``--quantizer`` help: every row of ``QUANTIZERS``."""
     rows = "; ".join(f"{q.name} ({q.help})" for q in QUANTIZERS.values())
     return (f"How affine modules get their codes: {rows}. The calibrated ones read 16,384 tokens of --calib text a "
-            "decoder layer at a time; with GPTQ an embedding tied to the LM head goes through GPTQ as the head; other "
+            "decoder layer at a time (2,048 more are held out: each row keeps rtn's codes where they do better on "
+            "them); with GPTQ an embedding tied to the LM head goes through GPTQ as the head up to 5 bits; other "
             "embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder.")

@@ -181,7 +181,7 @@ def test_each_layer_is_calibrated_on_what_the_layer_before_it_computes_as_writte
     tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
     layers, passed_on = [], []
 
-    def spying(streamed, tokens, paths, on_modules, progress=None):
+    def spying(streamed, tokens, paths, on_modules, progress=None, **options):
         def spy(modules, hessians, layer):
             params = on_modules(modules, hessians, layer)
             if layer is not None:
@@ -189,7 +189,7 @@ def test_each_layer_is_calibrated_on_what_the_layer_before_it_computes_as_writte
                 with _parameters(layer.module, params):  # what the layer computes as written
                     passed_on.append(layer.forward(layer.x_in))
             return params
-        each_layer_hessians(streamed, tokens, paths, spy, progress)
+        each_layer_hessians(streamed, tokens, paths, spy, progress, **options)
 
     monkeypatch.setattr(writer, "each_layer_hessians", spying)
     weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["gptq"])
@@ -217,12 +217,12 @@ def test_an_embedding_tied_to_the_lm_head_is_written_by_gptq_on_the_final_hidden
     tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
     heads = {}
 
-    def spying(streamed, tokens, paths, on_modules, progress=None):
+    def spying(streamed, tokens, paths, on_modules, progress=None, **options):
         def spy(modules, hessians, layer):
             if layer is None:
                 heads.update({p: (np.array(m.weight.astype(mx.float32)), hessians[p]) for p, m in modules.items()})
             return on_modules(modules, hessians, layer)
-        each_layer_hessians(streamed, tokens, paths, spy, progress)
+        each_layer_hessians(streamed, tokens, paths, spy, progress, **options)
 
     monkeypatch.setattr(writer, "each_layer_hessians", spying)
     weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["gptq"])
@@ -318,3 +318,21 @@ def test_a_module_the_quantizer_makes_worse_than_rounding_is_written_as_rounding
         rtn = QUANTIZERS["rtn"].codes(layer.mlp.down_proj.weight, None, plan.modules[path], False)
     assert np.array_equal(np.array(written[path]["weight"]), rtn.weight)
     assert count.rows_rounded == count.rows > 0
+
+
+def test_an_embedding_tied_to_the_head_above_its_bits_is_left_to_rounding(tiny_source, tmp_path):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("qwen2")  # tied embeddings
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
+    for bits, calibrated in ((writer.TIED_HEAD_MAX_BITS, True), (writer.TIED_HEAD_MAX_BITS + 1, False)):
+        plan = Planner(source).plan(PlanRequest(method="uniform", bits=bits, group_size=32))
+        (tmp_path / str(bits)).mkdir()
+        weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path / str(bits),
+                                            QUANTIZERS["gptq"])
+        assert ("model.embed_tokens" in weights) == calibrated
