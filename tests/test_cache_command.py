@@ -43,3 +43,26 @@ def test_cache_list_rm_and_prune(tmp_path, empty_cache):
 def test_cache_rm_says_what_it_needs(empty_cache):
     assert_one_line_error(run_cli("cache", "rm"), "say which: --model M, or --all")
     assert_one_line_error(run_cli("cache", "prune", "--older-than", "soon"), "cannot read the age 'soon'")
+
+
+def test_list_shows_converted_folders_and_imports(tmp_path, empty_cache):
+    import shutil
+
+    write_gguf(tiny_model("llama"), "llama", tmp_path / "a.gguf")
+    for name in ("kept", "moved"):
+        done = run_cli("convert", "-m", str(tmp_path / "a.gguf"), "-b", "6", "-o", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+    shutil.rmtree(tmp_path / "moved")
+    listed = json.loads(run_cli("list", "--json").stdout)
+    converted = {os.path.basename(m["path"]): m for m in listed["converted"]}
+    assert converted["kept"]["present"] and not converted["moved"]["present"]
+    assert converted["kept"]["source"].endswith("a.gguf") and 5.5 < converted["kept"]["bits_per_weight"] <= 6.0
+    assert [e["model"] for e in listed["imported"]] == ["a.gguf"]
+    text = run_cli("list").stdout
+    assert "(gone)" in text and "a.gguf" in text
+
+    (empty_cache / "converted.json").write_text('[{"path": 1}, "x", ' + json.dumps(listed["converted"][0] | {"present": None}) + "]")
+    assert json.loads(run_cli("list", "--json").stdout)["converted"] == []  # malformed records are left out
+    (empty_cache / "converted.json").write_text("{not json")
+    done = run_cli("list", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["converted"] == []

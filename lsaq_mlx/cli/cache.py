@@ -1,4 +1,5 @@
-"""``cache list | rm | prune``: what lsaq-mlx keeps in its cache, for which model, and removing it."""
+"""``list``: the models this machine has; ``cache list | rm | prune``: what lsaq-mlx
+keeps in its cache, for which model, and removing it."""
 
 from typing import Annotated
 
@@ -12,6 +13,28 @@ from lsaq_mlx.errors import UserError
 cache_app = typer.Typer(help="What lsaq-mlx keeps in its cache ($LSAQ_MLX_CACHE, else ~/.cache/lsaq-mlx), and removing it.",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+
+
+@app.command("list")
+def list_models(json_out: JsonOption = False) -> None:
+    """The models you have: folders written by convert (path, bits per weight, size, quantizer, source, when; gone if moved or deleted) and models imported into the cache.
+
+    Examples: lsaq-mlx list · lsaq-mlx list --json"""
+    from lsaq_mlx.cache_inventory import cache_entries
+    from lsaq_mlx.model_index import converted_models
+
+    converted = list(reversed(converted_models()))
+    imported = [e for e in cache_entries() if e.kind == "models"]
+    if json_out:
+        return emit_json({"converted": [m.to_dict() for m in converted], "imported": [e.to_dict() for e in imported]})
+    print(f"converted by lsaq-mlx convert: {len(converted)}")
+    for m in converted:
+        where = m.path if m.present else f"{m.path} (gone)"
+        print(f"  {where:<48} {m.bits_per_weight:5.2f} bpw {_size(m.written_bytes):>10}  {m.quantizer:<8} "
+              f"{m.method:<10} from {m.source}  {_age(m.written_at)}")
+    print(f"imported into the cache: {len(imported)}")
+    for e in imported:
+        print(f"  {e.model or '?':<48} {_size(e.bytes):>10}  {_age(e.modified)}")
 
 
 @cache_app.command("list")

@@ -120,6 +120,7 @@ def convert(
     from lsaq_mlx.planning.budgets import headroom
     from lsaq_mlx.planning.plan import QuantPlan
     from lsaq_mlx.planning.planner import Planner, plan_from_file
+    from lsaq_mlx.model_index import record_converted
     from lsaq_mlx.quantizers import QUANTIZERS
     from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources import resolve_model
@@ -146,6 +147,7 @@ def convert(
                          plan_seconds=time.perf_counter() - planning,
                          quantizer=quantizer,
                          calib=load_calibration(calib) if calib else None)
+    record_converted(report)
     if json_out:
         return emit_json(report.to_dict())
     print_plan(chosen)
