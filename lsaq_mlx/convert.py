@@ -156,7 +156,7 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
         return {}
     from lsaq_mlx.gptq.hessians import HELD_OUT_TOKENS, SEQ_LEN, calibration_tokens
     from lsaq_mlx.gptq.solver import MIN_EXPERT_TOKENS
-    from lsaq_mlx.gptq.writer import EqualizationCount, calibrated_weights
+    from lsaq_mlx.gptq.writer import CalibrationCounts, calibrated_weights
     from lsaq_mlx.scoring.calibration import load_calibration
     from lsaq_mlx.sources.load import load_tokenizer
     from lsaq_mlx.sources.streaming import StreamedModel
@@ -164,7 +164,7 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     streamed = StreamedModel(source)
     tokens = calibration_tokens(load_tokenizer(source), calib or load_calibration(None), HELD_OUT_TOKENS)
     Path(scratch).mkdir(parents=True, exist_ok=True)
-    count = EqualizationCount()
+    count = CalibrationCounts()
     with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
                                      advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN)

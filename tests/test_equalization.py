@@ -147,7 +147,7 @@ def test_a_fold_that_changes_the_layer_is_refused_and_the_layer_written_unequali
     monkeypatch.setattr(writer, "equalizing_scales", lambda weights, h, choices, measure=None: np.linspace(0.5, 2.0, h.shape[0],
                                                                                                dtype=np.float32))
     tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
-    count = writer.EqualizationCount()
+    count = writer.CalibrationCounts()
     weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["awq"],
                                         count=count)
     assert count.equalized == count.searched == 2 and count.refused == ["model.layers.0", "model.layers.1"]

@@ -264,7 +264,7 @@ def test_the_mlx_solver_writes_the_numpy_solvers_codes():
 
 
 def test_each_row_keeps_round_to_nearest_where_it_beats_the_calibrated_codes():
-    from lsaq_mlx.gptq.writer import EqualizationCount, never_worse_than_rounding
+    from lsaq_mlx.gptq.writer import CalibrationCounts, never_worse_than_rounding
     from lsaq_mlx.planning.choices import Affine
 
     rng = np.random.default_rng(0)
@@ -275,7 +275,7 @@ def test_each_row_keeps_round_to_nearest_where_it_beats_the_calibrated_codes():
     factor = hessian_factor(np.diag(np.linspace(3.0, 0.1, 64)).astype(np.float32))  # fitted to other inputs
     gptq = gptq_quantize(weight, factor, 3, 32)
     gptq.weight[:4] = gptq.weight[4:8]  # four rows made bad: another row's codes
-    count = EqualizationCount()
+    count = CalibrationCounts()
     kept = never_worse_than_rounding(gptq, mx.array(weight), choice, held_out, count)
 
     def errors(codes):
@@ -310,7 +310,7 @@ def test_a_module_the_quantizer_makes_worse_than_rounding_is_written_as_rounding
     plan = Planner(source).plan(PlanRequest(method="uniform", bits=4, group_size=32))
     tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
     streamed = StreamedModel(source)
-    count = writer.EqualizationCount()
+    count = writer.CalibrationCounts()
     written = writer.calibrated_weights(streamed, tokens, dict(plan.modules), tmp_path, Misplaced("misplaced", ""),
                                         count=count, held_out=2)
     path = "model.layers.1.mlp.down_proj"

@@ -36,8 +36,9 @@ TIED_HEAD_MAX_BITS = 5
 
 
 @dataclass
-class EqualizationCount:
-    """How many scale groups were equalized, of those searched, and which were refused;
+class CalibrationCounts:
+    """What calibration did: how many scale groups were equalized, of those searched,
+    and which were refused;
     how many experts were calibrated on their routed tokens, and how many too few
     tokens reached (rounded to nearest)."""
 
@@ -51,7 +52,7 @@ class EqualizationCount:
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
-                       count: EqualizationCount | None = None, held_out: int = 0) -> dict[str, dict]:
+                       count: CalibrationCounts | None = None, held_out: int = 0) -> dict[str, dict]:
     """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
     of ``choices`` (path -> planned choice) with an affine choice, quantized by
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
@@ -64,7 +65,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     tied = head is not None and head != "lm_head"
     if not quantizer.uses_hessian or (tied and head in affine and affine[head].bits > TIED_HEAD_MAX_BITS):
         affine.pop(head, None)
-    count = count if count is not None else EqualizationCount()
+    count = count if count is not None else CalibrationCounts()
     written: dict[str, dict] = {}
 
     def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
@@ -84,7 +85,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
             else:
                 codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), affine[path], clip)
-                check = hessians.held_out.get(path) if hasattr(hessians, "held_out") else None
+                check = getattr(hessians, "held_out", {}).get(path)
                 if check is not None:
                     codes = never_worse_than_rounding(codes, weights[path], affine[path], check, count)
             arrays |= _named(path, codes, biases.get(path))
@@ -114,7 +115,7 @@ def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
 
 
 def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict, hessians: dict,
-              count: EqualizationCount) -> dict:
+              count: CalibrationCounts) -> dict:
     """Search and fold each scale group of ``layer`` whose modules are all planned
     affine, changing ``weights``, ``biases`` (full paths) and the Hessians in place;
     returns the folded norms' arrays. If the folds change the layer's float output
@@ -174,7 +175,7 @@ def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
 
 
 def never_worse_than_rounding(codes: AffineCodes, weight: mx.array, choice: Affine, held_out: np.ndarray,
-                              count: EqualizationCount) -> AffineCodes:
+                              count: CalibrationCounts) -> AffineCodes:
     """Row by row (rows are quantized independently), ``codes`` or round to nearest's
     codes of ``weight``, whichever has the lower output error ``d H d^T`` with ``H`` of
     the held-out inputs."""
@@ -199,7 +200,7 @@ def _dequantized(codes: AffineCodes, choice: Affine, rows: slice) -> np.ndarray:
 
 
 def _expert_codes(quantizer, weight: mx.array, hessians: ExpertHessians, choice: Affine, clip: bool,
-                  count: EqualizationCount) -> AffineCodes:
+                  count: CalibrationCounts) -> AffineCodes:
     """Each expert's codes from its own routed inputs; one that too few calibration
     tokens reached (``MIN_EXPERT_TOKENS``) is rounded to nearest."""
     rtn = QUANTIZERS["rtn"]

@@ -30,8 +30,6 @@ from lsaq_mlx.sources.model_tensors import DTYPES, ModelTensors, NotStreamable
 from lsaq_mlx.sources.tensors import source_tensors
 from lsaq_mlx.settings import settings
 
-
-
 STREAM_ABOVE_BYTES = 1 << 30  # auto: stream models whose compute weights take more
 
 
