@@ -63,4 +63,7 @@ def quantizer_help() -> str:
     return (f"How affine modules get their codes: {rows}. The calibrated ones read 16,384 tokens of --calib text a "
             "decoder layer at a time (2,048 more are held out: each row keeps rtn's codes where they do better on "
             "them); with GPTQ an embedding tied to the LM head goes through GPTQ as the head up to 5 bits; other "
-            "embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder.")
+            "embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder. Measured on a "
+            "2-core x86 CPU (MLX's CPU backend, not Apple silicon): on SmolLM2-135M awq-gptq's KL to the source is "
+            "0.64x rtn's at 4.0 bits per weight and 0.96x at 7.0, and it took 270 s against 3 s; a 2-layer "
+            "Llama-3-8B-shaped model took 2,245 s. rtn stays the default for that cost.")
