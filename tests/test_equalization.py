@@ -170,3 +170,16 @@ def test_the_cli_writes_an_awq_gptq_model(tiny_source, tmp_path):
     assert json.loads((out / "lsaq_report.json").read_text())["quantizer"] == "awq-gptq"
     assert isinstance(dict(__import__("mlx_lm").load(str(out))[0].named_modules())["model.layers.0.mlp.up_proj"],
                       nn.QuantizedLinear)
+
+
+def test_fused_projections_are_equalized_and_folding_keeps_the_logits():
+    from hf_models import build
+
+    model, _ = build("phi3", vocab_size=300)
+    members = {m for g in scale_groups(model.model.layers[0]) for m in g.members}
+    assert {"self_attn.qkv_proj", "mlp.gate_up_proj"} <= members
+    tokens = mx.array([[1, 5, 9, 44, 2, 7, 100, 3, 250, 17, 8, 8]])
+    before = model(tokens)
+    assert _fold_every_group(model) == 2 * len(model.model.layers)
+    np.testing.assert_allclose(np.array(model(tokens)), np.array(before), rtol=1e-3,
+                               atol=1e-3 * float(mx.abs(before).max()))

@@ -11,7 +11,7 @@ import numpy as np
 from lsaq_mlx.planning.choices import Affine
 
 SHRINKS = 10  # p = 1, 0.95, ..., 0.55 (mlx_lm.awq: down to 0.5 in steps of 1/20)
-UNCLIPPED = ("q_proj", "k_proj")  # their errors meet in the softmax; mlx_lm.awq leaves them too
+UNCLIPPED = ("q_proj", "k_proj", "qkv_proj")  # their errors meet in the softmax; mlx_lm.awq leaves them too
 
 
 def clip_ratios() -> list[float]:

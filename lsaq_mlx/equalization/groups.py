@@ -4,7 +4,9 @@ mlx-lm's Llama, Qwen, Mistral, SmolLM and Gemma 3 layers; mlx_lm.awq's table):
 - ``input_layernorm`` feeds ``q_proj``, ``k_proj``, ``v_proj``;
 - the MLP's norm (``pre_feedforward_layernorm`` where the layer has one, as Gemma's
   do, else ``post_attention_layernorm``) feeds ``gate_proj`` and ``up_proj``;
-- ``up_proj``'s rows scale ``down_proj``'s input (``down(act(gate x) * up x)``).
+- ``up_proj``'s rows scale ``down_proj``'s input (``down(act(gate x) * up x)``);
+- where the projections are fused (phi3's ``qkv_proj`` and ``gate_up_proj``), the same
+  norms feed the fused module.
 
 A group whose modules the layer lacks is left out. Folding is checked on the layer's
 own calibration inputs (``writer``), so a layer wired differently (a norm that also
@@ -34,6 +36,8 @@ def scale_groups(layer: nn.Module) -> list[ScaleGroup]:
         ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
         ScaleGroup(mlp_norm, ("mlp.gate_proj", "mlp.up_proj")),
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), True),
+        ScaleGroup(mlp_norm, ("mlp.gate_up_proj",), True),
     ]
     return [g for g in groups if all(isinstance(modules.get(p), nn.Linear) for p in g.members)
             and _foldable(modules.get(g.source))]
