@@ -138,3 +138,36 @@ def test_a_swap_builds_stacked_experts_from_the_checkpoint(hf_moe, model_type):
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: p == path)
     expected = dict(model.named_modules())[path]
     assert mx.array_equal(built.weight, expected.weight)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe, model_type):
+    from test_streaming import TOKENS, whole_model_fisher
+
+    from lsaq_mlx.modules import module_at
+    from lsaq_mlx.planning.cost import module_errors
+    from lsaq_mlx.planning.fisher import streamed_fisher
+    from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.sources import load_model
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = hf_moe(model_type)
+    modules = [q for q in Planner(source).context().modules if q.copies > 1 or q.layer is not None]
+    model = load_model(source)[0]
+    reference = whole_model_fisher(model, [q.path for q in modules], TOKENS)
+    fisher, errors = {}, {}
+
+    def collect(path, weight, block):
+        fisher.setdefault(path, []).append(block)
+        for key, err in module_errors(weight, block, next(q for q in modules if q.path == path).choices()).items():
+            errors.setdefault(path, {}).setdefault(key, 0.0)
+            errors[path][key] += err
+
+    streamed_fisher(StreamedModel(source), TOKENS, modules, collect)
+    for q in modules:
+        expected = np.array(reference[q.path])
+        got = np.stack([np.array(b) for b in fisher[q.path]]) if q.copies > 1 else np.array(fisher[q.path][0])
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=1e-6 * float(np.abs(expected).max()))
+        direct = module_errors(module_at(model, q.path).weight, reference[q.path], q.choices())
+        for key, value in direct.items():
+            assert errors[q.path][key] == pytest.approx(value, rel=2e-3), (q.path, key)

@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from lsaq_mlx.backend.allocator import reused_buffers
+from lsaq_mlx.planning.expert_fisher import ExpertRecorder
 from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.modules import EMBEDDINGS, embedding, inner_model
 from lsaq_mlx.scoring.lens import find_lens
@@ -123,11 +124,13 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
         for i in reversed(range(len(streamed.layers))):
             with streamed.layer(i) as layer:
                 paths = [p for p in wanted if p.startswith(streamed.prefixes[i])]
-                grad, fisher = _layer_fisher(layer, forwards[i], boundaries.take(i), grad, streamed.prefixes[i], paths)
+                grad, fisher, experts = _layer_fisher(layer, forwards[i], boundaries.take(i), grad,
+                                                      streamed.prefixes[i], paths)
                 params = dict(tree_flatten(layer.parameters()))
-                for path in paths:
+                for path in fisher:
                     on_weights(path, params[path[len(streamed.prefixes[i]):] + ".weight"].astype(mx.float32),
                                fisher[path])
+                experts.price(streamed.prefixes[i], len(sequences), on_weights)
             step()
 
     # 4. the embedding (with the head's share when they are tied)
@@ -204,34 +207,45 @@ def _head_block(logit_grad, normed: mx.array, rows: slice) -> mx.array:
 
 
 def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, paths: list[str]):
-    """``(gradient at the layer's input, {path: Fisher})`` for one decoder layer."""
+    """``(gradient at the layer's input, {path: Fisher}, the layer's ExpertRecorder)`` for
+    one decoder layer: its stacked experts' Fisher is left to the recorder (``expert_fisher``)."""
+    experts = ExpertRecorder.of(layer, [p[len(prefix):] for p in paths])
+    paths = [p for p in paths if p[len(prefix):] not in experts.modules]
     names = [p[len(prefix):] + ".weight" for p in paths]
     params = dict(tree_flatten(layer.parameters()))
     weights = [params[n] for n in names]
 
     def run(h, *ws):
-        layer.update(_nested(dict(zip(names, ws))))
+        layer.update(_nested(dict(zip(names, ws[: len(names)]))))
+        experts.current = dict(zip(experts.modules, ws[len(names):]))
         return (forward(h),)
 
     # MLX gives a linear layer's weight gradient transposed (column-major): sums kept in
     # that layout add to it elementwise at memory speed, not on a strided path 10x slower
     sums = [mx.zeros(w.T.shape, mx.float32) for w in weights]
     grads_in = []
-    for s in range(x.shape[0]):
-        _, cotangents = mx.vjp(run, [x[s : s + 1], *weights], [grad[s : s + 1]])
-        grads_in.append(cotangents[0])
-        mx.eval(grads_in[-1])
-        weight_grads = list(cotangents[1:])
-        del cotangents
-        for j in range(len(weight_grads)):  # one module's gradient at a time, dropped once summed
-            g = weight_grads[j].T.astype(mx.float32)
-            weight_grads[j] = None
-            sums[j] = sums[j] + g * g
-            mx.eval(sums[j])
-            del g
+    with experts.installed():
+        probes = experts.probes(forward, x[:1])
+        for s in range(x.shape[0]):
+            _, cotangents = mx.vjp(run, [x[s : s + 1], *weights, *probes], [grad[s : s + 1]])
+            experts.current = None
+            grads_in.append(cotangents[0])
+            mx.eval(grads_in[-1], experts.keep(cotangents[1 + len(names):]))
+            weight_grads = list(cotangents[1 : 1 + len(names)])
+            del cotangents
+            _add_squares(sums, weight_grads)
     layer.update(_nested(dict(zip(names, weights))))
     fisher = {path: mx.contiguous(acc.T) / x.shape[0] for path, acc in zip(paths, sums)}
-    return mx.concatenate(grads_in), fisher
+    return mx.concatenate(grads_in), fisher, experts
+
+
+def _add_squares(sums: list, weight_grads: list) -> None:
+    for j in range(len(weight_grads)):  # one module's gradient at a time, dropped once summed
+        g = weight_grads[j].T.astype(mx.float32)
+        weight_grads[j] = None
+        sums[j] = sums[j] + g * g
+        mx.eval(sums[j])
+        del g
 
 
 def _embedding_block(grad: mx.array, inputs: mx.array, scale: float, rows: slice, head=None) -> mx.array:
