@@ -47,11 +47,12 @@ def streamed_fisher(streamed, sequences: list[list[int]], modules: list[QuantMod
 
 
 def _largest_layer_bytes(modules: list[QuantModule]) -> int:
-    """Float32 bytes of the weights of the decoder layer with the most."""
+    """Float32 bytes of the dense weight gradients of the decoder layer with the most
+    (stacked experts have none: ``expert_fisher``)."""
     layers = {}
     for q in modules:
-        if q.layer is not None:
-            layers[q.layer] = layers.get(q.layer, 0) + 4 * q.copies * q.rows * q.cols
+        if q.layer is not None and q.copies == 1:
+            layers[q.layer] = layers.get(q.layer, 0) + 4 * q.rows * q.cols
     return max(layers.values(), default=0)
 
 
