@@ -17,6 +17,7 @@ here (k-means and SVD, one module at a time) and writes them to ``swsc.safetenso
 
 import json
 import logging
+import math
 import resource
 import shutil
 import sys
@@ -214,11 +215,13 @@ def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
     """Give each quantized module of ``floats`` (path -> its ``MatrixRows``) the same
     values computed one row block at a time (groups run along rows), each block
     evaluated into its rows of the module's arrays before the next is read: one block
-    in float32 at a time, and no second copy of the quantized matrix."""
+    in float32 at a time, and no second copy of the quantized matrix. Stacked experts
+    go a block of experts at a time. Each module's entry leaves ``floats`` once done, so
+    its source (a lazy stack of experts, once read) is released."""
     modules = dict(model.named_modules())
-    for path, rows_of in floats.items():
-        m = modules[path]
-        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * rows_of.shape[1]))
+    for path in list(floats):
+        rows_of, m = floats.pop(path), modules[path]
+        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * math.prod(rows_of.shape[1:])))
         names = ["weight", "scales"] + (["biases"] if m.get("biases") is not None else [])
         for name in names:  # the lazy whole-matrix arrays make way for the filled ones
             m[name] = mx.zeros(m[name].shape, m[name].dtype)
