@@ -8,7 +8,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # earlier stages first; a module may import its own stage and earlier ones only
 STAGES = [
-    {"errors", "settings", "documents", "cache", "cache_inventory", "formats", "names", "modules", "progress", "sizes", "backend", "storage", "swsc", "data"},
+    {"errors", "settings", "documents", "cache", "cache_inventory", "model_index", "formats", "names", "modules", "progress",
+     "sizes", "backend", "storage", "swsc", "data"},
     {"sources"},
     {"scoring"},
     {"planning"},
