@@ -142,7 +142,7 @@ def test_a_swap_builds_stacked_experts_from_the_checkpoint(hf_moe, model_type):
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe, model_type):
-    from test_streaming import TOKENS, whole_model_fisher
+    from test_streaming import TOKENS, fisher_collector, whole_model_fisher
 
     from lsaq_mlx.modules import module_at
     from lsaq_mlx.planning.cost import module_errors
@@ -152,17 +152,10 @@ def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe,
     from lsaq_mlx.sources.streaming import StreamedModel
 
     source = hf_moe(model_type)
-    modules = [q for q in Planner(source).context().modules if q.copies > 1 or q.layer is not None]
+    modules = [q for q in Planner(source).context().modules if q.layer is not None]
     model = load_model(source)[0]
     reference = whole_model_fisher(model, [q.path for q in modules], TOKENS)
-    fisher, errors = {}, {}
-
-    def collect(path, weight, block):
-        fisher.setdefault(path, []).append(block)
-        for key, err in module_errors(weight, block, next(q for q in modules if q.path == path).choices()).items():
-            errors.setdefault(path, {}).setdefault(key, 0.0)
-            errors[path][key] += err
-
+    fisher, errors, collect = fisher_collector(modules)
     streamed_fisher(StreamedModel(source), TOKENS, modules, collect)
     for q in modules:
         expected = np.array(reference[q.path])

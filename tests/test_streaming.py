@@ -76,6 +76,21 @@ def whole_model_fisher(model, paths, sequences) -> dict:
     return {p: v / len(sequences) for p, v in sums.items()}
 
 
+def fisher_collector(modules):
+    """``(fisher, errors, collect)``: ``collect`` as ``streamed_fisher``'s ``on_weights``
+    keeps each module's Fisher blocks (the embedding's row blocks, an expert at a time)
+    and adds up their cost-table errors."""
+    fisher, errors = {}, {}
+
+    def collect(path, weight, block):
+        fisher.setdefault(path, []).append(block)
+        for key, err in module_errors(weight, block, next(q for q in modules if q.path == path).choices()).items():
+            errors.setdefault(path, {}).setdefault(key, 0.0)
+            errors[path][key] += err
+
+    return fisher, errors, collect
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])  # qwen2, gemma3: tied embeddings (head and table share a Fisher)
 def test_streamed_cost_table_equals_a_whole_model_reference(tiny_source, arch):
     source = tiny_source(arch)
@@ -85,14 +100,7 @@ def test_streamed_cost_table_equals_a_whole_model_reference(tiny_source, arch):
     reference = whole_model_fisher(model, paths, TOKENS)
     weights = {p: module_at(model, p).weight for p in paths}
 
-    fisher, errors = {}, {}
-
-    def collect(path, weight, block):  # the embedding may come in row blocks, unseen rows left out
-        fisher.setdefault(path, []).append(block)
-        for key, err in module_errors(weight, block, next(q for q in modules if q.path == path).choices()).items():
-            errors.setdefault(path, {}).setdefault(key, 0.0)
-            errors[path][key] += err
-
+    fisher, errors, collect = fisher_collector(modules)
     streamed_fisher(StreamedModel(source), TOKENS, modules, collect)
     for q in modules:
         expected = np.array(reference[q.path])

@@ -37,8 +37,11 @@ class ModelTensors:
         self.direct, transformed = _checkpoint_names(model, tensors)
         # a model quantized in memory has scales and biases the float checkpoint lacks
         params = [n for n, _ in tree_flatten(model.parameters()) if not n.endswith((".scales", ".biases"))]
-        self.sanitizers = {i: _LayerSanitizer(model, tensors, i, {n for n in params if layer_index(n) == i})
-                           for i in sorted(transformed)}
+        raw = {}
+        for name in tensors.names:
+            raw.setdefault(layer_index(name), []).append(name)
+        self.sanitizers = {i: _LayerSanitizer(model, tensors, i, raw.get(i, []),
+                                              {n for n in params if layer_index(n) == i}) for i in sorted(transformed)}
         self.files = {n: tensors.files[raw] for n, raw in self.direct.items() if raw in getattr(tensors, "files", {})}
 
     @property
@@ -104,9 +107,9 @@ class _LayerSanitizer:
     every parameter ``wanted`` names. Sanitizers that look for layer 0's tensors
     (mixtral's) see the layer under index 0 and its names are given back."""
 
-    def __init__(self, model: nn.Module, tensors, index: int, wanted: set[str]):
-        self.model, self.index = model, index
-        self.raw = [n for n in tensors.names if layer_index(n) == index]
+    def __init__(self, model: nn.Module, tensors, index: int, raw: list[str], wanted: set[str]):
+        """``raw``: the layer's checkpoint tensors."""
+        self.model, self.index, self.raw = model, index, raw
         placeholders = _placeholders(tensors, self.raw)
         for renumber in (False, True):
             self.renumber = renumber
