@@ -74,6 +74,6 @@ def _record(record) -> ConvertedModel | None:
             return None
         if isinstance(value, float) and not math.isfinite(value):
             return None
-        if isinstance(value, str) and (len(value) > 4096 or "\x00" in value):
+        if isinstance(value, str) and (len(value) > 4096 or any(ord(c) < 32 for c in value)):  # no terminal codes
             return None
     return ConvertedModel(**record)

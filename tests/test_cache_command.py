@@ -61,7 +61,9 @@ def test_list_shows_converted_folders_and_imports(tmp_path, empty_cache):
     text = run_cli("list").stdout
     assert "(gone)" in text and "a.gguf" in text
 
-    (empty_cache / "converted.json").write_text('[{"path": 1}, "x", ' + json.dumps(listed["converted"][0] | {"present": None}) + "]")
+    hostile = {k: v for k, v in listed["converted"][0].items() if k != "present"} | {"path": "/tmp/\x1b]0;owned\x07"}
+    (empty_cache / "converted.json").write_text('[{"path": 1}, "x", ' + json.dumps(listed["converted"][0] | {"present": None})
+                                                 + ", " + json.dumps(hostile) + "]")
     assert json.loads(run_cli("list", "--json").stdout)["converted"] == []  # malformed records are left out
     (empty_cache / "converted.json").write_text("{not json")
     done = run_cli("list", "--json")
