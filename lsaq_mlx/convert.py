@@ -69,6 +69,7 @@ class ConvertReport:
     versions: dict = field(default_factory=dict)
     plan_seconds: float = 0.0  # making the plan (the cost table, when it was not cached)
     quantizer: str = "rtn"  # how affine modules were quantized (QUANTIZERS)
+    adaptive: dict = field(default_factory=dict)  # an adaptive folder's plans and stored settings
     version: int = REPORT_VERSION
 
     def to_dict(self) -> dict:
@@ -76,11 +77,14 @@ class ConvertReport:
 
 
 def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8,
-            float_model=None, plan_seconds: float = 0.0, quantizer: str = "rtn", calib=None) -> ConvertReport:
+            float_model=None, plan_seconds: float = 0.0, quantizer: str = "rtn", calib=None,
+            adaptive=None) -> ConvertReport:
     """Write ``plan`` of ``source`` at ``out``; ``float_model``: the source already in
     memory (as the planner loaded it), so it is not loaded again; ``plan_seconds``: how
     long making the plan took, for the report; ``quantizer``: see ``QUANTIZERS``
-    (``calib``: GPTQ's calibration text, a ``CalibrationText``; default the packaged one)."""
+    (``calib``: GPTQ's calibration text, a ``CalibrationText``; default the packaged one).
+    ``adaptive``: an ``adaptive.side.AdaptiveSide`` whose top plan is ``plan``: its plan
+    set and smaller settings are written too."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -94,15 +98,19 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
     mx.reset_peak_memory()
     try:
         with atomic_dir(out, force=force) as tmp:
-            model, config = quantized_model(source, plan, float_model, quantizer, calib, scratch=tmp / "gptq")
+            if adaptive is not None:
+                adaptive.scratch = tmp / "gptq"
+            model, config = quantized_model(source, plan, float_model, quantizer, calib, tmp / "gptq", adaptive)
+            kinds = {p: type(m).__name__ for p, m in model.named_modules() if p in plan.modules}
             _write_folder(model, config, plan, source, tmp)
+            side = adaptive.write(tmp, kinds) if adaptive is not None else {}
             shutil.rmtree(tmp / "gptq", ignore_errors=True)
             del model
             smoke_text, bpw, written = _check_written(tmp, smoke_tokens)
             report = ConvertReport(
                 source.spec or "default", source.fingerprint, str(out), plan.method, plan.predicted_bytes, written, bpw,
                 plan.budget, time.perf_counter() - start, mx.get_peak_memory(), _max_rss(), SMOKE_PROMPT, smoke_text,
-                describe(), _versions(), plan_seconds, quantizer,
+                describe(), _versions(), plan_seconds, quantizer, side,
             )
             (tmp / "lsaq_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     except FileExistsError:
@@ -117,14 +125,15 @@ def default_output(source: ModelSource, plan: QuantPlan) -> Path:
 
 
 def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quantizer: str = "rtn", calib=None,
-                    scratch: Path | None = None):
+                    scratch: Path | None = None, side=None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
     computed until the weights are used or saved; the largest matrices are quantized
     now, a row block at a time, SWSC modules compressed now); float16 outside quantized
     weights. ``float_model``: the source's float weights already in memory (any float
     dtype): shared, never changed, nothing loaded. With a calibrated ``quantizer``
     (gptq, awq, awq-gptq) the linear modules are quantized first, a layer at a time,
-    into ``scratch`` (a folder that must outlive the model)."""
+    into ``scratch`` (a folder that must outlive the model). ``side``: an adaptive
+    folder's ``AdaptiveSide``, given each module at its smaller settings."""
     tensors = None
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
@@ -136,7 +145,10 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch)
+    compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch,
+                                      side.collect if side is not None else None)
+    if side is not None:
+        _rounded_settings(model, tensors, config, plan, quantized - set(compensated), side)
     floats = large_matrices(model, quantized - set(compensated), tensors)  # as stored: upcast a block at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
@@ -152,7 +164,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
 
 
 def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], quantizer, calib,
-                        scratch: Path) -> dict:
+                        scratch: Path, also=None) -> dict:
     if not quantizer.calibrated:
         return {}
     from lsaq_mlx.gptq.hessians import HELD_OUT_TOKENS, SEQ_LEN, calibration_tokens
@@ -168,7 +180,7 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     count = CalibrationCounts()
     with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
-                                     advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN)
+                                     advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN, also=also)
     if count.rows_rounded:
         log.warning("note: %s kept round to nearest on %d of %d rows, where it did better on held-out calibration "
                     "text", quantizer.name, count.rows_rounded, count.rows)
@@ -179,6 +191,24 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
         log.warning("warning: equalization left %d layers as they were: folding changed their output (e.g. %s)",
                     len(count.refused), count.refused[0])
     return weights
+
+
+def _rounded_settings(model: nn.Module, tensors, config: dict, plan: QuantPlan, paths: set[str], side) -> None:
+    """Give ``side`` (an adaptive folder's ``AdaptiveSide``) the modules at ``paths`` that
+    are rounded to nearest (matrices; stacked experts are left to the swaps), each weight
+    read afresh from ``tensors`` when the model was loaded from them."""
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import DequantizedTensors
+
+    weights = DequantizedTensors(ModelTensors(tensors, model), config) if tensors is not None else None
+    modules = dict(model.named_modules())
+    paths = [p for p in paths if p in side.lower and modules[p].weight.ndim == 2]
+    with progress_bar("smaller settings rounded", len(paths)) as advance:
+        for path in paths:
+            m = modules[path]
+            weight = weights.get(f"{path}.weight") if weights is not None else None
+            side.collect_rounded(path, m.weight if weight is None else weight, m.get("bias"), plan.modules[path])
+            advance()
 
 
 QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once

@@ -14,7 +14,7 @@ STAGES = [
     {"scoring"},
     {"planning"},
     {"convert", "gptq", "equalization", "quantizers"},  # the quantized model: how plans are written
-    {"runtime", "evaluation", "doctor"},
+    {"runtime", "evaluation", "doctor", "adaptive"},  # adaptive: folders the runtime moves through
     {"sweep", "serve"},
     {"cli"},
 ]

@@ -46,18 +46,22 @@ def eval_command(
 
 def _served_plan(source, bits_budget: float, method: str):
     """``(model, tokenizer)``: the plan of ``bits_budget`` as the runtime builds and runs it."""
+    from lsaq_mlx.adaptive.folder import AdaptivePlans, planner_for
     from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
-    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from lsaq_mlx.planning.planner import PlanRequest
     from lsaq_mlx.sources.load import load_tokenizer
 
-    planner = Planner(source)
-    plan = planner.plan(PlanRequest(method=method, bits_budgets=[bits_budget]))
-    net, _ = quantized_model(source, plan, planner.model_in_memory())
-    planner.release()
+    planner = planner_for(source)
+    plan = planner.plans(PlanRequest(method=method, bits_budgets=[bits_budget]))[0]
+    if isinstance(planner, AdaptivePlans):
+        net, tokenizer = planner.folder.model_at(source, plan)
+    else:
+        net, tokenizer = quantized_model(source, plan, planner.model_in_memory())[0], load_tokenizer(source)
+        planner.release()
     prepare_for_compute(net)
-    err(f"evaluating the {method} plan of {plan.predicted_bits_per_weight:.3f} bits per weight")
-    return net, load_tokenizer(source)
+    err(f"evaluating the {plan.method} plan of {plan.predicted_bits_per_weight:.3f} bits per weight")
+    return net, tokenizer
 
 
 @app.command()

@@ -106,6 +106,8 @@ def convert(
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
     quantizer: QuantizerOption = "rtn",
+    adaptive: Annotated[Optional[str], typer.Option("--adaptive", metavar="BUDGETS", help="Write an adaptive folder: stock mlx_lm opens it at the largest of these budgets (bits per weight: 3-6 for every half bit, or 3,4,5,6) and lsaq-mlx chat, tui, serve and eval move between all of them without the float source.")] = None,
+    adaptive_size: Annotated[float, typer.Option("--adaptive-size", metavar="X", help="An adaptive folder's most bytes, as a multiple of its largest plan's: room for the smaller settings the quantizer made better than rounding the stored weights (1.0: none; every other setting is rounded from the stored weights when swapped to).")] = 1.3,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
@@ -113,7 +115,7 @@ def convert(
 ) -> None:
     """Quantize a model under a budget and write a folder that stock mlx_lm loads (plus lsaq_plan.json, lsaq_report.json); with --codecs affine,swsc, one that lsaq-mlx loads.
 
-    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer awq-gptq · lsaq-mlx convert --memory-budget 6GB --dry-run"""
+    Examples: lsaq-mlx convert -m ./Llama-3-8B -b 3.5 -o llama3-3.5bpw · lsaq-mlx convert -b 4 --quantizer awq-gptq · lsaq-mlx convert --memory-budget 6GB --dry-run · lsaq-mlx convert --adaptive 3-6 --quantizer awq-gptq -o smol-adaptive"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.convert import convert as write_model, default_output
     from lsaq_mlx.errors import UserError
@@ -129,15 +131,24 @@ def convert(
         raise UserError(f"unknown quantizer '{quantizer}' (one of {', '.join(QUANTIZERS)})", setting="quantizer")
     # a bad plan file or setting fails before the model is read
     from_file = QuantPlan.load(plan_file) if plan_file else None
+    budgets = adaptive_budgets(adaptive, bits_budget, memory_budget, plan_file, codecs, adaptive_size) if adaptive else None
     request = None if plan_file else _request(
-        method=method, bits_budgets=[bits_budget] if bits_budget else [], memory_budget=memory_budget,
+        method=method, bits_budgets=budgets or ([bits_budget] if bits_budget else []), memory_budget=memory_budget,
         context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits, low_bits=low_bits,
         group_size=group_size, bits=bits, override=override, codecs=codecs)
     source = resolve_model(model)
     planner = Planner(source)
     codec_names = tuple(c.strip() for c in codecs.split(",") if c.strip())
     planning = time.perf_counter()
-    chosen = plan_from_file(plan_file, source, codec_names, from_file) if plan_file else planner.plan(request)
+    side = None
+    if budgets:
+        from lsaq_mlx.adaptive.side import AdaptiveSide
+
+        plans = planner.nested_plans(request)
+        costs = planner.cost_table(planner.context(request.overrides, request.codecs), calib)
+        side, chosen = AdaptiveSide(plans, costs, adaptive_size), plans.plans[-1]
+    else:
+        chosen = plan_from_file(plan_file, source, codec_names, from_file) if plan_file else planner.plan(request)
     if dry_run:
         if json_out:
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
@@ -145,8 +156,7 @@ def convert(
     target = out or default_output(source, chosen)
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
                          plan_seconds=time.perf_counter() - planning,
-                         quantizer=quantizer,
-                         calib=load_calibration(calib) if calib else None)
+                         quantizer=quantizer, calib=load_calibration(calib) if calib else None, adaptive=side)
     record_converted(report)
     if json_out:
         return emit_json(report.to_dict())
@@ -155,3 +165,38 @@ def convert(
         f"planned in {report.plan_seconds:.1f} s, written in {report.wall_seconds:.1f} s, "
         f"peak memory {report.peak_memory_bytes / 1e9:.2f} GB")
     err(f"smoke test: {report.smoke_prompt!r} -> {report.smoke_text!r}")
+    if report.adaptive:
+        a = report.adaptive
+        err(f"adaptive: {len(a['budgets'])} plans, {a['budgets'][0]:g} to {a['budgets'][-1]:g} bits per weight; "
+            f"{a['settings_kept']} smaller settings stored ({a['side_bytes'] / 1e6:.1f} MB, "
+            f"{a['side_bytes'] / report.written_bytes:.2f}x of the stored plan's bytes), {a['settings_derived']} "
+            "rounded from the stored weights when swapped to")
+
+
+def adaptive_budgets(text: str, bits_budget, memory_budget, plan_file, codecs: str, size: float) -> list[float]:
+    """``--adaptive``'s budgets: ``3-6`` (every half bit) or ``3,4,5,6``; checked with the
+    options it cannot go with."""
+    from lsaq_mlx.errors import UserError
+    from lsaq_mlx.planning.budgets import check_bits_budget
+
+    if bits_budget or memory_budget or plan_file:
+        raise UserError("--adaptive names the budgets itself: leave out -b, --memory-budget and --plan",
+                        setting="adaptive")
+    if codecs.replace(" ", "") != "affine":
+        raise UserError("an adaptive folder holds affine settings only (--codecs affine)", setting="adaptive")
+    if size < 1.0:
+        raise UserError(f"--adaptive-size is a multiple of the largest plan's bytes, at least 1.0, not {size:g}",
+                        setting="adaptive_size")
+    try:
+        if "-" in text:
+            low, high = (float(x) for x in text.split("-"))
+            budgets = [low + 0.5 * i for i in range(int((high - low) / 0.5 + 1e-9) + 1)]
+        else:
+            budgets = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--adaptive takes budgets as 3-6 or 3,4,5,6, not {text!r}", setting="adaptive") from None
+    for b in budgets:
+        check_bits_budget(b)
+    if len(set(budgets)) < 2:
+        raise UserError(f"--adaptive needs at least two budgets, not {text!r}", setting="adaptive")
+    return sorted(set(budgets))

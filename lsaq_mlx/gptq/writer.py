@@ -52,14 +52,17 @@ class CalibrationCounts:
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
-                       count: CalibrationCounts | None = None, held_out: int = 0) -> dict[str, dict]:
+                       count: CalibrationCounts | None = None, held_out: int = 0, also=None) -> dict[str, dict]:
     """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
     of ``choices`` (path -> planned choice) with an affine choice, quantized by
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
     changed. Without GPTQ the LM head is left to the caller (round to nearest). With
     ``held_out`` (the last sequences of ``tokens``, not fitted on), each row of a module
     keeps the quantizer's codes or round to nearest's, whichever gives the lower output
-    error on the held-out inputs (``never_worse_than_rounding``)."""
+    error on the held-out inputs (``never_worse_than_rounding``). ``also(path, weight,
+    bias, H, codes, choice, codes_at)`` is called with each linear module's codes while
+    its layer is loaded; ``codes_at(other_choice)`` makes the same module's codes at
+    another setting, the same way (an adaptive folder's smaller settings)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     head = head_path(streamed.model)
     tied = head is not None and head != "lm_head"
@@ -84,10 +87,14 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             if isinstance(h, ExpertHessians):
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
             else:
-                codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), affine[path], clip)
-                check = getattr(hessians, "held_out", {}).get(path)
-                if check is not None:
-                    codes = never_worse_than_rounding(codes, weights[path], affine[path], check, count)
+                def codes_at(choice, path=path, h=h, clip=clip, tally=CalibrationCounts()):
+                    made = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
+                    check = getattr(hessians, "held_out", {}).get(path)
+                    return made if check is None else never_worse_than_rounding(made, weights[path], choice, check, tally)
+
+                codes = codes_at(affine[path], tally=count)
+                if also is not None:
+                    also(path, weights[path], biases.get(path), h, codes, affine[path], codes_at)
             arrays |= _named(path, codes, biases.get(path))
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))

@@ -6,7 +6,7 @@ disk by content fingerprint), and the float weights, loaded at most once and onl
 a score or the cost table has to be computed. A ``PlanRequest`` says what to plan.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
@@ -16,7 +16,7 @@ from lsaq_mlx.planning.choices import BITS, GROUP_SIZES
 from lsaq_mlx.planning.cost import CostTable
 from lsaq_mlx.planning.method_table import METHODS
 from lsaq_mlx.planning.methods import RECIPES, Override, PlanningContext, check_codecs, plan_recipe
-from lsaq_mlx.planning.plan import QuantPlan
+from lsaq_mlx.planning.plan import PlanSet, QuantPlan
 from lsaq_mlx.scoring.calibration import load_calibration
 from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.scoring.scores import LayerScores
@@ -109,12 +109,15 @@ class Planner:
         """Forget the float source (plans that need it load it again)."""
         self._loaded = None
 
-    def context(self, overrides=(), codecs=("affine",)) -> PlanningContext:
-        key = (tuple(overrides), tuple(codecs))
+    def context(self, overrides=(), codecs=("affine",), ceilings: dict | None = None) -> PlanningContext:
+        """``ceilings``: most bits per module (``{path: bits}``), on top of what a
+        quantized source stores."""
+        key = (tuple(overrides), tuple(codecs), tuple(sorted((ceilings or {}).items())))
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
-            ceilings = stored_bits(source_tensors(self.source), self.structure[1])
-            self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, ceilings)
+            stored = stored_bits(source_tensors(self.source), self.structure[1])
+            limits = {p: min(stored.get(p, 16), (ceilings or {}).get(p, 16)) for p in {*stored, *(ceilings or {})}}
+            self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, limits)
         return self._contexts[key]
 
     def cost_table(self, ctx: PlanningContext, calib: str | None = None) -> CostTable:
@@ -138,10 +141,11 @@ class Planner:
         return score(self.source, ScoreOptions(metric, calib), model=lambda: self.loaded())
 
     # ---- plans ----
-    def plans(self, request: PlanRequest) -> list[QuantPlan]:
-        """One plan per budget of ``request`` (or the recipe's), smallest first."""
+    def plans(self, request: PlanRequest, ceilings: dict | None = None) -> list[QuantPlan]:
+        """One plan per budget of ``request`` (or the recipe's), smallest first; no module
+        above its ``ceilings`` bits."""
         request.check()
-        ctx = self.context(request.overrides, request.codecs)
+        ctx = self.context(request.overrides, request.codecs, ceilings)
         model, config = self.structure
         if request.recipe:
             return [plan_recipe(ctx, model, request.recipe, request.group_size or 64)]
@@ -153,6 +157,17 @@ class Planner:
     def plan(self, request: PlanRequest) -> QuantPlan:
         """The one plan of a request with one budget."""
         return self.plans(request)[0]
+
+    def nested_plans(self, request: PlanRequest) -> PlanSet:
+        """The plans of ``request``'s budgets where no module of a smaller plan has more
+        bits than the largest plan gives it: every plan can be made from the largest's
+        weights (an adaptive folder, ``lsaq_mlx.adaptive``)."""
+        budgets = sorted(request.bits_budgets)
+        if len(budgets) < 2:
+            raise UserError("an adaptive folder needs at least two budgets", setting="adaptive")
+        top = self.plan(replace(request, bits_budgets=budgets[-1:]))
+        ceilings = {p: c.bits for p, c in top.modules.items() if hasattr(c, "bits")}
+        return PlanSet(self.plans(replace(request, bits_budgets=budgets[:-1]), ceilings) + [top])
 
 
 def plan_from_file(path: Path, source: ModelSource, codecs=("affine",), plan: QuantPlan | None = None) -> QuantPlan:

@@ -67,7 +67,8 @@ from lsaq_mlx.runtime.precision import PrecisionController, process_memory
 from lsaq_mlx.runtime.swap import SwapInProgress, module_maker
 from lsaq_mlx.sources.model_tensors import ModelTensors
 from lsaq_mlx.sources.tensors import DequantizedTensors, source_tensors, stored_bits
-from lsaq_mlx.planning.planner import Planner, PlanRequest
+from lsaq_mlx.adaptive.folder import planner_for
+from lsaq_mlx.planning.planner import PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer
 from lsaq_mlx.documents import read_json
@@ -91,7 +92,7 @@ class EngineInfo:
 
 
 class Engine(EngineCommands):
-    def __init__(self, source: ModelSource, planner: Planner | None = None, options: RuntimeOptions | None = None,
+    def __init__(self, source: ModelSource, planner=None, options: RuntimeOptions | None = None,
                  sampler=None, on_event=None, importance=None, sample_every: float = 1.0,
                  policy_options: dict | None = None):
         """``planner`` makes plans of ``options.method`` (in the engine thread);
@@ -238,8 +239,9 @@ class Engine(EngineCommands):
 
     def _load(self) -> None:
         plan, policy = self._starting_plan()
+        stored_plan = getattr(self.planner, "stored_plan", None)  # an adaptive folder's
         source_bits = source_bytes = None
-        if plan is not None:
+        if plan is not None and stored_plan is None:
             from lsaq_mlx.convert import quantized_model
 
             self.model, _ = quantized_model(self.source, plan, self.planner.model_in_memory())
@@ -262,14 +264,18 @@ class Engine(EngineCommands):
         ceilings = stored_bits(weights, config)
         if config.get("quantization"):  # no float source: plans at or below the stored precision, from it
             weights = DequantizedTensors(weights, config)
-        store = None
-        if self.use_layer_store and weights is not None:
+        store = getattr(self.planner, "side_store", None)
+        if self.use_layer_store and store is None:
             from lsaq_mlx.storage.layer_store import LayerStore
 
             store = LayerStore.for_model(self.source.fingerprint)
             store.build(policy.plans.plans if policy else [plan] if plan else [], module_maker(self.model, weights))
-        self.control = PrecisionController(self.model, plan, precision, policy, weights, store, float_paths,
-                                           compute_mode() == "float32", source_bits, source_bytes, ceilings)
+        self.control = PrecisionController(self.model, stored_plan or plan, precision, policy, weights, store,
+                                           float_paths, compute_mode() == "float32", source_bits, source_bytes, ceilings)
+        if stored_plan is not None and plan is not None and plan is not stored_plan:
+            self.control.start(plan, "the starting plan, from the stored one")
+            while self.control.swap:
+                self.control.step()
         self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
         self.last_reply: ReplyStats | None = None
@@ -281,7 +287,8 @@ class Engine(EngineCommands):
         plan = self._plans([self.budget])[0] if self.budget is not None else None
         if not self.auto_budgets:
             return plan, None
-        policy = Policy(PlanSet(self._plans(self.auto_budgets)), **self.policy_options)
+        plans = getattr(self.planner, "plan_set", None) or PlanSet(self._plans(self.auto_budgets))
+        policy = Policy(plans, **self.policy_options)
         plans = policy.plans.plans
         if plan is None:
             policy.current = len(plans) - 1
@@ -543,7 +550,7 @@ def build_engine(source: ModelSource, options: RuntimeOptions):
     from lsaq_mlx.runtime.memory import ScriptedSampler, SystemSampler
 
     options.check()
-    planner = Planner(source)
+    planner = planner_for(source)
     sampler = ScriptedSampler(options.memory_trace) if options.memory_trace else SystemSampler()
     importance = None
     if options.importance:

@@ -7,12 +7,13 @@ evaluated before it replaces the old one, and the old one's memory is released a
 A module that fails keeps its old weights; the failure is reported, the rest goes on.
 """
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx.backend.compute import prepare_for_compute
@@ -20,20 +21,21 @@ from lsaq_mlx.convert import QUANTIZE_BLOCK_BYTES, MatrixRows, quantize_by_row_b
 from lsaq_mlx.modules import by_layer, module_at
 from lsaq_mlx.sources.tensors import SourceTensors
 
+log = logging.getLogger(__name__)
+
 
 def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) -> nn.Module:
     """The module at ``path`` with precision ``choice`` from the source weights, as it is
-    stored (float16 scales, biases and kept weights)."""
+    stored (float16 scales, biases and kept weights); the stored arrays themselves where
+    a quantized source stores the module at ``choice``."""
+    stored = weights.stored_as(path, choice) if hasattr(weights, "stored_as") else None
+    if stored is not None:
+        return module_from_arrays(old, choice, stored)
     w = weights.get(f"{path}.weight")
     if w is None:
         raise FileNotFoundError(f"{path}.weight is not in {weights.folder}")
     bias = weights.get(f"{path}.bias")
-    if isinstance(old, (nn.Embedding, nn.QuantizedEmbedding)):
-        new = nn.Embedding(1, 1)
-    elif isinstance(old, (SwitchLinear, QuantizedSwitchLinear)):
-        new = SwitchLinear(1, 1, 1, bias=bias is not None)
-    else:
-        new = nn.Linear(1, 1, bias=bias is not None)
+    new = _float_like(old, bias is not None)
     new.weight = w.astype(mx.float32)
     if bias is not None:
         new.bias = bias
@@ -42,6 +44,40 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) 
     if "scales" in holder.m and w.size * 4 > QUANTIZE_BLOCK_BYTES:
         quantize_by_row_blocks(holder, {"m": MatrixRows(w, weights, f"{path}.weight")})
     holder.m.set_dtype(mx.float16)
+    return holder.m
+
+
+def _float_like(old: nn.Module, bias: bool) -> nn.Module:
+    """An empty float module of ``old``'s kind (weights set by the caller)."""
+    if isinstance(old, (nn.Embedding, nn.QuantizedEmbedding)):
+        return nn.Embedding(1, 1)
+    if isinstance(old, (SwitchLinear, QuantizedSwitchLinear)):
+        return SwitchLinear(1, 1, 1, bias=bias)
+    return nn.Linear(1, 1, bias=bias)
+
+
+def float_shape(module: nn.Module) -> tuple[int, ...]:
+    """The shape of ``module``'s weight as a float matrix (a quantized one unpacked)."""
+    *rest, cols = module.weight.shape
+    return (*rest, cols * 32 // module.bits) if "scales" in module else (*rest, cols)
+
+
+def module_from_arrays(old: nn.Module, choice, arrays: dict) -> nn.Module:
+    """The module ``choice`` makes of ``old`` (its kind and shape), holding ``arrays``
+    (read from a file: any parameter missing, unexpected or of another shape is refused)."""
+    holder = nn.Module()
+    new = _float_like(old, "bias" in arrays)
+    new.weight = mx.zeros(float_shape(old), mx.float32)  # lazy: only its shape is read
+    if "bias" in arrays:
+        new.bias = mx.zeros(old.bias.shape if "bias" in old else arrays["bias"].shape)
+    holder.m = choice.module(new)
+    expected = dict(tree_flatten(holder.m.parameters()))
+    if set(arrays) != set(expected):
+        raise ValueError(f"{choice.label} needs {', '.join(sorted(expected))}, not {', '.join(sorted(arrays))}")
+    for name, value in arrays.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{name} is {tuple(value.shape)}, not {tuple(expected[name].shape)}")
+    holder.m.update(tree_unflatten(list(arrays.items())))
     return holder.m
 
 
@@ -58,6 +94,13 @@ def build_module(old: nn.Module, path: str, choice, weights: SourceTensors, floa
     ``storage.layer_store.LayerStore``) when it holds it, else quantized from the source;
     for float32 compute dequantized when ``float_copy``, else kept as stored (hybrid)."""
     new = store.module(path, choice) if store is not None else None
+    if new is not None:
+        try:
+            new = module_from_arrays(old, choice, dict(tree_flatten(new.parameters())))
+        except ValueError as e:
+            log.warning("warning: the stored %s of %s does not fit it (%s); rounding it from the weights instead",
+                        choice.label, path, e)
+            new = None
     if new is None:
         new = quantized_module(old, path, choice, weights)
     holder = nn.Module()

@@ -72,6 +72,7 @@ class DequantizedTensors:
     def __init__(self, tensors, config: dict):
         self.tensors, self.folder = tensors, getattr(tensors, "folder", None)
         self.quantization = config.get("quantization") or {}
+        self._stored: set[str] | None = None  # the stored tensors' names, read once
 
     @property
     def bytes_read(self) -> int:
@@ -80,6 +81,17 @@ class DequantizedTensors:
     @property
     def names(self) -> list[str]:
         return self.tensors.names
+
+    def stored_as(self, path: str, choice) -> dict | None:
+        """``{param: array}`` of the module at ``path`` as stored, when it is stored at
+        ``choice`` (its codes handed out unchanged), else None."""
+        if self._stored is None:
+            self._stored = set(self.tensors.names)
+        q = stored_quantization(self.quantization, path) if f"{path}.scales" in self._stored else {}
+        if (q.get("bits"), q.get("group_size"), q.get("mode", "affine")) != (*_affine(choice), "affine"):
+            return None
+        arrays = {p: self.tensors.get(f"{path}.{p}") for p in ("weight", "scales", "biases", "bias")}
+        return {p: a for p, a in arrays.items() if a is not None}
 
     def get(self, name: str) -> mx.array | None:
         path, _, param = name.rpartition(".")
@@ -91,6 +103,10 @@ class DequantizedTensors:
         return mx.dequantize(self.tensors.get(name), scales.astype(mx.float32),
                              None if biases is None else biases.astype(mx.float32),
                              q["group_size"], q["bits"], mode=q.get("mode", "affine"))
+
+
+def _affine(choice) -> tuple:
+    return (getattr(choice, "bits", None), getattr(choice, "group_size", None))
 
 
 def stored_bits(tensors, config: dict) -> dict[str, int]:

@@ -90,30 +90,47 @@ class LayerStore:
         missing = {name: {k: v for k, v in entries.items() if k not in self._modules_in(name)}
                    for name, entries in wanted.items()}
         missing = {name: entries for name, entries in missing.items() if entries}
+
+        def make(path, choice):
+            module = make_module(path, choice)
+            mx.eval(module.parameters())
+            return type(module).__name__, dict(tree_flatten(module.parameters()))
+
         self.root.mkdir(parents=True, exist_ok=True)
         with progress_bar("building the layer store", sum(map(len, missing.values()))) as advance:
             for name, entries in missing.items():
-                self._rewrite(name, entries, make_module, advance)
+                self._rewrite(name, entries, make, advance)
         return {"root": str(self.root), "modules": sum(map(len, wanted.values())),
                 "written": sum(map(len, missing.values())), "files": len(wanted),
                 "bytes": sum(f.stat().st_size for f in self.root.glob(f"*{SUFFIX}")),
                 "seconds": time.perf_counter() - start}
 
+    def add(self, modules: dict, advance=None) -> None:
+        """Store ``modules``: ``{(path, choice): (class name, {param: array})}``."""
+        files: dict[str, dict] = {}
+        for (path, choice), value in modules.items():
+            files.setdefault(file_name(path), {})[f"{path}@{setting_key(choice)}"] = (path, choice)
+        self.root.mkdir(parents=True, exist_ok=True)
+        for name, entries in files.items():
+            self._rewrite(name, entries, lambda path, choice: modules[(path, choice)], advance or (lambda: None))
+
     def _rewrite(self, name: str, entries: dict, make, advance) -> None:
-        """Write file ``name`` again with what it held plus ``entries``."""
+        """Write file ``name`` again with what it held plus (or instead of) ``entries`` (key -> (path,
+        choice)), each made by ``make(path, choice) -> (class name, {param: array})``."""
         old, modules = self._reader(name), dict(self._modules_in(name))
         with atomic_file(self.root / name) as tmp, open(tmp, "wb") as f:
             writer = ContainerWriter(f)
             for key, info in modules.items():
+                if key in entries:  # replaced
+                    continue
                 for record in info["records"]:
                     r = old.record(record)
                     writer.add(record, chunks_of(old.read(record), transforms.unit_bytes(r["transform"])),
                                r["transform"], r["codec"], r["meta"])
             for key, (path, choice) in entries.items():
-                module = make(path, choice)
-                mx.eval(module.parameters())
-                modules[key] = _add_module(writer, key, module, choice)
-                del module
+                kind, arrays = make(path, choice)
+                modules[key] = _add_module(writer, key, kind, arrays, choice)
+                del arrays
                 advance()
             writer.finish({"kind": "lsaq-mlx layer store", "version": STORE_VERSION, "modules": modules})
         if old is not None:
@@ -142,19 +159,20 @@ class LayerStore:
             self.bytes_read += reader.bytes_read - before
 
 
-def _add_module(writer: ContainerWriter, key: str, module: nn.Module, choice) -> dict:
+def _add_module(writer: ContainerWriter, key: str, kind: str, arrays: dict, choice) -> dict:
     records = []
-    for param, array in tree_flatten(module.parameters()):
+    bits = getattr(choice, "bits", None)
+    for param, array in arrays.items():
         dtype = _DTYPE_NAMES[array.dtype]
-        transform, codec_name = encoding_for(dtype, getattr(module, "bits", None) if param == "weight" else None)
+        transform, codec_name = encoding_for(dtype, bits if param == "weight" else None)
         raw = np.array(array).tobytes()
         record = f"{key}/{param}"
         writer.add(record, chunks_of(raw, transforms.unit_bytes(transform)), transform, codec_name,
                    {"tensor": param, "dtype": dtype, "shape": list(array.shape)})
         records.append(record)
-    info = {"class": type(module).__name__, "records": records}
-    if hasattr(module, "bits"):
-        info |= {"bits": module.bits, "group_size": module.group_size, "mode": module.mode}
+    info = {"class": kind, "records": records}
+    if bits is not None:
+        info |= {"bits": bits, "group_size": choice.group_size, "mode": "affine"}
     return info
 
 

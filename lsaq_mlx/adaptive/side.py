@@ -1,0 +1,147 @@
+"""Writing an adaptive folder's smaller settings: while ``convert`` calibrates each module
+of the top plan, the quantizer also makes the module at every smaller setting the set's
+other plans use (``AdaptiveSide.collect``); each is worth keeping by how much it beats
+rounding the stored top weights to that setting, the swap's way without it. Worth is
+measured as the output error on the calibration inputs (``d H d^T``) and put in the
+cost table's units (the module's cost at that setting, times the error saved over
+rounding's error), so modules of different layers compare. The best gain per byte is
+kept until the store reaches its share of the folder (``AdaptiveSide.write``)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER
+from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES, affine_codes
+from lsaq_mlx.gptq.row_errors import row_output_errors
+from lsaq_mlx.planning.affine_error import roundtrip
+from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.planning.plan import PlanSet
+from lsaq_mlx.progress import progress_bar
+from lsaq_mlx.storage.layer_store import LayerStore
+
+
+@dataclass(frozen=True)
+class SettingErrors:
+    """Output errors on the calibration inputs of one module at one setting."""
+
+    made: float  # the quantizer's codes
+    derived: float  # the stored top weights rounded to the setting (a swap without side data)
+    rounded: float  # the module's own weights rounded to the setting (what the cost table prices)
+
+
+@dataclass
+class SideSetting:
+    path: str
+    choice: Affine
+    bytes: int
+    gain: float  # the cost-table error the made codes save over deriving
+    arrays: dict  # {param: array}, lazily read from the scratch folder
+
+
+def lower_settings(plans: PlanSet) -> dict[str, list[Affine]]:
+    """``{path: settings}``: the affine settings the smaller plans give a module that the
+    top plan does not."""
+    top = plans.plans[-1].modules
+    lower: dict[str, list[Affine]] = {}
+    for plan in plans.plans[:-1]:
+        for path, choice in plan.modules.items():
+            if isinstance(choice, Affine) and choice != top[path] and choice not in lower.get(path, []):
+                lower.setdefault(path, []).append(choice)
+    return lower
+
+
+def setting_errors(weight: mx.array, hessian: np.ndarray | None, top, top_choice: Affine, made,
+                   choice: Affine) -> SettingErrors:
+    """``SettingErrors`` of ``made`` (``AffineCodes`` at ``choice``) for ``weight`` whose
+    stored codes are ``top`` (at ``top_choice``), by row blocks; without ``hessian``, the
+    squared weight errors."""
+    step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
+    totals = np.zeros(3)
+    for r in range(0, weight.shape[0], step):
+        w = weight[r : r + step].astype(mx.float32)
+        stored = _dequantized(top, top_choice, r, step)
+        candidates = (_dequantized(made, choice, r, step), roundtrip(stored, choice), roundtrip(w, choice))
+        w_np = np.array(w)
+        deltas = (np.array(c) - w_np for c in candidates)
+        totals += [(row_output_errors(d, hessian) if hessian is not None else np.square(d, dtype=np.float64)).sum()
+                   for d in deltas]
+    return SettingErrors(*map(float, totals))
+
+
+def _dequantized(codes, choice: Affine, start: int, rows: int) -> mx.array:
+    parts = (mx.array(getattr(codes, f)[start : start + rows]) for f in ("weight", "scales", "biases"))
+    return mx.dequantize(*parts, group_size=choice.group_size, bits=choice.bits)
+
+
+@dataclass
+class AdaptiveSide:
+    """What ``convert --adaptive`` adds to the top plan's folder. ``costs``: the cost
+    table (``CostTable``); ``size``: the folder's most bytes over the top plan's (1.3:
+    the store takes at most 30 % more)."""
+
+    plans: PlanSet
+    costs: object
+    size: float
+    scratch: Path | None = None
+    lower: dict = field(init=False)
+    candidates: list[SideSetting] = field(default_factory=list)
+    kept: list[SideSetting] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.lower = lower_settings(self.plans)
+
+    def collect(self, path: str, weight: mx.array, bias: mx.array | None, hessian: np.ndarray, top,
+                top_choice: Affine, make_codes) -> None:
+        """Make the module at ``path`` at each smaller setting (``make_codes(choice)``) and
+        price it; ``weight``: the float weight the quantizer saw, ``top``: its stored codes."""
+        made_here, arrays = [], {}
+        for choice in self.lower.get(path, []):
+            made = make_codes(choice)
+            errors = setting_errors(weight, hessian, top, top_choice, made, choice)
+            gain = self.costs.cost(path, choice) * (errors.derived - errors.made) / max(errors.rounded, 1e-30)
+            arrays |= {f"{choice.key}/{f}": mx.array(getattr(made, f)) for f in ("weight", "scales", "biases")}
+            made_here.append(SideSetting(path, choice, choice.weight_bytes(*weight.shape), gain, {}))
+        if not made_here:
+            return
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        file = self.scratch / f"side-{len(self.candidates)}.safetensors"  # on disk until written
+        mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
+        loaded = mx.load(str(file))
+        for c in made_here:
+            c.arrays = {f: loaded[f"{c.choice.key}/{f}"] for f in ("weight", "scales", "biases")}
+            c.arrays |= {"bias": loaded["bias"]} if bias is not None else {}
+        self.candidates += made_here
+
+    def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
+        """``collect`` for a module the quantizer rounds to nearest (priced by the squared
+        weight error: there is no input Hessian)."""
+        rtn = lambda choice: affine_codes(weight, None, choice)  # noqa: E731
+        if path in self.lower:
+            self.collect(path, weight, bias, None, rtn(top_choice), top_choice, rtn)
+
+    def choose(self, top_bytes: int) -> list[SideSetting]:
+        """The candidates of best gain per byte, while their bytes fit ``(size - 1) * top_bytes``."""
+        room, kept = (self.size - 1.0) * top_bytes, []
+        for c in sorted((c for c in self.candidates if c.gain > 0), key=lambda c: -c.gain / c.bytes):
+            if c.bytes <= room:
+                kept.append(c)
+                room -= c.bytes
+        return kept
+
+    def write(self, folder: Path, model_kinds: dict) -> dict:
+        """Write ``lsaq_plans.json`` and the store of the chosen settings into ``folder``
+        (``model_kinds``: each module path's stored class name); what was written."""
+        self.plans.save(folder / PLANS_FILE)
+        self.kept = self.choose(self.plans.plans[-1].predicted_bytes)
+        store = LayerStore(folder / SIDE_FOLDER)
+        with progress_bar("writing the smaller settings", len(self.kept)) as advance:
+            store.add({(c.path, c.choice): (model_kinds[c.path], c.arrays) for c in self.kept}, advance)
+        store.close()
+        return {"budgets": [p.budget.get("bits_per_weight") for p in self.plans.plans],
+                "plan_bytes": [p.predicted_bytes for p in self.plans.plans],
+                "settings_made": len(self.candidates), "settings_kept": len(self.kept),
+                "settings_derived": sum(map(len, self.lower.values())) - len(self.kept),
+                "side_bytes": sum(f.stat().st_size for f in (folder / SIDE_FOLDER).glob("*")), "size_cap": self.size}

@@ -1,0 +1,182 @@
+"""Adaptive folders (``convert --adaptive``): stock mlx-lm opens them at their largest
+plan; lsaq-mlx moves between every plan of the set without the float source, reading
+the smaller settings the converter stored and rounding the others from the stored
+weights; damaged side data costs a warning, never the model."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from cli_run import assert_one_line_error, run_cli
+from converted_models import assert_loads_with_only_mlx_lm
+from mlx.utils import tree_flatten
+
+from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER, AdaptiveFolder, AdaptivePlans, planner_for
+from lsaq_mlx.adaptive.side import AdaptiveSide, SideSetting
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.runtime import Engine
+from lsaq_mlx.runtime.options import RuntimeOptions
+from lsaq_mlx.sources import resolve_model
+
+TOKENS = mx.array([[1, 5, 9, 42, 7]])
+
+
+def _convert(source, out, *args):
+    done = run_cli("convert", "-m", source.path, "--adaptive", "3,4,6", "-o", out, *args)
+    assert done.returncode == 0, done.stderr
+    return resolve_model(str(out))
+
+
+@pytest.fixture(scope="module")
+def adaptive(tiny_llama, tmp_path_factory):
+    """The tiny model as an adaptive folder from awq-gptq, with room for every setting."""
+    return _convert(tiny_llama, tmp_path_factory.mktemp("adaptive") / "a", "--quantizer", "awq-gptq",
+                    "--adaptive-size", "10")
+
+
+@pytest.fixture(scope="module")
+def derived(tiny_llama, tmp_path_factory):
+    """The same from rtn with no room: every smaller setting rounded from the stored weights."""
+    return _convert(tiny_llama, tmp_path_factory.mktemp("adaptive") / "d", "--adaptive-size", "1")
+
+
+def _params(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def test_the_folder_opens_with_only_mlx_lm_at_its_largest_plan(adaptive):
+    assert_loads_with_only_mlx_lm(adaptive.path)
+    folder = AdaptiveFolder.open(adaptive.path)
+    report = json.loads((adaptive.path / "lsaq_report.json").read_text())
+    assert folder.budgets() == [3.0, 4.0, 6.0] and report["adaptive"]["budgets"] == [3.0, 4.0, 6.0]
+    assert report["bits_per_weight"] == pytest.approx(folder.top.predicted_bits_per_weight, abs=1e-3)
+    assert report["adaptive"]["settings_kept"] == report["adaptive"]["settings_made"] > 0
+    assert folder.side_bytes() == report["adaptive"]["side_bytes"] > 0
+
+
+def test_smaller_plans_give_no_module_more_bits_than_the_stored_one(adaptive):
+    folder = AdaptiveFolder.open(adaptive.path)
+    for plan in folder.plans.plans:
+        for path, choice in plan.modules.items():
+            assert getattr(choice, "bits", 16) <= getattr(folder.top.modules[path], "bits", 16)
+
+
+def test_a_swap_down_and_back_up_gives_the_stored_tensors_exactly(adaptive):
+    engine = Engine(adaptive, planner_for(adaptive), RuntimeOptions()).start()
+    try:
+        before, logits = _params(engine.model), np.array(engine.model(TOKENS))
+        down = engine.apply_budget(3).result(120)
+        assert down.changed > 0 and not down.failed and down.state.bits_per_weight < 3.1
+        assert engine.chat("hello", 3).result(120).stats.generation_tokens >= 1
+        assert not np.array_equal(np.array(engine.model(TOKENS)), logits)
+        back = engine.apply_budget(6).result(120)
+        assert not back.failed
+        after = _params(engine.model)
+        assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+        with pytest.raises(UserError, match=r"serves 3 to 6 bits per weight \(plans: 3, 4, 6\), not 8"):
+            engine.apply_budget(8).result(120)
+    finally:
+        engine.shutdown()
+
+
+def test_a_live_plan_is_the_stored_setting_the_converter_made(adaptive, derived):
+    """With room for every setting, the plan reached live holds the quantizer's codes
+    (calibrated on the largest plan's activations, with its equalization: a stored
+    smaller setting differs from rounding); with none, the stored weights rounded."""
+    for source in (adaptive, derived):
+        folder = AdaptiveFolder.open(source.path)
+        plan = folder.plan_for(3)
+        model, _ = folder.model_at(source, plan)
+        params = _params(model)
+        for path, choice in plan.modules.items():
+            if choice == folder.top.modules[path]:
+                continue
+            stored = folder.store.module(path, choice) if folder.store else None
+            assert (stored is not None) == (source is adaptive)
+            if stored is not None:
+                assert np.array_equal(params[f"{path}.weight"], np.array(stored.weight))
+
+
+def test_eval_with_a_budget_builds_the_plan_chat_serves(adaptive):
+    out = run_cli("eval", "-m", adaptive.path, "-b", "4", "--ppl", "packaged", "--max-tokens", "96", "--seq-len", "48",
+                  "--json")
+    assert out.returncode == 0, out.stderr
+    assert "evaluating the lsaq plan of" in out.stderr and json.loads(out.stdout)["divergence"]["kl"] > 0
+
+
+def test_chat_moves_down_and_up_in_a_piped_session(derived):
+    done = run_cli("chat", "-m", derived.path, "--max-tokens", "3", input="hi\n/plan 3\nhi\n/plan 6\n/plan 2\n")
+    assert done.returncode == 0, done.stderr
+    assert "-> 2.99 bits/weight" in done.stderr and "-> 5.99 bits/weight" in done.stderr
+    assert "serves 3 to 6 bits per weight" in done.stderr
+
+
+def _copy(source, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(source.path, copy)
+    return copy
+
+
+def test_a_damaged_plan_set_opens_the_stored_plan_with_a_warning(adaptive, tmp_path, caplog):
+    copy = _copy(adaptive, tmp_path)
+    data = json.loads((copy / PLANS_FILE).read_text())
+    path, choice = next((p, c) for p, c in data["plans"][0]["modules"].items() if c)
+    data["plans"][0]["modules"][path] = {"bits": 8, "group_size": choice["group_size"], "mode": "affine"}
+    (copy / PLANS_FILE).write_text(json.dumps(data))
+    assert AdaptiveFolder.open(copy) is None and "more bits than the folder stores" in caplog.text
+    (copy / PLANS_FILE).write_text("{not json")
+    assert not isinstance(planner_for(resolve_model(str(copy))), AdaptivePlans)
+
+
+def test_damaged_side_data_falls_back_to_rounding(adaptive, tmp_path, caplog):
+    copy = _copy(adaptive, tmp_path)
+    files = sorted((copy / SIDE_FOLDER).iterdir())
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    source = resolve_model(str(copy))
+    folder = AdaptiveFolder.open(copy)
+    model, _ = folder.model_at(source, folder.plan_for(3))
+    assert "layer store" in caplog.text
+    assert np.isfinite(np.array(model(TOKENS))).all()
+    shutil.rmtree(copy / SIDE_FOLDER)
+    assert AdaptiveFolder.open(copy).store is None and "no lsaq_adaptive" in caplog.text
+
+
+def test_a_stored_setting_of_the_wrong_shape_is_refused(adaptive, tmp_path, caplog):
+    from lsaq_mlx.storage.layer_store import LayerStore
+
+    copy = _copy(adaptive, tmp_path)
+    folder = AdaptiveFolder.open(copy)
+    plan = folder.plan_for(3)
+    path, choice = next((p, c) for p, c in plan.modules.items() if c != folder.top.modules[p] and "layers.0." in p)
+    store = LayerStore(copy / SIDE_FOLDER)
+    good = dict(tree_flatten(store.module(path, choice).parameters()))
+    bad = good | {"scales": mx.zeros((1, 1), mx.float16)}
+    store.add({(path, choice): ("QuantizedLinear", bad)})
+    store.close()
+    model, _ = AdaptiveFolder.open(copy).model_at(resolve_model(str(copy)), plan)
+    assert "does not fit it" in caplog.text
+    assert np.isfinite(np.array(model(TOKENS))).all()
+
+
+def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
+    def setting(name, size, gain):
+        return SideSetting(name, Affine(3, 64), size, gain, {})
+
+    side = AdaptiveSide.__new__(AdaptiveSide)
+    side.size, side.candidates = 1.3, [setting("a", 20, 1.0), setting("b", 10, 1.0), setting("c", 10, -1.0),
+                                       setting("d", 15, 0.9)]
+    assert [c.path for c in side.choose(100)] == ["b", "d"]  # then a no longer fits; c gains nothing
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--adaptive", "4"), "at least two budgets"),
+    (("--adaptive", "3-6", "-b", "4"), "leave out -b"),
+    (("--adaptive", "three"), "budgets as 3-6 or 3,4,5,6"),
+    (("--adaptive", "3-6", "--adaptive-size", "0.5"), "at least 1.0"),
+    (("--adaptive", "3-6", "--codecs", "affine,swsc"), "affine settings only"),
+])
+def test_bad_adaptive_options_are_one_line(args, match):
+    assert_one_line_error(run_cli("convert", *args), match)
