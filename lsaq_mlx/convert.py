@@ -145,8 +145,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
     quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
-    compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch,
-                                      side.collect if side is not None else None)
+    compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch, side)
     if side is not None:
         _rounded_settings(model, tensors, config, plan, quantized - set(compensated), side)
     floats = large_matrices(model, quantized - set(compensated), tensors)  # as stored: upcast a block at a time
@@ -164,7 +163,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
 
 
 def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], quantizer, calib,
-                        scratch: Path, also=None) -> dict:
+                        scratch: Path, side=None) -> dict:
     if not quantizer.calibrated:
         return {}
     from lsaq_mlx.gptq.hessians import HELD_OUT_TOKENS, SEQ_LEN, calibration_tokens
@@ -180,7 +179,9 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
     count = CalibrationCounts()
     with progress_bar(f"{quantizer.name} (layer by layer)", len(streamed.layers) + 1) as advance:
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
-                                     advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN, also=also)
+                                     advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN,
+                                     also=side.collect if side else None,
+                                     equalize_for=side.equalize_for if side else None)
     if count.rows_rounded:
         log.warning("note: %s kept round to nearest on %d of %d rows, where it did better on held-out calibration "
                     "text", quantizer.name, count.rows_rounded, count.rows)

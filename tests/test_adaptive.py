@@ -180,3 +180,12 @@ def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
 ])
 def test_bad_adaptive_options_are_one_line(args, match):
     assert_one_line_error(run_cli("convert", *args), match)
+
+
+def test_inspect_lists_the_plans_a_folder_serves(adaptive):
+    out = run_cli("inspect", "-m", adaptive.path, "--json")
+    assert out.returncode == 0, out.stderr
+    plans = json.loads(out.stdout)["adaptive"]["plans"]
+    assert [p["budget"] for p in plans] == [3.0, 4.0, 6.0] and plans[-1]["settings_rounded"] == 0
+    assert plans[0]["settings_stored"] > 0 and plans[0]["bytes"] < plans[-1]["bytes"]
+    assert "plans this adaptive folder serves" in run_cli("inspect", "-m", adaptive.path).stdout

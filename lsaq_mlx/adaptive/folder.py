@@ -75,6 +75,19 @@ class AdaptiveFolder:
             raise UserError(f"cannot build the plan of {budget_of(plan):g} bits per weight: {path}: {why}")
         return model, tokenizer
 
+    def describe(self) -> dict:
+        """Each plan's budget, size and how many of its settings the store holds or a
+        swap rounds; the store's bytes."""
+        held = set(self.store.settings()) if self.store else set()
+        plans = []
+        for plan, budget in zip(self.plans.plans, self.budgets()):
+            changed = [(p, c.key) for p, c in plan.modules.items() if c != self.top.modules[p]]
+            stored = sum(k in held for k in changed)
+            plans.append({"budget": budget, "bits_per_weight": plan.predicted_bits_per_weight,
+                          "bytes": plan.predicted_bytes, "settings_stored": stored,
+                          "settings_rounded": len(changed) - stored})
+        return {"plans": plans, "side_bytes": self.side_bytes()}
+
     def side_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.store.root.glob(f"*{SUFFIX}")) if self.store else 0
 

@@ -93,6 +93,13 @@ class AdaptiveSide:
     def __post_init__(self):
         self.lower = lower_settings(self.plans)
 
+    @property
+    def equalize_for(self) -> dict:
+        """The settings equalization searches for: the smallest plan's, where quantizing
+        gains most from it (one set of scales is folded for every plan)."""
+        top = self.plans.plans[-1].modules
+        return {p: c for p, c in self.plans.plans[0].modules.items() if isinstance(c, Affine) and isinstance(top[p], Affine)}
+
     def collect(self, path: str, weight: mx.array, bias: mx.array | None, hessian: np.ndarray, top,
                 top_choice: Affine, make_codes) -> None:
         """Make the module at ``path`` at each smaller setting (``make_codes(choice)``) and

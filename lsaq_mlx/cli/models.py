@@ -27,14 +27,19 @@ def doctor(json_out: JsonOption = False) -> None:
 
 @app.command()
 def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
-    """Architecture, parameters per module kind, precision of every module, size, bits per weight.
+    """Architecture, parameters per module kind, precision of every module, size, bits per weight; the plans an adaptive folder serves.
 
     Examples: lsaq-mlx inspect -m ./Llama-3-8B-Instruct"""
     from lsaq_mlx.cli.render.inspection import print_description
     from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.adaptive.folder import AdaptiveFolder
     from lsaq_mlx.sources.inspection import describe_model
 
-    info = describe_model(resolve_model(model))
+    source = resolve_model(model)
+    info = describe_model(source)
+    folder = AdaptiveFolder.open(source.path) if source.kind in ("folder", "hub") else None
+    if folder:
+        info["adaptive"] = folder.describe()
     if json_out:
         return emit_json(info)
     print_description(info)

@@ -52,7 +52,8 @@ class CalibrationCounts:
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
-                       count: CalibrationCounts | None = None, held_out: int = 0, also=None) -> dict[str, dict]:
+                       count: CalibrationCounts | None = None, held_out: int = 0, also=None,
+                       equalize_for: dict | None = None) -> dict[str, dict]:
     """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
     of ``choices`` (path -> planned choice) with an affine choice, quantized by
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
@@ -62,7 +63,9 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     error on the held-out inputs (``never_worse_than_rounding``). ``also(path, weight,
     bias, H, codes, choice, codes_at)`` is called with each linear module's codes while
     its layer is loaded; ``codes_at(other_choice)`` makes the same module's codes at
-    another setting, the same way (an adaptive folder's smaller settings)."""
+    another setting, the same way (an adaptive folder's smaller settings);
+    ``equalize_for``: the settings equalization searches its scales for, where they are
+    not the planned ones (one set of scales serves all of an adaptive folder's plans)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     head = head_path(streamed.model)
     tied = head is not None and head != "lm_head"
@@ -79,7 +82,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
         if equalizing:
-            arrays = _equalize(layer, affine, weights, biases, hessians, count)
+            arrays = _equalize(layer, affine | (equalize_for or {}), weights, biases, hessians, count)
         inputs: dict[int, ModuleInputs] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]

@@ -137,6 +137,13 @@ class LayerStore:
             old.close()
         self._readers.pop(name, None)
 
+    def settings(self) -> list[tuple[str, str]]:
+        """``(module path, setting key)`` of every module the store holds."""
+        found = []
+        for f in sorted(self.root.glob(f"*{SUFFIX}")):
+            found += [tuple(key.rsplit("@", 1)) for key in self._modules_in(f.name)]
+        return found
+
     def module(self, path: str, choice) -> nn.Module | None:
         """The module at ``path`` with ``choice`` as stored (float16), or None when the
         store does not hold it or its file is damaged."""

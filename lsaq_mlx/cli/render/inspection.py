@@ -30,6 +30,20 @@ def print_description(info: dict, console: Console | None = None) -> None:
         kinds.add_row(kind, str(k["count"]), f"{k['parameters']:,}", format_size(k["bytes"]))
     console.print(kinds)
     console.print(_layer_table(info["modules"]))
+    if info.get("adaptive"):
+        _print_plans(console, info["adaptive"])
+
+
+def _print_plans(console, adaptive: dict) -> None:
+    table = Table(title="plans this adaptive folder serves (lsaq-mlx chat/tui/serve/eval -b BITS)")
+    for column in ("budget", "bits/weight", "weights", "settings stored", "rounded when swapped to"):
+        table.add_column(column, justify="right")
+    for p in adaptive["plans"]:
+        table.add_row(f"{p['budget']:g}", f"{p['bits_per_weight']:.3f}", format_size(p["bytes"]),
+                      str(p["settings_stored"]), str(p["settings_rounded"]))
+    console.print(table)
+    console.print(f"smaller settings stored: {format_size(adaptive['side_bytes'])} "
+                  f"({adaptive['side_bytes'] / adaptive['plans'][-1]['bytes']:.2f}x of the largest plan)")
 
 
 _SHORT_KINDS = {"embed_tokens": "embed", "_proj": ""}

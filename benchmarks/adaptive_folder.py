@@ -1,0 +1,135 @@
+"""An adaptive folder against converting each plan directly, on the same WikiText tokens.
+
+    python benchmarks/adaptive_folder.py [--model default] [--budgets 3,4,5,6] [--quantizer awq-gptq]
+                                         [--sizes 1.0 1.3 3] [--tokens 2048] [--out results.json]
+
+For each ``--adaptive-size`` it writes ``convert --adaptive BUDGETS --quantizer Q`` (wall
+time and peak RSS of its own process), then builds every plan of the set as chat and
+serve do (``AdaptiveFolder.model_at``: the stored model, then the plan's swaps, without
+the float source) and measures KL to the source and perplexity. Each plan is also
+written directly (``convert --plan``, the same plan, the same quantizer) and measured
+the same way: the ratio is what the adaptive folder costs in quality. Disk is the
+folder's bytes over the largest plan's written bytes. Last, on the largest size, the swap
+from the smallest plan to the largest and back (seconds, in one process) beside a
+fresh load of the largest plan's own folder.
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from common import measured, start as start_benchmark, wikitext_tokens
+from lsaq_mlx.adaptive.folder import AdaptiveFolder, budget_of, planner_for
+from lsaq_mlx.backend.compute import prepare_for_compute
+from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
+from lsaq_mlx.runtime import Engine
+from lsaq_mlx.runtime.options import RuntimeOptions
+from lsaq_mlx.sources import load_model, resolve_model
+
+CLI = [sys.executable, "-m", "lsaq_mlx"]
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def weights_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("model*.safetensors"))
+
+
+def measure(model, reference) -> dict:
+    prepare_for_compute(model)
+    r = compare_to_reference(model, reference)
+    return {"kl": r.kl, "kl_stderr": r.kl_stderr, "perplexity": r.perplexity.perplexity}
+
+
+def swap_round_trip(folder_source, fresh: Path) -> dict:
+    """Seconds of the swap smallest -> largest -> smallest in one engine, beside loading
+    the largest plan's own folder afresh."""
+    planner = planner_for(folder_source)
+    budgets = planner.folder.budgets()
+    engine = Engine(folder_source, planner, RuntimeOptions(bits_budget=budgets[0])).start()
+    try:
+        up = engine.apply_budget(budgets[-1]).result(600)
+        down = engine.apply_budget(budgets[0]).result(600)
+    finally:
+        engine.shutdown()
+    begin = time.perf_counter()
+    model = load_model(resolve_model(str(fresh)))[0]
+    mx.eval(model.parameters())
+    load = time.perf_counter() - begin
+    return {"up_seconds": up.seconds, "down_seconds": down.seconds, "modules": up.changed,
+            "fresh_load_seconds": load, "up_over_load": up.seconds / load}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--budgets", default="3,4,5,6")
+    parser.add_argument("--quantizer", default="awq-gptq")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 1.3, 3.0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--work", default=None, help="Keep the folders here (default: a temporary folder).")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    start_benchmark()
+    source = resolve_model(args.model)
+    work = Path(args.work or tempfile.mkdtemp(prefix="adaptive-"))
+    model_args = ["-m", args.model] if args.model else []
+    source_model, tokenizer, _ = load_model(source)
+    reference = ReferenceDistributions.compute(source_model, wikitext_tokens(tokenizer, args.tokens), args.seq_len)
+    del source_model
+    rows, folders = [], {}
+    for size in args.sizes:
+        out = work / f"adaptive-{size:g}"
+        wall, rss = measured([*CLI, "convert", *model_args, "--adaptive", args.budgets, "--quantizer", args.quantizer,
+                              "--adaptive-size", str(size), "-o", str(out), "--force"])
+        folders[size] = out
+        folder = AdaptiveFolder.open(out)
+        disk = folder_bytes(out) / weights_bytes(out)
+        print(f"adaptive size {size:g}: {wall:.0f} s, {rss / 1e9:.2f} GB peak RSS, folder {disk:.2f}x its largest "
+              "plan's weights", flush=True)
+        for plan in folder.plans.plans:
+            budget = budget_of(plan)
+            built = measure(folder.model_at(resolve_model(str(out)), plan)[0], reference)
+            rows.append({"size": size, "budget": budget, "bits_per_weight": plan.predicted_bits_per_weight,
+                         "convert_seconds": wall, "convert_peak_rss": rss, "disk_over_top": disk, **built})
+            print(f"  {budget:g} bpw: KL {built['kl']:.4f}", flush=True)
+    direct = {}
+    for plan in AdaptiveFolder.open(folders[args.sizes[0]]).plans.plans:
+        budget = budget_of(plan)
+        plan_file, out = work / f"plan-{budget:g}.json", work / f"direct-{budget:g}"
+        plan.save(plan_file)
+        wall, rss = measured([*CLI, "convert", *model_args, "--plan", str(plan_file), "--quantizer", args.quantizer,
+                              "-o", str(out), "--force"])
+        direct[budget] = measure(load_model(resolve_model(str(out)), compute=False)[0], reference) | {
+            "convert_seconds": wall, "convert_peak_rss": rss}
+        print(f"direct {budget:g} bpw: KL {direct[budget]['kl']:.4f}, {wall:.0f} s", flush=True)
+    for row in rows:
+        row["direct_kl"] = direct[row["budget"]]["kl"]
+        row["kl_over_direct"] = row["kl"] / row["direct_kl"]
+    largest = max(args.sizes)
+    swaps = swap_round_trip(resolve_model(str(folders[largest])), work / f"direct-{budget_of(plan):g}")
+    print("\n| --adaptive-size | folder / largest plan | " + " | ".join(f"{b:g} bpw KL (x direct)" for b in direct) + " |")
+    print("|---|---|" + "---|" * len(direct))
+    for size in args.sizes:
+        cells = [r for r in rows if r["size"] == size]
+        print(f"| {size:g} | {cells[0]['disk_over_top']:.2f}x | "
+              + " | ".join(f"{r['kl']:.4f} ({r['kl_over_direct']:.2f}x)" for r in cells) + " |")
+    print("| direct `convert --plan` | | " + " | ".join(f"{d['kl']:.4f}" for d in direct.values()) + " |")
+    print(f"\nswap {args.budgets.split(',')[0]} -> largest: {swaps['up_seconds']:.2f} s, back {swaps['down_seconds']:.2f} s "
+          f"({swaps['modules']} modules); fresh load of the largest plan's folder {swaps['fresh_load_seconds']:.2f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "direct": direct, "swaps": swaps, "quantizer": args.quantizer,
+                                              "machine": platform.platform(), "tokens": args.tokens}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
