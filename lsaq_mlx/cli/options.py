@@ -41,10 +41,10 @@ QuantizerOption = Annotated[str, typer.Option("--quantizer", metavar="NAME", hel
 MethodOption = Annotated[str, typer.Option("--method", metavar="METHOD", help=method_help())]
 
 # ---- runtime ----
-StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Start with the plan of this many bits per weight (default: the source precision).")]
+StartBudgetOption = Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Start with the plan of this many bits per weight (default: the source precision; an adaptive folder: its plan of this budget, or the largest below).")]
 AutoOption = Annotated[bool, typer.Option("--auto", metavar="", help="Follow this machine's memory: swap between plans of --budgets.")]
 TraceOption = Annotated[Optional[Path], typer.Option(metavar="FILE", help="Follow a replayed memory trace instead (one 'available[,pressure]' per line, one line per second).")]
-PlanBudgetsOption = Annotated[str, typer.Option("--budgets", metavar="BITS,BITS,...", help="Automatic mode: the plans' bits per weight.")]
+PlanBudgetsOption = Annotated[str, typer.Option("--budgets", metavar="BITS,BITS,...", help="Automatic mode: the plans' bits per weight (an adaptive folder moves through its own plans).")]
 ReserveOption = Annotated[str, typer.Option(metavar="SIZE", help="Automatic mode: memory to keep free.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", "-n", min=1, metavar="TOKENS", help="Longest reply, in tokens.")]
 SystemOption = Annotated[Optional[str], typer.Option("--system-prompt", "--system", metavar="TEXT", help="System prompt.")]
