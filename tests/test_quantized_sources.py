@@ -2,6 +2,8 @@
 still adapts: plans at or below the stored precision are quantized from the stored
 weights, and nothing plans or swaps above them."""
 
+import re
+
 import numpy as np
 import pytest
 from cli_run import run_cli
@@ -70,3 +72,15 @@ def test_eval_with_a_budget_measures_the_plan_chat_would_run(stored):
 def test_uniform_plans_of_a_quantized_source_stay_at_or_below_what_it_stores(stored):
     plan = Planner(stored).plan(PlanRequest(method="uniform", bits_budgets=[8.5]))
     assert {getattr(c, "bits", 16) for c in plan.modules.values()} == {8}
+
+
+def test_an_mlx_lm_convert_folder_swaps_down_in_chat(default_source, tmp_path):
+    from hf_models import write_hf_folder
+    from mlx_lm.convert import convert
+
+    hf = write_hf_folder("llama", tmp_path / "hf", default_source.path)
+    convert(str(hf), str(tmp_path / "q8"), quantize=True, q_bits=8, q_group_size=64)
+    done = run_cli("chat", "-m", tmp_path / "q8", "--max-tokens", "3", input="hi\n/plan 4\nhi\n/plan 12\n")
+    assert done.returncode == 0, done.stderr
+    swapped = re.search(r"swapped \d+ modules in [\d.]+ s -> ([\d.]+) bits/weight", done.stderr)
+    assert swapped and float(swapped[1]) <= 4.0 and "outside what lsaq can do for this model" in done.stderr
