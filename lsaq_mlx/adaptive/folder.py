@@ -8,7 +8,7 @@ from lsaq_mlx.documents import read_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
-from lsaq_mlx.storage.layer_store import SUFFIX, LayerStore
+from lsaq_mlx.storage.layer_store import LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class AdaptiveFolder:
         if not side.is_dir():
             log.warning("warning: %s has no %s/: the smaller plans round the stored weights", folder, SIDE_FOLDER)
         return cls(folder, plans, LayerStore(side) if side.is_dir() else None)
+
+    @classmethod
+    def of(cls, source) -> "AdaptiveFolder | None":
+        """``open`` for a resolved model: only folders (local or from the hub) can be adaptive."""
+        return cls.open(source.path) if source.kind in ("folder", "hub") else None
 
     def budgets(self) -> list[float]:
         return [budget_of(p) for p in self.plans.plans]
@@ -89,7 +94,7 @@ class AdaptiveFolder:
         return {"plans": plans, "side_bytes": self.side_bytes()}
 
     def side_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.store.root.glob(f"*{SUFFIX}")) if self.store else 0
+        return self.store.bytes() if self.store else 0
 
 
 def budget_of(plan: QuantPlan) -> float:
@@ -145,5 +150,5 @@ def planner_for(source):
     """An adaptive folder's ``AdaptivePlans``, else a ``Planner`` for ``source``."""
     from lsaq_mlx.planning.planner import Planner
 
-    folder = AdaptiveFolder.open(source.path) if source.kind in ("folder", "hub") else None
+    folder = AdaptiveFolder.of(source)
     return AdaptivePlans(folder, Planner(source)) if folder else Planner(source)

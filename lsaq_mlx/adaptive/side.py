@@ -53,22 +53,27 @@ def lower_settings(plans: PlanSet) -> dict[str, list[Affine]]:
     return lower
 
 
-def setting_errors(weight: mx.array, hessian: np.ndarray | None, top, top_choice: Affine, made,
-                   choice: Affine) -> SettingErrors:
-    """``SettingErrors`` of ``made`` (``AffineCodes`` at ``choice``) for ``weight`` whose
-    stored codes are ``top`` (at ``top_choice``), by row blocks; without ``hessian``, the
-    squared weight errors."""
+def setting_errors(weight: mx.array, hessian: np.ndarray | None, top, top_choice: Affine,
+                   made: dict) -> dict[Affine, SettingErrors]:
+    """``SettingErrors`` of each setting of ``made`` (setting -> its ``AffineCodes``, or
+    None where they are the weight rounded to nearest) for ``weight`` whose stored codes
+    are ``top`` (at ``top_choice``), by row blocks (the stored weights dequantized once
+    per block); without ``hessian``, the squared weight errors."""
     step = max(1, ROW_BLOCK_BYTES // (4 * weight.shape[1]))
-    totals = np.zeros(3)
+    totals = {choice: np.zeros(3) for choice in made}
     for r in range(0, weight.shape[0], step):
         w = weight[r : r + step].astype(mx.float32)
         stored = _dequantized(top, top_choice, r, step)
-        candidates = (_dequantized(made, choice, r, step), roundtrip(stored, choice), roundtrip(w, choice))
-        w_np = np.array(w)
-        deltas = (np.array(c) - w_np for c in candidates)
-        totals += [(row_output_errors(d, hessian) if hessian is not None else np.square(d, dtype=np.float64)).sum()
-                   for d in deltas]
-    return SettingErrors(*map(float, totals))
+        w_np = np.array(w) if hessian is not None else None
+        for choice, codes in made.items():
+            rounded = roundtrip(w, choice)
+            candidates = (rounded if codes is None else _dequantized(codes, choice, r, step), roundtrip(stored, choice),
+                          rounded)
+            if hessian is None:
+                totals[choice] += [mx.sum(mx.square(c - w)).item() for c in candidates]
+            else:
+                totals[choice] += [row_output_errors(np.array(c) - w_np, hessian).sum() for c in candidates]
+    return {choice: SettingErrors(*map(float, t)) for choice, t in totals.items()}
 
 
 def _dequantized(codes, choice: Affine, start: int, rows: int) -> mx.array:
@@ -88,7 +93,6 @@ class AdaptiveSide:
     scratch: Path | None = None
     lower: dict = field(init=False)
     candidates: list[SideSetting] = field(default_factory=list)
-    kept: list[SideSetting] = field(default_factory=list)
 
     def __post_init__(self):
         self.lower = lower_settings(self.plans)
@@ -101,18 +105,20 @@ class AdaptiveSide:
         return {p: c for p, c in self.plans.plans[0].modules.items() if isinstance(c, Affine) and isinstance(top[p], Affine)}
 
     def collect(self, path: str, weight: mx.array, bias: mx.array | None, hessian: np.ndarray, top,
-                top_choice: Affine, make_codes) -> None:
+                top_choice: Affine, make_codes, rounding: bool = False) -> None:
         """Make the module at ``path`` at each smaller setting (``make_codes(choice)``) and
-        price it; ``weight``: the float weight the quantizer saw, ``top``: its stored codes."""
-        made_here, arrays = [], {}
-        for choice in self.lower.get(path, []):
-            made = make_codes(choice)
-            errors = setting_errors(weight, hessian, top, top_choice, made, choice)
-            gain = self.costs.cost(path, choice) * (errors.derived - errors.made) / max(errors.rounded, 1e-30)
-            arrays |= {f"{choice.key}/{f}": mx.array(getattr(made, f)) for f in ("weight", "scales", "biases")}
-            made_here.append(SideSetting(path, choice, choice.weight_bytes(*weight.shape), gain, {}))
-        if not made_here:
+        price it; ``weight``: the float weight the quantizer saw, ``top``: its stored codes;
+        ``rounding``: ``make_codes`` rounds ``weight`` to nearest."""
+        made = {choice: make_codes(choice) for choice in self.lower.get(path, [])}
+        if not made:
             return
+        errors = setting_errors(weight, hessian, top, top_choice, {c: None if rounding else m for c, m in made.items()})
+        made_here, arrays = [], {}
+        for choice, codes in made.items():
+            e = errors[choice]
+            gain = self.costs.cost(path, choice) * (e.derived - e.made) / max(e.rounded, 1e-30)
+            arrays |= {f"{choice.key}/{f}": mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
+            made_here.append(SideSetting(path, choice, choice.weight_bytes(*weight.shape), gain, {}))
         self.scratch.mkdir(parents=True, exist_ok=True)
         file = self.scratch / f"side-{len(self.candidates)}.safetensors"  # on disk until written
         mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
@@ -127,7 +133,7 @@ class AdaptiveSide:
         weight error: there is no input Hessian)."""
         rtn = lambda choice: affine_codes(weight, None, choice)  # noqa: E731
         if path in self.lower:
-            self.collect(path, weight, bias, None, rtn(top_choice), top_choice, rtn)
+            self.collect(path, weight, bias, None, rtn(top_choice), top_choice, rtn, rounding=True)
 
     def choose(self, top_bytes: int) -> list[SideSetting]:
         """The candidates of best gain per byte, while their bytes fit ``(size - 1) * top_bytes``."""
@@ -142,13 +148,13 @@ class AdaptiveSide:
         """Write ``lsaq_plans.json`` and the store of the chosen settings into ``folder``
         (``model_kinds``: each module path's stored class name); what was written."""
         self.plans.save(folder / PLANS_FILE)
-        self.kept = self.choose(self.plans.plans[-1].predicted_bytes)
+        kept = self.choose(self.plans.plans[-1].predicted_bytes)
         store = LayerStore(folder / SIDE_FOLDER)
-        with progress_bar("writing the smaller settings", len(self.kept)) as advance:
-            store.add({(c.path, c.choice): (model_kinds[c.path], c.arrays) for c in self.kept}, advance)
+        with progress_bar("writing the smaller settings", len(kept)) as advance:
+            store.add({(c.path, c.choice): (model_kinds[c.path], c.arrays) for c in kept}, advance)
         store.close()
         return {"budgets": [p.budget.get("bits_per_weight") for p in self.plans.plans],
                 "plan_bytes": [p.predicted_bytes for p in self.plans.plans],
-                "settings_made": len(self.candidates), "settings_kept": len(self.kept),
-                "settings_derived": sum(map(len, self.lower.values())) - len(self.kept),
-                "side_bytes": sum(f.stat().st_size for f in (folder / SIDE_FOLDER).glob("*")), "size_cap": self.size}
+                "settings_made": len(self.candidates), "settings_kept": len(kept),
+                "settings_derived": sum(map(len, self.lower.values())) - len(kept),
+                "side_bytes": store.bytes(), "size_cap": self.size}

@@ -37,7 +37,7 @@ def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
 
     source = resolve_model(model)
     info = describe_model(source)
-    folder = AdaptiveFolder.open(source.path) if source.kind in ("folder", "hub") else None
+    folder = AdaptiveFolder.of(source)
     if folder:
         info["adaptive"] = folder.describe()
     if json_out:

@@ -102,7 +102,7 @@ class LayerStore:
                 self._rewrite(name, entries, make, advance)
         return {"root": str(self.root), "modules": sum(map(len, wanted.values())),
                 "written": sum(map(len, missing.values())), "files": len(wanted),
-                "bytes": sum(f.stat().st_size for f in self.root.glob(f"*{SUFFIX}")),
+                "bytes": self.bytes(),
                 "seconds": time.perf_counter() - start}
 
     def add(self, modules: dict, advance=None) -> None:
@@ -136,6 +136,10 @@ class LayerStore:
         if old is not None:
             old.close()
         self._readers.pop(name, None)
+
+    def bytes(self) -> int:
+        """The store's size on disk."""
+        return sum(f.stat().st_size for f in self.root.glob(f"*{SUFFIX}"))
 
     def settings(self) -> list[tuple[str, str]]:
         """``(module path, setting key)`` of every module the store holds."""
