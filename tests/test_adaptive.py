@@ -129,6 +129,9 @@ def test_a_damaged_plan_set_opens_the_stored_plan_with_a_warning(adaptive, tmp_p
     assert AdaptiveFolder.open(copy) is None and "more bits than the folder stores" in caplog.text
     (copy / PLANS_FILE).write_text("{not json")
     assert not isinstance(planner_for(resolve_model(str(copy))), AdaptivePlans)
+    (copy / PLANS_FILE).write_text(json.dumps(data))
+    (copy / "config.json").write_text("[]")
+    assert AdaptiveFolder.open(copy) is None and "does not describe this folder" in caplog.text
 
 
 def test_damaged_side_data_falls_back_to_rounding(adaptive, tmp_path, caplog):
@@ -153,12 +156,13 @@ def test_a_stored_setting_of_the_wrong_shape_is_refused(adaptive, tmp_path, capl
     path, choice = next((p, c) for p, c in plan.modules.items() if c != folder.top.modules[p] and "layers.0." in p)
     store = LayerStore(copy / SIDE_FOLDER)
     good = dict(tree_flatten(store.module(path, choice).parameters()))
-    bad = good | {"scales": mx.zeros((1, 1), mx.float16)}
-    store.add({(path, choice): ("QuantizedLinear", bad)})
-    store.close()
-    model, _ = AdaptiveFolder.open(copy).model_at(resolve_model(str(copy)), plan)
-    assert "does not fit it" in caplog.text
-    assert np.isfinite(np.array(model(TOKENS))).all()
+    for bad in (good | {"scales": mx.zeros((1, 1), mx.float16)}, good | {"weight": good["weight"].astype(mx.float32)}):
+        store.add({(path, choice): ("QuantizedLinear", bad)})
+        store.close()
+        caplog.clear()
+        model, _ = AdaptiveFolder.open(copy).model_at(resolve_model(str(copy)), plan)
+        assert "does not fit it" in caplog.text
+        assert np.isfinite(np.array(model(TOKENS))).all()
 
 
 def test_the_store_keeps_the_best_gain_per_byte_within_its_share():

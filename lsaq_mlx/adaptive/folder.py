@@ -37,7 +37,8 @@ class AdaptiveFolder:
             return None
         try:
             plans = PlanSet.load(folder / PLANS_FILE)
-            check_plans(plans, read_json(folder / "config.json", f"{folder}/config.json").get("quantization"))
+            config = read_json(folder / "config.json", f"{folder}/config.json")
+            check_plans(plans, config.get("quantization") if isinstance(config, dict) else None)
         except UserError as e:
             log.warning("warning: %s: %s; it serves its stored plan only", folder, e)
             return None

@@ -64,7 +64,8 @@ def float_shape(module: nn.Module) -> tuple[int, ...]:
 
 def module_from_arrays(old: nn.Module, choice, arrays: dict) -> nn.Module:
     """The module ``choice`` makes of ``old`` (its kind and shape), holding ``arrays``
-    (read from a file: any parameter missing, unexpected or of another shape is refused)."""
+    (read from a file: any parameter missing, unexpected, of another shape, or codes
+    where values belong and back, is refused)."""
     holder = nn.Module()
     new = _float_like(old, "bias" in arrays)
     new.weight = mx.zeros(float_shape(old), mx.float32)  # lazy: only its shape is read
@@ -77,6 +78,8 @@ def module_from_arrays(old: nn.Module, choice, arrays: dict) -> nn.Module:
     for name, value in arrays.items():
         if tuple(value.shape) != tuple(expected[name].shape):
             raise ValueError(f"{name} is {tuple(value.shape)}, not {tuple(expected[name].shape)}")
+        if mx.issubdtype(value.dtype, mx.floating) != mx.issubdtype(expected[name].dtype, mx.floating):
+            raise ValueError(f"{name} is {value.dtype}, not {expected[name].dtype}")
     holder.m.update(tree_unflatten(list(arrays.items())))
     return holder.m
 
