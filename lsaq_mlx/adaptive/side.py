@@ -63,22 +63,18 @@ def setting_errors(weight: mx.array, hessian: np.ndarray | None, top, top_choice
     totals = {choice: np.zeros(3) for choice in made}
     for r in range(0, weight.shape[0], step):
         w = weight[r : r + step].astype(mx.float32)
-        stored = _dequantized(top, top_choice, r, step)
+        rows = slice(r, r + step)
+        stored = top.dequantized(top_choice, rows)
         w_np = np.array(w) if hessian is not None else None
         for choice, codes in made.items():
             rounded = roundtrip(w, choice)
-            candidates = (rounded if codes is None else _dequantized(codes, choice, r, step), roundtrip(stored, choice),
+            candidates = (rounded if codes is None else codes.dequantized(choice, rows), roundtrip(stored, choice),
                           rounded)
             if hessian is None:
                 totals[choice] += [mx.sum(mx.square(c - w)).item() for c in candidates]
             else:
                 totals[choice] += [row_output_errors(np.array(c) - w_np, hessian).sum() for c in candidates]
     return {choice: SettingErrors(*map(float, t)) for choice, t in totals.items()}
-
-
-def _dequantized(codes, choice: Affine, start: int, rows: int) -> mx.array:
-    parts = (mx.array(getattr(codes, f)[start : start + rows]) for f in ("weight", "scales", "biases"))
-    return mx.dequantize(*parts, group_size=choice.group_size, bits=choice.bits)
 
 
 @dataclass

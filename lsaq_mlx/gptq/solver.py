@@ -45,6 +45,11 @@ class AffineCodes:
     def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
         return mx.array(self.weight), mx.array(self.scales), mx.array(self.biases)
 
+    def dequantized(self, choice, rows: slice = slice(None)) -> mx.array:
+        """Rows ``rows`` of the matrix these codes stand for at ``choice``."""
+        parts = (mx.array(getattr(self, f)[rows]) for f in ("weight", "scales", "biases"))
+        return mx.dequantize(*parts, group_size=choice.group_size, bits=choice.bits)
+
 
 @dataclass
 class HessianFactor:

@@ -194,7 +194,9 @@ def never_worse_than_rounding(codes: AffineCodes, weight: mx.array, choice: Affi
     rounding = np.zeros(weight.shape[0], bool)
     for r in range(0, weight.shape[0], step):
         w = np.array(weight[r : r + step].astype(mx.float32))
-        ours, plain = (row_output_errors(_dequantized(c, choice, slice(r, r + step)) - w, held_out) for c in (codes, rtn))
+        rows = slice(r, r + step)
+        ours, plain = (row_output_errors(np.array(c.dequantized(choice, rows).astype(mx.float32)) - w, held_out)
+                       for c in (codes, rtn))
         rounding[r : r + step] = plain < ours
     count.rows_rounded += int(rounding.sum())
     count.rows += len(rounding)
@@ -202,11 +204,6 @@ def never_worse_than_rounding(codes: AffineCodes, weight: mx.array, choice: Affi
         return codes
     pick = rounding[:, None]
     return AffineCodes(*(np.where(pick, getattr(rtn, f), getattr(codes, f)) for f in ("weight", "scales", "biases")))
-
-
-def _dequantized(codes: AffineCodes, choice: Affine, rows: slice) -> np.ndarray:
-    arrays = (mx.array(getattr(codes, f)[rows]) for f in ("weight", "scales", "biases"))
-    return np.array(mx.dequantize(*arrays, group_size=choice.group_size, bits=choice.bits).astype(mx.float32))
 
 
 def _expert_codes(quantizer, weight: mx.array, hessians: ExpertHessians, choice: Affine, clip: bool,
