@@ -158,6 +158,23 @@ class Planner:
         """The one plan of a request with one budget."""
         return self.plans(request)[0]
 
+    def pipeline_plan(self, request: PlanRequest, memories: list[int], shape_only: bool = False):
+        """The joint plan over ranks of ``memories`` bytes (``planning.joint``);
+        ``shape_only``: priced from the config alone (``shape_cost``), no weights read."""
+        from lsaq_mlx.planning.joint import plan_pipeline
+        from lsaq_mlx.planning.pipeline import ModelLayout
+        from lsaq_mlx.planning.shape_cost import shape_costs
+
+        replace(request, bits_budgets=request.bits_budgets or [16.0]).check()  # the ranks' memory is a budget
+        if request.method != "lsaq" or request.recipe or request.memory_budget or len(request.bits_budgets) > 1:
+            raise UserError("a plan over ranks takes the lsaq method and at most one -b (each rank's memory is "
+                            "its budget)", setting="ranks")
+        ctx = self.context(request.overrides, request.codecs)
+        costs = shape_costs(ctx) if shape_only else self.cost_table(ctx, request.calib)
+        layout = ModelLayout.of(*self.structure, ctx.modules)
+        budget = Budget(bits_per_weight=request.bits_budgets[0]) if request.bits_budgets else None
+        return plan_pipeline(ctx, costs, layout, memories, request.context, budget)
+
     def nested_plans(self, request: PlanRequest) -> PlanSet:
         """The plans of ``request``'s budgets where no module of a smaller plan has more
         bits than the largest plan gives it: every plan can be made from the largest's

@@ -1,0 +1,205 @@
+"""The joint plan of a model over several ranks: contiguous layers per rank and every
+module's setting, at the least total cost such that each rank's weights, KV cache and
+reserve fit its memory (``planning.pipeline``).
+
+For a given split the ranks are independent knapsacks. The split is chosen by dynamic
+programming over the ranks' last layers, pricing each rank's share with the Lagrangian
+relaxation of its knapsack: at a price ``lam`` per byte every module takes the option of
+least ``cost + lam * bytes``, so bytes and cost add over layers (prefix sums over a grid
+of prices) and a layer range is priced in O(grid). The chosen split's ranks are then
+solved exactly (``knapsack.solve_mckp``), each under its own budget, which no rank ever
+exceeds. A tied embedding (held by the first and the last rank) is one setting for
+both: each of its options is tried.
+"""
+
+import time
+
+import numpy as np
+
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.budgets import Budget
+from lsaq_mlx.planning.choices import FLOAT_BYTES
+from lsaq_mlx.planning.knapsack import solve_mckp
+from lsaq_mlx.planning.pipeline import ModelLayout, PipelinePlan, RankShare, rank_needs
+from lsaq_mlx.sizes import format_size
+
+GRID = 256  # prices per byte the split search evaluates
+
+
+class _Prices:
+    """Each module's Lagrangian choice at every price of a grid, summed by layer (prefix
+    sums) and by the ranks that hold the modules outside the layers."""
+
+    def __init__(self, layout: ModelLayout, options: list[list[tuple[int, float]]], n_ranks: int):
+        sizes = np.full((len(options), max(map(len, options))), np.inf)
+        costs = np.full_like(sizes, np.inf)
+        for i, item in enumerate(options):
+            order = sorted(item)  # ties at a price go to the fewest bytes
+            sizes[i, :len(item)] = [s for s, _ in order]
+            costs[i, :len(item)] = [c for _, c in order]
+        slopes = [(c0 - c1) / (s1 - s0) for item in options for (s0, c0) in item for (s1, c1) in item
+                  if s1 > s0 and c0 > c1]
+        lo, hi = (min(slopes) / 4, max(slopes) * 4) if slopes else (1.0, 1.0)
+        self.prices = np.concatenate([[0.0], np.geomspace(lo, hi, GRID - 2), [hi * 1e6]])
+        picked_bytes = np.empty((GRID, len(options)))
+        picked_cost = np.empty_like(picked_bytes)
+        finite = np.where(np.isfinite(sizes), sizes, 0)
+        for g, lam in enumerate(self.prices):
+            pick = np.argmin(costs + lam * finite + np.where(np.isfinite(sizes), 0, np.inf), axis=1)
+            picked_bytes[g] = sizes[np.arange(len(options)), pick]
+            picked_cost[g] = costs[np.arange(len(options)), pick]
+        layers = np.zeros((len(options), layout.n_layers + 1))
+        held = np.zeros((len(options), n_ranks))
+        for i, q in enumerate(layout.modules):
+            if q.layer is None:
+                held[i, list(layout.holder(q, n_ranks))] = 1
+            else:
+                layers[i, q.layer + 1] = 1
+        self.layer_bytes = np.cumsum(picked_bytes @ layers, axis=1)  # [grid, layers + 1]
+        self.layer_cost = np.cumsum(picked_cost @ layers, axis=1)
+        self.rest_bytes = picked_bytes @ held  # [grid, ranks]
+        first = held * (np.cumsum(held, axis=1) == 1)  # a module held twice is counted once
+        self.rest_cost = picked_cost @ first
+        self.rest_once = picked_bytes @ first
+
+    def price(self, rank: int, first: int, end: int, room: float, lowest: int = 0) -> tuple[float, float, float]:
+        """``(estimated least cost, bytes, bytes counted once)`` of a rank holding layers
+        [first, end) in ``room`` bytes (a tied embedding is counted on rank 0 only); inf
+        when even the smallest options do not fit. Only prices from grid index ``lowest``
+        on (a total budget's floor)."""
+        size = self.layer_bytes[lowest:, end] - self.layer_bytes[lowest:, first] + self.rest_bytes[lowest:, rank]
+        fits = np.nonzero(size <= room)[0]
+        if not len(fits):
+            return np.inf, np.inf, np.inf
+        g = lowest + fits[0]
+        once = size[fits[0]] - self.rest_bytes[g, rank] + self.rest_once[g, rank]
+        cost = self.layer_cost[g, end] - self.layer_cost[g, first] + self.rest_cost[g, rank]
+        if fits[0] > 0:  # between two grid prices: the relaxation is linear in bytes
+            prev = g - 1
+            more = self.layer_bytes[prev, end] - self.layer_bytes[prev, first] + self.rest_bytes[prev, rank]
+            more_cost = self.layer_cost[prev, end] - self.layer_cost[prev, first] + self.rest_cost[prev, rank]
+            cost -= (cost - more_cost) * (room - size[fits[0]]) / max(more - size[fits[0]], 1e-9)
+        return float(cost), float(size[fits[0]]), float(once)
+
+
+def plan_pipeline(ctx, costs, layout: ModelLayout, memories: list[int], context: int,
+                  budget: Budget | None = None, method: str = "lsaq") -> PipelinePlan:
+    """The joint plan of ``ctx``'s model over ranks of ``memories`` bytes; ``budget``
+    (bits per weight) caps the total as well."""
+    started = time.perf_counter()
+    n = len(memories)
+    if layout.n_layers < n:
+        raise UserError(f"the model has {layout.n_layers} decoder layers: too few for {n} ranks", setting="ranks")
+    embed = next((i for i, q in enumerate(layout.modules) if q.layer is None and "embed" in q.path), None)
+    best = None
+    for shared in ctx.options(layout.modules[embed]) if layout.tied and embed is not None else [None]:
+        choices = [[shared] if i == embed and shared else ctx.options(q) for i, q in enumerate(layout.modules)]
+        options = [[(q.bytes_for(c), costs.cost(q.path, c)) for c in cs] for q, cs in zip(layout.modules, choices)]
+        found = _best_split(layout, options, memories, context, ctx.module_budget(budget) if budget else None)
+        if found and (best is None or found[0] < best[0]):
+            best = (*found, options, choices)
+    if best is None:
+        raise _does_not_fit(ctx, layout, memories, context)
+    estimate, bounds, rooms, options, choices = best
+    picks, shares = {}, []
+    for rank, (first, end) in enumerate(bounds):
+        held = [i for i, q in enumerate(layout.modules) if (q.layer is not None and first <= q.layer < end)
+                or (q.layer is None and rank in layout.holder(q, n))]
+        free = [i for i in held if i not in picks]  # a tied embedding is chosen once, on rank 0
+        room = rooms[rank] - sum(options[i][picks[i]][0] for i in held if i in picks)
+        solution = solve_mckp([options[i] for i in free], int(room))
+        if solution is None:
+            raise _does_not_fit(ctx, layout, memories, context)
+        picks |= dict(zip(free, solution.picks))
+        floats, kv, reserve = rank_needs(layout, n, rank, range(first, end), context, memories[rank])
+        weights = sum(options[i][picks[i]][0] for i in held)
+        params = sum(layout.modules[i].params for i in held) + floats // FLOAT_BYTES
+        shares.append(RankShare(rank, memories[rank], first, end, weights + floats, kv, reserve, params))
+    chosen = {q.path: choices[i][picks[i]] for i, q in enumerate(layout.modules)}
+    exact = sum(options[i][j][1] for i, j in picks.items())
+    details = {"cost": exact, "estimated_cost": estimate, "ranks_memory": memories, "context": context,
+               "seconds": round(time.perf_counter() - started, 3)}
+    stated = budget or Budget(bytes=ctx.total_bytes(chosen), assumptions={"ranks_memory": memories, "context": context})
+    plan = ctx.plan(method, stated, chosen, details={"pipeline": details, "cost": exact})
+    return PipelinePlan(plan, shares, context, details)
+
+
+def _best_split(layout, options, memories, context, cap: int | None):
+    """``(estimated cost, [(first, end)] per rank, bytes of modules per rank)`` of the
+    best split, or None; ``cap``: the most bytes of modules in all."""
+    n, n_layers = len(memories), layout.n_layers
+    prices = _Prices(layout, options, n)
+    rooms = {}
+
+    def room(rank, first, end):
+        if (rank, first, end) not in rooms:
+            floats, kv, reserve = rank_needs(layout, n, rank, range(first, end), context, memories[rank])
+            rooms[rank, first, end] = memories[rank] - floats - kv - reserve
+        return rooms[rank, first, end]
+
+    def search(lowest):
+        """``(cost, bytes, bounds)`` at prices from grid index ``lowest`` on."""
+        best = [{} for _ in range(n)]  # best[r][end]: (cost, bytes, first) of ranks 0..r holding [0, end)
+        for rank in range(n):
+            ends = [n_layers] if rank == n - 1 else range(rank + 1, n_layers - (n - rank) + 2)
+            for end in ends:
+                found = []
+                for first in ([0] if rank == 0 else range(rank, end)):
+                    before = (0.0, 0.0) if rank == 0 else best[rank - 1].get(first)
+                    if before is None:
+                        continue
+                    cost, _, once = prices.price(rank, first, end, room(rank, first, end), lowest)
+                    if np.isfinite(cost):
+                        found.append((before[0] + cost, before[1] + once, first))
+                if found:
+                    best[rank][end] = min(found)
+        if n_layers not in best[n - 1]:
+            return None
+        bounds, end = [], n_layers
+        for rank in range(n - 1, -1, -1):
+            bounds.insert(0, (best[rank][end][2], end))
+            end = bounds[0][0]
+        return *best[n - 1][n_layers][:2], bounds
+
+    found, lowest = search(0), 0
+    if found is None:
+        return None
+    if cap is None:
+        return found[0], found[2], [room(r, a, b) for r, (a, b) in enumerate(found[2])]
+    if found[1] > cap:  # raise the least price until the total fits
+        low, high = 0, GRID - 1
+        while low < high:
+            mid = (low + high) // 2
+            trial = search(mid)
+            low, high = (low, mid) if trial is not None and trial[1] <= cap else (mid + 1, high)
+        found, lowest = search(low), low
+        if found is None or found[1] > cap:
+            return None
+    priced = [prices.price(r, a, b, room(r, a, b), lowest) for r, (a, b) in enumerate(found[2])]
+    spare = cap - sum(once for _, _, once in priced)  # shared out in proportion: no rank above its own room
+    total = max(1.0, sum(size for _, size, _ in priced))
+    return found[0], found[2], [min(room(r, a, b), size + spare * size / total)
+                                for r, ((a, b), (_, size, _)) in enumerate(zip(found[2], priced))]
+
+
+def _does_not_fit(ctx, layout: ModelLayout, memories: list[int], context: int) -> UserError:
+    """The one line for a model the ranks cannot hold: the rank that falls shortest in a
+    split in proportion to memory (exo's), at the smallest settings."""
+    n, total = len(memories), sum(memories)
+    smallest = {q.path: min(ctx.options(q), key=q.bytes_for) for q in layout.modules}
+    ends = np.round(np.cumsum(memories) / total * layout.n_layers).astype(int).tolist()
+    ends = [min(max(e, r + 1), layout.n_layers - (n - 1 - r)) for r, e in enumerate(ends)]
+    worst = None
+    for rank, end in enumerate(ends):
+        first = ends[rank - 1] if rank else 0
+        floats, kv, reserve = rank_needs(layout, n, rank, range(first, end), context, memories[rank])
+        weights = sum(q.bytes_for(smallest[q.path]) for q in layout.modules
+                      if (q.layer is not None and first <= q.layer < end) or (q.layer is None and rank in layout.holder(q, n)))
+        short = weights + floats + kv + reserve - memories[rank]
+        if worst is None or short > worst[1]:
+            worst = (rank, short, first, end)
+    rank, short, first, end = worst
+    return UserError(f"the ranks cannot hold this model even at the smallest settings: rank {rank} "
+                     f"({format_size(memories[rank])}) with layers {first}-{end - 1} is short by "
+                     f"{format_size(max(short, 0))} (weights, KV at {context} tokens and a reserve); "
+                     "add memory or lower --context", setting="ranks")
