@@ -59,24 +59,29 @@ def plan(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget) or PlanSet (several) JSON here.")] = None,
+    ranks: Annotated[Optional[str], typer.Option("--ranks", metavar="SIZES|HOSTFILE", help="Plan the model over several Macs (mlx.launch ranks): each one's memory (64GB,32GB), or an mlx.launch hostfile whose hosts carry a \"memory\" field. Chooses each rank's layers and every module's bits together (a PipelinePlan for generate/eval --plan); -b also caps the total.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --ranks: price settings from the config alone (every weight equally sensitive), reading no weights: a plan on paper for a model you have not downloaded (-m a folder holding its config.json).")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget), PlanSet (several) or PipelinePlan (--ranks) JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the file --out names if it exists.")] = False,
     json_out: JsonOption = False,
 ) -> None:
-    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets).
+    """Plan per-module bit widths under a budget without writing weights (a QuantPlan, or a PlanSet for several budgets; over several Macs, a PipelinePlan).
 
-    Examples: lsaq-mlx plan -m ./my-model -b 3.5 · lsaq-mlx plan -b 3 -b 4 -b 5 -o plans.json · lsaq-mlx plan --memory-budget 6GB"""
+    Examples: lsaq-mlx plan -m ./my-model -b 3.5 · lsaq-mlx plan -b 3 -b 4 -b 5 -o plans.json · lsaq-mlx plan --memory-budget 6GB · lsaq-mlx plan -m ./Llama-3.3-70B --ranks 64GB,32GB --dry-run · lsaq-mlx plan --ranks 200MB,100MB --context 1024 -o pipeline.json"""
     from lsaq_mlx.cli.render.plan import print_plan
     from lsaq_mlx.planning.budgets import headroom
     from lsaq_mlx.planning.plan import PlanSet
     from lsaq_mlx.planning.planner import Planner
     from lsaq_mlx.sources import resolve_model
 
-    request = _request(method=method, bits_budgets=list(bits_budget or []), memory_budget=memory_budget,
-                       context=context, recipe=recipe, scores=scores, calib=calib, high_bits=high_bits,
-                       low_bits=low_bits, group_size=group_size, bits=bits, override=override, codecs=codecs)
+    request = _request(method=method, bits_budgets=list(bits_budget or []) or ([16.0] if ranks else []),
+                       memory_budget=memory_budget, context=context, recipe=recipe, scores=scores, calib=calib,
+                       high_bits=high_bits, low_bits=low_bits, group_size=group_size, bits=bits, override=override,
+                       codecs=codecs)
     if out:
         check_output_file(out, force)
+    if ranks or dry_run:
+        return _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out)
     source = resolve_model(model)
     plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
@@ -86,6 +91,30 @@ def plan(
         return emit_json({"model": source.spec or "default"} | result.to_dict())
     for p in plans:
         print_plan(p, headroom(p.predicted_bytes))
+
+
+def _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out) -> None:
+    from dataclasses import replace
+
+    from lsaq_mlx.cli.render.plan import print_pipeline_plan
+    from lsaq_mlx.errors import UserError
+    from lsaq_mlx.planning.pipeline import parse_ranks
+    from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.resolve import config_source
+
+    if not ranks:
+        raise UserError("--dry-run plans over ranks: give --ranks (e.g. --ranks 64GB,32GB)", setting="ranks")
+    memories = parse_ranks(ranks)
+    source = config_source(model) if dry_run and model else resolve_model(model)
+    result = Planner(source).pipeline_plan(replace(request, bits_budgets=list(bits_budget or [])), memories,
+                                           shape_only=dry_run)
+    if out:
+        result.save(out, force)
+    if json_out:
+        return emit_json({"model": source.spec or "default", "priced_from": "config" if dry_run else "weights"}
+                         | result.to_dict())
+    print_pipeline_plan(result, dry_run)
 
 
 @app.command()

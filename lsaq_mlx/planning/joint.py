@@ -58,28 +58,22 @@ class _Prices:
         self.layer_bytes = np.cumsum(picked_bytes @ layers, axis=1)  # [grid, layers + 1]
         self.layer_cost = np.cumsum(picked_cost @ layers, axis=1)
         self.rest_bytes = picked_bytes @ held  # [grid, ranks]
-        first = held * (np.cumsum(held, axis=1) == 1)  # a module held twice is counted once
+        first = held * (np.cumsum(held, axis=1) == 1)  # a module held twice is paid for once
         self.rest_cost = picked_cost @ first
-        self.rest_once = picked_bytes @ first
 
-    def price(self, rank: int, first: int, end: int, room: float, lowest: int = 0) -> tuple[float, float, float]:
-        """``(estimated least cost, bytes, bytes counted once)`` of a rank holding layers
-        [first, end) in ``room`` bytes (a tied embedding is counted on rank 0 only); inf
-        when even the smallest options do not fit. Only prices from grid index ``lowest``
-        on (a total budget's floor)."""
-        size = self.layer_bytes[lowest:, end] - self.layer_bytes[lowest:, first] + self.rest_bytes[lowest:, rank]
+    def price(self, rank: int, first: int, end: int, room: float) -> tuple[float, float]:
+        """``(estimated least cost, bytes)`` of a rank holding layers [first, end) in
+        ``room`` bytes; inf when even the smallest options do not fit."""
+        size = self.layer_bytes[:, end] - self.layer_bytes[:, first] + self.rest_bytes[:, rank]
         fits = np.nonzero(size <= room)[0]
         if not len(fits):
-            return np.inf, np.inf, np.inf
-        g = lowest + fits[0]
-        once = size[fits[0]] - self.rest_bytes[g, rank] + self.rest_once[g, rank]
+            return np.inf, np.inf
+        g = fits[0]
         cost = self.layer_cost[g, end] - self.layer_cost[g, first] + self.rest_cost[g, rank]
-        if fits[0] > 0:  # between two grid prices: the relaxation is linear in bytes
-            prev = g - 1
-            more = self.layer_bytes[prev, end] - self.layer_bytes[prev, first] + self.rest_bytes[prev, rank]
-            more_cost = self.layer_cost[prev, end] - self.layer_cost[prev, first] + self.rest_cost[prev, rank]
-            cost -= (cost - more_cost) * (room - size[fits[0]]) / max(more - size[fits[0]], 1e-9)
-        return float(cost), float(size[fits[0]]), float(once)
+        if g > 0:  # between two grid prices: the relaxation is linear in bytes
+            more_cost = self.layer_cost[g - 1, end] - self.layer_cost[g - 1, first] + self.rest_cost[g - 1, rank]
+            cost -= (cost - more_cost) * (room - size[g]) / max(size[g - 1] - size[g], 1e-9)
+        return float(cost), float(size[g])
 
 
 def plan_pipeline(ctx, costs, layout: ModelLayout, memories: list[int], context: int,
@@ -126,60 +120,78 @@ def plan_pipeline(ctx, costs, layout: ModelLayout, memories: list[int], context:
 
 def _best_split(layout, options, memories, context, cap: int | None):
     """``(estimated cost, [(first, end)] per rank, bytes of modules per rank)`` of the
-    best split, or None; ``cap``: the most bytes of modules in all."""
+    best split, or None. ``cap``: the most bytes of modules in all, shared out in
+    proportion to the weights each rank holds (at one price per byte their bytes are
+    about in that proportion), then what ranks short of memory leave to the others."""
     n, n_layers = len(memories), layout.n_layers
     prices = _Prices(layout, options, n)
+    weights = np.zeros(n_layers + 1)
+    rest, twice = np.zeros(n), np.zeros(n)
+    for q, item in zip(layout.modules, options):
+        if q.layer is not None:
+            weights[q.layer + 1] += q.params
+        else:
+            holders = layout.holder(q, n)
+            rest[holders[0]] += q.params
+            for r in holders[1:]:
+                twice[r] += min(size for size, _ in item)  # a tied embedding: one setting, held again
+    weights, total = np.cumsum(weights), weights.sum() + rest.sum()
     rooms = {}
 
     def room(rank, first, end):
         if (rank, first, end) not in rooms:
             floats, kv, reserve = rank_needs(layout, n, rank, range(first, end), context, memories[rank])
             rooms[rank, first, end] = memories[rank] - floats - kv - reserve
+            if cap is not None:
+                share = cap * (weights[end] - weights[first] + rest[rank]) / total + twice[rank]
+                rooms[rank, first, end] = min(rooms[rank, first, end], share)
         return rooms[rank, first, end]
 
-    def search(lowest):
-        """``(cost, bytes, bounds)`` at prices from grid index ``lowest`` on."""
-        best = [{} for _ in range(n)]  # best[r][end]: (cost, bytes, first) of ranks 0..r holding [0, end)
-        for rank in range(n):
-            ends = [n_layers] if rank == n - 1 else range(rank + 1, n_layers - (n - rank) + 2)
-            for end in ends:
-                found = []
-                for first in ([0] if rank == 0 else range(rank, end)):
-                    before = (0.0, 0.0) if rank == 0 else best[rank - 1].get(first)
-                    if before is None:
-                        continue
-                    cost, _, once = prices.price(rank, first, end, room(rank, first, end), lowest)
-                    if np.isfinite(cost):
-                        found.append((before[0] + cost, before[1] + once, first))
-                if found:
-                    best[rank][end] = min(found)
-        if n_layers not in best[n - 1]:
-            return None
-        bounds, end = [], n_layers
-        for rank in range(n - 1, -1, -1):
-            bounds.insert(0, (best[rank][end][2], end))
-            end = bounds[0][0]
-        return *best[n - 1][n_layers][:2], bounds
-
-    found, lowest = search(0), 0
-    if found is None:
+    best = [{} for _ in range(n)]  # best[r][end]: (cost, first) of ranks 0..r holding layers [0, end)
+    for rank in range(n):
+        for end in [n_layers] if rank == n - 1 else range(rank + 1, n_layers - (n - rank) + 2):
+            found = []
+            for first in [0] if rank == 0 else range(rank, end):
+                before = 0.0 if rank == 0 else best[rank - 1].get(first, (np.inf,))[0]
+                cost = before + prices.price(rank, first, end, room(rank, first, end))[0]
+                if np.isfinite(cost):
+                    found.append((cost, first))
+            if found:
+                best[rank][end] = min(found)
+    if n_layers not in best[n - 1]:
         return None
-    if cap is None:
-        return found[0], found[2], [room(r, a, b) for r, (a, b) in enumerate(found[2])]
-    if found[1] > cap:  # raise the least price until the total fits
-        low, high = 0, GRID - 1
-        while low < high:
-            mid = (low + high) // 2
-            trial = search(mid)
-            low, high = (low, mid) if trial is not None and trial[1] <= cap else (mid + 1, high)
-        found, lowest = search(low), low
-        if found is None or found[1] > cap:
-            return None
-    priced = [prices.price(r, a, b, room(r, a, b), lowest) for r, (a, b) in enumerate(found[2])]
-    spare = cap - sum(once for _, _, once in priced)  # shared out in proportion: no rank above its own room
-    total = max(1.0, sum(size for _, size, _ in priced))
-    return found[0], found[2], [min(room(r, a, b), size + spare * size / total)
-                                for r, ((a, b), (_, size, _)) in enumerate(zip(found[2], priced))]
+    bounds, end = [], n_layers
+    for rank in range(n - 1, -1, -1):
+        bounds.insert(0, (best[rank][end][1], end))
+        end = bounds[0][0]
+    shares = [room(r, a, b) for r, (a, b) in enumerate(bounds)]
+    if cap is not None:
+        shares = _share_spare(shares, [_memory_room(layout, memories, context, r, a, b) for r, (a, b) in enumerate(bounds)],
+                              cap - sum(shares) + twice.sum())
+    return best[n - 1][n_layers][0], bounds, shares
+
+
+def _memory_room(layout, memories, context, rank, first, end) -> float:
+    floats, kv, reserve = rank_needs(layout, len(memories), rank, range(first, end), context, memories[rank])
+    return memories[rank] - floats - kv - reserve
+
+
+def _share_spare(shares: list[float], limits: list[float], spare: float) -> list[float]:
+    """``shares`` plus ``spare`` bytes, given in proportion to the ranks that are below
+    their ``limits`` (water filling)."""
+    shares = list(shares)
+    while spare > 1:
+        open_ = [r for r in range(len(shares)) if shares[r] < limits[r] - 1]
+        if not open_:
+            break
+        weight = sum(shares[r] for r in open_) or len(open_)
+        given = 0.0
+        for r in open_:
+            extra = min(limits[r] - shares[r], spare * (shares[r] or 1) / weight)
+            shares[r] += extra
+            given += extra
+        spare -= given
+    return shares
 
 
 def _does_not_fit(ctx, layout: ModelLayout, memories: list[int], context: int) -> UserError:

@@ -115,7 +115,7 @@ class Planner:
         key = (tuple(overrides), tuple(codecs), tuple(sorted((ceilings or {}).items())))
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
-            stored = stored_bits(source_tensors(self.source), self.structure[1])
+            stored = {} if self.source.kind == "config" else stored_bits(source_tensors(self.source), self.structure[1])
             limits = {p: min(stored.get(p, 16), (ceilings or {}).get(p, 16)) for p in {*stored, *(ceilings or {})}}
             self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, limits)
         return self._contexts[key]

@@ -69,9 +69,9 @@ def _shape_as_checkpoint(model, source: ModelSource) -> None:
 
     if not hasattr(model, "sanitize"):
         return
-    tensors = source_tensors(source)
-    if not tensors.names:  # a config without weights (a plan on paper): the config's structure
+    if source.kind == "config":  # no weights (a plan on paper): the config's structure
         return
+    tensors = source_tensors(source)
     model.sanitize({name: mx.zeros(tensors.shape_of(name)[0]) for name in tensors.names})
 
 

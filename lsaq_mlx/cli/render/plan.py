@@ -10,6 +10,7 @@ import re
 
 from lsaq_mlx.modules import layer_label
 from lsaq_mlx.planning.plan import QuantPlan
+from lsaq_mlx.sizes import format_size
 
 _CONTAINERS = re.compile(r"^(.*\.)?layers\.\d+\.|\b(self_attn|mlp|block_sparse_moe|feed_forward|attention|model)\.")
 
@@ -21,6 +22,25 @@ def _kind(path: str) -> str:
     if local == "gate":
         return "router"
     return local.replace("shared_expert.", "shared.").replace("_proj", "").replace("embed_tokens", "embed")
+
+
+def print_pipeline_plan(plan, on_paper: bool = False, console: Console | None = None) -> None:
+    """A ``PipelinePlan``: each rank's layers, memory and bits per weight."""
+    console = console or Console()
+    table = Table(title=f"{plan.plan.method} over {len(plan.ranks)} ranks, KV cache for {plan.context} tokens"
+                  + (" (priced from the config alone)" if on_paper else ""), title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, show_edge=False)
+    for header in ("rank", "memory", "layers", "holds", "weights", "bpw", "KV", "reserve", "free"):
+        table.add_column(header, no_wrap=True, justify="left" if header in ("layers", "holds") else "right")
+    for s in plan.ranks:
+        held = [name for name, r in (("embed", 0), ("head", len(plan.ranks) - 1)) if s.rank == r]
+        table.add_row(str(s.rank), format_size(s.memory_bytes), f"{s.first_layer}-{s.end_layer - 1}",
+                      ", ".join(held), format_size(s.weight_bytes), f"{s.bits_per_weight:.2f}",
+                      format_size(s.kv_bytes), format_size(s.reserve_bytes), format_size(s.free_bytes))
+    console.print(table)
+    p = plan.plan
+    console.print(f"model: {format_size(p.predicted_bytes)} · {p.predicted_bits_per_weight:.3f} bits per weight "
+                  f"(mlx-lm's definition) · planned in {plan.details.get('seconds', 0):.2f} s")
 
 
 def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console | None = None) -> None:
