@@ -125,7 +125,7 @@ def default_output(source: ModelSource, plan: QuantPlan) -> Path:
 
 
 def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quantizer: str = "rtn", calib=None,
-                    scratch: Path | None = None, side=None):
+                    scratch: Path | None = None, side=None, keep=None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
     computed until the weights are used or saved; the largest matrices are quantized
     now, a row block at a time, SWSC modules compressed now); float16 outside quantized
@@ -133,10 +133,14 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     dtype): shared, never changed, nothing loaded. With a calibrated ``quantizer``
     (gptq, awq, awq-gptq) the linear modules are quantized first, a layer at a time,
     into ``scratch`` (a folder that must outlive the model). ``side``: an adaptive
-    folder's ``AdaptiveSide``, given each module at its smaller settings."""
+    folder's ``AdaptiveSide``, given each module at its smaller settings. ``keep``: cuts
+    the lazily loaded model down to what this process holds (a pipeline rank's share,
+    ``runtime.pipeline.keep_share``) before anything is read."""
     tensors = None
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
+        if keep:
+            keep(model)
         dequantize_layers(model)
         tensors = source_tensors(source)
     else:

@@ -30,6 +30,9 @@ class Ranks:
         """Every rank's ``data`` (anything JSON can hold), in rank order, on every rank."""
         if self.size == 1:
             return [data]
+        from mlx_lm.generate import generation_stream
+
+        mx.synchronize(generation_stream)  # a pipeline's collectives still running there go first
         payload = json.dumps(data).encode()
         lengths = mx.distributed.all_gather(mx.array([len(payload)], dtype=mx.int32), group=self.group, stream=mx.cpu)
         longest = max(lengths.tolist())
