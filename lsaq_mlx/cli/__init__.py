@@ -5,6 +5,7 @@ progress and logs on stderr). Exit status: 0 success, 1 user error (one line on
 stderr), 2 usage error, 128+N after signal N. Set LSAQ_MLX_DEBUG=1 to see full tracebacks.
 """
 
+import os
 import signal
 import sys
 
@@ -66,7 +67,8 @@ def run(args: list[str] | None = None) -> int:
             raise
         return _failed(1, f"error: internal error: {type(e).__name__}: {e} (LSAQ_MLX_DEBUG=1 shows the traceback)")
     except Terminated as e:
-        return _failed(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}")
+        launched = " (mlx.launch stops every rank when one ends)" if os.environ.get("MLX_RANK") else ""
+        return _failed(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}{launched}")
     return 0
 
 

@@ -79,9 +79,12 @@ def generate(
         from lsaq_mlx.backend.ranks import Ranks
         from lsaq_mlx.runtime.pipeline import load_planned, read_plan_file
 
+        from lsaq_mlx.runtime.pipeline import StallGuard
+
         ranks = Ranks()
         plan = read_plan_file(plan_file, source)
         pipeline = plan if ranks.size > 1 else None
+        guard = StallGuard(ranks.rank, rank_timeout) if pipeline else None
         net, config = load_planned(source, plan, ranks)
         tokenizer = load_tokenizer(source)
     else:
@@ -89,10 +92,8 @@ def generate(
     load_s = time.perf_counter() - start
     first = ranks is None or ranks.rank == 0
     if pipeline:
-        from lsaq_mlx.runtime.pipeline import StallGuard
-
+        guard.start(grace=2 * load_s)  # the others load shares of about this size
         load_s = max(ranks.gather(load_s))  # also: every rank has loaded
-        guard = StallGuard(ranks.rank, rank_timeout)
     if temp > 0:
         mx.random.seed(ranks.from_rank0(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
                        if pipeline else seed if seed is not None else int.from_bytes(os.urandom(4), "little"))

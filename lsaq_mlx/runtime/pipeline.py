@@ -187,9 +187,15 @@ class StallGuard:
 
     def __init__(self, rank: int, seconds: float):
         self.rank, self.seconds, self.last = rank, seconds, time.monotonic()
-        self.active = True
-        signal.signal(signal.SIGTERM, lambda *_: self._end("mlx.launch stopped this run: another rank ended"))
+        self.active = False
+        signal.signal(signal.SIGTERM, lambda *_: self._end("mlx.launch stopped this rank: another rank ended"))
+
+    def start(self, grace: float = 0.0) -> "StallGuard":
+        """Watch for tokens from now on, the first allowed ``grace`` seconds more (the
+        other ranks may still be loading)."""
+        self.active, self.last = True, time.monotonic() + grace
         threading.Thread(target=self._watch, daemon=True).start()
+        return self
 
     def beat(self) -> None:
         self.last = time.monotonic()

@@ -76,16 +76,14 @@ SOURCE_FORMATS = [
 
 def config_source(spec: str) -> ModelSource:
     """A model known by its config alone (a folder holding config.json, or the file):
-    for plans on paper, which read no weights."""
+    for plans on paper, which read no weights. Any other model: ``resolve_model``."""
     from lsaq_mlx.cache import model_fingerprint
     from lsaq_mlx.formats import read_config
 
     path = Path(spec).expanduser()
     folder = path.parent if path.name == "config.json" and path.is_file() else path
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{spec} is no model folder with a config.json, nor that file")
-    if any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
-        return resolve_model(str(folder))
+    if not (folder / "config.json").is_file() or any(folder.glob("*.safetensors")):
+        return resolve_model(spec if folder == path else str(folder))
     read_config(folder)
     fingerprint = model_fingerprint((folder / "config.json").read_bytes(), {})
     return ModelSource(spec, "config", folder.resolve(), str(folder.resolve()), fingerprint)

@@ -1,0 +1,194 @@
+"""A model over several Macs: the joint plan (plan --ranks) and pipelined generation
+(generate --plan under mlx.launch)."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cli_run import run_cli
+from hf_models import write_hf_folder
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.pipeline import PipelinePlan
+from lsaq_mlx.planning.planner import PlanRequest, Planner
+from lsaq_mlx.sources import resolve_model
+
+LLAMA_3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "num_hidden_layers": 32, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+              "max_position_embeddings": 8192, "tie_word_embeddings": False}
+PROMPT = "The capital of France is"
+
+
+def test_the_joint_plan_never_exceeds_a_ranks_memory():
+    planner = Planner(resolve_model("default"))
+    rng = random.Random(0)
+    planned = refused = 0
+    for _ in range(20):
+        n = rng.choice([2, 3])
+        memories = [rng.randint(50, 260) * 1_000_000 for _ in range(n)]
+        bits = [rng.choice([3.0, 4.0, 5.5])] if rng.random() < 0.5 else []
+        request = PlanRequest(context=rng.choice([256, 1024]), bits_budgets=bits)
+        try:
+            plan = planner.pipeline_plan(request, memories, shape_only=True)
+        except UserError as e:
+            assert "rank" in str(e) and "short by" in str(e)
+            refused += 1
+            continue
+        planned += 1
+        assert [s.first_layer for s in plan.ranks][0] == 0 and plan.ranks[-1].end_layer == 30
+        assert all(a.end_layer == b.first_layer for a, b in zip(plan.ranks, plan.ranks[1:]))
+        for share, memory in zip(plan.ranks, memories):
+            assert share.memory_bytes == memory and share.free_bytes >= 0, share
+        if bits:
+            assert plan.plan.predicted_bits_per_weight <= bits[0] + 1e-3
+        held = sum(s.weight_bytes for s in plan.ranks)
+        assert held >= plan.plan.predicted_bytes  # the tied embedding is held twice
+    assert planned >= 5 and refused >= 1
+
+
+def test_a_plan_on_paper_reads_only_a_config(tmp_path):
+    folder = tmp_path / "llama-3-8b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_3_8B))
+    out = tmp_path / "pipeline.json"
+    done = run_cli("plan", "-m", str(folder / "config.json"), "--ranks", "12GB,6GB", "--dry-run", "--context", "8192",
+                   "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["priced_from"] == "config"
+    plan = PipelinePlan.load(out)
+    shares = plan.ranks
+    assert [s.memory_bytes for s in shares] == [12_000_000_000, 6_000_000_000]
+    assert all(s.free_bytes >= 0 for s in shares)
+    assert shares[0].end_layer > 32 / 2  # the larger Mac holds more layers
+    assert 4 < plan.plan.predicted_bits_per_weight < 16
+    too_small = run_cli("plan", "-m", str(folder), "--ranks", "2GB,1GB", "--dry-run")
+    assert too_small.returncode == 1 and "short by" in too_small.stderr and len(too_small.stderr.splitlines()) == 1
+
+
+def test_ranks_take_sizes_or_a_hostfile_with_memory(tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "a", "ips": ["10.0.0.1"], "memory": "180MB"},
+                                    {"ssh": "b", "ips": ["10.0.0.2"], "memory": "120MB"}]))
+    by_file = run_cli("plan", "--ranks", str(hostfile), "--context", "512", "--dry-run", "-m", "default", "--json")
+    by_sizes = run_cli("plan", "--ranks", "180MB,120MB", "--context", "512", "--dry-run", "-m", "default", "--json")
+    assert by_file.returncode == 0, by_file.stderr
+    assert json.loads(by_file.stdout)["ranks"] == json.loads(by_sizes.stdout)["ranks"]
+    hostfile.write_text(json.dumps([{"ssh": "a"}, {"ssh": "b"}]))
+    for bad in (str(hostfile), "1GB", "lots,more"):
+        done = run_cli("plan", "--ranks", bad, "--dry-run")
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline")
+    done = run_cli("plan", "--ranks", "180MB,110MB", "--context", "1024", "-o", str(folder / "pipe.json"))
+    assert done.returncode == 0, done.stderr
+    return folder / "pipe.json"
+
+
+def test_one_process_runs_a_pipeline_plan_as_its_whole_plan(pipeline_file, tmp_path):
+    plan = PipelinePlan.load(pipeline_file)
+    plan.plan.save(tmp_path / "whole.json")
+    texts = []
+    for path in (pipeline_file, tmp_path / "whole.json"):
+        done = run_cli("generate", "--plan", str(path), "-p", PROMPT, "-n", "12", "--json")
+        assert done.returncode == 0, done.stderr
+        texts.append(json.loads(done.stdout)["text"])
+    plain = run_cli("generate", "-p", PROMPT, "-n", "12", "--json")  # no plan: the source as it is
+    assert texts[0] == texts[1] and json.loads(plain.stdout)["text"]
+
+
+def test_a_damaged_pipeline_plan_is_one_line(pipeline_file, tmp_path):
+    data = json.loads(pipeline_file.read_text())
+    data["ranks"][1]["first_layer"] += 1  # a gap between the ranks' layers
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    done = run_cli("generate", "--plan", str(bad), "-p", PROMPT, "-n", "4")
+    assert done.returncode == 1 and "do not cover" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def _launch(n: int, *args, timeout=600):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    return subprocess.run([launcher, "-n", str(n), "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx", *args],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _json_on(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", ["180MB,110MB", "120MB,90MB,110MB"])
+def test_pipelined_ranks_generate_what_one_process_does(ranks, tmp_path):
+    path = tmp_path / "pipe.json"
+    assert run_cli("plan", "--ranks", ranks, "--context", "1024", "-o", str(path)).returncode == 0
+    args = ("generate", "--plan", str(path), "-p", PROMPT, "-n", "16", "--json")
+    one = run_cli(*args)
+    many = _launch(len(ranks.split(",")), *args)
+    assert many.returncode == 0 and "error" not in many.stderr, many.stderr
+    report = _json_on(many.stdout)
+    assert report["text"] == json.loads(one.stdout)["text"]
+    plan = PipelinePlan.load(path)
+    shown = {r["rank"]: r for r in report["ranks"]}
+    assert [shown[s.rank]["layers"] for s in plan.ranks] == [f"{s.first_layer}-{s.end_layer - 1}" for s in plan.ranks]
+    assert report["bytes_between_ranks_per_token"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen3_next"])
+def test_a_mixture_of_experts_and_a_hybrid_pipeline(model_type, tmp_path):
+    folder = write_hf_folder(model_type, tmp_path / model_type, resolve_model("default").path)
+    path = tmp_path / "pipe.json"
+    planned = run_cli("plan", "-m", str(folder), "--ranks", "30MB,30MB", "--context", "256", "-o", str(path))
+    assert planned.returncode == 0, planned.stderr
+    assert [(s.first_layer, s.end_layer) for s in PipelinePlan.load(path).ranks] == [(0, 1), (1, 2)]
+    args = ("generate", "-m", str(folder), "--plan", str(path), "-p", PROMPT, "-n", "8", "--json")
+    one = run_cli(*args)
+    two = _launch(2, *args)
+    assert two.returncode == 0 and "error" not in two.stderr, two.stderr
+    assert _json_on(two.stdout)["text"] == json.loads(one.stdout)["text"]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_with_one_line(pipeline_file):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    run = subprocess.Popen([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx",
+                            "generate", "--plan", str(pipeline_file), "-p", "Count from 1 to 1000: 1, 2, 3,",
+                            "-n", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not _rank_pids(1):
+        time.sleep(0.5)
+    time.sleep(8)  # loaded and generating
+    killed = time.monotonic()
+    for pid in _rank_pids(1):
+        subprocess.run(["kill", "-9", str(pid)])
+    _, stderr = run.communicate(timeout=60)
+    assert time.monotonic() - killed < 30
+    lines = [line for line in stderr.splitlines() if line.startswith(("error", "stopped"))]
+    assert len(lines) == 1 and ("another rank" in lines[0] or "mlx.launch" in lines[0]), stderr
+
+
+def _rank_pids(rank: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"MLX_RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0") \
+                    and b"lsaq_mlx" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
