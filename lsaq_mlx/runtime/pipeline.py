@@ -233,7 +233,7 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
     """``(model, config)``: ``source`` quantized as ``plan`` says, in the compute mode;
     under ``mlx.launch`` (``ranks.size`` > 1) this rank's stage of a PipelinePlan, as a
     ``PipelineStage``."""
-    from lsaq_mlx.backend.compute import prepare_for_compute
+    from lsaq_mlx.backend.compute import float_copy_paths, prepare_for_compute
     from lsaq_mlx.convert import quantized_model
 
     if ranks.size == 1:
@@ -246,7 +246,9 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
                         f"{ranks.size} Macs", setting="plan")
     check_rank_memory(plan, ranks)
     model, config = quantized_model(source, rank_plan(plan, ranks.rank), keep=lambda m: keep_share(m, plan, ranks.rank))
-    prepare_for_compute(model)
+    # float32 copies of every module this rank holds: the CPU's hybrid layers evaluate
+    # blocks inside the forward, which reorders a rank's transfers against the others'
+    prepare_for_compute(model, float_paths=float_copy_paths(model, None))
     vocabulary = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     return PipelineStage(model, plan, ranks.rank, int(vocabulary), ranks.group), config
 
