@@ -21,7 +21,7 @@ from lsaq_mlx.modules import layer_index
 from lsaq_mlx.planning.budgets import KV_BYTES
 from lsaq_mlx.planning.choices import FLOAT_BYTES
 from lsaq_mlx.planning.plan import PLAN_VERSION, QuantModule, QuantPlan
-from lsaq_mlx.sizes import format_size, parse_size
+from lsaq_mlx.sizes import parse_size
 
 PREFILL_CHUNK = 2048  # tokens mlx-lm's generate prefills at once
 ACTIVATION_BYTES = 4  # float32 on the CPU; an upper bound for float16 on a Mac
@@ -113,12 +113,6 @@ class RankShare:
     @property
     def bits_per_weight(self) -> float:
         return self.weight_bytes * 8 / max(1, self.parameters)
-
-    def describe(self) -> str:
-        return (f"rank {self.rank}: layers {self.first_layer}-{self.end_layer - 1}, "
-                f"{format_size(self.weight_bytes)} of weights ({self.bits_per_weight:.2f} bits per weight) + "
-                f"{format_size(self.kv_bytes)} KV + {format_size(self.reserve_bytes)} reserve of "
-                f"{format_size(self.memory_bytes)}")
 
 
 def rank_needs(layout: ModelLayout, n_ranks: int, rank: int, layers: range, context: int, memory: int) -> tuple[int, int, int]:
