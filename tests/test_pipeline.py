@@ -144,8 +144,8 @@ def test_pipelined_ranks_generate_what_one_process_does(ranks, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", ["qwen3"])  # MoE layers on the CPU do not pipeline yet (issue 41's note)
-def test_another_architecture_pipelines_from_a_hugging_face_folder(model_type, tmp_path):
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe", "qwen3_next"])
+def test_dense_moe_and_hybrid_models_pipeline_from_hugging_face_folders(model_type, tmp_path):
     folder = write_hf_folder(model_type, tmp_path / model_type, resolve_model("default").path)
     path = tmp_path / "pipe.json"
     planned = run_cli("plan", "-m", str(folder), "--ranks", "30MB,30MB", "--context", "256", "-o", str(path))

@@ -101,7 +101,7 @@ def keep_share(model: nn.Module, pipeline: PipelinePlan, rank: int) -> None:
     """Replace what ``rank`` does not hold in ``model`` (lazily loaded: nothing replaced
     is ever read) with stand-ins, and put the transfers in the slots around its layers."""
     share = pipeline.share(rank)
-    layers = model.layers
+    layers = _decoder_layers(model)
     for i in range(len(layers)):
         if i not in share.layers:
             stand_in = (ReceiveActivations(rank - 1) if i == share.first_layer - 1 else
@@ -115,6 +115,14 @@ def keep_share(model: nn.Module, pipeline: PipelinePlan, rank: int) -> None:
             _replace(model, path, EmbeddingStandIn(hidden))
         elif isinstance(module, (nn.Linear, nn.QuantizedLinear)):
             _replace(model, path, HeadStandIn())
+
+
+def _decoder_layers(model: nn.Module) -> list:
+    """The model's own list of decoder layers (``model.layers`` may be a copy: mlx-lm's
+    pipelined models return a slice of it)."""
+    first = next(path for path, _ in model.named_modules() if path.endswith("layers.0"))
+    parent, _, name = first.removesuffix(".0").rpartition(".")
+    return (dict(model.named_modules())[parent] if parent else model)[name]
 
 
 def _hidden_size(model) -> int:
@@ -233,7 +241,7 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
     """``(model, config)``: ``source`` quantized as ``plan`` says, in the compute mode;
     under ``mlx.launch`` (``ranks.size`` > 1) this rank's stage of a PipelinePlan, as a
     ``PipelineStage``."""
-    from lsaq_mlx.backend.compute import float_copy_paths, prepare_for_compute
+    from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
 
     if ranks.size == 1:
@@ -246,9 +254,7 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
                         f"{ranks.size} Macs", setting="plan")
     check_rank_memory(plan, ranks)
     model, config = quantized_model(source, rank_plan(plan, ranks.rank), keep=lambda m: keep_share(m, plan, ranks.rank))
-    # float32 copies of every module this rank holds: the CPU's hybrid layers evaluate
-    # blocks inside the forward, which reorders a rank's transfers against the others'
-    prepare_for_compute(model, float_paths=float_copy_paths(model, None))
+    prepare_for_compute(model)
     vocabulary = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
     return PipelineStage(model, plan, ranks.rank, int(vocabulary), ranks.group), config
 
