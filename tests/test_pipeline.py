@@ -192,3 +192,25 @@ def _rank_pids(rank: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def _perplexity(stdout: str) -> float:
+    return _json_on(stdout)["perplexity"]["perplexity"]
+
+
+def test_eval_takes_a_plan_in_one_process(pipeline_file):
+    done = run_cli("eval", "--plan", str(pipeline_file), "--ppl", "packaged", "--max-tokens", "256", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["divergence"]["kl"] > 0 and report["perplexity"]["tokens"] > 0  # against the source itself
+    both = run_cli("eval", "--plan", str(pipeline_file), "-b", "4", "--ppl", "packaged")
+    assert both.returncode == 1 and "not both" in both.stderr
+
+
+@pytest.mark.slow
+def test_pipelined_eval_measures_the_perplexity_of_one_process(pipeline_file):
+    args = ("eval", "--plan", str(pipeline_file), "--ppl", "packaged", "--max-tokens", "512", "--json")
+    one = run_cli(*args)
+    two = _launch(2, *args)
+    assert two.returncode == 0 and "error" not in two.stderr, two.stderr
+    assert _perplexity(two.stdout) == pytest.approx(_perplexity(one.stdout), rel=1e-5)

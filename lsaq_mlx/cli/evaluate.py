@@ -23,11 +23,12 @@ def eval_command(
     data_dir: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Folder with the task files, laid out like ../shared/data/tasks (default: $LSAQ_MLX_DATA/tasks, ../shared/data/tasks, else downloaded from the Hugging Face hub with `datasets`).")] = None,
     bits_budget: Annotated[Optional[float], typer.Option("--bits-budget", "-b", metavar="BITS", help="Evaluate the plan of this many bits per weight that chat and serve would run from this model (KL against the model itself unless --reference).")] = None,
     method: MethodOption = "lsaq",
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", metavar="FILE", help="Evaluate the model quantized as this plan says (KL against the model itself unless --reference): a QuantPlan, or a PipelinePlan, which under mlx.launch runs pipelined (perplexity and tasks; no KL).")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Evaluate a model: perplexity (non-overlapping windows), KL to a reference, zero-shot accuracy.
 
-    Examples: lsaq-mlx eval -m out-4bpw --reference default · lsaq-mlx eval -m out-4bpw --tasks piqa,arc_easy --limit 200 --json · lsaq-mlx eval -m ./Llama-3-8B -b 4 (what chat -b 4 runs)"""
+    Examples: lsaq-mlx eval -m out-4bpw --reference default · lsaq-mlx eval -m out-4bpw --tasks piqa,arc_easy --limit 200 --json · lsaq-mlx eval -m ./Llama-3-8B -b 4 (what chat -b 4 runs) · mlx.launch -n 2 -- lsaq-mlx eval -m ./my-model --plan pipe.json"""
     from lsaq_mlx.cli.render.evaluation import print_eval
     from lsaq_mlx.evaluation.run import EvalRequest, evaluate
     from lsaq_mlx.sources import resolve_model
@@ -36,11 +37,41 @@ def eval_command(
                                     task_dir=data_dir)
     request.check()
     source = resolve_model(model)
+    if plan_file is not None:
+        return _planned_eval(source, plan_file, request, reference, bits_budget, json_out)
     against = resolve_model(reference) if reference else source if bits_budget is not None else None
     served = _served_plan(source, bits_budget, method) if bits_budget is not None else None
     result = evaluate(source, request, against, model=served)
     if json_out:
         return emit_json(result.to_dict())
+    print_eval(result)
+
+
+def _planned_eval(source, plan_file: Path, request, reference, bits_budget, json_out: bool) -> None:
+    """``eval --plan``: in one process, or one rank's stage of a pipeline (rank 0 reports)."""
+    from lsaq_mlx.backend.ranks import Ranks
+    from lsaq_mlx.cli.render.evaluation import print_eval
+    from lsaq_mlx.evaluation.run import evaluate
+    from lsaq_mlx.runtime.pipeline import load_planned, read_plan_file
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.load import load_tokenizer
+
+    if bits_budget is not None:
+        raise UserError("give -b or --plan, not both", setting="plan")
+    ranks = Ranks()
+    if ranks.size > 1 and reference:
+        raise UserError("under mlx.launch, eval --plan measures perplexity and tasks; measure KL in one process",
+                        setting="reference")
+    plan = read_plan_file(plan_file, source)
+    net, _ = load_planned(source, plan, ranks)
+    if ranks.size > 1:
+        net.all_positions = True
+    against = resolve_model(reference) if reference else source if ranks.size == 1 else None
+    result = evaluate(source, request, against, model=(net, load_tokenizer(source)))
+    if ranks.rank != 0:
+        return None
+    if json_out:
+        return emit_json(result.to_dict() | {"ranks": ranks.size})
     print_eval(result)
 
 
