@@ -214,6 +214,11 @@ def stats_summary(state) -> str:
                      f" ({mem['pressure']}); this process {format_size(mem.get('rss_bytes', 0))}")
     lines.append(f"MLX: {format_size(state.mlx_active_bytes)} active, peak {format_size(state.mlx_peak_bytes)}; "
                  f"conversation {state.messages} messages, {state.cached_tokens} tokens cached")
+    for rank in getattr(state, "ranks", None) or []:
+        first, end = rank["layers"]
+        lines.append(f"rank {rank['rank']}: layers {first}-{end - 1}, {_bpw(rank['bits_per_weight'])}, weights "
+                     f"{format_size(rank['weight_bytes'])}; MLX {format_size(rank['mlx_active_bytes'])} active; "
+                     f"RSS {format_size(rank['rss_bytes'])}; {format_size(rank['available_bytes'])} available")
     r = state.last_reply
     if r:
         lines.append(f"last reply: {r['generation_tokens']} tokens at {r['generation_tps']:.1f} tok/s, prompt "

@@ -55,6 +55,9 @@ MinPOption = Annotated[float, typer.Option("--min-p", metavar="P", help="Drop to
 SeedOption = Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Random seed, for replies that repeat.")]
 MaxKVOption = Annotated[Optional[int], typer.Option("--max-kv-size", metavar="TOKENS", help="Keep at most this many tokens in the KV cache (a rotating cache); default: the whole conversation.")]
 
+PlanFileOption = Annotated[Optional[Path], typer.Option("--plan", metavar="FILE", help="Run this plan, its precision fixed: a QuantPlan (plan -o), or a PipelinePlan (plan --ranks), which under mlx.launch runs pipelined: rank 0 talks to you, every rank holds its own layers.")]
+RankTimeoutOption = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", min=1.0, help="Pipelined: end the session when a step waits this long on another rank (stalled or dead).")]
+
 FLAGS = {
     "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",
     "method": "--method", "recipe": "--recipe", "override": "--override", "codecs": "--codecs",
@@ -64,5 +67,5 @@ FLAGS = {
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
     "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve", "seed": "--seed",
     "high_bits": "--high-bits", "low_bits": "--low-bits", "group_size": "--group-size", "context": "--context",
-    "low_fraction": "--low-fraction", "limit": "--limit", "log_level": "--log-level", "reference": "--reference",
+    "low_fraction": "--low-fraction", "plan": "--plan", "ranks": "--ranks", "limit": "--limit", "log_level": "--log-level", "reference": "--reference",
 }

@@ -12,6 +12,8 @@ from lsaq_mlx.cli.options import (
     MethodOption,
     ModelOption,
     PlanBudgetsOption,
+    PlanFileOption,
+    RankTimeoutOption,
     ReserveOption,
     StartBudgetOption,
     MaxKVOption,
@@ -36,6 +38,36 @@ def _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling
                           method=method, reserve_bytes=parse_size(reserve), sampling=Sampling(**sampling), **more)
 
 
+def session_engine(source, options, plan_file: Path | None, rank_timeout: float = 60.0):
+    """The engine (not started) of a chat, TUI or server session; with ``--plan`` under
+    mlx.launch, None on the ranks after 0, which follow rank 0 until it stops."""
+    from lsaq_mlx.runtime.engine import Engine, build_engine
+
+    if plan_file is None:
+        return build_engine(source, options)
+    from lsaq_mlx.runtime.memory import SystemSampler
+    from lsaq_mlx.runtime.pipeline import PlannedRun
+
+    if options.bits_budget is not None or options.auto or options.memory_trace is not None:
+        raise UserError("--plan fixes the precision: leave out -b, --auto and --memory-trace", setting="plan")
+    options.check()
+    planned = PlannedRun.open(plan_file, source, rank_timeout)
+    if planned.ranks.rank != 0:
+        stage, _ = planned.load(source)
+        stage.follow()
+        return None
+    options.planned = planned
+    return Engine(source, None, options, SystemSampler())
+
+
+def end_session(engine) -> None:
+    """Stop ``engine``; a pipeline's rank 0 then stops the ranks that follow it."""
+    engine.shutdown()
+    release = getattr(getattr(engine, "model", None), "release_followers", None)
+    if release:
+        release()
+
+
 def _model_name(source) -> str:
     return "SmolLM2-135M-Instruct (default)" if source.kind == "default" else Path(source.origin).name
 
@@ -58,27 +90,32 @@ def chat(
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
     layer_store: Annotated[bool, typer.Option("--layer-store", metavar="", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
+    plan_file: PlanFileOption = None,
+    rank_timeout: RankTimeoutOption = 60.0,
 ) -> None:
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
     With standard input not a terminal, reads one message or /command per line (scripted).
 
     Examples: lsaq-mlx chat -m ./my-model -b 4 · lsaq-mlx chat -b 3.5 --auto --temp 0.7 --seed 1 ·
-    printf "Hello\\n/plan 3\\nAnd now?\\n" | lsaq-mlx chat -b 4"""
+    printf "Hello\\n/plan 3\\nAnd now?\\n" | lsaq-mlx chat -b 4 ·
+    mlx.launch -n 2 -- lsaq-mlx chat --plan pipe.json (a model over two ranks, from plan --ranks)"""
     from lsaq_mlx.cli.chat_session import banner, run_chat
-    from lsaq_mlx.runtime.engine import build_engine
     from lsaq_mlx.sources import resolve_model
 
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, layer_store=layer_store)
     source = resolve_model(model)
-    engine = build_engine(source, options).start()
+    engine = session_engine(source, options, plan_file, rank_timeout)
+    if engine is None:
+        return
+    engine.start()
     try:
         if system:
             engine.set_system(system)
         run_chat(engine, max_tokens, title=lambda state: banner(state, _model_name(source), options.sampling.describe()))
     finally:
-        engine.shutdown()
+        end_session(engine)
 
 
 @app.command()

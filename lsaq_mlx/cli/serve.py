@@ -9,6 +9,8 @@ import typer
 
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import (
+    PlanFileOption,
+    RankTimeoutOption,
     AutoOption,
     MaxKVOption,
     MaxTokensOption,
@@ -50,14 +52,15 @@ def serve(
     max_kv_size: MaxKVOption = None,
     allowed_origins: Annotated[Optional[str], typer.Option("--allowed-origins", metavar="ORIGINS", help="Comma-separated web origins (e.g. http://localhost:3000, or *) whose pages may call the server from a browser (CORS); none by default.")] = None,
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="warning (default) | info: a line per request on stderr | debug")] = "warning",
+    plan_file: PlanFileOption = None,
+    rank_timeout: RankTimeoutOption = 60.0,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Concurrent requests are decoded together; swaps happen between tokens.
 
     --max-tokens, --temp, --top-p, --top-k, --min-p and --seed are the defaults of requests that do not set them.
 
     Examples: lsaq-mlx serve -m ./Llama-3-8B --auto · lsaq-mlx serve -b 4 --port 8081 · curl localhost:8080/v1/status"""
-    from lsaq_mlx.cli.runtime import _options
-    from lsaq_mlx.runtime.engine import build_engine
+    from lsaq_mlx.cli.runtime import _options, end_session, session_engine
     from lsaq_mlx.sources import resolve_model
 
     remote = not is_loopback(host)
@@ -72,7 +75,10 @@ def serve(
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True)
     options.check()
     source = resolve_model(model)
-    engine = build_engine(source, options).start()
+    engine = session_engine(source, options, plan_file, rank_timeout)
+    if engine is None:
+        return
+    engine.start()
     try:
         server = _bind(host, port, engine, source.spec or "default", api_key, max_tokens, options.sampling, origins)
         if remote:
@@ -86,7 +92,7 @@ def serve(
         finally:
             server.server_close()
     finally:
-        engine.shutdown()
+        end_session(engine)
 
 
 LOG_LEVELS = ("warning", "info", "debug")

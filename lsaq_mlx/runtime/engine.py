@@ -111,6 +111,7 @@ class Engine(EngineCommands):
         self.policy_options = {"reserve": options.reserve_bytes} | (policy_options or {})
         self.importance_of, self.memory_events = importance, options.memory_events
         self.use_layer_store = options.layer_store
+        self.planned = options.planned
         self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
@@ -238,6 +239,8 @@ class Engine(EngineCommands):
         return self.planner.plans(PlanRequest(method=self.method, bits_budgets=list(budgets)))
 
     def _load(self) -> None:
+        if self.planned is not None:
+            return self._load_planned()
         plan, policy = self._starting_plan()
         stored_plan = getattr(self.planner, "stored_plan", None)  # an adaptive folder's
         source_bits = source_bytes = None
@@ -281,6 +284,22 @@ class Engine(EngineCommands):
         self.last_reply: ReplyStats | None = None
         if self.importance_of is not None:
             self.importance = self.importance_of()
+
+    def _load_planned(self) -> None:
+        """The model of a plan file (``--plan``): this rank's stage of a pipeline, or the
+        whole plan; its precision stays as planned."""
+        from lsaq_mlx.runtime.pipeline import PipelineStage
+
+        self.model, config = self.planned.load(self.source)
+        net = self.model.model if isinstance(self.model, PipelineStage) else self.model
+        self.tokenizer = load_tokenizer(self.source)
+        self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
+        self.vocabulary = int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
+        self.control = PrecisionController(net, self.planned.held_plan(), module_precision(net), None, None, None,
+                                           set(), compute_mode() == "float32")
+        self.batchable = not isinstance(self.model, PipelineStage) and batchable_model(net)
+        self.cache, self.cache_tokens = None, []
+        self.last_reply: ReplyStats | None = None
 
     def _starting_plan(self) -> tuple[QuantPlan | None, Policy | None]:
         """The plan to load (``budget``'s, or automatic mode's pick) and automatic mode's policy."""
@@ -541,7 +560,8 @@ class Engine(EngineCommands):
                            mlx_peak_bytes=mx.get_peak_memory(), memory=sample, layers=control.layer_settings(),
                            last_reply=self.last_reply.to_dict() if self.last_reply else {},
                            layer_bits=control.layer_bits(), importance=self.importance,
-                           policy=control.policy.describe() if control.policy else None)
+                           policy=control.policy.describe() if control.policy else None,
+                           ranks=self.model.ranks_state() if hasattr(self.model, "ranks_state") else None)
 
 
 def build_engine(source: ModelSource, options: RuntimeOptions):

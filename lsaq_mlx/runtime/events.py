@@ -31,6 +31,7 @@ class EngineState:
     last_reply: dict = field(default_factory=dict)
     importance: dict | None = None  # {"metric", "scores"}
     policy: dict | None = None  # Policy.describe()
+    ranks: list | None = None  # a pipeline over mlx.launch ranks: each rank's layers, plan and memory
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,6 +22,7 @@ class RuntimeOptions:
     memory_events: bool = False  # a memory sample every second, for displays
     importance: str | None = None  # the metric displays show per layer (jaccard, cosine, zscore)
     sampling: Sampling = field(default_factory=Sampling)
+    planned: object = None  # runtime.pipeline.PlannedRun: run this plan (--plan), over mlx.launch ranks if any
 
     def check(self) -> None:
         self.sampling.check()

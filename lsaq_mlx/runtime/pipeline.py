@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -139,15 +140,27 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
+FORWARD, STOP, STATE = 1, 2, 3  # what rank 0 tells the ranks that follow it
+
+
 class PipelineStage:
     """``model`` (one rank's stage) called as mlx-lm calls a model: logits of the last
     position (all of them with ``all_positions``), the same on every rank. Everything
-    else (``layers``, ``make_cache``, ``args``) is the model's."""
+    else (``layers``, ``make_cache``, ``args``) is the model's.
 
-    def __init__(self, model: nn.Module, pipeline: PipelinePlan, rank: int, vocabulary: int, group=None):
-        self.model, self.rank, self.vocabulary, self.group = model, rank, vocabulary, group
-        self.share: RankShare = pipeline.share(rank)
-        self.is_last = rank == len(pipeline.ranks) - 1
+    ``driven``: only rank 0 decides what to compute (a chat, a server); before each call
+    it tells the other ranks, which ``follow``, the input's shape and where its cache
+    stands, and every call is evaluated at once, so all ranks run the same transfers in
+    the same order whatever the caller evaluates."""
+
+    def __init__(self, model: nn.Module, pipeline: PipelinePlan, ranks, vocabulary: int, driven: bool = False):
+        self.model, self.ranks, self.vocabulary, self.driven = model, ranks, vocabulary, driven
+        self.rank, self.group = ranks.rank, ranks.group
+        self.plan = rank_plan(pipeline, ranks.rank)
+        self._last_cache = None
+        self.guard: StallGuard | None = None
+        self.share: RankShare = pipeline.share(self.rank)
+        self.is_last = self.rank == len(pipeline.ranks) - 1
         self.all_positions = False
         dtype = next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)),
                      mx.float32)
@@ -160,6 +173,15 @@ class PipelineStage:
         return getattr(self.model, name)
 
     def __call__(self, inputs, cache=None, **kwargs):
+        if self.driven and self.rank == 0:
+            self._announce(FORWARD, cache, inputs.shape)
+        with self.guard.call() if self.guard else _nothing():
+            logits = self._forward(inputs, cache, **kwargs)
+            if self.driven:
+                mx.eval(logits)
+        return logits
+
+    def _forward(self, inputs, cache, **kwargs):
         out = self.model(inputs, cache=cache, **kwargs)
         positions = out.shape[1] if self.all_positions else 1
         if self.sender is not None:
@@ -169,6 +191,71 @@ class PipelineStage:
         else:
             logits = out[:, -positions:, :].astype(mx.float32)
         return mx.distributed.all_sum(logits, group=self.group)
+
+    def _announce(self, op: int, cache=None, shape=(0, 0)) -> None:
+        new = cache is not self._last_cache
+        self._last_cache = cache
+        header = [op, int(new), self._offset(cache), *shape, int(self.all_positions)]
+        mx.eval(mx.distributed.all_sum(mx.array(header, dtype=mx.int32), group=self.group))
+
+    def _offset(self, cache) -> int:
+        """Tokens in the cache of this rank's first layer that counts them; -1 if none."""
+        for i in self.share.layers:
+            if cache and hasattr(cache[i], "offset"):
+                return int(cache[i].offset)
+        return -1
+
+    def ranks_state(self) -> list[dict]:
+        """Rank 0: every rank's layers, plan and memory, in rank order."""
+        self._announce(STATE)
+        return self.ranks.gather(self._own_state())
+
+    def _own_state(self) -> dict:
+        import psutil
+
+        from lsaq_mlx.runtime.layers import layer_bits, module_precision
+
+        held = layer_bits(module_precision(self.model), self.plan.modules)["layers"]  # of the layers it holds
+        return {"rank": self.rank, "layers": [self.share.first_layer, self.share.end_layer],
+                "weight_bytes": self.share.weight_bytes, "bits_per_weight": self.share.bits_per_weight,
+                "layer_bits": held, "mlx_active_bytes": mx.get_active_memory(), "mlx_peak_bytes": mx.get_peak_memory(),
+                "rss_bytes": psutil.Process().memory_info().rss, "available_bytes": psutil.virtual_memory().available}
+
+    def release_followers(self) -> None:
+        """Rank 0, at the end: the ranks that follow it stop."""
+        if self.driven and self.rank == 0:
+            self._announce(STOP)
+
+    def follow(self) -> None:
+        """Ranks after 0: run the calls rank 0 announces, on caches that track rank 0's
+        (a new cache, or one trimmed back to where rank 0's stands), until it stops."""
+        from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+        cache = None
+        while True:
+            header = mx.distributed.all_sum(mx.zeros((6,), mx.int32), group=self.group).tolist()
+            op, new, offset, batch, length, all_positions = header
+            if op == STOP:
+                return
+            if op == STATE:
+                self.ranks.gather(self._own_state())
+                continue
+            if op != FORWARD:
+                raise UserError(f"rank {self.rank}: rank 0 sent an unknown request ({op})")
+            if new or cache is None:
+                cache = make_prompt_cache(self)
+            elif offset >= 0 and self._offset(cache) > offset:
+                trim_prompt_cache(cache, self._offset(cache) - offset)
+            self.all_positions = bool(all_positions)
+            self(mx.zeros((batch, length), mx.int32), cache=cache)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def _carry(cache, sent) -> None:
@@ -189,38 +276,90 @@ def bytes_between_ranks(pipeline: PipelinePlan, hidden: int, vocabulary: int, to
 
 
 class StallGuard:
-    """Ends this rank with one line (rank 0 only; the others quietly) when no token
-    arrives for ``seconds``, or when mlx.launch stops it because another rank ended: a
-    dead or stalled rank never leaves the others waiting."""
+    """Ends this rank with one line (rank 0 only; the others quietly) when no progress
+    comes for ``seconds`` while it watches, or when mlx.launch stops it because another
+    rank ended: a dead or stalled rank never leaves the others waiting."""
 
     def __init__(self, rank: int, seconds: float):
-        self.rank, self.seconds, self.last = rank, seconds, time.monotonic()
-        self.active = False
+        self.rank, self.seconds = rank, seconds
+        self.deadline: float | None = None  # progress must come by then; None: not watching
+        self._watcher: threading.Thread | None = None
         signal.signal(signal.SIGTERM, lambda *_: self._end("mlx.launch stopped this rank: another rank ended"))
 
     def start(self, grace: float = 0.0) -> "StallGuard":
-        """Watch for tokens from now on, the first allowed ``grace`` seconds more (the
-        other ranks may still be loading)."""
-        self.active, self.last = True, time.monotonic() + grace
-        threading.Thread(target=self._watch, daemon=True).start()
+        """Watch from now on, the first wait allowed ``grace`` seconds more (the other
+        ranks may still be loading)."""
+        self.deadline = time.monotonic() + self.seconds + grace
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            self._watcher.start()
         return self
 
     def beat(self) -> None:
-        self.last = time.monotonic()
+        if self.deadline is not None:
+            self.deadline = time.monotonic() + self.seconds
 
     def stop(self) -> None:
-        self.active = False
+        self.deadline = None
+
+    def call(self) -> "StallGuard":
+        """Watch one call (``with guard.call():``): a driven rank 0 waits between calls
+        for as long as the person typing."""
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
 
     def _watch(self) -> None:
-        while self.active:
+        while True:
             time.sleep(min(1.0, self.seconds / 4))
-            if self.active and time.monotonic() - self.last > self.seconds:
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
                 self._end(f"no progress for {self.seconds:g} s: another rank stalled or ended")
 
     def _end(self, why: str) -> None:
         if self.rank == 0:
             print(f"error: the pipeline stopped ({why})", file=sys.stderr, flush=True)
         os._exit(1)
+
+
+@dataclass
+class PlannedRun:
+    """A chat, TUI or server session on a plan file (``--plan``): the plan, this
+    process's place among the ranks, and under mlx.launch its stall guard."""
+
+    plan: QuantPlan | PipelinePlan
+    ranks: object  # backend.ranks.Ranks
+    guard: StallGuard | None = None
+
+    @classmethod
+    def open(cls, path, source, rank_timeout: float = 60.0) -> "PlannedRun":
+        from lsaq_mlx.backend.ranks import Ranks
+
+        ranks = Ranks()
+        guard = StallGuard(ranks.rank, rank_timeout) if ranks.size > 1 else None
+        return cls(read_plan_file(path, source), ranks, guard)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.ranks.size > 1
+
+    def load(self, source):
+        """``(model, config)``, rank 0 driving the others."""
+        model, config = load_planned(source, self.plan, self.ranks, driven=True)
+        if self.pipelined:
+            model.guard = self.guard
+        return model, config
+
+    def held_plan(self) -> QuantPlan:
+        """What this process holds of the plan."""
+        if isinstance(self.plan, PipelinePlan):
+            return rank_plan(self.plan, self.ranks.rank) if self.pipelined else self.plan.plan
+        return self.plan
 
 
 def read_plan_file(path, source) -> QuantPlan | PipelinePlan:
@@ -237,10 +376,10 @@ def read_plan_file(path, source) -> QuantPlan | PipelinePlan:
     return plan_from_file(path, source)
 
 
-def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
+def load_planned(source, plan: QuantPlan | PipelinePlan, ranks, driven: bool = False):
     """``(model, config)``: ``source`` quantized as ``plan`` says, in the compute mode;
     under ``mlx.launch`` (``ranks.size`` > 1) this rank's stage of a PipelinePlan, as a
-    ``PipelineStage``."""
+    ``PipelineStage`` (``driven``: by rank 0, the others follow)."""
     from lsaq_mlx.backend.compute import prepare_for_compute
     from lsaq_mlx.convert import quantized_model
 
@@ -256,7 +395,7 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks):
     model, config = quantized_model(source, rank_plan(plan, ranks.rank), keep=lambda m: keep_share(m, plan, ranks.rank))
     prepare_for_compute(model)
     vocabulary = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return PipelineStage(model, plan, ranks.rank, int(vocabulary), ranks.group), config
+    return PipelineStage(model, plan, ranks, int(vocabulary), driven), config
 
 
 def check_rank_memory(plan: PipelinePlan, ranks) -> None:

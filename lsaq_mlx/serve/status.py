@@ -43,7 +43,8 @@ class ServerStatus:
                     "auto": state.get("auto"), "layers": state.get("layers"), "layer_bits": state.get("layer_bits"),
                     "memory": self.memory or state.get("memory"), "policy": self.policy or state.get("policy"),
                     "mlx_active_bytes": state.get("mlx_active_bytes"), "requests": dict(self.requests),
-                    "last_reply": state.get("last_reply"), "swaps": list(self.swaps), "notes": list(self.notes)}
+                    "last_reply": state.get("last_reply"), "swaps": list(self.swaps), "notes": list(self.notes),
+                    "ranks": state.get("ranks")}
 
     def _follow(self) -> None:
         while True:
