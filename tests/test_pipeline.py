@@ -214,3 +214,73 @@ def test_pipelined_eval_measures_the_perplexity_of_one_process(pipeline_file):
     two = _launch(2, *args)
     assert two.returncode == 0 and "error" not in two.stderr, two.stderr
     assert _perplexity(two.stdout) == pytest.approx(_perplexity(one.stdout), rel=1e-5)
+
+
+CHAT = "What is the capital of France?\nAnd of Spain?\n/stats\n/quit\n"
+
+
+def test_chat_takes_a_plan_in_one_process(pipeline_file):
+    done = run_cli("chat", "--plan", str(pipeline_file), "-n", "8", input=CHAT)
+    assert done.returncode == 0, done.stderr
+    assert len([line for line in done.stdout.splitlines() if line.strip()]) >= 2
+    fixed = run_cli("chat", "--plan", str(pipeline_file), "-b", "4", input="/quit\n")
+    assert fixed.returncode == 1 and "--plan fixes the precision" in fixed.stderr
+
+
+@pytest.mark.slow
+def test_a_pipelined_chat_replies_as_one_process_and_shows_every_rank(pipeline_file):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    args = ["chat", "--plan", str(pipeline_file), "-n", "12"]
+    one = run_cli(*args, input=CHAT)
+    # mlx.launch relays standard input line by line and never closes it: /quit ends the chat
+    two = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx", *args],
+                         input=CHAT, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0 and "error" not in two.stderr, two.stderr
+    replies = lambda out: [line for line in out.splitlines() if line.strip() and not line.startswith(("plan:", "memory:", "MLX:", "rank ", "last reply"))]  # noqa: E731
+    assert replies(two.stdout) == replies(one.stdout)  # two turns: the second reuses the cache
+    plan = PipelinePlan.load(pipeline_file)
+    for share in plan.ranks:
+        assert f"rank {share.rank}: layers {share.first_layer}-{share.end_layer - 1}," in two.stdout + two.stderr
+
+
+@pytest.mark.slow
+def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
+    import socket
+    import urllib.request
+
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx",
+                               "serve", "--plan", str(pipeline_file), "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{base}/models", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{base}/completions", body, {"Content-Type": "application/json"})
+        text = json.loads(urllib.request.urlopen(request, timeout=300).read())["choices"][0]["text"]
+        one = run_cli("generate", "--plan", str(pipeline_file), "-p", PROMPT, "-n", "8", "--json")
+        assert text == json.loads(one.stdout)["text"]
+        status = json.loads(urllib.request.urlopen(f"{base}/status", timeout=60).read())
+        assert [r["rank"] for r in status["ranks"]] == [0, 1]
+        assert all(r["rss_bytes"] > 0 and r["layer_bits"] for r in status["ranks"])
+    finally:
+        for pid in _rank_pids(0):  # Ctrl+C on rank 0: it stops the server, then the ranks that follow it
+            subprocess.run(["kill", "-INT", str(pid)])
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise

@@ -53,6 +53,9 @@ def session_engine(source, options, plan_file: Path | None, rank_timeout: float 
     options.check()
     planned = PlannedRun.open(plan_file, source, rank_timeout)
     if planned.ranks.rank != 0:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every rank: rank 0 decides, then stops them
         stage, _ = planned.load(source)
         stage.follow()
         return None
