@@ -284,3 +284,30 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
         except subprocess.TimeoutExpired:
             server.kill()
             raise
+
+
+@pytest.mark.slow
+def test_a_memory_trace_on_one_rank_swaps_only_its_layers_while_a_reply_streams(tmp_path):
+    launcher = shutil.which("mlx.launch")
+    if launcher is None:
+        pytest.skip("mlx.launch is not installed")
+    path = tmp_path / "pipe.json"
+    planned = run_cli("plan", "--ranks", "180MB,110MB", "--context", "1024", "--rank-budgets", "3,4,5", "-o", str(path))
+    assert planned.returncode == 0, planned.stderr
+    plan = PipelinePlan.load(path)
+    assert all(len(plans) >= 2 and plans[-1].predicted_bytes == s.weight_bytes
+               for s, plans in zip(plan.ranks, plan.rank_plans))
+    trace = tmp_path / "rank1.trace"
+    trace.write_text("10MB\n" * 100)  # rank 1 has almost no memory left from its first sample on
+    chat = subprocess.run([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx", "chat",
+                           "--plan", str(path), "--auto", "--memory-trace", f"1:{trace}", "-n", "24"],
+                          input="What is the capital of France?\n/stats\n/quit\n", capture_output=True, text=True,
+                          timeout=600)
+    assert chat.returncode == 0 and "error" not in chat.stderr, chat.stderr
+    shown = chat.stdout + chat.stderr
+    smallest, top = plan.rank_plans[1][0], plan.rank_plans[0][-1]
+    layers = [f"{s.first_layer}-{s.end_layer - 1}" for s in plan.ranks]
+    assert f"rank 1: layers {layers[1]}, {smallest.predicted_bits_per_weight:.2f} bits/weight" in shown  # swapped down
+    assert f"plan 1 of {len(plan.rank_plans[1])}, 1 swaps" in shown
+    assert f"rank 0: layers {layers[0]}, {top.predicted_bits_per_weight:.2f} bits/weight" in shown  # kept its share
+    assert f"plan {len(plan.rank_plans[0])} of {len(plan.rank_plans[0])}, 0 swaps" in shown

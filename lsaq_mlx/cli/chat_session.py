@@ -216,8 +216,10 @@ def stats_summary(state) -> str:
                  f"conversation {state.messages} messages, {state.cached_tokens} tokens cached")
     for rank in getattr(state, "ranks", None) or []:
         first, end = rank["layers"]
+        plan = (f", plan {rank['plan_index'] + 1} of {rank['plans']}, {rank['swaps']} swaps"
+                if rank.get("plan_index") is not None else "")
         lines.append(f"rank {rank['rank']}: layers {first}-{end - 1}, {_bpw(rank['bits_per_weight'])}, weights "
-                     f"{format_size(rank['weight_bytes'])}; MLX {format_size(rank['mlx_active_bytes'])} active; "
+                     f"{format_size(rank['weight_bytes'])}{plan}; MLX {format_size(rank['mlx_active_bytes'])} active; "
                      f"RSS {format_size(rank['rss_bytes'])}; {format_size(rank['available_bytes'])} available")
     r = state.last_reply
     if r:

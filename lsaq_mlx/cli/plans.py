@@ -60,6 +60,7 @@ def plan(
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
     ranks: Annotated[Optional[str], typer.Option("--ranks", metavar="SIZES|HOSTFILE", help="Plan the model over several Macs (mlx.launch ranks): each one's memory (64GB,32GB), or an mlx.launch hostfile whose hosts carry a \"memory\" field. Chooses each rank's layers and every module's bits together (a PipelinePlan for generate/eval --plan); -b also caps the total.")] = None,
+    rank_budgets: Annotated[Optional[str], typer.Option("--rank-budgets", metavar="BITS,BITS,...", help="With --ranks: each rank also gets plans of its own layers at these bits per weight below its share, which chat/serve --plan --auto move through as that rank's memory changes.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="With --ranks: price settings from the config alone (every weight equally sensitive), reading no weights: a plan on paper for a model you have not downloaded (-m a folder holding its config.json).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write the QuantPlan (one budget), PlanSet (several) or PipelinePlan (--ranks) JSON here.")] = None,
     force: Annotated[bool, typer.Option("--force", metavar="", help="Replace the file --out names if it exists.")] = False,
@@ -81,7 +82,7 @@ def plan(
     if out:
         check_output_file(out, force)
     if ranks or dry_run:
-        return _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out)
+        return _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out, rank_budgets)
     source = resolve_model(model)
     plans = Planner(source).plans(request)
     result = plans[0] if len(plans) == 1 else PlanSet(plans)
@@ -93,13 +94,14 @@ def plan(
         print_plan(p, headroom(p.predicted_bytes))
 
 
-def _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out) -> None:
+def _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json_out, rank_budgets=None) -> None:
     from dataclasses import replace
 
     from lsaq_mlx.cli.render.plan import print_pipeline_plan
     from lsaq_mlx.errors import UserError
     from lsaq_mlx.planning.pipeline import parse_ranks
     from lsaq_mlx.planning.planner import Planner
+    from lsaq_mlx.runtime.options import parse_budgets
     from lsaq_mlx.sources import resolve_model
     from lsaq_mlx.sources.resolve import config_source
 
@@ -107,8 +109,9 @@ def _pipeline_plan(model, ranks, dry_run, request, bits_budget, out, force, json
         raise UserError("--dry-run plans over ranks: give --ranks (e.g. --ranks 64GB,32GB)", setting="ranks")
     memories = parse_ranks(ranks)
     source = config_source(model) if dry_run and model else resolve_model(model)
+    levels = parse_budgets(rank_budgets) if rank_budgets else ()
     result = Planner(source).pipeline_plan(replace(request, bits_budgets=list(bits_budget or [])), memories,
-                                           shape_only=dry_run)
+                                           shape_only=dry_run, rank_budgets=levels)
     if out:
         result.save(out, force)
     if json_out:

@@ -45,22 +45,24 @@ def session_engine(source, options, plan_file: Path | None, rank_timeout: float 
 
     if plan_file is None:
         return build_engine(source, options)
-    from lsaq_mlx.runtime.memory import SystemSampler
     from lsaq_mlx.runtime.pipeline import PlannedRun
 
-    if options.bits_budget is not None or options.auto or options.memory_trace is not None:
-        raise UserError("--plan fixes the precision: leave out -b, --auto and --memory-trace", setting="plan")
+    if options.bits_budget is not None:
+        raise UserError("--plan sets the precision: leave out -b (--auto moves each rank through its own plans)",
+                        setting="plan")
     options.check()
-    planned = PlannedRun.open(plan_file, source, rank_timeout)
+    trace = str(options.memory_trace) if options.memory_trace is not None else None
+    planned = PlannedRun.open(plan_file, source, rank_timeout, options.auto, trace)
     if planned.ranks.rank != 0:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every rank: rank 0 decides, then stops them
-        stage, _ = planned.load(source)
+        stage, config = planned.load(source)
+        planned.adaptation(source, stage, config)
         stage.follow()
         return None
     options.planned = planned
-    return Engine(source, None, options, SystemSampler())
+    return Engine(source, None, options, planned.sampler())
 
 
 def end_session(engine) -> None:

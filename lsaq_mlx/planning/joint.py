@@ -118,6 +118,41 @@ def plan_pipeline(ctx, costs, layout: ModelLayout, memories: list[int], context:
     return PipelinePlan(plan, shares, context, details)
 
 
+def add_rank_plans(pipeline: PipelinePlan, ctx, costs, layout: ModelLayout, budgets: list[float]) -> PipelinePlan:
+    """Give each rank plans of its own modules at ``budgets`` (bits per weight of what
+    it holds) below its share, its share last: the PlanSet its own memory policy moves
+    through at run time. A tied embedding keeps its one setting."""
+    n = len(pipeline.ranks)
+    sets = []
+    for share in pipeline.ranks:
+        held = [q for q in layout.modules if (q.layer is not None and q.layer in share.layers)
+                or (q.layer is None and share.rank in layout.holder(q, n))]
+        shared = {q.path for q in held if q.layer is None and len(layout.holder(q, n)) > 1}
+        options = [[pipeline.plan.modules[q.path]] if q.path in shared else ctx.options(q) for q in held]
+        floats = share.weight_bytes - sum(q.bytes_for(pipeline.plan.modules[q.path]) for q in held)
+        plans = []
+        for bits in sorted(b for b in budgets if b < share.bits_per_weight - 1e-6):
+            room = int(bits * share.parameters / 8) - floats
+            solution = solve_mckp([[(q.bytes_for(c), costs.cost(q.path, c)) for c in cs] for q, cs in zip(held, options)],
+                                  room)
+            if solution is not None:
+                choices = {q.path: cs[j] for q, cs, j in zip(held, options, solution.picks)}
+                plans.append(rank_plan_of(pipeline, share, held, choices, floats, {"bits_per_weight": bits}))
+        top = {q.path: pipeline.plan.modules[q.path] for q in held}
+        sets.append(plans + [rank_plan_of(pipeline, share, held, top, floats, {"share": True})])
+    pipeline.rank_plans = sets
+    return pipeline
+
+
+def rank_plan_of(pipeline: PipelinePlan, share: RankShare, held: list, choices: dict, floats: int, budget: dict):
+    """A QuantPlan of one rank's modules (``held``): its bytes and bits per weight are the rank's."""
+    from dataclasses import replace
+
+    size = floats + sum(q.bytes_for(choices[q.path]) for q in held)
+    return replace(pipeline.plan, budget=budget | {"rank": share.rank}, modules=choices, predicted_bytes=size,
+                   predicted_bits_per_weight=size * 8 / share.parameters, parameters=share.parameters, details={})
+
+
 def _best_split(layout, options, memories, context, cap: int | None):
     """``(estimated cost, [(first, end)] per rank, bytes of modules per rank)`` of the
     best split, or None. ``cap``: the most bytes of modules in all, shared out in

@@ -132,6 +132,7 @@ class PipelinePlan:
     ranks: list[RankShare]
     context: int
     details: dict = field(default_factory=dict)
+    rank_plans: list = field(default_factory=list)  # per rank: plans of its own modules, smallest first, its share last
     version: int = PLAN_VERSION
 
     def rank_of(self, path: str) -> list[int]:
@@ -149,7 +150,8 @@ class PipelinePlan:
 
     def to_dict(self) -> dict:
         return {"type": "PipelinePlan", "version": self.version, "context": self.context, "details": self.details,
-                "ranks": [asdict(s) for s in self.ranks], "plan": self.plan.to_dict()}
+                "ranks": [asdict(s) for s in self.ranks], "plan": self.plan.to_dict(),
+                "rank_plans": [[p.to_dict() for p in plans] for plans in self.rank_plans]}
 
     def save(self, path: Path, force: bool = True) -> None:
         write_json_atomic(Path(path), json.loads(json.dumps(self.to_dict())), force, False)
@@ -172,11 +174,30 @@ class PipelinePlan:
                 a >= b for a, b in bounds) or any(bounds[i][1] != bounds[i + 1][0] for i in range(len(bounds) - 1)):
             raise UserError(f"{where}: the ranks' layers do not cover the model's {n_layers} layers in order")
         details = data.get("details") if isinstance(data.get("details"), dict) else {}
-        return cls(plan, shares, context, details)
+        pipeline = cls(plan, shares, context, details)
+        pipeline.rank_plans = _rank_plans(data.get("rank_plans", []), pipeline, where)
+        return pipeline
 
     @classmethod
     def load(cls, path: Path) -> "PipelinePlan":
         return cls.from_dict(read_json(Path(path)), str(path))
+
+
+def _rank_plans(data, pipeline: PipelinePlan, where: str) -> list:
+    """Each rank's plans, checked: as many lists as ranks (or none), each plan naming
+    exactly the modules its rank holds."""
+    if not isinstance(data, list) or (data and len(data) != len(pipeline.ranks)):
+        raise UserError(f"{where}: rank_plans must hold one list of plans per rank")
+    sets = []
+    for rank, plans in enumerate(data):
+        held = {p for p in pipeline.plan.modules if rank in pipeline.rank_of(p)}
+        if not isinstance(plans, list) or not plans:
+            raise UserError(f"{where}: rank {rank} has no plans")
+        loaded = [QuantPlan.from_dict(p, f"{where}, rank {rank}") for p in plans]
+        if any(set(p.modules) != held for p in loaded):
+            raise UserError(f"{where}: a plan of rank {rank} names other modules than the rank holds")
+        sets.append(sorted(loaded, key=lambda p: p.predicted_bytes))
+    return sets
 
 
 def _share(data, rank: int, where: str) -> RankShare:

@@ -158,10 +158,13 @@ class Planner:
         """The one plan of a request with one budget."""
         return self.plans(request)[0]
 
-    def pipeline_plan(self, request: PlanRequest, memories: list[int], shape_only: bool = False):
+    def pipeline_plan(self, request: PlanRequest, memories: list[int], shape_only: bool = False,
+                      rank_budgets: list[float] = ()):
         """The joint plan over ranks of ``memories`` bytes (``planning.joint``);
-        ``shape_only``: priced from the config alone (``shape_cost``), no weights read."""
-        from lsaq_mlx.planning.joint import plan_pipeline
+        ``shape_only``: priced from the config alone (``shape_cost``), no weights read;
+        ``rank_budgets``: each rank also gets plans of these bits per weight below its
+        share, for its own memory policy."""
+        from lsaq_mlx.planning.joint import add_rank_plans, plan_pipeline
         from lsaq_mlx.planning.pipeline import ModelLayout
         from lsaq_mlx.planning.shape_cost import shape_costs
 
@@ -173,7 +176,8 @@ class Planner:
         costs = shape_costs(ctx) if shape_only else self.cost_table(ctx, request.calib)
         layout = ModelLayout.of(*self.structure, ctx.modules)
         budget = Budget(bits_per_weight=request.bits_budgets[0]) if request.bits_budgets else None
-        return plan_pipeline(ctx, costs, layout, memories, request.context, budget)
+        pipeline = plan_pipeline(ctx, costs, layout, memories, request.context, budget)
+        return add_rank_plans(pipeline, ctx, costs, layout, list(rank_budgets)) if rank_budgets else pipeline
 
     def nested_plans(self, request: PlanRequest) -> PlanSet:
         """The plans of ``request``'s budgets where no module of a smaller plan has more

@@ -176,6 +176,8 @@ class Engine(EngineCommands):
                 command = self.inbox.next(timeout=self.sample_every)
                 if command is None:
                     self._follow_memory()
+                    if hasattr(self.model, "tick_followers"):  # a pipeline: the other ranks follow their memory too
+                        self.model.tick_followers()
                     continue
                 self._run_command(command)
                 while self.control.swap and not self.inbox.closing.is_set():  # a swap asked between replies: all now
@@ -295,8 +297,11 @@ class Engine(EngineCommands):
         self.tokenizer = load_tokenizer(self.source)
         self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.vocabulary = int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size"))
-        self.control = PrecisionController(net, self.planned.held_plan(), module_precision(net), None, None, None,
-                                           set(), compute_mode() == "float32")
+        own = self.planned.adaptation(self.source, self.model, config, self.policy_options)
+        self.control = own or PrecisionController(net, self.planned.held_plan(), module_precision(net), None, None,
+                                                  None, set(), compute_mode() == "float32")
+        if isinstance(self.model, PipelineStage):
+            self.model.control = self.control
         self.batchable = not isinstance(self.model, PipelineStage) and batchable_model(net)
         self.cache, self.cache_tokens = None, []
         self.last_reply: ReplyStats | None = None

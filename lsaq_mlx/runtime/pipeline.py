@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -140,7 +141,7 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, name, module)
 
 
-FORWARD, STOP, STATE = 1, 2, 3  # what rank 0 tells the ranks that follow it
+FORWARD, STOP, STATE, TICK = 1, 2, 3, 4  # what rank 0 tells the ranks that follow it
 
 
 class PipelineStage:
@@ -159,6 +160,9 @@ class PipelineStage:
         self.plan = rank_plan(pipeline, ranks.rank)
         self._last_cache = None
         self.guard: StallGuard | None = None
+        self.float_paths: set = set()  # the modules with float32 copies (the CPU's compute mode)
+        self.control = None  # a PrecisionController when this rank adapts to its memory
+        self.adaptation: RankAdaptation | None = None  # a following rank's own policy
         self.share: RankShare = pipeline.share(self.rank)
         self.is_last = self.rank == len(pipeline.ranks) - 1
         self.all_positions = False
@@ -215,11 +219,26 @@ class PipelineStage:
 
         from lsaq_mlx.runtime.layers import layer_bits, module_precision
 
-        held = layer_bits(module_precision(self.model), self.plan.modules)["layers"]  # of the layers it holds
-        return {"rank": self.rank, "layers": [self.share.first_layer, self.share.end_layer],
-                "weight_bytes": self.share.weight_bytes, "bits_per_weight": self.share.bits_per_weight,
-                "layer_bits": held, "mlx_active_bytes": mx.get_active_memory(), "mlx_peak_bytes": mx.get_peak_memory(),
-                "rss_bytes": psutil.Process().memory_info().rss, "available_bytes": psutil.virtual_memory().available}
+        state = {"rank": self.rank, "layers": [self.share.first_layer, self.share.end_layer],
+                 "weight_bytes": self.share.weight_bytes, "bits_per_weight": self.share.bits_per_weight,
+                 "plan_index": None, "plans": 1, "swaps": 0}
+        if self.control is not None:
+            info, policy = self.control.plan_info(), self.control.policy
+            state |= {"weight_bytes": info["weight_bytes"], "bits_per_weight": info["bits_per_weight"],
+                      "plan_index": policy.current if policy else None,
+                      "plans": len(policy.plans.plans) if policy else 1, "swaps": self.control.swaps}
+            held = self.control.layer_bits()["layers"]
+        else:
+            held = layer_bits(module_precision(self.model), self.plan.modules)["layers"]
+        return state | {"layer_bits": held, "mlx_active_bytes": mx.get_active_memory(),
+                        "mlx_peak_bytes": mx.get_peak_memory(), "rss_bytes": psutil.Process().memory_info().rss,
+                        "available_bytes": psutil.virtual_memory().available}
+
+    def tick_followers(self) -> None:
+        """Rank 0, idle: the ranks that follow it check their memory (they adapt after
+        every call otherwise)."""
+        if self.driven and self.rank == 0:
+            self._announce(TICK)
 
     def release_followers(self) -> None:
         """Rank 0, at the end: the ranks that follow it stop."""
@@ -240,6 +259,10 @@ class PipelineStage:
             if op == STATE:
                 self.ranks.gather(self._own_state())
                 continue
+            if op == TICK:
+                if self.adaptation:
+                    self.adaptation.between_calls(idle=True)
+                continue
             if op != FORWARD:
                 raise UserError(f"rank {self.rank}: rank 0 sent an unknown request ({op})")
             if new or cache is None:
@@ -248,6 +271,8 @@ class PipelineStage:
                 trim_prompt_cache(cache, self._offset(cache) - offset)
             self.all_positions = bool(all_positions)
             self(mx.zeros((batch, length), mx.int32), cache=cache)
+            if self.adaptation:
+                self.adaptation.between_calls()
 
 
 class _nothing:
@@ -335,14 +360,45 @@ class PlannedRun:
     plan: QuantPlan | PipelinePlan
     ranks: object  # backend.ranks.Ranks
     guard: StallGuard | None = None
+    adapts: bool = False  # each rank follows its memory through its own plans (--auto)
+    trace: str | None = None  # this rank replays this memory trace
 
     @classmethod
-    def open(cls, path, source, rank_timeout: float = 60.0) -> "PlannedRun":
+    def open(cls, path, source, rank_timeout: float = 60.0, auto: bool = False, trace: str | None = None
+             ) -> "PlannedRun":
+        """``trace``: ``FILE`` for every rank, ``RANK:FILE`` for one (the others follow
+        their own memory)."""
         from lsaq_mlx.backend.ranks import Ranks
 
         ranks = Ranks()
         guard = StallGuard(ranks.rank, rank_timeout) if ranks.size > 1 else None
-        return cls(read_plan_file(path, source), ranks, guard)
+        plan = read_plan_file(path, source)
+        run = cls(plan, ranks, guard, auto or trace is not None)
+        if run.adapts and not (ranks.size > 1 and isinstance(plan, PipelinePlan) and plan.rank_plans):
+            raise UserError("--auto with --plan needs a pipeline plan with rank plans (plan --ranks ... "
+                            "--rank-budgets 3,4,5) run under mlx.launch", setting="auto")
+        if trace is not None:
+            rank, _, file = str(trace).partition(":")
+            run.trace = (file if int(rank) == ranks.rank else None) if rank.isdigit() and file else str(trace)
+        return run
+
+    def sampler(self):
+        """This rank's memory: its trace, or the machine's."""
+        from lsaq_mlx.runtime.memory import ScriptedSampler, SystemSampler
+
+        return ScriptedSampler(Path(self.trace)) if self.trace else SystemSampler()
+
+    def adaptation(self, source, stage: "PipelineStage", config: dict, policy_options: dict | None = None):
+        """This rank's own policy over its plans: ``(PrecisionController, None)`` for
+        rank 0's engine, else a ``RankAdaptation``; None when the run does not adapt."""
+        if not self.adapts:
+            return None
+        control = rank_control(source, stage, config, self.plan.rank_plans[self.ranks.rank], policy_options)
+        stage.control = control
+        if self.ranks.rank == 0:
+            return control
+        stage.adaptation = RankAdaptation(control, self.sampler())
+        return stage.adaptation
 
     @property
     def pipelined(self) -> bool:
@@ -360,6 +416,57 @@ class PlannedRun:
         if isinstance(self.plan, PipelinePlan):
             return rank_plan(self.plan, self.ranks.rank) if self.pipelined else self.plan.plan
         return self.plan
+
+
+def rank_control(source, stage: "PipelineStage", config: dict, plans: list, policy_options: dict | None = None):
+    """A PrecisionController of this rank's modules: its memory policy over ``plans``
+    (its share last, where it starts), swaps re-reading its own copy of the source."""
+    from lsaq_mlx.backend.compute import compute_mode
+    from lsaq_mlx.planning.plan import PlanSet
+    from lsaq_mlx.runtime.layers import module_precision
+    from lsaq_mlx.runtime.policy import Policy
+    from lsaq_mlx.runtime.precision import PrecisionController
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import DequantizedTensors, source_tensors, stored_bits
+
+    weights = ModelTensors(source_tensors(source), stage.model)
+    ceilings = stored_bits(weights, config)
+    if config.get("quantization"):
+        weights = DequantizedTensors(weights, config)
+    policy = Policy(PlanSet(list(plans)), **(policy_options or {}))
+    policy.current = len(policy.plans.plans) - 1
+    return PrecisionController(stage.model, policy.plans.plans[-1], module_precision(stage.model), policy, weights,
+                               None, stage.float_paths, compute_mode() == "float32", None, 0, ceilings)
+
+
+@dataclass
+class RankAdaptation:
+    """A following rank's own memory policy: between rank 0's calls it samples its
+    memory (at most every ``every`` seconds) and swaps its own layers, a layer group
+    per call (all of them when idle)."""
+
+    control: object  # runtime.precision.PrecisionController
+    sampler: object
+    every: float = 1.0
+    sampled: float = float("-inf")
+
+    def between_calls(self, idle: bool = False) -> None:
+        control = self.control
+        while control.swap:
+            control.step()
+            if not idle:
+                return
+        if time.monotonic() - self.sampled < self.every:
+            return
+        self.sampled = time.monotonic()
+        sample = self.sampler.sample()
+        choice = control.policy.decide(sample)
+        if choice is not None:
+            control.start(control.policy.plans.plans[choice], f"rank memory: {sample.available_bytes / 1e9:.2f} GB "
+                          "available")
+            if idle:
+                while control.swap:
+                    control.step()
 
 
 def read_plan_file(path, source) -> QuantPlan | PipelinePlan:
@@ -380,7 +487,7 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks, driven: bool = F
     """``(model, config)``: ``source`` quantized as ``plan`` says, in the compute mode;
     under ``mlx.launch`` (``ranks.size`` > 1) this rank's stage of a PipelinePlan, as a
     ``PipelineStage`` (``driven``: by rank 0, the others follow)."""
-    from lsaq_mlx.backend.compute import prepare_for_compute
+    from lsaq_mlx.backend.compute import float_copy_bytes, float_copy_paths, prepare_for_compute
     from lsaq_mlx.convert import quantized_model
 
     if ranks.size == 1:
@@ -393,9 +500,12 @@ def load_planned(source, plan: QuantPlan | PipelinePlan, ranks, driven: bool = F
                         f"{ranks.size} Macs", setting="plan")
     check_rank_memory(plan, ranks)
     model, config = quantized_model(source, rank_plan(plan, ranks.rank), keep=lambda m: keep_share(m, plan, ranks.rank))
-    prepare_for_compute(model)
+    float_paths = float_copy_paths(model, float_copy_bytes())
+    prepare_for_compute(model, float_paths=float_paths)
     vocabulary = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    return PipelineStage(model, plan, ranks, int(vocabulary), driven), config
+    stage = PipelineStage(model, plan, ranks, int(vocabulary), driven)
+    stage.float_paths = float_paths
+    return stage, config
 
 
 def check_rank_memory(plan: PipelinePlan, ranks) -> None:

@@ -38,6 +38,9 @@ def print_pipeline_plan(plan, on_paper: bool = False, console: Console | None = 
                       ", ".join(held), format_size(s.weight_bytes), f"{s.bits_per_weight:.2f}",
                       format_size(s.kv_bytes), format_size(s.reserve_bytes), format_size(s.free_bytes))
     console.print(table)
+    for s, plans in zip(plan.ranks, plan.rank_plans):
+        console.print(f"rank {s.rank}'s plans: " + ", ".join(f"{p.predicted_bits_per_weight:.2f}" for p in plans)
+                      + " bits per weight")
     p = plan.plan
     console.print(f"model: {format_size(p.predicted_bytes)} · {p.predicted_bits_per_weight:.3f} bits per weight "
                   f"(mlx-lm's definition) · planned in {plan.details.get('seconds', 0):.2f} s")
