@@ -224,7 +224,9 @@ def test_chat_takes_a_plan_in_one_process(pipeline_file):
     assert done.returncode == 0, done.stderr
     assert len([line for line in done.stdout.splitlines() if line.strip()]) >= 2
     fixed = run_cli("chat", "--plan", str(pipeline_file), "-b", "4", input="/quit\n")
-    assert fixed.returncode == 1 and "--plan fixes the precision" in fixed.stderr
+    assert fixed.returncode == 1 and "--plan sets the precision" in fixed.stderr
+    one_process_auto = run_cli("chat", "--plan", str(pipeline_file), "--auto", input="/quit\n")
+    assert one_process_auto.returncode == 1 and "--rank-budgets" in one_process_auto.stderr
 
 
 @pytest.mark.slow
