@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +165,6 @@ class PipelineStage:
         self.control = None  # a PrecisionController when this rank adapts to its memory
         self.adaptation: RankAdaptation | None = None  # a following rank's own policy
         self.share: RankShare = pipeline.share(self.rank)
-        self.is_last = self.rank == len(pipeline.ranks) - 1
         self.all_positions = False
         dtype = next((v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)),
                      mx.float32)
@@ -179,7 +179,7 @@ class PipelineStage:
     def __call__(self, inputs, cache=None, **kwargs):
         if self.driven and self.rank == 0:
             self._announce(FORWARD, cache, inputs.shape)
-        with self.guard.call() if self.guard else _nothing():
+        with self.guard or nullcontext():  # a driven rank 0 waits between calls as long as you type
             logits = self._forward(inputs, cache, **kwargs)
             if self.driven:
                 mx.eval(logits)
@@ -275,14 +275,6 @@ class PipelineStage:
                 self.adaptation.between_calls()
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _carry(cache, sent) -> None:
     """Make evaluating ``cache`` (what a prefill evaluates) evaluate ``sent`` too."""
     if getattr(cache, "keys", None) is not None:
@@ -327,12 +319,7 @@ class StallGuard:
     def stop(self) -> None:
         self.deadline = None
 
-    def call(self) -> "StallGuard":
-        """Watch one call (``with guard.call():``): a driven rank 0 waits between calls
-        for as long as the person typing."""
-        return self
-
-    def __enter__(self):
+    def __enter__(self):  # watch one call
         return self.start()
 
     def __exit__(self, *exc):
