@@ -230,7 +230,7 @@ def test_memory_chart_draws_the_policy_thresholds():
                         {"bits_per_weight": 4.5, "bytes": 1000, "min_available": 500},
                         {"bits_per_weight": 6.0, "bytes": 1400, "min_available": 900}]}
     lines = policy_thresholds(policy)
-    assert [(t.available, t.label) for t in lines] == [(500, "↓4.50b"), (1000, "↑6.00b")]
+    assert [(t.available, t.label) for t in lines] == [(500, "↓4.50"), (1000, "↑6.00")]
     chart = memory_chart([600e6] * 5 + [200e6] * 5, [Threshold(400e6, "↓4.50b", "red")], 30, 6).plain.split("\n")
     assert len(chart) == 6 and all(len(row) == 30 for row in chart)
     marked = [i for i, row in enumerate(chart) if "↓4.50b" in row]
@@ -406,3 +406,20 @@ def test_the_screenshot_command_saves_in_the_working_folder_and_says_where(tmp_p
     saved = list(tmp_path.glob("lsaq-mlx-*.svg"))
     assert len(saved) == 1 and saved[0].read_text().startswith("<svg")
     assert notes == [f"screenshot saved: {saved[0]}"]
+
+
+def test_at_80_by_24_the_header_keeps_the_precision_and_auto_state_and_the_input_hint_fits():
+    async def run():
+        fake = FakeEngine().start()
+        app = LsaqApp(fake, "SmolLM2-135M-Instruct (default), a long model name")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: app.plans and app.bits_per_weight)
+            shown = app.export_screenshot().replace("&#160;", " ")
+            assert f"{app.bits_per_weight:.2f} bits/weight · auto on" in shown
+            prompt = app.query_one(PromptInput)
+            assert len(prompt.placeholder) <= prompt.content_size.width  # the hint is not cut
+            assert "swap ↓/↑" in shown  # what the memory chart's lines mean
+            await pilot.press("ctrl+q")
+        fake.shutdown()
+
+    asyncio.run(run())

@@ -124,8 +124,9 @@ class LsaqApp(App):
 
     # ---- state ----
     def _subtitle(self) -> None:
-        bpw = f" · {self.bits_per_weight:.2f} bits/weight" if self.bits_per_weight else ""
-        self.sub_title = f"{self.model_name}{bpw} · auto {'on' if self.auto else 'off'}"
+        bpw = f"{self.bits_per_weight:.2f} bits/weight · " if self.bits_per_weight else ""
+        # the state first: a narrow terminal clips the model's name, not the state
+        self.sub_title = f"{bpw}auto {'on' if self.auto else 'off'} · {self.model_name}"
 
     watch_auto = watch_bits_per_weight = _subtitle
 

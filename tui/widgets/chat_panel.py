@@ -47,7 +47,7 @@ class ChatPanel(Vertical):
         super().__init__(**kwargs)
         self.border_title = "Chat"
         self.reply: Reply | None = None  # the reply streaming now
-        self.prompt = PromptInput(id="prompt", placeholder="Message (Enter sends, Ctrl+J: new line)")
+        self.prompt = PromptInput(id="prompt", placeholder="Enter sends · Ctrl+J new line")
 
     def compose(self) -> ComposeResult:
         yield VerticalScroll(id="messages")

@@ -24,9 +24,9 @@ def policy_thresholds(policy: dict | None) -> list[Threshold]:
     if not policy:
         return []
     current, plans = policy["current"], policy["plans"]
-    lines = [Threshold(plans[current]["min_available"], f"↓{plans[current]['bits_per_weight']:.2f}b", "red")]
+    lines = [Threshold(plans[current]["min_available"], f"↓{plans[current]['bits_per_weight']:.2f}", "red")]
     for plan in plans[current + 1:]:
-        lines.append(Threshold(plan["min_available"] + policy["hysteresis"], f"↑{plan['bits_per_weight']:.2f}b", "green"))
+        lines.append(Threshold(plan["min_available"] + policy["hysteresis"], f"↑{plan['bits_per_weight']:.2f}", "green"))
     return lines
 
 

@@ -22,6 +22,7 @@ class MemoryPanel(Widget):
         self.policy: dict | None = None
         self.history: deque[float] = deque(maxlen=HISTORY)
         self.border_title = "Memory"
+        self.border_subtitle = "lines: swap ↓/↑ to bpw"  # what the chart's labelled lines mean
 
     def add_sample(self, sample: dict) -> None:
         self.sample = sample
