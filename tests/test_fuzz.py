@@ -30,6 +30,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from lsaq_mlx.cache import read_cache_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.formats import safetensors_header
+from lsaq_mlx.planning.pipeline import PipelinePlan
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.storage.container import END, TRAILER
@@ -259,6 +260,13 @@ PLAN = {"type": "QuantPlan", "model_fingerprint": "0123456789abcdef", "method": 
                     "lm_head": False},
         "predicted_bytes": 1000, "predicted_bits_per_weight": 4.0, "parameters": 2000, "scores": {}, "details": {},
         "version": 1}
+PIPELINE = {"type": "PipelinePlan", "version": 1, "context": 1024, "details": {},
+            "plan": PLAN | {"modules": PLAN["modules"] | {"model.layers.1.mlp.up_proj": False}},
+            "ranks": [{"rank": 0, "memory_bytes": 10**9, "first_layer": 0, "end_layer": 1, "weight_bytes": 500,
+                       "kv_bytes": 10, "reserve_bytes": 10, "parameters": 900},
+                      {"rank": 1, "memory_bytes": 10**9, "first_layer": 1, "end_layer": 2, "weight_bytes": 500,
+                       "kv_bytes": 10, "reserve_bytes": 10, "parameters": 1100}],
+            "rank_plans": []}
 TABLE = {"model.layers.0.mlp.up_proj": {"4/64": 0.5, "8/64": 0.25, "keep": 0.0},
          "lm_head": {"4/64": 1.0, "8/64": 0.5, "keep": 0.0}}
 
@@ -286,6 +294,11 @@ def test_cache_json_readers(kind, seed):
         assert got is None or isinstance(got, LayerScores) and all(isinstance(x, float) for x in got.scores)
         loaded = expect_result_or_user_error(lambda: QuantPlan.load(plan))
         assert loaded is None or isinstance(loaded.modules, dict)
+        pipeline = work / "pipeline.json"
+        pipeline.write_bytes(serialised(PIPELINE, kind, rng))
+        split = expect_result_or_user_error(lambda: PipelinePlan.load(pipeline))
+        assert split is None or (split.ranks[0].first_layer == 0 and split.context >= 1
+                                 and all(a.end_layer == b.first_layer for a, b in zip(split.ranks, split.ranks[1:])))
         keys = {p: set(v) for p, v in TABLE.items()}
         got = read_cache_json(table, "cost table", lambda d: _check(d, keys))
         assert got is None or set(got) == set(TABLE)

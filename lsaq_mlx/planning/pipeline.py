@@ -26,6 +26,7 @@ from lsaq_mlx.sizes import parse_size
 PREFILL_CHUNK = 2048  # tokens mlx-lm's generate prefills at once
 ACTIVATION_BYTES = 4  # float32 on the CPU; an upper bound for float16 on a Mac
 RESERVE_SHARE = 0.10
+MAX_RANKS = 1024  # a plan file naming more is not one we wrote
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -164,7 +165,8 @@ class PipelinePlan:
             raise UserError(f"unsupported plan version {data.get('version')!r} in {where}")
         ranks = data.get("ranks")
         context = data.get("context")
-        if not isinstance(ranks, list) or len(ranks) < 2 or not isinstance(context, int) or isinstance(context, bool):
+        if (not isinstance(ranks, list) or not 2 <= len(ranks) <= MAX_RANKS or not isinstance(context, int)
+                or isinstance(context, bool) or context < 1):
             raise UserError(f"{where} has the wrong fields for a PipelinePlan")
         shares = [_share(r, i, where) for i, r in enumerate(ranks)]
         plan = QuantPlan.from_dict(data.get("plan"), where)
