@@ -273,3 +273,58 @@ def test_concurrent_requests_are_batched_and_give_the_same_replies(client, serve
     assert len(batched) >= 2
     shared = len(server.engine.tokenizer.encode(prompts[0])) - 3  # at least this much, when the prompts share a start
     assert all(t[3] >= shared for t in batched) if prompts[0].startswith("Here") else all(t[3] == 0 for t in batched)
+
+
+def _check_entry(entry, top: int) -> None:
+    assert entry.logprob <= 0 and len(entry.top_logprobs) == top
+    alternatives = [t.logprob for t in entry.top_logprobs]
+    assert alternatives == sorted(alternatives, reverse=True)
+    assert entry.logprob == pytest.approx(alternatives[0], abs=1e-5)  # greedy: the likeliest token is the one taken
+    assert entry.bytes == list(entry.token.encode("utf-8"))
+
+
+def test_chat_logprobs_with_alternatives_streamed_or_not(client, server):
+    asked = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0,
+                 logit_bias=eos_ban(server), logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**asked)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 6
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for entry in content:
+        _check_entry(entry, 3)
+    streamed = [e for chunk in client.chat.completions.create(**asked, stream=True) if chunk.choices
+                and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    plain = client.chat.completions.create(**{k: v for k, v in asked.items() if "logprobs" not in k})
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_form(client, server):
+    reply = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                      logit_bias=eos_ban(server), logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert "".join(logprobs.tokens) == reply.choices[0].text and len(logprobs.tokens) == 5
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(5)]
+    for token, value, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert value <= 0 and len(top) <= 2 and max(top.values()) == pytest.approx(value, abs=1e-5)
+
+
+def test_batched_completions_report_the_same_logprobs_as_alone(client, server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(prompt, n=6):
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                          logit_bias=eos_ban(server), logprobs=1)
+        return reply.model_dump()["lsaq_mlx"], reply.choices[0].logprobs
+
+    prompts = ["alpha beta", "gamma delta epsilon"]
+    alone = [ask(p)[1] for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(ask, "keep going", 200)  # runs alone while the others queue behind it
+        assert wait_for(lambda: status(server)["requests"]["in_flight"] >= 1)
+        together = list(pool.map(ask, prompts))
+        first.result()
+    assert any(info.get("batched") for info, _ in together)
+    for (_, batched), single in zip(together, alone):
+        assert batched.tokens == single.tokens
+        assert batched.token_logprobs == pytest.approx(single.token_logprobs, abs=1e-3)

@@ -15,7 +15,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.runtime.completion import Completion, token_logprob
 
 
 MIN_SHARED_PREFIX = 8  # tokens: a shorter shared prefix is not worth a cache of its own
@@ -78,7 +78,10 @@ class CompletionBatch:
                 self.generated += 1
             if r.finish_reason is not None:
                 detokenizer.finalize()
-            entry["job"].feed(detokenizer.last_segment)
+            job = entry["job"]
+            wanted = job.logprobs is not None and r.finish_reason != "stop"
+            job.feed(detokenizer.last_segment,
+                     token_logprob(self.tokenizer, r.token, r.logprobs, job.logprobs) if wanted else None)
             if r.finish_reason is not None:
                 self._finish(r.uid, r.finish_reason)
         ended = [uid for uid, e in self.running.items() if e["job"].should_stop()]

@@ -19,6 +19,7 @@ class CompletionEvent:
     finish_reason: str | None = None  # done: "stop" | "length" | "cancelled"
     usage: dict | None = None  # done: prompt_tokens, completion_tokens, total_tokens
     info: dict | None = None  # done: bits per weight at the start and end, swaps while it ran
+    logprobs: tuple = ()  # text: the log-probabilities of the tokens it ends (``token_logprob``), when asked
     status: int = 500  # error: as an HTTP status (400: the request itself cannot run)
     param: str | None = None  # error: the request field at fault
     code: str | None = None  # error: OpenAI's code ("context_length_exceeded")
@@ -39,6 +40,8 @@ class Completion:
     ended: bool = False  # its done or error event is sent
     prompt: str | None = None  # a raw prompt, tokenized by the engine (which owns the tokenizer)
     messages: tuple | None = None  # or chat messages, through the model's chat template
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives; None: do not
+    pending: list = field(default_factory=list)  # log-probabilities of tokens whose text is not sent yet
 
     def cancel(self) -> None:
         """The caller has gone: the engine ends this completion at its next token (or skips it)."""
@@ -68,10 +71,12 @@ class Completion:
     def should_stop(self) -> bool:
         return self.stopped or self.cancelled.is_set()
 
-    def feed(self, piece: str) -> None:
-        """Called by the engine with each token's text."""
+    def feed(self, piece: str, logprob: dict | None = None) -> None:
+        """Called by the engine with each token's text (and its ``token_logprob``)."""
         if self.stopped:
             return
+        if logprob is not None:
+            self.pending.append(logprob)
         self.text += piece
         cut = self._stop_at()
         if cut is not None:
@@ -115,5 +120,19 @@ class Completion:
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:
-            self.events.put(CompletionEvent("text", text=self.text[self.sent:upto]))
-            self.sent = upto
+            self.events.put(CompletionEvent("text", text=self.text[self.sent:upto], logprobs=tuple(self.pending)))
+            self.sent, self.pending = upto, []
+
+
+def token_logprob(tokenizer, token: int, logprobs, top: int) -> dict:
+    """``{"token", "logprob", "top": [(text, logprob)...]}`` of a generated ``token`` from
+    its step's log-probabilities over the vocabulary (an MLX vector), ``top`` alternatives."""
+    import mlx.core as mx
+
+    entry = {"token": tokenizer.decode([token]), "logprob": float(logprobs[token]), "top": []}
+    if top:
+        ids = mx.argpartition(-logprobs, top - 1)[:top]
+        values = logprobs[ids]
+        order = mx.argsort(-values)
+        entry["top"] = [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(ids[order].tolist(), values[order].tolist())]
+    return entry

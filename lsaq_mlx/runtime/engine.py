@@ -44,7 +44,7 @@ from lsaq_mlx.runtime.commands import (
     SetAuto,
     SetSystem,
 )
-from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.runtime.completion import Completion, token_logprob
 from lsaq_mlx.runtime.conversation import Conversation
 from lsaq_mlx.runtime.prompts import PromptRefused, prompt_tokens
 from lsaq_mlx.runtime.events import (
@@ -354,7 +354,7 @@ class Engine(EngineCommands):
                 mx.random.seed(job.sampling.seed)
             _, stats, reason = self._generate(job.tokens, min(job.max_tokens, self.context - len(job.tokens)),
                                               job.sampling.sampler(), job.logits_processors(), job.feed,
-                                              job.should_stop)
+                                              job.should_stop, job.logprobs)
         except Exception as e:
             job.fail(f"generation failed: {type(e).__name__}: {e}")
             raise
@@ -389,8 +389,8 @@ class Engine(EngineCommands):
         job.start()
         return True
 
-    def _generate(self, tokens: list[int], max_tokens: int, sampler, processors, emit, should_stop
-                  ) -> tuple[str, ReplyStats, str | None]:
+    def _generate(self, tokens: list[int], max_tokens: int, sampler, processors, emit, should_stop,
+                  logprobs: int | None = None) -> tuple[str, ReplyStats, str | None]:
         """Generate after ``tokens``, sending each piece of text to ``emit`` and ending
         early when ``should_stop()`` (or at shutdown); the text, its statistics and
         mlx-lm's finish reason. A reply stopped before it began is empty."""
@@ -406,7 +406,10 @@ class Engine(EngineCommands):
             generated.append(last.token)
             pieces.append(last.text)
             first_token = first_token or time.perf_counter() - started
-            emit(last.text)
+            if logprobs is None:
+                emit(last.text)
+            else:  # each token's log-probability and its ``logprobs`` likeliest alternatives
+                emit(last.text, token_logprob(self.tokenizer, last.token, last.logprobs, logprobs))
             if stopping():
                 stopped = True
                 break

@@ -43,6 +43,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     logits: dict  # mlx-lm's logits processors: logit_bias, repetition/presence/frequency_penalty
+    logprobs: int | None = None  # each token's log-probability and this many likeliest alternatives; None: not asked
 
 
 def parse_body(raw: bytes) -> dict:
@@ -83,10 +84,23 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
         model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
         stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
-        logits=_logits(get, body, vocabulary))
+        logits=_logits(get, body, vocabulary), logprobs=_logprobs(get, body, chat))
 
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "top_logprobs", "suffix", "audio", "prediction")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "suffix", "audio", "prediction")
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API: 5)
+
+
+def _logprobs(get: "_Fields", body: dict, chat: bool) -> int | None:
+    """Chat: ``logprobs`` (a boolean) and ``top_logprobs`` (0-20, needs it); completions:
+    ``logprobs`` (0-5 alternatives). None when not asked."""
+    if not chat:
+        return get.number("logprobs", None, 0, 5, integer=True)
+    wanted = get.typed("logprobs", bool, "a boolean", False)
+    top = get.number("top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -98,9 +112,8 @@ def _refuse_unsupported(body: dict) -> None:
     if response_format not in (None, {"type": "text"}):
         raise ApiError(400, "response_format: only {\"type\": \"text\"} is supported", "response_format",
                        "unsupported_parameter")
-    for key in ("logprobs", "echo"):
-        if body.get(key) not in (None, False, 0):
-            raise ApiError(400, f"{key} is not supported by this server", key, "unsupported_parameter")
+    if body.get("echo") not in (None, False):
+        raise ApiError(400, "echo is not supported by this server", "echo", "unsupported_parameter")
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of must be 1", "best_of", "unsupported_parameter")
 

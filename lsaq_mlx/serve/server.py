@@ -172,7 +172,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                                      self.server.info.vocabulary)
         self._check_model(request.model)
         job = Completion([], request.max_tokens, request.sampling, request.stop, request.logits,
-                         prompt=request.prompt, messages=request.messages)
+                         prompt=request.prompt, messages=request.messages, logprobs=request.logprobs)
         status = self.server.status
         status.count("in_flight")
         self.server.engine.complete(job)
@@ -206,17 +206,19 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     # ---- replies ----
     def _respond(self, job: Completion, request: CompletionRequest) -> bool:
-        pieces, done = [], None
+        pieces, logprobs, done = [], [], None
         for event in self._events(job):
             if event.kind == "text":
                 pieces.append(event.text)
+                logprobs += event.logprobs
             elif event.kind == "done":
                 done = event
         text, reply = "".join(pieces), _reply_header(request, self.server.model_id)
+        shown = _logprobs(logprobs, request) if request.logprobs is not None else None
         if request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": shown}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": 0, "text": text, "logprobs": shown}
         choice["finish_reason"] = done.finish_reason
         reply |= {"object": "chat.completion" if request.chat else "text_completion", "choices": [choice],
                   "usage": done.usage, "lsaq_mlx": done.info}
@@ -237,13 +239,14 @@ class ApiHandler(BaseHTTPRequestHandler):
         header = _reply_header(request, self.server.model_id) | {
             "object": "chat.completion.chunk" if request.chat else "text_completion"}
 
-        def chunk(text: str | None, finish_reason=None, first=False) -> dict:
+        def chunk(text: str | None, finish_reason=None, first=False, logprobs=()) -> dict:
+            shown = _logprobs(list(logprobs), request) if request.logprobs is not None and logprobs else None
             if request.chat:
                 delta = ({"role": "assistant", "content": ""} if first else {}) | (
                     {"content": text} if text is not None else {})
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": 0, "delta": delta, "logprobs": shown, "finish_reason": finish_reason}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": 0, "text": text or "", "logprobs": shown, "finish_reason": finish_reason}
             return header | {"choices": [choice]}
 
         if request.chat:
@@ -251,7 +254,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         try:
             for event in events:
                 if event.kind == "text":
-                    self._send_event(chunk(event.text))
+                    self._send_event(chunk(event.text, logprobs=event.logprobs))
                 elif event.kind == "done":
                     self._send_event(chunk(None, event.finish_reason) | {"lsaq_mlx": event.info})
                     if request.include_usage:
@@ -315,6 +318,24 @@ class ApiHandler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
+
+
+def _logprobs(entries: list[dict], request: CompletionRequest) -> dict:
+    """OpenAI's ``logprobs`` of a choice: ``{"content": [...]}`` for chat, the legacy
+    ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset`` lists for completions."""
+    if request.chat:
+        def one(text, logprob):
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [one(e["token"], e["logprob"]) | {"top_logprobs": [one(t, v) for t, v in e["top"]]}
+                            for e in entries]}
+    offsets, at = [], 0
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            # tokens that decode alike (parts of one character) share a key: the likeliest keeps it
+            "top_logprobs": [dict(reversed(e["top"])) for e in entries], "text_offset": offsets}
 
 
 def _reply_header(request: CompletionRequest, model_id: str) -> dict:
