@@ -239,7 +239,7 @@ def test_the_request_log_says_who_what_and_the_status(server, caplog):
 
 @pytest.mark.parametrize("field", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
                                    {"top_logprobs": 3}, {"response_format": {"type": "json_object"}},
-                                   {"tool_choice": "auto"}, {"logprobs": 2}],
+                                   {"tool_choice": "required"}, {"logprobs": 2}],
                          ids=["tools", "top_logprobs without logprobs", "response_format", "tool_choice",
                               "logprobs not a boolean"])
 def test_fields_asking_for_what_is_not_done_are_a_400_naming_them(server, field):

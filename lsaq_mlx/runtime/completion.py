@@ -41,6 +41,7 @@ class Completion:
     prompt: str | None = None  # a raw prompt, tokenized by the engine (which owns the tokenizer)
     messages: tuple | None = None  # or chat messages, through the model's chat template
     logprobs: int | None = None  # report each token's log-probability and this many alternatives; None: do not
+    tools: tuple | None = None  # function tools for the chat template (OpenAI's form)
     pending: list = field(default_factory=list)  # log-probabilities of tokens whose text is not sent yet
 
     def cancel(self) -> None:

@@ -45,6 +45,7 @@ from lsaq_mlx.runtime.commands import (
     SetSystem,
 )
 from lsaq_mlx.runtime.completion import Completion, token_logprob
+from lsaq_mlx.runtime.tool_calls import ToolCalling
 from lsaq_mlx.runtime.conversation import Conversation
 from lsaq_mlx.runtime.prompts import PromptRefused, prompt_tokens
 from lsaq_mlx.runtime.events import (
@@ -89,6 +90,7 @@ class EngineInfo:
     context: int  # tokens
     vocabulary: int  # token ids below this reach the model
     eos_token_ids: tuple[int, ...]
+    tool_calling: object = None  # runtime.tool_calls.ToolCalling: the model's tool-call markers and parser
 
 
 class Engine(EngineCommands):
@@ -168,7 +170,8 @@ class Engine(EngineCommands):
             self._error = e
             self._ready.set()
             return
-        self.info = EngineInfo(self.context, self.vocabulary, tuple(self.tokenizer.eos_token_ids))
+        self.info = EngineInfo(self.context, self.vocabulary, tuple(self.tokenizer.eos_token_ids),
+                               ToolCalling.of(self.tokenizer))
         self._ready.set()
         self.on_event(Ready(self._state(), time.time()))
         try:
@@ -380,7 +383,7 @@ class Engine(EngineCommands):
                 job.fail("the completion has no prompt", 400)
                 return False
             try:
-                job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context)
+                job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context, job.tools)
             except PromptRefused as e:
                 job.fail(str(e), 400, e.param, e.code)
                 return False

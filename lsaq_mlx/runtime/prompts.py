@@ -21,10 +21,11 @@ class PromptRefused(UserError):
         self.param, self.code = param, code
 
 
-def prompt_tokens(tokenizer, text: str | None, messages, context: int) -> list[int]:
+def prompt_tokens(tokenizer, text: str | None, messages, context: int, tools=None) -> list[int]:
     """The tokens of a raw ``text`` prompt or of chat ``messages`` (through the model's chat
-    template); ``PromptRefused`` for one over ``context`` (found before it is tokenized
-    whole) or that the template rejects."""
+    template, with ``tools`` where given); ``PromptRefused`` for one over ``context``
+    (found before it is tokenized whole), with tools the template cannot call, or that the
+    template rejects."""
     param = "prompt" if text is not None else "messages"
     texts = [text] if text is not None else [m["content"] for m in messages]
     least = 0
@@ -36,10 +37,13 @@ def prompt_tokens(tokenizer, text: str | None, messages, context: int) -> list[i
     if text is not None:
         return list(tokenizer.encode(text))
     messages = [dict(m) for m in messages]
+    if tools and not getattr(tokenizer, "has_tool_calling", False):
+        raise PromptRefused("this model's chat template does not call tools", "tools")
     if not tokenizer.chat_template:
         return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        extra = {"tools": list(tools)} if tools else {}
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
     except Exception as e:  # the model's template rejects these messages (jinja raises its own errors)
         raise PromptRefused(f"the model's chat template rejects these messages: {e}", param) from None
 

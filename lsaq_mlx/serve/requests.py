@@ -44,6 +44,7 @@ class CompletionRequest:
     include_usage: bool
     logits: dict  # mlx-lm's logits processors: logit_bias, repetition/presence/frequency_penalty
     logprobs: int | None = None  # each token's log-probability and this many likeliest alternatives; None: not asked
+    tools: tuple | None = None  # chat: OpenAI function tools, for the model's chat template
 
 
 def parse_body(raw: bytes) -> dict:
@@ -84,10 +85,28 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
         model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
         stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
-        logits=_logits(get, body, vocabulary), logprobs=_logprobs(get, body, chat))
+        logits=_logits(get, body, vocabulary), logprobs=_logprobs(get, body, chat), tools=_tools(body) if chat else None)
 
 
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "suffix", "audio", "prediction")
+UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "prediction")
+MAX_TOOLS = 128
+
+
+def _tools(body: dict) -> tuple | None:
+    """``tools``: function tools (each ``{"type": "function", "function": {"name", ...}}``);
+    ``tool_choice`` may be ``auto`` (the default) or ``none`` (the tools are left out)."""
+    choice = body.get("tool_choice")
+    if choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: only \"auto\" and \"none\" are supported", "tool_choice",
+                       "unsupported_parameter")
+    tools = body.get("tools")
+    if tools in (None, []) or choice == "none":
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance(t.get("function"), dict)
+            and isinstance(t["function"].get("name"), str) and t["function"]["name"] for t in tools):
+        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} function tools, each with a name", "tools")
+    return tuple(tools)
 MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API (its completions API: 5)
 
 
@@ -152,8 +171,36 @@ def _messages(body: dict) -> tuple[dict, ...]:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] must be an object with a role of {', '.join(ROLES)}", "messages")
         role = "system" if m["role"] == "developer" else m["role"]
-        out.append({"role": role, "content": _content(m.get("content"), i)})
+        message = {"role": role, "content": _content(m.get("content"), i)}
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(m["tool_calls"], i)
+        out.append(message)
     return tuple(out)
+
+
+def _tool_calls(calls, i: int) -> list[dict]:
+    """An assistant message's earlier tool calls, their JSON arguments read back into
+    objects (chat templates write them out themselves)."""
+    bad = ApiError(400, f"messages[{i}].tool_calls must be a list of function calls with a name and JSON arguments",
+                   "messages")
+    if not isinstance(calls, list):
+        raise bad
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad
+        arguments = function.get("arguments", "{}")
+        try:
+            arguments = parse_json(arguments, "arguments", MAX_BODY_DEPTH) if isinstance(arguments, str) else arguments
+        except UserError:
+            raise bad from None
+        out.append({"id": str(call.get("id", "")), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _content(content, i: int) -> str:

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lsaq_mlx import __version__
 from lsaq_mlx.runtime.completion import Completion
+from lsaq_mlx.runtime.tool_calls import ToolCallText
 from lsaq_mlx.serve.requests import MAX_BODY_BYTES, ApiError, CompletionRequest, completion_request, parse_body
 from lsaq_mlx.serve.status import ServerStatus
 
@@ -172,7 +173,8 @@ class ApiHandler(BaseHTTPRequestHandler):
                                      self.server.info.vocabulary)
         self._check_model(request.model)
         job = Completion([], request.max_tokens, request.sampling, request.stop, request.logits,
-                         prompt=request.prompt, messages=request.messages, logprobs=request.logprobs)
+                         prompt=request.prompt, messages=request.messages, logprobs=request.logprobs,
+                         tools=request.tools)
         status = self.server.status
         status.count("in_flight")
         self.server.engine.complete(job)
@@ -215,11 +217,17 @@ class ApiHandler(BaseHTTPRequestHandler):
                 done = event
         text, reply = "".join(pieces), _reply_header(request, self.server.model_id)
         shown = _logprobs(logprobs, request) if request.logprobs is not None else None
+        calls = self._tool_text(request)
+        if calls:
+            before = calls.feed(text)
+            rest, calls = calls.finish(request.tools)
+            text = before + rest
         if request.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": shown}
+            message = {"role": "assistant", "content": text if text or not calls else None}
+            choice = {"index": 0, "message": message | ({"tool_calls": calls} if calls else {}), "logprobs": shown}
         else:
             choice = {"index": 0, "text": text, "logprobs": shown}
-        choice["finish_reason"] = done.finish_reason
+        choice["finish_reason"] = "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
         reply |= {"object": "chat.completion" if request.chat else "text_completion", "choices": [choice],
                   "usage": done.usage, "lsaq_mlx": done.info}
         self._send_json(200, reply)
@@ -251,12 +259,24 @@ class ApiHandler(BaseHTTPRequestHandler):
 
         if request.chat:
             self._send_event(chunk(None, first=True))
+        calls = self._tool_text(request)
         try:
             for event in events:
                 if event.kind == "text":
-                    self._send_event(chunk(event.text, logprobs=event.logprobs))
+                    text = calls.feed(event.text) if calls else event.text
+                    if text or event.logprobs:
+                        self._send_event(chunk(text, logprobs=event.logprobs))
                 elif event.kind == "done":
-                    self._send_event(chunk(None, event.finish_reason) | {"lsaq_mlx": event.info})
+                    reason = event.finish_reason
+                    if calls:
+                        rest, made = calls.finish(request.tools)
+                        if rest:
+                            self._send_event(chunk(rest))
+                        if made:
+                            self._send_event(header | {"choices": [{"index": 0, "logprobs": None, "finish_reason": None,
+                                                                    "delta": {"tool_calls": [c | {"index": i} for i, c in enumerate(made)]}}]})
+                            reason = "tool_calls" if reason == "stop" else reason
+                    self._send_event(chunk(None, reason) | {"lsaq_mlx": event.info})
                     if request.include_usage:
                         self._send_event(header | {"choices": [], "usage": event.usage})
         except ApiError as e:  # the headers are sent: the failure goes in the stream
@@ -264,6 +284,11 @@ class ApiHandler(BaseHTTPRequestHandler):
             return False
         self._write(b"data: [DONE]\n\n")
         return True
+
+    def _tool_text(self, request: CompletionRequest):
+        """A splitter of tool calls from the reply, when the request has tools."""
+        calling = getattr(self.server.info, "tool_calling", None)
+        return ToolCallText(calling) if request.tools and calling else None
 
     def _events(self, job: Completion):
         """The completion's events until it is done; ``ClientGone`` when the client left;
