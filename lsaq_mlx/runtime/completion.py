@@ -42,6 +42,7 @@ class Completion:
     messages: tuple | None = None  # or chat messages, through the model's chat template
     logprobs: int | None = None  # report each token's log-probability and this many alternatives; None: do not
     tools: tuple | None = None  # function tools for the chat template (OpenAI's form)
+    template_kwargs: dict | None = None  # more names for the chat template (enable_thinking...)
     pending: list = field(default_factory=list)  # log-probabilities of tokens whose text is not sent yet
 
     def cancel(self) -> None:

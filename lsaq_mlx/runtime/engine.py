@@ -383,7 +383,8 @@ class Engine(EngineCommands):
                 job.fail("the completion has no prompt", 400)
                 return False
             try:
-                job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context, job.tools)
+                job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context, job.tools,
+                                           job.template_kwargs)
             except PromptRefused as e:
                 job.fail(str(e), 400, e.param, e.code)
                 return False

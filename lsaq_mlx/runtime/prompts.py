@@ -21,7 +21,7 @@ class PromptRefused(UserError):
         self.param, self.code = param, code
 
 
-def prompt_tokens(tokenizer, text: str | None, messages, context: int, tools=None) -> list[int]:
+def prompt_tokens(tokenizer, text: str | None, messages, context: int, tools=None, template_kwargs=None) -> list[int]:
     """The tokens of a raw ``text`` prompt or of chat ``messages`` (through the model's chat
     template, with ``tools`` where given); ``PromptRefused`` for one over ``context``
     (found before it is tokenized whole), with tools the template cannot call, or that the
@@ -42,7 +42,7 @@ def prompt_tokens(tokenizer, text: str | None, messages, context: int, tools=Non
     if not tokenizer.chat_template:
         return list(tokenizer.encode("\n".join(m["content"] for m in messages)))
     try:
-        extra = {"tools": list(tools)} if tools else {}
+        extra = (template_kwargs or {}) | ({"tools": list(tools)} if tools else {})
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
     except Exception as e:  # the model's template rejects these messages (jinja raises its own errors)
         raise PromptRefused(f"the model's chat template rejects these messages: {e}", param) from None

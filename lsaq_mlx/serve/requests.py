@@ -45,6 +45,7 @@ class CompletionRequest:
     logits: dict  # mlx-lm's logits processors: logit_bias, repetition/presence/frequency_penalty
     logprobs: int | None = None  # each token's log-probability and this many likeliest alternatives; None: not asked
     tools: tuple | None = None  # chat: OpenAI function tools, for the model's chat template
+    template_kwargs: dict | None = None  # chat: chat_template_kwargs (enable_thinking...), as mlx_lm.server takes
 
 
 def parse_body(raw: bytes) -> dict:
@@ -85,11 +86,29 @@ def completion_request(body: dict, chat: bool, default_max_tokens: int, defaults
         chat=chat, messages=_messages(body) if chat else None, prompt=None if chat else _prompt(body),
         model=get.typed("model", str, "a string"), max_tokens=max_tokens, sampling=sampling, stop=_stop(body),
         stream=get.typed("stream", bool, "a boolean", False), include_usage=include_usage,
-        logits=_logits(get, body, vocabulary), logprobs=_logprobs(get, body, chat), tools=_tools(body) if chat else None)
+        logits=_logits(get, body, vocabulary), logprobs=_logprobs(get, body, chat), tools=_tools(body) if chat else None,
+        template_kwargs=_template_kwargs(body) if chat else None)
 
 
 UNSUPPORTED = ("functions", "function_call", "suffix", "audio", "prediction")
 MAX_TOOLS = 128
+MAX_TEMPLATE_KWARGS = 32
+TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt", "tokenize", "conversation")  # set by the server
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    """``chat_template_kwargs``: names the model's chat template reads (``enable_thinking``),
+    each a string, number, boolean or null."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs in (None, {}):
+        return None
+    if (not isinstance(kwargs, dict) or len(kwargs) > MAX_TEMPLATE_KWARGS
+            or not all(k.isidentifier() and k not in TEMPLATE_OWN for k in kwargs)
+            or not all(v is None or isinstance(v, (str, int, float, bool)) for v in kwargs.values())):
+        raise ApiError(400, f"chat_template_kwargs must map at most {MAX_TEMPLATE_KWARGS} names to strings, numbers or "
+                            "booleans", "chat_template_kwargs")
+    return dict(kwargs)
+
 
 
 def _tools(body: dict) -> tuple | None:

@@ -174,7 +174,7 @@ class ApiHandler(BaseHTTPRequestHandler):
         self._check_model(request.model)
         job = Completion([], request.max_tokens, request.sampling, request.stop, request.logits,
                          prompt=request.prompt, messages=request.messages, logprobs=request.logprobs,
-                         tools=request.tools)
+                         tools=request.tools, template_kwargs=request.template_kwargs)
         status = self.server.status
         status.count("in_flight")
         self.server.engine.complete(job)
