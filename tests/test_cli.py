@@ -88,3 +88,18 @@ def test_json_sizes_are_bytes_everywhere(tmp_path, empty_cache):
     assert not [k for k, _ in keys if k.rsplit(".", 1)[-1].endswith(("_gb", "_mb", "_kb", "_gib", "_mib"))]
     sizes = [(k, v) for k, v in keys if k.endswith("bytes")]
     assert len(sizes) >= 6 and all(isinstance(v, int) or v is None for _, v in sizes), sizes
+
+
+def test_generate_takes_mlx_lm_generates_flags_and_reads_the_prompt_from_stdin():
+    piped = run_cli("generate", "-p", "-", "-n", "4", "--json", input="The capital of France is")
+    typed = run_cli("generate", "-p", "The capital of France is", "-n", "4", "--json")
+    assert piped.returncode == 0 and json.loads(piped.stdout)["text"] == json.loads(typed.stdout)["text"]
+    sampled = run_cli("generate", "-p", "Hi", "-n", "4", "--chat", "--system-prompt", "Be brief.", "--temp", "0.7",
+                      "--top-p", "0.9", "--top-k", "20", "--min-p", "0.05", "--seed", "3", "--json")
+    again = run_cli("generate", "-p", "Hi", "-n", "4", "--chat", "--system-prompt", "Be brief.", "--temp", "0.7",
+                    "--top-p", "0.9", "--top-k", "20", "--min-p", "0.05", "--seed", "3", "--json")
+    assert sampled.returncode == 0 and json.loads(sampled.stdout)["text"] == json.loads(again.stdout)["text"]
+    lone = run_cli("generate", "-p", "Hi", "--system-prompt", "Be brief.")
+    assert lone.returncode == 1 and "--chat" in lone.stderr
+    bad = run_cli("generate", "-p", "Hi", "--top-p", "0")
+    assert bad.returncode == 1 and "top-p" in bad.stderr

@@ -9,7 +9,7 @@ import typer
 from typing import Annotated
 
 from lsaq_mlx.cli.app import app
-from lsaq_mlx.cli.options import JsonOption, ModelOption
+from lsaq_mlx.cli.options import JsonOption, MinPOption, ModelOption, SystemOption, TopKOption, TopPOption
 from lsaq_mlx.cli.output import emit_json, err
 
 
@@ -50,11 +50,15 @@ def inspect(model: ModelOption = None, json_out: JsonOption = False) -> None:
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Text to continue (or the user message with --chat).")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", metavar="TEXT", help="Text to continue (or the user message with --chat); - reads it from standard input.")],
     model: ModelOption = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", metavar="N", min=1, help="Tokens to generate.")] = 64,
     temp: Annotated[float, typer.Option("--temp", metavar="X", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    min_p: MinPOption = 0.0,
     chat: Annotated[bool, typer.Option("--chat", metavar="", help="Wrap the prompt in the model's chat template.")] = False,
+    system: SystemOption = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", metavar="FILE", help="Quantize the model as this plan says first: a QuantPlan (plan -o), or a PipelinePlan (plan --ranks), which under mlx.launch runs pipelined, each rank holding its own layers.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Random seed for --temp above 0.")] = None,
     rank_timeout: Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", min=1.0, help="Pipelined: end the run when no token comes for this long (a rank stalled or died).")] = 60.0,
@@ -63,6 +67,7 @@ def generate(
     """One-shot generation, with tokens/s and peak memory: a smoke test of a model.
 
     Examples: lsaq-mlx generate -m out-4bpw -p "The capital of France is" -n 16 ·
+    cat question.txt | lsaq-mlx generate -p - --chat --system-prompt "Answer briefly" --temp 0.7 --top-p 0.9 --seed 1 ·
     lsaq-mlx generate --plan pipeline.json -p "Hello" (one process) ·
     mlx.launch -n 2 --backend ring -- lsaq-mlx generate --plan pipeline.json -p "Hello" (pipelined over 2 ranks)"""
     import mlx.core as mx
@@ -72,6 +77,17 @@ def generate(
     from lsaq_mlx.sources import load_model, resolve_model
     from lsaq_mlx.sources.load import load_tokenizer
 
+    from lsaq_mlx.errors import UserError
+    from lsaq_mlx.runtime.sampling import Sampling
+
+    sampling = Sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed)
+    sampling.check()
+    if system and not chat:
+        raise UserError("a system prompt goes with --chat (the model's chat template)", setting="chat")
+    if prompt == "-":
+        import sys
+
+        prompt = sys.stdin.read()
     source = resolve_model(model)
     ranks = pipeline = guard = None
     start = time.perf_counter()
@@ -97,7 +113,7 @@ def generate(
     if temp > 0:
         mx.random.seed(ranks.from_rank0(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
                        if pipeline else seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    text_in = build_prompt(tokenizer, prompt, chat)
+    text_in = build_prompt(tokenizer, prompt, chat, system)
 
     def stream(piece):
         if guard:
@@ -105,8 +121,8 @@ def generate(
         if first and not json_out:
             print(piece, end="", flush=True)
 
-    text, stats = generate_text(net, tokenizer, text_in, max_tokens=max_tokens, temp=temp, on_text=stream,
-                                context=config.get("max_position_embeddings"))
+    text, stats = generate_text(net, tokenizer, text_in, max_tokens=max_tokens, sampler=sampling.sampler(),
+                                on_text=stream, context=config.get("max_position_embeddings"))
     extra = {}
     if pipeline:
         guard.stop()

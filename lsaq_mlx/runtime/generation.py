@@ -38,7 +38,7 @@ def build_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) 
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, temp: float = 0.0, on_text=None,
+def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, sampler=None, on_text=None,
                   context: int | None = None):
     """Generate from ``prompt``; stream pieces to ``on_text``; return ``(text, stats)``.
     A prompt longer than ``context`` tokens (the model's) is refused."""
@@ -48,7 +48,7 @@ def generate_text(model, tokenizer, prompt: str, max_tokens: int = 64, temp: flo
     if context:
         max_tokens = min(max_tokens, context - n_prompt)
     pieces, last = [], None
-    sampler = make_sampler(temp=temp)
+    sampler = sampler or make_sampler(temp=0.0)
     for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
         pieces.append(last.text)
         if on_text:
