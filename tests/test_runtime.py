@@ -284,3 +284,27 @@ def test_engine_reports_what_displays_need(tiny, tmp_path):
         assert engine.messages == []
     finally:
         engine.shutdown()
+
+
+def test_a_chat_template_and_its_args_from_the_command_line_make_the_prompt():
+    from lsaq_mlx.runtime.engine import build_engine
+    from lsaq_mlx.runtime.options import RuntimeOptions
+    from lsaq_mlx.sources import resolve_model
+
+    options = RuntimeOptions(chat_template="{% if loud %}LOUD {% endif %}{{ messages[-1].content }}",
+                             chat_template_args={"loud": True})
+    engine = build_engine(resolve_model("default"), options).start()
+    try:
+        engine.chat("hi", max_tokens=2).result(120)
+        assert engine.tokenizer.decode(engine.cache_tokens).startswith("LOUD hi")
+    finally:
+        engine.shutdown()
+
+
+def test_chat_template_flags_that_are_not_a_template_or_an_object_are_one_line():
+    from cli_run import run_cli
+
+    for flag, value in (("--chat-template", "no braces here"), ("--chat-template-args", "[1, 2]"),
+                        ("--chat-template-args", "{bad json")):
+        done = run_cli("chat", flag, value, input="/quit\n")
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and flag in done.stderr, done.stderr

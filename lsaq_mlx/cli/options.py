@@ -57,6 +57,8 @@ MaxKVOption = Annotated[Optional[int], typer.Option("--max-kv-size", metavar="TO
 
 PlanFileOption = Annotated[Optional[Path], typer.Option("--plan", metavar="FILE", help="Run this plan, its precision fixed: a QuantPlan (plan -o), or a PipelinePlan (plan --ranks), which under mlx.launch runs pipelined: rank 0 talks to you, every rank holds its own layers.")]
 RankTimeoutOption = Annotated[float, typer.Option("--rank-timeout", metavar="SECONDS", min=1.0, help="Pipelined: end the session when a step waits this long on another rank (stalled or dead).")]
+ChatTemplateOption = Annotated[Optional[str], typer.Option("--chat-template", metavar="TEMPLATE|FILE", help="A Jinja chat template (or a file holding one) in place of the model's, as mlx_lm.server's --chat-template.")]
+ChatTemplateArgsOption = Annotated[Optional[str], typer.Option("--chat-template-args", metavar="JSON", help="Names the chat template reads, as a JSON object (e.g. '{\"enable_thinking\": false}'); a request's chat_template_kwargs add to them.")]
 
 FLAGS = {
     "bits_budget": "--bits-budget", "memory_budget": "--memory-budget", "budget": "--bits-budget or --memory-budget",
@@ -67,5 +69,6 @@ FLAGS = {
     "metric": "--metric", "budgets": "--budgets", "auto": "--auto or --memory-trace", "chat": "--chat",
     "importance": "--importance", "max_tokens": "--max-tokens", "reserve": "--reserve", "seed": "--seed",
     "high_bits": "--high-bits", "low_bits": "--low-bits", "group_size": "--group-size", "context": "--context",
-    "low_fraction": "--low-fraction", "plan": "--plan", "ranks": "--ranks", "limit": "--limit", "log_level": "--log-level", "reference": "--reference",
+    "low_fraction": "--low-fraction", "plan": "--plan", "ranks": "--ranks", "chat_template": "--chat-template",
+    "chat_template_args": "--chat-template-args", "limit": "--limit", "log_level": "--log-level", "reference": "--reference",
 }

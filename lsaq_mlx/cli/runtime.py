@@ -14,6 +14,8 @@ from lsaq_mlx.cli.options import (
     PlanBudgetsOption,
     PlanFileOption,
     RankTimeoutOption,
+    ChatTemplateOption,
+    ChatTemplateArgsOption,
     ReserveOption,
     StartBudgetOption,
     MaxKVOption,
@@ -29,13 +31,42 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.scoring.registry import METRICS
 
 
-def _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling: dict, **more):
+def _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling: dict, chat_template=None,
+             chat_template_args=None, **more):
     from lsaq_mlx.runtime.options import RuntimeOptions, parse_budgets
     from lsaq_mlx.runtime.sampling import Sampling
     from lsaq_mlx.sizes import parse_size
 
     return RuntimeOptions(bits_budget=bits_budget, auto=auto, memory_trace=memory_trace, budgets=parse_budgets(budgets),
-                          method=method, reserve_bytes=parse_size(reserve), sampling=Sampling(**sampling), **more)
+                          method=method, reserve_bytes=parse_size(reserve), sampling=Sampling(**sampling),
+                          chat_template=_template(chat_template), chat_template_args=_template_args(chat_template_args),
+                          **more)
+
+
+def _template(value: str | None) -> str | None:
+    """``--chat-template``: the template itself, or a file that holds one."""
+    from lsaq_mlx.documents import read_text
+
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    template = read_text(path, "the chat template") if "{" not in value and path.is_file() else value
+    if "{" not in template:
+        raise UserError(f"--chat-template takes a Jinja template or a file holding one, not {value[:60]!r}",
+                        setting="chat_template")
+    return template
+
+
+def _template_args(value: str | None) -> dict:
+    from lsaq_mlx.documents import parse_json
+
+    if not value:
+        return {}
+    args = parse_json(value, "--chat-template-args")
+    if not isinstance(args, dict) or not all(isinstance(k, str) and k.isidentifier() for k in args):
+        raise UserError("--chat-template-args takes a JSON object of names, e.g. '{\"enable_thinking\": false}'",
+                        setting="chat_template_args")
+    return args
 
 
 def session_engine(source, options, plan_file: Path | None, rank_timeout: float = 60.0):
@@ -97,6 +128,8 @@ def chat(
     layer_store: Annotated[bool, typer.Option("--layer-store", metavar="", help="Keep every layer at every setting of the plans on disk, compressed (built once, cached), so swaps read them instead of re-quantizing.")] = False,
     plan_file: PlanFileOption = None,
     rank_timeout: RankTimeoutOption = 60.0,
+    chat_template: ChatTemplateOption = None,
+    chat_template_args: ChatTemplateArgsOption = None,
 ) -> None:
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
@@ -109,7 +142,8 @@ def chat(
     from lsaq_mlx.sources import resolve_model
 
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
-    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, layer_store=layer_store)
+    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, chat_template,
+                       chat_template_args, layer_store=layer_store)
     source = resolve_model(model)
     engine = session_engine(source, options, plan_file, rank_timeout)
     if engine is None:
@@ -140,6 +174,8 @@ def tui(
     min_p: MinPOption = 0.0,
     seed: SeedOption = None,
     max_kv_size: MaxKVOption = None,
+    chat_template: ChatTemplateOption = None,
+    chat_template_args: ChatTemplateArgsOption = None,
     importance: Annotated[str, typer.Option(metavar="METRIC", help=f"Layer importance the layers panel shows: {' | '.join(m.name for m in METRICS.values() if m.display)} | none (cached after the first run).")] = "jaccard",
 ) -> None:
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands).
@@ -150,7 +186,8 @@ def tui(
     from lsaq_tui.app import LsaqApp
 
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
-    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True,
+    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, chat_template,
+                       chat_template_args, memory_events=True,
                        importance=None if importance == "none" else importance)
     options.check()
     source = resolve_model(model)

@@ -9,6 +9,8 @@ import typer
 
 from lsaq_mlx.cli.app import app
 from lsaq_mlx.cli.options import (
+    ChatTemplateArgsOption,
+    ChatTemplateOption,
     PlanFileOption,
     RankTimeoutOption,
     AutoOption,
@@ -54,6 +56,8 @@ def serve(
     log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="warning (default) | info: a line per request on stderr | debug")] = "warning",
     plan_file: PlanFileOption = None,
     rank_timeout: RankTimeoutOption = 60.0,
+    chat_template: ChatTemplateOption = None,
+    chat_template_args: ChatTemplateArgsOption = None,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models) and report its plan, memory and swaps at /v1/status. Concurrent requests are decoded together; swaps happen between tokens.
 
@@ -72,7 +76,8 @@ def serve(
     _log_to_stderr(log_level)
     origins = tuple(o.strip() for o in (allowed_origins or "").split(",") if o.strip())
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
-    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, memory_events=True)
+    options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, chat_template,
+                       chat_template_args, memory_events=True)
     options.check()
     source = resolve_model(model)
     engine = session_engine(source, options, plan_file, rank_timeout)

@@ -30,11 +30,11 @@ class Conversation:
         if last is not None:
             self.messages = self.messages[:last]
 
-    def prompt(self, tokenizer, context: int) -> tuple[list[int], int]:
+    def prompt(self, tokenizer, context: int, template_args: dict | None = None) -> tuple[list[int], int]:
         """``(tokens, dropped)``: the prompt of the conversation; when it does not fit
         ``context``, the oldest exchanges are dropped (system prompt and the new message
         stay); a message that alone does not fit is refused."""
-        tokens, dropped = self._tokens(tokenizer), 0
+        tokens, dropped = self._tokens(tokenizer, template_args), 0
         while len(tokens) >= context:
             older = [i for i, m in enumerate(self.messages[:-1]) if m["role"] != "system"]
             if not older:
@@ -42,10 +42,10 @@ class Conversation:
                                 f"holds {context}")
             del self.messages[older[0]]
             dropped += 1
-            tokens = self._tokens(tokenizer)
+            tokens = self._tokens(tokenizer, template_args)
         return tokens, dropped
 
-    def _tokens(self, tokenizer) -> list[int]:
+    def _tokens(self, tokenizer, template_args: dict | None = None) -> list[int]:
         if tokenizer.chat_template:
-            return list(tokenizer.apply_chat_template(self.messages, add_generation_prompt=True))
+            return list(tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, **(template_args or {})))
         return tokenizer.encode("\n".join(m["content"] for m in self.messages))

@@ -114,6 +114,7 @@ class Engine(EngineCommands):
         self.importance_of, self.memory_events = importance, options.memory_events
         self.use_layer_store = options.layer_store
         self.planned = options.planned
+        self.chat_template, self.template_args = options.chat_template, dict(options.chat_template_args)
         self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
@@ -170,6 +171,8 @@ class Engine(EngineCommands):
             self._error = e
             self._ready.set()
             return
+        if self.chat_template:  # --chat-template: in place of the model's
+            self.tokenizer.chat_template = self.chat_template
         self.info = EngineInfo(self.context, self.vocabulary, tuple(self.tokenizer.eos_token_ids),
                                ToolCalling.of(self.tokenizer))
         self._ready.set()
@@ -327,7 +330,7 @@ class Engine(EngineCommands):
     def _chat(self, command: Chat) -> ReplyDone:
         self.conversation.ask(command.text)
         try:
-            tokens, dropped = self.conversation.prompt(self.tokenizer, self.context)
+            tokens, dropped = self.conversation.prompt(self.tokenizer, self.context, self.template_args)
             if dropped:
                 self.on_event(Note(f"the conversation outgrew the model's context of {self.context} tokens: the "
                                    f"{dropped} oldest messages were dropped"))
@@ -384,7 +387,7 @@ class Engine(EngineCommands):
                 return False
             try:
                 job.tokens = prompt_tokens(self.tokenizer, job.prompt, job.messages, self.context, job.tools,
-                                           job.template_kwargs)
+                                           self.template_args | (job.template_kwargs or {}))
             except PromptRefused as e:
                 job.fail(str(e), 400, e.param, e.code)
                 return False

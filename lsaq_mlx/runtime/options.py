@@ -22,6 +22,8 @@ class RuntimeOptions:
     memory_events: bool = False  # a memory sample every second, for displays
     importance: str | None = None  # the metric displays show per layer (jaccard, cosine, zscore)
     sampling: Sampling = field(default_factory=Sampling)
+    chat_template: str | None = None  # a Jinja chat template in place of the model's
+    chat_template_args: dict = field(default_factory=dict)  # names the chat template reads (enable_thinking...)
     planned: object = None  # runtime.pipeline.PlannedRun: run this plan (--plan), over mlx.launch ranks if any
 
     def check(self) -> None:
