@@ -93,3 +93,11 @@ def test_triple_quotes_make_one_message_of_several_lines():
         engine.shutdown()
     chats = [c[1] for c in engine.received if c[0] == "chat"]
     assert chats == ["first line\n  second line\nlast line", "one line", "start here\nend"]
+
+
+def test_chat_p_sends_a_first_message_before_the_piped_ones():
+    from cli_run import run_cli
+
+    both = run_cli("chat", "-p", "What is the capital of France?", "-n", "6", input="And of Spain?\n/quit\n")
+    alone = run_cli("chat", "-n", "6", input="What is the capital of France?\nAnd of Spain?\n/quit\n")
+    assert both.returncode == 0 and both.stdout == alone.stdout and both.stdout.count("\n") >= 2

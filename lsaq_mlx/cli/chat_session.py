@@ -240,9 +240,10 @@ def _layers(layers: dict) -> str:
     return "\n".join(f"{k:>5}: " + " · ".join(f"{m.rpartition('.')[2]} {c}" for m, c in layers[k].items()) for k in keys)
 
 
-def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) -> None:
+def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None, first: str | None = None) -> None:
     """Talk to ``engine``; ``title(state)``: the banner, from the engine's state when it
-    is ready (on stderr when scripted, so stdout holds only the replies)."""
+    is ready (on stderr when scripted, so stdout holds only the replies); ``first``: a
+    message sent before anything is read."""
     stdin = stdin or sys.stdin
     if hasattr(stdin, "reconfigure"):  # undecodable bytes reach valid_text, not a traceback
         stdin.reconfigure(errors="surrogateescape")
@@ -251,6 +252,8 @@ def run_chat(engine: EngineProtocol, max_tokens: int, stdin=None, title=None) ->
         ready = session.wait(Ready)
         if isinstance(ready, Ready):
             print(title(ready.state), file=session.out if stdin.isatty() else sys.stderr, flush=True)
+    if first is not None and not session.handle(first):
+        return
     if not stdin.isatty():
         for line in stdin:
             if not session.handle(line):

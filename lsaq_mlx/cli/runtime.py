@@ -1,7 +1,7 @@
 """``chat`` and ``tui``: a model that adapts its precision to memory while you talk to it."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -130,6 +130,7 @@ def chat(
     rank_timeout: RankTimeoutOption = 60.0,
     chat_template: ChatTemplateOption = None,
     chat_template_args: ChatTemplateArgsOption = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", metavar="TEXT", help="Send this message first, then go on with the chat (standard input's lines, or the terminal).")] = None,
 ) -> None:
     """Chat with a model that adapts its precision to memory; /help lists the commands.
 
@@ -152,7 +153,8 @@ def chat(
     try:
         if system:
             engine.set_system(system)
-        run_chat(engine, max_tokens, title=lambda state: banner(state, _model_name(source), options.sampling.describe()))
+        run_chat(engine, max_tokens, title=lambda state: banner(state, _model_name(source), options.sampling.describe()),
+                 first=prompt)
     finally:
         end_session(engine)
 
