@@ -22,6 +22,11 @@ def test_cache_list_rm_and_prune(tmp_path, empty_cache):
             ("errors", "b.gguf")} <= kinds
     assert "a.gguf" in run_cli("cache", "list").stdout
 
+    would = json.loads(run_cli("cache", "rm", "-m", str(tmp_path / "a.gguf"), "--dry-run", "--json").stdout)
+    assert would["dry_run"] and would["bytes"] > 0 and {e["model"] for e in would["removed"]} == {"a.gguf"}
+    assert json.loads(run_cli("cache", "list", "--json").stdout)["entries"] == listed  # nothing removed
+    shown = run_cli("cache", "prune", "--older-than", "0s", "--dry-run")
+    assert "would remove" in shown.stderr and all(e["path"] in shown.stdout for e in listed)
     removed = json.loads(run_cli("cache", "rm", "-m", str(tmp_path / "a.gguf"), "--json").stdout)["removed"]
     assert removed and {e["model"] for e in removed} == {"a.gguf"}
     left = json.loads(run_cli("cache", "list", "--json").stdout)["entries"]

@@ -37,6 +37,9 @@ def list_models(json_out: JsonOption = False) -> None:
         print(f"  {e.model or '?':<48} {_size(e.bytes):>10}  {_age(e.modified)}")
 
 
+DryRunOption = Annotated[bool, typer.Option("--dry-run", metavar="", help="List what would be removed and its size; remove nothing.")]
+
+
 @cache_app.command("list")
 def list_cache(json_out: JsonOption = False) -> None:
     """Every cache entry: its kind, model, size and age.
@@ -59,11 +62,12 @@ def list_cache(json_out: JsonOption = False) -> None:
 def remove_cache(
     model: ModelOption = None,
     all_entries: Annotated[bool, typer.Option("--all", metavar="", help="Everything in the cache.")] = False,
+    dry_run: DryRunOption = False,
     json_out: JsonOption = False,
 ) -> None:
     """Remove what is cached for one model (its import, cost tables, scores, layer stores), or everything.
 
-    Examples: lsaq-mlx cache rm -m ./my-model · lsaq-mlx cache rm --all"""
+    Examples: lsaq-mlx cache rm -m ./my-model --dry-run · lsaq-mlx cache rm --all"""
     from lsaq_mlx.cache_inventory import cache_entries, remove
 
     if all_entries == (model is not None):
@@ -72,12 +76,13 @@ def remove_cache(
     if model is not None:
         fingerprint = _fingerprint(model)
         entries = [e for e in entries if e.model_fingerprint == fingerprint]
-    _report(entries, remove(entries), json_out)
+    _report(entries, _removed(entries, dry_run, remove), json_out, dry_run)
 
 
 @cache_app.command("prune")
 def prune_cache(
     older_than: Annotated[str, typer.Option("--older-than", metavar="AGE", help="Remove entries not written for this long: 30d, 12h, 90m.")] = "30d",
+    dry_run: DryRunOption = False,
     json_out: JsonOption = False,
 ) -> None:
     """Remove the entries not written for a while.
@@ -86,7 +91,7 @@ def prune_cache(
     from lsaq_mlx.cache_inventory import cache_entries, older_than as old, remove
 
     entries = old(cache_entries(), _seconds(older_than))
-    _report(entries, remove(entries), json_out)
+    _report(entries, _removed(entries, dry_run, remove), json_out, dry_run)
 
 
 def _fingerprint(spec: str) -> str:
@@ -95,10 +100,18 @@ def _fingerprint(spec: str) -> str:
     return resolve_model(spec).fingerprint
 
 
-def _report(entries, freed: int, json_out: bool) -> None:
+def _removed(entries, dry_run: bool, remove) -> int:
+    """Bytes freed by removing ``entries``, or that would be (``dry_run``: nothing removed)."""
+    return sum(e.bytes for e in entries) if dry_run else remove(entries)
+
+
+def _report(entries, freed: int, json_out: bool, dry_run: bool = False) -> None:
     if json_out:
-        return emit_json({"removed": [e.to_dict() for e in entries], "bytes": freed})
-    err(f"removed {len(entries)} entries, {_size(freed)}")
+        return emit_json({"dry_run": dry_run, "removed": [e.to_dict() for e in entries], "bytes": freed})
+    if dry_run:
+        for e in entries:
+            print(f"{e.kind:12} {_size(e.bytes):>10}  {e.path}")
+    err(f"{'would remove' if dry_run else 'removed'} {len(entries)} entries, {_size(freed)}")
 
 
 def _seconds(text: str) -> float:
