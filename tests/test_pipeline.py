@@ -168,11 +168,11 @@ def test_a_killed_rank_ends_the_run_with_one_line(pipeline_file):
                             "-n", "4000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not _rank_pids(1):
+    while time.monotonic() < deadline and not _rank_pids(1, str(pipeline_file)):
         time.sleep(0.5)
     time.sleep(8)  # loaded and generating
     killed = time.monotonic()
-    for pid in _rank_pids(1):
+    for pid in _rank_pids(1, str(pipeline_file)):
         subprocess.run(["kill", "-9", str(pid)])
     _, stderr = run.communicate(timeout=60)
     assert time.monotonic() - killed < 30
@@ -180,14 +180,15 @@ def test_a_killed_rank_ends_the_run_with_one_line(pipeline_file):
     assert len(lines) == 1 and ("another rank" in lines[0] or "mlx.launch" in lines[0]), stderr
 
 
-def _rank_pids(rank: int) -> list[int]:
+def _rank_pids(rank: int, marker: str = "lsaq_mlx") -> list[int]:
+    """The processes of ``rank`` whose command line holds ``marker`` (this test's plan file)."""
     from pathlib import Path
 
     found = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and f"MLX_RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0") \
-                    and b"lsaq_mlx" in (proc / "cmdline").read_bytes():
+                    and marker.encode() in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -279,7 +280,7 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
         assert [r["rank"] for r in status["ranks"]] == [0, 1]
         assert all(r["rss_bytes"] > 0 and r["layer_bits"] for r in status["ranks"])
     finally:
-        for pid in _rank_pids(0):  # Ctrl+C on rank 0: it stops the server, then the ranks that follow it
+        for pid in _rank_pids(0, str(port)):  # Ctrl+C on rank 0: it stops the server, then the ranks that follow it
             subprocess.run(["kill", "-INT", str(pid)])
         try:
             server.wait(timeout=60)

@@ -1,0 +1,54 @@
+"""Ending a rank when the pipeline stalls or another rank ends: one line on rank 0, never a hang."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+class StallGuard:
+    """Ends this rank with one line (rank 0 only; the others quietly) when no progress
+    comes for ``seconds`` while it watches, or when mlx.launch stops it because another
+    rank ended: a dead or stalled rank never leaves the others waiting."""
+
+    def __init__(self, rank: int, seconds: float):
+        self.rank, self.seconds = rank, seconds
+        self.deadline: float | None = None  # progress must come by then; None: not watching
+        self._watcher: threading.Thread | None = None
+        signal.signal(signal.SIGTERM, lambda *_: self._end("mlx.launch stopped this rank: another rank ended"))
+
+    def start(self, grace: float = 0.0) -> "StallGuard":
+        """Watch from now on, the first wait allowed ``grace`` seconds more (the other
+        ranks may still be loading)."""
+        self.deadline = time.monotonic() + self.seconds + grace
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            self._watcher.start()
+        return self
+
+    def beat(self) -> None:
+        if self.deadline is not None:
+            self.deadline = time.monotonic() + self.seconds
+
+    def stop(self) -> None:
+        self.deadline = None
+
+    def __enter__(self):  # watch one call
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.seconds / 4))
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._end(f"no progress for {self.seconds:g} s: another rank stalled or ended")
+
+    def _end(self, why: str) -> None:
+        if self.rank == 0:
+            print(f"error: the pipeline stopped ({why})", file=sys.stderr, flush=True)
+        os._exit(1)
