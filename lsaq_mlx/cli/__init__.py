@@ -65,6 +65,11 @@ def run(args: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, and the way to the traceback
         if debug:
             raise
+        if os.environ.get("MLX_RANK", "").isdigit():
+            from lsaq_mlx.runtime.pipeline.guard import end_pipeline, peer_lost
+
+            if peer_lost(e):  # one line for the whole run, on rank 0 (a SIGTERM may be saying it too)
+                end_pipeline(int(os.environ["MLX_RANK"]), "another rank ended: its connection was lost")
         return _failed(1, f"error: internal error: {type(e).__name__}: {e} (LSAQ_MLX_DEBUG=1 shows the traceback)")
     except Terminated as e:
         launched = " (mlx.launch stops every rank when one ends)" if os.environ.get("MLX_RANK") else ""

@@ -7,6 +7,26 @@ import threading
 import time
 
 
+_ENDING = threading.Lock()
+
+
+def end_pipeline(rank: int, why: str) -> None:
+    """End this rank with exit status 1: the first caller in the process (a watcher
+    thread, or the main thread that saw a peer's connection fail) says why on rank 0 in
+    one line; any other caller waits for the exit."""
+    if not _ENDING.acquire(blocking=False):
+        while True:
+            time.sleep(60)
+    if rank == 0:
+        print(f"error: the pipeline stopped ({why})", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is MLX's distributed backend losing another rank."""
+    return isinstance(error, RuntimeError) and any(backend in str(error) for backend in ("[ring]", "[jaccl]", "[mpi]"))
+
+
 class StallGuard:
     """Ends this rank with one line (rank 0 only; the others quietly) when no progress
     comes for ``seconds`` while it watches, or when mlx.launch stops it because another
@@ -16,7 +36,14 @@ class StallGuard:
         self.rank, self.seconds = rank, seconds
         self.deadline: float | None = None  # progress must come by then; None: not watching
         self._watcher: threading.Thread | None = None
-        signal.signal(signal.SIGTERM, lambda *_: self._end("mlx.launch stopped this rank: another rank ended"))
+        # A Python handler runs only when the main thread is back in Python, and a rank
+        # waiting on a dead peer is inside MLX: the signal's byte on a wakeup pipe reaches
+        # a thread at once.
+        signal.signal(signal.SIGTERM, lambda *_: self._stopped())
+        readable, writable = os.pipe()
+        os.set_blocking(writable, False)
+        signal.set_wakeup_fd(writable)
+        threading.Thread(target=self._wait_for_sigterm, args=(readable,), daemon=True).start()
 
     def start(self, grace: float = 0.0) -> "StallGuard":
         """Watch from now on, the first wait allowed ``grace`` seconds more (the other
@@ -48,7 +75,14 @@ class StallGuard:
             if deadline is not None and time.monotonic() > deadline:
                 self._end(f"no progress for {self.seconds:g} s: another rank stalled or ended")
 
+    def _wait_for_sigterm(self, readable: int) -> None:
+        while True:
+            signals = os.read(readable, 64)
+            if not signals or signal.SIGTERM in signals:
+                self._stopped()
+
+    def _stopped(self) -> None:
+        self._end("mlx.launch stopped this rank: another rank ended")
+
     def _end(self, why: str) -> None:
-        if self.rank == 0:
-            print(f"error: the pipeline stopped ({why})", file=sys.stderr, flush=True)
-        os._exit(1)
+        end_pipeline(self.rank, why)

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.pipeline import PipelinePlan, RankShare
-from lsaq_mlx.runtime.pipeline.guard import StallGuard
+from lsaq_mlx.runtime.pipeline.guard import StallGuard, end_pipeline, peer_lost
 from lsaq_mlx.runtime.pipeline.stand_ins import EmbeddingStandIn, SendActivations, rank_plan
 
 
@@ -55,7 +55,12 @@ class PipelineStage:
         with self.guard or nullcontext():  # a driven rank 0 waits between calls as long as you type
             logits = self._forward(inputs, cache, **kwargs)
             if self.driven:
-                mx.eval(logits)
+                try:
+                    mx.eval(logits)
+                except RuntimeError as e:
+                    if peer_lost(e):
+                        end_pipeline(self.rank, "another rank ended: its connection was lost")
+                    raise
         return logits
 
     def _forward(self, inputs, cache, **kwargs):
