@@ -49,6 +49,19 @@ def parse_ranks(text: str) -> list[int]:
     return sizes
 
 
+def is_tied(paths) -> bool:
+    """Whether the LM head is the embedding: no quantizable module outside the layers but it."""
+    return not any(layer_index(p) is None and "embed" not in p for p in paths)
+
+
+def outside_holders(path: str, tied: bool, n_ranks: int) -> tuple[int, ...]:
+    """The ranks that hold a module outside the decoder layers: the embedding on rank 0
+    (and the last, when it is the head too), every other one on the last."""
+    if "embed" in path:
+        return (0, n_ranks - 1) if tied else (0,)
+    return (n_ranks - 1,)
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """What the split needs of a model, from its structure alone: its quantizable
@@ -75,7 +88,7 @@ class ModelLayout:
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         hidden = config["hidden_size"]
         inner = max(config.get("intermediate_size") or 0, config.get("moe_intermediate_size") or 0) or 4 * hidden
-        tied = not any(q.layer is None and "embed" not in q.path for q in modules)
+        tied = is_tied([q.path for q in modules])
         return cls(modules, floats, 2 * kv_heads * head_dim * KV_BYTES,
                    PREFILL_CHUNK * (4 * hidden + 3 * inner) * ACTIVATION_BYTES, tied,
                    1 + max(q.layer for q in modules if q.layer is not None))
@@ -85,9 +98,7 @@ class ModelLayout:
         on rank 0 (and the last, tied), every other module outside the layers on the last."""
         if q.layer is not None:
             raise ValueError("a decoder layer's module goes where its layer goes")
-        if "embed" in q.path:
-            return (0, n_ranks - 1) if self.tied else (0,)
-        return (n_ranks - 1,)
+        return outside_holders(q.path, self.tied, n_ranks)
 
 
 @dataclass
@@ -141,10 +152,7 @@ class PipelinePlan:
         index, last = layer_index(path), len(self.ranks) - 1
         if index is not None:
             return [s.rank for s in self.ranks if index in s.layers]
-        if "embed" in path:
-            tied = not any(layer_index(p) is None and "embed" not in p for p in self.plan.modules)
-            return [0, last] if tied else [0]
-        return [last]
+        return list(outside_holders(path, is_tied(self.plan.modules), last + 1))
 
     def share(self, rank: int) -> RankShare:
         return self.ranks[rank]
