@@ -315,3 +315,73 @@ def test_a_memory_trace_on_one_rank_swaps_only_its_layers_while_a_reply_streams(
     assert f"plan 1 of {len(plan.rank_plans[1])}, 1 swaps" in shown
     assert f"rank 0: layers {layers[0]}, {top.predicted_bits_per_weight:.2f} bits/weight" in shown  # kept its share
     assert f"plan {len(plan.rank_plans[0])} of {len(plan.rank_plans[0])}, 0 swaps" in shown
+
+
+def test_the_tui_takes_a_hostfile_with_a_plan_and_wants_a_terminal(pipeline_file, tmp_path):
+    from cli_run import assert_one_line_error
+
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]))
+    no_ips = tmp_path / "no_ips.json"
+    no_ips.write_text(json.dumps({"hosts": [{"ssh": "a"}, {"ssh": "b"}]}))
+    plan = ("--plan", str(pipeline_file))
+    assert_one_line_error(run_cli("tui", "--hostfile", str(one)), "give its --plan")
+    assert_one_line_error(run_cli("tui", *plan, "--hostfile", str(one)), "two or more hosts")
+    assert_one_line_error(run_cli("tui", *plan, "--hostfile", str(no_ips)), "host 0 has no \"ips\"")
+    assert_one_line_error(run_cli("tui", *plan, "--hostfile", str(tmp_path / "missing.json")), "--hostfile")
+    under_launch = run_cli("tui", *plan, env={**__import__("os").environ, "MLX_RANK": "0"})
+    assert_one_line_error(under_launch, "the TUI needs a terminal")
+
+
+def test_the_whole_model_of_a_pipeline_counts_every_rank():
+    from lsaq_mlx.runtime.pipeline import PipelineStage
+
+    ranks = [{"weight_bytes": 600, "bits_per_weight": 6.0, "layer_bits": [6.0, 6.0]},
+             {"weight_bytes": 300, "bits_per_weight": 4.0, "layer_bits": [4.0]}]
+    whole = PipelineStage.whole_model(ranks, 8.0)
+    # 800 + 600 weights hold 7200 bits
+    assert whole == {"weight_bytes": 900, "bits_per_weight": 7200 / 1400,
+                     "layer_bits": {"layers": [6.0, 6.0, 4.0], "other": 8.0}}
+
+
+@pytest.mark.slow
+def test_the_tui_runs_rank_0_in_the_terminal_shows_every_rank_and_ends_when_one_dies(tmp_path):
+    """``tui --plan P --hostfile H``: rank 0 draws in the terminal and starts rank 1; the
+    layers panel shows rank 1 moving to its smaller plan on its own memory (a trace); Ctrl-C
+    ends both; a killed rank 1 ends rank 0 in one line with the terminal given back."""
+    from terminal import Terminal
+
+    path, hosts, trace = tmp_path / "pipe.json", tmp_path / "hosts.json", tmp_path / "rank1.trace"
+    planned = run_cli("plan", "--ranks", "180MB,110MB", "--context", "1024", "--rank-budgets", "3,4,5", "-o", str(path))
+    assert planned.returncode == 0, planned.stderr
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    trace.write_text("10MB\n" * 1000)
+    args = ["tui", "--plan", str(path), "--hostfile", str(hosts), "--auto", "--memory-trace", f"1:{trace}"]
+    plans = len(PipelinePlan.load(path).rank_plans[1])
+
+    term = Terminal(args, rows=40, columns=120)
+    try:
+        term.read_until(lambda: f"plan 1/{plans} · 1 swaps".encode() in term.seen)  # rank 1 swapped down
+        assert b"rank 0" in term.seen and b"rank 1" in term.seen, term.seen[-2000:]
+        assert f"plan 1/{plans} · 1 swaps".encode() in term.seen
+        term.type(b"\x03")
+        term.read_until(lambda: False, 0.5)
+        term.type(b"\x03")
+        assert term.wait_exit() == 0 and b"Traceback" not in term.seen
+    finally:
+        term.close()
+    time.sleep(1)
+    assert not _rank_pids(1, str(path))  # rank 1 ended with rank 0
+
+    term = Terminal(args, rows=40, columns=120)
+    try:
+        term.read_until(lambda: b"rank 1" in term.seen)
+        for pid in _rank_pids(1, str(path)):
+            subprocess.run(["kill", "-9", str(pid)])
+        killed = time.monotonic()
+        assert term.wait_exit() == 1 and time.monotonic() - killed < 30
+        after = term.seen[term.seen.rindex(b"\x1b[?1049l"):].decode(errors="replace")  # after the screen is back
+        assert [line for line in after.splitlines() if line.strip()] == \
+            ["\x1b[?1049lerror: the pipeline stopped (rank 1 was killed by signal 9)"], after
+    finally:
+        term.close()

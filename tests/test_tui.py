@@ -341,51 +341,24 @@ def test_tui_command_line_errors(tmp_path):
 def test_ctrl_c_in_a_terminal_quits_and_restores_it(tmp_path, empty_cache):
     """``lsaq-mlx tui`` on a pseudo-terminal: Ctrl-C (a key in the app's raw mode) quits
     with status 0 and leaves the alternate screen."""
-    import fcntl
-    import pty
-    import select
-    import struct
-    import subprocess
-    import sys
-    import termios
-
+    from terminal import Terminal
     from tiny_models import tiny_model, write_gguf
 
     write_gguf(tiny_model("qwen2"), "qwen2", tmp_path / "t.gguf")
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "lsaq_mlx", "tui", "-m", str(tmp_path / "t.gguf"), "--importance",
-                             "none"], stdin=follower, stdout=follower, stderr=follower,
-                            env={**os.environ, "TERM": "xterm-256color"}, start_new_session=True)
-    os.close(follower)
-    seen = b""
-
-    def read_until(done, timeout: float = 120) -> None:
-        """Read the terminal (a writer blocks when nobody reads) until ``done()``."""
-        nonlocal seen
-        end = time.monotonic() + timeout
-        while not done() and time.monotonic() < end:
-            if select.select([leader], [], [], 0.2)[0]:
-                try:
-                    seen += os.read(leader, 65536)
-                except OSError:  # the other side closed
-                    time.sleep(0.2)
-
+    term = Terminal(["tui", "-m", str(tmp_path / "t.gguf"), "--importance", "none"])
     try:
-        read_until(lambda: b"Chat" in seen)  # the app has drawn its panels
-        assert b"Chat" in seen, seen[-500:]
-        read_until(lambda: False, timeout=1)
-        os.write(leader, b"\x03")  # no reply streams: the first Ctrl-C says how to leave
-        read_until(lambda: False, timeout=0.5)
-        assert proc.poll() is None
-        os.write(leader, b"\x03")  # the second quits
-        read_until(lambda: proc.poll() is not None, timeout=60)
-        assert proc.wait(timeout=1) == 0
-        assert b"\x1b[?1049l" in seen[-2000:]  # back from the alternate screen
-        assert b"Traceback" not in seen
+        term.read_until(lambda: b"Chat" in term.seen)  # the app has drawn its panels
+        assert b"Chat" in term.seen, term.seen[-500:]
+        term.read_until(lambda: False, timeout=1)
+        term.type(b"\x03")  # no reply streams: the first Ctrl-C says how to leave
+        term.read_until(lambda: False, timeout=0.5)
+        assert term.proc.poll() is None
+        term.type(b"\x03")  # the second quits
+        assert term.wait_exit() == 0
+        assert b"\x1b[?1049l" in term.seen[-2000:]  # back from the alternate screen
+        assert b"Traceback" not in term.seen
     finally:
-        proc.kill()
-        os.close(leader)
+        term.close()
 
 
 def test_the_screenshot_command_saves_in_the_working_folder_and_says_where(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """``chat`` and ``tui``: a model that adapts its precision to memory while you talk to it."""
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -178,28 +179,65 @@ def tui(
     max_kv_size: MaxKVOption = None,
     chat_template: ChatTemplateOption = None,
     chat_template_args: ChatTemplateArgsOption = None,
+    plan_file: PlanFileOption = None,
+    rank_timeout: RankTimeoutOption = 60.0,
+    hostfile: Annotated[Optional[Path], typer.Option("--hostfile", metavar="FILE", help="With --plan: run the pipeline on this mlx.launch hostfile's hosts, rank 0 here in the terminal, the others started as mlx.launch starts them (ssh; bash on 127.0.0.1). mlx.launch itself pipes rank 0's terminal, which a full-screen UI cannot use.")] = None,
     importance: Annotated[str, typer.Option(metavar="METRIC", help=f"Layer importance the layers panel shows: {' | '.join(m.name for m in METRICS.values() if m.display)} | none (cached after the first run).")] = "jaccard",
 ) -> None:
     """A terminal UI: memory, the per-layer plan, chat, and live precision swaps (F2 plan, F3 auto, Ctrl+P commands).
 
-    Examples: lsaq-mlx tui -m ./my-model -b 4 --auto"""
-    from lsaq_mlx.runtime.engine import build_engine
+    Examples: lsaq-mlx tui -m ./my-model -b 4 --auto ·
+    lsaq-mlx tui --plan pipe.json --hostfile hosts.json --auto (a model over the hosts' Macs, from plan --ranks;
+    the layers panel shows every rank)"""
+    import os
+
+    from lsaq_mlx.runtime.pipeline.guard import before_exit
     from lsaq_mlx.sources import resolve_model
     from lsaq_tui.app import LsaqApp
+    from lsaq_tui.terminal import terminal_restorer
 
     sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_kv_size=max_kv_size)
     options = _options(bits_budget, auto, memory_trace, budgets, method, reserve, sampling, chat_template,
                        chat_template_args, memory_events=True,
-                       importance=None if importance == "none" else importance)
+                       importance=None if importance == "none" or plan_file is not None else importance)
     options.check()
     source = resolve_model(model)
-    engine = build_engine(source, options)
-    ui = LsaqApp(engine.start(), _model_name(source), max_tokens)
+    launched = _launch_ranks(hostfile, plan_file)
+    if os.environ.get("MLX_RANK") == "0" and launched is None and not sys.stdout.isatty():
+        raise UserError("the TUI needs a terminal and mlx.launch pipes rank 0's: run lsaq-mlx tui --plan FILE "
+                        "--hostfile HOSTFILE in a terminal instead (it starts the other ranks)", setting="hostfile")
     try:
-        if system:
-            engine.set_system(system)
-        ui.run()
+        engine = session_engine(source, options, plan_file, rank_timeout)
+        if engine is None:
+            return
+        ui = LsaqApp(engine.start(), _model_name(source), max_tokens)
+        if launched is not None:
+            before_exit(terminal_restorer())
+        try:
+            if system:
+                engine.set_system(system)
+            ui.run()
+        finally:
+            end_session(engine)
     finally:
-        engine.shutdown()
-    if ui.error:
-        raise UserError(ui.error)
+        if launched is not None:
+            launched.stop()
+    failures = launched.failures() if launched is not None else []
+    if ui.error or failures:
+        raise UserError(ui.error or "; ".join(failures))
+
+
+def _launch_ranks(hostfile: Path | None, plan_file: Path | None):
+    """``--hostfile``: this process becomes rank 0 and starts the others (None under
+    mlx.launch, which started them, or without a hostfile)."""
+    import os
+
+    from lsaq_mlx.runtime.pipeline.launch import launch_followers
+
+    if hostfile is None:
+        return None
+    if plan_file is None:
+        raise UserError("--hostfile runs a pipeline: give its --plan (plan --ranks HOSTFILE -o FILE)", setting="hostfile")
+    if "MLX_RANK" in os.environ:  # a rank started by mlx.launch, or by rank 0 here
+        return None
+    return launch_followers(hostfile, sys.argv[1:])

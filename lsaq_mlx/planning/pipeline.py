@@ -30,11 +30,13 @@ MAX_RANKS = 1024  # a plan file naming more is not one we wrote
 
 
 def parse_ranks(text: str) -> list[int]:
-    """``--ranks``: memory sizes (``64GB,32GB``), or an mlx.launch hostfile (JSON list of
-    hosts) whose entries carry a ``memory`` field."""
+    """``--ranks``: memory sizes (``64GB,32GB``), or an mlx.launch hostfile (a JSON list of
+    hosts, or ``{"hosts": [...]}``) whose hosts carry a ``memory`` field."""
     path = Path(text).expanduser()
     if path.is_file():
         hosts = read_json(path)
+        if isinstance(hosts, dict):
+            hosts = hosts.get("hosts")
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, dict) for h in hosts):
             raise UserError(f"{path} is not an mlx.launch hostfile (a JSON list of hosts)", setting="ranks")
         missing = [i for i, h in enumerate(hosts) if not isinstance(h.get("memory"), (str, int)) or isinstance(h.get("memory"), bool)]

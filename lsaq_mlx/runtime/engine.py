@@ -116,6 +116,7 @@ class Engine(EngineCommands):
         self.planned = options.planned
         self.chat_template, self.template_args = options.chat_template, dict(options.chat_template_args)
         self.importance, self.last_sample, self._sampled_at = None, None, float("-inf")
+        self._rank_plans: list | None = None  # a pipeline: each rank's (plan index, swaps) a display last saw
         self.events = queue.Queue()
         self.on_event = on_event or self.events.put
         self.conversation = Conversation()
@@ -182,8 +183,8 @@ class Engine(EngineCommands):
                 command = self.inbox.next(timeout=self.sample_every)
                 if command is None:
                     self._follow_memory()
-                    if hasattr(self.model, "tick_followers"):  # a pipeline: the other ranks follow their memory too
-                        self.model.tick_followers()
+                    if hasattr(self.model, "tick_followers"):
+                        self._follow_ranks()
                     continue
                 self._run_command(command)
                 while self.control.swap and not self.inbox.closing.is_set():  # a swap asked between replies: all now
@@ -543,6 +544,18 @@ class Engine(EngineCommands):
                 while self.control.swap:
                     self._swap_step()
 
+    def _follow_ranks(self) -> None:
+        """A pipeline, idle: the other ranks follow their memory too; a display hears
+        when one of them moved to another plan."""
+        self.model.tick_followers()
+        if not self.memory_events:
+            return
+        state = self._state()
+        plans = [(r["plan_index"], r["swaps"]) for r in state.ranks]
+        if plans != self._rank_plans:
+            self._rank_plans = plans
+            self.on_event(StateUpdate(state))
+
     # ---- everything else ----
     def _set_auto(self, on: bool) -> StateUpdate:
         policy = self.control.policy
@@ -570,13 +583,16 @@ class Engine(EngineCommands):
     def _state(self) -> EngineState:
         sample = self._sample(max_age=self.sample_every).to_dict() if self.sampler else {}
         control = self.control
-        return EngineState(**control.plan_info(), auto=self.auto, messages=len(self.conversation.messages),
+        plan = control.plan_info() | {"layer_bits": control.layer_bits()}
+        ranks = self.model.ranks_state() if hasattr(self.model, "ranks_state") else None
+        if ranks:  # the model is every rank's layers
+            plan |= self.model.whole_model(ranks, plan["layer_bits"]["other"])
+        return EngineState(**plan, auto=self.auto, messages=len(self.conversation.messages),
                            cached_tokens=len(self.cache_tokens), mlx_active_bytes=mx.get_active_memory(),
                            mlx_peak_bytes=mx.get_peak_memory(), memory=sample, layers=control.layer_settings(),
                            last_reply=self.last_reply.to_dict() if self.last_reply else {},
-                           layer_bits=control.layer_bits(), importance=self.importance,
-                           policy=control.policy.describe() if control.policy else None,
-                           ranks=self.model.ranks_state() if hasattr(self.model, "ranks_state") else None)
+                           importance=self.importance,
+                           policy=control.policy.describe() if control.policy else None, ranks=ranks)
 
 
 def build_engine(source: ModelSource, options: RuntimeOptions):

@@ -1,7 +1,7 @@
 """The layers panel: every decoder layer's importance (a bar) and its current bits per
 weight (the bar's colour), the whole model's bits per weight and weight bytes, and which
-plan of the PlanSet is active. A row per layer when the panel is tall enough, otherwise
-a column per layer."""
+plan of the PlanSet is active; in a pipeline, a line per rank (its layers, plan, swaps and
+memory). A row per layer when the panel is tall enough, otherwise a column per layer."""
 
 import math
 
@@ -35,6 +35,7 @@ class LayersPanel(Widget):
         self.plan: dict = {}
         self.plan_count = 0
         self.changed: set[int] = set()  # layers whose bits the last swap changed
+        self.ranks: list[dict] = []  # a pipeline's ranks (EngineState.ranks)
         self.border_title = "Layers"
 
     def update_plan(self, state: EngineState) -> None:
@@ -49,6 +50,7 @@ class LayersPanel(Widget):
                      "plan_index": state.plan_index, "method": state.method}
         if state.policy:
             self.plan_count = len(state.policy["plans"])
+        self.ranks = state.ranks or []
         self.refresh()
 
     def render(self) -> Text:
@@ -56,7 +58,10 @@ class LayersPanel(Widget):
         if not self.bits:
             return Text("loading…", style="dim")
         text = self._summary(width)
-        body_height = height - 2
+        ranks = self._rank_lines(width, 2 if height >= 12 + 2 * len(self.ranks) else 1)
+        if ranks:
+            text.append_text(Text("\n").join(ranks) + Text("\n"))
+        body_height = height - 2 - len(ranks)
         rows = self._rows(width, body_height)
         text.append_text(rows if rows is not None else self._columns(width, max(body_height, 3)))
         return text
@@ -75,6 +80,23 @@ class LayersPanel(Widget):
         legend = [Text(f"bar = {metric}", style="dim"), Text("colour = bits", style="dim")]
         lines = fact_lines(facts, width, 1) + fact_lines(legend, width, 1)
         return Text("\n").join(lines) + Text("\n")
+
+    def _rank_lines(self, width: int, per_rank: int) -> list[Text]:
+        """``per_rank`` lines per rank: its layers, bits per weight, plan and swaps, then
+        its memory, as the width allows."""
+        lines = []
+        for r in self.ranks:
+            first, end = r["layers"]
+            facts = [Text.assemble((f"rank {r['rank']}", "bold cyan"), f" {first}-{end - 1}"),
+                     Text(f"{r['bits_per_weight']:.2f} bpw" if r.get("bits_per_weight") else "n/a bpw",
+                          style=bits_style(r.get("bits_per_weight") or 16.0)),
+                     Text(units.size(r["weight_bytes"]))]
+            if r.get("plan_index") is not None:
+                facts.append(Text(f"plan {r['plan_index'] + 1}/{r['plans']} · {r['swaps']} swaps", style="magenta"))
+            facts += [Text(f"RSS {units.size(r['rss_bytes'])}", style="dim"),
+                      Text(f"{units.size(r['available_bytes'])} free", style="dim")]
+            lines += fact_lines(facts, width, per_rank)
+        return lines
 
     def _levels(self) -> list[float]:
         """Importance of each layer scaled to 0..1 by the largest; all 1 when unknown."""

@@ -8,6 +8,12 @@ import time
 
 
 _ENDING = threading.Lock()
+_BEFORE_EXIT: list = []  # e.g. a full-screen UI giving the terminal back
+
+
+def before_exit(callback) -> None:
+    """Run ``callback`` before ``end_pipeline`` ends the process."""
+    _BEFORE_EXIT.append(callback)
 
 
 def end_pipeline(rank: int, why: str) -> None:
@@ -17,8 +23,13 @@ def end_pipeline(rank: int, why: str) -> None:
     if not _ENDING.acquire(blocking=False):
         while True:
             time.sleep(60)
+    for callback in _BEFORE_EXIT:
+        try:
+            callback()
+        except Exception:  # the exit and its line matter more
+            pass
     if rank == 0:
-        print(f"error: the pipeline stopped ({why})", file=sys.stderr, flush=True)
+        print(f"error: the pipeline stopped ({why})", file=sys.__stderr__, flush=True)  # a UI may hold sys.stderr
     os._exit(1)
 
 

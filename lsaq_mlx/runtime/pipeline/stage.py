@@ -112,6 +112,15 @@ class PipelineStage:
                         "mlx_peak_bytes": mx.get_peak_memory(), "rss_bytes": psutil.Process().memory_info().rss,
                         "available_bytes": psutil.virtual_memory().available}
 
+    @staticmethod
+    def whole_model(ranks: list[dict], other_bits: float | None) -> dict:
+        """The model across ``ranks`` (``ranks_state``): weight bytes every rank holds
+        together, their bits per weight, and every layer's bits from the rank that holds it."""
+        weight_bytes = sum(r["weight_bytes"] for r in ranks)
+        weights = sum(r["weight_bytes"] * 8 / r["bits_per_weight"] for r in ranks if r["bits_per_weight"])
+        return {"weight_bytes": weight_bytes, "bits_per_weight": weight_bytes * 8 / weights if weights else None,
+                "layer_bits": {"layers": [b for r in ranks for b in r["layer_bits"]], "other": other_bits}}
+
     def tick_followers(self) -> None:
         """Rank 0, idle: the ranks that follow it check their memory (they adapt after
         every call otherwise)."""
