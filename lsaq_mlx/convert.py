@@ -136,19 +136,20 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     folder's ``AdaptiveSide``, given each module at its smaller settings. ``keep``: cuts
     the lazily loaded model down to what this process holds (a pipeline rank's share,
     ``runtime.pipeline.keep_share``) before anything is read."""
-    tensors = None
+    tensors, as_stored = None, set()
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
         if keep:
             keep(model)
-        dequantize_layers(model)
+        as_stored = stored_at_plan(model, plan)
+        dequantize_layers(model, {p for p, m in model.named_modules() if hasattr(m, "scales")} - as_stored)
         tensors = source_tensors(source)
     else:
         model, config = skeleton_model(source)
         model.update(float_model.parameters())
     _check_plan_matches(plan, model)
     swsc = plan.swsc_modules()
-    quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config()}
+    quantized = {p for p in plan.modules if p not in swsc and plan.modules[p].config() and p not in as_stored}
     compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch, side)
     if side is not None:
         _rounded_settings(model, tensors, config, plan, quantized - set(compensated), side)
@@ -164,6 +165,14 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
             swsc_layers(model, swsc, advance)
     model.set_dtype(mx.float16)
     return model, config
+
+
+def stored_at_plan(model: nn.Module, plan: QuantPlan) -> set[str]:
+    """The modules of a quantized source stored at the setting ``plan`` gives them:
+    their codes are kept as they are (exact, and nothing is dequantized)."""
+    return {p for p, m in model.named_modules()
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and p in plan.modules
+            and plan.modules[p].config() == {"bits": m.bits, "group_size": m.group_size, "mode": m.mode}}
 
 
 def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str], quantizer, calib,
@@ -224,25 +233,30 @@ def large_matrices(model: nn.Module, paths, tensors=None) -> dict:
     read from ``tensors`` (the source's, see ``sources.tensors``) where they hold the
     same matrix, else sliced from the module's weight."""
     modules = dict(model.named_modules())
-    return {p: MatrixRows(modules[p].weight, tensors, f"{p}.weight") for p in paths
-            if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
+    return {p: MatrixRows(modules[p].weight, tensors, f"{p}.weight", getattr(modules[p], "stored_rows", None))
+            for p in paths if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
 
 
 class MatrixRows:
     """A float matrix to be read one row block at a time: from the source's file where
-    it holds the matrix as stored (none of the rest is read), else sliced from
+    it holds the matrix as stored (none of the rest is read), from the stored quantized
+    rows (``stored_rows``, see ``backend.compute.dequantize_layers``), else sliced from
     ``weight`` (a lazily loaded tensor is then read whole, once)."""
 
-    def __init__(self, weight: mx.array, tensors=None, name: str | None = None):
+    def __init__(self, weight: mx.array, tensors=None, name: str | None = None, stored_rows=None):
         self.shape = weight.shape
         self.weight = weight
         self.from_file = (hasattr(tensors, "rows") and name in getattr(tensors, "files", {})
                           and list(tensors.shape_of(name)[0]) == list(weight.shape) and weight.dtype != mx.uint32)
-        self.tensors, self.name = tensors, name
+        self.tensors, self.name, self.stored_rows = tensors, name, stored_rows
+        # MLX's dequantize of 3, 5 or 6 bits takes about 6x its float32 result in temporaries
+        self.block_bytes = QUANTIZE_BLOCK_BYTES // (8 if stored_rows else 1)
 
     def __call__(self, start: int, stop: int) -> mx.array:
         if self.from_file:
             return self.tensors.rows(self.name, start, min(stop, self.shape[0]))
+        if self.stored_rows is not None:
+            return self.stored_rows(slice(start, stop))
         return self.weight[start:stop]
 
 
@@ -256,7 +270,7 @@ def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
     modules = dict(model.named_modules())
     for path in list(floats):
         rows_of, m = floats.pop(path), modules[path]
-        rows = max(1, QUANTIZE_BLOCK_BYTES // (4 * math.prod(rows_of.shape[1:])))
+        rows = max(1, getattr(rows_of, "block_bytes", QUANTIZE_BLOCK_BYTES) // (4 * math.prod(rows_of.shape[1:])))
         names = ["weight", "scales"] + (["biases"] if m.get("biases") is not None else [])
         for name in names:  # the lazy whole-matrix arrays make way for the filled ones
             m[name] = mx.zeros(m[name].shape, m[name].dtype)

@@ -56,6 +56,8 @@ def dequantize_layers(model: nn.Module, paths: set[str] | None = None, now: bool
         else:
             continue
         layer.weight = _dequantized(module, now)
+        if not now:  # a block of rows without the whole matrix's temporaries (convert.MatrixRows)
+            layer.stored_rows = _stored_rows(module)
         if "bias" in module:
             layer.bias = module.bias
         replaced.append((name, layer))
@@ -67,7 +69,9 @@ def dequantize_layers(model: nn.Module, paths: set[str] | None = None, now: bool
 DEQUANTIZE_BLOCK_BYTES = 32 << 20  # float32 bytes of the rows dequantized at once (``now``)
 
 
-def _dequantized(module: nn.Module, now: bool) -> mx.array:
+def _stored_rows(module: nn.Module):
+    """``rows(block)``: the exact float32 weights of ``block`` (a slice) of the rows of
+    the quantized ``module``, dequantized from those rows alone."""
     biases = module.get("biases")
 
     def rows(block: slice) -> mx.array:
@@ -75,6 +79,11 @@ def _dequantized(module: nn.Module, now: bool) -> mx.array:
                              None if biases is None else biases[block].astype(mx.float32),
                              group_size=module.group_size, bits=module.bits, mode=module.mode)
 
+    return rows
+
+
+def _dequantized(module: nn.Module, now: bool) -> mx.array:
+    rows = _stored_rows(module)
     shape = (module.weight.shape[0], module.weight.shape[1] * 32 // module.bits)
     if not now or 4 * shape[0] * shape[1] <= DEQUANTIZE_BLOCK_BYTES:
         return rows(slice(None))
