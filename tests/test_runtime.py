@@ -308,3 +308,65 @@ def test_chat_template_flags_that_are_not_a_template_or_an_object_are_one_line()
                         ("--chat-template-args", "{bad json")):
         done = run_cli("chat", flag, value, input="/quit\n")
         assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and flag in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "nemotron_h", "lfm2"])
+def test_a_swap_between_tokens_keeps_a_hybrid_models_recurrent_state(model_type, tmp_path):
+    """A swap changes weights only: the recurrent (and KV) state of the tokens so far stays
+    as it was, and the next token is what a model made at the new plan computes from it."""
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from hf_models import write_hf_folder
+    from lsaq_mlx.planning.planner import PlanRequest
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    source = resolve_model(str(write_hf_folder(model_type, tmp_path / model_type, resolve_model("default").path)))
+    planner = Planner(source)
+    high, low = (planner.plan(PlanRequest(method="uniform", bits=b)) for b in (8, 3))
+    model, _ = quantized_model(source, high)
+    prepare_for_compute(model)
+    cache = make_prompt_cache(model)
+    assert any(not hasattr(c, "offset") or type(c).__name__ == "ArraysCache" for c in cache)  # a recurrent layer
+    mx.eval(model(mx.array([list(range(100, 140))]), cache=cache))
+    copy = lambda state: tree_map(lambda a: None if a is None else a * 1, state)  # noqa: E731
+    arrays = lambda state: [np.array(a) for _, a in tree_flatten(state)]  # noqa: E731
+    state = [copy(c.state) for c in cache]
+    mx.eval(state)
+
+    report = swap_modules(model, low.modules, source_tensors(source), float32_compute=True)
+    assert not report.failed and report.changed
+    for c, kept in zip(cache, state):
+        assert all(np.array_equal(a, b) for a, b in zip(arrays(c.state), arrays(kept), strict=True))
+
+    direct, _ = quantized_model(source, low)
+    prepare_for_compute(direct)
+    copied = make_prompt_cache(direct)
+    for c, kept in zip(copied, state):
+        c.state = copy(kept)
+    token = mx.array([[7]])
+    after_swap, fresh_low = model(token, cache=cache), direct(token, cache=copied)
+    np.testing.assert_allclose(np.array(after_swap), np.array(fresh_low), atol=1e-4)
+    forgotten = direct(token, cache=make_prompt_cache(direct))  # what a lost state would give
+    assert np.abs(np.array(forgotten) - np.array(fresh_low)).max() > 1e-2
+
+
+def test_a_hybrid_models_chat_keeps_its_recurrent_state_between_turns(tmp_path):
+    """A recurrent layer's state cannot be trimmed, but a turn that extends the last one
+    needs none trimmed: only the new turn is processed."""
+    from hf_models import write_hf_folder
+    from lsaq_mlx.planning.planner import PlanRequest
+
+    source = resolve_model(str(write_hf_folder("qwen3_next", tmp_path / "m", resolve_model("default").path)))
+    engine = engine_for(source, {8: Planner(source).plan(PlanRequest(method="uniform", bits=8))}, bits_budget=8)
+    try:
+        events_until(engine, Ready)
+        engine.chat("hello", 6)
+        first = events_until(engine, ReplyDone)[-1]
+        held = len(engine.cache_tokens)
+        engine.chat("again", 6)
+        second = events_until(engine, ReplyDone)[-1]
+        assert isinstance(second, ReplyDone) and held > 0
+        assert second.stats.prompt_tokens < len(engine.cache_tokens) - first.stats.generation_tokens
+    finally:
+        engine.shutdown()

@@ -422,7 +422,8 @@ class Engine(EngineCommands):
                 stopped = True
                 break
             checked = self._between_tokens(checked)
-        offset = self.cache[0].offset if self.cache and hasattr(self.cache[0], "offset") else 0
+        # tokens the cache holds (a hybrid model's recurrent layers do not count them)
+        offset = next((c.offset for c in self.cache or [] if hasattr(c, "offset")), 0)
         self.cache_tokens = (tokens[:prefix] + feed + generated)[:offset]
         while self.control.swap and not stopped:
             self._swap_step()
@@ -472,13 +473,16 @@ class Engine(EngineCommands):
         return checked
 
     def _reuse_cache(self, tokens: list[int]) -> int:
-        """Keep the KV cache of the longest common prefix; return its length."""
+        """Keep the cache of the longest common prefix; return its length. A recurrent
+        layer's state cannot be trimmed: it is kept only when nothing is to be trimmed."""
         prefix = 0
         for a, b in zip(self.cache_tokens, tokens):
             if a != b:
                 break
             prefix += 1
         prefix = min(prefix, len(tokens) - 1)  # at least one token must be fed
+        if self.cache is not None and prefix > 0 and prefix == len(self.cache_tokens):
+            return prefix
         if self.cache is not None and prefix > 0 and can_trim_prompt_cache(self.cache):
             trim_prompt_cache(self.cache, len(self.cache_tokens) - prefix)
             return prefix
