@@ -12,7 +12,8 @@ _BEFORE_EXIT: list = []  # e.g. a full-screen UI giving the terminal back
 
 
 def before_exit(callback) -> None:
-    """Run ``callback`` before ``end_pipeline`` ends the process."""
+    """Run ``callback`` before ``end_pipeline`` ends the process; it may return the file
+    descriptor that rank 0's last line goes to (a UI that took standard error over)."""
     _BEFORE_EXIT.append(callback)
 
 
@@ -23,13 +24,15 @@ def end_pipeline(rank: int, why: str) -> None:
     if not _ENDING.acquire(blocking=False):
         while True:
             time.sleep(60)
+    line_to = sys.__stderr__.fileno()
     for callback in _BEFORE_EXIT:
         try:
-            callback()
+            line_to = callback() or line_to
         except Exception:  # the exit and its line matter more
             pass
     if rank == 0:
-        print(f"error: the pipeline stopped ({why})", file=sys.__stderr__, flush=True)  # a UI may hold sys.stderr
+        sys.__stderr__.flush()
+        os.write(line_to, f"error: the pipeline stopped ({why})\n".encode())
     os._exit(1)
 
 
