@@ -129,3 +129,48 @@ def test_a_model_tied_by_its_checkpoint_is_planned_and_written_tied(tmp_path, em
         quantized, _ = quantized_model(source, plan, given)
         got = np.array(quantized(tokens).astype(mx.float32))
         assert np.abs(got - reference).mean() < 0.2 * np.abs(reference).mean()  # 8 bits: 0.09 here; a random head: ~1
+
+
+def test_microscaled_formats_are_chosen_where_they_cost_less_and_stock_mlx_lm_opens_them(tmp_path):
+    """``--codecs affine,nvfp4,mxfp4,mxfp8``: the plan takes a format where the cost table
+    prices it below affine per byte, the folder records each module's mode, its size is
+    the plan's, and a process that imports only mlx_lm loads and runs it."""
+    from converted_models import assert_loads_with_only_mlx_lm
+    from hf_models import write_hf_folder
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+    from lsaq_mlx.planning.microscaled import FORMATS
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(str(write_hf_folder("llama", tmp_path / "m", resolve_model("default").path)))
+    planner = Planner(source)
+    plan = planner.plan(PlanRequest(bits_budgets=[4.5], codecs=("affine", *FORMATS)))
+    formats = {p: c for p, c in plan.modules.items() if c.label in FORMATS}
+    assert formats, "no module took a format: the test needs one"
+    assert plan.predicted_bits_per_weight <= 4.5
+    convert(source, plan, tmp_path / "out", smoke_tokens=1)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert all(config[p] == c.config() for p, c in formats.items())
+    written = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert abs(written - plan.predicted_bytes) < 0.01 * plan.predicted_bytes
+    assert_loads_with_only_mlx_lm(tmp_path / "out")
+    kl = evaluate(resolve_model(str(tmp_path / "out")), EvalRequest(max_tokens=128, seq_len=64),
+                  reference=source).divergence["kl"]
+    assert 0 <= kl < 1.0
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_experts_in_a_microscaled_format_are_written_for_stock_mlx_lm(mode, tmp_path):
+    from dataclasses import replace
+
+    from converted_models import assert_loads_with_only_mlx_lm
+    from hf_models import write_hf_folder
+    from lsaq_mlx.planning.microscaled import Microscaled
+    from lsaq_mlx.sources import resolve_model
+
+    source = resolve_model(str(write_hf_folder("qwen3_moe", tmp_path / "m", resolve_model("default").path)))
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=4, group_size=32))
+    modules = {p: Microscaled(mode) if "switch_mlp" in p else c for p, c in plan.modules.items()}
+    convert(source, replace(plan, modules=modules), tmp_path / "out", smoke_tokens=1)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert config["model.layers.1.mlp.switch_mlp.down_proj"]["mode"] == mode
+    assert_loads_with_only_mlx_lm(tmp_path / "out")

@@ -67,6 +67,42 @@ def test_module_bytes_are_what_mlx_stores(bits, group_size):
         assert q.bytes_for(KEEP) == sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
 
 
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_microscaled_formats_price_store_and_read_back_as_mlx_does(mode):
+    from lsaq_mlx.planning.choices import choice_from_config
+    from lsaq_mlx.planning.microscaled import Microscaled
+
+    choice = Microscaled(mode)
+    linear = nn.Linear(128, 96)
+    linear.weight = mx.random.normal((96, 128)) * 0.05
+    q = QuantModule("m", 0, 96, 128, 96)
+    quantized = choice.module(linear)
+    quantized.set_dtype(mx.float16)  # the float bias; the codes and 8-bit scales keep their types
+    assert quantized.mode == mode and quantized.get("biases") is None
+    assert q.bytes_for(choice) == sum(v.nbytes for _, v in nn.utils.tree_flatten(quantized.parameters()))
+    fisher = mx.random.uniform(shape=linear.weight.shape)
+    codes, scales = mx.quantize(linear.weight, choice.group_size, choice.bits, mode=mode)
+    held = mx.dequantize(codes, scales, None, choice.group_size, choice.bits, mode=mode)
+    expected = (fisher * mx.square(linear.weight - held)).sum().item()
+    assert module_errors(linear.weight, fisher, [choice])[mode] == pytest.approx(expected, rel=1e-5)
+    assert choice_from_config(choice.config()) == choice
+    with pytest.raises(UserError):
+        choice_from_config({"bits": 8, "group_size": 16, "mode": mode})  # not the format's
+
+
+def test_microscaled_formats_are_planned_only_when_asked_and_only_where_they_fit():
+    from lsaq_mlx.planning.microscaled import Microscaled
+
+    model = tiny_model("llama")
+    assert not PlanningContext(model, "fp").extra_options
+    ctx = PlanningContext(model, "fp", codecs=("affine", "nvfp4", "mxfp8"))
+    for q in ctx.modules:
+        assert ctx.extra_options[q.path] == [Microscaled("nvfp4"), Microscaled("mxfp8")]
+        assert set(ctx.extra_options[q.path]) <= set(ctx.candidates(q))
+    with pytest.raises(UserError, match="codecs must be affine"):
+        PlanningContext(model, "fp", codecs=("nvfp4",))
+
+
 @pytest.fixture(scope="module")
 def planning():
     model = tiny_model("llama")

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.blas import active_blas
-from lsaq_mlx.backend.hybrid import make_hybrid
+from lsaq_mlx.backend.hybrid import exact_scales, make_hybrid
 from lsaq_mlx.modules import layer_index, module_groups
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.sizes import parse_size
@@ -72,11 +72,10 @@ DEQUANTIZE_BLOCK_BYTES = 32 << 20  # float32 bytes of the rows dequantized at on
 def _stored_rows(module: nn.Module):
     """``rows(block)``: the exact float32 weights of ``block`` (a slice) of the rows of
     the quantized ``module``, dequantized from those rows alone."""
-    biases = module.get("biases")
+    scales, biases = exact_scales(module)
 
     def rows(block: slice) -> mx.array:
-        return mx.dequantize(module.weight[block], module.scales[block].astype(mx.float32),
-                             None if biases is None else biases[block].astype(mx.float32),
+        return mx.dequantize(module.weight[block], scales[block], None if biases is None else biases[block],
                              group_size=module.group_size, bits=module.bits, mode=module.mode)
 
     return rows

@@ -19,13 +19,26 @@ DEQUANTIZE_ROWS = 16  # from this many rows on, one dequantization + GEMM beats 
 ROW_BLOCK_BYTES = 32 << 20  # float32 bytes of a matrix dequantized or upcast at once
 
 
-def _upcast(module: nn.Module):
+def exact_scales(module: nn.Module):
+    """``(scales, biases)`` of a quantized module for its dequantize: affine float16 ones
+    as float32, so the weights are exactly ``scale * q + bias``; a microscaled format's
+    8-bit scales as stored (its only kind)."""
+    if module.mode != "affine":
+        return module.scales, None
     biases = module.get("biases")
     return module.scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32)
 
 
+def exact_dequantize(codes: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int,
+                     mode: str = "affine") -> mx.array:
+    """Stored codes as the float weights they stand for (see ``exact_scales``)."""
+    if mode == "affine":
+        scales, biases = scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32)
+    return mx.dequantize(codes, scales, biases, group_size, bits, mode=mode)
+
+
 def _matmul(module: nn.Module, x: mx.array) -> mx.array:
-    scales, biases = _upcast(module)
+    scales, biases = exact_scales(module)
     x = x.astype(mx.float32)
     if x.size // x.shape[-1] >= DEQUANTIZE_ROWS:  # the matrix dequantized by row blocks, each used at once
         rows = max(1, ROW_BLOCK_BYTES // (4 * scales.shape[1] * module.group_size))
@@ -48,7 +61,7 @@ class HybridQuantizedLinear(nn.QuantizedLinear):
 
 class HybridQuantizedEmbedding(nn.QuantizedEmbedding):
     def __call__(self, x):
-        scales, biases = _upcast(self)
+        scales, biases = exact_scales(self)
         return mx.dequantize(self.weight[x], scales[x], None if biases is None else biases[x],
                              group_size=self.group_size, bits=self.bits, mode=self.mode)
 

@@ -1,6 +1,7 @@
 """What a plan gives one module: ``Affine`` (MLX affine quantization at some bits and
-group size), ``Keep`` (float16), or ``SWSC`` (the SWSC codec, ``lsaq_mlx.swsc``, which
-stock mlx-lm cannot open). ``CODECS`` lists them: a new codec is one class here (or in
+group size), ``Keep`` (float16), ``Microscaled`` (MLX's mxfp4, nvfp4 and mxfp8 formats,
+``planning.microscaled``), or ``SWSC`` (the SWSC codec, ``lsaq_mlx.swsc``, which stock
+mlx-lm cannot open). ``CODECS`` lists them: a new codec is one class here (or in
 its own module) and one entry there.
 
 Each choice knows its cache key, the label people read (``4/64``, ``f16``), its bytes
@@ -19,6 +20,7 @@ import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.affine_error import chunked_affine_errors
+from lsaq_mlx.planning.microscaled import Microscaled
 from lsaq_mlx.swsc.codec import SWSCSettings, compress, is_swsc
 from lsaq_mlx.swsc.layer import SWSCLinear
 
@@ -136,8 +138,8 @@ class SWSC:
         return SWSCLinear.from_linear(float_module, self.settings)
 
 
-Choice = Affine | Keep | SWSC
-CODECS: list[type] = [Keep, Affine, SWSC]  # tried in order by choice_from_config
+Choice = Affine | Keep | Microscaled | SWSC
+CODECS: list[type] = [Keep, Affine, Microscaled, SWSC]  # tried in order by choice_from_config
 KEEP = Keep()
 
 
@@ -149,4 +151,4 @@ def choice_from_config(value, where: str = "the plan") -> Choice:
         choice = codec.from_config(value)
         if choice is not None:
             return choice
-    raise UserError(f"{where}: {str(value)[:80]} is not a module choice (bits/group_size, false or swsc)")
+    raise UserError(f"{where}: {str(value)[:80]} is not a module choice (bits/group_size, mxfp4/nvfp4/mxfp8, false or swsc)")

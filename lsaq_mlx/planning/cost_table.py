@@ -5,7 +5,8 @@ computed once per model and calibration text and cached as JSON, keyed by choice
 It is computed in one streamed pass (``planning.fisher``): each module's candidates are
 priced while its layer is in memory, one choice at a time on row chunks, so memory is
 one layer's worth whatever the model's size. SWSC candidates (k-means, SVD) are priced
-only when a plan may use them, in a table of their own.
+and the microscaled formats (``--codecs``) only when a plan may use them, in a table of
+their own, keyed by the options.
 """
 
 import json
@@ -18,7 +19,7 @@ from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.scoring.calibration import CalibrationText, token_sequences
 
 COST_VERSION = 4  # part of every table's key: bump when the cost model changes (4: computed layer by layer)
-SWSC_COST_VERSION = 3
+EXTRA_COST_VERSION = 4  # 4: microscaled formats beside SWSC
 FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
 FISHER_SEQ_LEN = 256
 
@@ -32,22 +33,23 @@ def cached_table(fingerprint: str, calib: CalibrationText, ctx) -> CostTable | N
     table = read_cache_json(_path(fingerprint, calib), "cost table", lambda d: _check(d, _keys(ctx.modules)))
     if table is None:
         return None
-    if not ctx.swsc_options:
+    if not ctx.extra_options:
         return CostTable(table)
-    swsc = read_cache_json(_swsc_path(fingerprint, calib, ctx), "SWSC cost table",
-                           lambda d: _check(d, {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}))
-    return None if swsc is None else _merge(table, swsc)
+    extra = read_cache_json(_extra_path(fingerprint, calib, ctx), "cost table of the other codecs",
+                            lambda d: _check(d, {p: {c.key for c in cs} for p, cs in ctx.extra_options.items()}))
+    return None if extra is None else _merge(table, extra)
 
 
 def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, tokenizer) -> CostTable:
     """Compute (what is not cached of) the errors of ``ctx``'s candidates on ``streamed``
     (the float source, a ``StreamedModel``), and cache them."""
-    path, swsc_path = _path(fingerprint, calib), _swsc_path(fingerprint, calib, ctx)
+    path, extra_path = _path(fingerprint, calib), _extra_path(fingerprint, calib, ctx)
     table = read_cache_json(path, "cost table", lambda d: _check(d, _keys(ctx.modules)))
-    swsc_keys = {p: {c.key for c in cs} for p, cs in ctx.swsc_options.items()}
-    swsc = {} if not ctx.swsc_options else read_cache_json(swsc_path, "SWSC cost table", lambda d: _check(d, swsc_keys))
-    if table is None or swsc is None:
-        wanted = {q.path: (q.choices() if table is None else []) + (ctx.swsc_options.get(q.path, []) if swsc is None else [])
+    extra_keys = {p: {c.key for c in cs} for p, cs in ctx.extra_options.items()}
+    extra = {} if not ctx.extra_options else read_cache_json(extra_path, "cost table of the other codecs",
+                                                             lambda d: _check(d, extra_keys))
+    if table is None or extra is None:
+        wanted = {q.path: (q.choices() if table is None else []) + (ctx.extra_options.get(q.path, []) if extra is None else [])
                   for q in ctx.modules}
         errors = {path: dict.fromkeys((c.key for c in choices), 0.0) for path, choices in wanted.items()}
 
@@ -61,14 +63,14 @@ def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, token
         if table is None:
             table = {q.path: {c.key: errors[q.path][c.key] for c in q.choices()} for q in ctx.modules}
             write_json_atomic(path, table)
-        if swsc is None:
-            swsc = {p: {c.key: errors[p][c.key] for c in cs} for p, cs in ctx.swsc_options.items()}
-            write_json_atomic(swsc_path, swsc)
-    return _merge(table, swsc)
+        if extra is None:
+            extra = {p: {c.key: errors[p][c.key] for c in cs} for p, cs in ctx.extra_options.items()}
+            write_json_atomic(extra_path, extra)
+    return _merge(table, extra)
 
 
-def _merge(table: dict, swsc: dict) -> CostTable:
-    return CostTable({p: errs | swsc.get(p, {}) for p, errs in table.items()})
+def _merge(table: dict, extra: dict) -> CostTable:
+    return CostTable({p: errs | extra.get(p, {}) for p, errs in table.items()})
 
 
 def _keys(modules) -> dict:
@@ -80,10 +82,10 @@ def _path(fingerprint: str, calib: CalibrationText):
     return cache_entry("errors", fingerprint) / f"{table_key(fingerprint, calib)}.json"
 
 
-def _swsc_path(fingerprint: str, calib: CalibrationText, ctx):
-    options = {p: [c.key for c in choices] for p, choices in ctx.swsc_options.items()}
-    key = fingerprint_bytes(table_key(fingerprint, calib), json.dumps(options, sort_keys=True), str(SWSC_COST_VERSION))
-    return cache_entry("errors", fingerprint) / f"swsc-{key}.json"
+def _extra_path(fingerprint: str, calib: CalibrationText, ctx):
+    options = {p: [c.key for c in choices] for p, choices in ctx.extra_options.items()}
+    key = fingerprint_bytes(table_key(fingerprint, calib), json.dumps(options, sort_keys=True), str(EXTRA_COST_VERSION))
+    return cache_entry("errors", fingerprint) / f"extra-{key}.json"
 
 
 def _check(data, keys: dict) -> dict:

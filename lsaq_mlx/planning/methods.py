@@ -24,13 +24,14 @@ from lsaq_mlx.planning.cost import CostTable
 from lsaq_mlx.planning.knapsack import solve_mckp
 from lsaq_mlx.sizes import format_size
 from lsaq_mlx.planning.choices import BITS, FLOAT_BYTES, GROUP_SIZES, KEEP, SWSC, Affine, Choice
+from lsaq_mlx.planning.microscaled import FORMATS, Microscaled
 from lsaq_mlx.planning.plan import QuantModule, QuantPlan, fixed_params, model_floors, quantizable_modules
 from lsaq_mlx.swsc.candidates import candidates as swsc_candidates
 from lsaq_mlx.swsc.codec import SWSCSettings
 
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
 DEFAULT_GROUP_SIZE = 64
-CODECS = ("affine", "swsc")
+CODECS = ("affine", "swsc", *FORMATS)
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Override:
 
 def check_codecs(codecs) -> None:
     if any(c not in CODECS for c in codecs) or "affine" not in codecs:
-        raise UserError(f"codecs must be affine or affine,swsc (embeddings and the LM head stay affine), "
+        raise UserError(f"codecs must be affine, with any of swsc, {', '.join(FORMATS)} beside it (e.g. affine,nvfp4), "
                         f"not '{','.join(codecs)}'", setting="codecs")
 
 
@@ -81,8 +82,8 @@ class PlanningContext:
         self.ceilings = ceilings or {}
         self.modules = quantizable_modules(model)
         self.codecs = tuple(codecs)
-        self.swsc_options = {q.path: [SWSC(s) for s in swsc_candidates(q.rows, q.cols)]
-                             for q in self.modules if "swsc" in codecs and q.layer is not None and q.copies == 1}
+        self.extra_options = {q.path: self._extra_options(q) for q in self.modules}
+        self.extra_options = {p: options for p, options in self.extra_options.items() if options}
         self.floors = model_floors(model)
         self.fixed_params = fixed_params(model, self.modules)
         self.parameters = self.fixed_params + sum(q.params for q in self.modules)
@@ -101,6 +102,14 @@ class PlanningContext:
                                     f"input size {q.cols}", setting="override")
                 self.pinned[q.path] = o.choice
 
+    def _extra_options(self, q: QuantModule) -> list[Choice]:
+        """``q``'s choices of the codecs beyond affine: SWSC for the linear layers of decoder
+        layers, the microscaled formats whose groups divide its input dimension."""
+        formats = [Microscaled(c) for c in self.codecs if c in FORMATS and Microscaled(c).fits(q.cols)]
+        if "swsc" in self.codecs and q.layer is not None and q.copies == 1:
+            return [SWSC(s) for s in swsc_candidates(q.rows, q.cols)] + formats
+        return formats
+
     def _check_swsc_override(self, o: Override, q: QuantModule) -> None:
         if "swsc" not in self.codecs:
             raise UserError(f"override '{o.pattern}=swsc:...' needs the codecs affine,swsc (the output is then not for "
@@ -116,7 +125,7 @@ class PlanningContext:
     def candidates(self, q: QuantModule) -> list[Choice]:
         """Every choice the cost model prices for ``q``: affine, keep, then SWSC; for a
         quantized source, none above the bits it stores; none below the model's floor."""
-        choices = q.choices() + self.swsc_options.get(q.path, [])
+        choices = q.choices() + self.extra_options.get(q.path, [])
         ceiling = self.ceilings.get(q.path, 16)
         floor = min(getattr(self.floors.get(q.path), "bits", 0), ceiling)
         return [c for c in choices if floor <= getattr(c, "bits", 16) <= ceiling]

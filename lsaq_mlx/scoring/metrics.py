@@ -11,6 +11,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from lsaq_mlx.backend.attention import causal_attention_in_blocks
+from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.backend.compute import dequantize_layers
 from lsaq_mlx.backend.cores import map_on_cores
 from lsaq_mlx.scoring.divergence import token_kl
@@ -95,7 +96,7 @@ def linear_weights(layer: nn.Module):
     """Float weights of a decoder layer's linear sublayers (dequantized when quantized)."""
     for _, m in tree_flatten(layer.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
         if isinstance(m, nn.QuantizedLinear):
-            yield mx.dequantize(m.weight, m.scales.astype(mx.float32), m.get("biases"), m.group_size, m.bits, mode=m.mode)
+            yield exact_dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, m.mode)
         elif isinstance(m, nn.Linear):
             yield m.weight.astype(mx.float32)
 

@@ -106,9 +106,9 @@ def _has_tokenizer(folder: Path) -> bool:
 def precision_label(module_info: dict) -> str:
     if module_info.get("codec") == "swsc":
         return f"swsc k{module_info['k']} r{module_info['rank']}"
-    if "bits" in module_info:
-        mode = "" if module_info["mode"] == "affine" else f" {module_info['mode']}"
-        return f"{module_info['bits']}/{module_info['group_size']}{mode}"  # as plans write it: bits/group
+    if "bits" in module_info:  # as plans write it: bits/group, or the format
+        mode = module_info["mode"]
+        return f"{module_info['bits']}/{module_info['group_size']}" if mode == "affine" else mode
     return module_info["dtype"]
 
 

@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from lsaq_mlx.backend.compute import backend
+from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.backend.hybrid import make_hybrid
 from lsaq_mlx.modules import final_norm, inner_model, layer_index
 from lsaq_mlx.sources.load import skeleton_model
@@ -119,8 +120,7 @@ class StreamedModel:
         if param == "weight" and scales is not None:
             q = _quantization(self.config, path)
             biases = get(f"{path}.biases")
-            array = mx.dequantize(array, scales.astype(mx.float32), None if biases is None else biases.astype(mx.float32),
-                                  q["group_size"], q["bits"], mode=q.get("mode", "affine"))
+            array = exact_dequantize(array, scales, biases, q["group_size"], q["bits"], q.get("mode", "affine"))
         if keep_dtype and scales is None or not mx.issubdtype(array.dtype, mx.floating):
             return array
         return array.astype(self.dtype)

@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.formats import safetensors_header
 
 # float dtypes whose rows ``SourceTensors.rows`` reads straight from the file
@@ -88,7 +89,8 @@ class DequantizedTensors:
         if self._stored is None:
             self._stored = set(self.tensors.names)
         q = stored_quantization(self.quantization, path) if f"{path}.scales" in self._stored else {}
-        if (q.get("bits"), q.get("group_size"), q.get("mode", "affine")) != (*_affine(choice), "affine"):
+        stored = {"bits": q.get("bits"), "group_size": q.get("group_size"), "mode": q.get("mode", "affine")}
+        if stored != choice.config():
             return None
         arrays = {p: self.tensors.get(f"{path}.{p}") for p in ("weight", "scales", "biases", "bias")}
         return {p: a for p, a in arrays.items() if a is not None}
@@ -100,13 +102,8 @@ class DequantizedTensors:
             return self.tensors.get(name)
         q = stored_quantization(self.quantization, path)
         biases = self.tensors.get(f"{path}.biases")
-        return mx.dequantize(self.tensors.get(name), scales.astype(mx.float32),
-                             None if biases is None else biases.astype(mx.float32),
-                             q["group_size"], q["bits"], mode=q.get("mode", "affine"))
-
-
-def _affine(choice) -> tuple:
-    return (getattr(choice, "bits", None), getattr(choice, "group_size", None))
+        return exact_dequantize(self.tensors.get(name), scales, biases, q["group_size"], q["bits"],
+                                q.get("mode", "affine"))
 
 
 def stored_bits(tensors, config: dict) -> dict[str, int]:
