@@ -28,6 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
 from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
@@ -171,7 +172,7 @@ def stored_at_plan(model: nn.Module, plan: QuantPlan) -> set[str]:
     """The modules of a quantized source stored at the setting ``plan`` gives them:
     their codes are kept as they are (exact, and nothing is dequantized)."""
     return {p for p, m in model.named_modules()
-            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and p in plan.modules
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)) and p in plan.modules
             and plan.modules[p].config() == {"bits": m.bits, "group_size": m.group_size, "mode": m.mode}}
 
 

@@ -157,8 +157,24 @@ def config_fixes(config: dict) -> dict:
 
 
 def normalized_config(config: dict) -> dict:
-    """``config`` with ``config_fixes`` applied: what lsaq-mlx builds models from and writes."""
-    return config | config_fixes(config)
+    """``config`` with ``config_fixes`` applied and, for a checkpoint stored in a format
+    MLX holds natively, mlx-lm's ``quantization`` entry for it: what lsaq-mlx builds models
+    from and writes."""
+    return config | config_fixes(config) | native_quantization(config)
+
+
+def native_quantization(config: dict) -> dict:
+    """``{"quantization": ...}`` for a Hugging Face ``quantization_config`` whose format
+    MLX stores as it is (gpt-oss's MXFP4 experts; MXFP8; FP8 with power-of-two scales
+    over 32x32 blocks, which is MXFP8), as ``mlx_lm.load`` reads them; else empty."""
+    q = config.get("quantization_config")
+    if config.get("quantization") is not None or not isinstance(q, dict):
+        return {}
+    method = q.get("quant_method")
+    if method == "fp8" and q.get("scale_fmt") == "ue8m0" and list(q.get("weight_block_size") or ()) == [32, 32]:
+        method = "mxfp8"
+    native = {"mxfp4": (32, 4), "mxfp8": (32, 8)}.get(method)
+    return {"quantization": {"group_size": native[0], "bits": native[1], "mode": method}} if native else {}
 
 
 def _rope_fixes(section: dict) -> dict:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
@@ -114,3 +115,42 @@ def write_hf_folder(model_type: str, folder: Path, tokenizer_folder: Path, seed:
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, folder / name)
     return folder
+
+
+def write_mxfp4_gpt_oss(folder: Path, tokenizer_folder: Path, seed: int = 0) -> tuple[Path, nn.Module]:
+    """A tiny gpt-oss checkpoint as OpenAI ships gpt-oss: the experts in MXFP4 (``*_blocks``
+    of 16 bytes per 32 weights, ``*_scales`` of one byte each, gate and up interleaved
+    row by row in ``gate_up_proj``), ``quant_method: mxfp4``; the rest float16. Also the
+    model it stands for (its experts the MXFP4 values, exactly)."""
+    vocab = json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"]
+    model, config = build("gpt_oss", vocab, seed)
+    tensors = {}
+    for name, value in tree_flatten(model.parameters()):
+        if ".mlp.experts." not in name:
+            tensors[name] = value.astype(mx.float16)
+    for i, layer in enumerate(model.model.layers):
+        experts, stem = layer.mlp.experts, f"model.layers.{i}.mlp.experts"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            linear = getattr(experts, proj)
+            codes, scales = mx.quantize(linear.weight, 32, 4, mode="mxfp4")
+            linear.weight = mx.dequantize(codes, scales, None, 32, 4, mode="mxfp4")  # what the checkpoint holds
+            linear.blocks = codes.view(mx.uint8).reshape(*scales.shape, 16)
+            linear.block_scales = scales
+        gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+        interleave = lambda a, b: mx.stack([a, b], axis=2).reshape(a.shape[0], -1, *a.shape[2:])  # noqa: E731
+        tensors |= {f"{stem}.gate_up_proj_blocks": interleave(gate.blocks, up.blocks),
+                    f"{stem}.gate_up_proj_scales": interleave(gate.block_scales, up.block_scales),
+                    f"{stem}.gate_up_proj_bias": interleave(gate.bias, up.bias).astype(mx.float16),
+                    f"{stem}.down_proj_blocks": down.blocks, f"{stem}.down_proj_scales": down.block_scales,
+                    f"{stem}.down_proj_bias": down.bias.astype(mx.float16)}
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "pt"})
+    quantization = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                        "model.layers.*.mlp.router",
+                                                                        "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16",
+                                                             "quantization_config": quantization}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder, model

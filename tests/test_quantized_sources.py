@@ -84,3 +84,69 @@ def test_an_mlx_lm_convert_folder_swaps_down_in_chat(default_source, tmp_path):
     assert done.returncode == 0, done.stderr
     swapped = re.search(r"swapped \d+ modules in [\d.]+ s -> ([\d.]+) bits/weight", done.stderr)
     assert swapped and float(swapped[1]) <= 4.0 and "outside what lsaq can do for this model" in done.stderr
+
+
+def test_gpt_oss_mxfp4_experts_are_read_planned_and_kept_as_stored(tmp_path):
+    """gpt-oss as OpenAI ships it (MXFP4 experts, ``quant_method: mxfp4``): every stage
+    reads the experts as mlx-lm does; the plan may keep them as stored (mxfp4, without
+    ``--codecs``) and never above their 4 bits; the written experts are the checkpoint's
+    codes, unchanged, and stock mlx-lm runs the folder."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from converted_models import assert_loads_with_only_mlx_lm
+    from hf_models import write_mxfp4_gpt_oss
+    from lsaq_mlx.convert import convert
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+    from lsaq_mlx.planning.microscaled import Microscaled
+    from lsaq_mlx.sources.load import skeleton_model
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import DequantizedTensors, source_tensors
+
+    folder, model = write_mxfp4_gpt_oss(tmp_path / "gpt-oss", resolve_model("default").path)
+    source = resolve_model(str(folder))
+    skeleton, config = skeleton_model(source)
+    read = DequantizedTensors(ModelTensors(source_tensors(source), skeleton), config)  # as every stage reads it
+    name = "model.layers.1.mlp.experts.up_proj.weight"  # split from the interleaved gate_up_proj by sanitize
+    np.testing.assert_array_equal(np.array(read.get(name).astype(mx.float32)),
+                                  np.array(dict(tree_flatten(model.parameters()))[name].astype(mx.float32)))
+
+    planner = Planner(source)
+    ctx = planner.context()
+    experts = [q for q in ctx.modules if ".experts." in q.path]
+    assert experts and all(Microscaled("mxfp4") in ctx.candidates(q) for q in experts)
+    assert all(getattr(c, "bits", 16) <= 4 for q in experts for c in ctx.candidates(q))
+    plan = planner.plan(PlanRequest(bits_budgets=[4.0]))
+    kept = [p for p, c in plan.modules.items() if c == Microscaled("mxfp4")]
+    assert kept, "the plan kept no expert as stored"
+    convert(source, plan, tmp_path / "out", smoke_tokens=1)
+    written = mx.load(str(next((tmp_path / "out").glob("*.safetensors"))))
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        written |= mx.load(str(f))
+    checkpoint = mx.load(str(folder / "model.safetensors"))
+    for path in (p for p in kept if p.endswith("down_proj")):
+        blocks = checkpoint[path.replace("experts.down_proj", "experts.down_proj_blocks")]
+        assert mx.array_equal(blocks.view(mx.uint32).flatten(-2), written[f"{path}.weight"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization"][kept[0]]["mode"] == "mxfp4"
+    assert_loads_with_only_mlx_lm(tmp_path / "out")
+    kl = evaluate(resolve_model(str(tmp_path / "out")), EvalRequest(max_tokens=128, seq_len=64),
+                  reference=source).divergence["kl"]
+    assert 0 <= kl < 0.1
+    chat = run_cli("chat", "-m", str(folder), "-b", "4", "-n", "4", input="Hi\n/plan 3.5\nmore\n/plan 4\n/quit\n")
+    swaps = [line for line in (chat.stdout + chat.stderr).splitlines() if "swapped" in line]
+    assert chat.returncode == 0 and len(swaps) == 2 and not any("failed" in s for s in swaps), chat.stdout + chat.stderr
+
+
+def test_hugging_face_formats_mlx_holds_natively_become_mlx_lms_quantization():
+    from lsaq_mlx.formats import native_quantization
+
+    fp8 = {"quant_method": "fp8", "scale_fmt": "ue8m0", "weight_block_size": [32, 32]}
+    assert native_quantization({"quantization_config": {"quant_method": "mxfp4"}}) == \
+        {"quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    assert native_quantization({"quantization_config": fp8})["quantization"]["mode"] == "mxfp8"
+    assert native_quantization({"quantization_config": fp8 | {"weight_block_size": [128, 128]}}) == {}  # dequantized
+    assert native_quantization({"quantization_config": {"quant_method": "awq"}}) == {}
+    assert native_quantization({"quantization": {"bits": 4, "group_size": 64},
+                                "quantization_config": {"quant_method": "mxfp4"}}) == {}

@@ -8,6 +8,7 @@ weights (``lsaq_mlx.backend.hybrid``), so memory stays near the quantized size. 
 GPU (Metal) MLX's quantized kernels are fast and used as they are.
 """
 
+import math
 import os
 import sys
 from contextlib import nullcontext
@@ -15,6 +16,7 @@ from contextlib import nullcontext
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx.backend.blas import active_blas
 from lsaq_mlx.backend.hybrid import exact_scales, make_hybrid
@@ -53,6 +55,8 @@ def dequantize_layers(model: nn.Module, paths: set[str] | None = None, now: bool
             layer = nn.Linear(1, 1, bias="bias" in module)
         elif isinstance(module, nn.QuantizedEmbedding):
             layer = nn.Embedding(1, 1)
+        elif isinstance(module, QuantizedSwitchLinear):  # stacked experts: blocks of experts, not rows
+            layer = SwitchLinear(1, 1, 1, bias="bias" in module)
         else:
             continue
         layer.weight = _dequantized(module, now)
@@ -83,11 +87,11 @@ def _stored_rows(module: nn.Module):
 
 def _dequantized(module: nn.Module, now: bool) -> mx.array:
     rows = _stored_rows(module)
-    shape = (module.weight.shape[0], module.weight.shape[1] * 32 // module.bits)
-    if not now or 4 * shape[0] * shape[1] <= DEQUANTIZE_BLOCK_BYTES:
+    shape = (*module.weight.shape[:-1], module.weight.shape[-1] * 32 // module.bits)
+    if not now or 4 * math.prod(shape) <= DEQUANTIZE_BLOCK_BYTES:
         return rows(slice(None))
     weight = mx.zeros(shape, mx.float32)
-    step = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * shape[1]))
+    step = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * math.prod(shape[1:])))
     for r in range(0, shape[0], step):
         weight[r : r + step] = rows(slice(r, r + step))  # in place: nothing else refers to it
         mx.eval(weight)

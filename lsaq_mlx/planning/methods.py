@@ -73,15 +73,18 @@ class PlanningContext:
     ``swsc`` codec, every decoder-layer linear module's SWSC candidates too."""
 
     def __init__(self, model: nn.Module, fingerprint: str, overrides: list[Override] = (), codecs=("affine",),
-                 ceilings: dict | None = None):
+                 ceilings: dict | None = None, stored_formats: dict | None = None):
         """``ceilings``: the bits each module of a quantized source stores; no candidate
-        goes above them (there is nothing finer to quantize from). The model class's own
+        goes above them (there is nothing finer to quantize from). ``stored_formats``: the
+        modules it stores in a microscaling format (``{path: mode}``), which may keep it
+        as it is stored, whatever the codecs. The model class's own
         ``quant_predicate`` gives floors (``plan.model_floors``): a module it keeps in
         float is pinned there, one it names a setting for gets no fewer bits."""
         check_codecs(codecs)
         self.ceilings = ceilings or {}
         self.modules = quantizable_modules(model)
         self.codecs = tuple(codecs)
+        self.stored_formats = stored_formats or {}
         self.extra_options = {q.path: self._extra_options(q) for q in self.modules}
         self.extra_options = {p: options for p, options in self.extra_options.items() if options}
         self.floors = model_floors(model)
@@ -104,8 +107,10 @@ class PlanningContext:
 
     def _extra_options(self, q: QuantModule) -> list[Choice]:
         """``q``'s choices of the codecs beyond affine: SWSC for the linear layers of decoder
-        layers, the microscaled formats whose groups divide its input dimension."""
-        formats = [Microscaled(c) for c in self.codecs if c in FORMATS and Microscaled(c).fits(q.cols)]
+        layers, the microscaled formats (and the one it is stored in) whose groups divide
+        its input dimension."""
+        modes = [c for c in self.codecs if c in FORMATS] + [self.stored_formats.get(q.path)]
+        formats = [Microscaled(m) for m in dict.fromkeys(modes) if m in FORMATS and Microscaled(m).fits(q.cols)]
         if "swsc" in self.codecs and q.layer is not None and q.copies == 1:
             return [SWSC(s) for s in swsc_candidates(q.rows, q.cols)] + formats
         return formats

@@ -23,7 +23,8 @@ from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer, skeleton_model
 from lsaq_mlx.sources.streaming import StreamedModel
-from lsaq_mlx.sources.tensors import source_tensors, stored_bits
+from lsaq_mlx.sources.model_tensors import ModelTensors
+from lsaq_mlx.sources.tensors import source_tensors, stored_bits, stored_formats
 
 
 @dataclass(kw_only=True)
@@ -115,9 +116,12 @@ class Planner:
         key = (tuple(overrides), tuple(codecs), tuple(sorted((ceilings or {}).items())))
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
-            stored = {} if self.source.kind == "config" else stored_bits(source_tensors(self.source), self.structure[1])
+            model, config = self.structure
+            tensors = None if self.source.kind == "config" else ModelTensors(source_tensors(self.source), model)
+            stored = stored_bits(tensors, config) if tensors else {}
             limits = {p: min(stored.get(p, 16), (ceilings or {}).get(p, 16)) for p in {*stored, *(ceilings or {})}}
-            self._contexts[key] = PlanningContext(self.structure[0], self.source.fingerprint, parsed, codecs, limits)
+            formats = stored_formats(tensors, config) if tensors else {}
+            self._contexts[key] = PlanningContext(model, self.source.fingerprint, parsed, codecs, limits, formats)
         return self._contexts[key]
 
     def cost_table(self, ctx: PlanningContext, calib: str | None = None) -> CostTable:

@@ -491,7 +491,9 @@ class Engine(EngineCommands):
 
     # ---- precision changes ----
     def _source_config(self) -> dict:
-        return read_json(self.source.path / "config.json")
+        from lsaq_mlx.formats import normalized_config
+
+        return normalized_config(read_json(self.source.path / "config.json"))
 
     def _apply_plan(self, plan: QuantPlan | int, reason: str = "requested", reply: Future | None = None):
         """Start swapping to ``plan``, or to the plan of that index in the PlanSet (smallest

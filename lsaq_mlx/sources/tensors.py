@@ -115,6 +115,14 @@ def stored_bits(tensors, config: dict) -> dict[str, int]:
     return {p: stored_quantization(quantization, p)["bits"] for p in paths}
 
 
+def stored_formats(tensors, config: dict) -> dict[str, str]:
+    """``{path: mode}`` of every module stored in one of MLX's microscaling formats."""
+    quantization = config.get("quantization") or {}
+    paths = [n.removesuffix(".scales") for n in tensors.names if n.endswith(".scales")]
+    modes = {p: stored_quantization(quantization, p).get("mode", "affine") for p in paths} if quantization else {}
+    return {p: mode for p, mode in modes.items() if mode != "affine"}
+
+
 def stored_quantization(quantization: dict, path: str) -> dict:
     """The ``{"bits", "group_size", ...}`` config.json gives the module at ``path``."""
     entry = quantization.get(path)
