@@ -154,3 +154,61 @@ def write_mxfp4_gpt_oss(folder: Path, tokenizer_folder: Path, seed: int = 0) -> 
         if (tokenizer_folder / name).exists():
             shutil.copy(tokenizer_folder / name, folder / name)
     return folder, model
+
+
+def write_fp8_deepseek_v3(folder: Path, tokenizer_folder: Path, seed: int = 0) -> Path:
+    """A tiny DeepSeek-V3 checkpoint as DeepSeek ships it: each linear weight of the decoder
+    layers in FP8 E4M3 with a ``weight_scale_inv`` per 128 x 128 block, each routed expert
+    apart, ``quant_method: fp8``; the rest float16."""
+    vocab = json.loads((tokenizer_folder / "config.json").read_text())["vocab_size"]
+    model, config = build("deepseek_v3", vocab, seed)
+    tensors = {}
+    for name, value in tree_flatten(model.parameters()):
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            tensors[name] = value.astype(mx.float16)
+            continue
+        stem = name.removesuffix(".weight")
+        parts = [(f"{stem}.weight", value)] if value.ndim == 2 else \
+            [(stem.replace("switch_mlp", f"experts.{e}") + ".weight", value[e]) for e in range(value.shape[0])]
+        for part, w in parts:
+            scale = mx.abs(w).max() / 448.0  # one block: the tiny matrices are under 128 x 128
+            tensors[part] = _F8(mx.to_fp8(w / scale))
+            tensors[part.replace(".weight", ".weight_scale_inv")] = scale.reshape(1, 1).astype(mx.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_with_fp8(folder / "model.safetensors", tensors)
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [128, 128]}
+    (folder / "config.json").write_text(json.dumps(config | {"torch_dtype": "bfloat16",
+                                                             "quantization_config": quantization}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_folder / name).exists():
+            shutil.copy(tokenizer_folder / name, folder / name)
+    return folder
+
+
+class _F8:
+    """FP8 E4M3 codes (uint8) to be written with safetensors' F8_E4M3 dtype."""
+
+    def __init__(self, codes: mx.array):
+        self.codes = codes
+
+
+def _save_with_fp8(path: Path, tensors: dict) -> None:
+    """A safetensors file whose ``_F8`` tensors carry the F8_E4M3 dtype (MLX writes its
+    uint8 codes as U8; checkpoints from the hub say F8_E4M3, and MLX reads them as uint8)."""
+    import struct
+
+    import numpy as np
+
+    names = {mx.float16: "F16", mx.float32: "F32", mx.uint8: "U8"}
+    header, blobs, offset = {}, [], 0
+    for name, value in tensors.items():
+        dtype = "F8_E4M3" if isinstance(value, _F8) else names[value.dtype]
+        data = np.array(value.codes if isinstance(value, _F8) else value).tobytes()
+        header[name] = {"dtype": dtype, "shape": list((value.codes if isinstance(value, _F8) else value).shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))

@@ -150,3 +150,40 @@ def test_hugging_face_formats_mlx_holds_natively_become_mlx_lms_quantization():
     assert native_quantization({"quantization_config": {"quant_method": "awq"}}) == {}
     assert native_quantization({"quantization": {"bits": 4, "group_size": 64},
                                 "quantization_config": {"quant_method": "mxfp4"}}) == {}
+
+
+def test_deepseek_fp8_checkpoints_are_read_as_mlx_lm_dequantizes_them(tmp_path):
+    """DeepSeek-V3 as DeepSeek ships it (FP8 E4M3 linear weights with 128 x 128 block
+    scales, experts apart): every stage reads the weights mlx-lm's ``sanitize`` makes of
+    them, a layer at a time; plans, converts, evaluates and swaps."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_lm import load
+
+    from converted_models import assert_loads_with_only_mlx_lm
+    from hf_models import write_fp8_deepseek_v3
+    from lsaq_mlx.convert import convert
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+    from lsaq_mlx.sources.load import skeleton_model
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    folder = write_fp8_deepseek_v3(tmp_path / "ds", resolve_model("default").path)
+    source = resolve_model(str(folder))
+    theirs = dict(tree_flatten(load(str(folder))[0].parameters()))
+    read = ModelTensors(source_tensors(source), skeleton_model(source)[0])
+    for name in ("model.layers.1.mlp.switch_mlp.up_proj.weight", "model.layers.0.self_attn.q_a_proj.weight"):
+        np.testing.assert_array_equal(np.array(read.get(name).astype(mx.float32)),
+                                      np.array(theirs[name].astype(mx.float32)))
+    planner = Planner(source)
+    assert planner.plan(PlanRequest(bits_budgets=[4.0])).predicted_bits_per_weight <= 4.0
+    convert(source, planner.plan(PlanRequest(method="uniform", bits=4, group_size=32)), tmp_path / "q4",
+            smoke_tokens=1)
+    assert_loads_with_only_mlx_lm(tmp_path / "q4")
+    kl = evaluate(resolve_model(str(tmp_path / "q4")), EvalRequest(max_tokens=128, seq_len=64),
+                  reference=source).divergence["kl"]
+    assert 0 <= kl < 0.1
+    chat = run_cli("chat", "-m", str(folder), "-b", "4", "-n", "4", input="Hi\n/plan 3.5\nmore\n/quit\n")
+    swaps = [line for line in (chat.stdout + chat.stderr).splitlines() if "swapped" in line]
+    assert chat.returncode == 0 and len(swaps) == 1 and "failed" not in swaps[0], chat.stdout + chat.stderr

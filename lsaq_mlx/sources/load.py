@@ -63,8 +63,7 @@ def _shape_as_checkpoint(model, source: ModelSource) -> None:
     decide parts of it in ``sanitize`` from the tensors there are (Gemma 3 drops its LM
     head and ties it to the embeddings when the checkpoint has none). ``sanitize`` runs
     on unread placeholders of the checkpoint's tensors (their headers alone are read)."""
-    import mlx.core as mx
-
+    from lsaq_mlx.sources.model_tensors import placeholders
     from lsaq_mlx.sources.tensors import source_tensors
 
     if not hasattr(model, "sanitize"):
@@ -72,7 +71,7 @@ def _shape_as_checkpoint(model, source: ModelSource) -> None:
     if source.kind == "config":  # no weights (a plan on paper): the config's structure
         return
     tensors = source_tensors(source)
-    model.sanitize({name: mx.zeros(tensors.shape_of(name)[0]) for name in tensors.names})
+    model.sanitize(placeholders(tensors, tensors.names))
 
 
 def load_tokenizer(source: ModelSource):

@@ -20,6 +20,10 @@ from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import layer_index
 
 DTYPES = {"F16": mx.float16, "BF16": mx.bfloat16, "F32": mx.float32}
+# what MLX loads each stored dtype as (FP8 codes come as uint8, as ``mx.from_fp8`` takes them)
+LOADED_AS = DTYPES | {"F8_E4M3": mx.uint8, "F8_E5M2": mx.uint8, "U8": mx.uint8, "I8": mx.int8, "U16": mx.uint16,
+                      "I16": mx.int16, "U32": mx.uint32, "I32": mx.int32, "U64": mx.uint64, "I64": mx.int64,
+                      "BOOL": mx.bool_}
 
 
 class NotStreamable(UserError):
@@ -78,9 +82,9 @@ def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[in
     """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
     unread placeholders, for the tensors it renames or keeps; and the decoder layers
     whose tensors it transforms (they are sanitized one layer at a time)."""
-    placeholders = _placeholders(tensors, tensors.names)
-    sanitized = model.sanitize(dict(placeholders)) if hasattr(model, "sanitize") else dict(placeholders)
-    by_id = {id(array): name for name, array in placeholders.items()}
+    stand_ins = placeholders(tensors, tensors.names)
+    sanitized = model.sanitize(dict(stand_ins)) if hasattr(model, "sanitize") else dict(stand_ins)
+    by_id = {id(array): name for name, array in stand_ins.items()}
     names, transformed = {}, set()
     for name, array in sanitized.items():
         if id(array) in by_id:
@@ -92,12 +96,12 @@ def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[in
     return names, transformed
 
 
-def _placeholders(tensors, names) -> dict[str, mx.array]:
+def placeholders(tensors, names) -> dict[str, mx.array]:
     """Unread stand-ins of the checkpoint's tensors: their shapes and dtypes, no data."""
     out = {}
     for name in names:
         shape, dtype = tensors.shape_of(name)
-        out[name] = mx.zeros(shape, DTYPES.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
+        out[name] = mx.zeros(shape, LOADED_AS.get(dtype, mx.float32)) if len(shape) else mx.zeros(())
     return out
 
 
@@ -110,11 +114,11 @@ class _LayerSanitizer:
     def __init__(self, model: nn.Module, tensors, index: int, raw: list[str], wanted: set[str]):
         """``raw``: the layer's checkpoint tensors."""
         self.model, self.index, self.raw = model, index, raw
-        placeholders = _placeholders(tensors, self.raw)
+        stand_ins = placeholders(tensors, self.raw)
         for renumber in (False, True):
             self.renumber = renumber
             try:
-                out = self._sanitized(placeholders)
+                out = self._sanitized(stand_ins)
             except Exception:  # a sanitize that needs the whole checkpoint
                 continue
             if wanted <= set(out):
