@@ -96,10 +96,8 @@ def test_gpt_oss_mxfp4_experts_are_read_planned_and_kept_as_stored(tmp_path):
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from converted_models import assert_loads_with_only_mlx_lm
     from hf_models import write_mxfp4_gpt_oss
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
     from lsaq_mlx.planning.microscaled import Microscaled
     from lsaq_mlx.sources.load import skeleton_model
     from lsaq_mlx.sources.model_tensors import ModelTensors
@@ -130,13 +128,7 @@ def test_gpt_oss_mxfp4_experts_are_read_planned_and_kept_as_stored(tmp_path):
         blocks = checkpoint[path.replace("experts.down_proj", "experts.down_proj_blocks")]
         assert mx.array_equal(blocks.view(mx.uint32).flatten(-2), written[f"{path}.weight"])
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization"][kept[0]]["mode"] == "mxfp4"
-    assert_loads_with_only_mlx_lm(tmp_path / "out")
-    kl = evaluate(resolve_model(str(tmp_path / "out")), EvalRequest(max_tokens=128, seq_len=64),
-                  reference=source).divergence["kl"]
-    assert 0 <= kl < 0.1
-    chat = run_cli("chat", "-m", str(folder), "-b", "4", "-n", "4", input="Hi\n/plan 3.5\nmore\n/plan 4\n/quit\n")
-    swaps = [line for line in (chat.stdout + chat.stderr).splitlines() if "swapped" in line]
-    assert chat.returncode == 0 and len(swaps) == 2 and not any("failed" in s for s in swaps), chat.stdout + chat.stderr
+    _stock_close_and_swaps(source, tmp_path / "out", "/plan 3.5", "/plan 4")
 
 
 def test_hugging_face_formats_mlx_holds_natively_become_mlx_lms_quantization():
@@ -161,10 +153,8 @@ def test_deepseek_fp8_checkpoints_are_read_as_mlx_lm_dequantizes_them(tmp_path):
 
     from mlx_lm import load
 
-    from converted_models import assert_loads_with_only_mlx_lm
     from hf_models import write_fp8_deepseek_v3
     from lsaq_mlx.convert import convert
-    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
     from lsaq_mlx.sources.load import skeleton_model
     from lsaq_mlx.sources.model_tensors import ModelTensors
     from lsaq_mlx.sources.tensors import source_tensors
@@ -180,10 +170,21 @@ def test_deepseek_fp8_checkpoints_are_read_as_mlx_lm_dequantizes_them(tmp_path):
     assert planner.plan(PlanRequest(bits_budgets=[4.0])).predicted_bits_per_weight <= 4.0
     convert(source, planner.plan(PlanRequest(method="uniform", bits=4, group_size=32)), tmp_path / "q4",
             smoke_tokens=1)
-    assert_loads_with_only_mlx_lm(tmp_path / "q4")
-    kl = evaluate(resolve_model(str(tmp_path / "q4")), EvalRequest(max_tokens=128, seq_len=64),
+    _stock_close_and_swaps(source, tmp_path / "q4", "/plan 3.5")
+
+
+def _stock_close_and_swaps(source, converted, *plans: str) -> None:
+    """``converted`` (from ``source``) runs in an mlx_lm-only process and stays close to
+    ``source``; a chat on ``source`` swaps to each of ``plans`` with nothing failed."""
+    from converted_models import assert_loads_with_only_mlx_lm
+    from lsaq_mlx.evaluation.run import EvalRequest, evaluate
+
+    assert_loads_with_only_mlx_lm(converted)
+    kl = evaluate(resolve_model(str(converted)), EvalRequest(max_tokens=128, seq_len=64),
                   reference=source).divergence["kl"]
     assert 0 <= kl < 0.1
-    chat = run_cli("chat", "-m", str(folder), "-b", "4", "-n", "4", input="Hi\n/plan 3.5\nmore\n/quit\n")
+    script = "".join(f"Hi\n{p}\n" for p in plans) + "/quit\n"
+    chat = run_cli("chat", "-m", str(source.path), "-b", "4", "-n", "4", input=script)
     swaps = [line for line in (chat.stdout + chat.stderr).splitlines() if "swapped" in line]
-    assert chat.returncode == 0 and len(swaps) == 1 and "failed" not in swaps[0], chat.stdout + chat.stderr
+    assert chat.returncode == 0 and len(swaps) == len(plans) and not any("failed" in s for s in swaps), \
+        chat.stdout + chat.stderr
