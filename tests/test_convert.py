@@ -129,6 +129,8 @@ def test_a_model_tied_by_its_checkpoint_is_planned_and_written_tied(tmp_path, em
         quantized, _ = quantized_model(source, plan, given)
         got = np.array(quantized(tokens).astype(mx.float32))
         assert np.abs(got - reference).mean() < 0.2 * np.abs(reference).mean()  # 8 bits: 0.09 here; a random head: ~1
+    chat = run_cli("chat", "-m", str(tmp_path / "g.gguf"), "-n", "2", input="Hi\n/plan 4\n/quit\n")  # swaps read it too
+    assert chat.returncode == 0 and "swapped" in chat.stdout + chat.stderr and "error" not in chat.stdout, chat.stdout
 
 
 def test_microscaled_formats_are_chosen_where_they_cost_less_and_stock_mlx_lm_opens_them(tmp_path):

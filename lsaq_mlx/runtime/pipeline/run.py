@@ -87,9 +87,9 @@ def rank_control(source, stage: "PipelineStage", config: dict, plans: list, poli
     from lsaq_mlx.runtime.policy import Policy
     from lsaq_mlx.runtime.precision import PrecisionController
     from lsaq_mlx.sources.model_tensors import ModelTensors
-    from lsaq_mlx.sources.tensors import DequantizedTensors, source_tensors, stored_bits
+    from lsaq_mlx.sources.tensors import DequantizedTensors, stored_bits
 
-    weights = ModelTensors(source_tensors(source), stage.model)
+    weights = ModelTensors.of_source(source)
     ceilings = stored_bits(weights, config)
     if config.get("quantization"):
         weights = DequantizedTensors(weights, config)
