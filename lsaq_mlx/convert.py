@@ -142,7 +142,8 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
         model, _, config = load_model(source, compute=False, lazy=True)
         if keep:
             keep(model)
-        as_stored = stored_at_plan(model, plan)
+        # a calibrated quantizer's equalization rescales a norm's every consumer: none is kept
+        as_stored = set() if QUANTIZERS[quantizer].calibrated else stored_at_plan(model, plan)
         dequantize_layers(model, {p for p, m in model.named_modules() if hasattr(m, "scales")} - as_stored)
         tensors = source_tensors(source)
     else:
