@@ -21,9 +21,8 @@ from lsaq_mlx.scoring.calibration import load_calibration
 from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.sources import ModelSource, load_model
-from lsaq_mlx.sources.load import load_tokenizer, skeleton_model
+from lsaq_mlx.sources.load import load_tokenizer, model_tensors, skeleton_model
 from lsaq_mlx.sources.streaming import StreamedModel
-from lsaq_mlx.sources.model_tensors import ModelTensors
 from lsaq_mlx.sources.tensors import stored_bits, stored_formats
 
 
@@ -117,7 +116,7 @@ class Planner:
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
             model, config = self.structure
-            tensors = None if self.source.kind == "config" else ModelTensors.of_source(self.source)
+            tensors = None if self.source.kind == "config" else model_tensors(self.source)
             stored = stored_bits(tensors, config) if tensors else {}
             limits = {p: min(stored.get(p, 16), (ceilings or {}).get(p, 16)) for p in {*stored, *(ceilings or {})}}
             formats = stored_formats(tensors, config) if tensors else {}

@@ -66,12 +66,11 @@ from lsaq_mlx.runtime.options import RuntimeOptions
 from lsaq_mlx.runtime.policy import Policy
 from lsaq_mlx.runtime.precision import PrecisionController, process_memory
 from lsaq_mlx.runtime.swap import SwapInProgress, module_maker
-from lsaq_mlx.sources.model_tensors import ModelTensors
 from lsaq_mlx.sources.tensors import DequantizedTensors, stored_bits
 from lsaq_mlx.adaptive.folder import planner_for
 from lsaq_mlx.planning.planner import PlanRequest
 from lsaq_mlx.sources import ModelSource, load_model
-from lsaq_mlx.sources.load import load_tokenizer
+from lsaq_mlx.sources.load import load_tokenizer, model_tensors
 from lsaq_mlx.documents import read_json
 from lsaq_mlx.scoring.lens import find_lens
 
@@ -272,7 +271,7 @@ class Engine(EngineCommands):
         config = self._source_config()
         self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.vocabulary = find_lens(self.model).vocab_size
-        weights = ModelTensors.of_source(self.source)
+        weights = model_tensors(self.source)
         ceilings = stored_bits(weights, config)
         if config.get("quantization"):  # no float source: plans at or below the stored precision, from it
             weights = DequantizedTensors(weights, config)

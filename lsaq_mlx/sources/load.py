@@ -58,6 +58,16 @@ def skeleton_model(source: ModelSource, shaped: bool = True):
     return model, config
 
 
+def model_tensors(source: ModelSource):
+    """``source``'s tensors under its model's names (a ``ModelTensors``), mlx-lm's
+    sanitize run on a model built for it: a loaded model may already be shaped by it
+    (Gemma 3 without its LM head)."""
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    return ModelTensors(source_tensors(source), skeleton_model(source, shaped=False)[0])
+
+
 def _shape_as_checkpoint(model, source: ModelSource) -> None:
     """Give the model the structure loading the checkpoint gives it: some mlx-lm models
     decide parts of it in ``sanitize`` from the tensors there are (Gemma 3 drops its LM

@@ -48,15 +48,6 @@ class ModelTensors:
                                               {n for n in params if layer_index(n) == i}) for i in sorted(transformed)}
         self.files = {n: tensors.files[raw] for n, raw in self.direct.items() if raw in getattr(tensors, "files", {})}
 
-    @classmethod
-    def of_source(cls, source) -> "ModelTensors":
-        """``source``'s tensors under its model's names, sanitize run on a model built for
-        it (a loaded model may already be shaped by it: Gemma 3 without its LM head)."""
-        from lsaq_mlx.sources.load import skeleton_model
-        from lsaq_mlx.sources.tensors import source_tensors
-
-        return cls(source_tensors(source), skeleton_model(source, shaped=False)[0])
-
     @property
     def bytes_read(self) -> int:
         return self.tensors.bytes_read

@@ -86,10 +86,10 @@ def rank_control(source, stage: "PipelineStage", config: dict, plans: list, poli
     from lsaq_mlx.runtime.layers import module_precision
     from lsaq_mlx.runtime.policy import Policy
     from lsaq_mlx.runtime.precision import PrecisionController
-    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.load import model_tensors
     from lsaq_mlx.sources.tensors import DequantizedTensors, stored_bits
 
-    weights = ModelTensors.of_source(source)
+    weights = model_tensors(source)
     ceilings = stored_bits(weights, config)
     if config.get("quantization"):
         weights = DequantizedTensors(weights, config)
