@@ -13,7 +13,7 @@ recipes. Every model is quantized in memory exactly as ``convert`` writes it and
 compared with the source model (KL divergence of the next-token distributions, top-1
 agreement, perplexity) on the first --tokens tokens of wiki.test.raw in windows of
 --seq-len. Tiers and dynamic_quant use low = the largest bit width whose uniform
-group-64 model fits the budget; tiers high = low + 2 (at most 8), dynamic_quant
+group-64 model fits the budget; tiers high = the first bit width from low + 2 (at most 8), dynamic_quant
 high = the next bit width (its default pairing is 4/5).
 
 With ``--quantizers rtn gptq awq awq-gptq`` every lsaq plan is also written with each
@@ -181,7 +181,7 @@ def main() -> None:
         low = low_bits_for(ctx, budget)
         if low is None:
             continue
-        high = min(8, low + 2)
+        high = next((b for b in BITS if b >= low + 2), 8)  # MLX has no 7 bits
         for method in TIERS:
             plans.append(planner.plan(PlanRequest(method=method, bits_budgets=[budget], high_bits=high, low_bits=low,
                                                   group_size=64)))
