@@ -63,7 +63,7 @@ TIERS = ("lsaq-tiers", "tiers-cosine", "tiers-zscore", "tiers-random")
 
 def plan_cost(plan, ctx, errors) -> float:
     """The lsaq cost model's prediction for ``plan``: its summed error (layer weights are 1)."""
-    return sum(errors[q.path][plan.modules[q.path].key] for q in ctx.modules)
+    return sum(errors.cost(q.path, plan.modules[q.path]) for q in ctx.modules)
 
 
 PEER_SCRIPT = Path(__file__).with_name("peer_quantizers.py")
