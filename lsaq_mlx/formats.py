@@ -69,9 +69,12 @@ def _check_quantization(q, where: str) -> None:
     for key in ("bits", "group_size"):
         if key in q and not (_is_int(q[key]) and 1 <= q[key] <= 1024):
             raise UserError(f"{where}: {key} is {q[key]!r}")
+    if "mode" in q and not isinstance(q["mode"], str):
+        raise UserError(f"{where}: mode is {q['mode']!r}, not a name")
     for path, entry in q.items():
-        if isinstance(entry, dict) and not all(_is_int(entry.get(k)) and 1 <= entry[k] <= 1024
-                                               for k in ("bits", "group_size") if k in entry):
+        if isinstance(entry, dict) and (not all(_is_int(entry.get(k)) and 1 <= entry[k] <= 1024
+                                                for k in ("bits", "group_size") if k in entry)
+                                        or not isinstance(entry.get("mode", ""), str)):
             raise UserError(f"{where}: the entry of {path} is malformed")
 
 
@@ -171,8 +174,10 @@ def native_quantization(config: dict) -> dict:
     if config.get("quantization") is not None or not isinstance(q, dict):
         return {}
     method = q.get("quant_method")
-    if method == "fp8" and q.get("scale_fmt") == "ue8m0" and list(q.get("weight_block_size") or ()) == [32, 32]:
+    if method == "fp8" and q.get("scale_fmt") == "ue8m0" and q.get("weight_block_size") == [32, 32]:
         method = "mxfp8"
+    if not isinstance(method, str):
+        return {}
     native = {"mxfp4": (32, 4), "mxfp8": (32, 8)}.get(method)
     return {"quantization": {"group_size": native[0], "bits": native[1], "mode": method}} if native else {}
 

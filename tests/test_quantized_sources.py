@@ -140,6 +140,13 @@ def test_hugging_face_formats_mlx_holds_natively_become_mlx_lms_quantization():
     assert native_quantization({"quantization_config": fp8})["quantization"]["mode"] == "mxfp8"
     assert native_quantization({"quantization_config": fp8 | {"weight_block_size": [128, 128]}}) == {}  # dequantized
     assert native_quantization({"quantization_config": {"quant_method": "awq"}}) == {}
+    for hostile in ({"quant_method": ["mxfp4"]}, {"quant_method": {}}, fp8 | {"weight_block_size": 32}):
+        assert native_quantization({"quantization_config": hostile}) == {}
+    from lsaq_mlx.formats import check_config
+
+    for entry in ({"mode": ["mxfp4"]}, {"m.x": {"bits": 4, "group_size": 32, "mode": {}}}):
+        with pytest.raises(UserError):
+            check_config({"quantization": {"bits": 4, "group_size": 32} | entry}, "config.json")
     assert native_quantization({"quantization": {"bits": 4, "group_size": 64},
                                 "quantization_config": {"quant_method": "mxfp4"}}) == {}
 

@@ -50,7 +50,7 @@ class Microscaled:
 
     @classmethod
     def from_config(cls, value) -> "Microscaled | None":
-        if (isinstance(value, dict) and value.get("mode") in FORMATS and set(value) <= {"bits", "group_size", "mode"}
+        if (isinstance(value, dict) and isinstance(value.get("mode"), str) and value["mode"] in FORMATS and set(value) <= {"bits", "group_size", "mode"}
                 and (value.get("bits"), value.get("group_size")) == FORMATS[value["mode"]]):
             return cls(value["mode"])
         return None
