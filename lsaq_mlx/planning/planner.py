@@ -23,7 +23,7 @@ from lsaq_mlx.scoring.scores import LayerScores
 from lsaq_mlx.sources import ModelSource, load_model
 from lsaq_mlx.sources.load import load_tokenizer, model_tensors, skeleton_model
 from lsaq_mlx.sources.streaming import StreamedModel
-from lsaq_mlx.sources.tensors import stored_bits, stored_formats
+from lsaq_mlx.sources.tensors import stored_settings
 
 
 @dataclass(kw_only=True)
@@ -116,10 +116,10 @@ class Planner:
         if key not in self._contexts:
             parsed = [Override.parse(o) for o in overrides]
             model, config = self.structure
-            tensors = None if self.source.kind == "config" else model_tensors(self.source)
-            stored = stored_bits(tensors, config) if tensors else {}
+            settings = {} if self.source.kind == "config" else stored_settings(model_tensors(self.source), config)
+            stored = {p: q["bits"] for p, q in settings.items()}
             limits = {p: min(stored.get(p, 16), (ceilings or {}).get(p, 16)) for p in {*stored, *(ceilings or {})}}
-            formats = stored_formats(tensors, config) if tensors else {}
+            formats = {p: q["mode"] for p, q in settings.items() if q.get("mode", "affine") != "affine"}
             self._contexts[key] = PlanningContext(model, self.source.fingerprint, parsed, codecs, limits, formats)
         return self._contexts[key]
 

@@ -108,19 +108,16 @@ class DequantizedTensors:
 
 def stored_bits(tensors, config: dict) -> dict[str, int]:
     """``{path: bits}`` of every module a quantized model stores quantized ({} for a float one)."""
+    return {p: q["bits"] for p, q in stored_settings(tensors, config).items()}
+
+
+def stored_settings(tensors, config: dict) -> dict[str, dict]:
+    """``{path: {"bits", "group_size", ...}}`` of every module stored quantized."""
     quantization = config.get("quantization") or {}
     if not quantization:
         return {}
     paths = [n.removesuffix(".scales") for n in tensors.names if n.endswith(".scales")]
-    return {p: stored_quantization(quantization, p)["bits"] for p in paths}
-
-
-def stored_formats(tensors, config: dict) -> dict[str, str]:
-    """``{path: mode}`` of every module stored in one of MLX's microscaling formats."""
-    quantization = config.get("quantization") or {}
-    paths = [n.removesuffix(".scales") for n in tensors.names if n.endswith(".scales")]
-    modes = {p: stored_quantization(quantization, p).get("mode", "affine") for p in paths} if quantization else {}
-    return {p: mode for p, mode in modes.items() if mode != "affine"}
+    return {p: stored_quantization(quantization, p) for p in paths}
 
 
 def stored_quantization(quantization: dict, path: str) -> dict:
