@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     start()
     source = resolve_model(args.model)
-    lsaq = [sys.executable, "-m", "lsaq_mlx", "convert", "-m", args.model]
+    lsaq = [sys.executable, "-m", "lsaq_mlx", "convert", "-m", args.model, "--quantizer", "rtn"]  # as mlx_lm.convert
     subprocess.run(lsaq + ["-b", "4.0", "--dry-run"], check=True, stdout=subprocess.DEVNULL)
     with tempfile.TemporaryDirectory() as tmp:
         rows = {

@@ -62,7 +62,7 @@ def main() -> None:
     spec = work / "sweep.toml"
     spec.write_text(SWEEP.format(text=text))
     commands = {
-        "convert -b 4.0": (["convert", "-b", "4.0", "-o", str(work / "q4"), "--force"], None),
+        "convert -b 4.0": (["convert", "-b", "4.0", "--quantizer", "rtn", "-o", str(work / "q4"), "--force"], None),
         "chat -b 4 with three /plan": (["chat", "-b", "4", "-n", "4"], "/plan 3.5\n/plan 4.5\n/plan 5\n/quit\n"),
         "sweep of 4 cells": (["sweep", str(spec), "-o", str(work / "sweep")], None),
     }

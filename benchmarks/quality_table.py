@@ -24,8 +24,9 @@ times (its error after GPTQ / its error after round to nearest)^P (``gptq.pricin
 written with ``--priced-quantizer`` Q (gptq by default): pricing by the compensated error, or by a damped estimate of it.
 
 With ``--peers``, mlx-lm's own quantizers (``peer_quantizers.py``: ``mlx_lm.convert``,
-``mlx_lm.gptq``, ``mlx_lm.awq``, ``mlx_lm.dwq``) run on the same source folder and calibration text,
-each in its own process (wall time, peak memory), are evaluated the same way, and
+``mlx_lm.gptq``, ``mlx_lm.awq``, ``mlx_lm.dwq``), and mlx-optiq (``optiq_peer.py``, ``optiq-<target>[-wide]``,
+run by ``--optiq-python``: the Python of a virtual environment holding mlx-optiq) run on
+the same source folder and calibration text, each in its own process (wall time, peak memory), are evaluated the same way, and
 ``lsaq+<--peer-quantizer>`` is also planned at each one's bits per weight; a last table
 puts each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer <it>`` is timed
 from an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
@@ -67,6 +68,29 @@ def plan_cost(plan, ctx, errors) -> float:
 
 
 PEER_SCRIPT = Path(__file__).with_name("peer_quantizers.py")
+OPTIQ_SCRIPT = Path(__file__).with_name("optiq_peer.py")
+
+
+def peer_command(peer: str, source, out: Path, work: Path, args) -> list[str]:
+    """How ``peer`` runs: mlx-lm's quantizers in this Python, mlx-optiq in its own."""
+    if peer.startswith("optiq-"):
+        if not args.optiq_python:
+            sys.exit(f"{peer} needs --optiq-python (the Python of a virtual environment with mlx-optiq)")
+        return [args.optiq_python, str(OPTIQ_SCRIPT), peer, str(source.path), str(out), "--tokens",
+                str(args.peer_tokens), "--calibration", str(optiq_calibration(work))]
+    tokens = {"awq": args.awq_tokens, "dwq": args.dwq_tokens}.get(peer.split("-")[0]) or args.peer_tokens
+    return [sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens", str(tokens),
+            "--n-grid", str(args.awq_grid)]
+
+
+def optiq_calibration(work: Path) -> Path:
+    """The packaged calibration text as mlx-optiq's JSONL mix, a paragraph per line."""
+    from lsaq_mlx.scoring.calibration import load_calibration
+
+    path = work / "optiq-calibration.jsonl"
+    paragraphs = [p.strip() for p in load_calibration(None).text.split("\n\n") if p.strip()]
+    path.write_text("".join(json.dumps({"domain": "prose", "text": p}) + "\n" for p in paragraphs))
+    return path
 
 
 def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
@@ -77,15 +101,14 @@ def peer_row(peer: str, source, work: Path, reference, second, args) -> dict:
     from lsaq_mlx.sources import load_model
 
     out = work / peer
-    tokens = {"awq": args.awq_tokens, "dwq": args.dwq_tokens}.get(peer.split("-")[0]) or args.peer_tokens
-    wall, rss = measured([sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens",
-                          str(tokens), "--n-grid", str(args.awq_grid)])
+    wall, rss = measured(peer_command(peer, source, out, work, args))
     quantized = load_model(resolve_model(str(out)), compute=False)[0]
     bpw = compute_bits_per_weight(quantized)
     prepare_for_compute(quantized)
     result, result_second = compare_to_reference(quantized, reference), compare_to_reference(quantized, second)
-    print(f"  mlx_lm {peer}: {bpw:.3f} bpw, KL {result.kl:.4f}, {wall:.0f} s, {rss / 1e9:.2f} GB", flush=True)
-    return {"budget": None, "method": f"mlx_lm {peer}", "quantizer": "peer", "bits_per_weight": bpw, "kl": result.kl,
+    name = peer if peer.startswith("optiq-") else f"mlx_lm {peer}"
+    print(f"  {name}: {bpw:.3f} bpw, KL {result.kl:.4f}, {wall:.0f} s, {rss / 1e9:.2f} GB", flush=True)
+    return {"budget": None, "method": name, "quantizer": "peer", "bits_per_weight": bpw, "kl": result.kl,
             "kl_stderr": result.kl_stderr, "top1": result.top1_agreement, "perplexity": result.perplexity.perplexity,
             "perplexity_second": result_second.perplexity.perplexity, "kl_second": result_second.kl,
             "predicted_cost": None, "seconds": wall, "peak_rss": rss}
@@ -145,7 +168,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
     parser.add_argument("--peers", nargs="*", default=[],
-                        help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3 dwq-4; "
+                        help="mlx-lm quantizers run as peer_quantizers.py runs them, e.g. convert-3-64 gptq-4 awq-3 dwq-4, "
+                             "and mlx-optiq as optiq_peer.py runs it (optiq-4.0, optiq-4.0-wide; needs --optiq-python); "
                              "each also gets a lsaq plan at its bits per weight (--peer-quantizer), and a table against them")
     parser.add_argument("--priced", type=float, nargs="*", default=[],
                         help="also lsaq plans priced by cost x (GPTQ error / RTN error)^P, for each P")
@@ -159,6 +183,8 @@ def main() -> None:
                         help="calibration tokens of mlx_lm.dwq (x 513: the peers' 512 plus the one dwq drops; "
                              "default --peer-tokens)")
     parser.add_argument("--awq-grid", type=int, default=20)
+    parser.add_argument("--optiq-python", default=os.environ.get("OPTIQ_PYTHON"),
+                        help="the Python of a virtual environment with mlx-optiq (default $OPTIQ_PYTHON)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start_benchmark()

@@ -57,13 +57,54 @@ QUANTIZERS = {q.name: q for q in (
 )}
 
 
+AUTO = "auto"
+CALIBRATED = "awq-gptq"  # what auto picks when the machine can afford it: the best measured
+AFFORDABLE_SECONDS = 600
+# awq-gptq's work per planned weight and calibration token, in float32 GEMM operations:
+# its measured seconds x gemm_gflops(1024) / (planned weights x 16,384 tokens). SmolLM2-135M
+# at 4.0 bits per weight on a 2-core x86 CPU: 910 s for 134.5 M weights at 38 GFLOP/s,
+# 15.7; the 2-layer Llama-3-8B shape's 2,245 s (1.49 B weights) gives 15 at 150 GFLOP/s.
+CALIBRATION_OPS_PER_WEIGHT_TOKEN = 16.0
+
+
+@dataclass(frozen=True)
+class QuantizerChoice:
+    """What ``--quantizer auto`` decided, and why (one line for the user)."""
+
+    name: str
+    calibrated_seconds: float  # awq-gptq's estimated time on this machine
+
+    def reason(self) -> str:
+        minutes = self.calibrated_seconds / 60
+        if self.name == CALIBRATED:
+            return (f"quantizer: {CALIBRATED} (the best measured; about {minutes:.0f} min here, "
+                    f"--quantizer rtn takes seconds)")
+        return (f"quantizer: rtn ({CALIBRATED} would take about {minutes:.0f} min here, over "
+                f"{AFFORDABLE_SECONDS // 60} min; --quantizer {CALIBRATED} to spend it for a lower error)")
+
+
+def calibrated_seconds(weights: int, gemm_gflops: float, tokens: int) -> float:
+    """awq-gptq's estimated wall time for a plan of ``weights`` on a machine whose float32
+    GEMM runs at ``gemm_gflops``."""
+    return CALIBRATION_OPS_PER_WEIGHT_TOKEN * weights * tokens / (gemm_gflops * 1e9)
+
+
+def choose_quantizer(weights: int, gemm_gflops: float, tokens: int) -> QuantizerChoice:
+    """``auto``: awq-gptq when its estimated time is at most ``AFFORDABLE_SECONDS``, else rtn."""
+    seconds = calibrated_seconds(weights, gemm_gflops, tokens)
+    return QuantizerChoice(CALIBRATED if seconds <= AFFORDABLE_SECONDS else "rtn", seconds)
+
+
 def quantizer_help() -> str:
     """The ``--quantizer`` help: every row of ``QUANTIZERS``."""
     rows = "; ".join(f"{q.name} ({q.help})" for q in QUANTIZERS.values())
-    return (f"How affine modules get their codes: {rows}. The calibrated ones read 16,384 tokens of --calib text a "
+    return (f"How affine modules get their codes: {AUTO} (the default, or LSAQ_MLX_QUANTIZER: {CALIBRATED} where its "
+            f"time estimated from this machine's float32 GEMM rate is at most {AFFORDABLE_SECONDS // 60} min, else rtn; "
+            f"the choice is printed); {rows}. The calibrated ones read 16,384 tokens of --calib text a "
             "decoder layer at a time (2,048 more are held out: each row keeps rtn's codes where they do better on "
             "them); with GPTQ an embedding tied to the LM head goes through GPTQ as the head up to 5 bits; other "
             "embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder. Measured on a "
             "2-core x86 CPU (MLX's CPU backend, not Apple silicon): on SmolLM2-135M awq-gptq's KL to the source is "
-            "0.64x rtn's at 4.0 bits per weight and 0.96x at 7.0, and it took 270 s against 3 s; a 2-layer "
-            "Llama-3-8B-shaped model took 2,245 s. rtn stays the default for that cost.")
+            "0.64x rtn's at 4.0 bits per weight and 0.88x at 6.0, and it took 910 s against 3 s (the CPU's GEMM at "
+            "38 GFLOP/s); a 2-layer Llama-3-8B-shaped model took 2,245 s, so a whole 8B model would take about 15 h "
+            "there: auto picks rtn for it and prints the estimate.")

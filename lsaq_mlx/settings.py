@@ -28,6 +28,7 @@ class Settings:
     blas: str | None  # LSAQ_MLX_BLAS: the BLAS library to preload on Linux, or "reference"
     debug: bool  # LSAQ_MLX_DEBUG: tracebacks instead of one-line errors
     hub_offline: bool  # HF_HUB_OFFLINE: never try the Hugging Face hub
+    quantizer: str = "auto"  # LSAQ_MLX_QUANTIZER: what convert uses without --quantizer
 
     @classmethod
     def from_environment(cls, environ=None) -> "Settings":
@@ -42,7 +43,8 @@ class Settings:
                    compute=compute, float_copy=env.get("LSAQ_MLX_FLOAT_COPY") or DEFAULT_FLOAT_COPY, stream=stream,
                    data=env.get("LSAQ_MLX_DATA") or None, blas=env.get("LSAQ_MLX_BLAS") or None,
                    debug=bool(env.get("LSAQ_MLX_DEBUG")),
-                   hub_offline=env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"))
+                   hub_offline=env.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"),
+                   quantizer=env.get("LSAQ_MLX_QUANTIZER") or "auto")
 
     def numeric_key(self) -> str:
         """The settings that change computed numbers, for cache keys."""

@@ -134,7 +134,7 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             rows[step] = measure([*cli, "plan", "-m", str(folder), "-b", "4.0", "--json"], env("plan"), rss_limit)
         elif step == "convert":
             shutil.rmtree(out, ignore_errors=True)
-            rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "-o", str(out), "--json"],
+            rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "--quantizer", "rtn", "-o", str(out), "--json"],
                                  env("convert"), rss_limit)
         elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
             target = work / f"{spec.replace('/', '-')}-4.0-{step}"

@@ -178,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         converted = Path(work) / "converted"
         subprocess.run([sys.executable, "-m", "lsaq_mlx", "convert", "-m", args.model, "-b", str(args.budget),
-                        "-o", str(converted), "--json"], check=True, stdout=subprocess.DEVNULL)
+                        "--quantizer", "rtn", "-o", str(converted), "--json"], check=True, stdout=subprocess.DEVNULL)
         runs = [("lsaq-mlx serve (source)", lsaq), ("mlx_lm.server (source)", mlx_lm + ["--model", str(source.path)]),
                 (f"lsaq-mlx serve -b {args.budget:g}", lsaq + ["-b", str(args.budget)]),
                 (f"mlx_lm.server (lsaq {args.budget:g} folder)", mlx_lm + ["--model", str(converted)])]

@@ -7,7 +7,10 @@ from lsaq_mlx.backend.blas import reexec_with_fast_blas
 
 def pytest_configure(config):
     """Tests run models on the CPU backend too: give MLX the optimized BLAS, like the
-    CLI does. pytest already captures the output descriptors, so release them first."""
+    CLI does. pytest already captures the output descriptors, so release them first.
+    convert rounds to nearest unless a test asks otherwise: ``--quantizer auto`` would
+    calibrate the default model for minutes (its own tests unset this)."""
+    os.environ.setdefault("LSAQ_MLX_QUANTIZER", "rtn")
     reexec_with_fast_blas(config.pluginmanager.getplugin("capturemanager").stop_global_capturing)
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")

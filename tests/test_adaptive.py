@@ -5,6 +5,9 @@ weights; damaged side data costs a warning, never the model."""
 
 import json
 import shutil
+import threading
+import time
+import urllib.request
 
 import mlx.core as mx
 import numpy as np
@@ -193,3 +196,67 @@ def test_inspect_lists_the_plans_a_folder_serves(adaptive):
     assert [p["budget"] for p in plans] == [3.0, 4.0, 6.0] and plans[-1]["settings_rounded"] == 0
     assert plans[0]["settings_stored"] > 0 and plans[0]["bytes"] < plans[-1]["bytes"]
     assert "plans this adaptive folder serves" in run_cli("inspect", "-m", adaptive.path).stdout
+
+
+class SetMemory:
+    """A memory sampler whose available bytes the test sets while a reply streams; each
+    sample takes a few milliseconds, so the engine, sampling between tokens, streams
+    slowly enough for the test to change memory twice within one reply."""
+
+    def __init__(self, available: int):
+        self.available = available
+
+    def sample(self):
+        from lsaq_mlx.runtime.memory import MemorySample
+
+        time.sleep(0.02)
+        return MemorySample(self.available, 64 << 30, "normal", 0, 0, 0, time.monotonic())
+
+
+def test_serve_auto_streams_on_across_a_swap_down_and_back_up(adaptive):
+    openai = pytest.importorskip("openai")
+    from lsaq_mlx.serve.server import ApiServer
+
+    plans = AdaptiveFolder.open(adaptive.path).plans.plans
+    reserve = plans[-1].predicted_bytes - plans[0].predicted_bytes  # with nothing available only the smallest fits
+    plenty = 2 * plans[-1].predicted_bytes
+    memory = SetMemory(plenty)
+    engine = Engine(adaptive, planner_for(adaptive), RuntimeOptions(auto=True, budgets=(3, 4, 6), reserve_bytes=reserve),
+                    sampler=memory, sample_every=0, policy_options={"min_interval": 0, "window": 1, "hysteresis": 0}).start()
+    server = ApiServer(("127.0.0.1", 0), engine, "tiny", None, max_tokens=8)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def swaps() -> list:
+        return json.load(urllib.request.urlopen(server.url + "/status", timeout=30))["swaps"]
+
+    def wait_for_swaps(n: int) -> list:
+        end = time.monotonic() + 120
+        while len(swaps()) < n and time.monotonic() < end:
+            time.sleep(0.01)
+        return swaps()
+
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=300)
+        ban = {str(t): -100 for t in server.info.eos_token_ids}
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a long one"}],
+                                                max_tokens=3000, stream=True, logit_bias=ban)
+        chunks, seen, after_swaps = [], [], 0
+        for chunk in stream:
+            chunks.append(chunk)
+            after_swaps += bool(seen and chunk.choices[0].delta.content)
+            if len(chunks) == 3:
+                memory.available = 0  # only the smallest plan fits
+                seen = wait_for_swaps(1)
+                memory.available = plenty  # room for the stored plan again
+                seen = wait_for_swaps(2)
+        assert chunks[-1].choices[0].finish_reason == "length"
+        info = chunks[-1].model_dump()["lsaq_mlx"]
+        assert info["swaps"] == 2 and info["bits_per_weight_start"] == info["bits_per_weight_end"]
+        assert seen[0]["reason"].startswith("auto down") and seen[1]["reason"].startswith("auto up")
+        assert after_swaps > 10  # the same reply went on streaming after both
+        assert seen[0]["to_bits_per_weight"] == pytest.approx(plans[0].predicted_bits_per_weight)
+        assert seen[1]["to_bits_per_weight"] == pytest.approx(plans[-1].predicted_bits_per_weight)
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.shutdown()

@@ -168,6 +168,36 @@ def test_convert_quantizer_gptq_from_the_command_line(tiny_source, tmp_path):
     assert (out / "config.json").is_file()
 
 
+@pytest.mark.parametrize("gflops, chosen", [(1e6, "awq-gptq"), (1e-3, "rtn")])
+def test_convert_by_default_calibrates_where_this_machine_affords_it(tiny_source, tmp_path, monkeypatch, gflops,
+                                                                     chosen):
+    import lsaq_mlx.doctor as doctor
+    from cli_run import run_cli
+    from lsaq_mlx.quantizers import AFFORDABLE_SECONDS, calibrated_seconds
+
+    monkeypatch.delenv("LSAQ_MLX_QUANTIZER")
+    monkeypatch.setattr(doctor, "gemm_gflops", lambda n=512, repeats=3: gflops)
+    done = run_cli("convert", "-m", str(tiny_source("qwen3").path), "-b", "4.5", "-o", str(tmp_path / "out"), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["quantizer"] == chosen
+    line = next(x for x in done.stderr.splitlines() if x.startswith("quantizer: "))
+    assert line.startswith(f"quantizer: {chosen} (")
+    plan = json.loads((tmp_path / "out" / "lsaq_plan.json").read_text())
+    estimate = calibrated_seconds(plan["parameters"], gflops, 16384)
+    assert (estimate <= AFFORDABLE_SECONDS) == (chosen == "awq-gptq")
+    assert f"about {estimate / 60:.0f} min" in line
+
+
+def test_the_calibrated_time_estimate_grows_with_weights_and_falls_with_the_gemm_rate():
+    from lsaq_mlx.quantizers import AFFORDABLE_SECONDS, choose_quantizer
+
+    small, big = choose_quantizer(135_000_000, 40.0, 16384), choose_quantizer(8_000_000_000, 40.0, 16384)
+    assert small.calibrated_seconds < big.calibrated_seconds
+    assert choose_quantizer(8_000_000_000, 4000.0, 16384).calibrated_seconds < big.calibrated_seconds
+    assert big.name == "rtn" and big.calibrated_seconds > AFFORDABLE_SECONDS and "--quantizer awq-gptq" in big.reason()
+
+
 def test_each_layer_is_calibrated_on_what_the_layer_before_it_computes_as_written(tiny_source, tmp_path, monkeypatch):
     import lsaq_mlx.gptq.writer as writer
     from lsaq_mlx.gptq.hessians import _parameters, calibration_tokens, each_layer_hessians

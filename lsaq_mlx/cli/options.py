@@ -37,7 +37,7 @@ UniformBitsOption = Annotated[Optional[int], typer.Option(metavar="BITS", help="
 OverrideOption = Annotated[Optional[list[str]], typer.Option(metavar="REGEX=SETTING", help="Pin modules: REGEX=BITS[:GROUP], REGEX=keep or REGEX=swsc:K:R (repeatable).")]
 CodecsOption = Annotated[str, typer.Option(metavar="CODECS", help="affine (stock mlx-lm opens the result), with any of: mxfp4, nvfp4, mxfp8 (MLX's microscaling float formats, also stock; chosen per module only where they cost less per byte) and swsc (shared channel weights + SVD correction; opens with lsaq-mlx only). E.g. affine,nvfp4,mxfp4.")]
 ContextOption = Annotated[int, typer.Option(metavar="TOKENS", help="Tokens of KV cache a --memory-budget reserves.")]
-QuantizerOption = Annotated[str, typer.Option("--quantizer", metavar="NAME", help=quantizer_help())]
+QuantizerOption = Annotated[Optional[str], typer.Option("--quantizer", metavar="NAME", help=quantizer_help())]
 MethodOption = Annotated[str, typer.Option("--method", metavar="METHOD", help=method_help())]
 
 # ---- runtime ----

@@ -137,7 +137,7 @@ def convert(
     override: OverrideOption = None,
     codecs: CodecsOption = "affine",
     context: ContextOption = 4096,
-    quantizer: QuantizerOption = "rtn",
+    quantizer: QuantizerOption = None,
     adaptive: Annotated[Optional[str], typer.Option("--adaptive", metavar="BUDGETS", help="Write an adaptive folder: stock mlx_lm opens it at the largest of these budgets (bits per weight: 3-6 for every half bit, or 3,4,5,6) and lsaq-mlx chat, tui, serve and eval move between all of them without the float source.")] = None,
     adaptive_size: Annotated[float, typer.Option("--adaptive-size", metavar="X", help="An adaptive folder's most bytes, as a multiple of its largest plan's: room for the smaller settings the quantizer made better than rounding the stored weights (1.0: none; every other setting is rounded from the stored weights when swapped to).")] = 1.3,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
@@ -155,12 +155,15 @@ def convert(
     from lsaq_mlx.planning.plan import QuantPlan
     from lsaq_mlx.planning.planner import Planner, plan_from_file
     from lsaq_mlx.model_index import record_converted
-    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.quantizers import AUTO, QUANTIZERS
     from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.settings import settings
     from lsaq_mlx.sources import resolve_model
 
-    if quantizer not in QUANTIZERS:
-        raise UserError(f"unknown quantizer '{quantizer}' (one of {', '.join(QUANTIZERS)})", setting="quantizer")
+    quantizer = quantizer or settings().quantizer
+    if quantizer not in (AUTO, *QUANTIZERS):
+        raise UserError(f"unknown quantizer '{quantizer}' (one of {AUTO}, {', '.join(QUANTIZERS)})",
+                        setting="quantizer")
     # a bad plan file or setting fails before the model is read
     from_file = QuantPlan.load(plan_file) if plan_file else None
     budgets = adaptive_budgets(adaptive, bits_budget, memory_budget, plan_file, codecs, adaptive_size) if adaptive else None
@@ -186,6 +189,8 @@ def convert(
             return emit_json({"plan": chosen.to_dict(), **headroom(chosen.predicted_bytes)})
         return print_plan(chosen, headroom(chosen.predicted_bytes))
     target = out or default_output(source, chosen)
+    if quantizer == AUTO:
+        quantizer = _affordable_quantizer(chosen)
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
                          plan_seconds=time.perf_counter() - planning,
                          quantizer=quantizer, calib=load_calibration(calib) if calib else None, adaptive=side)
@@ -203,6 +208,18 @@ def convert(
             f"{a['settings_kept']} smaller settings stored ({a['side_bytes'] / 1e6:.1f} MB, "
             f"{a['side_bytes'] / report.written_bytes:.2f}x of the stored plan's bytes), {a['settings_derived']} "
             "rounded from the stored weights when swapped to")
+
+
+def _affordable_quantizer(plan) -> str:
+    """``--quantizer auto``: the calibrated quantizer where this machine does it in
+    minutes, else rtn; the choice and the estimate in one line."""
+    from lsaq_mlx.doctor import gemm_gflops
+    from lsaq_mlx.gptq.hessians import TOKENS
+    from lsaq_mlx.quantizers import choose_quantizer
+
+    choice = choose_quantizer(plan.parameters, gemm_gflops(1024), TOKENS)
+    err(choice.reason())
+    return choice.name
 
 
 def adaptive_budgets(text: str, bits_budget, memory_budget, plan_file, codecs: str, size: float) -> list[float]:
