@@ -197,9 +197,10 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
                                      advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN,
                                      also=side.collect if side else None,
                                      equalize_for=side.equalize_for if side else None)
-    if count.rows_rounded:
-        log.warning("note: %s kept round to nearest on %d of %d rows, where it did better on held-out calibration "
-                    "text", quantizer.name, count.rows_rounded, count.rows)
+    if count.rows_rounded or count.layers_rounded:
+        log.warning("note: %s kept round to nearest on %d of %d rows and %d of %d whole layers, where it did better on "
+                    "held-out calibration text", quantizer.name, count.rows_rounded, count.rows, count.layers_rounded,
+                    count.layers)
     if count.experts_rounded:
         log.warning("warning: %d of %d experts saw fewer than %d calibration tokens and were rounded to nearest",
                     count.experts_rounded, count.experts_rounded + count.experts_calibrated, MIN_EXPERT_TOKENS)

@@ -366,3 +366,47 @@ def test_an_embedding_tied_to_the_head_above_its_bits_is_left_to_rounding(tiny_s
         weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path / str(bits),
                                             QUANTIZERS["gptq"])
         assert ("model.embed_tokens" in weights) == calibrated
+
+
+def test_a_layer_that_equalization_makes_worse_is_written_as_rounding_writes_it(tiny_source, tmp_path, monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    # exact in float (the fold check passes), ruinous once rounded: within each group half
+    # the columns dwarf the others, whose inputs come back multiplied by 64
+    monkeypatch.setattr(writer, "equalizing_scales",
+                        lambda weights, h, choices, measure: np.where(np.arange(h.shape[0]) % 2, 64.0, 1 / 64))
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=4, group_size=32))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
+    streamed = StreamedModel(source)
+    count = writer.CalibrationCounts()
+    written = writer.calibrated_weights(streamed, tokens, dict(plan.modules), tmp_path, QUANTIZERS["awq"],
+                                        count=count, held_out=2)
+    assert count.equalized > 0 and count.layers_rounded == count.layers == len(streamed.layers)
+    assert not any("norm" in path for path in written)  # no fold is written
+    path = "model.layers.1.mlp.down_proj"
+    with streamed.layer(1) as layer:
+        rtn = QUANTIZERS["rtn"].codes(layer.mlp.down_proj.weight, None, plan.modules[path], False)
+    assert np.array_equal(np.array(written[path]["weight"]), rtn.weight)
+
+
+def test_a_layer_the_quantizer_improves_keeps_its_codes(tiny_source, tmp_path):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=64))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:10]
+    count = writer.CalibrationCounts()
+    writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["awq-gptq"],
+                              count=count, held_out=2)
+    assert count.layers == 2 and count.layers_rounded < count.layers

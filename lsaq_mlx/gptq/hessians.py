@@ -37,19 +37,23 @@ SAMPLE_TOKENS = 512  # calibration tokens of the layer's input and output kept f
 
 @dataclass
 class CalibratedLayer:
-    """A loaded decoder layer with its input and output on ``SAMPLE_TOKENS`` calibration tokens."""
+    """A loaded decoder layer with its input and output on ``SAMPLE_TOKENS`` calibration
+    tokens, and on as many held-out ones where some were held out."""
 
     prefix: str  # its modules' paths in the model start with this
     module: nn.Module
     forward: Callable[[mx.array], mx.array]
     x_in: mx.array
     x_out: mx.array
+    held_in: mx.array | None = None
+    held_out: mx.array | None = None
 
-    def output_error(self, params: dict[str, mx.array]) -> float:
-        """The summed squared change of the layer's output on ``x_in`` with ``params``
-        (names relative to the layer) in place of its own."""
+    def output_error(self, params: dict[str, mx.array], held_out: bool = False) -> float:
+        """The summed squared change of the layer's output on ``x_in`` (or the held-out
+        input) with ``params`` (names relative to the layer) in place of its own."""
+        x_in, x_out = (self.held_in, self.held_out) if held_out else (self.x_in, self.x_out)
         with _parameters(self.module, params):
-            return mx.sum(mx.square(self.forward(self.x_in).astype(mx.float32) - self.x_out)).item()
+            return mx.sum(mx.square(self.forward(x_in).astype(mx.float32) - x_out)).item()
 
     def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
         """Whether ``params`` in place of the layer's own change what it adds to its
@@ -89,7 +93,8 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         hessians = _layer_hessians(layer, modules, forward, x_in[:fit], rows, halves)
         checks = _layer_hessians(layer, modules, forward, x_in[fit:], rows, False) if held_out else {}
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
-        sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32))
+        held = (x_in[fit:fit + n], x_out[fit:fit + n].astype(mx.float32)) if held_out else (None, None)
+        sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held)
         replaced = on_modules({prefix + p: m for p, m in modules.items()},
                               LayerHessians({prefix + p: hessians[_input_key(p)] for p in modules},
                                             {prefix + p: checks[_input_key(p)] for p in modules if checks}), sample)

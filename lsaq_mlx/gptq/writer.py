@@ -49,6 +49,8 @@ class CalibrationCounts:
     experts_rounded: int = 0
     rows: int = 0  # rows checked on held-out inputs
     rows_rounded: int = 0  # of those, rows where round to nearest did better and was kept
+    layers: int = 0  # decoder layers checked whole on held-out inputs
+    layers_rounded: int = 0  # of those, layers written as round to nearest writes them (no equalization)
 
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
@@ -60,7 +62,10 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     changed. Without GPTQ the LM head is left to the caller (round to nearest). With
     ``held_out`` (the last sequences of ``tokens``, not fitted on), each row of a module
     keeps the quantizer's codes or round to nearest's, whichever gives the lower output
-    error on the held-out inputs (``never_worse_than_rounding``). ``also(path, weight,
+    error on the held-out inputs (``never_worse_than_rounding``), and then each decoder
+    layer is written as calibrated or as ``rtn`` writes it, whichever changes the
+    layer's output on held-out inputs less (``_better_layer``: equalization's folds
+    and the nonlinear parts of a layer are seen there, not by a row's error). ``also(path, weight,
     bias, H, codes, choice, codes_at)`` is called with each linear module's codes while
     its layer is loaded; ``codes_at(other_choice)`` makes the same module's codes at
     another setting, the same way (an adaptive folder's smaller settings);
@@ -99,6 +104,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                 if also is not None:
                     also(path, weights[path], biases.get(path), h, codes, affine[path], codes_at)
             arrays |= _named(path, codes, biases.get(path))
+        if layer is not None and layer.held_in is not None and also is None:
+            arrays = _better_layer(layer, modules, hessians, affine, arrays, count)
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
         if layer is not None and arrays:
@@ -122,6 +129,25 @@ def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
             params[name[len(prefix):]] = mx.dequantize(value, arrays[f"{path}.scales"], arrays[f"{path}.biases"],
                                                        choice.group_size, choice.bits).astype(mx.float32)
     return params
+
+
+def _better_layer(layer: CalibratedLayer, modules: dict, hessians: dict, affine: dict, arrays: dict,
+                  count: CalibrationCounts) -> dict:
+    """``arrays`` (the layer as calibrated), or the layer as round to nearest writes it
+    where that changes the layer's output on its held-out inputs less."""
+    rtn, tally = QUANTIZERS["rtn"], CalibrationCounts()
+    rounded = {}
+    for path, m in modules.items():
+        h = hessians[path]
+        codes = (_expert_codes(rtn, m.weight, h, affine[path], False, tally) if isinstance(h, ExpertHessians)
+                 else rtn.codes(m.weight, None, affine[path], False))
+        rounded |= _named(path, codes, m.bias if "bias" in m else None)
+    errors = [layer.output_error(_as_written(a, layer.prefix, affine), held_out=True) for a in (arrays, rounded)]
+    count.layers += 1
+    if errors[1] < errors[0]:
+        count.layers_rounded += 1
+        return rounded
+    return arrays
 
 
 def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict, hessians: dict,
