@@ -102,7 +102,7 @@ def quantizer_help() -> str:
             f"time estimated from this machine's float32 GEMM rate is at most {AFFORDABLE_SECONDS // 60} min, else rtn; "
             f"the choice is printed); {rows}. The calibrated ones read 16,384 tokens of --calib text a "
             "decoder layer at a time (2,048 more are held out: each row keeps rtn's codes where they do better on "
-            "them); with GPTQ an embedding tied to the LM head goes through GPTQ as the head up to 5 bits; other "
+            "them, and each decoder layer is written as rtn writes it where that changes its output less); with GPTQ an embedding tied to the LM head goes through GPTQ as the head up to 5 bits; other "
             "embeddings stay rtn. The plan is the same either way; the output is a stock mlx-lm folder. Measured on a "
             "2-core x86 CPU (MLX's CPU backend, not Apple silicon): on SmolLM2-135M awq-gptq's KL to the source is "
             "0.64x rtn's at 4.0 bits per weight and 0.88x at 6.0, and it took 910 s against 3 s (the CPU's GEMM at "

@@ -48,12 +48,20 @@ class CalibratedLayer:
     held_in: mx.array | None = None
     held_out: mx.array | None = None
 
-    def output_error(self, params: dict[str, mx.array], held_out: bool = False) -> float:
-        """The summed squared change of the layer's output on ``x_in`` (or the held-out
-        input) with ``params`` (names relative to the layer) in place of its own."""
-        x_in, x_out = (self.held_in, self.held_out) if held_out else (self.x_in, self.x_out)
+    def output_error(self, params: dict[str, mx.array]) -> float:
+        """The summed squared change of the layer's output on ``x_in`` with ``params``
+        (names relative to the layer) in place of its own."""
         with _parameters(self.module, params):
-            return mx.sum(mx.square(self.forward(x_in).astype(mx.float32) - x_out)).item()
+            return mx.sum(mx.square(self.forward(self.x_in).astype(mx.float32) - self.x_out)).item()
+
+    def held_out_error(self, params: dict[str, mx.array]) -> float:
+        """The change of the layer's output on the held-out input with ``params``, each
+        token's squared change relative to its output's squared norm, summed: what the
+        next layer's norm sees. (A plain sum is decided by the few tokens whose hidden
+        state is orders of magnitude larger than the rest, as Gemma's are.)"""
+        with _parameters(self.module, params):
+            change = mx.sum(mx.square(self.forward(self.held_in).astype(mx.float32) - self.held_out), axis=-1)
+        return mx.sum(change / mx.maximum(mx.sum(mx.square(self.held_out), axis=-1), 1e-12)).item()
 
     def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
         """Whether ``params`` in place of the layer's own change what it adds to its

@@ -142,7 +142,7 @@ def _better_layer(layer: CalibratedLayer, modules: dict, hessians: dict, affine:
         codes = (_expert_codes(rtn, m.weight, h, affine[path], False, tally) if isinstance(h, ExpertHessians)
                  else rtn.codes(m.weight, None, affine[path], False))
         rounded |= _named(path, codes, m.bias if "bias" in m else None)
-    errors = [layer.output_error(_as_written(a, layer.prefix, affine), held_out=True) for a in (arrays, rounded)]
+    errors = [layer.held_out_error(_as_written(a, layer.prefix, affine)) for a in (arrays, rounded)]
     count.layers += 1
     if errors[1] < errors[0]:
         count.layers_rounded += 1
