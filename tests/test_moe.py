@@ -49,12 +49,13 @@ def test_experts_are_one_module_of_their_copies_and_routers_keep_the_models_floo
     stacked = dict(tree_flatten(model.parameters()))
     assert all(q.params == stacked[f"{q.path}.weight"].size for q in experts)
     assert ctx.parameters == sum(v.size for v in stacked.values())
-    routers = [q for q in ctx.modules if q.path.endswith(".gate")]
+    routers = [q for q in ctx.modules if q.path.endswith((".gate", ".router"))]
     floor = getattr(model, "quant_predicate", None)
-    for q in routers:
-        wanted = floor(q.path, None) if floor else True
+    assert routers
+    for q in routers:  # the model's own floor, else 8 bits
+        wanted = floor(q.path, None) if floor else None
         bits = [getattr(c, "bits", 16) for c in ctx.candidates(q)]
-        assert min(bits) >= (wanted["bits"] if isinstance(wanted, dict) else 2)
+        assert min(bits) >= (wanted["bits"] if isinstance(wanted, dict) else 8), (q.path, bits)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)

@@ -67,14 +67,19 @@ def quantizable_modules(model: nn.Module) -> list[QuantModule]:
     return modules
 
 
+ROUTER_FLOOR = Affine(8, 64)  # what mlx-lm's qwen3_moe asks for its router
+
+
 def model_floors(model: nn.Module) -> dict[str, Choice]:
-    """What the model class's own ``quant_predicate`` (mlx-lm's) asks for its modules:
-    ``KEEP`` where it keeps one in float, the setting it names where it names one (a
-    router at 8 bits), as the least a plan gives them."""
+    """The least a plan gives each module: what the model class's own ``quant_predicate``
+    (mlx-lm's) asks (``KEEP`` where it keeps one in float, the setting it names where it
+    names one), and for a router the predicate is silent on, ``ROUTER_FLOOR``: the
+    gradient the cost table prices it by does not see an expert chosen instead of
+    another, and a router's bytes are a rounding error of its layer's."""
     predicate = getattr(model, "quant_predicate", None)
+    floors = {path: ROUTER_FLOOR for path in _routers(model)}
     if predicate is None:
-        return {}
-    floors = {}
+        return floors
     for path, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
         if hasattr(m, "to_quantized") and "weight" in m:
             wanted = predicate(path, m)
@@ -83,6 +88,20 @@ def model_floors(model: nn.Module) -> dict[str, Choice]:
             elif isinstance(wanted, dict) and wanted.get("bits") in BITS and wanted.get("group_size") in GROUP_SIZES:
                 floors[path] = Affine(wanted["bits"], wanted["group_size"])
     return floors
+
+
+def _routers(model: nn.Module) -> list[str]:
+    """Paths of the linear modules beside a layer's stacked experts with one output per expert."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    routers = []
+    for path, m in model.named_modules():
+        children = {k: v for k, v in m.children().items() if isinstance(v, nn.Module)}
+        experts = {s.weight.shape[0] for child in children.values() for _, s in child.named_modules()
+                   if isinstance(s, SwitchLinear)}
+        routers += [f"{path}.{name}" if path else name for name, child in children.items()
+                    if isinstance(child, nn.Linear) and child.weight.shape[0] in experts]
+    return routers
 
 
 def fixed_params(model: nn.Module, modules: list[QuantModule]) -> int:
