@@ -72,7 +72,7 @@ def run(args: list[str] | None = None) -> int:
                 end_pipeline(int(os.environ["MLX_RANK"]), "another rank ended: its connection was lost")
         return _failed(1, f"error: internal error: {type(e).__name__}: {e} (LSAQ_MLX_DEBUG=1 shows the traceback)")
     except Terminated as e:
-        launched = " (mlx.launch stops every rank when one ends)" if os.environ.get("MLX_RANK") else ""
+        launched = " (mlx.launch stops every rank when another rank ends)" if os.environ.get("MLX_RANK") else ""
         return _failed(128 + e.signum, f"stopped by {signal.Signals(e.signum).name}{launched}")
     return 0
 
