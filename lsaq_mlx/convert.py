@@ -79,13 +79,14 @@ class ConvertReport:
 
 def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False, smoke_tokens: int = 8,
             float_model=None, plan_seconds: float = 0.0, quantizer: str = "rtn", calib=None,
-            adaptive=None) -> ConvertReport:
+            adaptive=None, costs=None) -> ConvertReport:
     """Write ``plan`` of ``source`` at ``out``; ``float_model``: the source already in
     memory (as the planner loaded it), so it is not loaded again; ``plan_seconds``: how
     long making the plan took, for the report; ``quantizer``: see ``QUANTIZERS``
     (``calib``: GPTQ's calibration text, a ``CalibrationText``; default the packaged one).
     ``adaptive``: an ``adaptive.side.AdaptiveSide`` whose top plan is ``plan``: its plan
-    set and smaller settings are written too."""
+    set and smaller settings are written too. ``costs``: the ``CarriedCosts`` the plan
+    was priced by, carried in the folder for planning on it later."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder")
@@ -105,6 +106,8 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
             kinds = {p: type(m).__name__ for p, m in model.named_modules() if p in plan.modules}
             _write_folder(model, config, plan, source, tmp)
             side = adaptive.write(tmp, kinds) if adaptive is not None else {}
+            if costs is not None:
+                costs.save(tmp)
             shutil.rmtree(tmp / "gptq", ignore_errors=True)
             del model
             smoke_text, bpw, written = _check_written(tmp, smoke_tokens)

@@ -260,3 +260,30 @@ def test_serve_auto_streams_on_across_a_swap_down_and_back_up(adaptive):
         server.shutdown()
         server.server_close()
         engine.shutdown()
+
+
+def test_planning_on_the_folder_adopts_the_cost_table_it_carries(adaptive, tmp_path, monkeypatch, caplog):
+    """convert leaves the cost table its plans were priced by (on the float source) in
+    the folder: planning on the folder (ranks, live plans) reads it instead of a Fisher
+    pass over the stored weights; a damaged copy is one warning and that pass."""
+    from lsaq_mlx.planning import cost_table
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+
+    carried = json.loads((adaptive.path / cost_table.CARRIED_FILE).read_text())["errors"]
+    fisher_passes = []
+    real_fisher = cost_table.streamed_fisher
+    monkeypatch.setattr(cost_table, "streamed_fisher", lambda *a, **k: fisher_passes.append(1) or real_fisher(*a, **k))
+    monkeypatch.setenv("LSAQ_MLX_CACHE", str(tmp_path / "cache"))
+    planner = Planner(adaptive)
+    table = planner.cost_table(planner.context())
+    assert fisher_passes == [] and table.errors and all(
+        errs == {k: carried[p][k] for k in errs} for p, errs in table.errors.items())
+    assert planner.plan(PlanRequest(bits_budgets=[4.0])).predicted_bits_per_weight <= 4.0
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(adaptive.path, damaged)
+    (damaged / cost_table.CARRIED_FILE).write_text('{"errors": [1, 2]}')
+    monkeypatch.setenv("LSAQ_MLX_CACHE", str(tmp_path / "cache2"))
+    planner = Planner(resolve_model(str(damaged)))
+    planner.cost_table(planner.context())
+    assert fisher_passes == [1] and "damaged" in caplog.text

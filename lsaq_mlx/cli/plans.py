@@ -193,7 +193,8 @@ def convert(
         quantizer = _affordable_quantizer(chosen)
     report = write_model(source, chosen, target, force=force, float_model=planner.model_in_memory(),
                          plan_seconds=time.perf_counter() - planning,
-                         quantizer=quantizer, calib=load_calibration(calib) if calib else None, adaptive=side)
+                         quantizer=quantizer, calib=load_calibration(calib) if calib else None, adaptive=side,
+                         costs=planner.priced(calib))
     record_converted(report)
     if json_out:
         return emit_json(report.to_dict())

@@ -7,10 +7,16 @@ priced while its layer is in memory, one choice at a time on row chunks, so memo
 one layer's worth whatever the model's size. SWSC candidates (k-means, SVD) are priced
 and the microscaled formats (``--codecs``) only when a plan may use them, in a table of
 their own, keyed by the options.
+
+A converted folder carries the table its plan was made by (``lsaq_costs.json``, priced
+on the float source): planning on the folder later (pipeline ranks, live plans) adopts
+it instead of a Fisher pass over the stored weights.
 """
 
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.planning.cost import CostTable, module_errors
@@ -22,6 +28,7 @@ COST_VERSION = 4  # part of every table's key: bump when the cost model changes 
 EXTRA_COST_VERSION = 4  # 4: microscaled formats beside SWSC
 FISHER_TOKENS = 2048  # calibration tokens for the cost model's Fisher information
 FISHER_SEQ_LEN = 256
+CARRIED_FILE = "lsaq_costs.json"
 
 
 def table_key(fingerprint: str, calib: CalibrationText) -> str:
@@ -67,6 +74,47 @@ def compute_table(fingerprint: str, calib: CalibrationText, ctx, streamed, token
             extra = {p: {c.key: errors[p][c.key] for c in cs} for p, cs in ctx.extra_options.items()}
             write_json_atomic(extra_path, extra)
     return _merge(table, extra)
+
+
+@dataclass
+class CarriedCosts:
+    """The cost table a plan was made by, and the calibration text it was priced on."""
+
+    calibration: CalibrationText
+    table: CostTable
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(Path(folder) / CARRIED_FILE, {
+            "cost_version": COST_VERSION, "fisher_tokens": FISHER_TOKENS,
+            "calibration": self.calibration.fingerprint, "errors": self.table.errors}, make_folders=False)
+
+
+def adopt_carried_table(source, calib: CalibrationText, ctx) -> bool:
+    """Cache, as ``source``'s own, the table its folder carries, where it was priced on
+    ``calib`` by this cost model and prices every candidate of ``ctx``."""
+    path = Path(source.path) / CARRIED_FILE
+    if source.kind not in ("folder", "hub") or not path.is_file():
+        return False
+    keys = _keys(ctx.modules)
+    table = read_cache_json(path, "cost table the folder carries", lambda d: _carried(d, calib, keys))
+    if not table:
+        return False
+    write_json_atomic(_path(source.fingerprint, calib), table)
+    return True
+
+
+def _carried(data, calib: CalibrationText, keys: dict) -> dict | None:
+    """The errors of ``keys`` that ``data`` (a carried table) holds, checked; None when it
+    was priced otherwise or lacks one."""
+    if not isinstance(data, dict) or not isinstance(data.get("errors"), dict):
+        raise ValueError("it holds no errors")
+    if (data.get("cost_version"), data.get("fisher_tokens"), data.get("calibration")) != (
+            COST_VERSION, FISHER_TOKENS, calib.fingerprint):
+        return None
+    errors = data["errors"]
+    if not all(isinstance(errors.get(p), dict) and ks <= errors[p].keys() for p, ks in keys.items()):
+        return None
+    return _check({p: {k: errors[p][k] for k in ks} for p, ks in keys.items()}, keys)
 
 
 def _merge(table: dict, extra: dict) -> CostTable:

@@ -14,6 +14,7 @@ from lsaq_mlx.planning import cost_table
 from lsaq_mlx.planning.budgets import Budget, check_bits_budget, memory_budget
 from lsaq_mlx.planning.choices import BITS, GROUP_SIZES
 from lsaq_mlx.planning.cost import CostTable
+from lsaq_mlx.planning.cost_table import CarriedCosts
 from lsaq_mlx.planning.method_table import METHODS
 from lsaq_mlx.planning.methods import RECIPES, Override, PlanningContext, check_codecs, plan_recipe
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
@@ -129,11 +130,20 @@ class Planner:
         key = (id(ctx), text.fingerprint)
         if key not in self._tables:
             table = cost_table.cached_table(self.source.fingerprint, text, ctx)
+            if table is None and cost_table.adopt_carried_table(self.source, text, ctx):
+                table = cost_table.cached_table(self.source.fingerprint, text, ctx)
             if table is None:
                 table = cost_table.compute_table(self.source.fingerprint, text, ctx, StreamedModel(self.source),
                                                  load_tokenizer(self.source))
             self._tables[key] = table
         return self._tables[key]
+
+    def priced(self, calib: str | None = None) -> CarriedCosts | None:
+        """The cost table the plans made so far were priced by (None when none was: recipes,
+        uniform plans, a plan file)."""
+        text = load_calibration(calib)
+        tables = [t for (_, fingerprint), t in self._tables.items() if fingerprint == text.fingerprint]
+        return CarriedCosts(text, tables[-1]) if tables else None
 
     def scores(self, metric: str, calib: str | None = None, scores_file: Path | None = None) -> LayerScores:
         if scores_file:

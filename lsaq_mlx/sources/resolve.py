@@ -106,10 +106,10 @@ def resolve_model(spec: str | None = None) -> ModelSource:
 
 
 def _from_gguf(spec: str, gguf: Path, kind: str) -> ModelSource:
-    from lsaq_mlx.sources.gguf_file import open_gguf
     from lsaq_mlx.sources.gguf_import import import_gguf
 
-    open_gguf(gguf)  # a damaged file fails here, before anything is cached
+    # parsing a GGUF's header takes seconds (a 49k-token vocabulary): the bytes of an
+    # intact import were read once already, a damaged file fails in ``import_gguf``
     fp = fingerprint_bytes(file_sha256(gguf), IMPORTER_VERSION)
     target = cache_entry("models", fp)
     if not _import_intact(target):
