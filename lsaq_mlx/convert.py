@@ -35,6 +35,7 @@ from lsaq_mlx.cache import atomic_dir, check_replaceable
 from lsaq_mlx.backend.compute import dequantize_layers, describe, prepare_for_compute
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.modules import module_groups, shard_groups
+from lsaq_mlx.planning.choices import STORED_FLOAT
 from lsaq_mlx.planning.plan import QuantPlan
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.quantizers import QUANTIZERS
@@ -168,7 +169,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     if swsc:
         with progress_bar("SWSC compression", len(swsc)) as advance:
             swsc_layers(model, swsc, advance)
-    model.set_dtype(mx.float16)
+    model.set_dtype(STORED_FLOAT)
     return model, config
 
 

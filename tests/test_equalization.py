@@ -22,7 +22,8 @@ def _fold_every_group(model, seed=0):
         for n, group in enumerate(scale_groups(layer)):
             dim = named[group.members[0]].weight.shape[1]
             s = mx.exp(mx.random.normal((dim,), key=mx.random.key(seed + n)))
-            params = {f"{group.source}.{k}": v for k, v in folded_source(named[group.source], s).items()}
+            norm, s = folded_source(named[group.source], s)
+            params = {f"{group.source}.{k}": v for k, v in norm.items()}
             params |= {f"{m}.weight": named[m].weight * s for m in group.members}
             layer.update(tree_unflatten(list(params.items())))
             folded += 1
@@ -49,6 +50,38 @@ def test_gemma_norms_fold_through_their_one_plus_weight():
     assert norm_offset(tiny_model("gemma3").model.layers[0].input_layernorm) == 1
     assert norm_offset(tiny_model("llama").model.layers[0].input_layernorm) == 0
     assert "pre_feedforward_layernorm" in {g.source for g in scale_groups(tiny_model("gemma3").model.layers[0])}
+
+
+def test_a_folded_gemma_norm_is_exact_as_stored_in_float16():
+    """Gemma multiplies by ``1 + weight``: where the fold makes that small, the weight is
+    near -1 and float16 keeps few of the sum's digits. The members take the scales the
+    stored weight divides by, so the model as written computes what the source does."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("gemma3")
+    layer = model.model.layers[0]
+    dim = layer.input_layernorm.weight.shape[0]
+    gain = mx.linspace(0.05, 3.0, dim)
+    layer.input_layernorm.weight = gain - 1
+    tokens = mx.array([[1, 5, 9, 44, 2, 7, 100, 3, 250, 17, 8, 8]])
+    before = model(tokens)
+    searched = mx.exp(mx.random.uniform(2.0, 6.0, (dim,), key=mx.random.key(3)))  # 1 + w' down to 1e-4
+    members = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    originals = {m: layer.get("self_attn")[m.split(".")[1]].weight for m in members}
+
+    def as_stored(applied):
+        norm, s = applied
+        params = {"input_layernorm.weight": norm["weight"].astype(mx.float16).astype(mx.float32)}
+        params |= {f"{m}.weight": originals[m] * s for m in members}
+        layer.update(tree_unflatten(list(params.items())))
+        change = float(mx.abs(model(tokens) - before).max() / mx.abs(before).max())
+        layer.update(tree_unflatten([("input_layernorm.weight", gain - 1)] + [(f"{m}.weight", w) for m, w in originals.items()]))
+        return change
+
+    layer.input_layernorm.weight = gain - 1
+    exact = as_stored(folded_source(layer.input_layernorm, searched))
+    naive = as_stored(({"weight": gain / searched - 1}, searched))
+    assert exact < 1e-3 and naive > 10 * exact, (exact, naive)
 
 
 def _uneven_problem(rows=64, cols=256, seed=0):

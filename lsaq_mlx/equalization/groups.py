@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from lsaq_mlx.planning.choices import STORED_FLOAT
+
 
 @dataclass(frozen=True)
 class ScaleGroup:
@@ -60,13 +62,24 @@ def norm_offset(norm: nn.Module) -> int:
     return round(mx.median(out - weight).item())
 
 
-def folded_source(source: nn.Module, scales: mx.array) -> dict[str, mx.array]:
-    """The parameters of ``source`` that make its output ``out / scales``."""
+def folded_source(source: nn.Module, scales: mx.array) -> tuple[dict[str, mx.array], mx.array]:
+    """``(params, applied)``: the parameters of ``source`` that make its output
+    ``out / applied``, and ``applied``, the scales the members must take. A linear
+    source applies ``scales``. A norm's weight is rounded to the float16 it is stored
+    in, and each channel's scale is what that stored weight divides by, so the fold
+    stays exact as written: Gemma's ``1 + weight`` loses digits where the sum is small
+    (the folded norms in float16 with the searched scales doubled Gemma 3 270M's KL)."""
     if isinstance(source, nn.Linear):
         out = {"weight": source.weight / scales[:, None].astype(source.weight.dtype)}
     else:
         offset = norm_offset(source)
-        out = {"weight": ((source.weight.astype(mx.float32) + offset) / scales - offset).astype(source.weight.dtype)}
+        gain = source.weight.astype(mx.float32) + offset
+        folded = (gain / scales - offset).astype(STORED_FLOAT).astype(mx.float32)
+        stored = folded + offset
+        exact = mx.isfinite(stored) & (stored * gain > 0)
+        scales = mx.where(exact, gain / mx.where(exact, stored, 1.0), mx.where(gain == 0, scales, 1.0))
+        folded = mx.where(exact | (gain == 0), folded, source.weight.astype(mx.float32))
+        out = {"weight": folded.astype(source.weight.dtype)}
     if "bias" in source:
         out["bias"] = source.bias / scales.astype(source.bias.dtype)
-    return out
+    return out, scales

@@ -172,6 +172,9 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         if scales is None:
             continue
         s = mx.array(scales)
+        if not linear_source:
+            norms[source], s = folded_source(named[group.source], s)
+            scales = np.array(s, dtype=scales.dtype)
         _scale_hessian(h, 1.0 / scales)
         scaled.append((h, scales))
         for p in members:
@@ -180,8 +183,6 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
             weights[source] = weights[source] / s[:, None]
             if source in biases:
                 biases[source] = biases[source] / s.astype(biases[source].dtype)
-        else:
-            norms[source] = folded_source(named[group.source], s)
         changed |= {source, *members}
         count.equalized += 1
     if not changed:

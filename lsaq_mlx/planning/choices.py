@@ -27,6 +27,7 @@ from lsaq_mlx.swsc.layer import SWSCLinear
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 FLOAT_BYTES = 2  # float16: kept modules, norms, biases, and the scales and biases of groups
+STORED_FLOAT = mx.float16  # the dtype convert writes every float tensor in
 
 
 @dataclass(frozen=True)
