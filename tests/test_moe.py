@@ -142,8 +142,10 @@ def test_a_swap_builds_stacked_experts_from_the_checkpoint(hf_moe, model_type):
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe, model_type):
+def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe, model_type, monkeypatch):
     from test_streaming import TOKENS, fisher_collector, whole_model_fisher
+
+    import lsaq_mlx.backend.expert_blocks as blocks
 
     from lsaq_mlx.modules import module_at
     from lsaq_mlx.planning.cost import module_errors
@@ -157,6 +159,7 @@ def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe,
     model = load_model(source)[0]
     reference = whole_model_fisher(model, [q.path for q in modules], TOKENS)
     fisher, errors, collect = fisher_collector(modules)
+    monkeypatch.setattr(blocks, "EXPERT_BLOCK_BYTES", 1)  # the streamed layer's experts computed one at a time
     streamed_fisher(StreamedModel(source), TOKENS, modules, collect)
     for q in modules:
         expected = np.array(reference[q.path])
@@ -165,3 +168,54 @@ def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe,
         direct = module_errors(module_at(model, q.path).weight, reference[q.path], q.choices())
         for key, value in direct.items():
             assert errors[q.path][key] == pytest.approx(value, rel=2e-3), (q.path, key)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_streamed_experts_stay_as_stored_and_compute_by_blocks_what_float32_computes(hf_moe, model_type,
+                                                                                    monkeypatch):
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    import lsaq_mlx.backend.expert_blocks as blocks
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    streamed = StreamedModel(hf_moe(model_type))
+    x = mx.random.normal((2, 70, 64), key=mx.random.key(1))  # 140 tokens: mlx-lm sorts them by expert
+    cotangent = mx.random.normal(x.shape, key=mx.random.key(2))
+    with streamed.layer(1) as layer:
+        experts = {p: m for p, m in layer.named_modules() if isinstance(m, SwitchLinear)}
+        assert experts and all(m.weight.dtype == mx.float16 for m in experts.values())
+        one_expert = 4 * next(iter(experts.values())).weight[0].size
+        monkeypatch.setattr(blocks, "EXPERT_BLOCK_BYTES", one_expert)
+        (out,), (grad,) = mx.vjp(lambda h: (layer(h),), [x], [cotangent])
+        for m in experts.values():
+            m.__class__ = SwitchLinear
+        layer.update_modules(tree_unflatten([(p, m) for p, m in experts.items()]))
+        layer.update(tree_unflatten([(f"{p}.weight", m.weight.astype(mx.float32)) for p, m in experts.items()]))
+        (expected,), (expected_grad,) = mx.vjp(lambda h: (layer(h),), [x], [cotangent])
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(grad), np.array(expected_grad), rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_experts_hold_one_block_of_float32_weights_forward_and_back(monkeypatch):
+    """Peak memory of a product and its gradient through stacked float16 experts stays
+    below a quarter of their float32 weights: while the vjp's graph held each evaluated
+    block's product, every block's upcast experts stayed alive with it (twice the
+    float32 weights, 5.2 GB for a Qwen3-30B-A3B layer)."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    import lsaq_mlx.backend.expert_blocks as blocks
+
+    experts, out_dims, in_dims = 32, 512, 256
+    monkeypatch.setattr(blocks, "EXPERT_BLOCK_BYTES", 4 * out_dims * in_dims)  # one expert a block
+    layer = SwitchLinear(in_dims, out_dims, experts, bias=False)
+    layer.set_dtype(mx.float16)
+    blocks.make_blocked(layer)
+    x = mx.random.normal((64, 1, 1, in_dims))
+    indices = mx.random.randint(0, experts, (64, 4)).astype(mx.uint32)
+    cotangent = mx.ones((64, 4, 1, out_dims))
+    mx.eval(layer.parameters(), x, indices, cotangent)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(mx.vjp(lambda h: (layer(h, indices),), [x], [cotangent]))
+    assert mx.get_peak_memory() - before < 4 * experts * out_dims * in_dims / 4

@@ -10,9 +10,10 @@ output. So peak memory is one layer, the resident parts and the activations, wha
 the number of layers.
 
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
-matmul is slow; the source's own float type on a GPU), except the embeddings and LM
-head on the CPU, which stay as stored and are upcast in row blocks as they are used;
-quantized sources are dequantized exactly. Tensors are read under the model's names
+matmul is slow; the source's own float type on a GPU), except on the CPU the embeddings
+and LM head, which stay as stored and are upcast in row blocks as they are used, and
+float stacked experts, which stay as stored and are upcast a block of experts at a time
+(``backend.expert_blocks``); quantized sources are dequantized exactly. Tensors are read under the model's names
 (``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time where it transforms them).
 """
 
@@ -21,8 +22,10 @@ from contextlib import contextmanager
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchLinear
 
 from lsaq_mlx.backend.compute import backend
+from lsaq_mlx.backend.expert_blocks import make_blocked
 from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.backend.hybrid import make_hybrid
 from lsaq_mlx.modules import final_norm, inner_model, layer_index
@@ -55,12 +58,12 @@ class StreamedModel:
         self.prefixes = _layer_prefixes(self.model, self.layers)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
-        self._stored = _hybrid_matrices(self.model) if self.dtype == mx.float32 else set()
+        self._stored = _hybrid_matrices(self.model) | _float_experts(self) if self.dtype == mx.float32 else set()
         self._resident = resident
         self.resident_bytes = self._load_resident(resident)
         for path, module in self.model.named_modules():
             if f"{path}.weight" in self._stored:
-                make_hybrid(module)
+                make_hybrid(module) or make_blocked(module)
 
     def _load_resident(self, names) -> int:
         loaded = [(n, self._read(n, keep_dtype=n in self._stored)) for n in names]
@@ -88,23 +91,22 @@ class StreamedModel:
         names = [self.prefixes[i] + n for n in self._idle[i]]
         scales = [f"{n.rpartition('.')[0]}.scales" for n in names] + [f"{n.rpartition('.')[0]}.biases" for n in names]
         arrays = self.tensors.layer(i, names + scales)
-        return {name: self._read(self.prefixes[i] + name, arrays=arrays) for name in self._idle[i]}
+        return {name: self._read(self.prefixes[i] + name, arrays=arrays, keep_dtype=self.prefixes[i] + name in self._stored)
+                for name in self._idle[i]}
 
     @contextmanager
     def layer(self, i: int):
         """Within the block, layer ``i`` holds its weights; they are released after."""
         layer = self.layers[i]
-        layer.update(tree_unflatten(list(self.layer_parameters(i).items())))
-        mx.eval(layer.parameters())
+        params = self.layer_parameters(i)
+        layer.update(tree_unflatten(list(params.items())))
+        for name in sorted(params, key=lambda n: -params[n].size):  # each stack of experts made alone
+            mx.eval(params[name])
         try:
             yield layer
         finally:
             layer.update(tree_unflatten(list(self._idle[i].items())))
             mx.clear_cache()
-
-    def layer_bytes(self, i: int) -> int:
-        """Bytes layer ``i`` holds while loaded (in the compute dtype)."""
-        return sum(v.size * self.dtype.size for v in self._idle[i].values())
 
     def _read(self, name: str, keep_dtype: bool = False, arrays: dict | None = None) -> mx.array:
         """A parameter in the compute dtype; with ``keep_dtype`` a float one stays as stored.
@@ -197,6 +199,15 @@ def _hybrid_matrices(model: nn.Module) -> set[str]:
     (``backend.hybrid``) rather than held in float32."""
     kinds = (nn.Linear, nn.Embedding)
     return {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, kinds) and layer_index(p) is None}
+
+
+def _float_experts(streamed) -> set[str]:
+    """The weights of the decoder layers' stacked experts that the checkpoint holds as
+    floats (quantized ones are dequantized to the compute dtype)."""
+    stored = set(streamed.tensors.names)
+    return {f"{prefix}{path}.weight" for layer, prefix in zip(streamed.layers, streamed.prefixes)
+            for path, module in layer.named_modules()
+            if type(module) is SwitchLinear and f"{prefix}{path}.scales" not in stored}
 
 
 def _layer_prefixes(model: nn.Module, layers) -> list[str]:
