@@ -103,7 +103,8 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
         forwards.append(forward)
         step()
 
-    hidden = streamed.run_layers(inputs, keep)
+    with streamed.matrices_released(only=_head_weight(streamed.model)):  # an untied head waits on disk
+        hidden = streamed.run_layers(inputs, keep)
 
     # 2. the head
     def head_matrix() -> mx.array:  # looked up each time: the matrices leave memory in step 3
@@ -340,3 +341,10 @@ def _nested(flat: dict) -> dict:
 def _embedding(model: nn.Module) -> nn.Module:
     inner = inner_model(model)
     return inner[embedding(inner)]
+
+
+def _head_weight(model: nn.Module) -> set[str]:
+    """The name of the LM head's weight where it is not the embedding (else none)."""
+    holder = model.get("language_model", model)
+    prefix = "language_model." if holder is not model else ""
+    return set() if _tied(model) else {f"{prefix}lm_head.weight"}

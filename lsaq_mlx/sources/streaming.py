@@ -72,12 +72,14 @@ class StreamedModel:
         return sum(a.nbytes for _, a in loaded)
 
     @contextmanager
-    def matrices_released(self):
-        """Within the block the matrices outside the layers (embeddings, LM head) are not
-        in memory (unevaluated placeholders); they are read again after it. For work on
-        the layers alone, where they would be the largest thing held."""
+    def matrices_released(self, only: set[str] | None = None):
+        """Within the block the matrices outside the layers (embeddings, LM head; or the
+        parameters ``only``) are not in memory (unevaluated placeholders); they are read
+        again after it. For work on the layers alone, where they would be the largest
+        thing held."""
         params = dict(tree_flatten(self.model.parameters()))
-        names = [n for n in self._resident if n.endswith(".weight") and params[n].ndim == 2]
+        names = [n for n in self._resident if n.endswith(".weight") and params[n].ndim == 2
+                 and (only is None or n in only)]
         self.model.update(tree_unflatten([(n, mx.zeros(params[n].shape, params[n].dtype)) for n in names]))
         del params
         mx.clear_cache()
