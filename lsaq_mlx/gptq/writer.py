@@ -81,9 +81,11 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
 
     def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
         equalizing = quantizer.equalize and layer is not None
-        # Equalization scales whole matrices; otherwise row blocks are upcast as they are
-        # quantized, so the LM head (as stored on the CPU) is never in float32 at once.
-        weights = {p: m.weight.astype(mx.float32) if equalizing else m.weight for p, m in modules.items()}
+        # Equalization scales whole matrices (never stacked experts); otherwise row blocks
+        # or experts are upcast as they are quantized, so the LM head and a layer's
+        # experts (as stored on the CPU) are never in float32 at once.
+        weights = {p: m.weight.astype(mx.float32) if equalizing and m.weight.ndim == 2 else m.weight
+                   for p, m in modules.items()}
         biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
         if equalizing:
@@ -118,7 +120,9 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
 
 def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
     """The layer's parameters (names relative to it) that ``arrays`` (its written
-    modules and folded norms) give it, quantized modules dequantized to float32."""
+    modules and folded norms) give it, quantized modules dequantized to float32; stacked
+    experts to float16, as MLX dequantizes with float16 scales (a float32 copy of a
+    layer's experts is 2.4 GB at Qwen3-30B-A3B)."""
     params = {}
     for name, value in arrays.items():
         path, _, param = name.rpartition(".")
@@ -126,8 +130,9 @@ def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
             params[name[len(prefix):]] = value
         elif param == "weight":
             choice = affine[path]
-            params[name[len(prefix):]] = mx.dequantize(value, arrays[f"{path}.scales"], arrays[f"{path}.biases"],
-                                                       choice.group_size, choice.bits).astype(mx.float32)
+            weight = mx.dequantize(value, arrays[f"{path}.scales"], arrays[f"{path}.biases"], choice.group_size,
+                                   choice.bits)
+            params[name[len(prefix):]] = weight.astype(mx.float32) if weight.ndim == 2 else weight
     return params
 
 
