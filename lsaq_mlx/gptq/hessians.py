@@ -137,12 +137,9 @@ def head_path(model: nn.Module) -> str | None:
 
 @contextmanager
 def _parameters(module: nn.Module, params: dict[str, mx.array]):
-    """``module`` with ``params`` (names relative to it) in place of its own, restored
-    after; in float32 where either is (stacked experts held as stored float16 compute in
-    float32 anyway, ``backend.expert_blocks``)."""
+    """``module`` with ``params`` (names relative to it) in place of its own, restored after."""
     originals = [(k, v) for k, v in tree_flatten(module.parameters()) if k in params]
-    module.update(tree_unflatten([(k, params[k] if params[k].dtype == mx.float32 else params[k].astype(v.dtype))
-                                  for k, v in originals]))
+    module.update(tree_unflatten([(k, params[k].astype(v.dtype)) for k, v in originals]))
     try:
         yield module
     finally:

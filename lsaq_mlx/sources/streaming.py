@@ -13,8 +13,9 @@ Weights come in the compute dtype (float32 on the CPU backend, where MLX's float
 matmul is slow; the source's own float type on a GPU), except on the CPU the embeddings
 and LM head, which stay as stored and are upcast in row blocks as they are used, and
 float stacked experts, which stay as stored and are upcast a block of experts at a time
-(``backend.expert_blocks``); quantized sources are dequantized exactly. Tensors are read under the model's names
-(``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time where it transforms them).
+(``backend.expert_blocks``); quantized sources are dequantized exactly. Tensors are read
+under the model's names (``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time
+where it transforms them).
 """
 
 from contextlib import contextmanager
@@ -93,8 +94,8 @@ class StreamedModel:
         names = [self.prefixes[i] + n for n in self._idle[i]]
         scales = [f"{n.rpartition('.')[0]}.scales" for n in names] + [f"{n.rpartition('.')[0]}.biases" for n in names]
         arrays = self.tensors.layer(i, names + scales)
-        return {name: self._read(self.prefixes[i] + name, arrays=arrays, keep_dtype=self.prefixes[i] + name in self._stored)
-                for name in self._idle[i]}
+        return {n: self._read(self.prefixes[i] + n, arrays=arrays, keep_dtype=self.prefixes[i] + n in self._stored)
+                for n in self._idle[i]}
 
     @contextmanager
     def layer(self, i: int):
