@@ -103,8 +103,9 @@ class StreamedModel:
         layer = self.layers[i]
         params = self.layer_parameters(i)
         layer.update(tree_unflatten(list(params.items())))
-        for name in sorted(params, key=lambda n: -params[n].size):  # each stack of experts made alone
-            mx.eval(params[name])
+        for stack in (a for a in params.values() if a.ndim == 3):  # each stack of experts made alone
+            mx.eval(stack)
+        mx.eval(layer.parameters())  # together: a fused tensor split in two is read once
         try:
             yield layer
         finally:
