@@ -159,7 +159,7 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     compensated = _calibrated_weights(source, plan, quantized, QUANTIZERS[quantizer], calib, scratch, side)
     if side is not None:
         _rounded_settings(model, tensors, config, plan, quantized - set(compensated), side)
-    floats = large_matrices(model, quantized - set(compensated), tensors)  # as stored: upcast a block at a time
+    floats = large_matrices(model, quantized - set(compensated), tensors, config)  # upcast a block at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
     quantize_by_row_blocks(model, floats)
@@ -235,13 +235,26 @@ def _rounded_settings(model: nn.Module, tensors, config: dict, plan: QuantPlan, 
 QUANTIZE_BLOCK_BYTES = 64 << 20  # float32 bytes of a matrix's rows quantized at once
 
 
-def large_matrices(model: nn.Module, paths, tensors=None) -> dict:
+def large_matrices(model: nn.Module, paths, tensors=None, config: dict | None = None) -> dict:
     """``{path: MatrixRows}`` of the modules at ``paths`` above ``QUANTIZE_BLOCK_BYTES``,
     read from ``tensors`` (the source's, see ``sources.tensors``) where they hold the
-    same matrix, else sliced from the module's weight."""
+    same matrix (stacked experts a block of experts at a time, as ``config``'s model
+    reads them: ``sources.expert_stacks``), else sliced from the module's weight."""
     modules = dict(model.named_modules())
-    return {p: MatrixRows(modules[p].weight, tensors, f"{p}.weight", getattr(modules[p], "stored_rows", None))
-            for p in paths if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES}
+    large = [p for p in paths if p in modules and modules[p].weight.size * 4 > QUANTIZE_BLOCK_BYTES]
+    experts = {}
+    if tensors is not None and config is not None and any(modules[p].weight.ndim == 3 for p in large):
+        from lsaq_mlx.sources.expert_stacks import checkpoint_experts
+        from lsaq_mlx.sources.model_tensors import ModelTensors
+
+        experts = checkpoint_experts(ModelTensors(tensors, model), config, model)
+    return {p: MatrixRows(modules[p].weight, tensors, f"{p}.weight", getattr(modules[p], "stored_rows", None)
+                          or _expert_rows(experts.get(p)))
+            for p in large}
+
+
+def _expert_rows(stack):
+    return None if stack is None else lambda block: stack.block(block.start, min(block.stop, stack.shape[0]))
 
 
 class MatrixRows:

@@ -4,6 +4,8 @@ one at a time through mlx-lm's own ``sanitize``, experts planned as one module o
 copies (what a stock ``SwitchLinear`` stores), routers at the model's floor, GPTQ per
 expert on its routed tokens, swaps while a chat runs."""
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -12,6 +14,8 @@ from mlx.utils import tree_flatten
 
 from converted_models import assert_loads_with_only_mlx_lm
 from hf_models import CONFIGS, write_hf_folder
+
+from lsaq_mlx.modules import layer_index
 
 MOE_TYPES = list(CONFIGS)
 
@@ -70,10 +74,41 @@ def test_a_checkpoint_with_experts_apart_is_read_a_layer_at_a_time(hf_moe, model
     assert streamed.tensors.sanitizers  # the experts are stacked by sanitize, one layer at a time
     for i in range(len(streamed.layers)):
         params = streamed.layer_parameters(i)
-        assert any(v.ndim == 3 for v in params.values())
+        assert not any(v.ndim == 3 for v in params.values())  # the experts are read by blocks, never held
         for name, value in params.items():
             expected = loaded[streamed.prefixes[i] + name].astype(value.dtype)
             assert mx.array_equal(value, expected), name
+    stacks = streamed.expert_stacks
+    assert {layer_index(p) for p in stacks} == set(range(len(streamed.layers)))
+    for path, stack in stacks.items():
+        expected = loaded[f"{path}.weight"].astype(mx.float32)
+        first, last = 1, stack.shape[0] - 1
+        assert mx.array_equal(stack.block(first, last), expected[first:last]), path
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_a_quantized_folders_experts_are_read_a_block_of_experts_at_a_time_as_exact_floats(hf_moe, model_type,
+                                                                                           tmp_path):
+    """A folder of mlx-lm's quantized experts (how the hub holds MoE models): the streamed
+    model holds none of them; each block read is the stored codes dequantized exactly."""
+    from mlx_lm import convert, load
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from lsaq_mlx.backend.expert_blocks import experts_of
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    convert(str(hf_moe(model_type).path), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    streamed = StreamedModel(resolve_model(str(tmp_path / "q4")))
+    stored = dict(load(str(tmp_path / "q4"))[0].named_modules())
+    expected = {p: m for p, m in stored.items() if isinstance(m, QuantizedSwitchLinear)}
+    assert expected and set(streamed.expert_stacks) == set(expected)
+    modules = dict(streamed.model.named_modules())
+    for path, m in expected.items():
+        assert "weight" not in modules[path]
+        whole = mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), 32, 4)
+        first, last = 1, m.weight.shape[0] - 1
+        assert mx.array_equal(experts_of(modules[path]).block(first, last), whole[first:last]), path
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
@@ -171,8 +206,7 @@ def test_the_experts_fisher_one_expert_at_a_time_equals_the_whole_models(hf_moe,
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_streamed_experts_stay_as_stored_and_compute_by_blocks_what_float32_computes(hf_moe, model_type,
-                                                                                    monkeypatch):
+def test_streamed_experts_read_by_blocks_compute_what_float32_computes(hf_moe, model_type, monkeypatch):
     from mlx.utils import tree_unflatten
     from mlx_lm.models.switch_layers import SwitchLinear
 
@@ -184,14 +218,15 @@ def test_streamed_experts_stay_as_stored_and_compute_by_blocks_what_float32_comp
     cotangent = mx.random.normal(x.shape, key=mx.random.key(2))
     with streamed.layer(1) as layer:
         experts = {p: m for p, m in layer.named_modules() if isinstance(m, SwitchLinear)}
-        assert experts and all(m.weight.dtype == mx.float16 for m in experts.values())
-        one_expert = 4 * next(iter(experts.values())).weight[0].size
+        assert experts and not any("weight" in m for m in experts.values())  # read from the file, not held
+        stacks = {p: blocks.experts_of(m) for p, m in experts.items()}
+        one_expert = 4 * math.prod(next(iter(stacks.values())).shape[1:])
         monkeypatch.setattr(blocks, "EXPERT_BLOCK_BYTES", one_expert)
         (out,), (grad,) = mx.vjp(lambda h: (layer(h),), [x], [cotangent])
         for m in experts.values():
             m.__class__ = SwitchLinear
-        layer.update_modules(tree_unflatten([(p, m) for p, m in experts.items()]))
-        layer.update(tree_unflatten([(f"{p}.weight", m.weight.astype(mx.float32)) for p, m in experts.items()]))
+            m["weight"] = mx.zeros(())
+        layer.update(tree_unflatten([(f"{p}.weight", s.block(0, s.shape[0])) for p, s in stacks.items()]))
         (expected,), (expected_grad,) = mx.vjp(lambda h: (layer(h),), [x], [cotangent])
     np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(grad), np.array(expected_grad), rtol=1e-5, atol=1e-5)

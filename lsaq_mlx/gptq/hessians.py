@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from lsaq_mlx.backend.expert_blocks import experts_held, experts_of
 from lsaq_mlx.gptq.solver import ExpertHessians
 from lsaq_mlx.modules import embedding as embedding_name, inner_model
 from lsaq_mlx.scoring.lens import find_lens
@@ -138,12 +139,13 @@ def head_path(model: nn.Module) -> str | None:
 @contextmanager
 def _parameters(module: nn.Module, params: dict[str, mx.array]):
     """``module`` with ``params`` (names relative to it) in place of its own, restored after."""
-    originals = [(k, v) for k, v in tree_flatten(module.parameters()) if k in params]
-    module.update(tree_unflatten([(k, params[k].astype(v.dtype)) for k, v in originals]))
-    try:
-        yield module
-    finally:
-        module.update(tree_unflatten(originals))
+    with experts_held(module, params) as params:
+        originals = [(k, v) for k, v in tree_flatten(module.parameters()) if k in params]
+        module.update(tree_unflatten([(k, params[k].astype(v.dtype)) for k, v in originals]))
+        try:
+            yield module
+        finally:
+            module.update(tree_unflatten(originals))
 
 
 def _gram(x: mx.array) -> mx.array:
@@ -171,7 +173,7 @@ class _Recorder(nn.Module):
         rows = mx.broadcast_to(x, (*indices.shape, *x.shape[-2:])).reshape(-1, x.shape[-1]).astype(mx.float32)
         experts = np.array(indices.flatten())
         order = np.argsort(experts, kind="stable")
-        counts = np.bincount(experts, minlength=self.module.weight.shape[0])
+        counts = np.bincount(experts, minlength=experts_of(self.module).shape[0])
         rows = rows[mx.array(order)]
         grams, tokens = self._sink[0].setdefault(self._key, ([None] * len(counts), np.zeros(len(counts), np.int64)))
         start = 0

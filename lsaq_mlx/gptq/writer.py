@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from lsaq_mlx.backend.expert_blocks import experts_of
 from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
@@ -82,10 +83,10 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
         equalizing = quantizer.equalize and layer is not None
         # Equalization scales whole matrices (never stacked experts); otherwise row blocks
-        # or experts are upcast as they are quantized, so the LM head and a layer's
-        # experts (as stored on the CPU) are never in float32 at once.
-        weights = {p: m.weight.astype(mx.float32) if equalizing and m.weight.ndim == 2 else m.weight
-                   for p, m in modules.items()}
+        # are upcast as they are quantized and experts read one at a time, so the LM head
+        # and a layer's experts are never in float32 at once.
+        weights = {p: experts_of(m) if isinstance(hessians[p], ExpertHessians) else
+                   m.weight.astype(mx.float32) if equalizing else m.weight for p, m in modules.items()}
         biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
         if equalizing:
@@ -121,18 +122,19 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
 def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
     """The layer's parameters (names relative to it) that ``arrays`` (its written
     modules and folded norms) give it, quantized modules dequantized to float32; stacked
-    experts to float16, as MLX dequantizes with float16 scales (a float32 copy of a
-    layer's experts is 2.4 GB at Qwen3-30B-A3B)."""
+    experts as their codes, scales and biases (``backend.expert_blocks.experts_held``
+    dequantizes them a block at a time: a float32 copy of a layer's experts is 2.4 GB
+    at Qwen3-30B-A3B)."""
     params = {}
     for name, value in arrays.items():
         path, _, param = name.rpartition(".")
-        if path not in affine or param == "bias":
+        if path not in affine or param == "bias" or value.ndim == 3:
             params[name[len(prefix):]] = value
         elif param == "weight":
             choice = affine[path]
             weight = mx.dequantize(value, arrays[f"{path}.scales"], arrays[f"{path}.biases"], choice.group_size,
                                    choice.bits)
-            params[name[len(prefix):]] = weight.astype(mx.float32) if weight.ndim == 2 else weight
+            params[name[len(prefix):]] = weight.astype(mx.float32)
     return params
 
 
@@ -144,7 +146,7 @@ def _better_layer(layer: CalibratedLayer, modules: dict, hessians: dict, affine:
     rounded = {}
     for path, m in modules.items():
         h = hessians[path]
-        codes = (_expert_codes(rtn, m.weight, h, affine[path], False, tally) if isinstance(h, ExpertHessians)
+        codes = (_expert_codes(rtn, experts_of(m), h, affine[path], False, tally) if isinstance(h, ExpertHessians)
                  else rtn.codes(m.weight, None, affine[path], False))
         rounded |= _named(path, codes, m.bias if "bias" in m else None)
     errors = [layer.held_out_error(_as_written(a, layer.prefix, affine)) for a in (arrays, rounded)]
@@ -238,16 +240,17 @@ def never_worse_than_rounding(codes: AffineCodes, weight: mx.array, choice: Affi
     return AffineCodes(*(np.where(pick, getattr(rtn, f), getattr(codes, f)) for f in ("weight", "scales", "biases")))
 
 
-def _expert_codes(quantizer, weight: mx.array, hessians: ExpertHessians, choice: Affine, clip: bool,
+def _expert_codes(quantizer, stack, hessians: ExpertHessians, choice: Affine, clip: bool,
                   count: CalibrationCounts) -> AffineCodes:
-    """Each expert's codes from its own routed inputs; one that too few calibration
-    tokens reached (``MIN_EXPERT_TOKENS``) is rounded to nearest."""
+    """Each expert's codes (of ``stack``, an ``ExpertStack``: one expert's weights read at
+    a time) from its own routed inputs; one that too few calibration tokens reached
+    (``MIN_EXPERT_TOKENS``) is rounded to nearest."""
     rtn = QUANTIZERS["rtn"]
     parts = []
-    for e in range(weight.shape[0]):
-        inputs = hessians.expert(e)
-        parts.append(rtn.codes(weight[e], None, choice, False) if inputs is None
-                     else quantizer.codes(weight[e], inputs, choice, clip))
+    for e in range(stack.shape[0]):
+        inputs, weight = hessians.expert(e), stack.block(e, e + 1)[0]
+        parts.append(rtn.codes(weight, None, choice, False) if inputs is None
+                     else quantizer.codes(weight, inputs, choice, clip))
         count.experts_rounded += inputs is None
         count.experts_calibrated += inputs is not None
     return AffineCodes(*(np.stack([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))

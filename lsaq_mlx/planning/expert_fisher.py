@@ -17,6 +17,8 @@ import numpy as np
 from mlx.utils import tree_unflatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from lsaq_mlx.backend.expert_blocks import experts_of
+
 
 class ExpertRecorder:
     """Probes on the expert modules ``paths`` (names relative to ``layer``)."""
@@ -60,18 +62,19 @@ class ExpertRecorder:
     def price(self, prefix: str, sequences: int, on_weights) -> None:
         """``on_weights(path, expert's weight, its Fisher)`` for every expert, one at a time."""
         for p, module in self.modules.items():
-            count = module.weight.shape[0]
+            stack = experts_of(module)
+            count = stack.shape[0]
             records = [_by_expert(x, e, g, count) for x, e, g in self.records[p]]
             self.records[p] = []
             for expert in range(count):
-                fisher = mx.zeros(module.weight.shape[1:], mx.float32)
+                fisher = mx.zeros(stack.shape[1:], mx.float32)
                 for x, g, starts in records:
                     rows = slice(int(starts[expert]), int(starts[expert + 1]))
                     if rows.stop > rows.start:
                         grad = g[rows].T @ x[rows]
                         fisher = fisher + grad * grad
                 mx.eval(fisher)
-                on_weights(prefix + p, module.weight[expert].astype(mx.float32), fisher / sequences)
+                on_weights(prefix + p, stack.block(expert, expert + 1)[0], fisher / sequences)
 
 
 def _by_expert(x: mx.array, experts: mx.array, g: mx.array, count: int):

@@ -14,6 +14,7 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from lsaq_mlx.errors import UserError
@@ -74,6 +75,13 @@ class ModelTensors:
     def shape_of(self, name: str):
         return self.tensors.shape_of(self.direct[name])
 
+    def stacked(self, index: int) -> dict[str, list[str]]:
+        """``{parameter: [checkpoint tensors]}`` of decoder layer ``index``'s parameters
+        that sanitize makes by stacking whole checkpoint tensors (experts stored apart),
+        in stacking order."""
+        sanitizer = self.sanitizers.get(index)
+        return sanitizer.stacked(self.tensors) if sanitizer is not None else {}
+
     def rows(self, name: str, start: int, stop: int) -> mx.array:
         return self.tensors.rows(self.direct[name], start, stop)
 
@@ -125,6 +133,27 @@ class _LayerSanitizer:
                 self.names = list(out)
                 return
         raise NotStreamable(f"mlx-lm's sanitize does not give layer {index}'s parameters from its tensors alone")
+
+    def stacked(self, tensors) -> dict[str, list[str]]:
+        """See ``ModelTensors.stacked``: sanitize run on small distinct stand-ins of the
+        layer's 2-D float tensors (the rest unread placeholders); a parameter made of
+        them is a stack where each of its matrices is exactly one of them."""
+        shapes = {n: tensors.shape_of(n) for n in self.raw}
+        small = [n for n in self.raw if len(shapes[n][0]) == 2 and shapes[n][1] in DTYPES]
+        marks = {n: mx.arange(6, dtype=mx.float32).reshape(2, 3) + 8 * k for k, n in enumerate(small)}
+        try:
+            out = self._sanitized(placeholders(tensors, self.raw) | marks)
+        except Exception:  # a sanitize that reads the real shapes
+            return {}
+        stacks = {}
+        for name, array in out.items():
+            if array.shape[1:] != (2, 3) or array.ndim != 3 or not mx.issubdtype(array.dtype, mx.floating):
+                continue
+            values = np.array(array.astype(mx.float32))
+            which = [int(v[0, 0]) // 8 for v in values]
+            if all(0 <= k < len(small) and np.array_equal(v, np.array(marks[small[k]])) for k, v in zip(which, values)):
+                stacks[name] = [small[k] for k in which]
+        return stacks
 
     def arrays(self, read) -> dict[str, mx.array]:
         """The layer's parameters by model name, from ``read(checkpoint name)`` (lazy)."""

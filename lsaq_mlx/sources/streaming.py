@@ -12,10 +12,13 @@ the number of layers.
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
 matmul is slow; the source's own float type on a GPU), except on the CPU the embeddings
 and LM head, which stay as stored and are upcast in row blocks as they are used, and
-float stacked experts, which stay as stored and are upcast a block of experts at a time
-(``backend.expert_blocks``); quantized sources are dequantized exactly. Tensors are read
-under the model's names (``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time
-where it transforms them).
+stacked experts, which are not held at all: each call reads and upcasts a block of
+experts at a time (``sources.expert_stacks``, ``backend.expert_blocks``), or where the
+checkpoint cannot be read in parts (a pack) they stay as stored if float. Quantized
+sources are dequantized exactly. Tensors are read under the model's names
+(``model_tensors``: mlx-lm's ``sanitize`` run a layer at a time where it transforms
+them). So a layer's memory is its weights other than the experts, one block of
+``EXPERT_BLOCK_BYTES`` experts in float32, and the activations.
 """
 
 from contextlib import contextmanager
@@ -30,6 +33,7 @@ from lsaq_mlx.backend.expert_blocks import make_blocked
 from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.backend.hybrid import make_hybrid
 from lsaq_mlx.modules import final_norm, inner_model, layer_index
+from lsaq_mlx.sources.expert_stacks import checkpoint_experts
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.model_tensors import DTYPES, ModelTensors, NotStreamable
 from lsaq_mlx.sources.tensors import source_tensors
@@ -57,6 +61,11 @@ class StreamedModel:
         self.dtype = dtype or _compute_dtype(self.tensors.tensors)
         self.layers = inner_model(self.model)["layers"]
         self.prefixes = _layer_prefixes(self.model, self.layers)
+        modules = dict(self.model.named_modules())
+        self.expert_stacks = checkpoint_experts(self.tensors, self.config, self.model) \
+            if self.dtype == mx.float32 else {}
+        for path, stack in self.expert_stacks.items():
+            make_blocked(modules[path], stack)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
         self._stored = _hybrid_matrices(self.model) | _float_experts(self) if self.dtype == mx.float32 else set()
@@ -103,7 +112,7 @@ class StreamedModel:
         layer = self.layers[i]
         params = self.layer_parameters(i)
         layer.update(tree_unflatten(list(params.items())))
-        for stack in (a for a in params.values() if a.ndim == 3):  # each stack of experts made alone
+        for stack in (a for a in params.values() if a.ndim == 3):  # each stack of experts held made alone
             mx.eval(stack)
         mx.eval(layer.parameters())  # together: a fused tensor split in two is read once
         try:

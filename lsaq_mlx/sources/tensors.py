@@ -1,6 +1,7 @@
 """A source's tensors by name, each read from disk only when asked for: the way every
 stage reads weights one layer (or one module) at a time instead of the whole model."""
 
+import math
 import struct
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import numpy as np
 from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.formats import safetensors_header
 
-# float dtypes whose rows ``SourceTensors.rows`` reads straight from the file
-_ROW_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "BF16": (np.uint16, mx.bfloat16)}
+# dtypes whose rows ``SourceTensors.rows`` reads straight from the file (float weights,
+# quantized codes)
+_ROW_DTYPES = {"F16": (np.float16, None), "F32": (np.float32, None), "BF16": (np.uint16, mx.bfloat16),
+               "U32": (np.uint32, None), "U8": (np.uint8, None)}
 
 
 class SourceTensors:
@@ -50,16 +53,18 @@ class SourceTensors:
         return array
 
     def rows(self, name: str, start: int, stop: int) -> mx.array:
-        """Rows ``start:stop`` of a float matrix, read from its file alone: a row block of
-        an embedding or LM head without the whole tensor in memory."""
+        """Rows ``start:stop`` (along the first axis) of a float matrix or a stack of
+        matrices (a layer's experts, their codes or scales), read from its file alone: a
+        row block of an embedding or LM head, or a block of experts, without the whole
+        tensor in memory."""
         shape, dtype = self._shapes[name]
-        if len(shape) != 2 or dtype not in _ROW_DTYPES or not 0 <= start <= stop <= shape[0]:
+        if len(shape) < 2 or dtype not in _ROW_DTYPES or not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"cannot read rows {start}:{stop} of {name} ({dtype} {shape})")
         stored, view = _ROW_DTYPES[dtype]
-        row_bytes = shape[1] * np.dtype(stored).itemsize
+        row_bytes = math.prod(shape[1:]) * np.dtype(stored).itemsize
         with open(self.folder / self.files[name], "rb") as f:
             f.seek(self._offsets[name] + start * row_bytes)
-            data = np.frombuffer(f.read((stop - start) * row_bytes), dtype=stored).reshape(stop - start, shape[1])
+            data = np.frombuffer(f.read((stop - start) * row_bytes), dtype=stored).reshape(stop - start, *shape[1:])
         self.bytes_read += data.nbytes
         array = mx.array(data)
         return array.view(view) if view is not None else array
