@@ -254,3 +254,29 @@ def test_blocked_experts_hold_one_block_of_float32_weights_forward_and_back(monk
     before = mx.get_active_memory()
     mx.eval(mx.vjp(lambda h: (layer(h, indices),), [x], [cotangent]))
     assert mx.get_peak_memory() - before < 4 * experts * out_dims * in_dims / 4
+
+
+def test_experts_hessians_are_fitted_only_and_kept_one_per_expert(hf_moe):
+    """Held-out inputs check the rows of matrices, never experts: a layer's expert
+    Hessians (8.6 GB at Qwen3-235B-A22B) are made once, not again for held-out text."""
+    from lsaq_mlx.gptq.hessians import each_layer_hessians
+    from lsaq_mlx.gptq.solver import ExpertHessians
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    streamed = StreamedModel(hf_moe("qwen3_moe"))
+    paths = {p for p, m in streamed.model.named_modules() if isinstance(m, nn.Linear) or "switch_mlp." in p}
+    tokens = mx.random.randint(0, 1000, (6, 32), key=mx.random.key(3))
+    seen = []
+
+    def on_modules(modules, hessians, layer):
+        if layer is not None:
+            seen.append((dict(hessians), dict(hessians.held_out)))
+
+    each_layer_hessians(streamed, tokens, paths, on_modules, held_out=2)
+    assert seen
+    for fitted, held_out in seen:
+        experts = [p for p, h in fitted.items() if isinstance(h, ExpertHessians)]
+        assert experts and held_out and not set(experts) & set(held_out)
+        for p in experts:
+            h = fitted[p]
+            assert all((g is None) == (n == 0) for g, n in zip(h.hessians, h.tokens))

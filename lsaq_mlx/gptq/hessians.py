@@ -100,13 +100,15 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, kinds)}
         fit = x_in.shape[0] - held_out
         hessians = _layer_hessians(layer, modules, forward, x_in[:fit], rows, halves)
-        checks = _layer_hessians(layer, modules, forward, x_in[fit:], rows, False) if held_out else {}
+        # held-out inputs check rows of matrices (``never_worse_than_rounding``), not experts
+        matrices = {p: m for p, m in modules.items() if not isinstance(m, SwitchLinear)}
+        checks = _layer_hessians(layer, matrices, forward, x_in[fit:], rows, False) if held_out else {}
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         held = (x_in[fit:fit + n], x_out[fit:fit + n].astype(mx.float32)) if held_out else (None, None)
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held)
         replaced = on_modules({prefix + p: m for p, m in modules.items()},
                               LayerHessians({prefix + p: hessians[_input_key(p)] for p in modules},
-                                            {prefix + p: checks[_input_key(p)] for p in modules if checks}), sample)
+                                            {prefix + p: checks[_input_key(p)] for p in matrices if checks}), sample)
         step()
         if replaced is None:
             return None
@@ -212,9 +214,11 @@ def _to_numpy(h):
     if not isinstance(h, tuple):
         return np.array(h)
     grams, tokens = h
-    width = next(g.shape[0] for g in grams if g is not None)
-    stacked = np.stack([np.zeros((width, width), np.float32) if g is None else np.array(g) for g in grams])
-    return ExpertHessians(stacked, tokens)
+    hessians = []
+    for e in range(len(grams)):  # one at a time: a layer's expert Hessians are never held twice
+        hessians.append(None if grams[e] is None else np.array(grams[e]))
+        grams[e] = None
+    return ExpertHessians(hessians, tokens)
 
 
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}

@@ -79,9 +79,10 @@ MIN_EXPERT_TOKENS = 128  # routed calibration tokens below which an expert is ro
 
 class ExpertHessians:
     """The input Hessians of a layer's stacked experts, one per expert from the tokens
-    routed to it (experts x inputs x inputs), and how many tokens each saw."""
+    routed to it (inputs x inputs; None for an expert no token reached), and how many
+    tokens each saw."""
 
-    def __init__(self, hessians: np.ndarray, tokens: np.ndarray):
+    def __init__(self, hessians: list[np.ndarray | None], tokens: np.ndarray):
         self.hessians, self.tokens = hessians, tokens
 
     def expert(self, e: int) -> ModuleInputs | None:
