@@ -258,21 +258,23 @@ def test_blocked_experts_hold_one_block_of_float32_weights_forward_and_back(monk
 
 def test_experts_hessians_are_fitted_only_and_kept_one_per_expert(hf_moe):
     """Held-out inputs check the rows of matrices, never experts: a layer's expert
-    Hessians (8.6 GB at Qwen3-235B-A22B) are made once, not again for held-out text."""
+    Hessians (8.6 GB at Qwen3-235B-A22B) are made once, not again for held-out text; an
+    expert that fewer tokens than inputs reached keeps its rows (smaller)."""
     from lsaq_mlx.gptq.hessians import each_layer_hessians
     from lsaq_mlx.gptq.solver import ExpertHessians
     from lsaq_mlx.sources.streaming import StreamedModel
 
     streamed = StreamedModel(hf_moe("qwen3_moe"))
     paths = {p for p, m in streamed.model.named_modules() if isinstance(m, nn.Linear) or "switch_mlp." in p}
-    tokens = mx.random.randint(0, 1000, (6, 32), key=mx.random.key(3))
-    seen = []
+    seen, kinds = [], set()
 
     def on_modules(modules, hessians, layer):
         if layer is not None:
             seen.append((dict(hessians), dict(hessians.held_out)))
 
-    each_layer_hessians(streamed, tokens, paths, on_modules, held_out=2)
+    for sequences in (3, 12):  # 16 and 176 routed rows per expert on average; 64 inputs
+        tokens = mx.random.randint(0, 1000, (sequences, 32), key=mx.random.key(3))
+        each_layer_hessians(streamed, tokens, paths, on_modules, held_out=1)
     assert seen
     for fitted, held_out in seen:
         experts = [p for p, h in fitted.items() if isinstance(h, ExpertHessians)]
@@ -280,3 +282,5 @@ def test_experts_hessians_are_fitted_only_and_kept_one_per_expert(hf_moe):
         for p in experts:
             h = fitted[p]
             assert all((g is None) == (n == 0) for g, n in zip(h.hessians, h.tokens))
+            kinds |= {(g.shape[0] < g.shape[1], g.shape[0] == n) for g, n in zip(h.hessians, h.tokens) if n}
+    assert kinds == {(True, True), (False, False)}, kinds  # rows while fewer than the inputs, else a Hessian

@@ -171,7 +171,10 @@ class _Recorder(nn.Module):
         return self.module(x, *args, **kwargs)
 
     def _record_experts(self, x, indices):
-        """``x^T x`` of the rows routed to each expert, and how many there were."""
+        """``x^T x`` of the rows routed to each expert, and how many there were; while
+        fewer rows than inputs reached an expert, the rows themselves (smaller: at
+        Qwen3-235B-A22B a layer's 128 Hessians of 4096 inputs take 8.6 GB, its routed
+        calibration rows 2.1 GB)."""
         rows = mx.broadcast_to(x, (*indices.shape, *x.shape[-2:])).reshape(-1, x.shape[-1]).astype(mx.float32)
         experts = np.array(indices.flatten())
         order = np.argsort(experts, kind="stable")
@@ -179,10 +182,15 @@ class _Recorder(nn.Module):
         rows = rows[mx.array(order)]
         grams, tokens = self._sink[0].setdefault(self._key, ([None] * len(counts), np.zeros(len(counts), np.int64)))
         start = 0
+        width = rows.shape[-1]
         for e, n in enumerate(counts):
             if n:
-                part = _gram(rows[start : start + n])
-                grams[e] = part if grams[e] is None else grams[e] + part
+                part, seen = rows[start : start + n], tokens[e] + n
+                if seen < width:
+                    grams[e] = part if grams[e] is None else mx.concatenate([grams[e], part])
+                else:
+                    held = _gram(grams[e]) if grams[e] is not None and tokens[e] < width else grams[e]
+                    grams[e] = _gram(part) if held is None else held + _gram(part)
             start += n
         tokens += counts
         mx.eval([g for g in grams if g is not None])

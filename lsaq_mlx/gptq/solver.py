@@ -79,15 +79,19 @@ MIN_EXPERT_TOKENS = 128  # routed calibration tokens below which an expert is ro
 
 class ExpertHessians:
     """The input Hessians of a layer's stacked experts, one per expert from the tokens
-    routed to it (inputs x inputs; None for an expert no token reached), and how many
-    tokens each saw."""
+    routed to it (inputs x inputs; or while fewer tokens than inputs reached an expert,
+    its rows, tokens x inputs; None for an expert no token reached), and how many tokens
+    each saw."""
 
     def __init__(self, hessians: list[np.ndarray | None], tokens: np.ndarray):
         self.hessians, self.tokens = hessians, tokens
 
     def expert(self, e: int) -> ModuleInputs | None:
         """Expert ``e``'s inputs, or None when too few tokens reached it to calibrate on."""
-        return ModuleInputs(self.hessians[e]) if self.tokens[e] >= MIN_EXPERT_TOKENS else None
+        if self.tokens[e] < MIN_EXPERT_TOKENS:
+            return None
+        h = self.hessians[e]
+        return ModuleInputs(h if h.shape[0] == h.shape[1] else h.T @ h)
 
 
 def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:
