@@ -14,6 +14,9 @@ passes ``--rss-limit`` (the row then says so) so that no step takes the machine 
 - ``convert-gptq``, ``convert-awq``, ``convert-awq-gptq``: ``convert -b 4.0 --quantizer
   ...`` with the cache ``convert`` filled (the cost table is read): what the calibrated
   quantizer adds, 16,384 calibration tokens a layer at a time;
+- ``convert-from-q4``: ``convert -b 3.5`` (rtn, an empty cache) from mlx-lm's 4-bit
+  folder of the same model (``mlx_lm.convert -q``, 4 bits, group 64; made first, not
+  measured): a quantized source, as the hub holds models;
 - ``eval --max-tokens 1024`` of the converted model, with KL to the source;
 - ``chat -b 4.0`` scripted: a message, ``/plan 3.5``, a message, ``/plan 4.5``, a message,
   16 tokens each; the cost table comes from the cache ``convert`` filled (planning a new
@@ -42,8 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("score", "plan", "convert", "convert-gptq", "convert-awq", "convert-awq-gptq", "eval", "chat", "chat-float32",
-         "mlx_lm.convert", "dynamic_quant")
+STEPS = ("score", "plan", "convert", "convert-gptq", "convert-awq", "convert-awq-gptq", "convert-from-q4", "eval",
+         "chat", "chat-float32", "mlx_lm.convert", "dynamic_quant")
 CHAT_SCRIPT = "Tell me about Paris.\n/plan 3.5\nAnd about Rome?\n/plan 4.5\nThanks.\n/quit\n"
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -136,6 +139,16 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             shutil.rmtree(out, ignore_errors=True)
             rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "--quantizer", "rtn", "-o", str(out), "--json"],
                                  env("convert"), rss_limit)
+        elif step == "convert-from-q4":
+            q4, target = work / f"{spec.replace('/', '-')}-q4-source", work / f"{spec.replace('/', '-')}-3.5-from-q4"
+            if not q4.is_dir():
+                subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder), "-q", "--q-bits",
+                                "4", "--q-group-size", "64", "--mlx-path", str(q4)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            shutil.rmtree(target, ignore_errors=True)
+            rows[step] = measure([*cli, "convert", "-m", str(q4), "-b", "3.5", "--quantizer", "rtn", "-o", str(target),
+                                  "--json"], env(step), rss_limit)
+            shutil.rmtree(target, ignore_errors=True)
         elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
             target = work / f"{spec.replace('/', '-')}-4.0-{step}"
             shutil.rmtree(target, ignore_errors=True)
