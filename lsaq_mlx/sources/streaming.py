@@ -112,7 +112,7 @@ class StreamedModel:
         layer = self.layers[i]
         params = self.layer_parameters(i)
         layer.update(tree_unflatten(list(params.items())))
-        for stack in (a for a in params.values() if a.ndim == 3):  # each stack of experts held made alone
+        for stack in (a for a in params.values() if a.ndim == 3):  # experts held (a pack's): each stack made alone
             mx.eval(stack)
         mx.eval(layer.parameters())  # together: a fused tensor split in two is read once
         try:
