@@ -89,3 +89,9 @@ def final_norm(inner: nn.Module) -> str:
 def embedding(inner: nn.Module) -> str | None:
     """The name of the inner model's token embedding (None if it has none)."""
     return next((n for n in EMBEDDINGS if n in inner), None)
+
+
+def layer_hidden(out):
+    """A decoder layer's hidden states from what it returns: most return them alone,
+    Gemma 4's a tuple that also holds the keys and values later layers share."""
+    return out[0] if isinstance(out, tuple) else out

@@ -14,17 +14,27 @@ from mlx.utils import tree_flatten, tree_unflatten
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
               rope_theta=10000.0, max_position_embeddings=512, tie_word_embeddings=False)
 
+QWEN3_5_ROPE = {"type": "default", "mrope_section": [1, 1, 0], "rope_theta": 10000.0, "partial_rotary_factor": 0.25}
 CONFIGS = {
     "qwen3_moe": dict(model_type="qwen3_moe", intermediate_size=128, num_experts=4, num_experts_per_tok=2,
                       decoder_sparse_step=1, mlp_only_layers=[], moe_intermediate_size=32, head_dim=16,
                       norm_topk_prob=True),
     "mixtral": dict(model_type="mixtral", intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_5_moe": dict(model_type="qwen3_5_moe", intermediate_size=128, linear_num_value_heads=4,
+                        linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+                        linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+                        shared_expert_intermediate_size=32, moe_intermediate_size=32, head_dim=16,
+                        full_attention_interval=2, rope_parameters=QWEN3_5_ROPE),
 }
 DENSE_CONFIGS = {  # dense types whose forward changes the head's output
     "granite": dict(model_type="granite", intermediate_size=128, logits_scaling=8.0, attention_multiplier=0.25,
                     embedding_multiplier=12.0, residual_multiplier=0.22, attention_bias=False, mlp_bias=False),
     "gemma2": dict(model_type="gemma2", intermediate_size=128, head_dim=16, final_logit_softcapping=5.0,
                    attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
+    "gemma4_text": dict(model_type="gemma4_text", intermediate_size=128, head_dim=16, global_head_dim=32,
+                        num_hidden_layers=4, num_kv_shared_layers=2, num_key_value_heads=1,
+                        hidden_size_per_layer_input=16, vocab_size_per_layer_input=300, sliding_window=8,
+                        sliding_window_pattern=2, final_logit_softcapping=30.0),
 }
 OTHER_CONFIGS = {  # written in mlx-lm's own layout (sanitize leaves it as it is)
     "llama": dict(model_type="llama", intermediate_size=128),
@@ -47,6 +57,9 @@ OTHER_CONFIGS = {  # written in mlx-lm's own layout (sanitize leaves it as it is
                        linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
                        shared_expert_intermediate_size=32, mlp_only_layers=[], moe_intermediate_size=32,
                        partial_rotary_factor=0.25, head_dim=16, full_attention_interval=2),
+    "qwen3_5": dict(model_type="qwen3_5", intermediate_size=128, linear_num_value_heads=4, linear_num_key_heads=2,
+                    linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, head_dim=16,
+                    full_attention_interval=2, rope_parameters=QWEN3_5_ROPE),
     "nemotron_h": dict(model_type="nemotron_h", intermediate_size=128, attention_bias=False, mamba_num_heads=4,
                        mamba_head_dim=16, mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1,
                        mlp_bias=False, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True,
@@ -69,6 +82,8 @@ EXPERT_NAMES = {
 def build(model_type: str, vocab_size: int, seed: int = 0):
     """The mlx-lm model of ``model_type`` with random weights (norms near 1) and its config."""
     config = COMMON | ALL_CONFIGS[model_type] | {"vocab_size": vocab_size}
+    if "vocab_size_per_layer_input" in config:  # Gemma 4's per-layer embeddings share the vocabulary
+        config["vocab_size_per_layer_input"] = vocab_size
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     model = module.Model(module.ModelArgs.from_dict(config))
     mx.random.seed(seed)
@@ -81,6 +96,8 @@ def build(model_type: str, vocab_size: int, seed: int = 0):
 
 def hf_tensors(model, model_type: str) -> dict[str, mx.array]:
     """The model's parameters under Hugging Face names, experts apart, float16."""
+    if model_type in ("qwen3_5", "qwen3_5_moe"):
+        return _qwen3_5_tensors(model)
     out = {}
     for name, value in tree_flatten(model.parameters()):
         stem, _, rest = name.partition(".layers.")
@@ -94,6 +111,32 @@ def hf_tensors(model, model_type: str) -> dict[str, mx.array]:
         for e in range(value.shape[0]):
             hf = pattern[1].format(e=e, p=proj)
             out[f"{stem}.layers.{index}.{hf}"] = value[e].astype(mx.float16)
+    return out
+
+
+def _qwen3_5_tensors(model) -> dict[str, mx.array]:
+    """Qwen3.5 as its Hugging Face checkpoints hold it: under ``model.language_model``,
+    norms stored as offsets from 1, the convolution as (channels, 1, kernel) and each
+    layer's experts fused into ``experts.gate_up_proj`` and ``experts.down_proj``."""
+    out = {}
+    for name, value in tree_flatten(model.parameters()):
+        name = name.replace("language_model.model.", "model.language_model.").replace("language_model.lm_head.",
+                                                                                         "lm_head.")
+        if "conv1d.weight" in name:
+            value = value.moveaxis(2, 1)
+        elif name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight", "model.language_model.norm.weight",
+                            "q_norm.weight", "k_norm.weight")):
+            value = value - 1.0
+        if ".switch_mlp." in name:
+            stem, _, proj = name.partition(".switch_mlp.")
+            if proj == "gate_proj.weight":
+                up = dict(tree_flatten(model.parameters()))[name.replace("model.language_model.", "language_model.model.")
+                                                             .replace("gate_proj", "up_proj")]
+                out[f"{stem}.experts.gate_up_proj"] = mx.concatenate([value, up], axis=-2).astype(mx.float16)
+            elif proj == "down_proj.weight":
+                out[f"{stem}.experts.down_proj"] = value.astype(mx.float16)
+            continue
+        out[name] = value.astype(mx.float16)
     return out
 
 

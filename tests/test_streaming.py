@@ -21,7 +21,7 @@ from lsaq_mlx.evaluation.divergence import ReferenceDistributions
 from lsaq_mlx.modules import module_at
 from lsaq_mlx.planning.cost import module_errors
 from lsaq_mlx.planning.fisher import streamed_fisher
-from lsaq_mlx.planning.planner import Planner
+from lsaq_mlx.planning.planner import Planner, PlanRequest
 from lsaq_mlx.scoring.run import ScoreOptions, score
 from lsaq_mlx.sources import load_model
 from lsaq_mlx.sources.streaming import StreamedModel
@@ -278,3 +278,45 @@ def test_convert_memory_follows_one_layer_not_the_model(mid_models, tmp_path):
     # above the process that loads the same code and tokenizer: a few layers and a few
     # embedding-sized blocks (the embedding's Fisher and errors are computed in row blocks)
     assert peaks[9] - baseline < 8 * layer_bytes + 6 * embedding_bytes, (peaks, baseline, layer_bytes)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # an LM head apart; an embedding tied to it (and scaled)
+def test_a_quantized_sources_embedding_and_head_stay_codes_and_price_as_dequantized(tiny_source, arch, tmp_path,
+                                                                                     monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens, head_path
+    from lsaq_mlx.modules import layer_index
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources import resolve_model, streaming
+    from lsaq_mlx.sources.load import load_tokenizer
+    from cli_run import run_cli
+
+    done = run_cli("convert", "-m", tiny_source(arch).path, "--method", "uniform", "--bits", "4", "--group-size",
+                   "32", "-o", tmp_path / "q4")
+    assert done.returncode == 0, done.stderr
+    source = resolve_model(str(tmp_path / "q4"))
+    modules = Planner(source).context().modules
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
+
+    def run(streamed):
+        outside = {n: a.dtype for n, a in tree_flatten(streamed.model.parameters())
+                   if layer_index(n) is None and n.endswith(".weight") and a.ndim == 2}
+        fisher, errors, collect = fisher_collector(modules)
+        streamed_fisher(streamed, TOKENS, modules, collect)
+        head, scratch = head_path(streamed.model), tmp_path / f"scratch-{outside[next(iter(outside))]}"
+        scratch.mkdir()
+        plan = Planner(source).plan(PlanRequest(method="uniform", bits=3, group_size=32))
+        written = writer.calibrated_weights(streamed, tokens, {head: plan.modules[head]}, scratch, QUANTIZERS["gptq"])
+        return outside, errors, {k: np.array(v) for k, v in written[head].items()}
+
+    kept, errors, head = run(StreamedModel(source))
+    assert kept and set(kept.values()) == {mx.uint32}
+    monkeypatch.setattr(streaming, "_keep_codes", lambda *args: set())  # as before: dequantized when read
+    dequantized, expected, expected_head = run(StreamedModel(source))
+    assert set(dequantized.values()) == {mx.float32}
+    for path, by_key in expected.items():
+        for key, value in by_key.items():
+            assert errors[path][key] == pytest.approx(value, rel=1e-5), (path, key)
+    for name, value in expected_head.items():
+        np.testing.assert_array_equal(head[name], value)

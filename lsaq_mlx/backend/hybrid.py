@@ -37,6 +37,35 @@ def exact_dequantize(codes: mx.array, scales: mx.array, biases: mx.array | None,
     return mx.dequantize(codes, scales, biases, group_size, bits, mode=mode)
 
 
+def float_weight(module: nn.Module) -> mx.array:
+    """The float matrix a linear or embedding module stands for: its weight, or its codes
+    dequantized exactly (lazily; in float32)."""
+    if "scales" not in module:
+        return module.weight
+    return exact_dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
+                            module.mode)
+
+
+class QuantizedRows:
+    """A quantized module's matrix read by row blocks (``rows[a:b]``), each dequantized
+    exactly when read: no float copy of the whole matrix."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.shape = (module.weight.shape[0], module.scales.shape[1] * module.group_size)
+
+    def __getitem__(self, rows: slice) -> mx.array:
+        m = self.module
+        biases = m.get("biases")
+        return exact_dequantize(m.weight[rows], m.scales[rows], None if biases is None else biases[rows],
+                                m.group_size, m.bits, m.mode)
+
+
+def weight_rows(module: nn.Module):
+    """What ``[a:b]`` reads a module's float rows from: its weight, or ``QuantizedRows``."""
+    return QuantizedRows(module) if "scales" in module else module.weight
+
+
 def _matmul(module: nn.Module, x: mx.array) -> mx.array:
     scales, biases = exact_scales(module)
     x = x.astype(mx.float32)

@@ -43,11 +43,12 @@ class CalibratedLayer:
 
     prefix: str  # its modules' paths in the model start with this
     module: nn.Module
-    forward: Callable[[mx.array], mx.array]
+    forward: Callable[..., mx.array]  # (h, first sequence of the batch it is)
     x_in: mx.array
     x_out: mx.array
     held_in: mx.array | None = None
     held_out: mx.array | None = None
+    held_start: int = 0
 
     def output_error(self, params: dict[str, mx.array]) -> float:
         """The summed squared change of the layer's output on ``x_in`` with ``params``
@@ -61,7 +62,8 @@ class CalibratedLayer:
         next layer's norm sees. (A plain sum is decided by the few tokens whose hidden
         state is orders of magnitude larger than the rest, as Gemma's are.)"""
         with _parameters(self.module, params):
-            change = mx.sum(mx.square(self.forward(self.held_in).astype(mx.float32) - self.held_out), axis=-1)
+            change = mx.sum(mx.square(self.forward(self.held_in, self.held_start).astype(mx.float32) - self.held_out),
+                            axis=-1)
         return mx.sum(change / mx.maximum(mx.sum(mx.square(self.held_out), axis=-1), 1e-12)).item()
 
     def unchanged_by(self, params: dict[str, mx.array], tolerance: float) -> bool:
@@ -102,10 +104,10 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         hessians = _layer_hessians(layer, modules, forward, x_in[:fit], rows, halves)
         # held-out inputs check rows of matrices (``never_worse_than_rounding``), not experts
         matrices = {p: m for p, m in modules.items() if not isinstance(m, SwitchLinear)}
-        checks = _layer_hessians(layer, matrices, forward, x_in[fit:], rows, False) if held_out else {}
+        checks = _layer_hessians(layer, matrices, forward, x_in[fit:], rows, False, fit) if held_out else {}
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         held = (x_in[fit:fit + n], x_out[fit:fit + n].astype(mx.float32)) if held_out else (None, None)
-        sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held)
+        sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held, fit)
         replaced = on_modules({prefix + p: m for p, m in modules.items()},
                               LayerHessians({prefix + p: hessians[_input_key(p)] for p in modules},
                                             {prefix + p: checks[_input_key(p)] for p in matrices if checks}), sample)
@@ -132,7 +134,7 @@ def head_path(model: nn.Module) -> str | None:
     or the embedding where the head is tied to it."""
     holder = model.get("language_model", model)
     if "lm_head" in holder:
-        return "lm_head" if isinstance(holder["lm_head"], nn.Linear) else None
+        return "lm_head" if isinstance(holder["lm_head"], (nn.Linear, nn.QuantizedLinear)) else None
     inner = inner_model(model)
     embedding = inner.get(embedding_name(inner))
     return next((p for p, m in model.named_modules() if m is embedding), None)
@@ -196,9 +198,11 @@ class _Recorder(nn.Module):
         mx.eval([g for g in grams if g is not None])
 
 
-def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int, halves: bool) -> dict:
+def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int, halves: bool,
+                    first: int = 0) -> dict:
     """``H`` of each distinct input of ``modules`` (keyed by ``_input_key``), the layer
-    run on ``rows`` sequences at a time; with ``halves``, a pair from alternate chunks."""
+    run on ``rows`` sequences at a time (``x_in``: the batch's sequences from ``first``
+    on); with ``halves``, a pair from alternate chunks."""
     parts = [{}, {}] if halves else [{}]
     sink = [parts[0]]
     keys = {}
@@ -210,7 +214,7 @@ def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, ro
     try:
         for n, start in enumerate(range(0, x_in.shape[0], rows)):
             sink[0] = parts[n % len(parts)]
-            forward(x_in[start : start + rows])
+            forward(x_in[start : start + rows], first + start)
             mx.eval(sink[0])
     finally:
         layer.update_modules(tree_unflatten(originals))

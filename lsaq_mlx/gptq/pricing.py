@@ -17,6 +17,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
+from lsaq_mlx.backend.hybrid import float_weight
 from lsaq_mlx.cache import cache_entry, fingerprint_bytes, read_cache_json, write_json_atomic
 from lsaq_mlx.gptq.hessians import SEQ_LEN, TOKENS, calibration_tokens, each_layer_hessians
 from lsaq_mlx.gptq.row_errors import row_output_errors
@@ -71,7 +72,7 @@ def ratio_table(fingerprint: str, calib, ctx, streamed, tokenizer) -> dict[str, 
     def on_modules(loaded, hessians, _layer):
         for p, module in loaded.items():
             choices = [c for c in modules[p].choices() if isinstance(c, Affine)]
-            table[p] = compensation_ratios(module.weight, hessians[p], choices)
+            table[p] = compensation_ratios(float_weight(module), hessians[p], choices)
 
     tokens = calibration_tokens(tokenizer, calib)
     with progress_bar("GPTQ pricing (layer by layer)", len(streamed.layers) + 1) as advance:

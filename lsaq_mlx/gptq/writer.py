@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from lsaq_mlx.backend.expert_blocks import experts_of
+from lsaq_mlx.backend.hybrid import float_weight
 from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
@@ -86,7 +87,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         # are upcast as they are quantized and experts read one at a time, so the LM head
         # and a layer's experts are never in float32 at once.
         weights = {p: experts_of(m) if isinstance(hessians[p], ExpertHessians) else
-                   m.weight.astype(mx.float32) if equalizing else m.weight for p, m in modules.items()}
+                   float_weight(m).astype(mx.float32) if equalizing else float_weight(m) for p, m in modules.items()}
         biases = {p: m.bias for p, m in modules.items() if "bias" in m}
         arrays = {}
         if equalizing:

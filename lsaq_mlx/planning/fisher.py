@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from lsaq_mlx.backend.allocator import reused_buffers
+from lsaq_mlx.backend.hybrid import weight_rows
 from lsaq_mlx.planning.expert_fisher import ExpertRecorder
 from lsaq_mlx.planning.plan import QuantModule
 from lsaq_mlx.modules import EMBEDDINGS, embedding, inner_model
@@ -108,8 +109,8 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
 
     # 2. the head
     def head_matrix() -> mx.array:  # looked up each time: the matrices leave memory in step 3
-        return lens.head.weight if "lm_head" in streamed.model.get("language_model", streamed.model) else \
-            _embedding(streamed.model).weight
+        holder = streamed.model.get("language_model", streamed.model)
+        return weight_rows(holder["lm_head"] if "lm_head" in holder else _embedding(streamed.model))
 
     normed, lses, grad_hidden = _head(lens, hidden, targets, head_matrix())
 
@@ -137,7 +138,7 @@ def _streamed_fisher(streamed, sequences, modules, on_weights, progress, boundar
 
     # 4. the embedding (with the head's share when they are tied)
     if embed_path:
-        embed = _embedding(streamed.model).weight
+        embed = weight_rows(_embedding(streamed.model))
         scale = _embedding_scale(streamed)
 
         def block(rows):
@@ -217,10 +218,12 @@ def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, path
     params = dict(tree_flatten(layer.parameters()))
     weights = [params[n] for n in names]
 
+    sequence = 0
+
     def run(h, *ws):
         layer.update(_nested(dict(zip(names, ws[: len(names)]))))
         experts.current = dict(zip(experts.modules, ws[len(names):]))
-        return (forward(h),)
+        return (forward(h, sequence),)
 
     # MLX gives a linear layer's weight gradient transposed (column-major): sums kept in
     # that layout add to it elementwise at memory speed, not on a strided path 10x slower
@@ -229,6 +232,7 @@ def _layer_fisher(layer, forward, x: mx.array, grad: mx.array, prefix: str, path
     with experts.installed():
         probes = experts.probes(forward, x[:1])
         for s in range(x.shape[0]):
+            sequence = s
             _, cotangents = mx.vjp(run, [x[s : s + 1], *weights, *probes], [grad[s : s + 1]])
             experts.current = None
             grads_in.append(cotangents[0])
@@ -273,7 +277,9 @@ def _embedding_scale(streamed) -> float:
     the square root of the hidden size), read from the gradient of one token's lookup."""
     inner = inner_model(streamed.model)
     name = embedding(inner)
-    table = inner[name].weight
+    table = inner[name]
+    first_row = weight_rows(table)[:1].astype(mx.float32)
+    inner[name] = nn.Embedding(*first_row.shape)  # token 0's row alone, float (the table may be codes)
 
     def first_input(weight):
         inner[name].weight = weight
@@ -281,9 +287,9 @@ def _embedding_scale(streamed) -> float:
         return (h.sum(),)
 
     try:  # one row is enough to read the scale (a float32 copy of the table would not be small)
-        _, (g,) = mx.vjp(first_input, [table[:1].astype(mx.float32)], [mx.array(1.0)])
+        _, (g,) = mx.vjp(first_input, [first_row], [mx.array(1.0)])
     finally:
-        inner[name].weight = table
+        inner[name] = table
     return float(g[0].mean().item())
 
 

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from lsaq_mlx.errors import UserError
-from lsaq_mlx.modules import embedding, final_norm, inner_model
+from lsaq_mlx.modules import embedding, final_norm, inner_model, layer_hidden
 
 LOGITS_CHUNK_BYTES = 64 << 20  # bound on one chunk of vocabulary logits
 
@@ -147,7 +147,7 @@ def layer_hooks(model: nn.Module, on_layer: Callable[[int, mx.array, mx.array], 
 def _hooked_class(cls, index: int, on_layer):
     def __call__(self, x, *args, **kwargs):
         out = cls.__call__(self, x, *args, **kwargs)
-        on_layer(index, x, out)
+        on_layer(index, x, layer_hidden(out))
         return out
 
     return type(f"Hooked{cls.__name__}", (cls,), {"__call__": __call__})

@@ -82,7 +82,9 @@ def lens_statistics(model, sequences, k=10, stride=1, sets="position", with_jacc
         return current.jac, current.cos
 
     advance = (lambda seq: progress(len(seq))) if progress else None
-    mx.eval(model.parameters())  # workers can only read arrays that exist
+    # workers can only read arrays that exist: the parameters and what modules keep
+    # privately (Gemma 4's rotary frequencies, made lazily)
+    mx.eval([a for _, a in tree_flatten(model) if isinstance(a, mx.array)])
     with layer_hooks(model, on_layer), causal_attention_in_blocks():
         per_sequence = map_on_cores(one_sequence, sequences, advance, workers)
     positions = sum(len(range(0, len(seq), stride)) for seq in sequences)

@@ -4,10 +4,12 @@ a time or one decoder layer at a time.
 mlx-lm's ``sanitize`` maps a checkpoint's tensors to the model's parameters when it
 loads. Run once on unread placeholders, it shows which tensors it only renames or keeps:
 those are read by name. Where it transforms a layer's tensors (experts stored apart and
-stacked into one ``SwitchLinear`` weight, fused projections split), it is run again on
-that layer's tensors alone when the layer is read, so memory stays one layer's. A
-checkpoint it changes outside the decoder layers cannot be read this way
-(``NotStreamable``, a one-line error).
+stacked into one ``SwitchLinear`` weight, fused projections split, norms stored as
+offsets), it is run again when the layer is read, on that layer's tensors with unread
+placeholders of all the others (a sanitize may decide from the whole checkpoint what to
+do: Qwen3.5 shifts every norm when any convolution is in Hugging Face's layout), and the
+layer's parameters are taken from it, so memory stays one layer's. The tensors outside
+the layers are one more such group.
 """
 
 import re
@@ -39,14 +41,15 @@ class ModelTensors:
 
     def __init__(self, tensors, model: nn.Module):
         self.tensors, self.folder = tensors, getattr(tensors, "folder", None)
-        self.direct, transformed = _checkpoint_names(model, tensors)
+        stand_ins = placeholders(tensors, tensors.names)
+        self.direct, transformed = _checkpoint_names(model, stand_ins)
         # a model quantized in memory has scales and biases the float checkpoint lacks
         params = [n for n, _ in tree_flatten(model.parameters()) if not n.endswith((".scales", ".biases"))]
         raw = {}
-        for name in tensors.names:
-            raw.setdefault(layer_index(name), []).append(name)
-        self.sanitizers = {i: _LayerSanitizer(model, tensors, i, raw.get(i, []),
-                                              {n for n in params if layer_index(n) == i}) for i in sorted(transformed)}
+        for name, array in stand_ins.items():
+            raw.setdefault(layer_index(name), {})[name] = array
+        self.sanitizers = {i: _LayerSanitizer(model, raw, i, {n for n in params if layer_index(n) == i
+                                                             and n not in self.direct}) for i in transformed}
         self.files = {n: tensors.files[raw] for n, raw in self.direct.items() if raw in getattr(tensors, "files", {})}
 
     @property
@@ -86,21 +89,18 @@ class ModelTensors:
         return self.tensors.rows(self.direct[name], start, stop)
 
 
-def _checkpoint_names(model: nn.Module, tensors) -> tuple[dict[str, str], set[int]]:
+def _checkpoint_names(model: nn.Module, stand_ins: dict) -> tuple[dict[str, str], set[int | None]]:
     """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
     unread placeholders, for the tensors it renames or keeps; and the decoder layers
     whose tensors it transforms (they are sanitized one layer at a time)."""
-    stand_ins = placeholders(tensors, tensors.names)
     sanitized = model.sanitize(dict(stand_ins)) if hasattr(model, "sanitize") else dict(stand_ins)
     by_id = {id(array): name for name, array in stand_ins.items()}
     names, transformed = {}, set()
     for name, array in sanitized.items():
         if id(array) in by_id:
             names[name] = by_id[id(array)]
-        elif layer_index(name) is not None:
-            transformed.add(layer_index(name))
         else:
-            raise NotStreamable(f"mlx-lm changes {name} while loading this checkpoint")
+            transformed.add(layer_index(name))  # None: outside the layers
     return names, transformed
 
 
@@ -114,25 +114,30 @@ def placeholders(tensors, names) -> dict[str, mx.array]:
 
 
 class _LayerSanitizer:
-    """mlx-lm's ``sanitize`` on one decoder layer's checkpoint tensors alone (experts
-    stacked, fused projections split), checked on placeholders when made: it must give
-    every parameter ``wanted`` names. Sanitizers that look for layer 0's tensors
-    (mixtral's) see the layer under index 0 and its names are given back."""
+    """mlx-lm's ``sanitize`` for one decoder layer's checkpoint tensors (``index`` None:
+    those outside the layers), checked on placeholders when made: it must give every
+    parameter ``wanted`` names. It runs with placeholders of the checkpoint's other
+    tensors beside the layer's; where that fails, on the layer's tensors alone, and for
+    sanitizers that look for layer 0's tensors (mixtral's) with the layer under index 0
+    (its names given back)."""
 
-    def __init__(self, model: nn.Module, tensors, index: int, raw: list[str], wanted: set[str]):
-        """``raw``: the layer's checkpoint tensors."""
-        self.model, self.index, self.raw = model, index, raw
-        stand_ins = placeholders(tensors, self.raw)
-        for renumber in (False, True):
-            self.renumber = renumber
+    def __init__(self, model: nn.Module, stand_ins: dict, index: int | None, wanted: set[str]):
+        """``stand_ins``: placeholders of the checkpoint's tensors by layer."""
+        self.model, self.index, self.stand_ins = model, index, stand_ins
+        self.raw = list(stand_ins.get(index, {}))
+        for mode in ("in context", "alone", "renumbered"):
+            self.mode = mode
+            if mode == "renumbered" and index is None:
+                break
             try:
-                out = self._sanitized(stand_ins)
-            except Exception:  # a sanitize that needs the whole checkpoint
+                out = self._sanitized(stand_ins.get(index, {}))
+            except Exception:  # a sanitize that needs what this mode does not give it
                 continue
             if wanted <= set(out):
                 self.names = list(out)
                 return
-        raise NotStreamable(f"mlx-lm's sanitize does not give layer {index}'s parameters from its tensors alone")
+        where = "the tensors outside the layers" if index is None else f"layer {index}'s parameters"
+        raise NotStreamable(f"mlx-lm's sanitize does not give {where} from the layer's tensors")
 
     def stacked(self, tensors) -> dict[str, list[str]]:
         """See ``ModelTensors.stacked``: sanitize run on small distinct stand-ins of the
@@ -142,7 +147,7 @@ class _LayerSanitizer:
         small = [n for n in self.raw if len(shapes[n][0]) == 2 and shapes[n][1] in DTYPES]
         marks = {n: mx.arange(6, dtype=mx.float32).reshape(2, 3) + 8 * k for k, n in enumerate(small)}
         try:
-            out = self._sanitized(placeholders(tensors, self.raw) | marks)
+            out = self._sanitized(self.stand_ins.get(self.index, {}) | marks)
         except Exception:  # a sanitize that reads the real shapes
             return {}
         stacks = {}
@@ -160,7 +165,11 @@ class _LayerSanitizer:
         return self._sanitized({n: read(n) for n in self.raw})
 
     def _sanitized(self, tensors: dict) -> dict[str, mx.array]:
-        if not self.renumber:
+        if self.mode == "in context":
+            others = {n: a for i, group in self.stand_ins.items() if i != self.index for n, a in group.items()}
+            out = self.model.sanitize(others | tensors)
+            return {n: a for n, a in out.items() if layer_index(n) == self.index}
+        if self.mode == "alone":
             return self.model.sanitize(dict(tensors))
         out = self.model.sanitize({_with_layer(n, self.index, 0): a for n, a in tensors.items()})
         return {_with_layer(n, 0, self.index): a for n, a in out.items()}

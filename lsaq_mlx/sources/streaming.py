@@ -11,7 +11,8 @@ the number of layers.
 
 Weights come in the compute dtype (float32 on the CPU backend, where MLX's float16
 matmul is slow; the source's own float type on a GPU), except on the CPU the embeddings
-and LM head, which stay as stored and are upcast in row blocks as they are used, and
+and LM head, which stay as stored (float, or quantized codes) and are upcast or
+dequantized in row blocks as they are used (``backend.hybrid``), and
 stacked experts, which are not held at all: each call reads and upcasts a block of
 experts at a time (``sources.expert_stacks``, ``backend.expert_blocks``), or where the
 checkpoint cannot be read in parts (a pack) they stay as stored if float. Quantized
@@ -32,11 +33,11 @@ from lsaq_mlx.backend.compute import backend
 from lsaq_mlx.backend.expert_blocks import make_blocked
 from lsaq_mlx.backend.hybrid import exact_dequantize
 from lsaq_mlx.backend.hybrid import make_hybrid
-from lsaq_mlx.modules import final_norm, inner_model, layer_index
+from lsaq_mlx.modules import final_norm, inner_model, layer_hidden, layer_index
 from lsaq_mlx.sources.expert_stacks import checkpoint_experts
 from lsaq_mlx.sources.load import skeleton_model
 from lsaq_mlx.sources.model_tensors import DTYPES, ModelTensors, NotStreamable
-from lsaq_mlx.sources.tensors import source_tensors
+from lsaq_mlx.sources.tensors import source_tensors, stored_quantization
 from lsaq_mlx.settings import settings
 
 STREAM_ABOVE_BYTES = 1 << 30  # auto: stream models whose compute weights take more
@@ -67,6 +68,7 @@ class StreamedModel:
         for path, stack in self.expert_stacks.items():
             make_blocked(modules[path], stack)
         self._idle = [dict(tree_flatten(layer.parameters())) for layer in self.layers]  # never evaluated: no memory
+        self._codes_kept = _keep_codes(self.model, self.tensors, self.config) if self.dtype == mx.float32 else set()
         resident = [n for n, _ in tree_flatten(self.model.parameters()) if layer_index(n) is None]
         self._stored = _hybrid_matrices(self.model) | _float_experts(self) if self.dtype == mx.float32 else set()
         self._resident = resident
@@ -131,9 +133,11 @@ class StreamedModel:
         array = get(name)
         if array is None:
             raise NotStreamable(f"{name} is not in the checkpoint")
+        if path in self._codes_kept:
+            return array
         scales = get(f"{path}.scales")
         if param == "weight" and scales is not None:
-            q = _quantization(self.config, path)
+            q = stored_quantization(self.config.get("quantization") or {}, path)
             biases = get(f"{path}.biases")
             array = exact_dequantize(array, scales, biases, q["group_size"], q["bits"], q.get("mode", "affine"))
         if keep_dtype and scales is None or not mx.issubdtype(array.dtype, mx.floating):
@@ -145,19 +149,27 @@ class StreamedModel:
         each layer loaded once for the whole batch and run on ``batch_rows`` sequences at
         a time (all at once by default; fewer bound the layer's temporaries);
         ``on_layer(i, layer, x_in, x_out, forward)`` is called with the layer's weights
-        loaded, ``forward(h)`` running the layer on other hidden states of the same
-        length (with the mask the model gave it); what it returns, if not None, is passed
-        on in place of ``x_out``."""
+        loaded, ``forward(h, start=0)`` running the layer on other hidden states of the
+        same length (with the mask the model gave it) for the batch's sequences from
+        ``start`` on; what it returns, if not None, is passed on in place of ``x_out``.
+        A layer that returns more than its hidden states (Gemma 4's: the keys and
+        values later layers share) is seen by ``on_layer`` as its hidden states; the
+        rest is passed on as computed."""
         inner = inner_model(self.model)
         stream = self
         rows = batch_rows or tokens.shape[0]
 
         def run(self_layer, index, cls, x, *args, **kwargs):
             with stream.layer(index) as layer:
-                out = forward_by_rows(lambda h: cls.__call__(layer, h, *args, **kwargs), x, rows)
+                def call(h, start=0):  # inputs per sequence (Gemma 4's) for the same sequences as h
+                    a, k = _batch_rows((args, kwargs), x.shape[0], start, h.shape[0])
+                    return cls.__call__(layer, h, *a, **k)
+
+                out = forward_by_rows(call, x, rows)
                 if on_layer is not None:
-                    replaced = on_layer(index, layer, x, out, lambda h: cls.__call__(layer, h, *args, **kwargs))
-                    out = out if replaced is None else replaced
+                    replaced = on_layer(index, layer, x, layer_hidden(out),
+                                        lambda h, start=0: layer_hidden(call(h, start)))
+                    out = out if replaced is None else _with_hidden(out, replaced)
             return out
 
         originals = [type(layer) for layer in self.layers]
@@ -173,20 +185,53 @@ class StreamedModel:
         return hidden
 
 
-def forward_by_rows(forward, x: mx.array, rows: int) -> mx.array:
-    """``forward(x)``, evaluated, computed ``rows`` sequences at a time."""
+def forward_by_rows(forward, x: mx.array, rows: int):
+    """``forward(x)``, evaluated, computed ``rows`` sequences at a time (an output that is
+    a tuple: each array in it joined along the batch)."""
     if rows >= x.shape[0]:
         out = forward(x)
         mx.eval(out)
         return out
     out = None
     for start in range(0, x.shape[0], rows):
-        part = forward(x[start : start + rows])
+        part = forward(x[start : start + rows], start)
         if out is None:  # filled in place: no second copy of the output while joining
-            out = mx.zeros((x.shape[0], *part.shape[1:]), part.dtype)
-        out[start : start + rows] = part
+            out = _batch_like(part, x.shape[0])
+        _fill(out, part, start)
         mx.eval(out)
     return out
+
+
+def _batch_rows(value, batch: int, start: int, count: int):
+    """``value`` (a layer's other inputs) with each array of per-sequence rows (three or
+    more axes, the first the batch's) cut to the ``count`` sequences from ``start``."""
+    if count == batch:
+        return value
+    if isinstance(value, mx.array):
+        return value[start : start + count] if value.ndim >= 3 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batch_rows(v, batch, start, count) for v in value)
+    if isinstance(value, dict):
+        return {k: _batch_rows(v, batch, start, count) for k, v in value.items()}
+    return value
+
+
+def _batch_like(part, batch: int):
+    if isinstance(part, mx.array):
+        return mx.zeros((batch, *part.shape[1:]), part.dtype) if part.ndim else part
+    return type(part)(_batch_like(p, batch) for p in part) if isinstance(part, (tuple, list)) else part
+
+
+def _fill(out, part, start: int) -> None:
+    if isinstance(out, mx.array) and out.ndim:
+        out[start : start + part.shape[0]] = part
+    elif isinstance(out, (tuple, list)):
+        for o, p in zip(out, part):
+            _fill(o, p, start)
+
+
+def _with_hidden(out, hidden: mx.array):
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
 def _hidden_states(inner: nn.Module, tokens: mx.array) -> mx.array:
@@ -210,8 +255,38 @@ def _hybrid_matrices(model: nn.Module) -> set[str]:
     """The weights of the linear and embedding modules outside the decoder layers (the
     embeddings, the LM head: the largest matrices), kept as stored and upcast per use
     (``backend.hybrid``) rather than held in float32."""
-    kinds = (nn.Linear, nn.Embedding)
+    kinds = (nn.Linear, nn.Embedding, nn.QuantizedLinear, nn.QuantizedEmbedding)
     return {f"{p}.weight" for p, m in model.named_modules() if isinstance(m, kinds) and layer_index(p) is None}
+
+
+def _keep_codes(model: nn.Module, tensors: ModelTensors, config: dict) -> set[str]:
+    """Turn the embeddings and LM head that the checkpoint holds quantized into quantized
+    modules of its setting, in place, so that they are read as stored codes (a 4-bit head
+    of a 152k vocabulary: 0.17 GB, dequantized to float32 1.2 GB); their paths. One whose
+    stored shapes or config do not fit is left to be dequantized when read."""
+    kept = []
+    for path, module in model.named_modules():
+        if type(module) not in (nn.Linear, nn.Embedding) or layer_index(path) is not None:
+            continue
+        q = stored_quantization(config.get("quantization") or {}, path)
+        if _stored_codes_fit(tensors, path, tuple(module.weight.shape), q):
+            kept.append((path, module.to_quantized(group_size=q["group_size"], bits=q["bits"],
+                                                   mode=q.get("mode", "affine"))))
+    model.update_modules(tree_unflatten(kept))
+    return {p for p, _ in kept}
+
+
+def _stored_codes_fit(tensors: ModelTensors, path: str, shape: tuple, q: dict) -> bool:
+    if f"{path}.weight" not in tensors.direct or f"{path}.scales" not in tensors.direct:
+        return False
+    bits, group, mode = q.get("bits"), q.get("group_size"), q.get("mode", "affine")
+    if bits not in range(1, 9) or group not in (16, 32, 64, 128) or mode not in ("affine", "mxfp4", "nvfp4", "mxfp8"):
+        return False  # a config is not trusted
+    rows, cols = shape
+    stored, dtype = tensors.shape_of(f"{path}.weight")
+    return (dtype == "U32" and cols % group == 0 and (cols * bits) % 32 == 0
+            and tuple(stored) == (rows, cols * bits // 32)
+            and tuple(tensors.shape_of(f"{path}.scales")[0]) == (rows, cols // group))
 
 
 def _float_experts(streamed) -> set[str]:
@@ -226,12 +301,6 @@ def _float_experts(streamed) -> set[str]:
 def _layer_prefixes(model: nn.Module, layers) -> list[str]:
     where = {id(m): path for path, m in model.named_modules()}
     return [where[id(layer)] + "." for layer in layers]
-
-
-def _quantization(config: dict, path: str) -> dict:
-    q = config.get("quantization") or {}
-    entry = q.get(path)
-    return entry if isinstance(entry, dict) else q
 
 
 def _compute_dtype(tensors) -> mx.Dtype:
