@@ -63,7 +63,7 @@ def test_experts_are_one_module_of_their_copies_and_routers_keep_the_models_floo
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_a_checkpoint_with_experts_apart_is_read_a_layer_at_a_time(hf_moe, model_type):
+def test_a_checkpoint_with_experts_apart_or_fused_is_read_a_layer_at_a_time(hf_moe, model_type):
     from mlx_lm import load
 
     from lsaq_mlx.sources.streaming import StreamedModel
@@ -74,7 +74,8 @@ def test_a_checkpoint_with_experts_apart_is_read_a_layer_at_a_time(hf_moe, model
     assert streamed.tensors.sanitizers  # the experts are stacked by sanitize, one layer at a time
     for i in range(len(streamed.layers)):
         params = streamed.layer_parameters(i)
-        assert not any(v.ndim == 3 for v in params.values())  # the experts are read by blocks, never held
+        held = {streamed.prefixes[i] + n.removesuffix(".weight") for n in params}
+        assert not held & set(streamed.expert_stacks)  # the experts are read by blocks, never held
         for name, value in params.items():
             expected = loaded[streamed.prefixes[i] + name].astype(value.dtype)
             assert mx.array_equal(value, expected), name
@@ -133,7 +134,8 @@ def test_moe_converts_with_gptq_per_expert_and_loads_in_stock_mlx_lm(hf_moe, mod
     from lsaq_mlx.sources import load_model
 
     source = hf_moe(model_type)
-    plan = Planner(source).plan(PlanRequest(bits_budgets=[4.0]))
+    budget = 3.0 if model_type == "qwen3_5_moe" else 4.0  # at 4.0 its tiny layers all stay float16
+    plan = Planner(source).plan(PlanRequest(bits_budgets=[budget]))
     assert any("switch_mlp" in p for p in plan.modules)
     for quantizer in ("rtn", "gptq"):
         convert(source, plan, tmp_path / quantizer, quantizer=quantizer, smoke_tokens=2)

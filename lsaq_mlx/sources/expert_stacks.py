@@ -37,16 +37,17 @@ def checkpoint_experts(tensors, config: dict, model: nn.Module) -> dict[str, Che
     where its files cannot be read in parts (a pack)."""
     if not hasattr(tensors.tensors, "rows"):
         return {}
-    found, stacked = {}, {}
+    found, stacked, sliced = {}, {}, {}
     for path, module in model.named_modules():
         if type(module) is not SwitchLinear or "weight" not in module:
             continue
         i = layer_index(path)
         if i not in stacked:
-            stacked[i] = tensors.stacked(i)
+            stacked[i], sliced[i] = tensors.stacked(i), tensors.sliced(i)
         shape = tuple(module.weight.shape)
-        read = _stacked_rows(tensors, config, path, shape) or _apart(tensors.tensors, stacked[i].get(f"{path}.weight"),
-                                                                     shape)
+        read = (_stacked_rows(tensors, config, path, shape)
+                or _apart(tensors.tensors, stacked[i].get(f"{path}.weight"), shape)
+                or _slice_of_stack(tensors.tensors, sliced[i].get(f"{path}.weight"), shape))
         if read is not None:
             found[path] = CheckpointExperts(shape, read)
     return found
@@ -73,6 +74,18 @@ def _stacked_rows(tensors, config: dict, path: str, shape: tuple):
         return exact_dequantize(tensors.rows(name, first, last), tensors.rows(f"{path}.scales", first, last),
                                 tensors.rows(biases, first, last) if biases else None, group, bits, mode)
     return read
+
+
+def _slice_of_stack(raw, where: tuple | None, shape: tuple):
+    """Blocks cut from a stacked tensor the checkpoint holds (``(name, first, last)``:
+    ``tensor[:, first:last]``), read a block of experts at a time."""
+    if where is None:
+        return None
+    name, first, last = where
+    stored = tuple(raw.shape_of(name)[0])
+    if len(stored) != 3 or (stored[0], last - first, stored[2]) != shape:
+        return None
+    return lambda a, b: raw.rows(name, a, b)[:, first:last]
 
 
 def _apart(raw, names: list[str] | None, shape: tuple):

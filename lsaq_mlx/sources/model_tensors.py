@@ -85,6 +85,13 @@ class ModelTensors:
         sanitizer = self.sanitizers.get(index)
         return sanitizer.stacked(self.tensors) if sanitizer is not None else {}
 
+    def sliced(self, index: int) -> dict[str, tuple[str, int, int]]:
+        """``{parameter: (checkpoint tensor, first, last)}`` of decoder layer ``index``'s
+        parameters that sanitize cuts from a stacked tensor as ``tensor[:, first:last]``
+        (Qwen3.5's experts' ``gate_up_proj`` split in two)."""
+        sanitizer = self.sanitizers.get(index)
+        return sanitizer.sliced(self.tensors) if sanitizer is not None else {}
+
     def rows(self, name: str, start: int, stop: int) -> mx.array:
         return self.tensors.rows(self.direct[name], start, stop)
 
@@ -159,6 +166,40 @@ class _LayerSanitizer:
             if all(0 <= k < len(small) and np.array_equal(v, np.array(marks[small[k]])) for k, v in zip(which, values)):
                 stacks[name] = [small[k] for k in which]
         return stacks
+
+    def sliced(self, tensors) -> dict[str, tuple[str, int, int]]:
+        """See ``ModelTensors.sliced``: sanitize run with each 3-D float tensor of the layer
+        replaced by a marked stand-in of two experts and one column (its second axis as
+        stored); a parameter made of them is a slice when its values are one stand-in's
+        consecutive rows for both experts."""
+        shapes = {n: tensors.shape_of(n) for n in self.raw}
+        stacks = [n for n in self.raw if len(shapes[n][0]) == 3 and shapes[n][1] in DTYPES]
+        offsets, offset, marks = {}, 0, {}
+        for n in stacks:
+            rows = shapes[n][0][1]
+            offsets[n] = offset
+            marks[n] = mx.arange(offset, offset + 2 * rows, dtype=mx.float32).reshape(2, rows, 1)
+            offset += 2 * rows
+        if not stacks or offset >= 1 << 24:  # float32 holds each mark exactly
+            return {}
+        try:
+            out = self._sanitized(self.stand_ins.get(self.index, {}) | marks)
+        except Exception:  # a sanitize that reads the real shapes
+            return {}
+        found = {}
+        for name, array in out.items():
+            if array.ndim != 3 or array.shape[0] != 2 or array.shape[2] != 1 or not mx.issubdtype(array.dtype,
+                                                                                                  mx.floating):
+                continue
+            values = np.array(array.astype(mx.float32))[:, :, 0]
+            source = next((n for n in stacks if offsets[n] <= values[0, 0] < offsets[n] + shapes[n][0][1]), None)
+            if source is None:
+                continue
+            rows, first = shapes[source][0][1], int(values[0, 0]) - offsets[source]
+            expected = offsets[source] + first + np.arange(values.shape[1])
+            if np.array_equal(values, np.stack([expected, expected + rows])):
+                found[name] = (source, first, first + values.shape[1])
+        return found
 
     def arrays(self, read) -> dict[str, mx.array]:
         """The layer's parameters by model name, from ``read(checkpoint name)`` (lazy)."""
