@@ -73,3 +73,20 @@ def test_each_model_type_scores_plans_converts_and_stays_close_at_8_bits(model_t
         stock = compare_to_reference(load_model(resolve_model(str(tmp_path / "stock")), compute=True)[0], reference).kl
         assert kl <= 1.05 * stock, (kl, stock)
     assert 0 <= kl < 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", list(ALL_CONFIGS))
+def test_inspect_counts_the_parameters_mlx_lm_counts_float_and_quantized(model_type, session_cache, tmp_path):
+    from mlx_lm import load
+    from mlx_lm.convert import convert as mlx_lm_convert
+    from mlx_lm.utils import get_total_parameters
+
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.inspection import describe_model
+
+    folder = write_hf_folder(model_type, tmp_path / "float", resolve_model("default").path)
+    mlx_lm_convert(str(folder), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    for path in (folder, tmp_path / "q4"):
+        expected = get_total_parameters(load(str(path), lazy=True)[0])
+        assert describe_model(resolve_model(str(path)))["parameters"] == expected, path.name
