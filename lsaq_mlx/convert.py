@@ -103,9 +103,11 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
         with atomic_dir(out, force=force) as tmp:
             if adaptive is not None:
                 adaptive.scratch = tmp / "gptq"
-            model, config = quantized_model(source, plan, float_model, quantizer, calib, tmp / "gptq", adaptive)
+            pending = {}
+            model, config = quantized_model(source, plan, float_model, quantizer, calib, tmp / "gptq", adaptive,
+                                            pending=pending)
             kinds = {p: type(m).__name__ for p, m in model.named_modules() if p in plan.modules}
-            _write_folder(model, config, plan, source, tmp)
+            _write_folder(model, config, plan, source, tmp, pending)
             side = adaptive.write(tmp, kinds) if adaptive is not None else {}
             if costs is not None:
                 costs.save(tmp)
@@ -130,7 +132,7 @@ def default_output(source: ModelSource, plan: QuantPlan) -> Path:
 
 
 def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quantizer: str = "rtn", calib=None,
-                    scratch: Path | None = None, side=None, keep=None):
+                    scratch: Path | None = None, side=None, keep=None, pending: dict | None = None):
     """``(model, config)``: the source quantized as ``plan`` says, lazily (nothing is
     computed until the weights are used or saved; the largest matrices are quantized
     now, a row block at a time, SWSC modules compressed now); float16 outside quantized
@@ -140,7 +142,11 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     into ``scratch`` (a folder that must outlive the model). ``side``: an adaptive
     folder's ``AdaptiveSide``, given each module at its smaller settings. ``keep``: cuts
     the lazily loaded model down to what this process holds (a pipeline rank's share,
-    ``runtime.pipeline.keep_share``) before anything is read."""
+    ``runtime.pipeline.keep_share``) before anything is read. ``pending``: a dict that
+    receives the largest matrices (path -> ``MatrixRows``) instead of their being
+    quantized now, for ``save_weights_by_layer`` to quantize as it saves their shard (the
+    quantized experts of every layer held at once grow with the depth: 4 GB at 12
+    layers of Qwen3-30B-A3B at 4 bits)."""
     tensors, as_stored = None, set()
     if float_model is None:
         model, _, config = load_model(source, compute=False, lazy=True)
@@ -162,7 +168,10 @@ def quantized_model(source: ModelSource, plan: QuantPlan, float_model=None, quan
     floats = large_matrices(model, quantized - set(compensated), tensors, config)  # upcast a block at a time
     model.set_dtype(mx.float32)
     nn.quantize(model, class_predicate=lambda path, m: path in quantized and plan.modules[path].config())
-    quantize_by_row_blocks(model, floats)
+    if pending is None:
+        quantize_by_row_blocks(model, floats)
+    else:
+        pending.update(floats)
     modules = dict(model.named_modules())
     for path, arrays in compensated.items():
         modules[path].update(arrays)
@@ -282,24 +291,30 @@ class MatrixRows:
 
 def quantize_by_row_blocks(model: nn.Module, floats: dict) -> None:
     """Give each quantized module of ``floats`` (path -> its ``MatrixRows``) the same
-    values computed one row block at a time (groups run along rows), each block
-    evaluated into its rows of the module's arrays before the next is read: one block
-    in float32 at a time, and no second copy of the quantized matrix. Stacked experts
-    go a block of experts at a time. Each module's entry leaves ``floats`` once done, so
-    its source (a lazy stack of experts, once read) is released."""
+    values computed one row block at a time (``rows_quantized``). Each module's entry
+    leaves ``floats`` once done, so its source (a lazy stack of experts, once read) is
+    released."""
     modules = dict(model.named_modules())
     for path in list(floats):
-        rows_of, m = floats.pop(path), modules[path]
-        rows = max(1, getattr(rows_of, "block_bytes", QUANTIZE_BLOCK_BYTES) // (4 * math.prod(rows_of.shape[1:])))
-        names = ["weight", "scales"] + (["biases"] if m.get("biases") is not None else [])
-        for name in names:  # the lazy whole-matrix arrays make way for the filled ones
-            m[name] = mx.zeros(m[name].shape, m[name].dtype)
-        mx.eval([m[name] for name in names])
-        for r in range(0, rows_of.shape[0], rows):
-            part = mx.quantize(rows_of(r, r + rows).astype(mx.float32), m.group_size, m.bits, mode=m.mode)
-            for name, value in zip(names, part):
-                m[name][r : r + rows] = value  # updated in place: the module holds the only reference
-            mx.eval([m[name] for name in names])
+        m = modules[path]
+        m.update({k: v.astype(m[k].dtype) for k, v in rows_quantized(m, floats.pop(path)).items()})
+
+
+def rows_quantized(m: nn.Module, rows_of) -> dict[str, mx.array]:
+    """``{"weight", "scales"[, "biases"]}`` of the quantized module ``m``'s setting for the
+    matrix ``rows_of`` reads (a ``MatrixRows``), computed one row block at a time (groups
+    run along rows), each block evaluated into its rows of the result before the next is
+    read: one block in float32 at a time. Stacked experts go a block of experts at a time."""
+    rows = max(1, getattr(rows_of, "block_bytes", QUANTIZE_BLOCK_BYTES) // (4 * math.prod(rows_of.shape[1:])))
+    out = {}
+    for r in range(0, rows_of.shape[0], rows):
+        part = mx.quantize(rows_of(r, r + rows).astype(mx.float32), m.group_size, m.bits, mode=m.mode)
+        for name, value in zip(("weight", "scales", "biases"), part):
+            if name not in out:
+                out[name] = mx.zeros((rows_of.shape[0], *value.shape[1:]), value.dtype)
+            out[name][r : r + rows] = value
+        mx.eval(list(out.values()))
+    return out
 
 
 def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
@@ -309,11 +324,12 @@ def _check_plan_matches(plan: QuantPlan, model: nn.Module) -> None:
         raise UserError(f"the plan does not fit this model: it names {len(missing)} unknown modules, e.g. {missing[0]}")
 
 
-def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: ModelSource, folder: Path) -> None:
+def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: ModelSource, folder: Path,
+                  pending: dict) -> None:
     from mlx_lm.utils import save_config
 
     swsc_tensors, swsc_modules = take_swsc_layers(model)
-    save_weights_by_layer(model, folder)
+    save_weights_by_layer(model, folder, pending)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["quantization"] = plan.quantization_config()
     config["torch_dtype"] = "float16"
@@ -325,7 +341,7 @@ def _write_folder(model: nn.Module, config: dict, plan: QuantPlan, source: Model
     plan.save(folder / "lsaq_plan.json")
 
 
-def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
+def save_weights_by_layer(model: nn.Module, folder: Path, pending: dict | None = None) -> None:
     """Save the (lazy) weights one decoder layer (or one module outside the layers) per
     shard, computed module by module as it is saved, with mlx-lm's index: memory holds
     one layer's results and one module's sources, not the model's."""
@@ -333,12 +349,16 @@ def save_weights_by_layer(model: nn.Module, folder: Path) -> None:
 
     weights = dict(tree_flatten(model.parameters()))
     index = {"total_size": sum(v.nbytes for v in weights.values()), "total_parameters": get_total_parameters(model)}
+    modules = dict(model.named_modules())
     model.update(tree_map(lambda _: mx.array([]), model.parameters()))
     groups = [list(g) for g in shard_groups(weights)]
     weight_map = {}
     with progress_bar("writing weights", len(groups)) as advance:
         for n, names in enumerate(groups):
             shard = {name: weights.pop(name) for name in names}
+            for path in [p for p in (pending or {}) if f"{p}.weight" in shard]:
+                made = rows_quantized(modules[path], pending.pop(path))
+                shard.update({f"{path}.{k}": v.astype(shard[f"{path}.{k}"].dtype) for k, v in made.items()})
             for module in module_groups(shard):
                 mx.eval(list(module.values()))
             file = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -367,16 +387,48 @@ def _tokenizer_files(source: ModelSource) -> list[Path]:
 
 def _check_written(folder: Path, smoke_tokens: int) -> tuple[str, float, int]:
     """Open the folder with mlx-lm exactly as a user would (with lsaq-mlx when it holds
-    SWSC layers), measure it, generate a little."""
+    SWSC layers), measure it, generate a little: in memory, or, for a model above
+    ``STREAM_ABOVE_BYTES`` (whose whole weights would set the command's peak), a layer
+    at a time (``_streamed_greedy``)."""
     from mlx_lm import generate
     from mlx_lm.utils import load
 
-    model, tokenizer = load_swsc_folder(folder, lazy=True)[:2] if is_swsc_folder(folder) else load(str(folder), lazy=True)
+    from lsaq_mlx.settings import settings
+    from lsaq_mlx.sources.streaming import STREAM_ABOVE_BYTES
+
+    swsc = is_swsc_folder(folder)
+    model, tokenizer = load_swsc_folder(folder, lazy=True)[:2] if swsc else load(str(folder), lazy=True)
     bpw = model_bits_per_weight(model)
     written = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    stream = settings().stream
+    if not swsc and (stream == "always" or stream != "never" and written > STREAM_ABOVE_BYTES):
+        del model
+        return _streamed_greedy(folder, tokenizer, SMOKE_PROMPT, smoke_tokens), bpw, written
     prepare_for_compute(model)
     text = generate(model, tokenizer, SMOKE_PROMPT, max_tokens=smoke_tokens, verbose=False)
     return text, bpw, written
+
+
+def _streamed_greedy(folder: Path, tokenizer, prompt: str, max_tokens: int) -> str:
+    """Greedy tokens after ``prompt`` from the folder read a layer at a time (each token
+    runs the whole sequence again: no cache, for a few tokens)."""
+    from lsaq_mlx.scoring.lens import find_lens
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    streamed = StreamedModel(resolve_model(str(folder)))
+    lens = find_lens(streamed.model)
+    tokens, text = list(tokenizer.encode(prompt)), tokenizer.detokenizer  # mlx-lm's wrapper, as generate decodes
+    text.reset()
+    for _ in range(max_tokens):
+        hidden = streamed.run_layers(mx.array([tokens]))
+        token = int(mx.argmax(lens.logits(hidden[:, -1:]), axis=-1).item())
+        if token in tokenizer.eos_token_ids:
+            break
+        tokens.append(token)
+        text.add_token(token)
+    text.finalize()
+    return text.text
 
 
 def _max_rss() -> int:

@@ -68,7 +68,7 @@ def test_interrupted_convert_leaves_no_folder(qwen2, tmp_path, monkeypatch):
 
     plan = Planner(qwen2).plan(PlanRequest(method="uniform", bits=3))
 
-    def interrupted(model, path):
+    def interrupted(model, path, pending=None):
         (path / "model-00001-of-00004.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
@@ -176,3 +176,19 @@ def test_experts_in_a_microscaled_format_are_written_for_stock_mlx_lm(mode, tmp_
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
     assert config["model.layers.1.mlp.switch_mlp.down_proj"]["mode"] == mode
     assert_loads_with_only_mlx_lm(tmp_path / "out")
+
+
+def test_a_model_too_large_to_hold_is_smoke_tested_a_layer_at_a_time(default_source, tmp_path, monkeypatch):
+    """The smoke test after writing holds one layer where the written model is large
+    (``LSAQ_MLX_STREAM=always`` stands for that here) and says what the model says in memory."""
+    import lsaq_mlx.convert as convert_module
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    plan = Planner(default_source).plan(PlanRequest(method="uniform", bits=8, group_size=64))
+    convert(default_source, plan, tmp_path / "q8", smoke_tokens=1)
+    in_memory = convert_module._check_written(tmp_path / "q8", 6)
+    built, run_layers = [], StreamedModel.run_layers
+    monkeypatch.setattr(StreamedModel, "run_layers", lambda self, *a, **k: built.append(1) or run_layers(self, *a, **k))
+    monkeypatch.setenv("LSAQ_MLX_STREAM", "always")
+    streamed = convert_module._check_written(tmp_path / "q8", 6)
+    assert built and streamed == in_memory and in_memory[0]

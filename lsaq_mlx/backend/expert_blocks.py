@@ -133,15 +133,17 @@ def _by_blocks(rows: mx.array, experts: mx.array, stack, transposed: bool) -> mx
     parts = []
     for first in range(0, count, per_block):
         last = min(count, first + per_block)
-        if starts[last] == starts[first]:
+        routed = [e for e in range(first, last) if starts[e + 1] > starts[e]]
+        if not routed:
             continue
-        block = stack.block(first, last)
+        # few routed experts (a token being generated): read those alone, not the block
+        block = stack.block(first, last) if 2 * len(routed) > last - first else None
         products = []
-        for e in range(first, last):
+        for e in routed:
             x = sorted_rows[int(starts[e]) : int(starts[e + 1])]
-            if x.shape[0]:
-                w = block[e - first].T if transposed else block[e - first]
-                products.append((x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1]))
+            weight = block[e - first] if block is not None else stack.block(e, e + 1)[0]
+            w = weight.T if transposed else weight
+            products.append((x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1]))
         part = mx.concatenate(products)
         mx.eval(part)
         # a copy outside the graph: under a vjp the evaluated part would keep its block of
