@@ -160,9 +160,11 @@ class StreamedModel:
         rows = batch_rows or tokens.shape[0]
 
         def run(self_layer, index, cls, x, *args, **kwargs):
+            batch = x.shape[0]  # not x: the Fisher keeps every layer's forward, which must not hold its input
+
             with stream.layer(index) as layer:
                 def call(h, start=0):  # inputs per sequence (Gemma 4's) for the same sequences as h
-                    a, k = _batch_rows((args, kwargs), x.shape[0], start, h.shape[0])
+                    a, k = _batch_rows((args, kwargs), batch, start, h.shape[0])
                     return cls.__call__(layer, h, *a, **k)
 
                 out = forward_by_rows(call, x, rows)
