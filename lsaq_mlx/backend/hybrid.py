@@ -40,10 +40,7 @@ def exact_dequantize(codes: mx.array, scales: mx.array, biases: mx.array | None,
 def float_weight(module: nn.Module) -> mx.array:
     """The float matrix a linear or embedding module stands for: its weight, or its codes
     dequantized exactly (lazily; in float32)."""
-    if "scales" not in module:
-        return module.weight
-    return exact_dequantize(module.weight, module.scales, module.get("biases"), module.group_size, module.bits,
-                            module.mode)
+    return module.weight if "scales" not in module else QuantizedRows(module)[:]
 
 
 class QuantizedRows:
