@@ -50,22 +50,30 @@ def measure(model, reference) -> dict:
 
 
 def swap_round_trip(folder_source, fresh: Path) -> dict:
-    """Seconds of the swap smallest -> largest -> smallest in one engine, beside loading
-    the largest plan's own folder afresh."""
+    """Seconds of the swap smallest -> largest -> smallest in one engine, and of each
+    step between neighbouring plans (what ``--auto`` does as memory moves), beside
+    loading the largest plan's own folder afresh: in this process, and in a new process
+    (imports, load, evaluation: what restarting with another folder costs)."""
     planner = planner_for(folder_source)
     budgets = planner.folder.budgets()
     engine = Engine(folder_source, planner, RuntimeOptions(bits_budget=budgets[0])).start()
     try:
         up = engine.apply_budget(budgets[-1]).result(600)
         down = engine.apply_budget(budgets[0]).result(600)
+        steps = [engine.apply_budget(b).result(600) for b in [*budgets[1:], *budgets[-2::-1]]]
     finally:
         engine.shutdown()
     begin = time.perf_counter()
     model = load_model(resolve_model(str(fresh)))[0]
     mx.eval(model.parameters())
     load = time.perf_counter() - begin
+    process, _ = measured([sys.executable, "-c", "import sys, mlx.core as mx; from lsaq_mlx.sources import load_model, "
+                           "resolve_model; mx.eval(load_model(resolve_model(sys.argv[1]))[0].parameters())", str(fresh)])
+    step_seconds = [s.seconds for s in steps]
     return {"up_seconds": up.seconds, "down_seconds": down.seconds, "modules": up.changed,
-            "fresh_load_seconds": load, "up_over_load": up.seconds / load}
+            "fresh_load_seconds": load, "fresh_process_seconds": process, "up_over_load": up.seconds / load,
+            "down_over_load": down.seconds / load, "step_seconds": step_seconds,
+            "step_modules": [s.changed for s in steps], "mean_step_over_load": sum(step_seconds) / len(steps) / load}
 
 
 def main() -> None:
@@ -125,7 +133,11 @@ def main() -> None:
               + " | ".join(f"{r['kl']:.4f} ({r['kl_over_direct']:.2f}x)" for r in cells) + " |")
     print("| direct `convert --plan` | | " + " | ".join(f"{d['kl']:.4f}" for d in direct.values()) + " |")
     print(f"\nswap {args.budgets.split(',')[0]} -> largest: {swaps['up_seconds']:.2f} s, back {swaps['down_seconds']:.2f} s "
-          f"({swaps['modules']} modules); fresh load of the largest plan's folder {swaps['fresh_load_seconds']:.2f} s")
+          f"({swaps['modules']} modules); fresh load of the largest plan's folder {swaps['fresh_load_seconds']:.2f} s "
+          f"in this process, {swaps['fresh_process_seconds']:.2f} s in a new one")
+    print("steps between neighbouring plans: " + ", ".join(f"{s:.2f} s ({n} modules)" for s, n in
+                                                           zip(swaps["step_seconds"], swaps["step_modules"]))
+          + f"; mean {swaps['mean_step_over_load']:.2f}x the fresh load")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "direct": direct, "swaps": swaps, "quantizer": args.quantizer,
                                               "machine": platform.platform(), "tokens": args.tokens}, indent=2))
