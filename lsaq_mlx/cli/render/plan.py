@@ -67,13 +67,20 @@ def print_plan(plan: QuantPlan, headroom: dict | None = None, console: Console |
     console.print(legend)  # below, not in the title: the table would widen to fit it
     mix = Counter(c.label for c in plan.modules.values())
     console.print("modules: " + ", ".join(f"{n} x {label}" for label, n in mix.most_common()))
-    budget = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in plan.budget.items())
     console.print(
         f"total {plan.predicted_bytes / 1e6:.1f} MB · {plan.predicted_bits_per_weight:.3f} bits per weight "
-        f"(mlx-lm's definition) · budget: {budget or 'none (recipe)'}"
+        f"(mlx-lm's definition) · {_budget_text(plan.budget)}"
     )
     if headroom:
         console.print(
             f"this machine: {headroom['available_bytes'] / 1e9:.2f} GB available now; "
             f"{headroom['headroom_bytes'] / 1e9:.2f} GB left after loading these weights"
         )
+
+
+def _budget_text(budget: dict) -> str:
+    if "bits_per_weight" in budget:
+        return f"budget {budget['bits_per_weight']:g} bits per weight"
+    if budget.get("bytes") is not None:
+        return f"budget {format_size(budget['bytes'])} of weights"
+    return "no budget (recipe)"
