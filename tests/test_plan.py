@@ -177,6 +177,24 @@ def test_uniform_and_recipe(planning):
     assert {c.bits for c in recipe.modules.values()} == {3, 6}
 
 
+def test_the_printed_plan_names_its_budget(planning):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lsaq_mlx.cli.render.plan import print_plan
+
+    model, ctx, errors, scores = planning
+    weights = layer_weights(scores.scores, ctx.modules)
+    plans = {"budget 4.5 bits per weight": plan_lsaq(ctx, Budget(4.5), errors, weights),
+             "budget 100.0 KB of weights": plan_lsaq(ctx, Budget(bytes=100_000), errors, weights),
+             "no budget (recipe)": plan_recipe(ctx, model, "mixed_3_6")}
+    for expected, plan in plans.items():
+        out = StringIO()
+        print_plan(plan, console=Console(file=out, width=200))
+        assert expected in out.getvalue().splitlines()[-1]
+
+
 def test_overrides_pin_modules(planning):
     model, _, errors, scores = planning
     ctx = PlanningContext(model, "fp", [Override.parse(r"down_proj$=8:32"), Override.parse("embed=keep")])
