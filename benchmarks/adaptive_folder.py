@@ -10,8 +10,9 @@ the float source) and measures KL to the source and perplexity. Each plan is als
 written directly (``convert --plan``, the same plan, the same quantizer) and measured
 the same way: the ratio is what the adaptive folder costs in quality. Disk is the
 folder's bytes over the largest plan's written bytes. Last, on the largest size, the swap
-from the smallest plan to the largest and back (seconds, in one process) beside a
-fresh load of the largest plan's own folder.
+from the smallest plan to the largest and back and each step between neighbouring plans
+(seconds, in one process) beside a fresh load of the largest plan's own folder, in the
+same process and in a new one.
 """
 
 import argparse
