@@ -272,7 +272,7 @@ def test_a_pipelined_chat_replies_as_one_process_and_shows_every_rank(pipeline_f
 
 
 @pytest.mark.slow
-def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
+def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file, tmp_path):
     import socket
     import urllib.request
 
@@ -282,9 +282,10 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    log = open(tmp_path / "server.log", "w")  # a file: an undrained pipe would block the ranks once full
     server = subprocess.Popen([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx",
                                "serve", "--plan", str(pipeline_file), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=log, text=True, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 300
@@ -303,13 +304,17 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file):
         assert [r["rank"] for r in status["ranks"]] == [0, 1]
         assert all(r["rss_bytes"] > 0 and r["layer_bits"] for r in status["ranks"])
     finally:
-        for pid in _rank_pids(0, str(port)):  # Ctrl+C on rank 0: it stops the server, then the ranks that follow it
+        interrupted = _rank_pids(0, str(port))
+        for pid in interrupted:  # Ctrl+C on rank 0: it stops the server, then the ranks that follow it
             subprocess.run(["kill", "-INT", str(pid)])
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
-            raise
+            raise AssertionError(f"the server did not stop within 60 s of Ctrl+C to rank 0 (pids {interrupted}):\n"
+                                 + (tmp_path / "server.log").read_text()[-3000:]) from None
+        finally:
+            log.close()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -242,11 +243,11 @@ SHAPE = ["--hidden", "768", "--intermediate", "3072", "--heads", "6", "--kv-head
 
 def peak_rss(args: list[str], env: dict) -> int:
     """Peak resident bytes of a fresh process (``wait4``'s rusage)."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
-    proc.stderr.close()
-    assert os.waitstatus_to_exitcode(status) == 0, err
+    with tempfile.TemporaryFile("w+") as err:  # a file: the process must not block on a full pipe
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        err.seek(0)
+        assert os.waitstatus_to_exitcode(status) == 0, err.read()
     return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
