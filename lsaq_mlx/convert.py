@@ -28,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx import __version__
 from lsaq_mlx.cache import atomic_dir, check_replaceable
@@ -225,18 +225,25 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
 
 def _rounded_settings(model: nn.Module, tensors, config: dict, plan: QuantPlan, paths: set[str], side) -> None:
     """Give ``side`` (an adaptive folder's ``AdaptiveSide``) the modules at ``paths`` that
-    are rounded to nearest (matrices; stacked experts are left to the swaps), each weight
-    read afresh from ``tensors`` when the model was loaded from them."""
+    are rounded to nearest, each weight read afresh from ``tensors`` when the model was
+    loaded from them (stacked experts an expert at a time)."""
+    from lsaq_mlx.backend.expert_blocks import experts_of
+    from lsaq_mlx.sources.expert_stacks import checkpoint_experts
     from lsaq_mlx.sources.model_tensors import ModelTensors
     from lsaq_mlx.sources.tensors import DequantizedTensors
 
-    weights = DequantizedTensors(ModelTensors(tensors, model), config) if tensors is not None else None
+    named = ModelTensors(tensors, model) if tensors is not None else None
+    weights = DequantizedTensors(named, config) if named is not None else None
+    experts = checkpoint_experts(named, config, model) if named is not None else {}
     modules = dict(model.named_modules())
-    paths = [p for p in paths if p in side.lower and modules[p].weight.ndim == 2]
+    paths = [p for p in paths if p in side.lower]
     with progress_bar("smaller settings rounded", len(paths)) as advance:
         for path in paths:
             m = modules[path]
-            weight = weights.get(f"{path}.weight") if weights is not None else None
+            if isinstance(m, SwitchLinear):
+                weight = experts.get(path) or experts_of(m)
+            else:
+                weight = weights.get(f"{path}.weight") if weights is not None else None
             side.collect_rounded(path, m.weight if weight is None else weight, m.get("bias"), plan.modules[path])
             advance()
 

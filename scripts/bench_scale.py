@@ -23,6 +23,13 @@ passes ``--rss-limit`` (the row then says so) so that no step takes the machine 
   budget reads it: no model is loaded for it);
 - ``chat-float32``: the same chat with the whole model dequantized to float32 (what
   the CPU backend did before hybrid layers), for tokens/s and memory against it;
+- ``convert-adaptive``: ``convert --adaptive 3-6 --quantizer rtn`` (the cost table from
+  the cache ``convert`` filled): a folder that serves every plan from 3 to 6 bits per
+  weight without the source;
+- ``swap-adaptive``: in one process on that folder (``benchmarks/adaptive_folder.py``'s
+  ``swap_round_trip``): the swap from its smallest plan to its largest and back, each
+  step between neighbouring plans, and a fresh load of the folder (its largest plan) in
+  the same process and in a new one; the seconds are in the row's ``swaps``;
 - ``mlx_lm.convert -q`` (4 bits, group 64), and ``mlx_lm.dynamic_quant``'s sensitivity
   estimate (``estimate_sensitivities``, its gradient pass, the part comparable to our
   cost table) on the same folder and the same 2,048 calibration tokens in 8 x 256 as
@@ -46,7 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("score", "plan", "convert", "convert-gptq", "convert-awq", "convert-awq-gptq", "convert-from-q4", "eval",
-         "chat", "chat-float32", "mlx_lm.convert", "dynamic_quant")
+         "chat", "chat-float32", "convert-adaptive", "swap-adaptive", "mlx_lm.convert", "dynamic_quant")
 CHAT_SCRIPT = "Tell me about Paris.\n/plan 3.5\nAnd about Rome?\n/plan 4.5\nThanks.\n/quit\n"
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -93,6 +100,10 @@ def measure(cmd: list[str], env: dict, rss_limit: int, stdin: str | None = None)
     speeds = re.findall(r"tokens · ([0-9.]+) tok/s", out.read())
     if speeds:
         row["tok_s"] = [float(v) for v in speeds]
+    out.seek(0)
+    swaps = re.search(r"^SWAPS (.*)$", out.read(), re.M)
+    if swaps:
+        row["swaps"] = json.loads(swaps.group(1))
     return row
 
 
@@ -119,6 +130,16 @@ def dynamic_quant_child(folder: str) -> None:
     model.set_dtype(mx.float32)
     data = mx.array(token_sequences(tokenizer, load_calibration(None), FISHER_TOKENS, FISHER_SEQ_LEN))
     estimate_sensitivities(model, data, 4, 64, 5, 64)
+
+
+def swap_child(folder: str) -> None:
+    """Print ``SWAPS {json}``: ``swap_round_trip`` on the adaptive folder ``folder`` (a child of this script)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adaptive_folder import swap_round_trip
+
+    from lsaq_mlx.sources import resolve_model
+
+    print("SWAPS " + json.dumps(swap_round_trip(resolve_model(folder), Path(folder))), flush=True)
 
 
 def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: int) -> dict:
@@ -149,6 +170,14 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             rows[step] = measure([*cli, "convert", "-m", str(q4), "-b", "3.5", "--quantizer", "rtn", "-o", str(target),
                                   "--json"], env(step), rss_limit)
             shutil.rmtree(target, ignore_errors=True)
+        elif step == "convert-adaptive":
+            adaptive = work / f"{spec.replace('/', '-')}-adaptive"
+            shutil.rmtree(adaptive, ignore_errors=True)
+            rows[step] = measure([*cli, "convert", "-m", str(folder), "--adaptive", "3-6", "--quantizer", "rtn", "-o",
+                                  str(adaptive), "--json"], env("convert"), rss_limit)
+        elif step == "swap-adaptive":
+            adaptive = work / f"{spec.replace('/', '-')}-adaptive"
+            rows[step] = measure([sys.executable, __file__, "--swap-child", str(adaptive)], env("convert"), rss_limit)
         elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
             target = work / f"{spec.replace('/', '-')}-4.0-{step}"
             shutil.rmtree(target, ignore_errors=True)
@@ -200,6 +229,8 @@ def table(results: dict) -> str:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--dynamic-quant-child":
         return dynamic_quant_child(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] == "--swap-child":
+        return swap_child(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="0.5b,1.1b,llama3-8b")
     parser.add_argument("--steps", default=",".join(STEPS))
@@ -227,6 +258,13 @@ def main() -> None:
     print(f"machine: {platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1e9:.0f} GB\n")
     print(table(results))
+    for spec, r in results.items():
+        swaps = r["steps"].get("swap-adaptive", {}).get("swaps")
+        if swaps:
+            print(f"\n{spec}: swap 3 -> 6 {swaps['up_seconds']:.1f} s, back {swaps['down_seconds']:.1f} s "
+                  f"({swaps['modules']} modules); fresh load {swaps['fresh_load_seconds']:.1f} s in the process, "
+                  f"{swaps['fresh_process_seconds']:.1f} s in a new one; steps "
+                  + ", ".join(f"{x:.1f}" for x in swaps["step_seconds"]) + " s")
 
 
 if __name__ == "__main__":

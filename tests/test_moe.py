@@ -286,3 +286,41 @@ def test_experts_hessians_are_fitted_only_and_kept_one_per_expert(hf_moe):
             assert all((g is None) == (n == 0) for g, n in zip(h.hessians, h.tokens))
             kinds |= {(g.shape[0] < g.shape[1], g.shape[0] == n) for g, n in zip(h.hessians, h.tokens) if n}
     assert kinds == {(True, True), (False, False)}, kinds  # rows while fewer than the inputs, else a Hessian
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", pytest.param("awq-gptq", marks=pytest.mark.slow)])
+def test_an_adaptive_folder_stores_its_experts_smaller_settings_and_swaps_to_them(hf_moe, quantizer, tmp_path):
+    """The smaller settings of stacked experts are made by the quantizer (GPTQ per expert
+    on its routed tokens, or rounding the float experts an expert at a time) and stored;
+    a plan built live holds them, and a swap down and back up gives the stored tensors."""
+    from cli_run import run_cli
+
+    from lsaq_mlx.adaptive.folder import AdaptiveFolder, planner_for
+    from lsaq_mlx.runtime import Engine
+    from lsaq_mlx.runtime.options import RuntimeOptions
+
+    done = run_cli("convert", "-m", hf_moe("qwen3_moe").path, "--adaptive", "3,4,6", "--quantizer", quantizer,
+                   "--adaptive-size", "10", "-o", tmp_path / "a")
+    assert done.returncode == 0, done.stderr
+    source = _source(tmp_path / "a")
+    folder = AdaptiveFolder.open(source.path)
+    assert any("switch_mlp" in path for path, _ in folder.store.settings())
+    built = 0
+    for plan in folder.plans.plans[:-1]:
+        params = dict(tree_flatten(folder.model_at(source, plan)[0].parameters()))
+        for path, choice in plan.modules.items():
+            if "switch_mlp" in path and choice != folder.top.modules[path]:
+                stored = folder.store.module(path, choice)
+                assert stored.weight.ndim == 3 and mx.array_equal(params[f"{path}.weight"], stored.weight)
+                built += 1
+    assert built
+    engine = Engine(source, planner_for(source), RuntimeOptions()).start()
+    try:
+        before = dict(tree_flatten(engine.model.parameters()))
+        assert not engine.apply_budget(3).result(120).failed
+        assert engine.chat("hello", 3).result(120).stats.generation_tokens >= 1
+        assert not engine.apply_budget(6).result(120).failed
+        after = dict(tree_flatten(engine.model.parameters()))
+        assert after.keys() == before.keys() and all(mx.array_equal(after[k], before[k]) for k in before)
+    finally:
+        engine.shutdown()

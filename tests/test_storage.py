@@ -261,3 +261,23 @@ def test_engine_swaps_from_the_layer_store_of_a_packed_source(workdir, plans, tm
         assert event.store_bytes_read == engine.control.store.bytes_read > 0 and event.source_bytes_read == 0
     finally:
         engine.shutdown()
+
+
+def test_stacked_experts_round_trip_through_the_layer_store_and_a_mismatched_setting_is_refused(tmp_path):
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear
+
+    from lsaq_mlx.planning.choices import Affine
+    from lsaq_mlx.storage.layer_store import _shell
+
+    experts = QuantizedSwitchLinear(64, 16, 4, bias=False, group_size=32, bits=3)
+    arrays = dict(tree_flatten(experts.parameters()))
+    path, choice = "model.layers.0.mlp.switch_mlp.up_proj", Affine(3, 32)
+    store = LayerStore(tmp_path / "store")
+    store.add({(path, choice): ("QuantizedSwitchLinear", arrays)})
+    read = LayerStore(tmp_path / "store").module(path, choice)
+    assert isinstance(read, QuantizedSwitchLinear) and (read.bits, read.group_size) == (3, 32)
+    assert all(mx.array_equal(read[k], v) for k, v in arrays.items())
+    assert LayerStore(tmp_path / "store").module(path, Affine(4, 32)) is None
+    info = {"class": "QuantizedSwitchLinear", "bits": 8, "group_size": 1 << 30, "mode": "affine"}
+    with pytest.raises(UserError, match="not stored as"):
+        _shell(info, arrays, choice)  # sizes in the file are never used to build the module

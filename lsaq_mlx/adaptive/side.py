@@ -7,6 +7,7 @@ cost table's units (the module's cost at that setting, times the error saved ove
 rounding's error), so modules of different layers compare. The best gain per byte is
 kept until the store reaches its share of the folder (``AdaptiveSide.write``)."""
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES, affine_codes
 from lsaq_mlx.gptq.row_errors import row_output_errors
+from lsaq_mlx.gptq.solver import AffineCodes
 from lsaq_mlx.planning.affine_error import roundtrip
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.plan import PlanSet
@@ -77,6 +79,33 @@ def setting_errors(weight: mx.array, hessian: np.ndarray | None, top, top_choice
     return {choice: SettingErrors(*map(float, t)) for choice, t in totals.items()}
 
 
+def relative_gains(weight, hessian, top, top_choice: Affine, made: dict) -> dict[Affine, float]:
+    """Each setting of ``made``'s output error saved over deriving it, as a share of
+    rounding's error (``SettingErrors``: (derived - made) / rounded). ``weight``: a
+    matrix, or stacked experts (an ``ExpertStack``, ``hessian`` its ``ExpertHessians``
+    or None; ``top`` and ``made`` their stacked codes): then the mean over experts, each
+    read alone and measured on its own routed inputs, or by its squared weight errors
+    where too few tokens reached it (a share, so the two kinds of error can be averaged)."""
+    if len(weight.shape) == 2:
+        errors = setting_errors(weight, hessian, top, top_choice, made)
+        return {c: (e.derived - e.made) / max(e.rounded, 1e-30) for c, e in errors.items()}
+    totals = dict.fromkeys(made, 0.0)
+    for e in range(weight.shape[0]):
+        inputs = hessian.expert(e) if hessian is not None else None
+        gains = relative_gains(weight.block(e, e + 1)[0], inputs.hessian if inputs is not None else None,
+                               top.expert(e), top_choice, {c: None if m is None else m.expert(e) for c, m in made.items()})
+        totals = {c: totals[c] + g for c, g in gains.items()}
+    return {c: t / weight.shape[0] for c, t in totals.items()}
+
+
+def rounded_codes(weight, choice: Affine) -> AffineCodes:
+    """Round to nearest of a matrix, or of stacked experts (an ``ExpertStack``, read an
+    expert at a time)."""
+    if len(weight.shape) == 2:
+        return affine_codes(weight, None, choice)
+    return AffineCodes.stacked([affine_codes(weight.block(e, e + 1)[0], None, choice) for e in range(weight.shape[0])])
+
+
 @dataclass
 class AdaptiveSide:
     """What ``convert --adaptive`` adds to the top plan's folder. ``costs``: the cost
@@ -103,18 +132,19 @@ class AdaptiveSide:
     def collect(self, path: str, weight: mx.array, bias: mx.array | None, hessian: np.ndarray, top,
                 top_choice: Affine, make_codes, rounding: bool = False) -> None:
         """Make the module at ``path`` at each smaller setting (``make_codes(choice)``) and
-        price it; ``weight``: the float weight the quantizer saw, ``top``: its stored codes;
-        ``rounding``: ``make_codes`` rounds ``weight`` to nearest."""
+        price it; ``weight``: the float weight the quantizer saw (a matrix, or stacked
+        experts: see ``relative_gains``), ``top``: its stored codes; ``rounding``:
+        ``make_codes`` rounds ``weight`` to nearest."""
         made = {choice: make_codes(choice) for choice in self.lower.get(path, [])}
         if not made:
             return
-        errors = setting_errors(weight, hessian, top, top_choice, {c: None if rounding else m for c, m in made.items()})
+        gains = relative_gains(weight, hessian, top, top_choice, {c: None if rounding else m for c, m in made.items()})
+        rows, cols = math.prod(weight.shape[:-1]), weight.shape[-1]
         made_here, arrays = [], {}
         for choice, codes in made.items():
-            e = errors[choice]
-            gain = self.costs.cost(path, choice) * (e.derived - e.made) / max(e.rounded, 1e-30)
             arrays |= {f"{choice.key}/{f}": mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
-            made_here.append(SideSetting(path, choice, choice.weight_bytes(*weight.shape), gain, {}))
+            made_here.append(SideSetting(path, choice, choice.weight_bytes(rows, cols),
+                                         self.costs.cost(path, choice) * gains[choice], {}))
         self.scratch.mkdir(parents=True, exist_ok=True)
         file = self.scratch / f"side-{len(self.candidates)}.safetensors"  # on disk until written
         mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
@@ -127,7 +157,7 @@ class AdaptiveSide:
     def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
         """``collect`` for a module the quantizer rounds to nearest (priced by the squared
         weight error: there is no input Hessian)."""
-        rtn = lambda choice: affine_codes(weight, None, choice)  # noqa: E731
+        rtn = lambda choice: rounded_codes(weight, choice)  # noqa: E731
         if path in self.lower:
             self.collect(path, weight, bias, None, rtn(top_choice), top_choice, rtn, rounding=True)
 

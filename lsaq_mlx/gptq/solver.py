@@ -45,6 +45,15 @@ class AffineCodes:
     def arrays(self) -> tuple[mx.array, mx.array, mx.array]:
         return mx.array(self.weight), mx.array(self.scales), mx.array(self.biases)
 
+    def expert(self, e: int) -> "AffineCodes":
+        """Expert ``e``'s codes, of codes of stacked experts."""
+        return AffineCodes(self.weight[e], self.scales[e], self.biases[e])
+
+    @classmethod
+    def stacked(cls, parts: list["AffineCodes"]) -> "AffineCodes":
+        """The codes of stacked experts, of each expert's."""
+        return cls(*(np.stack([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
+
     def dequantized(self, choice, rows: slice = slice(None)) -> mx.array:
         """Rows ``rows`` of the matrix these codes stand for at ``choice``."""
         parts = (mx.array(getattr(self, f)[rows]) for f in ("weight", "scales", "biases"))

@@ -68,7 +68,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     layer is written as calibrated or as ``rtn`` writes it, whichever changes the
     layer's output on held-out inputs less (``_better_layer``: equalization's folds
     and the nonlinear parts of a layer are seen there, not by a row's error). ``also(path, weight,
-    bias, H, codes, choice, codes_at)`` is called with each linear module's codes while
+    bias, H, codes, choice, codes_at)`` is called with each linear module's codes (stacked experts too) while
     its layer is loaded; ``codes_at(other_choice)`` makes the same module's codes at
     another setting, the same way (an adaptive folder's smaller settings);
     ``equalize_for``: the settings equalization searches its scales for, where they are
@@ -98,6 +98,10 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
             if isinstance(h, ExpertHessians):
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
+                if also is not None:
+                    also(path, weights[path], biases.get(path), h, codes, affine[path],
+                         lambda choice, path=path, h=h, clip=clip: _expert_codes(quantizer, weights[path], h, choice,
+                                                                                 clip, CalibrationCounts()))
             else:
                 def codes_at(choice, path=path, h=h, clip=clip, tally=CalibrationCounts()):
                     made = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
@@ -254,7 +258,7 @@ def _expert_codes(quantizer, stack, hessians: ExpertHessians, choice: Affine, cl
                      else quantizer.codes(weight, inputs, choice, clip))
         count.experts_rounded += inputs is None
         count.experts_calibrated += inputs is not None
-    return AffineCodes(*(np.stack([getattr(p, f) for p in parts]) for f in ("weight", "scales", "biases")))
+    return AffineCodes.stacked(parts)
 
 
 def _named(path: str, codes: AffineCodes, bias: mx.array | None) -> dict:

@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx.cache import atomic_file, cache_dir
 from lsaq_mlx.errors import UserError
@@ -162,7 +163,7 @@ class LayerStore:
             for record in info["records"]:
                 meta = reader.record(record)["meta"]
                 arrays[meta["tensor"]] = to_array(reader.read(record), meta)
-            return _shell(info, arrays)
+            return _shell(info, arrays, choice)
         except UserError as e:
             log.warning("layer store: %s; re-quantizing %s instead", e, path)
             return None
@@ -187,9 +188,14 @@ def _add_module(writer: ContainerWriter, key: str, kind: str, arrays: dict, choi
     return info
 
 
-def _shell(info: dict, arrays: dict) -> nn.Module:
-    """A module of the stored class holding ``arrays``."""
-    kind, bias = info["class"], "bias" in arrays
+def _shell(info: dict, arrays: dict, choice) -> nn.Module:
+    """A module of the stored class holding ``arrays``, quantized as ``choice`` (what it
+    was stored under: never a size read from the file)."""
+    kind, bias = info.get("class"), "bias" in arrays
+    if str(kind).startswith("Quantized"):
+        if not hasattr(choice, "bits") or (info.get("bits"), info.get("group_size")) != (choice.bits, choice.group_size):
+            raise UserError(f"the layer store's {kind} is not stored as {getattr(choice, 'label', choice)}")
+        info = {"group_size": choice.group_size, "bits": choice.bits, "mode": "affine"}
     if kind == "Linear":
         module = nn.Linear(1, 1, bias=bias)
     elif kind == "Embedding":
@@ -200,6 +206,10 @@ def _shell(info: dict, arrays: dict) -> nn.Module:
     elif kind == "QuantizedEmbedding":
         module = nn.QuantizedEmbedding.from_embedding(nn.Embedding(1, info["group_size"]), info["group_size"],
                                                       info["bits"], info["mode"])
+    elif kind in ("SwitchLinear", "BlockedSwitchLinear"):
+        module = SwitchLinear(1, 1, 1, bias=bias)
+    elif kind == "QuantizedSwitchLinear":
+        module = QuantizedSwitchLinear(info["group_size"], 1, 1, bias, info["group_size"], info["bits"], info["mode"])
     else:
         raise UserError(f"the layer store holds a module of unknown class {kind}")
     for param, array in arrays.items():
