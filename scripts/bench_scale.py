@@ -97,11 +97,11 @@ def measure(cmd: list[str], env: dict, rss_limit: int, stdin: str | None = None)
     else:
         row["status"] = "ok"
     out.seek(0)
-    speeds = re.findall(r"tokens · ([0-9.]+) tok/s", out.read())
+    printed = out.read()
+    speeds = re.findall(r"tokens · ([0-9.]+) tok/s", printed)
     if speeds:
         row["tok_s"] = [float(v) for v in speeds]
-    out.seek(0)
-    swaps = re.search(r"^SWAPS (.*)$", out.read(), re.M)
+    swaps = re.search(r"^SWAPS (.*)$", printed, re.M)
     if swaps:
         row["swaps"] = json.loads(swaps.group(1))
     return row
@@ -146,6 +146,7 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
     folder = make_model(spec, models)
     cli = [sys.executable, "-m", "lsaq_mlx"]
     out = work / f"{spec.replace('/', '-')}-4.0"
+    adaptive = work / f"{spec.replace('/', '-')}-adaptive"
     rows = {}
 
     def env(cache: str) -> dict:
@@ -171,12 +172,10 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
                                   "--json"], env(step), rss_limit)
             shutil.rmtree(target, ignore_errors=True)
         elif step == "convert-adaptive":
-            adaptive = work / f"{spec.replace('/', '-')}-adaptive"
             shutil.rmtree(adaptive, ignore_errors=True)
             rows[step] = measure([*cli, "convert", "-m", str(folder), "--adaptive", "3-6", "--quantizer", "rtn", "-o",
                                   str(adaptive), "--json"], env("convert"), rss_limit)
         elif step == "swap-adaptive":
-            adaptive = work / f"{spec.replace('/', '-')}-adaptive"
             rows[step] = measure([sys.executable, __file__, "--swap-child", str(adaptive)], env("convert"), rss_limit)
         elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
             target = work / f"{spec.replace('/', '-')}-4.0-{step}"
