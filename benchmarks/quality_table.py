@@ -129,7 +129,7 @@ def priced_plan(planner, ctx, errors, budget: float, power: float):
     return plan_lsaq(ctx, Budget(bits_per_weight=budget), errors.scaled(ratios, power), layer_weights(None, ctx.modules))
 
 
-def print_against_peers(rows: list[dict], ours: tuple[float, int], quantizer: str) -> None:
+def print_against_peers(rows: list[dict], ours: tuple[float, int] | None, quantizer: str) -> None:
     """Each peer against ``lsaq+<quantizer>`` at its bits per weight; the target is
     ours <= 0.8x the best peer at equal or higher bits per weight."""
     peers = [r for r in rows if r["quantizer"] == "peer"]
@@ -145,8 +145,9 @@ def print_against_peers(rows: list[dict], ours: tuple[float, int], quantizer: st
         ours_kl = f"{mine['kl']:.4f} ({mine['bits_per_weight']:.3f})" if mine else "-"
         print(f"| {p['method']} | {p['bits_per_weight']:.3f} | {p['kl']:.4f} | {best['method']} {best['kl']:.4f} | "
               f"{ours_kl} | {ratio} | {p['seconds']:.0f} s, {p['peak_rss'] / 1e9:.2f} GB |")
-    print(f"\nours: lsaq-mlx convert -b 4.0 --quantizer {quantizer} from an empty cache (cost table, plan, {quantizer}): "
-          f"{ours[0]:.0f} s, {ours[1] / 1e9:.2f} GB")
+    if ours:
+        print(f"\nours: lsaq-mlx convert -b 4.0 --quantizer {quantizer} from an empty cache (cost table, plan, {quantizer}): "
+              f"{ours[0]:.0f} s, {ours[1] / 1e9:.2f} GB")
 
 
 def save_rows(out: str | None, rows: list[dict], source_result, source_second, **extra) -> None:
@@ -163,7 +164,8 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.0, 4.5, 5.0])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.0, 3.5, 4.0, 4.5, 5.0],
+                        help="none: only the recipes, and with --peers ours at each peer's bits per weight")
     parser.add_argument("--dq-tokens", type=int, default=2048, help="calibration tokens of dynamic_quant's sensitivities")
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods (and recipes), e.g. lsaq uniform")
     parser.add_argument("--quantizers", nargs="+", default=["rtn"], choices=list(QUANTIZERS))
@@ -185,6 +187,8 @@ def main() -> None:
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--optiq-python", default=os.environ.get("OPTIQ_PYTHON"),
                         help="the Python of a virtual environment with mlx-optiq (default $OPTIQ_PYTHON)")
+    parser.add_argument("--no-convert-timing", action="store_true",
+                        help="with --peers, do not time lsaq-mlx convert -b 4.0 from an empty cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start_benchmark()
@@ -256,7 +260,8 @@ def main() -> None:
         print(f"  {method:14s} budget {budget} -> {plan.predicted_bits_per_weight:.3f} bpw, "
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
         save_rows(args.out, rows, source_result, source_second)
-    if args.peers:
+    ours = None
+    if args.peers and not args.no_convert_timing:
         ours = measured([sys.executable, "-m", "lsaq_mlx", "convert", "-m", str(source.path), "-b", "4.0",
                          "--quantizer", args.peer_quantizer, "-o", str(Path(work.name) / "ours-4.0")],
                         env=os.environ | {"LSAQ_MLX_CACHE": str(Path(work.name) / "empty-cache")})
@@ -285,7 +290,7 @@ def main() -> None:
         print(f"\ncost model: Spearman(predicted cost, measured KL) = {rho:.3f} over {len(held_out)} held-out plans "
               f"(not made by lsaq), {rho_all:.3f} over all {len(priced)} written round to nearest")
     save_rows(args.out, rows, source_result, source_second, cost_model_spearman_held_out=rho,
-              ours_convert={"seconds": ours[0], "peak_rss": ours[1]} if args.peers else None)
+              ours_convert={"seconds": ours[0], "peak_rss": ours[1]} if ours else None)
 
 
 if __name__ == "__main__":
