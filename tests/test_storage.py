@@ -273,7 +273,9 @@ def test_stacked_experts_round_trip_through_the_layer_store_and_a_mismatched_set
     arrays = dict(tree_flatten(experts.parameters()))
     path, choice = "model.layers.0.mlp.switch_mlp.up_proj", Affine(3, 32)
     store = LayerStore(tmp_path / "store")
-    store.add({(path, choice): ("QuantizedSwitchLinear", arrays)})
+    modules = {(path, choice): ("QuantizedSwitchLinear", arrays)}
+    store.add(modules)
+    assert modules == {}  # the store took each module's arrays as it wrote them: the caller holds none of them
     read = LayerStore(tmp_path / "store").module(path, choice)
     assert isinstance(read, QuantizedSwitchLinear) and (read.bits, read.group_size) == (3, 32)
     assert all(mx.array_equal(read[k], v) for k, v in arrays.items())

@@ -176,8 +176,11 @@ class AdaptiveSide:
         self.plans.save(folder / PLANS_FILE)
         kept = self.choose(self.plans.plans[-1].predicted_bytes)
         store = LayerStore(folder / SIDE_FOLDER)
+        modules = {}
+        for c in kept:  # handed to the store, which frees each once written: they are a fraction of the model
+            modules[c.path, c.choice], c.arrays = (model_kinds[c.path], c.arrays), {}
         with progress_bar("writing the smaller settings", len(kept)) as advance:
-            store.add({(c.path, c.choice): (model_kinds[c.path], c.arrays) for c in kept}, advance)
+            store.add(modules, advance)
         store.close()
         return {"budgets": [p.budget.get("bits_per_weight") for p in self.plans.plans],
                 "plan_bytes": [p.predicted_bytes for p in self.plans.plans],

@@ -107,13 +107,14 @@ class LayerStore:
                 "seconds": time.perf_counter() - start}
 
     def add(self, modules: dict, advance=None) -> None:
-        """Store ``modules``: ``{(path, choice): (class name, {param: array})}``."""
+        """Store ``modules``: ``{(path, choice): (class name, {param: array})}``, emptied as
+        it is written, so that each module's arrays can be freed once stored."""
         files: dict[str, dict] = {}
         for (path, choice), value in modules.items():
             files.setdefault(file_name(path), {})[f"{path}@{setting_key(choice)}"] = (path, choice)
         self.root.mkdir(parents=True, exist_ok=True)
         for name, entries in files.items():
-            self._rewrite(name, entries, lambda path, choice: modules[(path, choice)], advance or (lambda: None))
+            self._rewrite(name, entries, lambda path, choice: modules.pop((path, choice)), advance or (lambda: None))
 
     def _rewrite(self, name: str, entries: dict, make, advance) -> None:
         """Write file ``name`` again with what it held plus (or instead of) ``entries`` (key -> (path,
