@@ -18,6 +18,7 @@ same process and in a new one.
 import argparse
 import json
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -54,7 +55,8 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
     """Seconds of the swap smallest -> largest -> smallest in one engine, and of each
     step between neighbouring plans (what ``--auto`` does as memory moves), beside
     loading the largest plan's own folder afresh: in this process, and in a new process
-    (imports, load, evaluation: what restarting with another folder costs)."""
+    (imports, load, evaluation: what restarting with another folder costs); and this
+    process's peak resident memory through the swaps, before that load."""
     planner = planner_for(folder_source)
     budgets = planner.folder.budgets()
     engine = Engine(folder_source, planner, RuntimeOptions(bits_budget=budgets[0])).start()
@@ -64,6 +66,7 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
         steps = [engine.apply_budget(b).result(600) for b in [*budgets[1:], *budgets[-2::-1]]]
     finally:
         engine.shutdown()
+    engine_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     begin = time.perf_counter()
     model = load_model(resolve_model(str(fresh)))[0]
     mx.eval(model.parameters())
@@ -74,7 +77,8 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
     return {"up_seconds": up.seconds, "down_seconds": down.seconds, "modules": up.changed,
             "fresh_load_seconds": load, "fresh_process_seconds": process, "up_over_load": up.seconds / load,
             "down_over_load": down.seconds / load, "step_seconds": step_seconds,
-            "step_modules": [s.changed for s in steps], "mean_step_over_load": sum(step_seconds) / len(steps) / load}
+            "step_modules": [s.changed for s in steps], "mean_step_over_load": sum(step_seconds) / len(steps) / load,
+            "swaps_peak_rss": engine_rss}
 
 
 def main() -> None:
