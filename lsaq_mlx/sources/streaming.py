@@ -116,8 +116,9 @@ class StreamedModel:
         layer.update(tree_unflatten(list(params.items())))
         for stack in (a for a in params.values() if a.ndim == 3):  # experts held (a pack's): each stack made alone
             mx.eval(stack)
-        if self.config.get("quantization"):  # one at a time: MLX's CPU dequantize of 3-, 5- and 6-bit codes
-            for a in params.values():           # holds about 7x its float32 output while it runs
+        if self.config.get("quantization"):
+            # one at a time: MLX's CPU dequantize of 3-, 5- and 6-bit codes holds about 7x its float32 output
+            for a in params.values():
                 mx.eval(a)
         mx.eval(layer.parameters())  # together: a fused tensor split in two is read once
         try:
