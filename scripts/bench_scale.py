@@ -145,12 +145,12 @@ def swap_child(folder: str) -> None:
 def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: int) -> dict:
     folder = make_model(spec, models)
     cli = [sys.executable, "-m", "lsaq_mlx"]
-    out = work / f"{spec.replace('/', '-')}-4.0"
-    adaptive = work / f"{spec.replace('/', '-')}-adaptive"
+    name = spec.replace("/", "-")
+    out, adaptive = work / f"{name}-4.0", work / f"{name}-adaptive"
     rows = {}
 
     def env(cache: str) -> dict:
-        return dict(os.environ, LSAQ_MLX_CACHE=str(work / "caches" / spec.replace("/", "-") / cache))
+        return dict(os.environ, LSAQ_MLX_CACHE=str(work / "caches" / name / cache))
 
     for step in steps:
         if step == "score":
@@ -162,7 +162,7 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "--quantizer", "rtn", "-o", str(out), "--json"],
                                  env("convert"), rss_limit)
         elif step == "convert-from-q4":
-            q4, target = work / f"{spec.replace('/', '-')}-q4-source", work / f"{spec.replace('/', '-')}-3.5-from-q4"
+            q4, target = work / f"{name}-q4-source", work / f"{name}-3.5-from-q4"
             if not q4.is_dir():
                 subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder), "-q", "--q-bits",
                                 "4", "--q-group-size", "64", "--mlx-path", str(q4)], check=True,
@@ -178,7 +178,7 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
         elif step == "swap-adaptive":
             rows[step] = measure([sys.executable, __file__, "--swap-child", str(adaptive)], env("convert"), rss_limit)
         elif step.startswith("convert-"):  # a calibrated quantizer, the cost table from convert's cache
-            target = work / f"{spec.replace('/', '-')}-4.0-{step}"
+            target = work / f"{name}-4.0-{step}"
             shutil.rmtree(target, ignore_errors=True)
             rows[step] = measure([*cli, "convert", "-m", str(folder), "-b", "4.0", "--quantizer",
                                   step.removeprefix("convert-"), "-o", str(target), "--json"], env("convert"), rss_limit)
@@ -192,7 +192,7 @@ def run_shape(spec: str, steps: list[str], models: Path, work: Path, rss_limit: 
             rows[step] = measure([*cli, "chat", "-m", str(folder), "-b", "4.0", "-n", "16"], chat_env, rss_limit,
                                  stdin=CHAT_SCRIPT)
         elif step == "mlx_lm.convert":
-            target = work / f"{spec.replace('/', '-')}-mlx-q4"
+            target = work / f"{name}-mlx-q4"
             shutil.rmtree(target, ignore_errors=True)
             rows[step] = measure([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(folder), "-q",
                                   "--q-bits", "4", "--q-group-size", "64", "--mlx-path", str(target)],

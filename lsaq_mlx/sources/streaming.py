@@ -114,12 +114,11 @@ class StreamedModel:
         layer = self.layers[i]
         params = self.layer_parameters(i)
         layer.update(tree_unflatten(list(params.items())))
-        for stack in (a for a in params.values() if a.ndim == 3):  # experts held (a pack's): each stack made alone
-            mx.eval(stack)
-        if self.config.get("quantization"):
-            # one at a time: MLX's CPU dequantize of 3-, 5- and 6-bit codes holds about 7x its float32 output
-            for a in params.values():
-                mx.eval(a)
+        # made alone: experts' stacks (a pack's), and every dequantized matrix (MLX's CPU dequantize
+        # of 3-, 5- and 6-bit codes holds about 7x its float32 output)
+        quantized = self.config.get("quantization")
+        for a in (a for a in params.values() if quantized or a.ndim == 3):
+            mx.eval(a)
         mx.eval(layer.parameters())  # together: a fused tensor split in two is read once
         try:
             yield layer
