@@ -285,8 +285,8 @@ class MatrixRows:
         self.from_file = (hasattr(tensors, "rows") and name in getattr(tensors, "files", {})
                           and list(tensors.shape_of(name)[0]) == list(weight.shape) and weight.dtype != mx.uint32)
         self.tensors, self.name, self.stored_rows = tensors, name, stored_rows
-        # MLX's dequantize of 3, 5 or 6 bits takes about 6x its float32 result in temporaries
-        self.block_bytes = QUANTIZE_BLOCK_BYTES // (8 if stored_rows else 1)
+        # MLX's dequantize of 3, 5 or 6 bits takes up to 7x its float32 result in temporaries
+        self.block_bytes = QUANTIZE_BLOCK_BYTES // (32 if stored_rows else 1)
 
     def __call__(self, start: int, stop: int) -> mx.array:
         if self.from_file:

@@ -191,7 +191,6 @@ def test_a_large_matrix_is_quantized_from_row_blocks_of_its_file(tmp_path, monke
     from lsaq_mlx.sources.tensors import SourceTensors
 
     monkeypatch.setattr(convert, "QUANTIZE_BLOCK_BYTES", 256 << 10)
-    monkeypatch.setattr(swap, "QUANTIZE_BLOCK_BYTES", 256 << 10)
     weight = mx.random.normal((4096, 512)).astype(dtype)
     mx.save_safetensors(str(tmp_path / "model.safetensors"), {"model.embed_tokens.weight": weight})
     tensors = SourceTensors(tmp_path)
@@ -206,6 +205,36 @@ def test_a_large_matrix_is_quantized_from_row_blocks_of_its_file(tmp_path, monke
     assert mx.array_equal(module.weight, q)
     assert mx.array_equal(module.scales, scales.astype(mx.float16))
     assert mx.array_equal(module.biases, biases.astype(mx.float16))
+
+
+@pytest.mark.parametrize("rows", [4096, 9000])  # below and above the block a float matrix is quantized in
+def test_a_swap_below_a_quantized_folder_reads_its_codes_a_row_block_at_a_time(tmp_path, rows):
+    """Going down from a 6-bit folder, a module is dequantized from a row block of its
+    stored codes at a time, each block rounded before the next: whole, MLX's 6-bit
+    dequantize holds 7x the float32 matrix (an 8B model's LM head: gigabytes in one
+    swap). The codes are those of rounding the whole exact matrix."""
+    import lsaq_mlx.runtime.swap as swap
+    from lsaq_mlx.planning.choices import Affine
+    from lsaq_mlx.sources.tensors import DequantizedTensors, SourceTensors
+
+    codes, scales, biases = mx.quantize(mx.random.normal((rows, 2048)), 64, 6)
+    stored = {"lm_head.weight": codes, "lm_head.scales": scales.astype(mx.float16),
+              "lm_head.biases": biases.astype(mx.float16)}
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), stored)
+    tensors = DequantizedTensors(SourceTensors(tmp_path), {"quantization": {"group_size": 64, "bits": 6}})
+    old = nn.QuantizedLinear(2048, rows, bias=False, group_size=64, bits=6)
+    whole = tensors.get("lm_head.weight")
+    mx.eval(whole)
+    expected = mx.quantize(whole, 64, 3)
+    del whole
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    module = swap.quantized_module(old, "lm_head", Affine(3, 64), tensors)
+    mx.eval(module.parameters())
+    assert mx.get_peak_memory() - before < 4 * rows * 2048
+    assert mx.array_equal(module.weight, expected[0])
+    assert mx.array_equal(module.scales, expected[1].astype(mx.float16))
 
 
 def test_the_float32_copy_of_a_5_bit_layer_is_dequantized_a_row_block_at_a_time(monkeypatch):

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from lsaq_mlx.backend.compute import prepare_for_compute
-from lsaq_mlx.convert import QUANTIZE_BLOCK_BYTES, MatrixRows, quantize_by_row_blocks
+from lsaq_mlx.convert import MatrixRows, quantize_by_row_blocks
 from lsaq_mlx.modules import by_layer, module_at
 from lsaq_mlx.sources.tensors import SourceTensors
 
@@ -41,8 +41,10 @@ def quantized_module(old: nn.Module, path: str, choice, weights: SourceTensors) 
         new.bias = bias
     holder = nn.Module()
     holder.m = choice.module(new)
-    if "scales" in holder.m and w.size * 4 > QUANTIZE_BLOCK_BYTES:
-        quantize_by_row_blocks(holder, {"m": MatrixRows(w, weights, f"{path}.weight")})
+    stored_rows = weights.stored_rows(f"{path}.weight") if hasattr(weights, "stored_rows") else None
+    rows = MatrixRows(w, weights, f"{path}.weight", stored_rows)
+    if "scales" in holder.m and w.size * 4 > rows.block_bytes:
+        quantize_by_row_blocks(holder, {"m": rows})
     holder.m.set_dtype(mx.float16)
     return holder.m
 

@@ -100,6 +100,25 @@ class DequantizedTensors:
         arrays = {p: self.tensors.get(f"{path}.{p}") for p in ("weight", "scales", "biases", "bias")}
         return {p: a for p, a in arrays.items() if a is not None}
 
+    def stored_rows(self, name: str):
+        """``rows(block)``: rows ``block`` (a slice) of the quantized weight ``name``,
+        dequantized from those rows of its codes alone (no float copy of the whole
+        matrix); None where ``name`` is not a quantized weight read by rows."""
+        path, _, param = name.rpartition(".")
+        files = getattr(self.tensors, "files", {})
+        if param != "weight" or not hasattr(self.tensors, "rows") or not {name, f"{path}.scales"} <= set(files):
+            return None
+        q, count = stored_quantization(self.quantization, path), self.tensors.shape_of(name)[0][0]
+        has_biases = f"{path}.biases" in files
+
+        def rows(block: slice) -> mx.array:
+            start, stop = block.start or 0, min(count, count if block.stop is None else block.stop)
+            part = [self.tensors.rows(f"{path}.{p}", start, stop) if p != "biases" or has_biases else None
+                    for p in ("weight", "scales", "biases")]
+            return exact_dequantize(*part, q["group_size"], q["bits"], q.get("mode", "affine"))
+
+        return rows
+
     def get(self, name: str) -> mx.array | None:
         path, _, param = name.rpartition(".")
         scales = self.tensors.get(f"{path}.scales") if param == "weight" else None
