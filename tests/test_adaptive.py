@@ -85,6 +85,30 @@ def test_a_swap_down_and_back_up_gives_the_stored_tensors_exactly(adaptive):
         engine.shutdown()
 
 
+def test_an_engine_started_below_the_stored_plan_swaps_before_it_reads_the_stored_model(derived, monkeypatch):
+    """Started at 3 bits per weight from a folder stored at 6, the engine builds the
+    starting plan's modules while the stored model is still unread (loaded lazily) and
+    only then evaluates the model: the stored modules the start replaces are never in
+    memory (at the 1.1B shape: 0.92 GB instead of 1.19 GB; a folder stored at 6 bits
+    starts at 3 on a Mac that holds only 3)."""
+    import lsaq_mlx.runtime.engine as engine_module
+
+    prepare, seen = engine_module.prepare_for_compute, []
+
+    def recording(model, **kwargs):
+        seen.append({p: getattr(m, "bits", None) for p, m in model.named_modules()})
+        return prepare(model, **kwargs)
+
+    monkeypatch.setattr(engine_module, "prepare_for_compute", recording)
+    folder = AdaptiveFolder.open(derived.path)
+    start = folder.plan_for(3)
+    engine = Engine(derived, planner_for(derived), RuntimeOptions(bits_budget=3)).start()
+    engine.shutdown()
+    lowered = [p for p, c in start.modules.items() if c.bits < folder.top.modules[p].bits]
+    assert len(seen) == 1 and lowered
+    assert all(seen[0][p] != folder.top.modules[p].bits for p in lowered)
+
+
 def test_a_live_plan_is_the_stored_setting_the_converter_made(adaptive, derived):
     """With room for every setting, the plan reached live holds the quantizer's codes
     (calibrated on the largest plan's activations, with its equalization: a stored

@@ -266,8 +266,6 @@ class Engine(EngineCommands):
             source_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         precision = module_precision(self.model)
         float_paths = float_copy_paths(self.model, float_copy_bytes())
-        prepare_for_compute(self.model, float_paths=float_paths)
-        return_freed_memory()  # what building the model one module at a time took and freed
         config = self._source_config()
         self.context = int(config.get("max_position_embeddings") or DEFAULT_CONTEXT)
         self.vocabulary = find_lens(self.model).vocab_size
@@ -284,9 +282,12 @@ class Engine(EngineCommands):
         self.control = PrecisionController(self.model, stored_plan or plan, precision, policy, weights, store,
                                            float_paths, compute_mode() == "float32", source_bits, source_bytes, ceilings)
         if stored_plan is not None and plan is not None and plan is not stored_plan:
+            # before the stored model is read: the modules it replaces are never in memory
             self.control.start(plan, "the starting plan, from the stored one")
             while self.control.swap:
                 self.control.step()
+        prepare_for_compute(self.model, float_paths=float_paths)
+        return_freed_memory()  # what building the model one module at a time took and freed
         self.batchable = batchable_model(self.model)
         self.cache, self.cache_tokens = None, []
         self.last_reply: ReplyStats | None = None
