@@ -202,6 +202,38 @@ def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
     assert [c.path for c in side.choose(100)] == ["b", "d"]  # then a no longer fits; c gains nothing
 
 
+def test_rounded_smaller_settings_are_made_one_at_a_time(tmp_path, monkeypatch):
+    """Rounding's gains need no codes, so each smaller setting is made only when it is
+    put on disk: one setting's codes in memory beside the stored ones (an 8B model's LM
+    head has 0.3 GB of codes a setting), and what is stored is the weight rounded."""
+    import weakref
+    from types import SimpleNamespace
+
+    import lsaq_mlx.adaptive.side as side_module
+
+    live, most = [0], [0]
+    rounded_codes = side_module.rounded_codes
+
+    def counted(weight, choice):
+        codes = rounded_codes(weight, choice)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(codes, lambda: live.__setitem__(0, live[0] - 1))
+        return codes
+
+    monkeypatch.setattr(side_module, "rounded_codes", counted)
+    lower = [Affine(2, 64), Affine(3, 64), Affine(4, 64)]
+    side = AdaptiveSide.__new__(AdaptiveSide)
+    side.lower, side.scratch, side.candidates = {"m": lower}, tmp_path, []
+    side.costs = SimpleNamespace(cost=lambda path, choice: 1.0)
+    weight = mx.random.normal((256, 512))
+    side.collect_rounded("m", weight, None, Affine(6, 64))
+    assert most[0] == 2  # the stored (6-bit) codes and one smaller setting's
+    assert [c.choice for c in side.candidates] == lower
+    for c in side.candidates:
+        assert mx.array_equal(c.arrays["weight"], mx.quantize(weight, 64, c.choice.bits)[0])
+
+
 @pytest.mark.parametrize("args, match", [
     (("--adaptive", "4"), "at least two budgets"),
     (("--adaptive", "3-6", "-b", "4"), "leave out -b"),

@@ -135,24 +135,23 @@ class AdaptiveSide:
         price it; ``weight``: the float weight the quantizer saw (a matrix, or stacked
         experts: see ``relative_gains``), ``top``: its stored codes; ``rounding``:
         ``make_codes`` rounds ``weight`` to nearest."""
-        made = {choice: make_codes(choice) for choice in self.lower.get(path, [])}
-        if not made:
+        choices = self.lower.get(path, [])
+        if not choices:
             return
-        gains = relative_gains(weight, hessian, top, top_choice, {c: None if rounding else m for c, m in made.items()})
+        # rounding's gains need no codes: each setting is then made only when it is stored
+        made = dict.fromkeys(choices) if rounding else {choice: make_codes(choice) for choice in choices}
+        gains = relative_gains(weight, hessian, top, top_choice, made)
         rows, cols = math.prod(weight.shape[:-1]), weight.shape[-1]
-        made_here, arrays = [], {}
-        for choice, codes in made.items():
-            arrays |= {f"{choice.key}/{f}": mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
-            made_here.append(SideSetting(path, choice, choice.weight_bytes(rows, cols),
-                                         self.costs.cost(path, choice) * gains[choice], {}))
         self.scratch.mkdir(parents=True, exist_ok=True)
-        file = self.scratch / f"side-{len(self.candidates)}.safetensors"  # on disk until written
-        mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
-        loaded = mx.load(str(file))
-        for c in made_here:
-            c.arrays = {f: loaded[f"{c.choice.key}/{f}"] for f in ("weight", "scales", "biases")}
-            c.arrays |= {"bias": loaded["bias"]} if bias is not None else {}
-        self.candidates += made_here
+        for choice in choices:  # on disk until written, one setting's codes in memory at a time
+            codes = made.pop(choice) or make_codes(choice)
+            arrays = {f: mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
+            del codes
+            file = self.scratch / f"side-{len(self.candidates)}.safetensors"
+            mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
+            del arrays
+            self.candidates.append(SideSetting(path, choice, choice.weight_bytes(rows, cols),
+                                               self.costs.cost(path, choice) * gains[choice], mx.load(str(file))))
 
     def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
         """``collect`` for a module the quantizer rounds to nearest (priced by the squared
