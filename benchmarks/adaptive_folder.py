@@ -56,7 +56,8 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
     step between neighbouring plans (what ``--auto`` does as memory moves), beside
     loading the largest plan's own folder afresh: in this process, and in a new process
     (imports, load, evaluation: what restarting with another folder costs); and this
-    process's peak resident memory through the swaps, before that load."""
+    process's peak resident memory through the swaps, before that load, beside the new
+    process's (what holding the largest plan costs)."""
     planner = planner_for(folder_source)
     budgets = planner.folder.budgets()
     engine = Engine(folder_source, planner, RuntimeOptions(bits_budget=budgets[0])).start()
@@ -71,14 +72,14 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
     model = load_model(resolve_model(str(fresh)))[0]
     mx.eval(model.parameters())
     load = time.perf_counter() - begin
-    process, _ = measured([sys.executable, "-c", "import sys, mlx.core as mx; from lsaq_mlx.sources import load_model, "
+    process, process_rss = measured([sys.executable, "-c", "import sys, mlx.core as mx; from lsaq_mlx.sources import load_model, "
                            "resolve_model; mx.eval(load_model(resolve_model(sys.argv[1]))[0].parameters())", str(fresh)])
     step_seconds = [s.seconds for s in steps]
     return {"up_seconds": up.seconds, "down_seconds": down.seconds, "modules": up.changed,
             "fresh_load_seconds": load, "fresh_process_seconds": process, "up_over_load": up.seconds / load,
             "down_over_load": down.seconds / load, "step_seconds": step_seconds,
             "step_modules": [s.changed for s in steps], "mean_step_over_load": sum(step_seconds) / len(steps) / load,
-            "swaps_peak_rss": engine_rss}
+            "swaps_peak_rss": engine_rss, "fresh_process_peak_rss": process_rss}
 
 
 def main() -> None:

@@ -263,7 +263,7 @@ def main() -> None:
             print(f"\n{spec}: swap 3 -> 6 {swaps['up_seconds']:.1f} s, back {swaps['down_seconds']:.1f} s "
                   f"({swaps['modules']} modules); fresh load {swaps['fresh_load_seconds']:.1f} s in the process, "
                   f"{swaps['fresh_process_seconds']:.1f} s in a new one; peak RSS through the swaps "
-                  f"{swaps['swaps_peak_rss'] / 1e9:.2f} GB; steps "
+                  f"{swaps['swaps_peak_rss'] / 1e9:.2f} GB (the new process {swaps['fresh_process_peak_rss'] / 1e9:.2f} GB); steps "
                   + ", ".join(f"{x:.1f}" for x in swaps["step_seconds"]) + " s")
 
 
