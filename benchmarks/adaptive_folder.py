@@ -72,8 +72,9 @@ def swap_round_trip(folder_source, fresh: Path) -> dict:
     model = load_model(resolve_model(str(fresh)))[0]
     mx.eval(model.parameters())
     load = time.perf_counter() - begin
-    process, process_rss = measured([sys.executable, "-c", "import sys, mlx.core as mx; from lsaq_mlx.sources import load_model, "
-                           "resolve_model; mx.eval(load_model(resolve_model(sys.argv[1]))[0].parameters())", str(fresh)])
+    load_folder = ("import sys, mlx.core as mx; from lsaq_mlx.sources import load_model, resolve_model; "
+                   "mx.eval(load_model(resolve_model(sys.argv[1]))[0].parameters())")
+    process, process_rss = measured([sys.executable, "-c", load_folder, str(fresh)])
     step_seconds = [s.seconds for s in steps]
     return {"up_seconds": up.seconds, "down_seconds": down.seconds, "modules": up.changed,
             "fresh_load_seconds": load, "fresh_process_seconds": process, "up_over_load": up.seconds / load,
