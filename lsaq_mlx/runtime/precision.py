@@ -60,9 +60,9 @@ class PrecisionController:
         for path in report.changed:
             self.choices[path] = group[path]
         self.swap.report.merge(report)
+        return_freed_memory()  # each group's read and decode buffers, before the next group's
         if self.swap.groups:
             return None
-        return_freed_memory()
         return self._finish()
 
     def _finish(self) -> SwapInProgress:
