@@ -109,6 +109,27 @@ def test_an_engine_started_below_the_stored_plan_swaps_before_it_reads_the_store
     assert all(seen[0][p] != folder.top.modules[p].bits for p in lowered)
 
 
+def test_a_swap_gives_freed_memory_back_after_every_layer_group(derived, monkeypatch):
+    """The heap pages of a layer group's reads and decodes go back to the system before
+    the next group is built, not at the swap's end (at the 8B shape glibc kept 0.6 GB of
+    them through a swap down)."""
+    import lsaq_mlx.runtime.precision as precision
+    from lsaq_mlx.runtime.swap import layer_groups
+
+    calls = []
+    monkeypatch.setattr(precision, "return_freed_memory", lambda: calls.append(1))
+    folder = AdaptiveFolder.open(derived.path)
+    plan = folder.plan_for(3)
+    changes = {p: c for p, c in plan.modules.items() if c != folder.top.modules[p]}
+    engine = Engine(derived, planner_for(derived), RuntimeOptions()).start()
+    try:
+        before = len(calls)
+        assert not engine.apply_budget(3).result(120).failed
+        assert len(calls) - before == len(layer_groups(changes)) > 1
+    finally:
+        engine.shutdown()
+
+
 def test_a_live_plan_is_the_stored_setting_the_converter_made(adaptive, derived):
     """With room for every setting, the plan reached live holds the quantizer's codes
     (calibrated on the largest plan's activations, with its equalization: a stored
