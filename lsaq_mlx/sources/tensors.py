@@ -106,16 +106,16 @@ class DequantizedTensors:
         matrix); None where ``name`` is not a quantized weight read by rows."""
         path, _, param = name.rpartition(".")
         files = getattr(self.tensors, "files", {})
-        if param != "weight" or not hasattr(self.tensors, "rows") or not {name, f"{path}.scales"} <= set(files):
+        if param != "weight" or not hasattr(self.tensors, "rows") or name not in files or f"{path}.scales" not in files:
             return None
         q, count = stored_quantization(self.quantization, path), self.tensors.shape_of(name)[0][0]
         has_biases = f"{path}.biases" in files
 
         def rows(block: slice) -> mx.array:
-            start, stop = block.start or 0, min(count, count if block.stop is None else block.stop)
-            part = [self.tensors.rows(f"{path}.{p}", start, stop) if p != "biases" or has_biases else None
-                    for p in ("weight", "scales", "biases")]
-            return exact_dequantize(*part, q["group_size"], q["bits"], q.get("mode", "affine"))
+            start, stop = block.start or 0, count if block.stop is None else min(count, block.stop)
+            read = lambda p: self.tensors.rows(f"{path}.{p}", start, stop)  # noqa: E731
+            return exact_dequantize(read("weight"), read("scales"), read("biases") if has_biases else None,
+                                    q["group_size"], q["bits"], q.get("mode", "affine"))
 
         return rows
 
