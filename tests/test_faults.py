@@ -4,6 +4,7 @@ the context. Each ends in one line and leaves nothing half-written behind."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -132,6 +133,22 @@ def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(folder, tm
     result = run_cli("convert", "-m", folder / "tiny", "--method", "uniform", "--bits", "4", "-o", out, env=env)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out.parent)) == sorted(["model", mine.name])  # ...the next run sweeps it
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_command_goes_on(folder, tmp_path):
+    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out" / "model"
+    out.parent.mkdir()
+    process = _start_convert(folder / "tiny", out, env)
+    _wait_for_temporary(process, out.parent)
+    process.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+    assert process.poll() is None  # a diagnosis, not an end
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    stack = stderr[stderr.index("Current thread"):]  # the main thread's, inside convert (its temporary exists)
+    assert re.search(r'lsaq_mlx/convert\.py", line \d+ in convert\n', stack), stderr
+    assert stderr.strip().splitlines()[-1] == "stopped by SIGTERM"
 
 
 def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):

@@ -310,9 +310,12 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file, tmp_pa
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            for pid in _rank_pids(0, str(port)) + _rank_pids(1, str(port)):  # their threads' stacks, to the log
+                subprocess.run(["kill", "-USR1", str(pid)])
+            time.sleep(3)
             server.kill()
             raise AssertionError(f"the server did not stop within 60 s of Ctrl+C to rank 0 (pids {interrupted}):\n"
-                                 + (tmp_path / "server.log").read_text()[-3000:]) from None
+                                 + (tmp_path / "server.log").read_text()[-12000:]) from None
         finally:
             log.close()
 

@@ -2,9 +2,11 @@
 
 Every command that produces data takes ``--json`` (one JSON document on stdout;
 progress and logs on stderr). Exit status: 0 success, 1 user error (one line on
-stderr), 2 usage error, 128+N after signal N. Set LSAQ_MLX_DEBUG=1 to see full tracebacks.
+stderr), 2 usage error, 128+N after signal N. Set LSAQ_MLX_DEBUG=1 to see full tracebacks;
+``kill -USR1 PID`` prints the stack of every thread of a running command to stderr.
 """
 
+import faulthandler
 import os
 import signal
 import sys
@@ -37,6 +39,8 @@ def main() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _terminate)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's stack on stderr (a process that hangs)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     sys.exit(run())
 
 
