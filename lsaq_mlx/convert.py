@@ -236,7 +236,7 @@ def _rounded_settings(model: nn.Module, tensors, config: dict, plan: QuantPlan, 
     weights = DequantizedTensors(named, config) if named is not None else None
     experts = checkpoint_experts(named, config, model) if named is not None else {}
     modules = dict(model.named_modules())
-    paths = [p for p in paths if p in side.lower]
+    paths = [p for p in paths if p in side.lower and p not in side.collected]
     with progress_bar("smaller settings rounded", len(paths)) as advance:
         for path in paths:
             m = modules[path]

@@ -368,6 +368,33 @@ def test_an_embedding_tied_to_the_head_above_its_bits_is_left_to_rounding(tiny_s
         assert ("model.embed_tokens" in weights) == calibrated
 
 
+def test_an_adaptive_folders_smaller_settings_of_a_rounded_tied_embedding_go_through_gptq(tiny_source, tmp_path):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.planning.choices import Affine
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("qwen2")  # tied embeddings
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:4]
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=writer.TIED_HEAD_MAX_BITS + 1, group_size=32))
+    head, low, high = "model.embed_tokens", Affine(writer.TIED_HEAD_MAX_BITS, 32), Affine(writer.TIED_HEAD_MAX_BITS + 1, 32)
+    made = {}
+
+    def also(path, weight, bias, h, codes, choice, codes_at):
+        if path == head:
+            made.update(top=(codes, weight), low=codes_at(low), high=codes_at(high))
+
+    weights = writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path,
+                                        QUANTIZERS["gptq"], also=also)
+    assert head not in weights  # the planned setting is written by rounding, as without ``also``
+    rtn = lambda choice: QUANTIZERS["rtn"].codes(made["top"][1], None, choice, False)  # noqa: E731
+    assert np.array_equal(made["top"][0].weight, rtn(high).weight) and np.array_equal(made["high"].weight, rtn(high).weight)
+    assert not np.array_equal(made["low"].weight, rtn(low).weight)  # within GPTQ's bits: compensated, as the head
+
+
 def test_a_layer_that_equalization_makes_worse_is_written_as_rounding_writes_it(tiny_source, tmp_path, monkeypatch):
     import lsaq_mlx.gptq.writer as writer
     from lsaq_mlx.gptq.hessians import calibration_tokens

@@ -118,6 +118,7 @@ class AdaptiveSide:
     scratch: Path | None = None
     lower: dict = field(init=False)
     candidates: list[SideSetting] = field(default_factory=list)
+    collected: set = field(default_factory=set)  # paths whose smaller settings were made
 
     def __post_init__(self):
         self.lower = lower_settings(self.plans)
@@ -138,6 +139,7 @@ class AdaptiveSide:
         choices = self.lower.get(path, [])
         if not choices:
             return
+        self.collected.add(path)
         # rounding's gains need no codes: each setting is then made only when it is stored
         made = dict.fromkeys(choices) if rounding else {choice: make_codes(choice) for choice in choices}
         gains = relative_gains(weight, hessian, top, top_choice, made)

@@ -70,13 +70,17 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     and the nonlinear parts of a layer are seen there, not by a row's error). ``also(path, weight,
     bias, H, codes, choice, codes_at)`` is called with each linear module's codes (stacked experts too) while
     its layer is loaded; ``codes_at(other_choice)`` makes the same module's codes at
-    another setting, the same way (an adaptive folder's smaller settings);
+    another setting, the same way (an adaptive folder's smaller settings; an embedding
+    tied to the head goes through GPTQ at those up to ``TIED_HEAD_MAX_BITS`` even where
+    its planned setting is above them and rounded);
     ``equalize_for``: the settings equalization searches its scales for, where they are
     not the planned ones (one set of scales serves all of an adaptive folder's plans)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     head = head_path(streamed.model)
     tied = head is not None and head != "lm_head"
-    if not quantizer.uses_hessian or (tied and head in affine and affine[head].bits > TIED_HEAD_MAX_BITS):
+    # rounded as planned, but an adaptive folder's smaller settings of it may be within GPTQ's bits
+    rounded_head = head if tied and head in affine and affine[head].bits > TIED_HEAD_MAX_BITS else None
+    if not quantizer.uses_hessian or (rounded_head and also is None):
         affine.pop(head, None)
     count = count if count is not None else CalibrationCounts()
     written: dict[str, dict] = {}
@@ -104,6 +108,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                                                                                  clip, CalibrationCounts()))
             else:
                 def codes_at(choice, path=path, h=h, clip=clip, tally=CalibrationCounts()):
+                    if path == rounded_head and choice.bits > TIED_HEAD_MAX_BITS:
+                        return QUANTIZERS["rtn"].codes(weights[path], None, choice, False)
                     made = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
                     check = getattr(hessians, "held_out", {}).get(path)
                     return made if check is None else never_worse_than_rounding(made, weights[path], choice, check, tally)
@@ -111,7 +117,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                 codes = codes_at(affine[path], tally=count)
                 if also is not None:
                     also(path, weights[path], biases.get(path), h, codes, affine[path], codes_at)
-            arrays |= _named(path, codes, biases.get(path))
+            if path != rounded_head:  # that one is written by rounding, as without ``also``
+                arrays |= _named(path, codes, biases.get(path))
         if layer is not None and layer.held_in is not None and also is None:
             arrays = _better_layer(layer, modules, hessians, affine, arrays, count)
         if arrays:
