@@ -209,7 +209,8 @@ def _calibrated_weights(source: ModelSource, plan: QuantPlan, quantized: set[str
         weights = calibrated_weights(streamed, tokens, {p: plan.modules[p] for p in quantized}, scratch, quantizer,
                                      advance, count, held_out=HELD_OUT_TOKENS // SEQ_LEN,
                                      also=side.collect if side else None,
-                                     equalize_for=side.equalize_for if side else None)
+                                     equalize_for=side.equalize_for if side else None,
+                                     tracks=side.tracks if side else None)
     if count.rows_rounded or count.layers_rounded:
         log.warning("note: %s kept round to nearest on %d of %d rows and %d of %d whole layers, where it did better on "
                     "held-out calibration text", quantizer.name, count.rows_rounded, count.rows, count.layers_rounded,

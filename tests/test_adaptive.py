@@ -245,7 +245,7 @@ def test_rounded_smaller_settings_are_made_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(side_module, "rounded_codes", counted)
     lower = [Affine(2, 64), Affine(3, 64), Affine(4, 64)]
     side = AdaptiveSide.__new__(AdaptiveSide)
-    side.lower, side.scratch, side.candidates = {"m": lower}, tmp_path, []
+    side.lower, side.scratch, side.candidates, side.collected = {"m": lower}, tmp_path, [], set()
     side.costs = SimpleNamespace(cost=lambda path, choice: 1.0)
     weight = mx.random.normal((256, 512))
     side.collect_rounded("m", weight, None, Affine(6, 64))

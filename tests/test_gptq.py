@@ -395,6 +395,66 @@ def test_an_adaptive_folders_smaller_settings_of_a_rounded_tied_embedding_go_thr
     assert not np.array_equal(made["low"].weight, rtn(low).weight)  # within GPTQ's bits: compensated, as the head
 
 
+def test_equalization_scales_the_held_out_inputs_the_rows_are_checked_on(tiny_source, tmp_path, monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("llama")
+    plan = Planner(source).plan(PlanRequest(method="uniform", bits=4, group_size=32))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
+    check, checked = writer.never_worse_than_rounding, []
+    monkeypatch.setattr(writer, "never_worse_than_rounding", lambda codes, weight, choice, held_out, count: (
+        checked.append(held_out.copy()), check(codes, weight, choice, held_out, count))[1])
+    monkeypatch.setattr(writer.CalibratedLayer, "unchanged_by", lambda self, params, tolerance: True)
+    held = []
+    for scales in (None, lambda h: np.exp(np.linspace(-1, 1, h.shape[0]))):
+        checked.clear()
+        monkeypatch.setattr(writer, "equalizing_scales", lambda weights, h, choices, measure: scales and scales(h))
+        writer.calibrated_weights(StreamedModel(source), tokens, dict(plan.modules), tmp_path, QUANTIZERS["awq-gptq"],
+                                  held_out=2)
+        held.append(checked[:7])  # layer 0's modules: the same inputs in both runs
+    scaled = 0
+    for plain, equalized in zip(*held):  # the inputs of an equalized module are x / s (a norm fold: to float16)
+        s = np.exp(np.linspace(-1, 1, plain.shape[0]))
+        scaled += np.allclose(equalized, plain / s[:, None] / s[None, :], rtol=5e-3)
+        assert scaled or np.array_equal(equalized, plain) or np.allclose(equalized, plain / s[:, None] / s[None, :],
+                                                                          rtol=5e-3)
+    assert scaled >= 5  # q, k, v, gate, up
+
+
+def test_each_smaller_plan_of_an_adaptive_folder_is_calibrated_on_its_own_activations(tiny_source, tmp_path,
+                                                                                     monkeypatch):
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = tiny_source("llama")
+    small, top = (Planner(source).plan(PlanRequest(method="uniform", bits=b, group_size=32)) for b in (3, 4))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
+    monkeypatch.setattr(writer, "_better_layer", lambda layer, modules, hessians, affine, arrays, count: arrays)
+    for folder in ("direct", "adaptive"):
+        (tmp_path / folder).mkdir()
+    direct = writer.calibrated_weights(StreamedModel(source), tokens, dict(small.modules), tmp_path / "direct",
+                                       QUANTIZERS["gptq"], held_out=2)
+    made = {}
+
+    def also(path, weight, bias, h, codes, choice, codes_at):
+        made[path] = codes_at(small.modules[path])
+
+    writer.calibrated_weights(StreamedModel(source), tokens, dict(top.modules), tmp_path / "adaptive",
+                              QUANTIZERS["gptq"], held_out=2, also=also, tracks=[dict(small.modules)])
+    assert set(made) == set(direct) and len(made) > 2
+    for path, codes in made.items():  # layer 1 too: its inputs are those layer 0 as the small plan gives
+        assert np.array_equal(codes.weight, np.array(direct[path]["weight"])), path
+
+
 def test_a_layer_that_equalization_makes_worse_is_written_as_rounding_writes_it(tiny_source, tmp_path, monkeypatch):
     import lsaq_mlx.gptq.writer as writer
     from lsaq_mlx.gptq.hessians import calibration_tokens

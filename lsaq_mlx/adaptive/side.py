@@ -124,6 +124,11 @@ class AdaptiveSide:
         self.lower = lower_settings(self.plans)
 
     @property
+    def tracks(self) -> list[dict]:
+        """The smaller plans' affine settings, each calibrated on its own activations."""
+        return [{p: c for p, c in plan.modules.items() if isinstance(c, Affine)} for plan in self.plans.plans[:-1]]
+
+    @property
     def equalize_for(self) -> dict:
         """The settings equalization searches for: the smallest plan's, where quantizing
         gains most from it (one set of scales is folded for every plan)."""

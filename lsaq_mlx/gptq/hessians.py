@@ -75,15 +75,17 @@ class CalibratedLayer:
 
 class LayerHessians(dict):
     """``{path: H}`` of a layer's modules, fitted on; ``held_out``: the same from the
-    held-out sequences (empty when none were held out)."""
+    held-out sequences (empty when none were held out); ``tracks``: a ``LayerHessians``
+    of each further copy of the calibration batch (``each_layer_hessians``'s ``copies``)."""
 
-    def __init__(self, fitted: dict, held_out: dict | None = None):
+    def __init__(self, fitted: dict, held_out: dict | None = None, tracks: list | None = None):
         super().__init__(fitted)
         self.held_out = held_out or {}
+        self.tracks = tracks or []
 
 
 def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
-                        halves: bool = False, held_out: int = 0) -> None:
+                        halves: bool = False, held_out: int = 0, copies: int = 1) -> None:
     """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
     ``paths`` of each decoder layer while it is loaded (``layer``: a
     ``CalibratedLayer``), then for the LM head or the embedding tied to it (``layer``
@@ -92,41 +94,66 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
     passed on to the next. With ``halves``, ``H`` is a pair: the Hessians of two
     disjoint halves of the sequences. ``tokens``: (batch, length), of which the last
     ``held_out`` sequences are not in ``H`` but in ``hessians.held_out``
-    (``LayerHessians``)."""
+    (``LayerHessians``). With ``copies`` > 1 the batch runs that many times, each copy
+    an activation track of its own: ``hessians.tracks`` holds the further copies' ``H``,
+    and ``on_modules`` may return a list of parameters, one per copy, each copy passed
+    on through the layer with its own (an adaptive folder's plans, each calibrated on
+    what its own earlier layers compute)."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
+    count = tokens.shape[0]  # sequences of one copy
 
     def on_layer(i, layer, x_in, x_out, forward):
         prefix = streamed.prefixes[i]
         kinds = nn.Linear if halves else (nn.Linear, SwitchLinear)
         modules = {p: m for p, m in layer.named_modules() if f"{prefix}{p}" in paths and isinstance(m, kinds)}
-        fit = x_in.shape[0] - held_out
+        fit = count - held_out
         hessians = _layer_hessians(layer, modules, forward, x_in[:fit], rows, halves)
         # held-out inputs check rows of matrices (``never_worse_than_rounding``), not experts
         matrices = {p: m for p, m in modules.items() if not isinstance(m, SwitchLinear)}
-        checks = _layer_hessians(layer, matrices, forward, x_in[fit:], rows, False, fit) if held_out else {}
+        checks = _layer_hessians(layer, matrices, forward, x_in[fit:count], rows, False, fit) if held_out else {}
+        tracks = [(_layer_hessians(layer, modules, forward, x_in[c * count : c * count + fit], rows, False, c * count),
+                   _layer_hessians(layer, matrices, forward, x_in[c * count + fit : (c + 1) * count], rows, False,
+                                   c * count + fit) if held_out else {}) for c in range(1, copies)]
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         held = (x_in[fit:fit + n], x_out[fit:fit + n].astype(mx.float32)) if held_out else (None, None)
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held, fit)
-        replaced = on_modules({prefix + p: m for p, m in modules.items()},
-                              LayerHessians({prefix + p: hessians[_input_key(p)] for p in modules},
-                                            {prefix + p: checks[_input_key(p)] for p in matrices if checks}), sample)
+        def named(fitted, held):
+            return LayerHessians({prefix + p: fitted[_input_key(p)] for p in modules},
+                                 {prefix + p: held[_input_key(p)] for p in matrices if held})
+
+        found = named(hessians, checks)
+        found.tracks = [named(*t) for t in tracks]
+        replaced = on_modules({prefix + p: m for p, m in modules.items()}, found, sample)
         step()
         if replaced is None:
             return None
-        with _parameters(layer, replaced):
-            return forward_by_rows(forward, x_in, rows)
+        if copies == 1:
+            with _parameters(layer, replaced):
+                return forward_by_rows(forward, x_in, rows)
+        return mx.concatenate([_copy_output(layer, forward, x_in, c * count, count, rows, params)
+                               for c, params in enumerate(replaced if isinstance(replaced, list) else [replaced] * copies)])
 
-    hidden = streamed.run_layers(tokens, on_layer, batch_rows=rows)
+    hidden = streamed.run_layers(mx.concatenate([tokens] * copies) if copies > 1 else tokens, on_layer, batch_rows=rows)
     head = head_path(streamed.model)
     if head in paths:
         normed = find_lens(streamed.model).norm(hidden).astype(mx.float32)
-        fit = normed.shape[0] - held_out
-        parts = [normed[0::2], normed[1::2]] if halves else [normed[:fit]] + ([normed[fit:]] if held_out else [])
-        h = [np.array(_gram(part.reshape(-1, part.shape[-1]))) for part in parts]
-        hessians = LayerHessians({head: tuple(h) if halves else h[0]}, {head: h[1]} if held_out else None)
+        fit = count - held_out
+        gram = lambda part: np.array(_gram(part.reshape(-1, part.shape[-1])))  # noqa: E731
+        parts = [normed[0:count:2], normed[1:count:2]] if halves else [normed[:fit]] + ([normed[fit:count]] if held_out else [])
+        h = [gram(part) for part in parts]
+        tracks = [LayerHessians({head: gram(normed[c * count : c * count + fit])},
+                                {head: gram(normed[c * count + fit : (c + 1) * count])} if held_out else None)
+                  for c in range(1, copies)]
+        hessians = LayerHessians({head: tuple(h) if halves else h[0]}, {head: h[1]} if held_out else None, tracks)
         on_modules({head: dict(streamed.model.named_modules())[head]}, hessians, None)
     step()
+
+
+def _copy_output(layer, forward, x_in, first: int, count: int, rows: int, params: dict) -> mx.array:
+    """The layer's output on the copy of the batch from sequence ``first`` on, with ``params``."""
+    with _parameters(layer, params):
+        return forward_by_rows(lambda h, start=0: forward(h, first + start), x_in[first : first + count], rows)
 
 
 def head_path(model: nn.Module) -> str | None:

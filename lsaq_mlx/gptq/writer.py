@@ -57,7 +57,7 @@ class CalibrationCounts:
 
 def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path, quantizer, progress=None,
                        count: CalibrationCounts | None = None, held_out: int = 0, also=None,
-                       equalize_for: dict | None = None) -> dict[str, dict]:
+                       equalize_for: dict | None = None, tracks: list | None = None) -> dict[str, dict]:
     """``{path: {param: array}}`` (lazily read from ``scratch``) of every linear module
     of ``choices`` (path -> planned choice) with an affine choice, quantized by
     ``quantizer`` on ``tokens`` (batch, length), plus the norms that equalization
@@ -74,7 +74,13 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     tied to the head goes through GPTQ at those up to ``TIED_HEAD_MAX_BITS`` even where
     its planned setting is above them and rounded);
     ``equalize_for``: the settings equalization searches its scales for, where they are
-    not the planned ones (one set of scales serves all of an adaptive folder's plans)."""
+    not the planned ones (one set of scales serves all of an adaptive folder's plans).
+    ``tracks``: other plans' choices (path -> choice; an adaptive folder's smaller
+    plans), each calibrated on an activation track of its own: the calibration batch
+    once more, passed through each layer as that plan writes it, and ``codes_at(choice)``
+    fitted on the inputs of the tracks whose plan gives the module ``choice`` (a direct
+    convert of each plan calibrates on its own plan's layers; stacked experts keep the
+    planned track's inputs)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     head = head_path(streamed.model)
     tied = head is not None and head != "lm_head"
@@ -85,8 +91,11 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     count = count if count is not None else CalibrationCounts()
     written: dict[str, dict] = {}
 
+    tracks = tracks or []
+
     def on_modules(modules: dict, hessians: dict, layer: CalibratedLayer | None):
         equalizing = quantizer.equalize and layer is not None
+        made = {}  # (path, choice) -> codes, for the tracks' outputs
         # Equalization scales whole matrices (never stacked experts); otherwise row blocks
         # are upcast as they are quantized and experts read one at a time, so the LM head
         # and a layer's experts are never in float32 at once.
@@ -96,6 +105,7 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         arrays = {}
         if equalizing:
             arrays = _equalize(layer, affine | (equalize_for or {}), weights, biases, hessians, count)
+        fitted_on = _TrackHessians(hessians, tracks)
         inputs: dict[int, ModuleInputs] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]
@@ -103,16 +113,24 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             if isinstance(h, ExpertHessians):
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
                 if also is not None:
-                    also(path, weights[path], biases.get(path), h, codes, affine[path],
-                         lambda choice, path=path, h=h, clip=clip: _expert_codes(quantizer, weights[path], h, choice,
-                                                                                 clip, CalibrationCounts()))
+                    def expert_codes_at(choice, path=path, h=h, clip=clip):
+                        made[path, choice] = _expert_codes(quantizer, weights[path], h, choice, clip, CalibrationCounts())
+                        return made[path, choice] if tracks else made.pop((path, choice))
+
+                    also(path, weights[path], biases.get(path), h, codes, affine[path], expert_codes_at)
             else:
-                def codes_at(choice, path=path, h=h, clip=clip, tally=CalibrationCounts()):
+                def codes_at(choice, path=path, clip=clip, tally=CalibrationCounts()):
+                    if (path, choice) in made:
+                        return made[path, choice]
                     if path == rounded_head and choice.bits > TIED_HEAD_MAX_BITS:
                         return QUANTIZERS["rtn"].codes(weights[path], None, choice, False)
-                    made = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
-                    check = getattr(hessians, "held_out", {}).get(path)
-                    return made if check is None else never_worse_than_rounding(made, weights[path], choice, check, tally)
+                    h, check = fitted_on(path, choice, affine[path])
+                    codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
+                    if check is not None:
+                        codes = never_worse_than_rounding(codes, weights[path], choice, check, tally)
+                    if tracks:
+                        made[path, choice] = codes
+                    return codes
 
                 codes = codes_at(affine[path], tally=count)
                 if also is not None:
@@ -124,11 +142,55 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         if arrays:
             written.update(_save(arrays, Path(scratch) / f"{len(written)}.safetensors"))
         if layer is not None and arrays:
-            return _as_written(arrays, layer.prefix, affine)  # the next layer is calibrated on what this one computes
+            # the next layer is calibrated on what this one computes (each track: as its plan writes it)
+            return _as_written(arrays, layer.prefix, affine) if not tracks else \
+                [_as_written(a, layer.prefix, c) for a, c in _track_arrays(arrays, modules, affine, tracks, made, biases)]
         return None
 
-    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress, held_out=held_out)
+    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress, held_out=held_out, copies=1 + len(tracks))
     return written
+
+
+class _TrackHessians:
+    """``(path, choice, planned) -> (H, held-out H or None)``: the planned track's for the
+    planned choice (or without tracks), else their sums over the tracks whose plan gives
+    ``path`` ``choice`` (one array per distinct input and set of tracks: modules sharing
+    an input share it)."""
+
+    def __init__(self, hessians, tracks: list):
+        self.hessians, self.tracks, self._sums = hessians, tracks, {}
+
+    def __call__(self, path: str, choice, planned):
+        fitted = getattr(self.hessians, "tracks", [])
+        users = [t for t, plan in zip(fitted, self.tracks) if plan.get(path) == choice]
+        if choice == planned or not users:
+            return self.hessians[path], getattr(self.hessians, "held_out", {}).get(path)
+        return self._sum([t[path] for t in users]), self._sum([t.held_out.get(path) for t in users])
+
+    def _sum(self, arrays: list):
+        if any(a is None for a in arrays):
+            return None
+        key = tuple(map(id, arrays))
+        if key not in self._sums:
+            total = arrays[0].copy() if len(arrays) > 1 else arrays[0]
+            for a in arrays[1:]:
+                total += a
+            self._sums[key] = total
+        return self._sums[key]
+
+
+def _track_arrays(arrays: dict, modules: dict, affine: dict, tracks: list, made: dict, biases: dict):
+    """``(arrays, choices)`` of the layer as the planned choices, then as each track's
+    plan writes it (its modules at other settings: their codes in ``made``)."""
+    yield arrays, affine
+    for plan in tracks:
+        own, choices = dict(arrays), dict(affine)
+        for path in modules:
+            choice = plan.get(path)
+            if choice is not None and choice != affine.get(path) and (path, choice) in made:
+                own |= _named(path, made[path, choice], biases.get(path))
+                choices[path] = choice
+        yield own, choices
 
 
 def _as_written(arrays: dict, prefix: str, affine: dict) -> dict[str, mx.array]:
@@ -194,8 +256,9 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         if not linear_source:
             norms[source], s = folded_source(named[group.source], s)
             scales = np.array(s, dtype=scales.dtype)
-        _scale_hessian(h, 1.0 / scales)
-        scaled.append((h, scales))
+        for each in _inputs_of(hessians, members[0]):
+            _scale_hessian(each, 1.0 / scales)
+            scaled.append((each, scales))
         for p in members:
             weights[p] = weights[p] * s
         if linear_source:
@@ -218,6 +281,16 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         _scale_hessian(h, scales)
     count.refused.append(layer.prefix.rstrip("."))
     return {}
+
+
+def _inputs_of(hessians, path: str) -> list[np.ndarray]:
+    """Every Hessian of ``path``'s inputs, each once: fitted on and held out, of every track."""
+    found = []
+    for each in [hessians, *getattr(hessians, "tracks", [])]:
+        for h in (each[path], getattr(each, "held_out", {}).get(path)):
+            if h is not None and all(h is not f for f in found):
+                found.append(h)
+    return found
 
 
 def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
