@@ -131,8 +131,11 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         if copies == 1:
             with _parameters(layer, replaced):
                 return forward_by_rows(forward, x_in, rows)
-        return mx.concatenate([_copy_output(layer, forward, x_in, c * count, count, rows, params)
-                               for c, params in enumerate(replaced if isinstance(replaced, list) else [replaced] * copies)])
+        out = mx.zeros((x_in.shape[0], *x_out.shape[1:]), x_out.dtype)  # filled in place: no second copy
+        for c, params in enumerate(replaced if isinstance(replaced, list) else [replaced] * copies):
+            out[c * count : (c + 1) * count] = _copy_output(layer, forward, x_in, c * count, count, rows, params)
+            mx.eval(out)
+        return out
 
     hidden = streamed.run_layers(mx.concatenate([tokens] * copies) if copies > 1 else tokens, on_layer, batch_rows=rows)
     head = head_path(streamed.model)
