@@ -76,8 +76,9 @@ def peer_command(peer: str, source, out: Path, work: Path, args) -> list[str]:
     if peer.startswith("optiq-"):
         if not args.optiq_python:
             sys.exit(f"{peer} needs --optiq-python (the Python of a virtual environment with mlx-optiq)")
+        kept = ["--work", str(Path(args.optiq_work) / peer)] if args.optiq_work else []
         return [args.optiq_python, str(OPTIQ_SCRIPT), peer, str(source.path), str(out), "--tokens",
-                str(args.peer_tokens), "--calibration", str(optiq_calibration(work))]
+                str(args.peer_tokens), "--calibration", str(optiq_calibration(work)), *kept]
     tokens = {"awq": args.awq_tokens, "dwq": args.dwq_tokens}.get(peer.split("-")[0]) or args.peer_tokens
     return [sys.executable, str(PEER_SCRIPT), peer, str(source.path), str(out), "--tokens", str(tokens),
             "--n-grid", str(args.awq_grid)]
@@ -187,6 +188,9 @@ def main() -> None:
     parser.add_argument("--awq-grid", type=int, default=20)
     parser.add_argument("--optiq-python", default=os.environ.get("OPTIQ_PYTHON"),
                         help="the Python of a virtual environment with mlx-optiq (default $OPTIQ_PYTHON)")
+    parser.add_argument("--optiq-work", default=None,
+                        help="keep each mlx-optiq peer's working folder under this one (one per model): a rerun resumes its "
+                             "sensitivity pass from the modules already measured")
     parser.add_argument("--no-convert-timing", action="store_true",
                         help="with --peers, do not time lsaq-mlx convert -b 4.0 from an empty cache")
     parser.add_argument("--out", default=None)
