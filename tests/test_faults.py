@@ -136,10 +136,9 @@ def test_sigterm_mid_convert_cleans_up_and_kill_9_leftovers_are_swept(folder, tm
 
 
 def test_sigusr1_prints_every_threads_stack_and_the_command_goes_on(folder, tmp_path):
-    env = dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "out" / "model"
     out.parent.mkdir()
-    process = _start_convert(folder / "tiny", out, env)
+    process = _start_convert(folder / "tiny", out, dict(os.environ, LSAQ_MLX_CACHE=str(tmp_path / "cache")))
     _wait_for_temporary(process, out.parent)
     process.send_signal(signal.SIGUSR1)
     time.sleep(1)
