@@ -4,6 +4,7 @@
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,6 +204,23 @@ def test_a_killed_rank_ends_the_run_with_one_line(pipeline_file):
     assert len(lines) <= 1 and all("another rank" in line for line in lines), stderr
 
 
+ENDING_INTERRUPTED = """
+import os, signal
+from lsaq_mlx.runtime.pipeline import guard
+signal.signal(signal.SIGTERM, lambda *_: guard.end_pipeline(0, "mlx.launch stopped this rank"))
+guard.before_exit(lambda: os.kill(os.getpid(), signal.SIGTERM))  # the handler runs inside the ending
+guard.end_pipeline(0, "another rank ended: its connection was lost")
+"""
+
+
+def test_a_sigterm_while_a_rank_ends_does_not_hang_it():
+    """Seen in CI: rank 0 ending on a lost peer got mlx.launch's SIGTERM inside
+    ``end_pipeline``, whose handler then waited forever for the lock its own thread held."""
+    ended = subprocess.run([sys.executable, "-c", ENDING_INTERRUPTED], capture_output=True, text=True, timeout=60)
+    assert ended.returncode == 1
+    assert ended.stderr.splitlines() == ["error: the pipeline stopped (another rank ended: its connection was lost)"]
+
+
 def _rank_pids(rank: int, marker: str = "lsaq_mlx") -> list[int]:
     """The processes of ``rank`` whose command line holds ``marker`` (this test's plan file)."""
     from pathlib import Path
@@ -283,9 +301,11 @@ def test_a_pipelined_server_answers_and_reports_every_rank(pipeline_file, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(tmp_path / "server.log", "w")  # a file: an undrained pipe would block the ranks once full
+    # Ctrl+C as in a terminal: a suite run in the background (nohup, &) starts with SIGINT ignored, and so would the ranks
     server = subprocess.Popen([launcher, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "lsaq_mlx",
                                "serve", "--plan", str(pipeline_file), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=log, text=True, stdin=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=log, text=True, stdin=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     base = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 300

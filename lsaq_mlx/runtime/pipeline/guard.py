@@ -7,7 +7,10 @@ import threading
 import time
 
 
-_ENDING = threading.Lock()
+# Reentrant: a SIGTERM's handler runs in the main thread, possibly while that thread is
+# already ending the process; it must not wait for itself.
+_ENDING = threading.RLock()
+_ENDINGS = [0]  # calls that got the lock: more than one is that handler
 _BEFORE_EXIT: list = []  # e.g. a full-screen UI giving the terminal back
 
 
@@ -20,10 +23,14 @@ def before_exit(callback) -> None:
 def end_pipeline(rank: int, why: str) -> None:
     """End this rank with exit status 1: the first caller in the process (a watcher
     thread, or the main thread that saw a peer's connection fail) says why on rank 0 in
-    one line; any other caller waits for the exit."""
+    one line; any other caller waits for the exit (or, in the thread that is ending the
+    process, a signal's handler, returns to let it finish)."""
     if not _ENDING.acquire(blocking=False):
         while True:
             time.sleep(60)
+    _ENDINGS[0] += 1
+    if _ENDINGS[0] > 1:
+        return
     line_to = sys.__stderr__.fileno()
     for callback in _BEFORE_EXIT:
         try:
