@@ -223,6 +223,17 @@ def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
     assert [c.path for c in side.choose(100)] == ["b", "d"]  # then a no longer fits; c gains nothing
 
 
+def test_each_smaller_plan_is_a_track_unless_turned_off():
+    from types import SimpleNamespace
+
+    plans = SimpleNamespace(plans=[SimpleNamespace(modules={"a": Affine(b, 64), "b": Affine(8, 64)}) for b in (3, 4, 6)])
+    side = AdaptiveSide.__new__(AdaptiveSide)
+    side.plans, side.own_tracks = plans, True
+    assert side.tracks == [{"a": Affine(3, 64), "b": Affine(8, 64)}, {"a": Affine(4, 64), "b": Affine(8, 64)}]
+    side.own_tracks = False  # convert --no-adaptive-tracks
+    assert side.tracks == []
+
+
 def test_rounded_smaller_settings_are_made_one_at_a_time(tmp_path, monkeypatch):
     """Rounding's gains need no codes, so each smaller setting is made only when it is
     put on disk: one setting's codes in memory beside the stored ones (an 8B model's LM

@@ -116,6 +116,7 @@ class AdaptiveSide:
     costs: object
     size: float
     scratch: Path | None = None
+    own_tracks: bool = True  # each smaller plan calibrated on its own activations (``tracks``)
     lower: dict = field(init=False)
     candidates: list[SideSetting] = field(default_factory=list)
     collected: set = field(default_factory=set)  # paths whose smaller settings were made
@@ -125,7 +126,10 @@ class AdaptiveSide:
 
     @property
     def tracks(self) -> list[dict]:
-        """The smaller plans' affine settings, each calibrated on its own activations."""
+        """The smaller plans' affine settings, each calibrated on its own activations
+        (none without ``own_tracks``: every setting on the largest plan's)."""
+        if not self.own_tracks:
+            return []
         return [{p: c for p, c in plan.modules.items() if isinstance(c, Affine)} for plan in self.plans.plans[:-1]]
 
     @property

@@ -140,6 +140,7 @@ def convert(
     quantizer: QuantizerOption = None,
     adaptive: Annotated[Optional[str], typer.Option("--adaptive", metavar="BUDGETS", help="Write an adaptive folder: stock mlx_lm opens it at the largest of these budgets (bits per weight: 3-6 for every half bit, or 3,4,5,6) and lsaq-mlx chat, tui, serve and eval move between all of them without the float source.")] = None,
     adaptive_size: Annotated[float, typer.Option("--adaptive-size", metavar="X", help="An adaptive folder's most bytes, as a multiple of its largest plan's: room for the smaller settings the quantizer made better than rounding the stored weights (1.0: none; every other setting is rounded from the stored weights when swapped to).")] = 1.3,
+    adaptive_tracks: Annotated[bool, typer.Option("--adaptive-tracks/--no-adaptive-tracks", help="With a calibrated --quantizer, fit each smaller plan of an adaptive folder on the activations its own layers give (closest to converting each plan directly; one more copy of the calibration activations and of a layer's input Hessians per plan: about 2 GB a plan at 8B), or all on the largest plan's.")] = True,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Model folder to write (default: <model>-<method>-<bits>bpw).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", help="Print the plan (per-layer table, size, headroom); write nothing.")] = False,
     force: ForceOption = False,
@@ -181,7 +182,7 @@ def convert(
 
         plans = planner.nested_plans(request)
         costs = planner.cost_table(planner.context(request.overrides, request.codecs), calib)
-        side, chosen = AdaptiveSide(plans, costs, adaptive_size), plans.plans[-1]
+        side, chosen = AdaptiveSide(plans, costs, adaptive_size, own_tracks=adaptive_tracks), plans.plans[-1]
     else:
         chosen = plan_from_file(plan_file, source, codec_names, from_file) if plan_file else planner.plan(request)
     if dry_run:
