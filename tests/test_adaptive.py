@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER, AdaptiveFolder, AdaptivePlans, planner_for
 from lsaq_mlx.adaptive.side import AdaptiveSide, SideSetting
 from lsaq_mlx.errors import UserError
+from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.runtime import Engine
 from lsaq_mlx.runtime.options import RuntimeOptions
@@ -195,7 +196,9 @@ def test_damaged_side_data_falls_back_to_rounding(adaptive, tmp_path, caplog):
     assert AdaptiveFolder.open(copy).store is None and "no lsaq_adaptive" in caplog.text
 
 
-def test_a_stored_setting_of_the_wrong_shape_is_refused(adaptive, tmp_path, caplog):
+def test_a_stored_setting_that_does_not_fit_is_refused(adaptive, tmp_path, caplog):
+    """Whole modules of the wrong shape or kind, and steps whose counts do not add up or
+    that lead out of the codes' range: each costs a warning, and the weights are rounded."""
     from lsaq_mlx.storage.layer_store import LayerStore
 
     copy = _copy(adaptive, tmp_path)
@@ -203,13 +206,23 @@ def test_a_stored_setting_of_the_wrong_shape_is_refused(adaptive, tmp_path, capl
     plan = folder.plan_for(3)
     path, choice = next((p, c) for p, c in plan.modules.items() if c != folder.top.modules[p] and "layers.0." in p)
     store = LayerStore(copy / SIDE_FOLDER)
-    good = dict(tree_flatten(store.module(path, choice).parameters()))
-    for bad in (good | {"scales": mx.zeros((1, 1), mx.float16)}, good | {"weight": good["weight"].astype(mx.float32)}):
+    steps = store.arrays(path, choice)[1]
+    assert "changed" in steps and "weight" not in steps  # stored as steps from the stored codes
+    good = dict(tree_flatten(folder.store.module(path, choice).parameters()))
+    count = steps["changed"].size
+    everywhere = steps | {"changed": mx.full((count,), 255, mx.uint8), "lowered": mx.zeros((count,), mx.uint8),
+                          "far": mx.full((count,), 255, mx.uint8), "distances": mx.full((8 * count,), 255, mx.uint8)}
+    for bad, why in ((good | {"scales": mx.zeros((1, 1), mx.float16)}, "does not fit it"),
+                     (good | {"weight": good["weight"].astype(mx.float32)}, "does not fit it"),
+                     (steps | {"changed": steps["changed"][:-1]}, "changed holds"),
+                     (steps | {"distances": mx.concatenate([steps["distances"], mx.ones((1,), mx.uint8)])}, "distances"),
+                     (steps | {"scales": steps["scales"][:-1]}, "rows"),
+                     (everywhere, "out of")):
         store.add({(path, choice): ("QuantizedLinear", bad)})
         store.close()
         caplog.clear()
         model, _ = AdaptiveFolder.open(copy).model_at(resolve_model(str(copy)), plan)
-        assert "does not fit it" in caplog.text
+        assert "does not fit it" in caplog.text and why in caplog.text
         assert np.isfinite(np.array(model(TOKENS))).all()
 
 
@@ -375,3 +388,58 @@ def test_planning_on_the_folder_adopts_the_cost_table_it_carries(adaptive, tmp_p
     planner = Planner(resolve_model(str(damaged)))
     planner.cost_table(planner.context())
     assert fisher_passes == [1] and "damaged" in caplog.text
+
+
+def _near_rounding(weight: mx.array, choice: Affine, seed: int):
+    """Codes of ``weight`` at ``choice`` as a calibrated quantizer leaves them: rounding,
+    with one code in eight a step away, a few far away, and one group constant."""
+    weight = weight.at[..., 0, : choice.group_size].add(-weight[..., 0, : choice.group_size] + 0.5)
+    codes, scales, biases = mx.quantize(weight, choice.group_size, choice.bits)
+    rng = np.random.default_rng(seed)
+    levels = unpack_codes(np.array(codes).reshape(-1, codes.shape[-1]), choice.bits).astype(np.int16)
+    levels += rng.choice([0, 1, -1, 3, -5], size=levels.shape, p=[0.875, 0.06, 0.06, 0.0025, 0.0025]).astype(np.int16)
+    levels = np.clip(levels, 0, (1 << choice.bits) - 1).astype(np.uint8)
+    packed = pack_codes(levels, choice.bits).reshape(codes.shape)
+    return packed, np.array(scales.astype(mx.float16)), np.array(biases.astype(mx.float16))
+
+
+@pytest.mark.parametrize("bits,top_bits,shape", [(2, 4, (64, 256)), (3, 6, (64, 256)), (4, 6, (3, 32, 128)),
+                                                 (5, 8, (64, 256)), (6, 6, (16, 128)), (8, 8, (16, 128))])
+def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(bits, top_bits, shape):
+    from lsaq_mlx.adaptive.steps import code_steps, codes_from_steps
+    from lsaq_mlx.storage.layer_store import encoded_bytes
+
+    weight = mx.random.normal(shape, key=mx.random.key(bits))
+    choice, top_choice = Affine(bits, 64), Affine(top_bits, 32)
+    top = dict(zip(("weight", "scales", "biases"),
+                   (np.array(a.astype(mx.float16) if a.dtype != mx.uint32 else a)
+                    for a in mx.quantize(weight, top_choice.group_size, top_bits))))
+    codes, scales, biases = _near_rounding(weight, choice, bits)
+    steps = code_steps(codes, scales, biases, choice, top, top_choice)
+    assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
+    as_codes = encoded_bytes({"weight": mx.array(codes)}, choice)
+    assert encoded_bytes({p: mx.array(a) for p, a in steps.items()}, choice) < 0.6 * as_codes  # 2 bits: 0.52
+
+
+def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_path):
+    from types import SimpleNamespace
+
+    from lsaq_mlx.adaptive.store import SideStore
+
+    path, choice, top_choice = "model.layers.0.mlp.down_proj", Affine(3, 64), Affine(6, 64)
+    weight = mx.random.normal((64, 256), key=mx.random.key(0))
+    top = dict(zip(("weight", "scales", "biases"), mx.quantize(weight, 64, 6)))
+    bias = mx.arange(64).astype(mx.float16)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {f"{path}.{p}": a for p, a in top.items()})
+    codes, scales, biases = _near_rounding(weight, choice, 0)
+    made = {"weight": mx.array(codes), "scales": mx.array(scales), "biases": mx.array(biases), "bias": bias}
+    plan = SimpleNamespace(modules={path: top_choice})
+    SideStore(tmp_path, "side", plan).add({(path, choice): ("QuantizedLinear", dict(made))})
+    store = SideStore(tmp_path, "side", plan)
+    assert "changed" in store.store.arrays(path, choice)[1]
+    read = dict(tree_flatten(store.module(path, choice).parameters()))
+    assert set(read) == set(made) and all(mx.array_equal(read[p], made[p]) for p in made)
+    assert store.bytes_read > 0
+    kept = SimpleNamespace(modules={path: None})  # a module the folder keeps in float: its setting is kept whole
+    SideStore(tmp_path, "whole", kept).add({(path, choice): ("QuantizedLinear", dict(made))})
+    assert "weight" in SideStore(tmp_path, "whole", kept).store.arrays(path, choice)[1]

@@ -267,7 +267,7 @@ def test_stacked_experts_round_trip_through_the_layer_store_and_a_mismatched_set
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear
 
     from lsaq_mlx.planning.choices import Affine
-    from lsaq_mlx.storage.layer_store import _shell
+    from lsaq_mlx.storage.layer_store import stored_module
 
     experts = QuantizedSwitchLinear(64, 16, 4, bias=False, group_size=32, bits=3)
     arrays = dict(tree_flatten(experts.parameters()))
@@ -282,4 +282,4 @@ def test_stacked_experts_round_trip_through_the_layer_store_and_a_mismatched_set
     assert LayerStore(tmp_path / "store").module(path, Affine(4, 32)) is None
     info = {"class": "QuantizedSwitchLinear", "bits": 8, "group_size": 1 << 30, "mode": "affine"}
     with pytest.raises(UserError, match="not stored as"):
-        _shell(info, arrays, choice)  # sizes in the file are never used to build the module
+        stored_module(info, arrays, choice)  # sizes in the file are never used to build the module

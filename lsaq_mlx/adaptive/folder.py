@@ -8,7 +8,7 @@ from lsaq_mlx.documents import read_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
-from lsaq_mlx.storage.layer_store import LayerStore
+from lsaq_mlx.adaptive.store import SideStore
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ class AdaptiveFolder:
     """``plans``: smallest first, the last the one the folder stores; ``store``: the
     module settings made when it was converted (None when missing: all are derived)."""
 
-    def __init__(self, path: Path, plans: PlanSet, store: LayerStore | None):
+    def __init__(self, path: Path, plans: PlanSet, store: SideStore | None):
         self.path, self.plans, self.store = Path(path), plans, store
 
     @property
@@ -45,7 +45,7 @@ class AdaptiveFolder:
         side = folder / SIDE_FOLDER
         if not side.is_dir():
             log.warning("warning: %s has no %s/: the smaller plans round the stored weights", folder, SIDE_FOLDER)
-        return cls(folder, plans, LayerStore(side) if side.is_dir() else None)
+        return cls(folder, plans, SideStore(folder, SIDE_FOLDER, plans.plans[-1]) if side.is_dir() else None)
 
     @classmethod
     def of(cls, source) -> "AdaptiveFolder | None":

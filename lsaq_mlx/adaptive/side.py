@@ -4,10 +4,11 @@ other plans use (``AdaptiveSide.collect``); each is worth keeping by how much it
 rounding the stored top weights to that setting, the swap's way without it. Worth is
 measured as the output error on the calibration inputs (``d H d^T``) and put in the
 cost table's units (the module's cost at that setting, times the error saved over
-rounding's error), so modules of different layers compare. The best gain per byte is
-kept until the store reaches its share of the folder (``AdaptiveSide.write``)."""
+rounding's error), so modules of different layers compare. A setting's bytes are what
+the store takes for it: its scales and biases and its codes' steps from the stored
+codes (``adaptive.steps``). The best gain per byte is kept until the store reaches its
+share of the folder (``AdaptiveSide.write``)."""
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER
+from lsaq_mlx.adaptive.steps import code_steps
+from lsaq_mlx.adaptive.store import SideStore
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES, affine_codes
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes
@@ -22,7 +25,7 @@ from lsaq_mlx.planning.affine_error import roundtrip
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.plan import PlanSet
 from lsaq_mlx.progress import progress_bar
-from lsaq_mlx.storage.layer_store import LayerStore
+from lsaq_mlx.storage.layer_store import encoded_bytes
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,15 @@ def rounded_codes(weight, choice: Affine) -> AffineCodes:
     return AffineCodes.stacked([affine_codes(weight.block(e, e + 1)[0], None, choice) for e in range(weight.shape[0])])
 
 
+def stored_bytes(codes: AffineCodes, bias, choice: Affine, top: AffineCodes, top_choice: Affine) -> int:
+    """The bytes the store takes for ``codes`` at ``choice``: their scales and biases and
+    the steps of the codes from ``top`` (the module's stored codes) rounded onto their grid."""
+    steps = code_steps(codes.weight, codes.scales, codes.biases, choice, vars(top), top_choice)
+    arrays = {p: mx.array(a) for p, a in steps.items()} | {"scales": mx.array(codes.scales),
+                                                          "biases": mx.array(codes.biases)}
+    return encoded_bytes(arrays | ({"bias": bias} if bias is not None else {}), choice)
+
+
 @dataclass
 class AdaptiveSide:
     """What ``convert --adaptive`` adds to the top plan's folder. ``costs``: the cost
@@ -152,17 +164,17 @@ class AdaptiveSide:
         # rounding's gains need no codes: each setting is then made only when it is stored
         made = dict.fromkeys(choices) if rounding else {choice: make_codes(choice) for choice in choices}
         gains = relative_gains(weight, hessian, top, top_choice, made)
-        rows, cols = math.prod(weight.shape[:-1]), weight.shape[-1]
         self.scratch.mkdir(parents=True, exist_ok=True)
         for choice in choices:  # on disk until written, one setting's codes in memory at a time
             codes = made.pop(choice) or make_codes(choice)
+            size = stored_bytes(codes, bias, choice, top, top_choice)
             arrays = {f: mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
             del codes
             file = self.scratch / f"side-{len(self.candidates)}.safetensors"
             mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
             del arrays
-            self.candidates.append(SideSetting(path, choice, choice.weight_bytes(rows, cols),
-                                               self.costs.cost(path, choice) * gains[choice], mx.load(str(file))))
+            self.candidates.append(SideSetting(path, choice, size, self.costs.cost(path, choice) * gains[choice],
+                                               mx.load(str(file))))
 
     def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
         """``collect`` for a module the quantizer rounds to nearest (priced by the squared
@@ -185,7 +197,7 @@ class AdaptiveSide:
         (``model_kinds``: each module path's stored class name); what was written."""
         self.plans.save(folder / PLANS_FILE)
         kept = self.choose(self.plans.plans[-1].predicted_bytes)
-        store = LayerStore(folder / SIDE_FOLDER)
+        store = SideStore(folder, SIDE_FOLDER, self.plans.plans[-1])
         modules = {}
         for c in kept:  # handed to the store, which frees each once written: they are a fraction of the model
             modules[c.path, c.choice], c.arrays = (model_kinds[c.path], c.arrays), {}

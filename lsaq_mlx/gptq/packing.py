@@ -19,3 +19,17 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
         stream = ((block[..., None] >> shifts) & 1).reshape(block.shape[0], -1)
         out[r : r + ROW_BLOCK] = np.packbits(stream, axis=1, bitorder="little").view("<u4")
     return out
+
+
+def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    """The inverse of ``pack_codes``: ``words`` (rows, cols * bits / 32; uint32) as
+    ``codes`` (rows, cols; uint8)."""
+    rows, count = words.shape
+    cols = count * 32 // bits
+    out = np.empty((rows, cols), dtype=np.uint8)
+    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
+    for r in range(0, rows, ROW_BLOCK):
+        block = np.ascontiguousarray(words[r : r + ROW_BLOCK], dtype="<u4").view(np.uint8)
+        stream = np.unpackbits(block, axis=1, bitorder="little").reshape(block.shape[0], cols, bits)
+        out[r : r + ROW_BLOCK] = stream.astype(np.uint16) @ weights
+    return out

@@ -14,6 +14,7 @@ version is in the key because its quantizer may change. A damaged file is
 reported and the swap falls back to re-quantizing.
 """
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -107,14 +108,15 @@ class LayerStore:
                 "seconds": time.perf_counter() - start}
 
     def add(self, modules: dict, advance=None) -> None:
-        """Store ``modules``: ``{(path, choice): (class name, {param: array})}``, emptied as
-        it is written, so that each module's arrays can be freed once stored."""
+        """Store ``modules``: ``{(path, choice): (class name, {param: array})}`` (or a
+        function making that, called when it is written), emptied as it is written, so
+        that each module's arrays can be freed once stored."""
         files: dict[str, dict] = {}
         for (path, choice), value in modules.items():
             files.setdefault(file_name(path), {})[f"{path}@{setting_key(choice)}"] = (path, choice)
         self.root.mkdir(parents=True, exist_ok=True)
         for name, entries in files.items():
-            self._rewrite(name, entries, lambda path, choice: modules.pop((path, choice)), advance or (lambda: None))
+            self._rewrite(name, entries, lambda path, choice: _made(modules.pop((path, choice))), advance or (lambda: None))
 
     def _rewrite(self, name: str, entries: dict, make, advance) -> None:
         """Write file ``name`` again with what it held plus (or instead of) ``entries`` (key -> (path,
@@ -153,6 +155,19 @@ class LayerStore:
     def module(self, path: str, choice) -> nn.Module | None:
         """The module at ``path`` with ``choice`` as stored (float16), or None when the
         store does not hold it or its file is damaged."""
+        found = self.arrays(path, choice)
+        if found is None:
+            return None
+        try:
+            return stored_module(*found, choice)
+        except UserError as e:
+            log.warning("layer store: %s; re-quantizing %s instead", e, path)
+            return None
+
+    def arrays(self, path: str, choice) -> tuple[dict, dict] | None:
+        """``(info, {param: array})`` of the module at ``path`` with ``choice`` as stored
+        (``info``: its class and setting, for ``stored_module``), or None when the store
+        does not hold it or its file is damaged."""
         name = file_name(path)
         info = self._modules_in(name).get(f"{path}@{setting_key(choice)}")
         if info is None:
@@ -164,12 +179,26 @@ class LayerStore:
             for record in info["records"]:
                 meta = reader.record(record)["meta"]
                 arrays[meta["tensor"]] = to_array(reader.read(record), meta)
-            return _shell(info, arrays, choice)
+            return info, arrays
         except UserError as e:
             log.warning("layer store: %s; re-quantizing %s instead", e, path)
             return None
         finally:
             self.bytes_read += reader.bytes_read - before
+
+
+def _made(value):
+    return value() if callable(value) else value
+
+
+def encoded_bytes(arrays: dict, choice) -> int:
+    """The bytes the store takes for one module's ``arrays`` at ``choice`` (its records,
+    without the file's index)."""
+    buffer = io.BytesIO()
+    writer = ContainerWriter(buffer)
+    start = buffer.tell()
+    _add_module(writer, "m", "", arrays, choice)
+    return buffer.tell() - start
 
 
 def _add_module(writer: ContainerWriter, key: str, kind: str, arrays: dict, choice) -> dict:
@@ -189,7 +218,7 @@ def _add_module(writer: ContainerWriter, key: str, kind: str, arrays: dict, choi
     return info
 
 
-def _shell(info: dict, arrays: dict, choice) -> nn.Module:
+def stored_module(info: dict, arrays: dict, choice) -> nn.Module:
     """A module of the stored class holding ``arrays``, quantized as ``choice`` (what it
     was stored under: never a size read from the file)."""
     kind, bias = info.get("class"), "bias" in arrays

@@ -1,0 +1,87 @@
+"""An adaptive folder's store of smaller settings (``lsaq_adaptive/``): a layer store
+(``storage.layer_store``) whose settings are whole modules, or scales and biases with
+the steps of their codes from the folder's stored module (``adaptive.steps``), rebuilt
+into codes when a swap reads them."""
+
+import logging
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from lsaq_mlx.adaptive.steps import STEP_PARAMS, code_steps, codes_from_steps
+from lsaq_mlx.errors import UserError
+from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.sources.tensors import SourceTensors
+from lsaq_mlx.storage.layer_store import LayerStore, stored_module
+
+log = logging.getLogger(__name__)
+
+TOP_PARAMS = ("weight", "scales", "biases")
+
+
+class SideStore:
+    """``folder``'s store at ``folder/side`` (``top``: the plan the folder stores)."""
+
+    def __init__(self, folder: Path, side: str, top):
+        self.store, self.tensors, self.top = LayerStore(Path(folder) / side), SourceTensors(folder), top
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read by swaps: the store's (compressed) and the stored modules' the steps start from."""
+        return self.store.bytes_read + self.tensors.bytes_read
+
+    def settings(self) -> list[tuple[str, str]]:
+        return self.store.settings()
+
+    def bytes(self) -> int:
+        return self.store.bytes()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def add(self, modules: dict, advance=None) -> None:
+        """``LayerStore.add``, each setting whose stored module is affine stored as steps."""
+        self.store.add({key: lambda key=key, value=value: self._steps_of(key, value) for key, value in modules.items()},
+                       advance)
+
+    def module(self, path: str, choice):
+        """The module at ``path`` with ``choice``, or None when the store does not hold
+        it or what it holds does not add up (a warning)."""
+        found = self.store.arrays(path, choice)
+        if found is None:
+            return None
+        info, arrays = found
+        try:
+            if "changed" in arrays:
+                arrays = self._codes_of(path, choice, arrays)
+            return stored_module(info, arrays, choice)
+        except (UserError, ValueError, TypeError) as e:  # TypeError: a dtype numpy cannot hold
+            log.warning("warning: the stored %s of %s does not fit it (%s); rounding it from the weights instead",
+                        choice.label, path, e)
+            return None
+
+    def _stored(self, path: str) -> tuple[dict, Affine]:
+        top_choice = self.top.modules.get(path)
+        if not isinstance(top_choice, Affine):
+            raise ValueError(f"the folder stores {path} unquantized: there are no codes to step from")
+        arrays = {p: self.tensors.get(f"{path}.{p}") for p in TOP_PARAMS}
+        return {p: np.array(a) for p, a in arrays.items() if a is not None}, top_choice
+
+    def _steps_of(self, key: tuple, value: tuple) -> tuple[str, dict]:
+        (path, choice), (kind, arrays) = key, value
+        if not isinstance(self.top.modules.get(path), Affine):
+            return kind, arrays
+        top, top_choice = self._stored(path)
+        steps = code_steps(*(np.array(arrays[p]) for p in TOP_PARAMS), choice, top, top_choice)
+        return kind, {p: a for p, a in arrays.items() if p != "weight"} | {p: mx.array(a) for p, a in steps.items()}
+
+    def _codes_of(self, path: str, choice, arrays: dict) -> dict:
+        missing = {*STEP_PARAMS, "scales", "biases"} - set(arrays)
+        if missing or set(arrays) - {*STEP_PARAMS, "scales", "biases", "bias"}:
+            raise ValueError(f"steps need {', '.join(sorted({*STEP_PARAMS, 'scales', 'biases'}))}, "
+                             f"not {', '.join(sorted(arrays))}")
+        top, top_choice = self._stored(path)
+        steps = {p: np.array(arrays.pop(p)) for p in STEP_PARAMS}
+        codes = codes_from_steps(steps, np.array(arrays["scales"]), np.array(arrays["biases"]), choice, top, top_choice)
+        return arrays | {"weight": mx.array(codes)}
