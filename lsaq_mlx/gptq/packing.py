@@ -2,7 +2,7 @@
 
 import numpy as np
 
-ROW_BLOCK = 1024  # rows packed at a time: the bit array takes rows x cols x bits bytes
+ROW_BLOCK = 1024  # rows packed at a time: 8 bytes a code while they are packed
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -13,11 +13,15 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits}-bit codes do not fill whole 32-bit words")
     out = np.empty((rows, cols * bits // 32), dtype=np.uint32)
-    shifts = np.arange(bits, dtype=np.uint8)
-    for r in range(0, rows, ROW_BLOCK):
-        block = codes[r : r + ROW_BLOCK].astype(np.uint8)
-        stream = ((block[..., None] >> shifts) & 1).reshape(block.shape[0], -1)
-        out[r : r + ROW_BLOCK] = np.packbits(stream, axis=1, bitorder="little").view("<u4")
+    for r in range(0, rows, ROW_BLOCK):  # 32 codes fill ``bits`` words
+        groups = codes[r : r + ROW_BLOCK].reshape(-1, cols // 32, 32).astype(np.uint64)
+        words = np.zeros((*groups.shape[:2], bits), np.uint64)
+        for i, (word, shift) in enumerate(_places(bits)):
+            value = groups[..., i] << np.uint64(shift)
+            words[..., word] |= value & np.uint64(0xFFFFFFFF)
+            if shift + bits > 32:
+                words[..., word + 1] |= value >> np.uint64(32)
+        out[r : r + ROW_BLOCK] = words.reshape(groups.shape[0], -1)
     return out
 
 
@@ -26,10 +30,18 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     ``codes`` (rows, cols; uint8)."""
     rows, count = words.shape
     cols = count * 32 // bits
-    out = np.empty((rows, cols), dtype=np.uint8)
-    weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
+    out = np.empty((rows, cols // 32, 32), dtype=np.uint8)
+    mask = np.uint64((1 << bits) - 1)
     for r in range(0, rows, ROW_BLOCK):
-        block = np.ascontiguousarray(words[r : r + ROW_BLOCK], dtype="<u4").view(np.uint8)
-        stream = np.unpackbits(block, axis=1, bitorder="little").reshape(block.shape[0], cols, bits)
-        out[r : r + ROW_BLOCK] = stream.astype(np.uint16) @ weights
-    return out
+        block = words[r : r + ROW_BLOCK].reshape(-1, cols // 32, bits).astype(np.uint64)
+        for i, (word, shift) in enumerate(_places(bits)):
+            value = block[..., word] >> np.uint64(shift)
+            if shift + bits > 32:
+                value |= block[..., word + 1] << np.uint64(32 - shift)
+            out[r : r + ROW_BLOCK, :, i] = value & mask
+    return out.reshape(rows, cols)
+
+
+def _places(bits: int) -> list[tuple[int, int]]:
+    """``(word, shift)`` of each of 32 consecutive codes in their ``bits`` words."""
+    return [divmod(i * bits, 32) for i in range(32)]
