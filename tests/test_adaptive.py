@@ -405,7 +405,8 @@ def _near_rounding(weight: mx.array, choice: Affine, seed: int):
 
 @pytest.mark.parametrize("bits,top_bits,shape", [(2, 4, (64, 256)), (3, 6, (64, 256)), (4, 6, (3, 32, 128)),
                                                  (5, 8, (64, 256)), (6, 6, (16, 128)), (8, 8, (16, 128))])
-def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(bits, top_bits, shape):
+def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(bits, top_bits, shape, monkeypatch):
+    import lsaq_mlx.adaptive.steps as module
     from lsaq_mlx.adaptive.steps import code_steps, codes_from_steps
     from lsaq_mlx.storage.layer_store import encoded_bytes
 
@@ -416,6 +417,10 @@ def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(
                     for a in mx.quantize(weight, top_choice.group_size, top_bits))))
     codes, scales, biases = _near_rounding(weight, choice, bits)
     steps = code_steps(codes, scales, biases, choice, top, top_choice)
+    assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
+    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 1000)  # blocks of 8 rows: flags cut mid-byte
+    assert all(np.array_equal(a, b) for a, b in zip(code_steps(codes, scales, biases, choice, top, top_choice).values(),
+                                                    steps.values()))
     assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
     as_codes = encoded_bytes({"weight": mx.array(codes)}, choice)
     assert encoded_bytes({p: mx.array(a) for p, a in steps.items()}, choice) < 0.6 * as_codes  # 2 bits: 0.52

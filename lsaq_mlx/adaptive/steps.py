@@ -48,34 +48,44 @@ def code_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice
 def codes_from_steps(steps: dict, scales: np.ndarray, biases: np.ndarray, choice: Affine, top: dict,
                      top_choice: Affine) -> np.ndarray:
     """The packed codes ``code_steps`` was given, of the same steps, scales, biases and
-    stored module; ``ValueError`` where the steps do not fit them."""
+    stored module, a row block at a time (no array of the whole module's flags);
+    ``ValueError`` where the steps do not fit them."""
     shape = scales.shape
     _, scales, biases, top = _matrices(None, scales, biases, top)
     count, cols = scales.shape[0], _columns(scales, choice)
-    changed = _array(steps, "changed")
-    if changed.size != -(-count * cols // 8):
-        raise ValueError(f"changed holds {changed.size} bytes, not {-(-count * cols // 8)}")
-    lowered, far, distances = (_array(steps, p) for p in ("lowered", "far", "distances"))
-    flags = np.unpackbits(changed, count=count * cols).astype(bool)
-    moves = int(flags.sum())
+    changed, lowered, far, distances = (_array(steps, p) for p in STEP_PARAMS)
+    if changed.size != count * cols // 8:
+        raise ValueError(f"changed holds {changed.size} bytes, not {count * cols // 8}")
+    moves = int(_ONES[changed].sum(dtype=np.int64))
     if lowered.size != -(-moves // 8) or far.size != lowered.size:
         raise ValueError(f"{moves} changed codes need {-(-moves // 8)} bytes of lowered and far flags")
-    sign = np.where(np.unpackbits(lowered, count=moves).astype(bool), -1, 1).astype(np.int16)
-    is_far = np.unpackbits(far, count=moves).astype(bool)
-    if distances.size != int(is_far.sum()):
-        raise ValueError(f"{int(is_far.sum())} far codes, {distances.size} distances")
-    size = np.ones(moves, np.int16)
-    size[is_far] = distances
-    moved, out, done = sign * size, np.empty((count, cols * choice.bits // 32), np.uint32), 0
+    out, done, far_done = np.empty((count, cols * choice.bits // 32), np.uint32), 0, 0
     for rows in _row_blocks(count, cols):
         block = _rounded(top, top_choice, rows, scales, biases, choice)
-        where = flags[rows.start * cols : rows.stop * cols].reshape(block.shape)
-        block[where] += moved[done : done + int(where.sum())]
-        done += int(where.sum())
+        where = np.unpackbits(changed[rows.start * cols // 8 : rows.stop * cols // 8]).astype(bool).reshape(block.shape)
+        k = int(where.sum())
+        size = np.ones(k, np.int16)
+        is_far = _bits(far, done, k)
+        if far_done + int(is_far.sum()) > distances.size:
+            raise ValueError(f"more far codes than the {distances.size} distances")
+        size[is_far] = distances[far_done : far_done + int(is_far.sum())]
+        block[where] += np.where(_bits(lowered, done, k), -size, size)
+        done, far_done = done + k, far_done + int(is_far.sum())
         if block.min(initial=0) < 0 or block.max(initial=0) >= 1 << choice.bits:
             raise ValueError(f"the steps lead out of {choice.bits}-bit codes")
         out[rows] = pack_codes(block.astype(np.uint8), choice.bits)
+    if far_done != distances.size:
+        raise ValueError(f"{far_done} far codes, {distances.size} distances")
     return out.reshape(*shape[:-1], out.shape[-1])
+
+
+_ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
+
+
+def _bits(packed: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Bits ``start .. start + count - 1`` of ``packed`` (as ``np.packbits`` packs them)."""
+    first = start // 8
+    return np.unpackbits(packed[first : -(-(start + count) // 8)])[start - 8 * first :][:count].astype(bool)
 
 
 def _array(steps: dict, name: str) -> np.ndarray:
