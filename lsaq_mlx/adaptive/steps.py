@@ -22,7 +22,7 @@ from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
 
 STEP_PARAMS = ("changed", "lowered", "far", "distances")
-ROW_BLOCK_WEIGHTS = 1 << 24  # codes handled at once
+ROW_BLOCK_WEIGHTS = 1 << 20  # codes handled at once: 2.5-3x faster than 16 M here (cache)
 
 
 def code_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine, top: dict,

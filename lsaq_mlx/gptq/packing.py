@@ -2,7 +2,7 @@
 
 import numpy as np
 
-ROW_BLOCK = 1024  # rows packed at a time: 8 bytes a code while they are packed
+BLOCK_CODES = 1 << 20  # codes packed at a time (8 bytes each while they are packed)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -12,16 +12,16 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     rows, cols = codes.shape
     if (cols * bits) % 32:
         raise ValueError(f"{cols} columns of {bits}-bit codes do not fill whole 32-bit words")
-    out = np.empty((rows, cols * bits // 32), dtype=np.uint32)
-    for r in range(0, rows, ROW_BLOCK):  # 32 codes fill ``bits`` words
-        groups = codes[r : r + ROW_BLOCK].reshape(-1, cols // 32, 32).astype(np.uint64)
+    out, step = np.empty((rows, cols * bits // 32), dtype=np.uint32), max(1, BLOCK_CODES // cols)
+    for r in range(0, rows, step):  # 32 codes fill ``bits`` words
+        groups = codes[r : r + step].reshape(-1, cols // 32, 32).astype(np.uint64)
         words = np.zeros((*groups.shape[:2], bits), np.uint64)
         for i, (word, shift) in enumerate(_places(bits)):
             value = groups[..., i] << np.uint64(shift)
             words[..., word] |= value & np.uint64(0xFFFFFFFF)
             if shift + bits > 32:
                 words[..., word + 1] |= value >> np.uint64(32)
-        out[r : r + ROW_BLOCK] = words.reshape(groups.shape[0], -1)
+        out[r : r + step] = words.reshape(groups.shape[0], -1)
     return out
 
 
@@ -30,15 +30,15 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     ``codes`` (rows, cols; uint8)."""
     rows, count = words.shape
     cols = count * 32 // bits
-    out = np.empty((rows, cols // 32, 32), dtype=np.uint8)
+    out, step = np.empty((rows, cols // 32, 32), dtype=np.uint8), max(1, BLOCK_CODES // cols)
     mask = np.uint64((1 << bits) - 1)
-    for r in range(0, rows, ROW_BLOCK):
-        block = words[r : r + ROW_BLOCK].reshape(-1, cols // 32, bits).astype(np.uint64)
+    for r in range(0, rows, step):
+        block = words[r : r + step].reshape(-1, cols // 32, bits).astype(np.uint64)
         for i, (word, shift) in enumerate(_places(bits)):
             value = block[..., word] >> np.uint64(shift)
             if shift + bits > 32:
                 value |= block[..., word + 1] << np.uint64(32 - shift)
-            out[r : r + ROW_BLOCK, :, i] = value & mask
+            out[r : r + step, :, i] = value & mask
     return out.reshape(rows, cols)
 
 
