@@ -324,3 +324,54 @@ def test_an_adaptive_folder_stores_its_experts_smaller_settings_and_swaps_to_the
         assert after.keys() == before.keys() and all(mx.array_equal(after[k], before[k]) for k in before)
     finally:
         engine.shutdown()
+
+
+def test_an_adaptive_folders_smaller_expert_settings_are_fitted_on_their_own_plans_routed_tokens(hf_moe, tmp_path,
+                                                                                                  monkeypatch):
+    """Each smaller plan's experts are fitted on the tokens routed to them in that plan's
+    own activation track, so its codes equal a direct convert's, layer 1 on too."""
+    import lsaq_mlx.gptq.writer as writer
+    from lsaq_mlx.gptq.hessians import calibration_tokens
+    from lsaq_mlx.planning.planner import Planner, PlanRequest
+    from lsaq_mlx.quantizers import QUANTIZERS
+    from lsaq_mlx.scoring.calibration import load_calibration
+    from lsaq_mlx.sources.load import load_tokenizer
+    from lsaq_mlx.sources.streaming import StreamedModel
+
+    source = hf_moe("qwen3_moe")
+    small, top = (Planner(source).plan(PlanRequest(method="uniform", bits=b, group_size=32)) for b in (3, 4))
+    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
+    monkeypatch.setattr("lsaq_mlx.gptq.solver.MIN_EXPERT_TOKENS", 1)  # every expert calibrated
+    monkeypatch.setattr(writer, "_better_layer", lambda layer, modules, hessians, affine, arrays, count: arrays)
+    for folder in ("direct", "adaptive"):
+        (tmp_path / folder).mkdir()
+    direct = writer.calibrated_weights(StreamedModel(source), tokens, dict(small.modules), tmp_path / "direct",
+                                       QUANTIZERS["gptq"], held_out=2)
+    made = {}
+
+    def also(path, weight, bias, h, codes, choice, codes_at):
+        made[path] = codes_at(small.modules[path])
+
+    writer.calibrated_weights(StreamedModel(source), tokens, dict(top.modules), tmp_path / "adaptive",
+                              QUANTIZERS["gptq"], held_out=2, also=also, tracks=[dict(small.modules)])
+    experts = [p for p in made if "switch_mlp" in p and layer_index(p) >= 1]
+    assert set(made) == set(direct) and experts
+    for path in experts:
+        assert np.array_equal(made[path].weight, np.array(direct[path]["weight"])), path
+
+
+def test_expert_inputs_of_several_tracks_add_up_to_those_of_all_their_tokens():
+    from lsaq_mlx.gptq.solver import ExpertHessians
+
+    rng = np.random.default_rng(0)
+    rows = [[rng.normal(size=(n, 8)).astype(np.float32) if n else None for n in counts]
+            for counts in ((3, 10, 0, 0), (4, 2, 9, 0))]
+    held = lambda r: None if r is None else r if r.shape[0] < 8 else r.T @ r  # noqa: E731  (as recorded)
+    tracks = [ExpertHessians([held(r) for r in t], np.array([0 if r is None else r.shape[0] for r in t])) for t in rows]
+    summed = ExpertHessians.summed(tracks)
+    assert list(summed.tokens) == [7, 12, 9, 0] and summed.hessians[3] is None
+    assert summed.hessians[0].shape == (7, 8)  # still fewer rows than inputs: kept as rows
+    for e in range(3):
+        every = np.concatenate([t[e] for t in rows if t[e] is not None])
+        h = summed.hessians[e]
+        np.testing.assert_allclose(h if h.shape[0] == 8 else h.T @ h, every.T @ every, rtol=1e-5, atol=1e-5)

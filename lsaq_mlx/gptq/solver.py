@@ -95,12 +95,32 @@ class ExpertHessians:
     def __init__(self, hessians: list[np.ndarray | None], tokens: np.ndarray):
         self.hessians, self.tokens = hessians, tokens
 
+    @classmethod
+    def summed(cls, parts: list["ExpertHessians"]) -> "ExpertHessians":
+        """The inputs of ``parts`` together (several activation tracks): each expert's
+        rows joined while they stay fewer than its inputs, else its Hessians added."""
+        return cls([_joined([p.hessians[e] for p in parts if p.hessians[e] is not None])
+                    for e in range(len(parts[0].hessians))], sum(p.tokens for p in parts))
+
     def expert(self, e: int) -> ModuleInputs | None:
         """Expert ``e``'s inputs, or None when too few tokens reached it to calibrate on."""
         if self.tokens[e] < MIN_EXPERT_TOKENS:
             return None
         h = self.hessians[e]
         return ModuleInputs(h if h.shape[0] == h.shape[1] else h.T @ h)
+
+
+def _joined(inputs: list[np.ndarray]) -> np.ndarray | None:
+    """One expert's Hessian (or rows) of several tracks' (each a Hessian or rows)."""
+    if not inputs:
+        return None
+    width = inputs[0].shape[1]
+    if all(h.shape[0] != width for h in inputs) and sum(h.shape[0] for h in inputs) < width:
+        return np.concatenate(inputs)
+    total = np.zeros((width, width), np.float32)
+    for h in inputs:
+        total += h if h.shape[0] == width else h.T @ h
+    return total
 
 
 def hessian_factor(hessian: np.ndarray, damp: float = DAMP) -> HessianFactor:

@@ -78,9 +78,9 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
     ``tracks``: other plans' choices (path -> choice; an adaptive folder's smaller
     plans), each calibrated on an activation track of its own: the calibration batch
     once more, passed through each layer as that plan writes it, and ``codes_at(choice)``
-    fitted on the inputs of the tracks whose plan gives the module ``choice`` (a direct
-    convert of each plan calibrates on its own plan's layers; stacked experts keep the
-    planned track's inputs)."""
+    fitted on the inputs of the tracks whose plan gives the module ``choice``, stacked
+    experts on each expert's tokens routed in those tracks (a direct convert of each
+    plan calibrates on its own plan's layers)."""
     affine = {p: c for p, c in choices.items() if isinstance(c, Affine)}
     head = head_path(streamed.model)
     tied = head is not None and head != "lm_head"
@@ -113,7 +113,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
             if isinstance(h, ExpertHessians):
                 codes = _expert_codes(quantizer, weights[path], h, affine[path], clip, count)
                 if also is not None:
-                    def expert_codes_at(choice, path=path, h=h, clip=clip):
+                    def expert_codes_at(choice, path=path, clip=clip):
+                        h = fitted_on.experts(path, choice, affine[path])
                         made[path, choice] = _expert_codes(quantizer, weights[path], h, choice, clip, CalibrationCounts())
                         return made[path, choice] if tracks else made.pop((path, choice))
 
@@ -166,6 +167,15 @@ class _TrackHessians:
         if choice == planned or not users:
             return self.hessians[path], getattr(self.hessians, "held_out", {}).get(path)
         return self._sum([t[path] for t in users]), self._sum([t.held_out.get(path) for t in users])
+
+    def experts(self, path: str, choice, planned) -> ExpertHessians:
+        """Stacked experts' inputs for ``choice``: the planned track's, else those of the
+        tracks whose plan gives ``path`` ``choice`` (summed once per call: a layer's
+        expert Hessians are large, and each setting is made once)."""
+        users = [t[path] for t, plan in zip(getattr(self.hessians, "tracks", []), self.tracks) if plan.get(path) == choice]
+        if choice == planned or not users:
+            return self.hessians[path]
+        return users[0] if len(users) == 1 else ExpertHessians.summed(users)
 
     def _sum(self, arrays: list):
         if any(a is None for a in arrays):
