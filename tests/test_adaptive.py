@@ -233,7 +233,7 @@ def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
     side = AdaptiveSide.__new__(AdaptiveSide)
     side.size, side.candidates = 1.3, [setting("a", 20, 1.0), setting("b", 10, 1.0), setting("c", 10, -1.0),
                                        setting("d", 15, 0.9)]
-    assert [c.path for c in side.choose(100)] == ["b", "d"]  # then a no longer fits; c gains nothing
+    assert [c.path for c in side.choose(30)] == ["b", "d"]  # then a no longer fits; c gains nothing
 
 
 def test_each_smaller_plan_is_a_track_unless_turned_off():
@@ -403,8 +403,8 @@ def _near_rounding(weight: mx.array, choice: Affine, seed: int):
     return packed, np.array(scales.astype(mx.float16)), np.array(biases.astype(mx.float16))
 
 
-@pytest.mark.parametrize("bits,top_bits,shape", [(2, 4, (64, 256)), (3, 6, (64, 256)), (4, 6, (3, 32, 128)),
-                                                 (5, 8, (64, 256)), (6, 6, (16, 128)), (8, 8, (16, 128))])
+@pytest.mark.parametrize("bits,top_bits,shape", [(2, 4, (256, 512)), (3, 6, (256, 512)), (4, 6, (3, 128, 256)),
+                                                 (5, 8, (256, 512)), (6, 6, (64, 512)), (8, 8, (64, 512))])
 def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(bits, top_bits, shape, monkeypatch):
     import lsaq_mlx.adaptive.steps as module
     from lsaq_mlx.adaptive.steps import code_steps, codes_from_steps
@@ -418,7 +418,7 @@ def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(
     codes, scales, biases = _near_rounding(weight, choice, bits)
     steps = code_steps(codes, scales, biases, choice, top, top_choice)
     assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
-    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 1000)  # blocks of 8 rows: flags cut mid-byte
+    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 5000)  # blocks of 8 rows: flags cut mid-byte
     assert all(np.array_equal(a, b) for a, b in zip(code_steps(codes, scales, biases, choice, top, top_choice).values(),
                                                     steps.values()))
     assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
@@ -448,3 +448,15 @@ def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_p
     kept = SimpleNamespace(modules={path: None})  # a module the folder keeps in float: its setting is kept whole
     SideStore(tmp_path, "whole", kept).add({(path, choice): ("QuantizedLinear", dict(made))})
     assert "weight" in SideStore(tmp_path, "whole", kept).store.arrays(path, choice)[1]
+
+
+def test_the_whole_folder_stays_within_its_size(tiny_llama, derived, tmp_path):
+    """``--adaptive-size``: every file of the folder (tokenizer, configs, plans, store)
+    within that multiple of the largest plan's weights."""
+    weights = sum(f.stat().st_size for f in derived.path.glob("model*.safetensors"))
+    base = sum(f.stat().st_size for f in derived.path.rglob("*") if f.is_file())
+    size = (base + 40_000) / weights
+    made = _convert(tiny_llama, tmp_path / "c", "--adaptive-size", f"{size:.6f}")
+    report = json.loads((made.path / "lsaq_report.json").read_text())["adaptive"]
+    assert 0 < report["settings_kept"] < report["settings_made"]
+    assert sum(f.stat().st_size for f in made.path.rglob("*") if f.is_file()) <= size * weights

@@ -27,6 +27,8 @@ from lsaq_mlx.planning.plan import PlanSet
 from lsaq_mlx.progress import progress_bar
 from lsaq_mlx.storage.layer_store import encoded_bytes
 
+REPORT_BYTES = 16 << 10  # room left for lsaq_report.json, written last
+
 
 @dataclass(frozen=True)
 class SettingErrors:
@@ -109,20 +111,26 @@ def rounded_codes(weight, choice: Affine) -> AffineCodes:
     return AffineCodes.stacked([affine_codes(weight.block(e, e + 1)[0], None, choice) for e in range(weight.shape[0])])
 
 
-def stored_bytes(codes: AffineCodes, bias, choice: Affine, top: AffineCodes, top_choice: Affine) -> int:
+def stored_bytes(path: str, codes: AffineCodes, bias, choice: Affine, top: AffineCodes, top_choice: Affine) -> int:
     """The bytes the store takes for ``codes`` at ``choice``: their scales and biases and
     the steps of the codes from ``top`` (the module's stored codes) rounded onto their grid."""
     steps = code_steps(codes.weight, codes.scales, codes.biases, choice, vars(top), top_choice)
     arrays = {p: mx.array(a) for p, a in steps.items()} | {"scales": mx.array(codes.scales),
                                                           "biases": mx.array(codes.biases)}
-    return encoded_bytes(arrays | ({"bias": bias} if bias is not None else {}), choice)
+    return encoded_bytes(arrays | ({"bias": bias} if bias is not None else {}), choice, path)
+
+
+def _bytes_in(folder: Path, leaving: Path | None) -> int:
+    """The bytes of every file in ``folder`` but those under ``leaving``."""
+    return sum(f.stat().st_size for f in folder.rglob("*")
+               if f.is_file() and not (leaving and f.is_relative_to(leaving)))
 
 
 @dataclass
 class AdaptiveSide:
     """What ``convert --adaptive`` adds to the top plan's folder. ``costs``: the cost
-    table (``CostTable``); ``size``: the folder's most bytes over the top plan's (1.3:
-    the store takes at most 30 % more)."""
+    table (``CostTable``); ``size``: the whole folder's most bytes over the top plan's
+    weights (1.3: the store, with the tokenizer, configs and plans, at most 30 % more)."""
 
     plans: PlanSet
     costs: object
@@ -167,7 +175,7 @@ class AdaptiveSide:
         self.scratch.mkdir(parents=True, exist_ok=True)
         for choice in choices:  # on disk until written, one setting's codes in memory at a time
             codes = made.pop(choice) or make_codes(choice)
-            size = stored_bytes(codes, bias, choice, top, top_choice)
+            size = stored_bytes(path, codes, bias, choice, top, top_choice)
             arrays = {f: mx.array(getattr(codes, f)) for f in ("weight", "scales", "biases")}
             del codes
             file = self.scratch / f"side-{len(self.candidates)}.safetensors"
@@ -183,9 +191,9 @@ class AdaptiveSide:
         if path in self.lower:
             self.collect(path, weight, bias, None, rtn(top_choice), top_choice, rtn, rounding=True)
 
-    def choose(self, top_bytes: int) -> list[SideSetting]:
-        """The candidates of best gain per byte, while their bytes fit ``(size - 1) * top_bytes``."""
-        room, kept = (self.size - 1.0) * top_bytes, []
+    def choose(self, room: float) -> list[SideSetting]:
+        """The candidates of best gain per byte, while their bytes fit ``room``."""
+        kept = []
         for c in sorted((c for c in self.candidates if c.gain > 0), key=lambda c: -c.gain / c.bytes):
             if c.bytes <= room:
                 kept.append(c)
@@ -196,7 +204,8 @@ class AdaptiveSide:
         """Write ``lsaq_plans.json`` and the store of the chosen settings into ``folder``
         (``model_kinds``: each module path's stored class name); what was written."""
         self.plans.save(folder / PLANS_FILE)
-        kept = self.choose(self.plans.plans[-1].predicted_bytes)
+        weights = sum(f.stat().st_size for f in folder.glob("model*.safetensors"))
+        kept = self.choose(self.size * weights - _bytes_in(folder, self.scratch) - REPORT_BYTES)
         store = SideStore(folder, SIDE_FOLDER, self.plans.plans[-1])
         modules = {}
         for c in kept:  # handed to the store, which frees each once written: they are a fraction of the model

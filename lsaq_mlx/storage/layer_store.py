@@ -15,6 +15,7 @@ reported and the swap falls back to re-quantizing.
 """
 
 import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -191,14 +192,15 @@ def _made(value):
     return value() if callable(value) else value
 
 
-def encoded_bytes(arrays: dict, choice) -> int:
-    """The bytes the store takes for one module's ``arrays`` at ``choice`` (its records,
-    without the file's index)."""
+def encoded_bytes(arrays: dict, choice, path: str = "") -> int:
+    """The bytes the store takes for the module at ``path`` holding ``arrays`` at
+    ``choice``: its records and their entries in the file's index."""
     buffer = io.BytesIO()
     writer = ContainerWriter(buffer)
     start = buffer.tell()
-    _add_module(writer, "m", "", arrays, choice)
-    return buffer.tell() - start
+    key = f"{path}@{setting_key(choice)}"
+    info = _add_module(writer, key, "QuantizedLinear", arrays, choice)
+    return buffer.tell() - start + len(json.dumps([{key: info}, writer.records], separators=(",", ":")))
 
 
 def _add_module(writer: ContainerWriter, key: str, kind: str, arrays: dict, choice) -> dict:
