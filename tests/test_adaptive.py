@@ -216,7 +216,7 @@ def test_a_stored_setting_that_does_not_fit_is_refused(adaptive, tmp_path, caplo
                      (good | {"weight": good["weight"].astype(mx.float32)}, "does not fit it"),
                      (steps | {"changed": steps["changed"][:-1]}, "changed holds"),
                      (steps | {"distances": mx.concatenate([steps["distances"], mx.ones((1,), mx.uint8)])}, "distances"),
-                     (steps | {"scales": steps["scales"][:-1]}, "rows"),
+                     (steps | {"scale_steps": steps["scale_steps"][:-2]}, "scale and bias steps"),
                      (everywhere, "out of")):
         store.add({(path, choice): ("QuantizedLinear", bad)})
         store.close()
@@ -391,8 +391,9 @@ def test_planning_on_the_folder_adopts_the_cost_table_it_carries(adaptive, tmp_p
 
 
 def _near_rounding(weight: mx.array, choice: Affine, seed: int):
-    """Codes of ``weight`` at ``choice`` as a calibrated quantizer leaves them: rounding,
-    with one code in eight a step away, a few far away, and one group constant."""
+    """A setting of ``weight`` at ``choice`` as a calibrated quantizer leaves it: rounding,
+    with one code in eight a step away and a few far away, one group constant and one
+    in eight clipped (its scale shrunk)."""
     weight = weight.at[..., 0, : choice.group_size].add(-weight[..., 0, : choice.group_size] + 0.5)
     codes, scales, biases = mx.quantize(weight, choice.group_size, choice.bits)
     rng = np.random.default_rng(seed)
@@ -400,14 +401,16 @@ def _near_rounding(weight: mx.array, choice: Affine, seed: int):
     levels += rng.choice([0, 1, -1, 3, -5], size=levels.shape, p=[0.875, 0.06, 0.06, 0.0025, 0.0025]).astype(np.int16)
     levels = np.clip(levels, 0, (1 << choice.bits) - 1).astype(np.uint8)
     packed = pack_codes(levels, choice.bits).reshape(codes.shape)
-    return packed, np.array(scales.astype(mx.float16)), np.array(biases.astype(mx.float16))
+    scales = np.array(scales.astype(mx.float16))
+    scales[rng.random(scales.shape) < 0.125] *= np.float16(0.9)
+    return packed, scales, np.array(biases.astype(mx.float16))
 
 
 @pytest.mark.parametrize("bits,top_bits,shape", [(2, 4, (256, 512)), (3, 6, (256, 512)), (4, 6, (3, 128, 256)),
                                                  (5, 8, (256, 512)), (6, 6, (64, 512)), (8, 8, (64, 512))])
-def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(bits, top_bits, shape, monkeypatch):
+def test_steps_from_the_stored_codes_give_the_setting_back_exactly_in_fewer_bytes(bits, top_bits, shape, monkeypatch):
     import lsaq_mlx.adaptive.steps as module
-    from lsaq_mlx.adaptive.steps import code_steps, codes_from_steps
+    from lsaq_mlx.adaptive.steps import setting_from_steps, setting_steps
     from lsaq_mlx.storage.layer_store import encoded_bytes
 
     weight = mx.random.normal(shape, key=mx.random.key(bits))
@@ -415,15 +418,15 @@ def test_steps_from_the_stored_codes_give_the_codes_back_exactly_in_fewer_bytes(
     top = dict(zip(("weight", "scales", "biases"),
                    (np.array(a.astype(mx.float16) if a.dtype != mx.uint32 else a)
                     for a in mx.quantize(weight, top_choice.group_size, top_bits))))
-    codes, scales, biases = _near_rounding(weight, choice, bits)
-    steps = code_steps(codes, scales, biases, choice, top, top_choice)
-    assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
-    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 5000)  # blocks of 8 rows: flags cut mid-byte
-    assert all(np.array_equal(a, b) for a, b in zip(code_steps(codes, scales, biases, choice, top, top_choice).values(),
+    made = _near_rounding(weight, choice, bits)
+    steps = setting_steps(*made, choice, top, top_choice)
+    assert all(np.array_equal(a, b) for a, b in zip(setting_from_steps(steps, choice, top, top_choice), made))
+    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 5000)  # blocks of 8 or 16 rows: flags cut mid-byte
+    assert all(np.array_equal(a, b) for a, b in zip(setting_steps(*made, choice, top, top_choice).values(),
                                                     steps.values()))
-    assert np.array_equal(codes_from_steps(steps, scales, biases, choice, top, top_choice), codes)
-    as_codes = encoded_bytes({"weight": mx.array(codes)}, choice)
-    assert encoded_bytes({p: mx.array(a) for p, a in steps.items()}, choice) < 0.6 * as_codes  # 2 bits: 0.52
+    assert all(np.array_equal(a, b) for a, b in zip(setting_from_steps(steps, choice, top, top_choice), made))
+    whole = encoded_bytes(dict(zip(("weight", "scales", "biases"), map(mx.array, made))), choice)
+    assert encoded_bytes({p: mx.array(a) for p, a in steps.items()}, choice) < 0.6 * whole
 
 
 def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_path):

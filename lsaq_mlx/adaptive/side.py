@@ -5,8 +5,7 @@ rounding the stored top weights to that setting, the swap's way without it. Wort
 measured as the output error on the calibration inputs (``d H d^T``) and put in the
 cost table's units (the module's cost at that setting, times the error saved over
 rounding's error), so modules of different layers compare. A setting's bytes are what
-the store takes for it: its scales and biases and its codes' steps from the stored
-codes (``adaptive.steps``). The best gain per byte is kept until the store reaches its
+the store takes for it: its steps from the stored codes (``adaptive.steps``). The best gain per byte is kept until the store reaches its
 share of the folder (``AdaptiveSide.write``)."""
 
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER
-from lsaq_mlx.adaptive.steps import code_steps
+from lsaq_mlx.adaptive.steps import setting_steps
 from lsaq_mlx.adaptive.store import SideStore
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES, affine_codes
 from lsaq_mlx.gptq.row_errors import row_output_errors
@@ -112,11 +111,10 @@ def rounded_codes(weight, choice: Affine) -> AffineCodes:
 
 
 def stored_bytes(path: str, codes: AffineCodes, bias, choice: Affine, top: AffineCodes, top_choice: Affine) -> int:
-    """The bytes the store takes for ``codes`` at ``choice``: their scales and biases and
-    the steps of the codes from ``top`` (the module's stored codes) rounded onto their grid."""
-    steps = code_steps(codes.weight, codes.scales, codes.biases, choice, vars(top), top_choice)
-    arrays = {p: mx.array(a) for p, a in steps.items()} | {"scales": mx.array(codes.scales),
-                                                          "biases": mx.array(codes.biases)}
+    """The bytes the store takes for ``codes`` at ``choice``: their steps from ``top``
+    (the module's stored codes; ``adaptive.steps``)."""
+    steps = setting_steps(codes.weight, codes.scales, codes.biases, choice, vars(top), top_choice)
+    arrays = {p: mx.array(a) for p, a in steps.items()}
     return encoded_bytes(arrays | ({"bias": bias} if bias is not None else {}), choice, path)
 
 

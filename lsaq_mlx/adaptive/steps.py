@@ -1,19 +1,24 @@
-"""A smaller setting stored as the steps its codes take from the folder's stored weights
-rounded onto its grid (its own scales and biases): a swap without the setting would
-round the stored weights anyway, and the quantizer's codes differ from that rounding in
-about one code in nine (GPTQ on SmolLM2, 3-4 bits from 6), mostly by one step. So
-instead of b bits a weight the setting costs its scales and biases plus:
+"""A smaller setting stored as steps from the folder's stored weights: a swap without
+the setting would round the stored weights anyway, and what the quantizer made is close
+to that. Its grid (each group's float16 scale and bias) is stored as the steps of their
+bit patterns from the grid ``mx.quantize`` would give the stored weights (recomputed
+here in numpy), and its codes as the steps they take from the stored weights rounded
+onto its grid: GPTQ's codes differ from that rounding in about one code in nine (on
+SmolLM2, 3-4 bits from 6), mostly by one step. So instead of b bits a weight and a scale
+and a bias a group, the setting keeps:
 
 - ``changed``: one bit a code (packed, row-major), set where the code is not the rounding;
 - ``lowered``: one bit a changed code, set where it is below the rounding;
 - ``far``: one bit a changed code, set where it is more than one step away;
-- ``distances``: how many steps each far code is away (uint8).
+- ``distances``: how many steps each far code is away (uint8);
+- ``scale_steps``, ``bias_steps``: each group's float16 bits minus the predicted ones
+  (modulo 2^16), low bytes then high bytes.
 
-On SmolLM2 that is about 0.65 bits a weight after the store's zstd, against 3-4 for the
-codes (``benchmarks/results/smollm2-adaptive-awq-gptq.json``). The rounding is computed
-in numpy float32, operation by operation (no fused multiply-add), so a Mac rebuilds
-exactly the codes a Linux converter stored. Anything that does not add up (counts,
-sizes, codes out of range) is refused with ``ValueError``.
+On SmolLM2's awq-gptq settings that is about 0.9 bits a weight after the store's zstd,
+against 3.2 as codes, scales and biases. Everything is computed in numpy float32, one
+operation at a time (no fused multiply-add), so a Mac rebuilds exactly the setting a
+Linux converter stored. Anything that does not add up (counts, sizes, codes out of
+range) is refused with ``ValueError``.
 """
 
 import numpy as np
@@ -21,47 +26,62 @@ import numpy as np
 from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
 
-STEP_PARAMS = ("changed", "lowered", "far", "distances")
+STEP_PARAMS = ("changed", "lowered", "far", "distances", "scale_steps", "bias_steps")
 ROW_BLOCK_WEIGHTS = 1 << 20  # codes handled at once: 2.5-3x faster than 16 M here (cache)
 
 
-def code_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine, top: dict,
-               top_choice: Affine) -> dict[str, np.ndarray]:
-    """The steps (``STEP_PARAMS``) of ``codes`` (packed uint32, a matrix or stacked
-    experts, with their float16 ``scales`` and ``biases``) from ``top`` (the stored
-    module's ``weight``, ``scales`` and ``biases``, at ``top_choice``) rounded onto
-    their grid."""
-    codes, scales, biases, top = _matrices(codes, scales, biases, top)
-    changed, lowered, far, distances = [], [], [], []
+def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine, top: dict,
+                  top_choice: Affine) -> dict[str, np.ndarray]:
+    """The steps (``STEP_PARAMS``) of a setting (``codes``: packed uint32, a matrix or
+    stacked experts, with their float16 ``scales`` and ``biases``) from ``top`` (the
+    stored module's ``weight``, ``scales`` and ``biases``, at ``top_choice``)."""
+    top, (codes, scales, biases) = _matrices(top, codes, scales, biases)
+    changed, lowered, far, distances, grid = [], [], [], [], []
     for rows in _row_blocks(scales.shape[0], _columns(scales, choice)):
-        steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - _rounded(top, top_choice, rows, scales,
-                                                                                   biases, choice)
+        stored = _stored_rows(top, top_choice, rows)
+        grid.append([_bits_of(made) - _bits_of(p) for made, p in zip((scales[rows], biases[rows]),
+                                                                      _predicted_grid(stored, choice))])
+        steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - _rounded(stored, scales[rows],
+                                                                                   biases[rows], choice)
         moved = steps[steps != 0]
         changed.append(np.packbits(steps != 0))
         lowered.append(moved < 0)
         far.append(np.abs(moved) > 1)
         distances.append(np.abs(moved[np.abs(moved) > 1]).astype(np.uint8))
+    scale_steps, bias_steps = (np.concatenate([g[i].ravel() for g in grid]) for i in (0, 1))
     return {"changed": np.concatenate(changed), "lowered": np.packbits(np.concatenate(lowered)),
-            "far": np.packbits(np.concatenate(far)), "distances": np.concatenate(distances)}
+            "far": np.packbits(np.concatenate(far)), "distances": np.concatenate(distances),
+            "scale_steps": _split(scale_steps), "bias_steps": _split(bias_steps)}
 
 
-def codes_from_steps(steps: dict, scales: np.ndarray, biases: np.ndarray, choice: Affine, top: dict,
-                     top_choice: Affine) -> np.ndarray:
-    """The packed codes ``code_steps`` was given, of the same steps, scales, biases and
-    stored module, a row block at a time (no array of the whole module's flags);
-    ``ValueError`` where the steps do not fit them."""
-    shape = scales.shape
-    _, scales, biases, top = _matrices(None, scales, biases, top)
-    count, cols = scales.shape[0], _columns(scales, choice)
-    changed, lowered, far, distances = (_array(steps, p) for p in STEP_PARAMS)
+def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affine) -> tuple:
+    """``(codes, scales, biases)``: the setting ``setting_steps`` was given, of its
+    steps from the same stored module, a row block at a time (no array of the whole
+    module's flags); ``ValueError`` where the steps do not fit it."""
+    lead = np.shape(top.get("weight"))[:-1]  # stacked experts: (experts, rows)
+    top, _ = _matrices(top)
+    cols = top["weight"].shape[1] * 32 // top_choice.bits
+    if cols % choice.group_size:
+        raise ValueError(f"{cols} columns do not make groups of {choice.group_size}")
+    count, groups = top["weight"].shape[0], cols // choice.group_size
+    changed, lowered, far, distances, scale_steps, bias_steps = (_array(steps, p) for p in STEP_PARAMS)
     if changed.size != count * cols // 8:
         raise ValueError(f"changed holds {changed.size} bytes, not {count * cols // 8}")
+    if scale_steps.size != 2 * count * groups or bias_steps.size != scale_steps.size:
+        raise ValueError(f"{count * groups} groups need {2 * count * groups} bytes of scale and bias steps")
     moves = int(_ONES[changed].sum(dtype=np.int64))
     if lowered.size != -(-moves // 8) or far.size != lowered.size:
         raise ValueError(f"{moves} changed codes need {-(-moves // 8)} bytes of lowered and far flags")
-    out, done, far_done = np.empty((count, cols * choice.bits // 32), np.uint32), 0, 0
+    scale_steps, bias_steps = _joined(scale_steps), _joined(bias_steps)
+    codes = np.empty((count, cols * choice.bits // 32), np.uint32)
+    scales, biases = np.empty((count, groups), np.float16), np.empty((count, groups), np.float16)
+    done, far_done = 0, 0
     for rows in _row_blocks(count, cols):
-        block = _rounded(top, top_choice, rows, scales, biases, choice)
+        stored = _stored_rows(top, top_choice, rows)
+        for out, made, predicted in zip((scales, biases), (scale_steps, bias_steps), _predicted_grid(stored, choice)):
+            out[rows] = (_bits_of(predicted) + made[rows.start * groups : rows.stop * groups].reshape(predicted.shape)
+                         ).view(np.float16)
+        block = _rounded(stored, scales[rows], biases[rows], choice)
         where = np.unpackbits(changed[rows.start * cols // 8 : rows.stop * cols // 8]).astype(bool).reshape(block.shape)
         k = int(where.sum())
         size = np.ones(k, np.int16)
@@ -73,10 +93,10 @@ def codes_from_steps(steps: dict, scales: np.ndarray, biases: np.ndarray, choice
         done, far_done = done + k, far_done + int(is_far.sum())
         if block.min(initial=0) < 0 or block.max(initial=0) >= 1 << choice.bits:
             raise ValueError(f"the steps lead out of {choice.bits}-bit codes")
-        out[rows] = pack_codes(block.astype(np.uint8), choice.bits)
+        codes[rows] = pack_codes(block.astype(np.uint8), choice.bits)
     if far_done != distances.size:
         raise ValueError(f"{far_done} far codes, {distances.size} distances")
-    return out.reshape(*shape[:-1], out.shape[-1])
+    return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, groups), biases.reshape(*lead, groups)
 
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
@@ -88,6 +108,37 @@ def _bits(packed: np.ndarray, start: int, count: int) -> np.ndarray:
     return np.unpackbits(packed[first : -(-(start + count) // 8)])[start - 8 * first :][:count].astype(bool)
 
 
+def _bits_of(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float16).view(np.uint16)
+
+
+def _split(words: np.ndarray) -> np.ndarray:
+    """uint16 words as their low bytes, then their high bytes (each half codes better)."""
+    return np.concatenate([(words & 0xFF).astype(np.uint8), (words >> 8).astype(np.uint8)])
+
+
+def _joined(halves: np.ndarray) -> np.ndarray:
+    n = halves.size // 2
+    return halves[:n].astype(np.uint16) | (halves[n:].astype(np.uint16) << 8)
+
+
+def _predicted_grid(stored: np.ndarray, choice: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Each group's float16 scale and bias as ``mx.quantize`` makes them of ``stored``
+    (its rows, float32): the range over the levels, its sign and edge set so that the
+    edge of larger magnitude is a level."""
+    groups = stored.reshape(stored.shape[0], -1, choice.group_size)
+    lo, hi = groups.min(-1), groups.max(-1)
+    scale = np.maximum(np.divide(np.subtract(hi, lo), np.float32((1 << choice.bits) - 1)), np.float32(1e-7))
+    side = np.abs(lo) > np.abs(hi)
+    scale = np.where(side, scale, -scale)
+    edge = np.where(side, lo, hi)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0 = np.rint(np.divide(edge, scale))
+        scale = np.where(q0 != 0, np.divide(edge, q0), scale)
+    bias = np.where(q0 == 0, np.float32(0), edge)
+    return scale.astype(np.float16), bias.astype(np.float16)
+
+
 def _array(steps: dict, name: str) -> np.ndarray:
     value = steps.get(name)
     if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != 1:
@@ -95,13 +146,17 @@ def _array(steps: dict, name: str) -> np.ndarray:
     return value
 
 
-def _matrices(codes, scales, biases, top: dict):
-    """Stacked experts as one matrix of all their rows (groups run along the rows)."""
-    flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-    top = {k: flat(top.get(k)) for k in ("weight", "scales", "biases")}
-    if any(a is None or a.shape[0] != flat(scales).shape[0] for a in (*top.values(), flat(biases))):
+def _matrices(top: dict, *arrays) -> tuple[dict, list]:
+    """``top`` (the stored ``weight``, ``scales`` and ``biases``) and ``arrays`` with
+    stacked experts as one matrix of all their rows (groups run along the rows), each
+    checked to have the same rows."""
+    if any(not isinstance(top.get(k), np.ndarray) or top[k].ndim < 2 for k in ("weight", "scales", "biases")):
+        raise ValueError("the stored module is not quantized")
+    top = {k: top[k].reshape(-1, top[k].shape[-1]) for k in ("weight", "scales", "biases")}
+    arrays = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    if len({a.shape[0] for a in (*top.values(), *arrays)}) != 1:
         raise ValueError("the stored module and the setting have different rows")
-    return flat(codes), flat(scales), flat(biases), top
+    return top, arrays
 
 
 def _columns(scales: np.ndarray, choice: Affine) -> int:
@@ -113,18 +168,17 @@ def _row_blocks(count: int, cols: int):
     return [slice(r, min(count, r + step)) for r in range(0, count, step)]
 
 
-def _rounded(top: dict, top_choice: Affine, rows: slice, scales: np.ndarray, biases: np.ndarray, choice: Affine) -> np.ndarray:
-    """Rows ``rows`` of the stored weights rounded onto ``choice``'s grid (int16)."""
-    weights = _stored_rows(top, top_choice, rows)
-    s = scales[rows].astype(np.float32)[..., None]
-    b = biases[rows].astype(np.float32)[..., None]
-    groups = weights.reshape(weights.shape[0], -1, choice.group_size)
+def _rounded(stored: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine) -> np.ndarray:
+    """``stored`` (float32 rows) rounded onto the grid of ``scales`` and ``biases`` (int16)."""
+    s = scales.astype(np.float32)[..., None]
+    b = biases.astype(np.float32)[..., None]
+    groups = stored.reshape(stored.shape[0], -1, choice.group_size)
     if groups.shape[1] != s.shape[1]:
-        raise ValueError(f"the stored weights have {weights.shape[1]} columns, the scales {s.shape[1]} groups")
+        raise ValueError(f"the stored weights have {stored.shape[1]} columns, the scales {s.shape[1]} groups")
     with np.errstate(divide="ignore", invalid="ignore"):
         levels = np.rint(np.divide(np.subtract(groups, b), s))
     levels = np.nan_to_num(levels, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.clip(levels, 0, (1 << choice.bits) - 1).astype(np.int16).reshape(weights.shape)
+    return np.clip(levels, 0, (1 << choice.bits) - 1).astype(np.int16).reshape(stored.shape)
 
 
 def _stored_rows(top: dict, top_choice: Affine, rows: slice) -> np.ndarray:

@@ -1,7 +1,7 @@
 """An adaptive folder's store of smaller settings (``lsaq_adaptive/``): a layer store
-(``storage.layer_store``) whose settings are whole modules, or scales and biases with
-the steps of their codes from the folder's stored module (``adaptive.steps``), rebuilt
-into codes when a swap reads them."""
+(``storage.layer_store``) whose settings are whole modules, or steps from the folder's
+stored module (``adaptive.steps``), rebuilt into codes, scales and biases when a swap
+reads them."""
 
 import logging
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from lsaq_mlx.adaptive.steps import STEP_PARAMS, code_steps, codes_from_steps
+from lsaq_mlx.adaptive.steps import STEP_PARAMS, setting_from_steps, setting_steps
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.sources.tensors import SourceTensors
@@ -54,7 +54,7 @@ class SideStore:
         info, arrays = found
         try:
             if "changed" in arrays:
-                arrays = self._codes_of(path, choice, arrays)
+                arrays = self._setting_of(path, choice, arrays)
             return stored_module(info, arrays, choice)
         except (UserError, ValueError, TypeError) as e:  # TypeError: a dtype numpy cannot hold
             log.warning("warning: the stored %s of %s does not fit it (%s); rounding it from the weights instead",
@@ -73,15 +73,12 @@ class SideStore:
         if not isinstance(self.top.modules.get(path), Affine):
             return kind, arrays
         top, top_choice = self._stored(path)
-        steps = code_steps(*(np.array(arrays[p]) for p in TOP_PARAMS), choice, top, top_choice)
-        return kind, {p: a for p, a in arrays.items() if p != "weight"} | {p: mx.array(a) for p, a in steps.items()}
+        steps = setting_steps(*(np.array(arrays[p]) for p in TOP_PARAMS), choice, top, top_choice)
+        return kind, {p: a for p, a in arrays.items() if p not in TOP_PARAMS} | {p: mx.array(a) for p, a in steps.items()}
 
-    def _codes_of(self, path: str, choice, arrays: dict) -> dict:
-        missing = {*STEP_PARAMS, "scales", "biases"} - set(arrays)
-        if missing or set(arrays) - {*STEP_PARAMS, "scales", "biases", "bias"}:
-            raise ValueError(f"steps need {', '.join(sorted({*STEP_PARAMS, 'scales', 'biases'}))}, "
-                             f"not {', '.join(sorted(arrays))}")
+    def _setting_of(self, path: str, choice, arrays: dict) -> dict:
+        if set(arrays) - {"bias"} != set(STEP_PARAMS):
+            raise ValueError(f"steps need {', '.join(STEP_PARAMS)}, not {', '.join(sorted(arrays))}")
         top, top_choice = self._stored(path)
-        steps = {p: np.array(arrays.pop(p)) for p in STEP_PARAMS}
-        codes = codes_from_steps(steps, np.array(arrays["scales"]), np.array(arrays["biases"]), choice, top, top_choice)
-        return arrays | {"weight": mx.array(codes)}
+        rebuilt = setting_from_steps({p: np.array(arrays.pop(p)) for p in STEP_PARAMS}, choice, top, top_choice)
+        return arrays | {p: mx.array(a) for p, a in zip(TOP_PARAMS, rebuilt)}
