@@ -236,6 +236,19 @@ def test_the_store_keeps_the_best_gain_per_byte_within_its_share():
     assert [c.path for c in side.choose(30)] == ["b", "d"]  # then a no longer fits; c gains nothing
 
 
+def test_a_settings_gain_counts_as_a_share_of_each_plans_error_it_lowers():
+    from types import SimpleNamespace
+
+    from lsaq_mlx.planning.cost import CostTable
+
+    plans = SimpleNamespace(plans=[SimpleNamespace(modules={"a": Affine(a, 64), "b": Affine(b, 64)})
+                                   for a, b in ((3, 4), (4, 4), (6, 6))])
+    side = AdaptiveSide.__new__(AdaptiveSide)
+    side.plans, side.costs = plans, CostTable({"a": {"3/64": 8.0, "4/64": 2.0}, "b": {"4/64": 2.0}})
+    assert side.shares == pytest.approx({("a", Affine(3, 64)): 1 / 10, ("a", Affine(4, 64)): 1 / 4,
+                                         ("b", Affine(4, 64)): 1 / 10 + 1 / 4})  # b's 4 bits: both plans
+
+
 def test_each_smaller_plan_is_a_track_unless_turned_off():
     from types import SimpleNamespace
 
@@ -270,7 +283,7 @@ def test_rounded_smaller_settings_are_made_one_at_a_time(tmp_path, monkeypatch):
     lower = [Affine(2, 64), Affine(3, 64), Affine(4, 64)]
     side = AdaptiveSide.__new__(AdaptiveSide)
     side.lower, side.scratch, side.candidates, side.collected = {"m": lower}, tmp_path, [], set()
-    side.costs = SimpleNamespace(cost=lambda path, choice: 1.0)
+    side.costs, side.shares = SimpleNamespace(cost=lambda path, choice: 1.0), {("m", c): 1.0 for c in lower}
     weight = mx.random.normal((256, 512))
     side.collect_rounded("m", weight, None, Affine(6, 64))
     assert most[0] == 2  # the stored (6-bit) codes and one smaller setting's

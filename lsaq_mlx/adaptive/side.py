@@ -4,11 +4,14 @@ other plans use (``AdaptiveSide.collect``); each is worth keeping by how much it
 rounding the stored top weights to that setting, the swap's way without it. Worth is
 measured as the output error on the calibration inputs (``d H d^T``) and put in the
 cost table's units (the module's cost at that setting, times the error saved over
-rounding's error), so modules of different layers compare. A setting's bytes are what
+rounding's error), so modules of different layers compare, then as a share of the
+summed cost of each plan that uses the setting (``AdaptiveSide.shares``), so every plan
+gets room. A setting's bytes are what
 the store takes for it: its steps from the stored codes (``adaptive.steps``). The best gain per byte is kept until the store reaches its
 share of the folder (``AdaptiveSide.write``)."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
@@ -150,6 +153,19 @@ class AdaptiveSide:
             return []
         return [{p: c for p, c in plan.modules.items() if isinstance(c, Affine)} for plan in self.plans.plans[:-1]]
 
+    @cached_property
+    def shares(self) -> dict:
+        """``{(path, setting): weight}``: the sum, over the smaller plans that give ``path``
+        that setting, of one over the plan's summed cost, so a setting's gain counts as a
+        share of each plan's error it lowers (else the smallest plan, whose errors are the
+        largest, would take the whole store)."""
+        shares: dict = {}
+        for plan in self.plans.plans[:-1]:
+            total = max(sum(self.costs.cost(p, c) for p, c in plan.modules.items()), 1e-30)
+            for key in plan.modules.items():
+                shares[key] = shares.get(key, 0.0) + 1.0 / total
+        return shares
+
     @property
     def equalize_for(self) -> dict:
         """The settings equalization searches for: the smallest plan's, where quantizing
@@ -179,8 +195,8 @@ class AdaptiveSide:
             file = self.scratch / f"side-{len(self.candidates)}.safetensors"
             mx.save_safetensors(str(file), arrays | ({"bias": bias} if bias is not None else {}))
             del arrays
-            self.candidates.append(SideSetting(path, choice, size, self.costs.cost(path, choice) * gains[choice],
-                                               mx.load(str(file))))
+            gain = self.costs.cost(path, choice) * gains[choice] * self.shares.get((path, choice), 0.0)
+            self.candidates.append(SideSetting(path, choice, size, gain, mx.load(str(file))))
 
     def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
         """``collect`` for a module the quantizer rounds to nearest (priced by the squared
