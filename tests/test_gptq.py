@@ -4,7 +4,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from converted_models import assert_loads_with_only_mlx_lm, held_out_errors
+from converted_models import assert_loads_with_only_mlx_lm, held_out_errors, smaller_plan_direct_and_as_track
 
 from lsaq_mlx.convert import convert
 from lsaq_mlx.gptq.packing import pack_codes
@@ -428,28 +428,7 @@ def test_equalization_scales_the_held_out_inputs_the_rows_are_checked_on(tiny_so
 
 def test_each_smaller_plan_of_an_adaptive_folder_is_calibrated_on_its_own_activations(tiny_source, tmp_path,
                                                                                      monkeypatch):
-    import lsaq_mlx.gptq.writer as writer
-    from lsaq_mlx.gptq.hessians import calibration_tokens
-    from lsaq_mlx.quantizers import QUANTIZERS
-    from lsaq_mlx.scoring.calibration import load_calibration
-    from lsaq_mlx.sources.load import load_tokenizer
-    from lsaq_mlx.sources.streaming import StreamedModel
-
-    source = tiny_source("llama")
-    small, top = (Planner(source).plan(PlanRequest(method="uniform", bits=b, group_size=32)) for b in (3, 4))
-    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
-    monkeypatch.setattr(writer, "_better_layer", lambda layer, modules, hessians, affine, arrays, count: arrays)
-    for folder in ("direct", "adaptive"):
-        (tmp_path / folder).mkdir()
-    direct = writer.calibrated_weights(StreamedModel(source), tokens, dict(small.modules), tmp_path / "direct",
-                                       QUANTIZERS["gptq"], held_out=2)
-    made = {}
-
-    def also(path, weight, bias, h, codes, choice, codes_at):
-        made[path] = codes_at(small.modules[path])
-
-    writer.calibrated_weights(StreamedModel(source), tokens, dict(top.modules), tmp_path / "adaptive",
-                              QUANTIZERS["gptq"], held_out=2, also=also, tracks=[dict(small.modules)])
+    direct, made = smaller_plan_direct_and_as_track(tiny_source("llama"), tmp_path, monkeypatch)
     assert set(made) == set(direct) and len(made) > 2
     for path, codes in made.items():  # layer 1 too: its inputs are those layer 0 as the small plan gives
         assert np.array_equal(codes.weight, np.array(direct[path]["weight"])), path

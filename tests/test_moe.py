@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from converted_models import assert_loads_with_only_mlx_lm
+from converted_models import assert_loads_with_only_mlx_lm, smaller_plan_direct_and_as_track
 from hf_models import CONFIGS, write_hf_folder
 
 from lsaq_mlx.modules import layer_index
@@ -330,30 +330,8 @@ def test_an_adaptive_folders_smaller_expert_settings_are_fitted_on_their_own_pla
                                                                                                   monkeypatch):
     """Each smaller plan's experts are fitted on the tokens routed to them in that plan's
     own activation track, so its codes equal a direct convert's, layer 1 on too."""
-    import lsaq_mlx.gptq.writer as writer
-    from lsaq_mlx.gptq.hessians import calibration_tokens
-    from lsaq_mlx.planning.planner import Planner, PlanRequest
-    from lsaq_mlx.quantizers import QUANTIZERS
-    from lsaq_mlx.scoring.calibration import load_calibration
-    from lsaq_mlx.sources.load import load_tokenizer
-    from lsaq_mlx.sources.streaming import StreamedModel
-
-    source = hf_moe("qwen3_moe")
-    small, top = (Planner(source).plan(PlanRequest(method="uniform", bits=b, group_size=32)) for b in (3, 4))
-    tokens = calibration_tokens(load_tokenizer(source), load_calibration(None))[:6]
     monkeypatch.setattr("lsaq_mlx.gptq.solver.MIN_EXPERT_TOKENS", 1)  # every expert calibrated
-    monkeypatch.setattr(writer, "_better_layer", lambda layer, modules, hessians, affine, arrays, count: arrays)
-    for folder in ("direct", "adaptive"):
-        (tmp_path / folder).mkdir()
-    direct = writer.calibrated_weights(StreamedModel(source), tokens, dict(small.modules), tmp_path / "direct",
-                                       QUANTIZERS["gptq"], held_out=2)
-    made = {}
-
-    def also(path, weight, bias, h, codes, choice, codes_at):
-        made[path] = codes_at(small.modules[path])
-
-    writer.calibrated_weights(StreamedModel(source), tokens, dict(top.modules), tmp_path / "adaptive",
-                              QUANTIZERS["gptq"], held_out=2, also=also, tracks=[dict(small.modules)])
+    direct, made = smaller_plan_direct_and_as_track(hf_moe("qwen3_moe"), tmp_path, monkeypatch)
     experts = [p for p in made if "switch_mlp" in p and layer_index(p) >= 1]
     assert set(made) == set(direct) and experts
     for path in experts:
