@@ -4,11 +4,11 @@ its store of module settings; the planner an engine on it uses (``AdaptivePlans`
 import logging
 from pathlib import Path
 
+from lsaq_mlx.adaptive.store import SideStore
 from lsaq_mlx.documents import read_json
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.planning.choices import Affine
 from lsaq_mlx.planning.plan import PlanSet, QuantPlan
-from lsaq_mlx.adaptive.store import SideStore
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ measured as the output error on the calibration inputs (``d H d^T``) and put in 
 cost table's units (the module's cost at that setting, times the error saved over
 rounding's error), so modules of different layers compare, then as a share of the
 summed cost of each plan that uses the setting (``AdaptiveSide.shares``), so every plan
-gets room. A setting's bytes are what
-the store takes for it: its steps from the stored codes (``adaptive.steps``). The best gain per byte is kept until the store reaches its
-share of the folder (``AdaptiveSide.write``)."""
+gets room. A setting's bytes are what the store takes for it: its steps from the stored
+codes (``adaptive.steps``). The best gain per byte is kept until the whole folder
+reaches its size (``AdaptiveSide.write``)."""
 
 from dataclasses import dataclass, field
 from functools import cached_property
