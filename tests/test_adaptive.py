@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER, AdaptiveFolder, AdaptivePlans, planner_for
 from lsaq_mlx.adaptive.side import AdaptiveSide, SideSetting
+from lsaq_mlx.adaptive.steps import CHANGED
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
@@ -207,14 +208,15 @@ def test_a_stored_setting_that_does_not_fit_is_refused(adaptive, tmp_path, caplo
     path, choice = next((p, c) for p, c in plan.modules.items() if c != folder.top.modules[p] and "layers.0." in p)
     store = LayerStore(copy / SIDE_FOLDER)
     steps = store.arrays(path, choice)[1]
-    assert "changed" in steps and "weight" not in steps  # stored as steps from the stored codes
+    assert "changed_0" in steps and "weight" not in steps  # stored as steps from the stored codes
     good = dict(tree_flatten(folder.store.module(path, choice).parameters()))
-    count = steps["changed"].size
-    everywhere = steps | {"changed": mx.full((count,), 255, mx.uint8), "lowered": mx.zeros((count,), mx.uint8),
-                          "far": mx.full((count,), 255, mx.uint8), "distances": mx.full((8 * count,), 255, mx.uint8)}
+    count = sum(steps[name].size for name in CHANGED)
+    everywhere = steps | {name: mx.full(steps[name].shape, 255, mx.uint8) for name in CHANGED} | {
+        "away": mx.zeros((count,), mx.uint8), "far": mx.full((count,), 255, mx.uint8),
+        "distances": mx.full((8 * count,), 255, mx.uint8)}
     for bad, why in ((good | {"scales": mx.zeros((1, 1), mx.float16)}, "does not fit it"),
                      (good | {"weight": good["weight"].astype(mx.float32)}, "does not fit it"),
-                     (steps | {"changed": steps["changed"][:-1]}, "changed holds"),
+                     (steps | {"changed_0": steps["changed_0"][:-1]}, "changed"),
                      (steps | {"distances": mx.concatenate([steps["distances"], mx.ones((1,), mx.uint8)])}, "distances"),
                      (steps | {"scale_steps": steps["scale_steps"][:-2]}, "scale and bias steps"),
                      (everywhere, "out of")):
@@ -457,7 +459,7 @@ def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_p
     plan = SimpleNamespace(modules={path: top_choice})
     SideStore(tmp_path, "side", plan).add({(path, choice): ("QuantizedLinear", dict(made))})
     store = SideStore(tmp_path, "side", plan)
-    assert "changed" in store.store.arrays(path, choice)[1]
+    assert "changed_0" in store.store.arrays(path, choice)[1]
     read = dict(tree_flatten(store.module(path, choice).parameters()))
     assert set(read) == set(made) and all(mx.array_equal(read[p], made[p]) for p in made)
     assert store.bytes_read > 0

@@ -7,15 +7,21 @@ onto its grid: GPTQ's codes differ from that rounding in about one code in nine 
 SmolLM2, 3-4 bits from 6), mostly by one step. So instead of b bits a weight and a scale
 and a bias a group, the setting keeps:
 
-- ``changed``: one bit a code (packed, row-major), set where the code is not the rounding;
-- ``lowered``: one bit a changed code, set where it is below the rounding;
+- ``changed_0`` .. ``changed_4``: one bit a code, set where the code is not the rounding,
+  in five packed streams by how far the stored weight lies from its level (bands below
+  0.15, 0.3, 0.4, 0.5 steps and beyond), each in row-major order: GPTQ changes about 1 %
+  of the codes in the first band and 30 % in the last two, and each stream codes to its
+  own odds;
+- ``away``: one bit a changed code, set where it moved away from the stored weight
+  (rare: a changed code nearly always crosses the middle toward it);
 - ``far``: one bit a changed code, set where it is more than one step away;
 - ``distances``: how many steps each far code is away (uint8);
 - ``scale_steps``, ``bias_steps``: each group's float16 bits minus the predicted ones
   (modulo 2^16), low bytes then high bytes.
 
-On SmolLM2's awq-gptq settings that is about 0.9 bits a weight after the store's zstd,
-against 3.2 as codes, scales and biases. Everything is computed in numpy float32, one
+On SmolLM2's awq-gptq settings that is about 0.72 bits a weight after the store's zstd
+(0.90 with one stream of changed flags and a down-or-up flag each), against 3.0 as
+codes, scales and biases. Everything is computed in numpy float32, one
 operation at a time (no fused multiply-add), so a Mac rebuilds exactly the setting a
 Linux converter stored. Anything that does not add up (counts, sizes, codes out of
 range) is refused with ``ValueError``.
@@ -26,7 +32,11 @@ import numpy as np
 from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
 
-STEP_PARAMS = ("changed", "lowered", "far", "distances", "scale_steps", "bias_steps")
+# A code's band by its weight's distance from its level, in twentieths of a step: below
+# 0.15, 0.3, 0.4, 0.5 and beyond (clipped). A radix sort by band beats masks 2x here.
+_BAND_OF_TWENTIETH = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4], np.uint8)
+CHANGED = tuple(f"changed_{k}" for k in range(int(_BAND_OF_TWENTIETH.max()) + 1))
+STEP_PARAMS = (*CHANGED, "away", "far", "distances", "scale_steps", "bias_steps")
 ROW_BLOCK_WEIGHTS = 1 << 20  # codes handled at once: 2.5-3x faster than 16 M here (cache)
 
 
@@ -36,22 +46,24 @@ def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, cho
     stacked experts, with their float16 ``scales`` and ``biases``) from ``top`` (the
     stored module's ``weight``, ``scales`` and ``biases``, at ``top_choice``)."""
     top, (codes, scales, biases) = _matrices(top, codes, scales, biases)
-    changed, lowered, far, distances, grid = [], [], [], [], []
+    flags = {name: _Flags() for name in (*CHANGED, "away", "far")}
+    distances, grid = [], []
     for rows in _row_blocks(scales.shape[0], _columns(scales, choice)):
         stored = _stored_rows(top, top_choice, rows)
         grid.append([_bits_of(made) - _bits_of(p) for made, p in zip((scales[rows], biases[rows]),
                                                                       _predicted_grid(stored, choice))])
-        steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - _rounded(stored, scales[rows],
-                                                                                   biases[rows], choice)
-        moved = steps[steps != 0]
-        changed.append(np.packbits(steps != 0))
-        lowered.append(moved < 0)
-        far.append(np.abs(moved) > 1)
+        rounded, offset = _rounded(stored, scales[rows], biases[rows], choice)
+        steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - rounded
+        order, counts = _bands(offset)
+        for name, band in zip(CHANGED, np.split((steps != 0).ravel()[order], np.cumsum(counts)[:-1])):
+            flags[name].add(band)
+        moved, below = steps[steps != 0], offset[steps != 0] < 0
+        flags["away"].add((moved > 0) == below)
+        flags["far"].add(np.abs(moved) > 1)
         distances.append(np.abs(moved[np.abs(moved) > 1]).astype(np.uint8))
     scale_steps, bias_steps = (np.concatenate([g[i].ravel() for g in grid]) for i in (0, 1))
-    return {"changed": np.concatenate(changed), "lowered": np.packbits(np.concatenate(lowered)),
-            "far": np.packbits(np.concatenate(far)), "distances": np.concatenate(distances),
-            "scale_steps": _split(scale_steps), "bias_steps": _split(bias_steps)}
+    return {name: f.packed() for name, f in flags.items()} | {
+        "distances": np.concatenate(distances), "scale_steps": _split(scale_steps), "bias_steps": _split(bias_steps)}
 
 
 def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affine) -> tuple:
@@ -64,39 +76,70 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
     if cols % choice.group_size:
         raise ValueError(f"{cols} columns do not make groups of {choice.group_size}")
     count, groups = top["weight"].shape[0], cols // choice.group_size
-    changed, lowered, far, distances, scale_steps, bias_steps = (_array(steps, p) for p in STEP_PARAMS)
-    if changed.size != count * cols // 8:
-        raise ValueError(f"changed holds {changed.size} bytes, not {count * cols // 8}")
+    changed = [_array(steps, name) for name in CHANGED]
+    away, far, distances, scale_steps, bias_steps = (_array(steps, p) for p in STEP_PARAMS[len(CHANGED):])
     if scale_steps.size != 2 * count * groups or bias_steps.size != scale_steps.size:
         raise ValueError(f"{count * groups} groups need {2 * count * groups} bytes of scale and bias steps")
-    moves = int(_ONES[changed].sum(dtype=np.int64))
-    if lowered.size != -(-moves // 8) or far.size != lowered.size:
-        raise ValueError(f"{moves} changed codes need {-(-moves // 8)} bytes of lowered and far flags")
+    moves = sum(int(_ONES[c].sum(dtype=np.int64)) for c in changed)
+    if away.size != -(-moves // 8) or far.size != away.size:
+        raise ValueError(f"{moves} changed codes need {-(-moves // 8)} bytes of away and far flags")
     scale_steps, bias_steps = _joined(scale_steps), _joined(bias_steps)
     codes = np.empty((count, cols * choice.bits // 32), np.uint32)
     scales, biases = np.empty((count, groups), np.float16), np.empty((count, groups), np.float16)
-    done, far_done = 0, 0
+    read, done, far_done = [0] * len(CHANGED), 0, 0
     for rows in _row_blocks(count, cols):
         stored = _stored_rows(top, top_choice, rows)
         for out, made, predicted in zip((scales, biases), (scale_steps, bias_steps), _predicted_grid(stored, choice)):
             out[rows] = (_bits_of(predicted) + made[rows.start * groups : rows.stop * groups].reshape(predicted.shape)
                          ).view(np.float16)
-        block = _rounded(stored, scales[rows], biases[rows], choice)
-        where = np.unpackbits(changed[rows.start * cols // 8 : rows.stop * cols // 8]).astype(bool).reshape(block.shape)
+        block, offset = _rounded(stored, scales[rows], biases[rows], choice)
+        order, counts = _bands(offset)
+        if any(r + n > 8 * stream.size for r, n, stream in zip(read, counts, changed)):
+            raise ValueError("the changed flags hold too few bytes for the codes they flag")
+        where = np.empty(block.size, bool)
+        where[order] = np.concatenate([_bits(stream, r, n) for stream, r, n in zip(changed, read, counts)])
+        where = where.reshape(block.shape)
+        read = [r + int(n) for r, n in zip(read, counts)]
         k = int(where.sum())
         size = np.ones(k, np.int16)
         is_far = _bits(far, done, k)
         if far_done + int(is_far.sum()) > distances.size:
             raise ValueError(f"more far codes than the {distances.size} distances")
         size[is_far] = distances[far_done : far_done + int(is_far.sum())]
-        block[where] += np.where(_bits(lowered, done, k), -size, size)
+        up = _bits(away, done, k) != (offset[where] >= 0)
+        block[where] += np.where(up, size, -size)
         done, far_done = done + k, far_done + int(is_far.sum())
         if block.min(initial=0) < 0 or block.max(initial=0) >= 1 << choice.bits:
             raise ValueError(f"the steps lead out of {choice.bits}-bit codes")
         codes[rows] = pack_codes(block.astype(np.uint8), choice.bits)
+    if any(stream.size != -(-n // 8) for stream, n in zip(changed, read)):
+        raise ValueError("the changed flags hold more bytes than the codes they flag")
     if far_done != distances.size:
         raise ValueError(f"{far_done} far codes, {distances.size} distances")
     return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, groups), biases.reshape(*lead, groups)
+
+
+class _Flags:
+    """Flags packed as they come (``np.packbits`` order), the last partial byte carried."""
+
+    def __init__(self):
+        self.bytes, self.rest = [], np.zeros(0, bool)
+
+    def add(self, flags: np.ndarray) -> None:
+        flags = np.concatenate([self.rest, flags.ravel()])
+        whole = flags.size // 8 * 8
+        self.bytes.append(np.packbits(flags[:whole]))
+        self.rest = flags[whole:]
+
+    def packed(self) -> np.ndarray:
+        return np.concatenate([*self.bytes, np.packbits(self.rest)])
+
+
+def _bands(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The codes in the order the ``changed_k`` streams flag them (by band of
+    ``|offset|``, then row-major), and how many each band holds."""
+    near = _BAND_OF_TWENTIETH[np.minimum(np.multiply(np.abs(offset.ravel()), np.float32(20)).astype(np.int32), 10)]
+    return np.argsort(near, kind="stable"), np.bincount(near, minlength=len(CHANGED))
 
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
@@ -164,21 +207,23 @@ def _columns(scales: np.ndarray, choice: Affine) -> int:
 
 
 def _row_blocks(count: int, cols: int):
-    step = max(8, ROW_BLOCK_WEIGHTS // cols // 8 * 8)  # whole bytes of ``changed`` per block
+    step = max(1, ROW_BLOCK_WEIGHTS // cols)
     return [slice(r, min(count, r + step)) for r in range(0, count, step)]
 
 
-def _rounded(stored: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine) -> np.ndarray:
-    """``stored`` (float32 rows) rounded onto the grid of ``scales`` and ``biases`` (int16)."""
+def _rounded(stored: np.ndarray, scales: np.ndarray, biases: np.ndarray, choice: Affine) -> tuple:
+    """``stored`` (float32 rows) rounded onto the grid of ``scales`` and ``biases``
+    (int16 levels), and each weight's offset from its level, in steps (float32)."""
     s = scales.astype(np.float32)[..., None]
     b = biases.astype(np.float32)[..., None]
     groups = stored.reshape(stored.shape[0], -1, choice.group_size)
     if groups.shape[1] != s.shape[1]:
         raise ValueError(f"the stored weights have {stored.shape[1]} columns, the scales {s.shape[1]} groups")
     with np.errstate(divide="ignore", invalid="ignore"):
-        levels = np.rint(np.divide(np.subtract(groups, b), s))
+        levels = np.divide(np.subtract(groups, b), s)
     levels = np.nan_to_num(levels, nan=0.0, posinf=0.0, neginf=0.0)
-    return np.clip(levels, 0, (1 << choice.bits) - 1).astype(np.int16).reshape(stored.shape)
+    rounded = np.clip(np.rint(levels), 0, (1 << choice.bits) - 1)
+    return rounded.astype(np.int16).reshape(stored.shape), np.subtract(levels, rounded).reshape(stored.shape)
 
 
 def _stored_rows(top: dict, top_choice: Affine, rows: slice) -> np.ndarray:

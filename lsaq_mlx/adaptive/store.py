@@ -53,7 +53,7 @@ class SideStore:
             return None
         info, arrays = found
         try:
-            if "changed" in arrays:
+            if arrays.keys() & set(STEP_PARAMS):
                 arrays = self._setting_of(path, choice, arrays)
             return stored_module(info, arrays, choice)
         except (UserError, ValueError, TypeError) as e:  # TypeError: a dtype numpy cannot hold
