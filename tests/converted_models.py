@@ -57,11 +57,14 @@ def smaller_plan_direct_and_as_track(source, tmp_path, monkeypatch) -> tuple[dic
         (tmp_path / folder).mkdir()
     direct = writer.calibrated_weights(StreamedModel(source), tokens, dict(small.modules), tmp_path / "direct",
                                        QUANTIZERS["gptq"], held_out=2)
-    made = {}
+    made, spilled = {}, tmp_path / "adaptive" / "tracks"
+    on_disk = []  # the track's Hessians wait there while their layer is fitted, and are gone after
 
     def also(path, weight, bias, h, codes, choice, codes_at):
         made[path] = codes_at(small.modules[path])
+        on_disk.append(any(spilled.rglob("*.npy")) or ".layers." not in path)  # the LM head's are in memory
 
     writer.calibrated_weights(StreamedModel(source), tokens, dict(top.modules), tmp_path / "adaptive",
                               QUANTIZERS["gptq"], held_out=2, also=also, tracks=[dict(small.modules)])
+    assert on_disk and all(on_disk) and not any(spilled.rglob("*.npy"))
     return direct, made

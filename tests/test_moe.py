@@ -338,6 +338,22 @@ def test_an_adaptive_folders_smaller_expert_settings_are_fitted_on_their_own_pla
         assert np.array_equal(made[path].weight, np.array(direct[path]["weight"])), path
 
 
+def test_a_tracks_hessians_wait_on_disk_and_read_back_as_they_were(tmp_path):
+    from lsaq_mlx.gptq.hessians import SpilledHessians
+    from lsaq_mlx.gptq.solver import ExpertHessians
+
+    rng = np.random.default_rng(1)
+    matrix, experts = rng.normal(size=(8, 8)).astype(np.float32), [rng.normal(size=(3, 8)).astype(np.float32), None]
+    found = {"a.qkv": matrix, "a.experts": ExpertHessians(list(experts), np.array([3, 0]))}
+    spilled = SpilledHessians.saved(found, tmp_path / "0-1").renamed({"a.q_proj": "a.qkv", "a.k_proj": "a.qkv",
+                                                                     "a.switch": "a.experts"})
+    assert not found and len(list((tmp_path / "0-1").glob("*.npy"))) == 2  # nothing left in memory; None not saved
+    assert all(np.array_equal(spilled[p], matrix) for p in ("a.q_proj", "a.k_proj")) and spilled.held_out == {}
+    read = spilled.get("a.switch")
+    assert np.array_equal(read.hessians[0], experts[0]) and read.hessians[1] is None and list(read.tokens) == [3, 0]
+    assert spilled.get("a.o_proj") is None
+
+
 def test_expert_inputs_of_several_tracks_add_up_to_those_of_all_their_tokens():
     from lsaq_mlx.gptq.solver import ExpertHessians
 

@@ -27,6 +27,10 @@ Linux converter stored. Anything that does not add up (counts, sizes, codes out 
 range) is refused with ``ValueError``.
 """
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
@@ -48,19 +52,25 @@ def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, cho
     top, (codes, scales, biases) = _matrices(top, codes, scales, biases)
     flags = {name: _Flags() for name in (*CHANGED, "away", "far")}
     distances, grid = [], []
-    for rows in _row_blocks(scales.shape[0], _columns(scales, choice)):
+
+    def block_steps(rows: slice):
         stored = _stored_rows(top, top_choice, rows)
-        grid.append([_bits_of(made) - _bits_of(p) for made, p in zip((scales[rows], biases[rows]),
-                                                                      _predicted_grid(stored, choice))])
+        grid_steps = [_bits_of(made) - _bits_of(p) for made, p in zip((scales[rows], biases[rows]),
+                                                                       _predicted_grid(stored, choice))]
         rounded, offset = _rounded(stored, scales[rows], biases[rows], choice)
         steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - rounded
         order, counts = _bands(offset)
-        for name, band in zip(CHANGED, np.split((steps != 0).ravel()[order], np.cumsum(counts)[:-1])):
+        moved = steps != 0
+        return grid_steps, np.split(moved.ravel()[order], np.cumsum(counts)[:-1]), steps[moved], offset[moved] < 0
+
+    for grid_steps, bands, moved, below in _ahead(block_steps, _row_blocks(scales.shape[0], _columns(scales, choice))):
+        grid.append(grid_steps)
+        for name, band in zip(CHANGED, bands):
             flags[name].add(band)
-        moved, below = steps[steps != 0], offset[steps != 0] < 0
+        is_far = np.abs(moved) > 1
         flags["away"].add((moved > 0) == below)
-        flags["far"].add(np.abs(moved) > 1)
-        distances.append(np.abs(moved[np.abs(moved) > 1]).astype(np.uint8))
+        flags["far"].add(is_far)
+        distances.append(np.abs(moved[is_far]).astype(np.uint8))
     scale_steps, bias_steps = (np.concatenate([g[i].ravel() for g in grid]) for i in (0, 1))
     return {name: f.packed() for name, f in flags.items()} | {
         "distances": np.concatenate(distances), "scale_steps": _split(scale_steps), "bias_steps": _split(bias_steps)}
@@ -87,13 +97,16 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
     codes = np.empty((count, cols * choice.bits // 32), np.uint32)
     scales, biases = np.empty((count, groups), np.float16), np.empty((count, groups), np.float16)
     read, done, far_done = [0] * len(CHANGED), 0, 0
-    for rows in _row_blocks(count, cols):
+
+    def block_rounded(rows: slice):
         stored = _stored_rows(top, top_choice, rows)
-        for out, made, predicted in zip((scales, biases), (scale_steps, bias_steps), _predicted_grid(stored, choice)):
-            out[rows] = (_bits_of(predicted) + made[rows.start * groups : rows.stop * groups].reshape(predicted.shape)
-                         ).view(np.float16)
-        block, offset = _rounded(stored, scales[rows], biases[rows], choice)
-        order, counts = _bands(offset)
+        grid = [(_bits_of(p) + made[rows.start * groups : rows.stop * groups].reshape(p.shape)).view(np.float16)
+                for made, p in zip((scale_steps, bias_steps), _predicted_grid(stored, choice))]
+        block, offset = _rounded(stored, *grid, choice)
+        return rows, grid, block, offset, *_bands(offset)
+
+    for rows, grid, block, offset, order, counts in _ahead(block_rounded, _row_blocks(count, cols)):
+        scales[rows], biases[rows] = grid
         if any(r + n > 8 * stream.size for r, n, stream in zip(read, counts, changed)):
             raise ValueError("the changed flags hold too few bytes for the codes they flag")
         where = np.empty(block.size, bool)
@@ -140,6 +153,23 @@ def _bands(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``|offset|``, then row-major), and how many each band holds."""
     near = _BAND_OF_TWENTIETH[np.minimum(np.multiply(np.abs(offset.ravel()), np.float32(20)).astype(np.int32), 10)]
     return np.argsort(near, kind="stable"), np.bincount(near, minlength=len(CHANGED))
+
+
+def _ahead(work, blocks: list):
+    """``work(block)`` for each of ``blocks`` in order, computed ahead by a few threads
+    (numpy releases the GIL), at most twice as many blocks ahead as threads."""
+    workers = min(4, os.cpu_count() or 1, len(blocks))
+    if workers <= 1:
+        yield from map(work, blocks)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque()
+        for block in blocks:
+            pending.append(pool.submit(work, block))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte

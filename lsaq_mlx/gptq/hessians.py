@@ -13,8 +13,10 @@ parameters (GPTQ's reference code does this; ``mlx_lm.gptq`` passes on the float
 source's): each layer is then calibrated on the inputs the written model gives it.
 """
 
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
@@ -84,8 +86,55 @@ class LayerHessians(dict):
         self.tracks = tracks or []
 
 
+class SpilledHessians(dict):
+    """``{name: H}`` saved in a folder and read from it each time one is asked for
+    (a matrix, or stacked experts' ``ExpertHessians`` whose experts are read one at a
+    time): an activation track's Hessians wait on disk until a setting is fitted on them."""
+
+    @classmethod
+    def saved(cls, hessians: dict, folder: Path) -> "SpilledHessians":
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {}
+        for n, (key, h) in enumerate(hessians.items()):
+            if isinstance(h, ExpertHessians):
+                experts = [None if e is None else _saved(e, folder / f"{n}-{k}.npy") for k, e in enumerate(h.hessians)]
+                files[key] = (experts, h.tokens)
+            else:
+                files[key] = _saved(h, folder / f"{n}.npy")
+        hessians.clear()
+        return cls(files)
+
+    held_out: dict = {}  # as ``LayerHessians.held_out``
+
+    def renamed(self, keys: dict[str, str]) -> "SpilledHessians":
+        """The same files under new names (``{new: old}``), still unread."""
+        return SpilledHessians({new: dict.__getitem__(self, old) for new, old in keys.items()})
+
+    def __getitem__(self, key: str):
+        file = super().__getitem__(key)
+        if isinstance(file, tuple):
+            return ExpertHessians(_ReadEach(file[0]), file[1])
+        return np.load(file)
+
+    def get(self, key: str, default=None):
+        return self[key] if key in self else default
+
+
+class _ReadEach(list):
+    """Files of arrays (or None), each read when indexed."""
+
+    def __getitem__(self, e: int):
+        file = super().__getitem__(e)
+        return None if file is None else np.load(file)
+
+
+def _saved(array: np.ndarray, file: Path) -> Path:
+    np.save(file, array, allow_pickle=False)
+    return file
+
+
 def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules, progress=None,
-                        halves: bool = False, held_out: int = 0, copies: int = 1) -> None:
+                        halves: bool = False, held_out: int = 0, copies: int = 1, spill: Path | None = None) -> None:
     """``on_modules({path: module}, {path: H}, layer)`` for the linear modules of
     ``paths`` of each decoder layer while it is loaded (``layer``: a
     ``CalibratedLayer``), then for the LM head or the embedding tied to it (``layer``
@@ -98,7 +147,9 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
     an activation track of its own: ``hessians.tracks`` holds the further copies' ``H``,
     and ``on_modules`` may return a list of parameters, one per copy, each copy passed
     on through the layer with its own (an adaptive folder's plans, each calibrated on
-    what its own earlier layers compute)."""
+    what its own earlier layers compute). With ``spill`` (a folder), the further copies'
+    ``H`` wait there and are read when asked for (``SpilledHessians``): a layer of the
+    Llama-3-8B shape has 1 GB of them per copy, twice with held-out ones."""
     step = progress or (lambda n=1: None)
     rows = max(1, min(BATCH_TOKENS // tokens.shape[1], -(-tokens.shape[0] // 2) if halves else tokens.shape[0]))
     count = tokens.shape[0]  # sequences of one copy
@@ -112,19 +163,29 @@ def each_layer_hessians(streamed, tokens: mx.array, paths: set[str], on_modules,
         # held-out inputs check rows of matrices (``never_worse_than_rounding``), not experts
         matrices = {p: m for p, m in modules.items() if not isinstance(m, SwitchLinear)}
         checks = _layer_hessians(layer, matrices, forward, x_in[fit:count], rows, False, fit) if held_out else {}
-        tracks = [(_layer_hessians(layer, modules, forward, x_in[c * count : c * count + fit], rows, False, c * count),
-                   _layer_hessians(layer, matrices, forward, x_in[c * count + fit : (c + 1) * count], rows, False,
-                                   c * count + fit) if held_out else {}) for c in range(1, copies)]
+        def kept(hessians: dict, name: str) -> dict:
+            return SpilledHessians.saved(hessians, spill / f"{i}-{name}") if spill is not None else hessians
+
+        tracks = [(kept(_layer_hessians(layer, modules, forward, x_in[c * count : c * count + fit], rows, False,
+                                        c * count), f"{c}"),
+                   kept(_layer_hessians(layer, matrices, forward, x_in[c * count + fit : (c + 1) * count], rows, False,
+                                        c * count + fit), f"{c}-held") if held_out else {}) for c in range(1, copies)]
         n = max(1, SAMPLE_TOKENS // x_in.shape[1])
         held = (x_in[fit:fit + n], x_out[fit:fit + n].astype(mx.float32)) if held_out else (None, None)
         sample = CalibratedLayer(prefix, layer, forward, x_in[:n], x_out[:n].astype(mx.float32), *held, fit)
         def named(fitted, held):
-            return LayerHessians({prefix + p: fitted[_input_key(p)] for p in modules},
-                                 {prefix + p: held[_input_key(p)] for p in matrices if held})
+            if isinstance(fitted, SpilledHessians):  # still on disk, by path
+                found = fitted.renamed({prefix + p: input_key(p) for p in modules})
+                found.held_out = held.renamed({prefix + p: input_key(p) for p in matrices}) if held else {}
+                return found
+            return LayerHessians({prefix + p: fitted[input_key(p)] for p in modules},
+                                 {prefix + p: held[input_key(p)] for p in matrices if held})
 
         found = named(hessians, checks)
         found.tracks = [named(*t) for t in tracks]
         replaced = on_modules({prefix + p: m for p, m in modules.items()}, found, sample)
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
         step()
         if replaced is None:
             return None
@@ -230,16 +291,16 @@ class _Recorder(nn.Module):
 
 def _layer_hessians(layer: nn.Module, modules: dict, forward, x_in: mx.array, rows: int, halves: bool,
                     first: int = 0) -> dict:
-    """``H`` of each distinct input of ``modules`` (keyed by ``_input_key``), the layer
+    """``H`` of each distinct input of ``modules`` (keyed by ``input_key``), the layer
     run on ``rows`` sequences at a time (``x_in``: the batch's sequences from ``first``
     on); with ``halves``, a pair from alternate chunks."""
     parts = [{}, {}] if halves else [{}]
     sink = [parts[0]]
     keys = {}
     for p in modules:
-        keys.setdefault(_input_key(p), p)  # the first module reading an input records it
+        keys.setdefault(input_key(p), p)  # the first module reading an input records it
     originals = list(modules.items())
-    wrapped = [(p, _Recorder(m, sink, _input_key(p) if keys[_input_key(p)] == p else None)) for p, m in originals]
+    wrapped = [(p, _Recorder(m, sink, input_key(p) if keys[input_key(p)] == p else None)) for p, m in originals]
     layer.update_modules(tree_unflatten(wrapped))
     try:
         for n, start in enumerate(range(0, x_in.shape[0], rows)):
@@ -266,7 +327,7 @@ def _to_numpy(h):
 _SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
-def _input_key(path: str) -> str:
+def input_key(path: str) -> str:
     """Modules reading the same tensor share a key (and so one ``H``)."""
     parent, _, name = path.rpartition(".")
     return f"{parent}.{_SHARED_INPUT.get(name, name)}"

@@ -99,7 +99,7 @@ class ExpertHessians:
     def summed(cls, parts: list["ExpertHessians"]) -> "ExpertHessians":
         """The inputs of ``parts`` together (several activation tracks): each expert's
         rows joined while they stay fewer than its inputs, else its Hessians added."""
-        return cls([_joined([p.hessians[e] for p in parts if p.hessians[e] is not None])
+        return cls([_joined([h for p in parts if (h := p.hessians[e]) is not None])
                     for e in range(len(parts[0].hessians))], sum(p.tokens for p in parts))
 
     def expert(self, e: int) -> ModuleInputs | None:

@@ -22,7 +22,7 @@ from lsaq_mlx.backend.hybrid import float_weight
 from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
-from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path
+from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path, input_key
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes, ExpertHessians, ModuleInputs
@@ -106,7 +106,6 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
         if equalizing:
             arrays = _equalize(layer, affine | (equalize_for or {}), weights, biases, hessians, count)
         fitted_on = _TrackHessians(hessians, tracks)
-        inputs: dict[int, ModuleInputs] = {}  # by the Hessian's identity: shared inputs, one factor
         for path in modules:
             h = hessians[path]
             clip = quantizer.equalize and not path.endswith(UNCLIPPED)
@@ -125,8 +124,8 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                         return made[path, choice]
                     if path == rounded_head and choice.bits > TIED_HEAD_MAX_BITS:
                         return QUANTIZERS["rtn"].codes(weights[path], None, choice, False)
-                    h, check = fitted_on(path, choice, affine[path])
-                    codes = quantizer.codes(weights[path], inputs.setdefault(id(h), ModuleInputs(h)), choice, clip)
+                    inputs, check = fitted_on(path, choice, affine[path])
+                    codes = quantizer.codes(weights[path], inputs, choice, clip)
                     if check is not None:
                         codes = never_worse_than_rounding(codes, weights[path], choice, check, tally)
                     if tracks:
@@ -148,45 +147,60 @@ def calibrated_weights(streamed, tokens: mx.array, choices: dict, scratch: Path,
                 [_as_written(a, layer.prefix, c) for a, c in _track_arrays(arrays, modules, affine, tracks, made, biases)]
         return None
 
-    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress, held_out=held_out, copies=1 + len(tracks))
+    each_layer_hessians(streamed, tokens, set(affine), on_modules, progress, held_out=held_out, copies=1 + len(tracks),
+                        spill=Path(scratch) / "tracks" if tracks else None)
     return written
 
 
 class _TrackHessians:
-    """``(path, choice, planned) -> (H, held-out H or None)``: the planned track's for the
-    planned choice (or without tracks), else their sums over the tracks whose plan gives
-    ``path`` ``choice`` (one array per distinct input and set of tracks: modules sharing
-    an input share it)."""
+    """``(path, choice, planned) -> (ModuleInputs, held-out H or None)``: the planned
+    track's for the planned choice (or without tracks), else their sums over the
+    tracks whose plan gives ``path`` ``choice``. Modules reading the same input share
+    the planned track's ``ModuleInputs``; of the tracks' sums only the last is kept
+    (each is as large as the planned one, and tracks may wait on disk)."""
 
     def __init__(self, hessians, tracks: list):
-        self.hessians, self.tracks, self._sums = hessians, tracks, {}
+        self.hessians, self.tracks = hessians, tracks
+        self._inputs: dict[int, ModuleInputs] = {}  # by the planned H's identity
+        self._last: tuple = (None, None)
 
     def __call__(self, path: str, choice, planned):
-        fitted = getattr(self.hessians, "tracks", [])
-        users = [t for t, plan in zip(fitted, self.tracks) if plan.get(path) == choice]
+        users = self._users(path, choice)
         if choice == planned or not users:
-            return self.hessians[path], getattr(self.hessians, "held_out", {}).get(path)
-        return self._sum([t[path] for t in users]), self._sum([t.held_out.get(path) for t in users])
+            h = self.hessians[path]
+            return self._inputs.setdefault(id(h), ModuleInputs(h)), getattr(self.hessians, "held_out", {}).get(path)
+        key = (input_key(path), tuple(map(id, users)))
+        if self._last[0] != key:
+            self._last = (None, None)  # freed before the next is made
+            self._last = key, (ModuleInputs(_added(t[path] for t in users)), _added(t.held_out.get(path) for t in users))
+        return self._last[1]
 
     def experts(self, path: str, choice, planned) -> ExpertHessians:
         """Stacked experts' inputs for ``choice``: the planned track's, else those of the
         tracks whose plan gives ``path`` ``choice`` (summed once per call: a layer's
         expert Hessians are large, and each setting is made once)."""
-        users = [t[path] for t, plan in zip(getattr(self.hessians, "tracks", []), self.tracks) if plan.get(path) == choice]
+        users = [t[path] for t in self._users(path, choice)]
         if choice == planned or not users:
             return self.hessians[path]
         return users[0] if len(users) == 1 else ExpertHessians.summed(users)
 
-    def _sum(self, arrays: list):
-        if any(a is None for a in arrays):
+    def _users(self, path: str, choice) -> list:
+        return [t for t, plan in zip(getattr(self.hessians, "tracks", []), self.tracks) if plan.get(path) == choice]
+
+
+def _added(arrays):
+    """The sum of ``arrays`` (read one at a time), or None where one is None."""
+    total, own = None, False
+    for a in arrays:
+        if a is None:
             return None
-        key = tuple(map(id, arrays))
-        if key not in self._sums:
-            total = arrays[0].copy() if len(arrays) > 1 else arrays[0]
-            for a in arrays[1:]:
-                total += a
-            self._sums[key] = total
-        return self._sums[key]
+        if total is None:
+            total = a
+        elif not own:
+            total, own = total + a, True
+        else:
+            total += a
+    return total
 
 
 def _track_arrays(arrays: dict, modules: dict, affine: dict, tracks: list, made: dict, biases: dict):
