@@ -108,11 +108,11 @@ def convert(source: ModelSource, plan: QuantPlan, out: Path, force: bool = False
                                             pending=pending)
             kinds = {p: type(m).__name__ for p, m in model.named_modules() if p in plan.modules}
             _write_folder(model, config, plan, source, tmp, pending)
+            del model  # written: the side store reads the stored modules back one at a time
             if costs is not None:
                 costs.save(tmp)
             side = adaptive.write(tmp, kinds) if adaptive is not None else {}  # its room: what is written so far
             shutil.rmtree(tmp / "gptq", ignore_errors=True)
-            del model
             smoke_text, bpw, written = _check_written(tmp, smoke_tokens)
             report = ConvertReport(
                 source.spec or "default", source.fingerprint, str(out), plan.method, plan.predicted_bytes, written, bpw,

@@ -457,7 +457,9 @@ def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_p
     codes, scales, biases = _near_rounding(weight, choice, 0)
     made = {"weight": mx.array(codes), "scales": mx.array(scales), "biases": mx.array(biases), "bias": bias}
     plan = SimpleNamespace(modules={path: top_choice})
-    SideStore(tmp_path, "side", plan).add({(path, choice): ("QuantizedLinear", dict(made))})
+    handed = {(path, choice): ("QuantizedLinear", dict(made))}
+    SideStore(tmp_path, "side", plan).add(handed)
+    assert not handed  # let go once written: nothing keeps a written setting's arrays in memory
     store = SideStore(tmp_path, "side", plan)
     assert "changed_0" in store.store.arrays(path, choice)[1]
     read = dict(tree_flatten(store.module(path, choice).parameters()))

@@ -20,7 +20,6 @@ import numpy as np
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER
 from lsaq_mlx.adaptive.steps import setting_steps
 from lsaq_mlx.adaptive.store import SideStore
-from lsaq_mlx.backend.allocator import return_freed_memory
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES, affine_codes
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes
@@ -198,7 +197,6 @@ class AdaptiveSide:
             del arrays
             gain = self.costs.cost(path, choice) * gains[choice] * self.shares.get((path, choice), 0.0)
             self.candidates.append(SideSetting(path, choice, size, gain, mx.load(str(file))))
-        return_freed_memory()  # the steps priced leave their temporaries in glibc's heap
 
     def collect_rounded(self, path: str, weight: mx.array, bias: mx.array | None, top_choice: Affine) -> None:
         """``collect`` for a module the quantizer rounds to nearest (priced by the squared
