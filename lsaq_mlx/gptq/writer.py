@@ -22,7 +22,7 @@ from lsaq_mlx.backend.hybrid import float_weight
 from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
-from lsaq_mlx.gptq.hessians import CalibratedLayer, each_layer_hessians, head_path, input_key
+from lsaq_mlx.gptq.hessians import CalibratedLayer, SpilledHessians, each_layer_hessians, head_path, input_key
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes, ExpertHessians, ModuleInputs
@@ -172,7 +172,9 @@ class _TrackHessians:
         key = (input_key(path), tuple(map(id, users)))
         if self._last[0] != key:
             self._last = (None, None)  # freed before the next is made
-            self._last = key, (ModuleInputs(_added(t[path] for t in users)), _added(t.held_out.get(path) for t in users))
+            fresh = all(isinstance(t, SpilledHessians) for t in users)
+            self._last = key, (ModuleInputs(_added((t[path] for t in users), fresh)),
+                               _added((t.held_out.get(path) for t in users), fresh))
         return self._last[1]
 
     def experts(self, path: str, choice, planned) -> ExpertHessians:
@@ -188,18 +190,18 @@ class _TrackHessians:
         return [t for t, plan in zip(getattr(self.hessians, "tracks", []), self.tracks) if plan.get(path) == choice]
 
 
-def _added(arrays):
-    """The sum of ``arrays`` (read one at a time), or None where one is None."""
-    total, own = None, False
+def _added(arrays, fresh: bool):
+    """The sum of ``arrays`` (read one at a time), or None where one is None; ``fresh``:
+    each is read anew (``SpilledHessians``), so the first is summed into in place."""
+    total = None
     for a in arrays:
         if a is None:
             return None
         if total is None:
-            total = a
-        elif not own:
-            total, own = total + a, True
+            total = a if fresh else a.copy()
         else:
             total += a
+        del a  # before the next is read
     return total
 
 
