@@ -91,6 +91,8 @@ class SpilledHessians(dict):
     (a matrix, or stacked experts' ``ExpertHessians`` whose experts are read one at a
     time): an activation track's Hessians wait on disk until a setting is fitted on them."""
 
+    held_out: dict = {}  # as ``LayerHessians.held_out``
+
     @classmethod
     def saved(cls, hessians: dict, folder: Path) -> "SpilledHessians":
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,8 +105,6 @@ class SpilledHessians(dict):
                 files[key] = _saved(h, folder / f"{n}.npy")
         hessians.clear()
         return cls(files)
-
-    held_out: dict = {}  # as ``LayerHessians.held_out``
 
     def renamed(self, keys: dict[str, str]) -> "SpilledHessians":
         """The same files under new names (``{new: old}``), still unread."""
