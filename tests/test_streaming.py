@@ -375,3 +375,24 @@ def test_a_streamed_layer_of_6_bit_codes_is_dequantized_one_matrix_at_a_time(tmp
         held = sum(a.nbytes for _, a in tree_flatten(layer.parameters()))
         peak = mx.get_peak_memory() - before
     assert peak < held + 8 * 4 * 4096 * 256  # the layer and one MLP matrix's dequantization
+
+
+def test_a_tied_gemma3_is_named_by_its_checkpoint_again_after_loading(tmp_path):
+    """mlx-lm's Gemma 3 ``sanitize`` drops ``lm_head`` from the model where the
+    checkpoint has none, and fails run a second time on the same model: what loading did
+    is found already done, and a fresh skeleton is cut as loading cuts it."""
+    from tiny_models import tiny_model, write_gguf
+
+    from lsaq_mlx.sources import resolve_model
+    from lsaq_mlx.sources.model_tensors import ModelTensors
+    from lsaq_mlx.sources.tensors import source_tensors
+
+    write_gguf(tiny_model("gemma3"), "gemma3", tmp_path / "m.gguf", leave_out=("lm_head.weight",))
+    source = resolve_model(str(tmp_path / "m.gguf"))
+    model, _, _ = load_model(source, compute=False, lazy=True)
+    for _ in range(2):
+        named = ModelTensors(source_tensors(source), model)
+        assert "lm_head" not in model and model.tie_word_embeddings
+        assert named.direct["model.embed_tokens.weight"] == "model.embed_tokens.weight"
+    streamed = StreamedModel(source)  # a fresh skeleton, cut to the checkpoint
+    assert "lm_head" not in streamed.model and streamed.model.tie_word_embeddings

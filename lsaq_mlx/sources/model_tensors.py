@@ -12,6 +12,7 @@ layer's parameters are taken from it, so memory stays one layer's. The tensors o
 the layers are one more such group.
 """
 
+import copy
 import re
 
 import mlx.core as mx
@@ -100,7 +101,7 @@ def _checkpoint_names(model: nn.Module, stand_ins: dict) -> tuple[dict[str, str]
     """Model parameter name -> checkpoint tensor name, through mlx-lm's ``sanitize`` run on
     unread placeholders, for the tensors it renames or keeps; and the decoder layers
     whose tensors it transforms (they are sanitized one layer at a time)."""
-    sanitized = model.sanitize(dict(stand_ins)) if hasattr(model, "sanitize") else dict(stand_ins)
+    sanitized = sanitized_by(model, dict(stand_ins)) if hasattr(model, "sanitize") else dict(stand_ins)
     by_id = {id(array): name for name, array in stand_ins.items()}
     names, transformed = {}, set()
     for name, array in sanitized.items():
@@ -208,12 +209,26 @@ class _LayerSanitizer:
     def _sanitized(self, tensors: dict) -> dict[str, mx.array]:
         if self.mode == "in context":
             others = {n: a for i, group in self.stand_ins.items() if i != self.index for n, a in group.items()}
-            out = self.model.sanitize(others | tensors)
+            out = sanitized_by(self.model, others | tensors)
             return {n: a for n, a in out.items() if layer_index(n) == self.index}
         if self.mode == "alone":
-            return self.model.sanitize(dict(tensors))
-        out = self.model.sanitize({_with_layer(n, self.index, 0): a for n, a in tensors.items()})
+            return sanitized_by(self.model, dict(tensors))
+        out = sanitized_by(self.model, {_with_layer(n, self.index, 0): a for n, a in tensors.items()})
         return {_with_layer(n, 0, self.index): a for n, a in out.items()}
+
+
+def sanitized_by(model: nn.Module, tensors: dict) -> dict:
+    """mlx-lm's ``sanitize`` of ``tensors``, with what it changes in ``model`` (a child
+    removed, a flag set: Gemma 3's drops ``lm_head`` where the checkpoint has none) made
+    to ``model`` as loading does, and found already made a second time (run on the
+    model itself, Gemma 3's would fail on the ``lm_head`` it removed before)."""
+    twin = copy.copy(model)
+    twin.pop = lambda key, *default: dict.pop(twin, key, *(default or (None,)))
+    out = twin.sanitize(tensors)
+    for key in [k for k in model if k not in twin]:
+        model.pop(key)
+    model.__dict__.update({k: v for k, v in vars(twin).items() if k != "pop"})
+    return out
 
 
 def _with_layer(name: str, old: int, new: int) -> str:
