@@ -198,8 +198,9 @@ def test_damaged_side_data_falls_back_to_rounding(adaptive, tmp_path, caplog):
 
 
 def test_a_stored_setting_that_does_not_fit_is_refused(adaptive, tmp_path, caplog):
-    """Whole modules of the wrong shape or kind, and steps whose counts do not add up or
-    that lead out of the codes' range: each costs a warning, and the weights are rounded."""
+    """Whole modules of the wrong shape or kind, steps whose counts do not add up or
+    that lead out of the codes' range, and steps of the format before bands: each costs a
+    warning, and the weights are rounded."""
     from lsaq_mlx.storage.layer_store import LayerStore
 
     copy = _copy(adaptive, tmp_path)
@@ -219,7 +220,9 @@ def test_a_stored_setting_that_does_not_fit_is_refused(adaptive, tmp_path, caplo
                      (steps | {"changed_0": steps["changed_0"][:-1]}, "changed"),
                      (steps | {"distances": mx.concatenate([steps["distances"], mx.ones((1,), mx.uint8)])}, "distances"),
                      (steps | {"scale_steps": steps["scale_steps"][:-2]}, "scale and bias steps"),
-                     (everywhere, "out of")):
+                     (everywhere, "out of"),
+                     ({k: v for k, v in steps.items() if k not in (*CHANGED, "away")}  # as written before bands
+                      | {"changed": steps["changed_0"], "lowered": steps["away"]}, "steps need")):
         store.add({(path, choice): ("QuantizedLinear", bad)})
         store.close()
         caplog.clear()
