@@ -27,14 +27,11 @@ Linux converter stored. Anything that does not add up (counts, sizes, codes out 
 range) is refused with ``ValueError``.
 """
 
-import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 from lsaq_mlx.gptq.packing import pack_codes, unpack_codes
 from lsaq_mlx.planning.choices import Affine
+from lsaq_mlx.storage.ahead import computed_ahead
 
 # A code's band by its weight's distance from its level, in twentieths of a step: below
 # 0.15, 0.3, 0.4, 0.5 and beyond (clipped). A radix sort by band beats masks 2x here.
@@ -63,7 +60,8 @@ def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, cho
         moved = steps != 0
         return grid_steps, np.split(moved.ravel()[order], np.cumsum(counts)[:-1]), steps[moved], offset[moved] < 0
 
-    for grid_steps, bands, moved, below in _ahead(block_steps, _row_blocks(scales.shape[0], _columns(scales, choice))):
+    blocks = _row_blocks(scales.shape[0], _columns(scales, choice))
+    for grid_steps, bands, moved, below in computed_ahead(block_steps, blocks):
         grid.append(grid_steps)
         for name, band in zip(CHANGED, bands):
             flags[name].add(band)
@@ -105,7 +103,7 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
         block, offset = _rounded(stored, *grid, choice)
         return rows, grid, block, offset, *_bands(offset)
 
-    for rows, grid, block, offset, order, counts in _ahead(block_rounded, _row_blocks(count, cols)):
+    for rows, grid, block, offset, order, counts in computed_ahead(block_rounded, _row_blocks(count, cols)):
         scales[rows], biases[rows] = grid
         if any(r + n > 8 * stream.size for r, n, stream in zip(read, counts, changed)):
             raise ValueError("the changed flags hold too few bytes for the codes they flag")
@@ -153,23 +151,6 @@ def _bands(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ``|offset|``, then row-major), and how many each band holds."""
     near = _BAND_OF_TWENTIETH[np.minimum(np.multiply(np.abs(offset.ravel()), np.float32(20)).astype(np.int32), 10)]
     return np.argsort(near, kind="stable"), np.bincount(near, minlength=len(CHANGED))
-
-
-def _ahead(work, blocks: list):
-    """``work(block)`` for each of ``blocks`` in order, computed ahead by a few threads
-    (numpy releases the GIL), at most twice as many blocks ahead as threads."""
-    workers = min(4, os.cpu_count() or 1, len(blocks))
-    if workers <= 1:
-        yield from map(work, blocks)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        pending = deque()
-        for block in blocks:
-            pending.append(pool.submit(work, block))
-            if len(pending) > 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte

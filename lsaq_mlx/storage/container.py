@@ -32,11 +32,11 @@ import os
 import struct
 import threading
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lsaq_mlx.errors import UserError
 from lsaq_mlx.storage import transforms
+from lsaq_mlx.storage.ahead import computed_ahead
 from lsaq_mlx.storage.codecs import CorruptData, codec, is_container_codec
 from lsaq_mlx.documents import parse_json
 
@@ -217,20 +217,7 @@ class ContainerReader:
     def read_many(self, names: list[str], workers: int | None = None) -> Iterator[tuple[str, bytes]]:
         """``(name, raw bytes)`` for ``names`` in order, decoded by a pool of threads
         (zstd, hashing and numpy release the GIL)."""
-        workers = workers or min(4, os.cpu_count() or 1)
-        if workers <= 1:
-            yield from ((n, self.read(n)) for n in names)
-            return
-        with ThreadPoolExecutor(workers) as pool:
-            # at most 2 x workers records decoded ahead: bounded memory
-            pending = []
-            for name in names:
-                pending.append((name, pool.submit(self.read, name)))
-                if len(pending) > 2 * workers:
-                    n, future = pending.pop(0)
-                    yield n, future.result()
-            for n, future in pending:
-                yield n, future.result()
+        yield from zip(names, computed_ahead(self.read, names, workers))
 
     def _decode_chunk(self, record: dict, chunk: list) -> bytes:
         offset, stored, moved = chunk
