@@ -9,7 +9,8 @@ serve do (``AdaptiveFolder.model_at``: the stored model, then the plan's swaps, 
 the float source) and measures KL to the source and perplexity. Each plan is also
 written directly (``convert --plan``, the same plan, the same quantizer) and measured
 the same way: the ratio is what the adaptive folder costs in quality. Disk is the
-folder's bytes over the largest plan's written bytes. Last, on the largest size, the swap
+folder's bytes over the largest plan's folder (its bytes but the plans and the store: what
+``convert -b`` writes for that plan), and over its weights. Last, on the largest size, the swap
 from the smallest plan to the largest and back and each step between neighbouring plans
 (seconds, in one process) beside a fresh load of the largest plan's own folder, in the
 same process and in a new one.
@@ -27,7 +28,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from common import measured, start as start_benchmark, wikitext_tokens
-from lsaq_mlx.adaptive.folder import AdaptiveFolder, budget_of, planner_for
+from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER, AdaptiveFolder, budget_of, planner_for
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
 from lsaq_mlx.runtime import Engine
@@ -43,6 +44,13 @@ def folder_bytes(folder: Path) -> int:
 
 def weights_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("model*.safetensors"))
+
+
+def top_plan_bytes(folder: Path) -> int:
+    """The adaptive folder's bytes but its plans and store: the largest plan's folder as
+    ``convert -b`` writes it."""
+    extra = folder_bytes(folder / SIDE_FOLDER) + (folder / PLANS_FILE).stat().st_size
+    return folder_bytes(folder) - extra
 
 
 def measure(model, reference) -> dict:
@@ -108,14 +116,14 @@ def main() -> None:
                               "--adaptive-size", str(size), "-o", str(out), "--force"])
         folders[size] = out
         folder = AdaptiveFolder.open(out)
-        disk = folder_bytes(out) / weights_bytes(out)
+        disk, over_weights = folder_bytes(out) / top_plan_bytes(out), folder_bytes(out) / weights_bytes(out)
         print(f"adaptive size {size:g}: {wall:.0f} s, {rss / 1e9:.2f} GB peak RSS, folder {disk:.2f}x its largest "
-              "plan's weights", flush=True)
+              f"plan's folder ({over_weights:.2f}x its weights)", flush=True)
         for plan in folder.plans.plans:
             budget = budget_of(plan)
             built = measure(folder.model_at(resolve_model(str(out)), plan)[0], reference)
             rows.append({"size": size, "budget": budget, "bits_per_weight": plan.predicted_bits_per_weight,
-                         "convert_seconds": wall, "convert_peak_rss": rss, "disk_over_top": disk, **built})
+                         "convert_seconds": wall, "convert_peak_rss": rss, "disk_over_top": disk, "disk_over_top_weights": over_weights, **built})
             print(f"  {budget:g} bpw: KL {built['kl']:.4f}", flush=True)
     direct = {}
     for plan in AdaptiveFolder.open(folders[args.sizes[0]]).plans.plans:

@@ -475,11 +475,13 @@ def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_p
 
 def test_the_whole_folder_stays_within_its_size(tiny_llama, derived, tmp_path):
     """``--adaptive-size``: every file of the folder (tokenizer, configs, plans, store)
-    within that multiple of the largest plan's weights."""
-    weights = sum(f.stat().st_size for f in derived.path.glob("model*.safetensors"))
+    within that multiple of the largest plan's folder as ``convert -b`` writes it."""
+    top = tmp_path / "top"
+    assert run_cli("convert", "-m", tiny_llama.path, "-b", "6", "-o", top).returncode == 0
+    top_bytes = sum(f.stat().st_size for f in top.rglob("*") if f.is_file())
     base = sum(f.stat().st_size for f in derived.path.rglob("*") if f.is_file())
-    size = (base + 40_000) / weights
+    size = (base + 40_000) / top_bytes
     made = _convert(tiny_llama, tmp_path / "c", "--adaptive-size", f"{size:.6f}")
     report = json.loads((made.path / "lsaq_report.json").read_text())["adaptive"]
     assert 0 < report["settings_kept"] < report["settings_made"]
-    assert sum(f.stat().st_size for f in made.path.rglob("*") if f.is_file()) <= size * weights
+    assert sum(f.stat().st_size for f in made.path.rglob("*") if f.is_file()) <= size * top_bytes

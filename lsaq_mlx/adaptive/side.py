@@ -131,7 +131,8 @@ def _bytes_in(folder: Path, leaving: Path | None) -> int:
 class AdaptiveSide:
     """What ``convert --adaptive`` adds to the top plan's folder. ``costs``: the cost
     table (``CostTable``); ``size``: the whole folder's most bytes over the top plan's
-    weights (1.3: the store, with the tokenizer, configs and plans, at most 30 % more)."""
+    folder (weights, tokenizer, configs, costs: what ``convert -b`` writes for it; 1.3:
+    the plans and the store at most 30 % more)."""
 
     plans: PlanSet
     costs: object
@@ -217,9 +218,9 @@ class AdaptiveSide:
     def write(self, folder: Path, model_kinds: dict) -> dict:
         """Write ``lsaq_plans.json`` and the store of the chosen settings into ``folder``
         (``model_kinds``: each module path's stored class name); what was written."""
+        top = _bytes_in(folder, self.scratch)  # the top plan's folder, as ``convert -b`` writes it
         self.plans.save(folder / PLANS_FILE)
-        weights = sum(f.stat().st_size for f in folder.glob("model*.safetensors"))
-        kept = self.choose(self.size * weights - _bytes_in(folder, self.scratch) - REPORT_BYTES)
+        kept = self.choose(self.size * top - _bytes_in(folder, self.scratch) - REPORT_BYTES)
         store = SideStore(folder, SIDE_FOLDER, self.plans.plans[-1])
         modules = {}
         for c in kept:  # handed to the store, which frees each once written: they are a fraction of the model
