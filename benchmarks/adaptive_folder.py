@@ -2,13 +2,16 @@
 
     python benchmarks/adaptive_folder.py [--model default] [--budgets 3,4,5,6] [--quantizer awq-gptq]
                                          [--sizes 1.0 1.3 3] [--tokens 2048] [--out results.json]
+                                         [--more-text] [--work DIR [--reuse]]
 
 For each ``--adaptive-size`` it writes ``convert --adaptive BUDGETS --quantizer Q`` (wall
 time and peak RSS of its own process), then builds every plan of the set as chat and
 serve do (``AdaptiveFolder.model_at``: the stored model, then the plan's swaps, without
 the float source) and measures KL to the source and perplexity. Each plan is also
 written directly (``convert --plan``, the same plan, the same quantizer) and measured
-the same way: the ratio is what the adaptive folder costs in quality. Disk is the
+the same way: the ratio is what the adaptive folder costs in quality. ``--more-text``
+measures KL on two more texts as well (LAMBADA, and WikiText-2's next tokens): a few
+thousand tokens can hang on a handful of positions. Disk is the
 folder's bytes over the largest plan's folder (its bytes but the plans and the store: what
 ``convert -b`` writes for that plan), and over its weights. Last, on the largest size, the swap
 from the smallest plan to the largest and back and each step between neighbouring plans
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from common import measured, start as start_benchmark, wikitext_tokens
+from common import lambada_tokens, measured, start as start_benchmark, wikitext_tokens
 from lsaq_mlx.adaptive.folder import PLANS_FILE, SIDE_FOLDER, AdaptiveFolder, budget_of, planner_for
 from lsaq_mlx.backend.compute import prepare_for_compute
 from lsaq_mlx.evaluation.divergence import ReferenceDistributions, compare_to_reference
@@ -53,10 +56,23 @@ def top_plan_bytes(folder: Path) -> int:
     return folder_bytes(folder) - extra
 
 
-def measure(model, reference) -> dict:
+def measure(model, reference, more: dict | None = None) -> dict:
+    """KL, its standard error and perplexity on ``reference``, and KL on each of ``more``
+    (name -> reference) as ``kl_<name>``."""
     prepare_for_compute(model)
     r = compare_to_reference(model, reference)
-    return {"kl": r.kl, "kl_stderr": r.kl_stderr, "perplexity": r.perplexity.perplexity}
+    kls = {f"kl_{name}": compare_to_reference(model, ref).kl for name, ref in (more or {}).items()}
+    return {"kl": r.kl, "kl_stderr": r.kl_stderr, "perplexity": r.perplexity.perplexity, **kls}
+
+
+def converted(cmd: list[str], out: Path, reuse: bool) -> tuple[float, int]:
+    """Seconds and peak RSS of ``convert`` writing ``out``; with ``reuse`` a folder already
+    there is kept, and its report's seconds (planning and writing) and peak RSS are given."""
+    report = out / "lsaq_report.json"
+    if reuse and report.is_file():
+        done = json.loads(report.read_text())
+        return done["wall_seconds"] + done["plan_seconds"], done["max_rss_bytes"]
+    return measured(cmd)
 
 
 def swap_round_trip(folder_source, fresh: Path) -> dict:
@@ -100,6 +116,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--work", default=None, help="Keep the folders here (default: a temporary folder).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Measure the folders already in --work instead of converting them again.")
+    parser.add_argument("--more-text", action="store_true",
+                        help="Also KL on LAMBADA's first --tokens tokens and on WikiText-2's next 2x --tokens.")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     start_benchmark()
@@ -107,13 +127,17 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="adaptive-"))
     model_args = ["-m", args.model] if args.model else []
     source_model, tokenizer, _ = load_model(source)
-    reference = ReferenceDistributions.compute(source_model, wikitext_tokens(tokenizer, args.tokens), args.seq_len)
+    wikitext = wikitext_tokens(tokenizer, 3 * args.tokens)
+    reference = ReferenceDistributions.compute(source_model, wikitext[: args.tokens], args.seq_len)
+    more = {"lambada": lambada_tokens(tokenizer, args.tokens), "wikitext_next": wikitext[args.tokens :]} \
+        if args.more_text else {}
+    more = {name: ReferenceDistributions.compute(source_model, t, args.seq_len) for name, t in more.items()}
     del source_model
     rows, folders = [], {}
     for size in args.sizes:
         out = work / f"adaptive-{size:g}"
-        wall, rss = measured([*CLI, "convert", *model_args, "--adaptive", args.budgets, "--quantizer", args.quantizer,
-                              "--adaptive-size", str(size), "-o", str(out), "--force"])
+        wall, rss = converted([*CLI, "convert", *model_args, "--adaptive", args.budgets, "--quantizer", args.quantizer,
+                               "--adaptive-size", str(size), "-o", str(out), "--force"], out, args.reuse)
         folders[size] = out
         folder = AdaptiveFolder.open(out)
         disk, over_weights = folder_bytes(out) / top_plan_bytes(out), folder_bytes(out) / weights_bytes(out)
@@ -121,7 +145,7 @@ def main() -> None:
               f"plan's folder ({over_weights:.2f}x its weights)", flush=True)
         for plan in folder.plans.plans:
             budget = budget_of(plan)
-            built = measure(folder.model_at(resolve_model(str(out)), plan)[0], reference)
+            built = measure(folder.model_at(resolve_model(str(out)), plan)[0], reference, more)
             rows.append({"size": size, "budget": budget, "bits_per_weight": plan.predicted_bits_per_weight,
                          "convert_seconds": wall, "convert_peak_rss": rss, "disk_over_top": disk, "disk_over_top_weights": over_weights, **built})
             print(f"  {budget:g} bpw: KL {built['kl']:.4f}", flush=True)
@@ -130,14 +154,16 @@ def main() -> None:
         budget = budget_of(plan)
         plan_file, out = work / f"plan-{budget:g}.json", work / f"direct-{budget:g}"
         plan.save(plan_file)
-        wall, rss = measured([*CLI, "convert", *model_args, "--plan", str(plan_file), "--quantizer", args.quantizer,
-                              "-o", str(out), "--force"])
-        direct[budget] = measure(load_model(resolve_model(str(out)), compute=False)[0], reference) | {
+        wall, rss = converted([*CLI, "convert", *model_args, "--plan", str(plan_file), "--quantizer", args.quantizer,
+                               "-o", str(out), "--force"], out, args.reuse)
+        direct[budget] = measure(load_model(resolve_model(str(out)), compute=False)[0], reference, more) | {
             "convert_seconds": wall, "convert_peak_rss": rss}
         print(f"direct {budget:g} bpw: KL {direct[budget]['kl']:.4f}, {wall:.0f} s", flush=True)
     for row in rows:
         row["direct_kl"] = direct[row["budget"]]["kl"]
         row["kl_over_direct"] = row["kl"] / row["direct_kl"]
+        for name in more:
+            row[f"kl_{name}_over_direct"] = row[f"kl_{name}"] / direct[row["budget"]][f"kl_{name}"]
     largest = max(args.sizes)
     swaps = swap_round_trip(resolve_model(str(folders[largest])), work / f"direct-{budget_of(plan):g}")
     print("\n| --adaptive-size | folder / largest plan | " + " | ".join(f"{b:g} bpw KL (x direct)" for b in direct) + " |")
@@ -147,6 +173,9 @@ def main() -> None:
         print(f"| {size:g} | {cells[0]['disk_over_top']:.2f}x | "
               + " | ".join(f"{r['kl']:.4f} ({r['kl_over_direct']:.2f}x)" for r in cells) + " |")
     print("| direct `convert --plan` | | " + " | ".join(f"{d['kl']:.4f}" for d in direct.values()) + " |")
+    for name in more:
+        print(f"KL on {name} (x direct): " + "; ".join(
+            f"{r['size']:g}/{r['budget']:g} bpw {r[f'kl_{name}']:.4f} ({r[f'kl_{name}_over_direct']:.2f}x)" for r in rows))
     print(f"\nswap {args.budgets.split(',')[0]} -> largest: {swaps['up_seconds']:.2f} s, back {swaps['down_seconds']:.2f} s "
           f"({swaps['modules']} modules); fresh load of the largest plan's folder {swaps['fresh_load_seconds']:.2f} s "
           f"in this process, {swaps['fresh_process_seconds']:.2f} s in a new one")
@@ -155,7 +184,10 @@ def main() -> None:
           + f"; mean {swaps['mean_step_over_load']:.2f}x the fresh load")
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "direct": direct, "swaps": swaps, "quantizer": args.quantizer,
-                                              "machine": platform.platform(), "tokens": args.tokens}, indent=2))
+                                              "machine": platform.platform(), "tokens": args.tokens,
+                                              "more_text": {"lambada": "LAMBADA's first tokens",
+                                                            "wikitext_next": "WikiText-2's next tokens"}
+                                              if more else {}}, indent=2))
 
 
 if __name__ == "__main__":
