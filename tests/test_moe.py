@@ -354,6 +354,46 @@ def test_a_tracks_hessians_wait_on_disk_and_read_back_as_they_were(tmp_path):
     assert spilled.get("a.o_proj") is None
 
 
+def test_equalization_scales_the_tracks_hessians_that_wait_on_disk_as_those_in_memory(tmp_path):
+    """Equalization divides each input channel of a group by its scale, so every ``H``
+    of that input, of every track, is scaled with it; a track's ``H`` on disk too (read
+    anew each time, it was once scaled and dropped, and the smaller settings were fitted
+    on inputs that were not equalized)."""
+    from lsaq_mlx.gptq.hessians import LayerHessians, SpilledHessians
+    from lsaq_mlx.gptq.writer import _scale_inputs
+
+    rng = np.random.default_rng(2)
+    fitted, held = (rng.normal(size=(2, 6, 6)).astype(np.float32) for _ in range(2))
+    factors = rng.uniform(0.5, 2.0, size=6).astype(np.float32)
+
+    def hessians(spill: bool) -> LayerHessians:
+        tracks = []
+        for c in range(2):
+            on, off = {"l.qkv": fitted[c].copy()}, {"l.qkv": held[c].copy()}
+            if spill:
+                on = SpilledHessians.saved(on, tmp_path / f"{c}").renamed({"l.q_proj": "l.qkv", "l.k_proj": "l.qkv"})
+                on.held_out = SpilledHessians.saved(off, tmp_path / f"{c}-held").renamed({"l.q_proj": "l.qkv"})
+            else:
+                on = LayerHessians({"l.q_proj": on["l.qkv"], "l.k_proj": on["l.qkv"]}, {"l.q_proj": off["l.qkv"]})
+            tracks.append(on)
+        planned = fitted[0].copy()
+        return LayerHessians({"l.q_proj": planned, "l.k_proj": planned}, {}, tracks)
+
+    in_memory, on_disk = hessians(False), hessians(True)
+    for each in (in_memory, on_disk):
+        _scale_inputs(each, "l.q_proj", factors)
+    scaled = lambda h: h * factors[:, None] * factors[None, :]  # noqa: E731
+    np.testing.assert_allclose(on_disk["l.k_proj"], scaled(fitted[0]), rtol=1e-6)
+    for c, (memory, disk) in enumerate(zip(in_memory.tracks, on_disk.tracks)):
+        for path in ("l.q_proj", "l.k_proj"):  # one file, scaled once
+            np.testing.assert_allclose(disk[path], scaled(fitted[c]), rtol=1e-6)
+            np.testing.assert_allclose(memory[path], disk[path], rtol=1e-6)
+        np.testing.assert_allclose(disk.held_out["l.q_proj"], scaled(held[c]), rtol=1e-6)
+        np.testing.assert_allclose(memory.held_out["l.q_proj"], disk.held_out["l.q_proj"], rtol=1e-6)
+    _scale_inputs(on_disk, "l.k_proj", 1.0 / factors)  # a refused fold is undone
+    np.testing.assert_allclose(on_disk.tracks[1]["l.q_proj"], fitted[1], rtol=1e-5)
+
+
 def test_expert_inputs_of_several_tracks_add_up_to_those_of_all_their_tokens():
     from lsaq_mlx.gptq.solver import ExpertHessians
 

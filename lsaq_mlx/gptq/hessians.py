@@ -93,6 +93,16 @@ class SpilledHessians(dict):
 
     held_out: dict = {}  # as ``LayerHessians.held_out``
 
+    def __init__(self, files: dict):
+        super().__init__(files)
+        self._factors: dict[Path, np.ndarray] = {}  # by file: what ``scale`` asked for, applied when read
+
+    def scale(self, key: str, factors: np.ndarray) -> None:
+        """``key``'s ``H`` (and that of every name sharing its file) multiplied by
+        ``factors`` on both sides when read, as equalization scales an ``H`` in memory."""
+        file = super().__getitem__(key)
+        self._factors[file] = factors * self._factors.get(file, 1.0)
+
     @classmethod
     def saved(cls, hessians: dict, folder: Path) -> "SpilledHessians":
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +124,11 @@ class SpilledHessians(dict):
         file = super().__getitem__(key)
         if isinstance(file, tuple):
             return ExpertHessians(_ReadEach(file[0]), file[1])
-        return np.load(file)
+        h = np.load(file)
+        if file in self._factors:
+            h *= self._factors[file][:, None]
+            h *= self._factors[file][None, :]
+        return h
 
     def get(self, key: str, default=None):
         return self[key] if key in self else default

@@ -282,9 +282,8 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
         if not linear_source:
             norms[source], s = folded_source(named[group.source], s)
             scales = np.array(s, dtype=scales.dtype)
-        for each in _inputs_of(hessians, members[0]):
-            _scale_hessian(each, 1.0 / scales)
-            scaled.append((each, scales))
+        _scale_inputs(hessians, members[0], 1.0 / scales)
+        scaled.append((members[0], scales))
         for p in members:
             weights[p] = weights[p] * s
         if linear_source:
@@ -303,20 +302,24 @@ def _equalize(layer: CalibratedLayer, affine: dict, weights: dict, biases: dict,
     for saved, now in zip(before, (weights, biases)):
         now.clear()
         now.update(saved)
-    for h, scales in scaled:
-        _scale_hessian(h, scales)
+    for path, scales in scaled:
+        _scale_inputs(hessians, path, scales)
     count.refused.append(layer.prefix.rstrip("."))
     return {}
 
 
-def _inputs_of(hessians, path: str) -> list[np.ndarray]:
-    """Every Hessian of ``path``'s inputs, each once: fitted on and held out, of every track."""
-    found = []
+def _scale_inputs(hessians, path: str, factors: np.ndarray) -> None:
+    """Every Hessian of ``path``'s inputs, fitted on and held out, of every track, scaled
+    by ``factors`` once: in place, or when read where it waits on disk."""
+    done = []
     for each in [hessians, *getattr(hessians, "tracks", [])]:
-        for h in (each[path], getattr(each, "held_out", {}).get(path)):
-            if h is not None and all(h is not f for f in found):
-                found.append(h)
-    return found
+        for found in (each, getattr(each, "held_out", {})):
+            if isinstance(found, SpilledHessians):
+                if path in found:
+                    found.scale(path, factors)
+            elif (h := found.get(path)) is not None and all(h is not d for d in done):
+                _scale_hessian(h, factors)
+                done.append(h)
 
 
 def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
