@@ -126,12 +126,17 @@ class SpilledHessians(dict):
             return ExpertHessians(_ReadEach(file[0]), file[1])
         h = np.load(file)
         if file in self._factors:
-            h *= self._factors[file][:, None]
-            h *= self._factors[file][None, :]
+            scale_hessian(h, self._factors[file])
         return h
 
     def get(self, key: str, default=None):
         return self[key] if key in self else default
+
+
+def scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
+    """``H`` of inputs multiplied by ``factors``, in place (no second copy of ``H``)."""
+    h *= factors[:, None]
+    h *= factors[None, :]
 
 
 class _ReadEach(list):

@@ -22,7 +22,8 @@ from lsaq_mlx.backend.hybrid import float_weight
 from lsaq_mlx.equalization.clipping import UNCLIPPED
 from lsaq_mlx.equalization.groups import folded_source, scale_groups
 from lsaq_mlx.equalization.search import equalizing_scales
-from lsaq_mlx.gptq.hessians import CalibratedLayer, SpilledHessians, each_layer_hessians, head_path, input_key
+from lsaq_mlx.gptq.hessians import (CalibratedLayer, SpilledHessians, each_layer_hessians, head_path, input_key,
+                                   scale_hessian)
 from lsaq_mlx.gptq.codes import ROW_BLOCK_BYTES
 from lsaq_mlx.gptq.row_errors import row_output_errors
 from lsaq_mlx.gptq.solver import AffineCodes, ExpertHessians, ModuleInputs
@@ -318,14 +319,8 @@ def _scale_inputs(hessians, path: str, factors: np.ndarray) -> None:
                 if path in found:
                     found.scale(path, factors)
             elif (h := found.get(path)) is not None and all(h is not d for d in done):
-                _scale_hessian(h, factors)
+                scale_hessian(h, factors)
                 done.append(h)
-
-
-def _scale_hessian(h: np.ndarray, factors: np.ndarray) -> None:
-    """``H`` of inputs multiplied by ``factors``, in place (no second copy of ``H``)."""
-    h *= factors[:, None]
-    h *= factors[None, :]
 
 
 def _layer_error(layer: CalibratedLayer, members: tuple[str, ...]):
