@@ -56,9 +56,8 @@ def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, cho
                                                                        _predicted_grid(stored, choice))]
         rounded, offset = _rounded(stored, scales[rows], biases[rows], choice)
         steps = unpack_codes(codes[rows], choice.bits).astype(np.int16) - rounded
-        order, counts = _bands(offset)
         moved = steps != 0
-        return grid_steps, np.split(moved.ravel()[order], np.cumsum(counts)[:-1]), steps[moved], offset[moved] < 0
+        return grid_steps, [moved.ravel()[p] for p in _bands(offset)], steps[moved], offset[moved] < 0
 
     blocks = _row_blocks(scales.shape[0], _columns(scales, choice))
     for grid_steps, bands, moved, below in computed_ahead(block_steps, blocks):
@@ -101,16 +100,17 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
         grid = [(_bits_of(p) + made[rows.start * groups : rows.stop * groups].reshape(p.shape)).view(np.float16)
                 for made, p in zip((scale_steps, bias_steps), _predicted_grid(stored, choice))]
         block, offset = _rounded(stored, *grid, choice)
-        return rows, grid, block, offset, *_bands(offset)
+        return rows, grid, block, offset, _bands(offset)
 
-    for rows, grid, block, offset, order, counts in computed_ahead(block_rounded, _row_blocks(count, cols)):
+    for rows, grid, block, offset, bands in computed_ahead(block_rounded, _row_blocks(count, cols)):
         scales[rows], biases[rows] = grid
-        if any(r + n > 8 * stream.size for r, n, stream in zip(read, counts, changed)):
+        if any(r + p.size > 8 * stream.size for r, p, stream in zip(read, bands, changed)):
             raise ValueError("the changed flags hold too few bytes for the codes they flag")
-        where = np.empty(block.size, bool)
-        where[order] = np.concatenate([_bits(stream, r, n) for stream, r, n in zip(changed, read, counts)])
+        where = np.zeros(block.size, bool)
+        for stream, r, p in zip(changed, read, bands):
+            where[p[_bits(stream, r, p.size)]] = True
         where = np.flatnonzero(where)  # indices, once: each boolean mask below would be a pass of its own
-        read = [r + int(n) for r, n in zip(read, counts)]
+        read = [r + p.size for r, p in zip(read, bands)]
         k = where.size
         size = np.ones(k, np.int16)
         is_far = _bits(far, done, k)
@@ -146,12 +146,11 @@ class _Flags:
         return np.concatenate([*self.bytes, np.packbits(self.rest)])
 
 
-def _bands(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The codes in the order the ``changed_k`` streams flag them (by band of
-    ``|offset|``, then row-major), and how many each band holds."""
+def _bands(offset: np.ndarray) -> list[np.ndarray]:
+    """The positions (row-major) of the codes each ``changed_k`` stream flags: those in
+    band ``k`` of ``|offset|``."""
     near = _BAND_OF_TWENTIETH[np.minimum(np.multiply(np.abs(offset.ravel()), np.float32(20)).astype(np.int32), 10)]
-    order = np.concatenate([np.flatnonzero(near == band) for band in range(len(CHANGED))])
-    return order, np.bincount(near, minlength=len(CHANGED))
+    return [np.flatnonzero(near == band) for band in range(len(CHANGED))]
 
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
