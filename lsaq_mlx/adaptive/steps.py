@@ -204,7 +204,7 @@ def _matrices(top: dict, *arrays) -> tuple[dict, list]:
     """``top`` (the stored ``weight``, ``scales`` and ``biases``) and ``arrays`` with
     stacked experts as one matrix of all their rows (groups run along the rows), each
     checked to have the same rows."""
-    if any(not isinstance(top.get(k), np.ndarray) or top[k].ndim < 2 for k in ("weight", "scales", "biases")):
+    if any(getattr(top.get(k), "ndim", 0) < 2 for k in ("weight", "scales", "biases")):  # arrays or row readers
         raise ValueError("the stored module is not quantized")
     top = {k: top[k].reshape(-1, top[k].shape[-1]) for k in ("weight", "scales", "biases")}
     arrays = [a.reshape(-1, a.shape[-1]) for a in arrays]
