@@ -107,4 +107,4 @@ class StoredRows:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise ValueError(f"{self.name} is read by blocks of whole rows")
-        return np.array(self.tensors.rows(self.name, start, stop))
+        return np.asarray(self.tensors.rows(self.name, start, stop))  # a view: only read
