@@ -73,10 +73,11 @@ def setting_steps(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, cho
         "distances": np.concatenate(distances), "scale_steps": _split(scale_steps), "bias_steps": _split(bias_steps)}
 
 
-def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affine) -> tuple:
+def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affine, empty=np.empty) -> tuple:
     """``(codes, scales, biases)``: the setting ``setting_steps`` was given, of its
     steps from the same stored module, a row block at a time (no array of the whole
-    module's flags); ``ValueError`` where the steps do not fit it."""
+    module's flags); ``ValueError`` where the steps do not fit it. Each of the three is
+    ``empty(shape, dtype)`` (called in that order), filled."""
     lead = np.shape(top.get("weight"))[:-1]  # stacked experts: (experts, rows)
     top, _ = _matrices(top)
     cols = top["weight"].shape[1] * 32 // top_choice.bits
@@ -91,8 +92,9 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
     if away.size != -(-moves // 8) or far.size != away.size:
         raise ValueError(f"{moves} changed codes need {-(-moves // 8)} bytes of away and far flags")
     scale_steps, bias_steps = _joined(scale_steps), _joined(bias_steps)
-    codes = np.empty((count, cols * choice.bits // 32), np.uint32)
-    scales, biases = np.empty((count, groups), np.float16), np.empty((count, groups), np.float16)
+    out = [empty((*lead, width), dtype) for width, dtype in
+           ((cols * choice.bits // 32, np.uint32), (groups, np.float16), (groups, np.float16))]
+    codes, scales, biases = (a.reshape(count, a.shape[-1]) for a in out)  # views: out is C-contiguous
     read, done, far_done = [0] * len(CHANGED), 0, 0
 
     def block_rounded(rows: slice):
@@ -127,7 +129,7 @@ def setting_from_steps(steps: dict, choice: Affine, top: dict, top_choice: Affin
         raise ValueError("the changed flags hold more bytes than the codes they flag")
     if far_done != distances.size:
         raise ValueError(f"{far_done} far codes, {distances.size} distances")
-    return codes.reshape(*lead, codes.shape[-1]), scales.reshape(*lead, groups), biases.reshape(*lead, groups)
+    return tuple(out)
 
 
 class _Flags:

@@ -84,8 +84,9 @@ class SideStore:
         if set(arrays) - {"bias"} != set(STEP_PARAMS):
             raise ValueError(f"steps need {', '.join(STEP_PARAMS)}, not {', '.join(sorted(arrays))}")
         top, top_choice = self._stored(path)
-        rebuilt = setting_from_steps({p: np.array(arrays.pop(p)) for p in STEP_PARAMS}, choice, top, top_choice)
-        return arrays | {p: mx.array(a) for p, a in zip(TOP_PARAMS, rebuilt)}
+        made = MLXArrays()
+        setting_from_steps({p: np.asarray(arrays.pop(p)) for p in STEP_PARAMS}, choice, top, top_choice, made.empty)
+        return arrays | dict(zip(TOP_PARAMS, made.arrays))
 
 
 class StoredRows:
@@ -108,3 +109,22 @@ class StoredRows:
         if step != 1:
             raise ValueError(f"{self.name} is read by blocks of whole rows")
         return np.asarray(self.tensors.rows(self.name, start, stop))  # a view: only read
+
+
+class MLXArrays:
+    """Arrays made in MLX's memory and filled through numpy views of it: a rebuilt
+    setting is not held twice (numpy, then MLX's copy) beside the module it replaces."""
+
+    DTYPES = {np.dtype(np.uint32): mx.uint32, np.dtype(np.float16): mx.float16}
+
+    def __init__(self):
+        self.arrays = []
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        array = mx.zeros(shape, self.DTYPES[np.dtype(dtype)])
+        mx.eval(array)
+        self.arrays.append(array)
+        view = np.array(array, copy=False)  # numpy 1.x copies where it cannot view: then it owns its data
+        if view.flags.owndata or not view.flags.writeable:
+            raise RuntimeError("this numpy cannot write into MLX's memory")
+        return view
