@@ -473,6 +473,32 @@ def test_the_side_store_keeps_a_setting_as_steps_and_reads_it_back_as_made(tmp_p
     assert "weight" in SideStore(tmp_path, "whole", kept).store.arrays(path, choice)[1]
 
 
+def test_a_setting_rebuilt_from_steps_is_made_in_mlx_memory_not_copied_from_numpy(monkeypatch):
+    """A swap holds the rebuilt module once: numpy's own allocations while it is
+    rebuilt (traced by tracemalloc) stay far below its codes, which go straight into
+    the MLX arrays the module is made of."""
+    import tracemalloc
+
+    import lsaq_mlx.adaptive.steps as module
+    from lsaq_mlx.adaptive.steps import setting_from_steps, setting_steps
+    from lsaq_mlx.adaptive.store import MLXArrays
+
+    weight = mx.random.normal((4096, 2048), key=mx.random.key(1))
+    choice, top_choice = Affine(4, 64), Affine(6, 64)
+    top = dict(zip(("weight", "scales", "biases"),
+                   (np.array(a.astype(mx.float16) if a.dtype != mx.uint32 else a) for a in mx.quantize(weight, 64, 6))))
+    made = _near_rounding(weight, choice, 4)
+    steps = setting_steps(*made, choice, top, top_choice)
+    monkeypatch.setattr(module, "ROW_BLOCK_WEIGHTS", 1 << 14)  # small blocks: what numpy holds is the setting's
+    for empty, whole in ((np.empty, True), (MLXArrays().empty, False)):
+        tracemalloc.start()
+        rebuilt = setting_from_steps(steps, choice, top, top_choice, empty)
+        numpy_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert all(np.array_equal(a, b) for a, b in zip(rebuilt, made))
+        assert (numpy_peak > made[0].nbytes) == whole, numpy_peak
+
+
 def test_the_whole_folder_stays_within_its_size(tiny_llama, derived, tmp_path):
     """``--adaptive-size``: every file of the folder (tokenizer, configs, plans, store)
     within that multiple of the largest plan's folder as ``convert -b`` writes it."""

@@ -155,7 +155,7 @@ def _bands(offset: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(near == band) for band in range(len(CHANGED))]
 
 
-_ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1)  # set bits of each byte
+_ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(1, dtype=np.uint8)  # set bits of each byte
 
 
 def _bits(packed: np.ndarray, start: int, count: int) -> np.ndarray:
