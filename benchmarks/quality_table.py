@@ -29,7 +29,8 @@ run by ``--optiq-python``: the Python of a virtual environment holding mlx-optiq
 the same source folder and calibration text, each in its own process (wall time, peak memory), are evaluated the same way, and
 ``lsaq+<--peer-quantizer>`` is also planned at each one's bits per weight; a last table
 puts each peer beside ours, and ``lsaq-mlx convert -b 4.0 --quantizer <it>`` is timed
-from an empty cache. Perplexity is also measured on a second text, LAMBADA's test passages.
+from an empty cache (``--peers-only``: the peers alone). Perplexity is also measured on a second text, LAMBADA's
+test passages.
 
 It also checks the cost model: the Spearman correlation between each plan's predicted
 cost and its measured KL over the plans the lsaq allocator did not make (held out).
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--optiq-work", default=None,
                         help="keep each mlx-optiq peer's working folder under this one (one per model): a rerun resumes its "
                              "sensitivity pass from the modules already measured")
+    parser.add_argument("--peers-only", action="store_true",
+                        help="with --peers, measure the peers alone: no lsaq plan at their bits per weight")
     parser.add_argument("--no-convert-timing", action="store_true",
                         help="with --peers, do not time lsaq-mlx convert -b 4.0 from an empty cache")
     parser.add_argument("--out", default=None)
@@ -238,6 +241,8 @@ def main() -> None:
         row = peer_row(peer, source, Path(work.name), reference, second, args)
         rows.append(row)
         save_rows(args.out, rows, source_result, source_second)
+        if args.peers_only:
+            continue
         at = math.floor(row["bits_per_weight"] * 1000) / 1000
         runs.append((planner.plan(PlanRequest(method="lsaq", bits_budgets=[at])), args.peer_quantizer,
                      f"lsaq+{args.peer_quantizer}"))
