@@ -193,7 +193,7 @@ def main() -> None:
                         help="keep each mlx-optiq peer's working folder under this one (one per model): a rerun resumes its "
                              "sensitivity pass from the modules already measured")
     parser.add_argument("--peers-only", action="store_true",
-                        help="with --peers, measure the peers alone: no lsaq plan at their bits per weight")
+                        help="with --peers, measure the peers alone: no lsaq plan at their bits per weight, no convert timed")
     parser.add_argument("--no-convert-timing", action="store_true",
                         help="with --peers, do not time lsaq-mlx convert -b 4.0 from an empty cache")
     parser.add_argument("--out", default=None)
@@ -270,7 +270,7 @@ def main() -> None:
               f"KL {result.kl:.4f}, ppl {result.perplexity.perplexity:.2f}", flush=True)
         save_rows(args.out, rows, source_result, source_second)
     ours = None
-    if args.peers and not args.no_convert_timing:
+    if args.peers and not (args.no_convert_timing or args.peers_only):
         ours = measured([sys.executable, "-m", "lsaq_mlx", "convert", "-m", str(source.path), "-b", "4.0",
                          "--quantizer", args.peer_quantizer, "-o", str(Path(work.name) / "ours-4.0")],
                         env=os.environ | {"LSAQ_MLX_CACHE": str(Path(work.name) / "empty-cache")})
